@@ -1,0 +1,128 @@
+"""The serving bundle: what training hands to serving, as one directory.
+
+Layout (also what KServe's storage initializer lays out under /mnt/models):
+
+    bundle.json              BundleManifest (below), JSON
+    model.ubj                XGBoost Booster in UBJSON
+    reference_features.npy   float64 array [n, len(feature_names)]: reference sample for drift detection
+    model_card.md            human-readable model card
+
+The drift transformer runs in another Python environment and reads bundle.json and
+reference_features.npy with the standard library and numpy only, so both stay plain formats.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+MANIFEST_FILE = "bundle.json"
+MODEL_FILE = "model.ubj"
+REFERENCE_FILE = "reference_features.npy"
+MODEL_CARD_FILE = "model_card.md"
+BUNDLE_FORMAT_VERSION = 1
+
+DECISIONS = ("approve", "review", "decline")
+
+
+class BundleError(Exception):
+    """A bundle directory is missing, incomplete or inconsistent."""
+
+
+@dataclass(frozen=True)
+class DecisionThresholds:
+    """probability < review -> approve; review <= p < decline -> review; p >= decline -> decline."""
+
+    review: float
+    decline: float
+
+    def __post_init__(self) -> None:
+        if not (0.0 <= self.review <= self.decline <= 1.0):
+            raise BundleError(f"thresholds must satisfy 0 <= review <= decline <= 1, got {self}")
+
+    def decide(self, probability: float) -> str:
+        if probability >= self.decline:
+            return "decline"
+        if probability >= self.review:
+            return "review"
+        return "approve"
+
+
+@dataclass(frozen=True)
+class BundleManifest:
+    model_name: str
+    model_version: str
+    feature_names: list[str]
+    thresholds: DecisionThresholds
+    #: feature name -> reason text shown to analysts
+    reason_codes: dict[str, str]
+    #: how many reason codes a response carries
+    max_reason_codes: int = 3
+    feature_service: str = ""
+    created_at: str = ""
+    training_window: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    #: features treated as categorical by the drift detector (chi-squared), by name
+    categorical_features: list[str] = field(default_factory=list)
+    mlflow_run_id: str = ""
+    format_version: int = BUNDLE_FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "BundleManifest":
+        try:
+            data = dict(data)
+            data["thresholds"] = DecisionThresholds(**data["thresholds"])
+            manifest = cls(**data)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleError(f"{MANIFEST_FILE} is invalid: {exc}") from None
+        if manifest.format_version != BUNDLE_FORMAT_VERSION:
+            raise BundleError(f"{MANIFEST_FILE} has format_version {manifest.format_version}, expected {BUNDLE_FORMAT_VERSION}")
+        if not manifest.feature_names:
+            raise BundleError(f"{MANIFEST_FILE} lists no feature_names")
+        return manifest
+
+
+def read_manifest(bundle_dir: Path) -> BundleManifest:
+    path = Path(bundle_dir) / MANIFEST_FILE
+    if not path.is_file():
+        raise BundleError(f"no {MANIFEST_FILE} in {bundle_dir}")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BundleError(f"cannot read {path}: {exc}") from None
+    return BundleManifest.from_dict(data)
+
+
+def validate_bundle(bundle_dir: Path) -> BundleManifest:
+    """Check that every file of the bundle exists; return its manifest. Raises BundleError."""
+    bundle_dir = Path(bundle_dir)
+    if not bundle_dir.is_dir():
+        raise BundleError(f"bundle directory {bundle_dir} does not exist")
+    manifest = read_manifest(bundle_dir)
+    for name in (MODEL_FILE, REFERENCE_FILE, MODEL_CARD_FILE):
+        if not (bundle_dir / name).is_file():
+            raise BundleError(f"bundle {bundle_dir} has no {name}")
+    return manifest
+
+
+def write_bundle_atomically(staging_dir: Path, final_dir: Path) -> Path:
+    """Move a completely written staging directory into place; never leaves a half bundle at final_dir."""
+    validate_bundle(staging_dir)
+    final_dir = Path(final_dir)
+    final_dir.parent.mkdir(parents=True, exist_ok=True)
+    if final_dir.exists():
+        trash = Path(tempfile.mkdtemp(prefix=".old-", dir=final_dir.parent))
+        os.replace(final_dir, trash / final_dir.name)
+        os.replace(staging_dir, final_dir)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(staging_dir, final_dir)
+    return final_dir

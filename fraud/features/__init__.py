@@ -1,0 +1,1 @@
+"""Feature definitions (definitions.py) and their offline computation (offline.py)."""

@@ -1,0 +1,155 @@
+"""The transaction schema: the one place that says what a card transaction is.
+
+Raw historical transactions (what the simulator writes and what `ingest` validates) carry
+labels; a scoring request carries only the fields known at authorisation time. Training,
+serving, the feature store and the tests all import these definitions.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import datetime, timezone
+from typing import Any
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# --- identifiers ----------------------------------------------------------------------------
+TRANSACTION_ID = "transaction_id"
+CUSTOMER_ID = "customer_id"
+TERMINAL_ID = "terminal_id"
+TX_DATETIME = "tx_datetime"
+TX_AMOUNT = "tx_amount"
+TX_FRAUD = "tx_fraud"
+TX_FRAUD_SCENARIO = "tx_fraud_scenario"
+
+#: Largest amount a request may carry; larger is treated as absurd input (HTTP 400).
+MAX_TX_AMOUNT = 1_000_000.0
+#: Longest identifier accepted on the wire.
+MAX_ID_LENGTH = 64
+
+#: Columns of a raw transaction record, in storage order, with their Arrow types.
+#: Timestamps are UTC, stored tz-naive with microsecond resolution (whole seconds in practice).
+RAW_TRANSACTION_SCHEMA = pa.schema(
+    [
+        pa.field(TRANSACTION_ID, pa.string(), nullable=False),
+        pa.field(TX_DATETIME, pa.timestamp("us"), nullable=False),
+        pa.field(CUSTOMER_ID, pa.string(), nullable=False),
+        pa.field(TERMINAL_ID, pa.string(), nullable=False),
+        pa.field(TX_AMOUNT, pa.float64(), nullable=False),
+        pa.field("tx_time_seconds", pa.int64(), nullable=False),
+        pa.field("tx_time_days", pa.int64(), nullable=False),
+        pa.field(TX_FRAUD, pa.int8(), nullable=False),
+        pa.field(TX_FRAUD_SCENARIO, pa.int8(), nullable=False),
+    ]
+)
+
+#: Fields a scoring request carries (no labels), in wire order.
+REQUEST_FIELDS: tuple[str, ...] = (TRANSACTION_ID, CUSTOMER_ID, TERMINAL_ID, TX_AMOUNT, TX_DATETIME)
+
+CUSTOMER_PROFILE_SCHEMA = pa.schema(
+    [
+        pa.field(CUSTOMER_ID, pa.string(), nullable=False),
+        pa.field("x_customer_id", pa.float64(), nullable=False),
+        pa.field("y_customer_id", pa.float64(), nullable=False),
+        pa.field("mean_amount", pa.float64(), nullable=False),
+        pa.field("std_amount", pa.float64(), nullable=False),
+        pa.field("mean_nb_tx_per_day", pa.float64(), nullable=False),
+        pa.field("age", pa.int16(), nullable=False),
+        pa.field("account_open_date", pa.date32(), nullable=False),
+        pa.field("nb_available_terminals", pa.int32(), nullable=False),
+    ]
+)
+
+MERCHANT_CATEGORIES: tuple[str, ...] = ("grocery", "gas", "restaurant", "retail", "online")
+
+TERMINAL_PROFILE_SCHEMA = pa.schema(
+    [
+        pa.field(TERMINAL_ID, pa.string(), nullable=False),
+        pa.field("x_terminal_id", pa.float64(), nullable=False),
+        pa.field("y_terminal_id", pa.float64(), nullable=False),
+        pa.field("merchant_category", pa.string(), nullable=False),
+    ]
+)
+
+
+def customer_key(index: int) -> str:
+    """Identifier of the index-th simulated customer (card)."""
+    return f"C{index:07d}"
+
+
+def terminal_key(index: int) -> str:
+    """Identifier of the index-th simulated terminal (merchant)."""
+    return f"T{index:07d}"
+
+
+def transaction_key(index: int) -> str:
+    """Identifier of the index-th simulated transaction."""
+    return f"TX{index:010d}"
+
+
+def parse_timestamp(value: Any) -> datetime:
+    """Parse a wire timestamp into a tz-naive UTC datetime.
+
+    Accepts ISO-8601 strings (with or without offset; no offset means UTC), integer Unix epoch
+    seconds, and datetimes. Raises ValueError with a readable reason otherwise.
+    """
+    if isinstance(value, bool):
+        raise ValueError("must be an ISO-8601 string or integer epoch seconds, not a boolean")
+    if isinstance(value, datetime):
+        dt = value
+    elif isinstance(value, (int,)) or (isinstance(value, float) and value.is_integer()):
+        seconds = int(value)
+        if not (0 <= seconds < 4_102_444_800):  # 1970 .. 2100
+            raise ValueError(f"epoch seconds {seconds} out of range [0, 4102444800)")
+        dt = datetime.fromtimestamp(seconds, tz=timezone.utc)
+    elif isinstance(value, (str, bytes)):
+        text = value.decode() if isinstance(value, bytes) else value
+        text = text.strip()
+        if not text:
+            raise ValueError("must not be empty")
+        try:
+            dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError(f"{text!r} is not an ISO-8601 timestamp") from None
+    else:
+        raise ValueError(f"must be an ISO-8601 string or integer epoch seconds, got {type(value).__name__}")
+    if dt.tzinfo is not None:
+        dt = dt.astimezone(timezone.utc).replace(tzinfo=None)
+    if not (1970 <= dt.year < 2100):
+        raise ValueError(f"{dt.isoformat()} is out of range (1970..2099)")
+    return dt
+
+
+class TransactionRequest(BaseModel):
+    """One transaction as an authorisation flow sends it for scoring.
+
+    Unknown fields are rejected so that a misspelled field never silently scores with a default.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    transaction_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    customer_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    terminal_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    tx_amount: float
+    tx_datetime: datetime
+
+    @field_validator("tx_amount", mode="before")
+    @classmethod
+    def _amount_is_a_positive_finite_number(cls, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"must be a number, got {type(value).__name__}")
+        amount = float(value)
+        if math.isnan(amount) or math.isinf(amount):
+            raise ValueError("must be a finite number")
+        if amount <= 0:
+            raise ValueError(f"must be > 0, got {amount}")
+        if amount > MAX_TX_AMOUNT:
+            raise ValueError(f"must be <= {MAX_TX_AMOUNT:.0f}, got {amount}")
+        return amount
+
+    @field_validator("tx_datetime", mode="before")
+    @classmethod
+    def _timestamp_is_parseable(cls, value: Any) -> datetime:
+        return parse_timestamp(value)
