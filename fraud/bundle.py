@@ -126,3 +126,38 @@ def write_bundle_atomically(staging_dir: Path, final_dir: Path) -> Path:
     else:
         os.replace(staging_dir, final_dir)
     return final_dir
+
+
+def write_bundle(
+    bundle_dir: Path,
+    booster: Any,
+    manifest: BundleManifest,
+    reference_features: Any,
+    model_card: str,
+) -> Path:
+    """Write a complete bundle to `bundle_dir` atomically (staged next to it, then renamed).
+
+    `booster` is an xgboost.Booster; `reference_features` a 2-D float array whose columns follow
+    `manifest.feature_names`.
+    """
+    import numpy as np
+
+    reference = np.asarray(reference_features, dtype="float64")
+    if reference.ndim != 2 or reference.shape[1] != len(manifest.feature_names):
+        raise BundleError(
+            f"reference sample must have shape [n, {len(manifest.feature_names)}], got {list(reference.shape)}"
+        )
+    if list(booster.feature_names or []) not in ([], list(manifest.feature_names)):
+        raise BundleError("booster feature names differ from the manifest's feature_names")
+    bundle_dir = Path(bundle_dir)
+    bundle_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{bundle_dir.name}-", dir=bundle_dir.parent))
+    try:
+        booster.save_model(str(staging / MODEL_FILE))
+        np.save(staging / REFERENCE_FILE, reference, allow_pickle=False)
+        (staging / MODEL_CARD_FILE).write_text(model_card)
+        (staging / MANIFEST_FILE).write_text(manifest.to_json())
+        return write_bundle_atomically(staging, bundle_dir)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
