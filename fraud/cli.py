@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from fraud.commands import bench, deploy, features, pipeline, serving, simulate
+from fraud.commands import audit, bench, deploy, features, labels, pipeline, serving, simulate
 from fraud.errors import UserError
 
 app = typer.Typer(
@@ -18,7 +18,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
-for module in (simulate, features, pipeline, serving, deploy, bench):
+for module in (simulate, features, pipeline, serving, deploy, bench, audit, labels):
     module.register(app)
 
 

@@ -1,0 +1,450 @@
+"""Offline computation of the batch feature tables from the raw transactions, with DuckDB.
+
+The semantics are those of `fraud.features.definitions` (read its docstring): one *daily snapshot*
+row per entity and calendar day D, event timestamp D 00:00:00, aggregating complete days before D.
+
+* customer spending, window w: count and sum of amounts on days D-w .. D-1;
+* terminal risk, window w, label delay L: count of transactions and of frauds on days
+  D-L-w .. D-L-1, and their ratio (0 when there is no transaction).
+
+Each entity gets one row per day from its first activity day through the day after the last
+transaction day of the dataset, so that after the daily materialisation the online store holds
+"today's" snapshot. Days without activity are rows too (the windows slide over them).
+
+How: DuckDB reads the hive-partitioned Parquet directly, aggregates per entity and day, expands a
+dense (entity, day) grid and slides RANGE window frames over the integer day number. The result
+is written with `COPY ... TO` into a temporary file next to the target, then renamed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+
+from fraud.config import DataLayout
+from fraud.errors import UserError
+from fraud.features.definitions import (
+    CUSTOMER_SPENDING_FEATURES,
+    CUSTOMER_SPENDING_VIEW,
+    CUSTOMER_WINDOWS_DAYS,
+    LABEL_DELAY_DAYS,
+    SNAPSHOT_TIMESTAMP,
+    TERMINAL_RISK_FEATURES,
+    TERMINAL_RISK_VIEW,
+    TERMINAL_WINDOWS_DAYS,
+)
+from fraud.schema import (
+    CUSTOMER_ID,
+    TERMINAL_ID,
+    TRANSACTION_ID,
+    TX_AMOUNT,
+    TX_DATETIME,
+    TX_FRAUD,
+    TX_FRAUD_SCENARIO,
+)
+
+#: Column of the entity dataframe that Feast uses as the point-in-time of each row.
+EVENT_TIMESTAMP = "event_timestamp"
+#: Columns of the labelled entity dataframe returned by `labelled_transactions`.
+LABELLED_TRANSACTION_COLUMNS: tuple[str, ...] = (
+    TRANSACTION_ID,
+    CUSTOMER_ID,
+    TERMINAL_ID,
+    EVENT_TIMESTAMP,
+    TX_DATETIME,
+    TX_AMOUNT,
+    TX_FRAUD,
+    TX_FRAUD_SCENARIO,
+)
+
+_PARTITION_PATTERN = re.compile(r"^day=(\d{4}-\d{2}-\d{2})$")
+_PARTITION_FILE_GLOB = "*.parquet"
+
+
+def customer_features_path(layout: DataLayout) -> Path:
+    """Parquet file of the customer spending snapshots (the Feast FileSource of that view)."""
+    return layout.features / f"{CUSTOMER_SPENDING_VIEW}.parquet"
+
+
+def terminal_features_path(layout: DataLayout) -> Path:
+    """Parquet file of the terminal risk snapshots (the Feast FileSource of that view)."""
+    return layout.features / f"{TERMINAL_RISK_VIEW}.parquet"
+
+
+@dataclass(frozen=True)
+class DuckDBSettings:
+    """Resource limits of the DuckDB connection that computes the features."""
+
+    memory_limit: str = "2GB"
+    threads: int = 2
+
+    @classmethod
+    def from_env(cls) -> "DuckDBSettings":
+        """FRAUD_DUCKDB_MEMORY_LIMIT (e.g. "2GB") and FRAUD_DUCKDB_THREADS override the defaults."""
+        threads_text = os.environ.get("FRAUD_DUCKDB_THREADS", str(cls.threads))
+        try:
+            threads = int(threads_text)
+        except ValueError:
+            raise UserError(f"FRAUD_DUCKDB_THREADS must be an integer, got {threads_text!r}") from None
+        if threads < 1:
+            raise UserError(f"FRAUD_DUCKDB_THREADS must be >= 1, got {threads}")
+        return cls(memory_limit=os.environ.get("FRAUD_DUCKDB_MEMORY_LIMIT", cls.memory_limit), threads=threads)
+
+
+@dataclass(frozen=True)
+class FeatureTable:
+    """One written feature table."""
+
+    name: str
+    path: Path
+    rows: int
+    entities: int
+
+
+@dataclass(frozen=True)
+class FeatureBuildResult:
+    """What `build_offline_features` wrote."""
+
+    customer: FeatureTable
+    terminal: FeatureTable
+    transactions: int
+    first_day: date
+    last_day: date
+    seconds: float
+
+    @property
+    def tables(self) -> tuple[FeatureTable, FeatureTable]:
+        return (self.customer, self.terminal)
+
+
+# --- raw data discovery --------------------------------------------------------------------------
+
+
+def transaction_partitions(layout: DataLayout) -> dict[date, list[Path]]:
+    """The day partitions of the raw transactions and their Parquet files, by day (sorted)."""
+    root = layout.transactions
+    if not root.is_dir():
+        raise UserError(f"no raw transactions: {root} does not exist (run `fraud simulate` first)")
+    partitions: dict[date, list[Path]] = {}
+    for child in root.iterdir():
+        match = _PARTITION_PATTERN.match(child.name)
+        if not child.is_dir() or match is None:
+            continue
+        files = sorted(child.glob(_PARTITION_FILE_GLOB))
+        if files:
+            partitions[date.fromisoformat(match.group(1))] = files
+    if not partitions:
+        raise UserError(
+            f"no raw transactions: {root} holds no day=YYYY-MM-DD/*.parquet partitions (run `fraud simulate` first)"
+        )
+    return dict(sorted(partitions.items()))
+
+
+def _sql_file_list(files: Sequence[Path]) -> str:
+    quoted = ", ".join("'" + str(path).replace("'", "''") + "'" for path in files)
+    return f"[{quoted}]"
+
+
+def _connect(settings: DuckDBSettings, spill_dir: Path | None = None) -> duckdb.DuckDBPyConnection:
+    con = duckdb.connect(database=":memory:")
+    con.execute(f"SET memory_limit = '{settings.memory_limit}'")
+    con.execute(f"SET threads = {int(settings.threads)}")
+    con.execute("SET preserve_insertion_order = false")
+    if spill_dir is not None:
+        con.execute(f"SET temp_directory = '{spill_dir}'")
+    return con
+
+
+# --- SQL ------------------------------------------------------------------------------------------
+
+
+def _window_sum(column: str, lower: int, upper: int, entity: str) -> str:
+    """Sum of `column` over the rows whose day number lies in [day_nr - lower, day_nr - upper]."""
+    return (
+        f"coalesce(sum({column}) OVER (PARTITION BY {entity} ORDER BY day_nr "
+        f"RANGE BETWEEN {lower} PRECEDING AND {upper} PRECEDING), 0)"
+    )
+
+
+def _dense_daily_grid_sql(entity: str, measures: Sequence[str]) -> str:
+    """CTEs `daily_<entity>` (activity per entity-day) and `grid_<entity>` (every entity-day from the
+    entity's first activity day to the last snapshot day, with zero activity filled in)."""
+    zero_filled = ", ".join(f"coalesce(a.{m}, 0) AS {m}" for m in measures)
+    return f"""
+    grid_{entity} AS (
+        SELECT g.{entity}, g.day_nr, {zero_filled}
+        FROM (
+            SELECT {entity}, unnest(range(min(day_nr), (SELECT last_snapshot_nr FROM bounds) + 1)) AS day_nr
+            FROM daily_{entity}
+            GROUP BY {entity}
+        ) AS g
+        LEFT JOIN daily_{entity} AS a USING ({entity}, day_nr)
+    )"""
+
+
+def _customer_select_sql() -> str:
+    columns = []
+    for w in CUSTOMER_WINDOWS_DAYS:
+        columns.append(f"{_window_sum('nb_tx', w, 1, CUSTOMER_ID)}::BIGINT AS customer_nb_tx_{w}d")
+        columns.append(f"{_window_sum('sum_amount', w, 1, CUSTOMER_ID)}::DOUBLE AS customer_sum_amount_{w}d")
+    return ",\n            ".join(columns)
+
+
+def _terminal_select_sql() -> str:
+    inner, outer = [], []
+    for w in TERMINAL_WINDOWS_DAYS:
+        lower, upper = LABEL_DELAY_DAYS + w, LABEL_DELAY_DAYS + 1
+        inner.append(f"{_window_sum('nb_tx', lower, upper, TERMINAL_ID)}::BIGINT AS terminal_nb_tx_{w}d")
+        inner.append(f"{_window_sum('nb_fraud', lower, upper, TERMINAL_ID)}::BIGINT AS terminal_nb_fraud_{w}d")
+        outer.extend(
+            (
+                f"terminal_nb_tx_{w}d",
+                f"terminal_nb_fraud_{w}d",
+                f"CASE WHEN terminal_nb_tx_{w}d > 0 THEN terminal_nb_fraud_{w}d::DOUBLE / terminal_nb_tx_{w}d "
+                f"ELSE 0.0 END AS terminal_risk_{w}d",
+            )
+        )
+    return ",\n            ".join(inner), ",\n        ".join(outer)
+
+
+def _feature_tables_sql(files: Sequence[Path]) -> tuple[str, str, str]:
+    """(prelude creating the `tx`/`bounds` temp tables, customer query, terminal query)."""
+    prelude = f"""
+    CREATE TEMP TABLE tx AS
+    SELECT {CUSTOMER_ID}, {TERMINAL_ID}, {TX_AMOUNT}, {TX_FRAUD},
+           (CAST({TX_DATETIME} AS DATE) - DATE '1970-01-01')::INTEGER AS day_nr
+    FROM read_parquet({_sql_file_list(files)}, hive_partitioning = false);
+    CREATE TEMP TABLE bounds AS
+    SELECT min(day_nr) AS first_nr, max(day_nr) + 1 AS last_snapshot_nr, count(*) AS nb_tx FROM tx;
+    """
+    customer_query = f"""
+    WITH daily_{CUSTOMER_ID} AS (
+        SELECT {CUSTOMER_ID}, day_nr, count(*) AS nb_tx, sum({TX_AMOUNT}) AS sum_amount
+        FROM tx GROUP BY {CUSTOMER_ID}, day_nr
+    ),
+    {_dense_daily_grid_sql(CUSTOMER_ID, ("nb_tx", "sum_amount"))}
+    SELECT {CUSTOMER_ID},
+           (DATE '1970-01-01' + day_nr)::TIMESTAMP AS {SNAPSHOT_TIMESTAMP},
+            {_customer_select_sql()}
+    FROM grid_{CUSTOMER_ID}
+    ORDER BY {SNAPSHOT_TIMESTAMP}, {CUSTOMER_ID}
+    """
+    terminal_inner, terminal_outer = _terminal_select_sql()
+    terminal_query = f"""
+    WITH daily_{TERMINAL_ID} AS (
+        SELECT {TERMINAL_ID}, day_nr, count(*) AS nb_tx, sum({TX_FRAUD})::BIGINT AS nb_fraud
+        FROM tx GROUP BY {TERMINAL_ID}, day_nr
+    ),
+    {_dense_daily_grid_sql(TERMINAL_ID, ("nb_tx", "nb_fraud"))},
+    windows AS (
+        SELECT {TERMINAL_ID}, day_nr,
+            {terminal_inner}
+        FROM grid_{TERMINAL_ID}
+    )
+    SELECT {TERMINAL_ID},
+        (DATE '1970-01-01' + day_nr)::TIMESTAMP AS {SNAPSHOT_TIMESTAMP},
+        {terminal_outer}
+    FROM windows
+    ORDER BY {SNAPSHOT_TIMESTAMP}, {TERMINAL_ID}
+    """
+    return prelude, customer_query, terminal_query
+
+
+# --- writing --------------------------------------------------------------------------------------
+
+
+def _copy_atomically(con: duckdb.DuckDBPyConnection, query: str, target: Path) -> None:
+    """COPY the query result into a temporary Parquet file next to `target`, then rename it."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp_name = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=".parquet.tmp", dir=target.parent)
+    os.close(handle)
+    temp = Path(temp_name)
+    try:
+        con.execute(
+            f"COPY ({query}) TO '{temp}' (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 122880, OVERWRITE true)"
+        )
+        os.replace(temp, target)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def _table_summary(
+    con: duckdb.DuckDBPyConnection, name: str, path: Path, entity: str, features: Sequence[str]
+) -> FeatureTable:
+    written = [row[0] for row in con.execute(f"DESCRIBE SELECT * FROM read_parquet('{path}')").fetchall()]
+    expected = [entity, SNAPSHOT_TIMESTAMP, *features]
+    if written != expected:  # the SQL and definitions.py disagree: a programming error, never user input
+        raise RuntimeError(f"{path} has columns {written}, definitions.py says {expected}")
+    rows, entities = con.execute(
+        f"SELECT count(*), count(DISTINCT {entity}) FROM read_parquet('{path}')"
+    ).fetchone()
+    return FeatureTable(name=name, path=path, rows=int(rows), entities=int(entities))
+
+
+ProgressCallback = Callable[[str], None]
+
+
+def build_offline_features(
+    layout: DataLayout | None = None,
+    settings: DuckDBSettings | None = None,
+    progress: ProgressCallback | None = None,
+) -> FeatureBuildResult:
+    """Compute both batch feature tables from `layout.transactions` and write them under
+    `layout.features` (each file replaced atomically). `progress` receives a short step name."""
+    layout = layout or DataLayout.current()
+    settings = settings or DuckDBSettings.from_env()
+    report = progress or (lambda step: None)
+    started = time.perf_counter()
+    files = [path for paths in transaction_partitions(layout).values() for path in paths]
+    layout.features.mkdir(parents=True, exist_ok=True)
+    prelude, customer_query, terminal_query = _feature_tables_sql(files)
+    with tempfile.TemporaryDirectory(prefix=".duckdb-spill-", dir=layout.features) as spill:
+        con = _connect(settings, Path(spill))
+        try:
+            report("reading raw transactions")
+            try:
+                con.execute(prelude)
+            except duckdb.Error as exc:
+                raise UserError(f"cannot read the raw transactions under {layout.transactions}: {exc}") from exc
+            first_nr, last_snapshot_nr, nb_tx = con.execute(
+                "SELECT first_nr, last_snapshot_nr, nb_tx FROM bounds"
+            ).fetchone()
+            if not nb_tx:
+                raise UserError(f"no raw transactions: the partitions under {layout.transactions} are empty")
+            report(f"computing {CUSTOMER_SPENDING_VIEW}")
+            customer_path = customer_features_path(layout)
+            _copy_atomically(con, customer_query, customer_path)
+            report(f"computing {TERMINAL_RISK_VIEW}")
+            terminal_path = terminal_features_path(layout)
+            _copy_atomically(con, terminal_query, terminal_path)
+            customer = _table_summary(
+                con, CUSTOMER_SPENDING_VIEW, customer_path, CUSTOMER_ID, CUSTOMER_SPENDING_FEATURES
+            )
+            terminal = _table_summary(con, TERMINAL_RISK_VIEW, terminal_path, TERMINAL_ID, TERMINAL_RISK_FEATURES)
+        finally:
+            con.close()
+    epoch = date(1970, 1, 1)
+    return FeatureBuildResult(
+        customer=customer,
+        terminal=terminal,
+        transactions=int(nb_tx),
+        first_day=epoch + timedelta(days=int(first_nr)),
+        last_day=epoch + timedelta(days=int(last_snapshot_nr) - 1),
+        seconds=time.perf_counter() - started,
+    )
+
+
+# --- reading --------------------------------------------------------------------------------------
+
+
+def read_feature_table(path: Path) -> pd.DataFrame:
+    """A written feature table as a DataFrame (snapshot timestamps tz-naive UTC)."""
+    if not path.is_file():
+        raise UserError(f"feature table {path} does not exist (run `fraud features build` first)")
+    return pd.read_parquet(path)
+
+
+def snapshot_day(timestamps: pd.Series) -> pd.Series:
+    """Snapshot timestamp (day D 00:00:00) a transaction at each timestamp reads."""
+    return pd.to_datetime(timestamps).dt.floor("D")
+
+
+def _as_naive_utc(value: datetime | date | str) -> datetime:
+    stamp = pd.Timestamp(value)
+    if stamp.tzinfo is not None:
+        stamp = stamp.tz_convert("UTC").tz_localize(None)
+    return stamp.to_pydatetime()
+
+
+def labelled_transactions(
+    start: datetime | date | str,
+    end: datetime | date | str,
+    layout: DataLayout | None = None,
+    settings: DuckDBSettings | None = None,
+) -> pd.DataFrame:
+    """Raw labelled transactions with start <= tx_datetime < end (UTC), as a Feast entity dataframe.
+
+    Columns: `LABELLED_TRANSACTION_COLUMNS` — the ids, `event_timestamp` (= tx_datetime, the
+    point-in-time of the feature join), `tx_datetime` and `tx_amount` (the on-demand request
+    inputs) and the labels. Sorted by tx_datetime then transaction_id. Only the day partitions that
+    overlap the window are read.
+    """
+    layout = layout or DataLayout.current()
+    settings = settings or DuckDBSettings.from_env()
+    lower, upper = _as_naive_utc(start), _as_naive_utc(end)
+    if upper <= lower:
+        raise UserError(f"end ({upper.isoformat()}) must be after start ({lower.isoformat()})")
+    partitions = transaction_partitions(layout)
+    files = [
+        path
+        for day, paths in partitions.items()
+        if lower.date() <= day <= upper.date()
+        for path in paths
+    ]
+    columns = [c for c in LABELLED_TRANSACTION_COLUMNS if c != EVENT_TIMESTAMP]
+    if not files:
+        return _empty_labelled_frame()
+    con = _connect(settings)
+    try:
+        frame = con.execute(
+            f"""
+            SELECT {TRANSACTION_ID}, {CUSTOMER_ID}, {TERMINAL_ID}, {TX_DATETIME} AS {EVENT_TIMESTAMP},
+                   {", ".join(columns[3:])}
+            FROM read_parquet({_sql_file_list(files)}, hive_partitioning = false)
+            WHERE {TX_DATETIME} >= ? AND {TX_DATETIME} < ?
+            ORDER BY {TX_DATETIME}, {TRANSACTION_ID}
+            """,
+            [lower, upper],
+        ).df()
+    finally:
+        con.close()
+    frame[EVENT_TIMESTAMP] = frame[EVENT_TIMESTAMP].astype("datetime64[us]")
+    frame[TX_DATETIME] = frame[TX_DATETIME].astype("datetime64[us]")
+    return frame[list(LABELLED_TRANSACTION_COLUMNS)]
+
+
+def _empty_labelled_frame() -> pd.DataFrame:
+    dtypes = {
+        TRANSACTION_ID: "object",
+        CUSTOMER_ID: "object",
+        TERMINAL_ID: "object",
+        EVENT_TIMESTAMP: "datetime64[us]",
+        TX_DATETIME: "datetime64[us]",
+        TX_AMOUNT: "float64",
+        TX_FRAUD: "int8",
+        TX_FRAUD_SCENARIO: "int8",
+    }
+    return pd.DataFrame({name: pd.Series(dtype=dtypes[name]) for name in LABELLED_TRANSACTION_COLUMNS})
+
+
+def raw_transaction_span(layout: DataLayout | None = None) -> tuple[date, date]:
+    """First and last day partition of the raw transactions."""
+    days = list(transaction_partitions(layout or DataLayout.current()))
+    return days[0], days[-1]
+
+
+__all__ = [
+    "DuckDBSettings",
+    "EVENT_TIMESTAMP",
+    "FeatureBuildResult",
+    "FeatureTable",
+    "LABELLED_TRANSACTION_COLUMNS",
+    "build_offline_features",
+    "customer_features_path",
+    "labelled_transactions",
+    "raw_transaction_span",
+    "read_feature_table",
+    "snapshot_day",
+    "terminal_features_path",
+    "transaction_partitions",
+]

@@ -1,0 +1,247 @@
+"""The MLflow model registry as the project uses it.
+
+One registered model, `fraud.config.MODEL_NAME`. Each version's artifacts ARE a serving bundle
+(see `fraud.bundle`): the bundle files are logged to the training run under `bundle/` and the
+version's source points there, so `models:/fraud-detector@champion` downloads a directory that
+`fraud.bundle.validate_bundle` accepts and KServe's storage initializer can lay out as is.
+
+Aliases carry the lifecycle: `challenger` (registered, passed the gate), `champion` (serving).
+Deployment decisions are tags on the model version (`record_decision`).
+
+Tracking store: env `MLFLOW_TRACKING_URI`, else a local SQLite database below
+`DataLayout.mlflow` with artifacts under `DataLayout.mlflow/artifacts`. Any SQLAlchemy URI that
+MLflow accepts works too (PostgreSQL is tested).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from fraud.bundle import BundleError, validate_bundle
+from fraud.config import MODEL_NAME, DataLayout
+from fraud.errors import UserError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from mlflow import MlflowClient
+
+CHALLENGER_ALIAS = "challenger"
+CHAMPION_ALIAS = "champion"
+#: Run-artifact folder holding the bundle files of a registered version.
+BUNDLE_ARTIFACT_PATH = "bundle"
+#: Experiment the training pipeline logs to.
+EXPERIMENT_NAME = "fraud-detection"
+#: Prefix of the model-version tags written by `record_decision`.
+DECISION_TAG_PREFIX = "decision."
+
+_ALIAS_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,62}$")
+
+
+def tracking_uri() -> str:
+    """The tracking (and registry) URI: `MLFLOW_TRACKING_URI` or the local SQLite default."""
+    configured = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if configured:
+        return configured
+    folder = DataLayout.current().mlflow
+    folder.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{folder / 'mlflow.db'}"
+
+
+def default_artifact_location() -> str | None:
+    """Artifact root for new experiments when the default local store is used (else the server decides)."""
+    if os.environ.get("MLFLOW_TRACKING_URI", "").strip():
+        return None
+    folder = DataLayout.current().mlflow / "artifacts"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder.as_uri()
+
+
+def configure(uri: str | None = None) -> str:
+    """Point the mlflow module (tracking and registry) at `uri` or `tracking_uri()`; return the URI."""
+    import mlflow
+
+    resolved = uri or tracking_uri()
+    mlflow.set_tracking_uri(resolved)
+    mlflow.set_registry_uri(resolved)
+    return resolved
+
+
+def client(uri: str | None = None) -> "MlflowClient":
+    from mlflow import MlflowClient
+
+    resolved = configure(uri)
+    return MlflowClient(tracking_uri=resolved, registry_uri=resolved)
+
+
+def ensure_experiment(name: str = EXPERIMENT_NAME, uri: str | None = None) -> str:
+    """Create the experiment if needed (artifacts in the local default location) and return its id."""
+    mlflow_client = client(uri)
+    experiment = mlflow_client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = default_artifact_location() if uri is None else None
+    try:
+        return mlflow_client.create_experiment(name, artifact_location=location)
+    except Exception:  # created concurrently by another process
+        experiment = mlflow_client.get_experiment_by_name(name)
+        if experiment is None:
+            raise
+        return experiment.experiment_id
+
+
+def _ensure_registered_model(mlflow_client: "MlflowClient", name: str) -> None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow_client.get_registered_model(name)
+    except MlflowException:
+        try:
+            mlflow_client.create_registered_model(
+                name, description="Card-fraud scoring model; each version's artifacts are a serving bundle."
+            )
+        except MlflowException:
+            mlflow_client.get_registered_model(name)  # created concurrently
+
+
+def register_bundle(
+    bundle_dir: Path,
+    run_id: str,
+    *,
+    alias: str = CHALLENGER_ALIAS,
+    tags: dict[str, str] | None = None,
+    description: str = "",
+    name: str = MODEL_NAME,
+    uri: str | None = None,
+) -> str:
+    """Store the bundle files as artifacts of run `run_id` and register them as a new version of
+    `name` carrying `alias`. Returns the version number (a string)."""
+    try:
+        manifest = validate_bundle(Path(bundle_dir))
+    except BundleError as exc:
+        raise UserError(f"cannot register {bundle_dir}: {exc}") from None
+    mlflow_client = client(uri)
+    mlflow_client.log_artifacts(run_id, str(bundle_dir), artifact_path=BUNDLE_ARTIFACT_PATH)
+    source = f"{mlflow_client.get_run(run_id).info.artifact_uri.rstrip('/')}/{BUNDLE_ARTIFACT_PATH}"
+    _ensure_registered_model(mlflow_client, name)
+    version_tags = {"feature_service": manifest.feature_service, "bundle_format": str(manifest.format_version)}
+    version_tags.update(tags or {})
+    version = mlflow_client.create_model_version(
+        name, source=source, run_id=run_id, tags=version_tags, description=description or None
+    )
+    mlflow_client.set_registered_model_alias(name, alias, version.version)
+    return str(version.version)
+
+
+def set_alias(alias: str, version: str, *, name: str = MODEL_NAME, uri: str | None = None) -> None:
+    """Point `alias` (e.g. `champion`) at `version` of the registered model."""
+    if not _ALIAS_PATTERN.match(alias):
+        raise UserError(f"alias {alias!r} is not a valid name (letters, digits, '_' or '-')")
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client(uri).set_registered_model_alias(name, alias, str(version))
+    except MlflowException as exc:
+        raise UserError(f"cannot set alias {alias!r} on {name} version {version}: {exc.message}") from None
+
+
+def delete_alias(alias: str, *, name: str = MODEL_NAME, uri: str | None = None) -> None:
+    """Remove `alias` from the registered model (no error if it is not set)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client(uri).delete_registered_model_alias(name, alias)
+    except MlflowException:
+        return
+
+
+def get_version_by_alias(alias: str, *, name: str = MODEL_NAME, uri: str | None = None) -> str | None:
+    """The version `alias` points at, or None when the alias (or the model) does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(client(uri).get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def record_decision(version: str, key: str, value: str, *, name: str = MODEL_NAME, uri: str | None = None) -> None:
+    """Write a decision (gate outcome, canary verdict, promotion ...) as tag `decision.<key>` on the version."""
+    if not key or not re.match(r"^[A-Za-z0-9_.\-/]+$", key):
+        raise UserError(f"decision key {key!r} must be non-empty and use letters, digits, '_', '-', '.', '/'")
+    client(uri).set_model_version_tag(name, str(version), f"{DECISION_TAG_PREFIX}{key}", str(value))
+
+
+def get_decisions(version: str, *, name: str = MODEL_NAME, uri: str | None = None) -> dict[str, str]:
+    """The decisions recorded on a version, keyed without the `decision.` prefix."""
+    tags = client(uri).get_model_version(name, str(version)).tags
+    return {k[len(DECISION_TAG_PREFIX) :]: v for k, v in tags.items() if k.startswith(DECISION_TAG_PREFIX)}
+
+
+def model_version_source(version: str, *, name: str = MODEL_NAME, uri: str | None = None) -> str:
+    """The artifact URI holding the version's bundle (what a KServe storageUri points at)."""
+    mlflow_client = client(uri)
+    return mlflow_client.get_model_version_download_uri(name, str(version))
+
+
+_MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[A-Za-z][A-Za-z0-9_-]*))$")
+
+
+def download_bundle(model_uri: str, dst: Path, *, uri: str | None = None) -> Path:
+    """Fetch a bundle to `dst` and validate it. `model_uri` is `models:/<name>@<alias>`,
+    `models:/<name>/<version>` or a local bundle directory. `dst` is replaced atomically."""
+    from mlflow.exceptions import MlflowException
+
+    dst = Path(dst)
+    local = Path(model_uri.removeprefix("file://")) if "://" not in model_uri or model_uri.startswith("file://") else None
+    if local is not None and not model_uri.startswith("models:/"):
+        if not local.is_dir():
+            raise UserError(f"model {model_uri!r} is neither a models:/ URI nor an existing bundle directory")
+        source_dir = local
+        cleanup = None
+    else:
+        match = _MODELS_URI.match(model_uri)
+        if not match:
+            raise UserError(
+                f"model URI {model_uri!r} must look like models:/<name>@<alias> or models:/<name>/<version>"
+            )
+        mlflow_client = client(uri)
+        try:
+            if match["alias"]:
+                version = str(mlflow_client.get_model_version_by_alias(match["name"], match["alias"]).version)
+            else:
+                version = match["version"]
+            source = mlflow_client.get_model_version_download_uri(match["name"], version)
+        except MlflowException as exc:
+            raise UserError(f"cannot resolve {model_uri}: {exc.message}") from None
+        import mlflow.artifacts
+
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        cleanup = Path(tempfile.mkdtemp(prefix=f".{dst.name}-dl-", dir=dst.parent))
+        try:
+            source_dir = Path(mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(cleanup)))
+        except MlflowException as exc:
+            shutil.rmtree(cleanup, ignore_errors=True)
+            raise UserError(f"cannot download {model_uri} from {source}: {exc.message}") from None
+    try:
+        try:
+            validate_bundle(source_dir)
+        except BundleError as exc:
+            raise UserError(f"{model_uri} is not a valid bundle: {exc}") from None
+        if dst.resolve() == source_dir.resolve():
+            return dst
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}-", dir=dst.parent))
+        staged = staging / "bundle"
+        shutil.copytree(source_dir, staged)
+        from fraud.bundle import write_bundle_atomically
+
+        write_bundle_atomically(staged, dst)
+        shutil.rmtree(staging, ignore_errors=True)
+        return dst
+    finally:
+        if cleanup is not None:
+            shutil.rmtree(cleanup, ignore_errors=True)
