@@ -18,8 +18,31 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+@app.callback()
+def _root() -> None:
+    """Real-time card-fraud detection: simulate data, build features, train, serve, deploy."""
+    # An explicit callback keeps `fraud` a command group even while only one command is
+    # registered; typer would otherwise run a lone command as the root and reject its name.
+
+
 for module in (simulate, features, pipeline, serving, deploy, bench, audit, labels):
     module.register(app)
+
+
+def _click_exception_types() -> tuple[tuple[type[BaseException], ...], tuple[type[BaseException], ...]]:
+    """(ClickException types, Abort types): typer >= 0.26 raises its vendored copy of click's."""
+    import click
+
+    errors: list[type[BaseException]] = [click.exceptions.ClickException]
+    aborts: list[type[BaseException]] = [click.exceptions.Abort, typer.Abort]
+    try:
+        from typer._click import exceptions as vendored
+    except ImportError:
+        pass
+    else:
+        errors.append(vendored.ClickException)
+    return tuple(errors), tuple(aborts)
 
 
 def main() -> None:
@@ -35,12 +58,11 @@ def main() -> None:
     except SystemExit:
         raise
     except Exception as exc:  # click usage errors and aborts
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+        click_error, abort = _click_exception_types()
+        if isinstance(exc, click_error):
             exc.show()
             sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
+        if isinstance(exc, abort):
             sys.exit(1)
         raise
 
