@@ -88,7 +88,7 @@ class DuckDBSettings:
     threads: int = 2
 
     @classmethod
-    def from_env(cls) -> "DuckDBSettings":
+    def from_env(cls) -> DuckDBSettings:
         """FRAUD_DUCKDB_MEMORY_LIMIT (e.g. "2GB") and FRAUD_DUCKDB_THREADS override the defaults."""
         threads_text = os.environ.get("FRAUD_DUCKDB_THREADS", str(cls.threads))
         try:
@@ -176,8 +176,8 @@ def _window_sum(column: str, lower: int, upper: int, entity: str) -> str:
 
 
 def _dense_daily_grid_sql(entity: str, measures: Sequence[str]) -> str:
-    """CTEs `daily_<entity>` (activity per entity-day) and `grid_<entity>` (every entity-day from the
-    entity's first activity day to the last snapshot day, with zero activity filled in)."""
+    """CTE `grid_<entity>`: every entity-day from the entity's first activity day to the last
+    snapshot day, with the measures of the CTE `daily_<entity>` (zero on days without activity)."""
     zero_filled = ", ".join(f"coalesce(a.{m}, 0) AS {m}" for m in measures)
     return f"""
     grid_{entity} AS (
@@ -209,8 +209,10 @@ def _terminal_select_sql() -> str:
             (
                 f"terminal_nb_tx_{w}d",
                 f"terminal_nb_fraud_{w}d",
-                f"CASE WHEN terminal_nb_tx_{w}d > 0 THEN terminal_nb_fraud_{w}d::DOUBLE / terminal_nb_tx_{w}d "
-                f"ELSE 0.0 END AS terminal_risk_{w}d",
+                (
+                    f"CASE WHEN terminal_nb_tx_{w}d > 0 THEN terminal_nb_fraud_{w}d::DOUBLE / terminal_nb_tx_{w}d "
+                    f"ELSE 0.0 END AS terminal_risk_{w}d"
+                ),
             )
         )
     return ",\n            ".join(inner), ",\n        ".join(outer)
@@ -233,7 +235,7 @@ def _feature_tables_sql(files: Sequence[Path]) -> tuple[str, str, str]:
     ),
     {_dense_daily_grid_sql(CUSTOMER_ID, ("nb_tx", "sum_amount"))}
     SELECT {CUSTOMER_ID},
-           (DATE '1970-01-01' + day_nr)::TIMESTAMP AS {SNAPSHOT_TIMESTAMP},
+           (DATE '1970-01-01' + day_nr::INTEGER)::TIMESTAMP AS {SNAPSHOT_TIMESTAMP},
             {_customer_select_sql()}
     FROM grid_{CUSTOMER_ID}
     ORDER BY {SNAPSHOT_TIMESTAMP}, {CUSTOMER_ID}
@@ -251,7 +253,7 @@ def _feature_tables_sql(files: Sequence[Path]) -> tuple[str, str, str]:
         FROM grid_{TERMINAL_ID}
     )
     SELECT {TERMINAL_ID},
-        (DATE '1970-01-01' + day_nr)::TIMESTAMP AS {SNAPSHOT_TIMESTAMP},
+        (DATE '1970-01-01' + day_nr::INTEGER)::TIMESTAMP AS {SNAPSHOT_TIMESTAMP},
         {terminal_outer}
     FROM windows
     ORDER BY {SNAPSHOT_TIMESTAMP}, {TERMINAL_ID}
@@ -285,9 +287,7 @@ def _table_summary(
     expected = [entity, SNAPSHOT_TIMESTAMP, *features]
     if written != expected:  # the SQL and definitions.py disagree: a programming error, never user input
         raise RuntimeError(f"{path} has columns {written}, definitions.py says {expected}")
-    rows, entities = con.execute(
-        f"SELECT count(*), count(DISTINCT {entity}) FROM read_parquet('{path}')"
-    ).fetchone()
+    rows, entities = con.execute(f"SELECT count(*), count(DISTINCT {entity}) FROM read_parquet('{path}')").fetchone()
     return FeatureTable(name=name, path=path, rows=int(rows), entities=int(entities))
 
 
@@ -385,12 +385,7 @@ def labelled_transactions(
     if upper <= lower:
         raise UserError(f"end ({upper.isoformat()}) must be after start ({lower.isoformat()})")
     partitions = transaction_partitions(layout)
-    files = [
-        path
-        for day, paths in partitions.items()
-        if lower.date() <= day <= upper.date()
-        for path in paths
-    ]
+    files = [path for day, paths in partitions.items() if lower.date() <= day <= upper.date() for path in paths]
     columns = [c for c in LABELLED_TRANSACTION_COLUMNS if c != EVENT_TIMESTAMP]
     if not files:
         return _empty_labelled_frame()
@@ -434,11 +429,11 @@ def raw_transaction_span(layout: DataLayout | None = None) -> tuple[date, date]:
 
 
 __all__ = [
-    "DuckDBSettings",
     "EVENT_TIMESTAMP",
+    "LABELLED_TRANSACTION_COLUMNS",
+    "DuckDBSettings",
     "FeatureBuildResult",
     "FeatureTable",
-    "LABELLED_TRANSACTION_COLUMNS",
     "build_offline_features",
     "customer_features_path",
     "labelled_transactions",

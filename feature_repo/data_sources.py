@@ -1,0 +1,44 @@
+"""Feast data sources: the two daily-snapshot Parquet tables written by `fraud features build`
+(fraud.features.offline) and the request source carrying the fields known at authorisation time.
+
+The Parquet paths derive from FRAUD_DATA_DIR through fraud.config.DataLayout, the same way the
+feature_store.yaml paths do, so one environment variable moves the whole store.
+"""
+
+from feast import Field, FileSource, RequestSource
+from feast.types import Float64, UnixTimestamp
+
+from fraud.config import DataLayout
+from fraud.features.definitions import (
+    CUSTOMER_SPENDING_VIEW,
+    REQUEST_SOURCE,
+    SNAPSHOT_TIMESTAMP,
+    TERMINAL_RISK_VIEW,
+)
+from fraud.features.offline import customer_features_path, terminal_features_path
+from fraud.schema import TX_AMOUNT, TX_DATETIME
+
+_layout = DataLayout.current()
+
+customer_spending_source = FileSource(
+    name=f"{CUSTOMER_SPENDING_VIEW}_source",
+    path=str(customer_features_path(_layout)),
+    timestamp_field=SNAPSHOT_TIMESTAMP,
+    description="Daily snapshots of each card's spending over complete previous days.",
+)
+
+terminal_risk_source = FileSource(
+    name=f"{TERMINAL_RISK_VIEW}_source",
+    path=str(terminal_features_path(_layout)),
+    timestamp_field=SNAPSHOT_TIMESTAMP,
+    description="Daily snapshots of each terminal's fraud counts over days whose labels are known.",
+)
+
+transaction_request = RequestSource(
+    name=REQUEST_SOURCE,
+    schema=[
+        Field(name=TX_AMOUNT, dtype=Float64, description="Transaction amount."),
+        Field(name=TX_DATETIME, dtype=UnixTimestamp, description="Transaction time (UTC)."),
+    ],
+    description="Fields of the transaction being scored.",
+)

@@ -1,0 +1,450 @@
+"""The Feast feature store of the fraud platform: configuration selection, apply, materialise,
+point-in-time training features and batched online lookups.
+
+Configuration profiles (files in `feature_repo/`, selected without editing anything):
+
+=====================  ======================  ================================================
+FRAUD_FEAST_ONLINE     FRAUD_FEAST_REGISTRY    file
+=====================  ======================  ================================================
+sqlite (default)       file (default)          feature_store.yaml
+redis                  file                    feature_store.redis.yaml
+redis                  sql                     feature_store.redis-sql.yaml (PostgreSQL registry)
+=====================  ======================  ================================================
+
+The yaml files use ${VAR} placeholders, which Feast expands from the environment. Here they are
+expanded with defaults (FRAUD_DATA_DIR from fraud.config, FRAUD_REDIS_URL 127.0.0.1:6379, ...),
+so callers never have to export anything. FRAUD_FEAST_PROJECT (or the `project` argument)
+overrides the Feast project name, which also namespaces the Redis keys.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import string
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import duckdb
+import numpy as np
+import pandas as pd
+import yaml
+
+from fraud.config import FEATURE_REPO_DIR, DataLayout, data_dir
+from fraud.errors import UserError
+from fraud.features.definitions import (
+    BATCH_FEATURE_DEFAULTS,
+    CUSTOMER_SPENDING_FEATURES,
+    CUSTOMER_SPENDING_VIEW,
+    FEATURE_SERVICE,
+    MODEL_FEATURES,
+    SNAPSHOT_TIMESTAMP,
+    SNAPSHOT_TTL_DAYS,
+    TERMINAL_RISK_FEATURES,
+    TERMINAL_RISK_VIEW,
+)
+from fraud.features.offline import EVENT_TIMESTAMP, customer_features_path, terminal_features_path
+from fraud.schema import CUSTOMER_ID, TERMINAL_ID, TX_AMOUNT, TX_DATETIME
+
+if TYPE_CHECKING:
+    from feast import FeatureStore
+    from feast.repo_config import RepoConfig
+
+ONLINE_ENV = "FRAUD_FEAST_ONLINE"
+REGISTRY_ENV = "FRAUD_FEAST_REGISTRY"
+PROJECT_ENV = "FRAUD_FEAST_PROJECT"
+REDIS_URL_ENV = "FRAUD_REDIS_URL"
+REGISTRY_URL_ENV = "FRAUD_FEAST_REGISTRY_URL"
+DEFAULT_REDIS_URL = "127.0.0.1:6379"
+DEFAULT_REGISTRY_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/feast_registry"
+
+#: Columns of `online_batch_features` holding the event timestamp of the snapshot each row's
+#: values come from (NaT when the entity is unknown to the online store).
+CUSTOMER_SNAPSHOT_COLUMN = f"customer_{SNAPSHOT_TIMESTAMP}"
+TERMINAL_SNAPSHOT_COLUMN = f"terminal_{SNAPSHOT_TIMESTAMP}"
+#: Columns an entity dataframe must have for `historical_features`.
+ENTITY_DF_COLUMNS: tuple[str, ...] = (CUSTOMER_ID, TERMINAL_ID, EVENT_TIMESTAMP, TX_AMOUNT, TX_DATETIME)
+
+_YAML_FILES: dict[tuple[str, str], str] = {
+    ("sqlite", "file"): "feature_store.yaml",
+    ("redis", "file"): "feature_store.redis.yaml",
+    ("redis", "sql"): "feature_store.redis-sql.yaml",
+}
+ONLINE_STORES: tuple[str, ...] = ("sqlite", "redis")
+REGISTRIES: tuple[str, ...] = ("file", "sql")
+_ROW_ORDER = "__fraud_row_order"
+_PLACEHOLDER = re.compile(r"\$\{(\w+)\}")
+
+
+# --- configuration --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoreProfile:
+    """Which online store and registry to use, and the yaml file describing them."""
+
+    online: str
+    registry: str
+
+    @property
+    def yaml_file(self) -> Path:
+        return FEATURE_REPO_DIR / _YAML_FILES[(self.online, self.registry)]
+
+
+def store_profile(online: str | None = None, registry: str | None = None) -> StoreProfile:
+    """The profile from the arguments, else FRAUD_FEAST_ONLINE / FRAUD_FEAST_REGISTRY, else sqlite/file."""
+    chosen_online = (online or os.environ.get(ONLINE_ENV) or "sqlite").strip().lower()
+    chosen_registry = (registry or os.environ.get(REGISTRY_ENV) or "file").strip().lower()
+    if chosen_online not in ONLINE_STORES:
+        raise UserError(
+            f"online store {chosen_online!r} (from {ONLINE_ENV} or --online) must be one of {ONLINE_STORES}"
+        )
+    if chosen_registry not in REGISTRIES:
+        raise UserError(f"registry {chosen_registry!r} (from {REGISTRY_ENV}) must be one of {REGISTRIES}")
+    if (chosen_online, chosen_registry) not in _YAML_FILES:
+        raise UserError(
+            f"the {chosen_registry} registry is only configured with the redis online store "
+            f"(set {ONLINE_ENV}=redis or {REGISTRY_ENV}=file)"
+        )
+    return StoreProfile(online=chosen_online, registry=chosen_registry)
+
+
+def _placeholder_values() -> dict[str, str]:
+    """Environment for the ${VAR} placeholders of the yaml files, with the project's defaults."""
+    values = {
+        "FRAUD_DATA_DIR": str(data_dir()),
+        REDIS_URL_ENV: DEFAULT_REDIS_URL,
+        REGISTRY_URL_ENV: DEFAULT_REGISTRY_URL,
+    }
+    values.update(os.environ)
+    return values
+
+
+def repo_config(online: str | None = None, registry: str | None = None, project: str | None = None) -> RepoConfig:
+    """The Feast RepoConfig of the selected profile, placeholders expanded with defaults."""
+    from feast.repo_config import RepoConfig
+
+    profile = store_profile(online, registry)
+    text = profile.yaml_file.read_text()
+    expanded = string.Template(text).safe_substitute(_placeholder_values())
+    settings = "\n".join(line for line in expanded.splitlines() if not line.lstrip().startswith("#"))
+    unresolved = sorted(set(_PLACEHOLDER.findall(settings)))
+    if unresolved:
+        raise UserError(f"{profile.yaml_file} has placeholders without a value: {unresolved} (set them)")
+    raw = yaml.safe_load(expanded)
+    chosen_project = project or os.environ.get(PROJECT_ENV)
+    if chosen_project:
+        raw["project"] = chosen_project
+    config = RepoConfig(**raw)
+    config.repo_path = FEATURE_REPO_DIR
+    return config
+
+
+def get_feature_store(
+    online: str | None = None, *, registry: str | None = None, project: str | None = None
+) -> FeatureStore:
+    """A Feast FeatureStore on the feature repository with the selected profile (see module doc)."""
+    from feast import FeatureStore
+
+    config = repo_config(online, registry, project)
+    return FeatureStore(repo_path=str(FEATURE_REPO_DIR), config=config)
+
+
+# --- apply ----------------------------------------------------------------------------------------
+
+
+def _require_offline_tables(layout: DataLayout) -> None:
+    missing = [p for p in (customer_features_path(layout), terminal_features_path(layout)) if not p.is_file()]
+    if missing:
+        raise UserError(f"missing feature tables {[str(p) for p in missing]} (run `fraud features build` first)")
+
+
+@contextmanager
+def _inside_feature_repo() -> Iterator[None]:
+    """Feast imports the repo's modules by name from the working directory: run there, with the
+    modules re-imported (their data source paths depend on FRAUD_DATA_DIR), then restore."""
+    previous_cwd = Path.cwd()
+    repo = str(FEATURE_REPO_DIR)
+    added_to_path = repo not in sys.path
+    if added_to_path:
+        sys.path.append(repo)
+    for name, module in list(sys.modules.items()):
+        origin = getattr(module, "__file__", None) or ""
+        if origin.startswith(repo + os.sep):
+            del sys.modules[name]
+    try:
+        yield
+    finally:
+        os.chdir(previous_cwd)
+        if added_to_path and repo in sys.path:
+            sys.path.remove(repo)
+
+
+def apply_repo(online: str | None = None, *, registry: str | None = None, project: str | None = None) -> None:
+    """`feast apply` of feature_repo/ with the selected profile (registers the objects, creates the
+    online tables). The offline tables must exist (their schemas are validated)."""
+    from feast.repo_operations import apply_total
+
+    _require_offline_tables(DataLayout.current())
+    config = repo_config(online, registry, project)
+    with _inside_feature_repo():
+        apply_total(config, FEATURE_REPO_DIR, skip_source_validation=False)
+
+
+def teardown(online: str | None = None, *, registry: str | None = None, project: str | None = None) -> None:
+    """Delete the project's online data (tables / Redis keys) and its registry, and forget the
+    cached online client of that configuration."""
+    get_feature_store(online, registry=registry, project=project).teardown()
+    _CLIENTS.pop(_client_key(store_profile(online, registry), project), None)
+
+
+# --- materialisation --------------------------------------------------------------------------------
+
+
+def _as_utc(value: datetime | date | str) -> datetime:
+    stamp = pd.Timestamp(value)
+    stamp = stamp.tz_localize("UTC") if stamp.tzinfo is None else stamp.tz_convert("UTC")
+    return stamp.to_pydatetime()
+
+
+def snapshot_span(layout: DataLayout | None = None) -> tuple[datetime, datetime]:
+    """Earliest and latest snapshot timestamp over both offline tables (UTC, tz-aware)."""
+    layout = layout or DataLayout.current()
+    _require_offline_tables(layout)
+    paths = ", ".join(f"'{p}'" for p in (customer_features_path(layout), terminal_features_path(layout)))
+    with duckdb.connect() as con:
+        first, last = con.execute(
+            f"SELECT min({SNAPSHOT_TIMESTAMP}), max({SNAPSHOT_TIMESTAMP}) FROM read_parquet([{paths}])"
+        ).fetchone()
+    return _as_utc(first), _as_utc(last)
+
+
+@dataclass(frozen=True)
+class MaterializationResult:
+    start: datetime | None
+    end: datetime
+    views: tuple[str, ...]
+    seconds: float
+
+
+def materialize(
+    start: datetime | date | str,
+    end: datetime | date | str,
+    online: str | None = None,
+    *,
+    registry: str | None = None,
+    project: str | None = None,
+) -> MaterializationResult:
+    """Load the latest snapshot of each entity with start <= snapshot_ts <= end into the online store."""
+    lower, upper = _as_utc(start), _as_utc(end)
+    if upper <= lower:
+        raise UserError(f"--end ({upper.isoformat()}) must be after --start ({lower.isoformat()})")
+    store = get_feature_store(online, registry=registry, project=project)
+    views = (CUSTOMER_SPENDING_VIEW, TERMINAL_RISK_VIEW)
+    started = time.perf_counter()
+    store.materialize(start_date=lower, end_date=upper, feature_views=list(views))
+    return MaterializationResult(start=lower, end=upper, views=views, seconds=time.perf_counter() - started)
+
+
+def default_materialization_end(layout: DataLayout | None = None) -> datetime:
+    """Now, or just after the last snapshot if the data lie in the future (simulated calendars)."""
+    _, last = snapshot_span(layout)
+    return max(datetime.now(UTC), last + timedelta(seconds=1))
+
+
+def materialize_incremental(
+    end: datetime | date | str | None = None,
+    online: str | None = None,
+    *,
+    registry: str | None = None,
+    project: str | None = None,
+) -> MaterializationResult:
+    """Materialise each view from where its last materialisation ended up to `end` (default: see
+    `default_materialization_end`). A view never materialised loads the latest snapshot of every
+    entity up to `end` (Feast's own first-run start, now - ttl, would skip historical data); it
+    reads from one TTL before min(end, last snapshot), as every entity has a snapshot each day
+    through the last one."""
+    upper = _as_utc(end) if end is not None else default_materialization_end()
+    store = get_feature_store(online, registry=registry, project=project)
+    views = (CUSTOMER_SPENDING_VIEW, TERMINAL_RISK_VIEW)
+    started = time.perf_counter()
+    never = [name for name in views if not store.get_feature_view(name).materialization_intervals]
+    first_start: datetime | None = None
+    if never:
+        first, last = snapshot_span()
+        if upper < first:
+            raise UserError(f"--end ({upper.isoformat()}) is before the first snapshot ({first.isoformat()})")
+        # Every entity has a snapshot on every day up to the last one, so its latest snapshot up to
+        # `upper` lies within one TTL of min(upper, last): scanning further back loads nothing more.
+        first_start = max(first, min(upper, last) - timedelta(days=SNAPSHOT_TTL_DAYS))
+        store.materialize(start_date=first_start, end_date=upper, feature_views=never)
+    rest = [name for name in views if name not in never]
+    if rest:
+        store.materialize_incremental(end_date=upper, feature_views=rest)
+    return MaterializationResult(start=first_start, end=upper, views=views, seconds=time.perf_counter() - started)
+
+
+# --- retrieval --------------------------------------------------------------------------------------
+
+
+def historical_features(
+    entity_df: pd.DataFrame,
+    online: str | None = None,
+    *,
+    registry: str | None = None,
+    project: str | None = None,
+    store: FeatureStore | None = None,
+) -> pd.DataFrame:
+    """Point-in-time correct model features for each row of `entity_df` through the feature service.
+
+    `entity_df` needs `ENTITY_DF_COLUMNS` (event_timestamp is the point in time; tx_amount and
+    tx_datetime feed the on-demand features); other columns (labels, ids) are passed through.
+    Returns `entity_df`'s columns followed by MODEL_FEATURES (float64, cold-start defaults for
+    entities without a snapshot within the TTL), in the input row order and index.
+    """
+    missing = [c for c in ENTITY_DF_COLUMNS if c not in entity_df.columns]
+    if missing:
+        raise UserError(f"entity dataframe lacks column(s) {missing}; it needs {list(ENTITY_DF_COLUMNS)}")
+    clash = [c for c in MODEL_FEATURES if c in entity_df.columns]
+    if clash:
+        raise UserError(f"entity dataframe already has feature column(s) {clash}")
+    if entity_df.empty:
+        return entity_df.assign(**{name: pd.Series(dtype="float64") for name in MODEL_FEATURES})
+    store = store or get_feature_store(online, registry=registry, project=project)
+    request = entity_df[list(ENTITY_DF_COLUMNS)].copy()
+    request[_ROW_ORDER] = np.arange(len(request), dtype="int64")
+    # tz-aware UTC: naive timestamps would be read as local time by parts of Feast
+    request[EVENT_TIMESTAMP] = _aware_utc(request[EVENT_TIMESTAMP])
+    request[TX_DATETIME] = _aware_utc(request[TX_DATETIME])
+    service = store.get_feature_service(FEATURE_SERVICE)
+    joined = store.get_historical_features(entity_df=request, features=service, full_feature_names=False).to_df()
+    joined = joined.sort_values(_ROW_ORDER).set_index(_ROW_ORDER)
+    if len(joined) != len(request):
+        raise RuntimeError(f"Feast returned {len(joined)} rows for {len(request)} entity rows")
+    features = joined[list(MODEL_FEATURES)].astype("float64")
+    features = features.fillna({k: v for k, v in BATCH_FEATURE_DEFAULTS.items() if k in features.columns})
+    features.index = entity_df.index
+    return pd.concat([entity_df, features], axis=1)
+
+
+def _aware_utc(values: pd.Series) -> pd.Series:
+    """Timestamps as tz-aware UTC; naive input is UTC (the project's convention)."""
+    return pd.to_datetime(values, utc=True)
+
+
+class OnlineFeatureClient:
+    """Batched online lookups of the batch features of (customer, terminal) pairs.
+
+    Holds one FeatureStore (registry read once, refreshed in the background per the yaml cache
+    settings) and the feature references, so each call is one `get_online_features` round trip.
+    """
+
+    def __init__(self, store: FeatureStore) -> None:
+        self.store = store
+        self._refs = [f"{CUSTOMER_SPENDING_VIEW}:{name}" for name in CUSTOMER_SPENDING_FEATURES] + [
+            f"{TERMINAL_RISK_VIEW}:{name}" for name in TERMINAL_RISK_FEATURES
+        ]
+        self._customer_probe = f"{CUSTOMER_SPENDING_VIEW}__{CUSTOMER_SPENDING_FEATURES[0]}"
+        self._terminal_probe = f"{TERMINAL_RISK_VIEW}__{TERMINAL_RISK_FEATURES[0]}"
+        store.refresh_registry()
+
+    def batch(self, customer_ids: Sequence[str], terminal_ids: Sequence[str]) -> pd.DataFrame:
+        """One row per (customer_ids[i], terminal_ids[i]): the ids, CUSTOMER_SPENDING_FEATURES,
+        TERMINAL_RISK_FEATURES (NaN when the online store has no value: cold start) and
+        CUSTOMER_SNAPSHOT_COLUMN / TERMINAL_SNAPSHOT_COLUMN (tz-naive UTC, NaT when missing),
+        which lets callers flag stale features (older than today's snapshot)."""
+        customers, terminals = [str(c) for c in customer_ids], [str(t) for t in terminal_ids]
+        if len(customers) != len(terminals):
+            raise UserError(f"got {len(customers)} customer ids but {len(terminals)} terminal ids")
+        columns = [CUSTOMER_ID, TERMINAL_ID, *CUSTOMER_SPENDING_FEATURES, *TERMINAL_RISK_FEATURES]
+        if not customers:
+            frame = pd.DataFrame({c: pd.Series(dtype="float64") for c in columns})
+            frame[[CUSTOMER_ID, TERMINAL_ID]] = frame[[CUSTOMER_ID, TERMINAL_ID]].astype("object")
+            frame[CUSTOMER_SNAPSHOT_COLUMN] = pd.Series(dtype="datetime64[us]")
+            frame[TERMINAL_SNAPSHOT_COLUMN] = pd.Series(dtype="datetime64[us]")
+            return frame
+        response = self.store.get_online_features(
+            features=self._refs,
+            entity_rows={CUSTOMER_ID: customers, TERMINAL_ID: terminals},
+            full_feature_names=True,
+        )
+        return _online_frame(response, customers, terminals, self._customer_probe, self._terminal_probe)
+
+
+def _online_frame(response: Any, customers: list[str], terminals: list[str], customer_probe: str, terminal_probe: str):
+    from feast.protos.feast.serving.ServingService_pb2 import FieldStatus
+
+    present = FieldStatus.PRESENT
+    data: dict[str, Any] = {CUSTOMER_ID: customers, TERMINAL_ID: terminals}
+    snapshots: dict[str, list[Any]] = {}
+    for ref, vector in zip(response.proto.metadata.feature_names.val, response.proto.results):
+        _, _, feature = ref.partition("__")
+        if not feature:  # the entity key columns echoed back
+            continue
+        values = []
+        for value, status in zip(vector.values, vector.statuses):
+            kind = value.WhichOneof("val")
+            values.append(getattr(value, kind) if status == present and kind is not None else np.nan)
+        data[feature] = np.asarray(values, dtype="float64")
+        if ref in (customer_probe, terminal_probe):
+            snapshots[ref] = [
+                pd.Timestamp(ts.seconds, unit="s") if status == present else pd.NaT
+                for ts, status in zip(vector.event_timestamps, vector.statuses)
+            ]
+    frame = pd.DataFrame(data)
+    frame = frame[[CUSTOMER_ID, TERMINAL_ID, *CUSTOMER_SPENDING_FEATURES, *TERMINAL_RISK_FEATURES]]
+    frame[CUSTOMER_SNAPSHOT_COLUMN] = pd.to_datetime(pd.Series(snapshots[customer_probe])).astype("datetime64[us]")
+    frame[TERMINAL_SNAPSHOT_COLUMN] = pd.to_datetime(pd.Series(snapshots[terminal_probe])).astype("datetime64[us]")
+    return frame
+
+
+_CLIENTS: dict[tuple[str, ...], OnlineFeatureClient] = {}
+
+
+def _client_key(profile: StoreProfile, project: str | None) -> tuple[str, ...]:
+    """Everything the configuration of a client depends on, without parsing the yaml."""
+    return (
+        profile.online,
+        profile.registry,
+        project or os.environ.get(PROJECT_ENV, ""),
+        str(data_dir()),
+        os.environ.get(REDIS_URL_ENV, ""),
+        os.environ.get(REGISTRY_URL_ENV, ""),
+    )
+
+
+def online_client(
+    online: str | None = None, *, registry: str | None = None, project: str | None = None
+) -> OnlineFeatureClient:
+    """A process-wide client per configuration (profile, project, data dir, URLs): the yaml and
+    the registry are read once, so a lookup costs one online-store round trip."""
+    profile = store_profile(online, registry)
+    key = _client_key(profile, project)
+    client = _CLIENTS.get(key)
+    if client is None:
+        from feast import FeatureStore
+
+        config = repo_config(profile.online, profile.registry, project)
+        client = OnlineFeatureClient(FeatureStore(repo_path=str(FEATURE_REPO_DIR), config=config))
+        _CLIENTS[key] = client
+    return client
+
+
+def online_batch_features(
+    customer_ids: Sequence[str],
+    terminal_ids: Sequence[str],
+    online: str | None = None,
+    *,
+    registry: str | None = None,
+    project: str | None = None,
+) -> pd.DataFrame:
+    """Batch features of each (customer, terminal) pair in ONE online-store round trip; see
+    `OnlineFeatureClient.batch` for the columns. Missing values are NaN (apply
+    BATCH_FEATURE_DEFAULTS, e.g. through `model_feature_frame`)."""
+    return online_client(online, registry=registry, project=project).batch(customer_ids, terminal_ids)

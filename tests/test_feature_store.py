@@ -1,0 +1,360 @@
+"""The Feast feature store on real stores (SQLite, Redis; DuckDB offline store), no mocks.
+
+The central test is the training/serving-skew guard: `get_historical_features` through the
+feature service must return exactly what the offline tables + `model_feature_frame` give for the
+same transactions, and the online path (materialised values + the on-demand view) must agree too.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from test_features_offline import random_transactions, raw_frame, write_raw_transactions
+
+from fraud.config import FEATURE_REPO_DIR, DataLayout
+from fraud.errors import UserError
+from fraud.feature_store import (
+    CUSTOMER_SNAPSHOT_COLUMN,
+    DEFAULT_REDIS_URL,
+    TERMINAL_SNAPSHOT_COLUMN,
+    apply_repo,
+    get_feature_store,
+    historical_features,
+    materialize,
+    materialize_incremental,
+    online_batch_features,
+    repo_config,
+    store_profile,
+    teardown,
+)
+from fraud.features.definitions import (
+    CUSTOMER_SPENDING_FEATURES,
+    FEATURE_SERVICE,
+    MODEL_FEATURES,
+    SNAPSHOT_TIMESTAMP,
+    TERMINAL_RISK_FEATURES,
+    model_feature_frame,
+)
+from fraud.features.offline import (
+    EVENT_TIMESTAMP,
+    build_offline_features,
+    labelled_transactions,
+    read_feature_table,
+)
+
+FEAST_CLI = Path(sys.executable).parent / "feast"
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory) -> Iterator[Path]:
+    """A data dir with random raw data, built offline tables and an applied SQLite store (module-wide)."""
+    path = tmp_path_factory.mktemp("feature-store") / "data"
+    path.mkdir()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FRAUD_DATA_DIR", str(path))
+        patch.delenv("FRAUD_FEAST_ONLINE", raising=False)
+        patch.delenv("FRAUD_FEAST_REGISTRY", raising=False)
+        patch.delenv("FRAUD_FEAST_PROJECT", raising=False)
+        layout = DataLayout.current()
+        raw = random_transactions(seed=7, n_customers=30, n_terminals=25, n_days=40)
+        # a transaction exactly at midnight of the last day, to pin the point-in-time boundary
+        last_day = raw["tx_datetime"].max().normalize()
+        raw = pd.concat([raw, raw_frame([(str(last_day), "C0000001", "T0000001", 33.0, 0)])], ignore_index=True)
+        write_raw_transactions(layout, raw)
+        build_offline_features(layout)
+        apply_repo()
+        yield path
+
+
+def _expected_model_features(entity_df: pd.DataFrame, layout: DataLayout) -> pd.DataFrame:
+    """The model features computed directly: each transaction joined to its day's snapshot."""
+    customers = read_feature_table(layout.features / "customer_spending_features.parquet")
+    terminals = read_feature_table(layout.features / "terminal_risk_features.parquet")
+    frame = entity_df.assign(**{SNAPSHOT_TIMESTAMP: entity_df["tx_datetime"].dt.floor("D").astype("datetime64[us]")})
+    customers[SNAPSHOT_TIMESTAMP] = customers[SNAPSHOT_TIMESTAMP].astype("datetime64[us]")
+    terminals[SNAPSHOT_TIMESTAMP] = terminals[SNAPSHOT_TIMESTAMP].astype("datetime64[us]")
+    frame = frame.merge(customers, on=["customer_id", SNAPSHOT_TIMESTAMP], how="left")
+    frame = frame.merge(terminals, on=["terminal_id", SNAPSHOT_TIMESTAMP], how="left")
+    return model_feature_frame(frame)
+
+
+def test_historical_features_equal_offline_tables_plus_model_feature_frame(store_dir: Path) -> None:
+    layout = DataLayout.current()
+    entity_df = labelled_transactions("2000-01-01", "2100-01-01")
+    cold = pd.DataFrame(
+        {
+            "transaction_id": ["TX-cold"],
+            "customer_id": ["C-never-seen"],
+            "terminal_id": ["T-never-seen"],
+            EVENT_TIMESTAMP: [entity_df[EVENT_TIMESTAMP].iloc[-1]],
+            "tx_datetime": [entity_df["tx_datetime"].iloc[-1]],
+            "tx_amount": [12.5],
+            "tx_fraud": [0],
+            "tx_fraud_scenario": [0],
+        }
+    )
+    entity_df = pd.concat([entity_df, cold], ignore_index=True).sample(frac=1.0, random_state=3)
+    entity_df.index = pd.RangeIndex(1000, 1000 + len(entity_df))  # a non-default index must be kept
+
+    result = historical_features(entity_df)
+
+    assert list(result.columns) == [*entity_df.columns, *MODEL_FEATURES]
+    pd.testing.assert_index_equal(result.index, entity_df.index)
+    pd.testing.assert_frame_equal(result[entity_df.columns], entity_df)
+    expected = _expected_model_features(entity_df.reset_index(drop=True), layout)
+    actual = result[list(MODEL_FEATURES)].reset_index(drop=True)
+    pd.testing.assert_frame_equal(actual, expected, check_exact=False, rtol=1e-12, atol=1e-12)
+    # the features are not trivially zero: the windows are populated for most rows
+    assert (actual["customer_nb_tx_incl_30d"] > 1).mean() > 0.8
+    assert (actual["terminal_nb_tx_30d"] > 0).mean() > 0.5
+    cold_row = result.loc[result["transaction_id"] == "TX-cold"].iloc[0]
+    assert cold_row["customer_nb_tx_incl_1d"] == 1.0 and cold_row["terminal_risk_7d"] == 0.0
+    assert cold_row["amount_to_customer_avg_30d"] == 1.0
+
+
+def test_historical_features_rejects_incomplete_entity_df(store_dir: Path) -> None:
+    entity_df = labelled_transactions("2000-01-01", "2100-01-01").drop(columns=["tx_amount"])
+    with pytest.raises(UserError, match="tx_amount"):
+        historical_features(entity_df)
+
+
+def test_materialisation_windows_and_online_values(store_dir: Path) -> None:
+    layout = DataLayout.current()
+    customers = read_feature_table(layout.features / "customer_spending_features.parquet")
+    terminals = read_feature_table(layout.features / "terminal_risk_features.parquet")
+    first, last = customers[SNAPSHOT_TIMESTAMP].min(), customers[SNAPSHOT_TIMESTAMP].max()
+    midway = first + timedelta(days=20)
+    ids = sorted(customers.loc[customers[SNAPSHOT_TIMESTAMP] == midway, "customer_id"])[:6]
+    tids = sorted(terminals.loc[terminals[SNAPSHOT_TIMESTAMP] == midway, "terminal_id"])[:6]
+    assert len(ids) == len(tids) == 6
+
+    def expected(snapshot: pd.Timestamp) -> pd.DataFrame:
+        c = customers[customers[SNAPSHOT_TIMESTAMP] == snapshot].set_index("customer_id").loc[ids]
+        t = terminals[terminals[SNAPSHOT_TIMESTAMP] == snapshot].set_index("terminal_id").loc[tids]
+        return pd.concat(
+            [
+                c[list(CUSTOMER_SPENDING_FEATURES)].reset_index(drop=True),
+                t[list(TERMINAL_RISK_FEATURES)].reset_index(drop=True),
+            ],
+            axis=1,
+        ).astype("float64")
+
+    materialize_incremental(midway + timedelta(seconds=1))  # first run: latest snapshots up to `midway`
+    online = online_batch_features(ids + ["C-unknown"], tids + ["T0000000"])
+    pd.testing.assert_frame_equal(
+        online.iloc[:6][[*CUSTOMER_SPENDING_FEATURES, *TERMINAL_RISK_FEATURES]].reset_index(drop=True),
+        expected(midway),
+    )
+    assert (online.iloc[:6][CUSTOMER_SNAPSHOT_COLUMN] == midway).all()
+    assert (online.iloc[:6][TERMINAL_SNAPSHOT_COLUMN] == midway).all()
+    unknown = online.iloc[6]
+    assert unknown["customer_id"] == "C-unknown" and pd.isna(unknown[CUSTOMER_SNAPSHOT_COLUMN])
+    assert unknown[list(CUSTOMER_SPENDING_FEATURES)].isna().all()
+
+    materialize(midway, last + timedelta(seconds=1))  # an explicit window: the latest ("today's") snapshot
+    online = online_batch_features(ids, tids)
+    pd.testing.assert_frame_equal(
+        online[[*CUSTOMER_SPENDING_FEATURES, *TERMINAL_RISK_FEATURES]].reset_index(drop=True), expected(last)
+    )
+    assert (online[CUSTOMER_SNAPSHOT_COLUMN] == last).all() and (online[TERMINAL_SNAPSHOT_COLUMN] == last).all()
+
+    # the on-demand view served online agrees with model_feature_frame on the online values
+    store = get_feature_store()
+    when = last + timedelta(hours=3, minutes=5)
+    request = {
+        "customer_id": ids,
+        "terminal_id": tids,
+        "tx_amount": [10.0 + i for i in range(len(ids))],
+        "tx_datetime": [when] * len(ids),
+    }
+    served = store.get_online_features(features=store.get_feature_service(FEATURE_SERVICE), entity_rows=request).to_df()
+    direct = model_feature_frame(
+        pd.concat([pd.DataFrame(request), online.drop(columns=["customer_id", "terminal_id"])], axis=1)
+    )
+    pd.testing.assert_frame_equal(served[list(MODEL_FEATURES)].astype("float64"), direct, rtol=1e-12)
+
+
+def test_profiles_and_configuration(store_dir: Path, monkeypatch) -> None:
+    assert store_profile().yaml_file == FEATURE_REPO_DIR / "feature_store.yaml"
+    assert store_profile("redis").yaml_file.name == "feature_store.redis.yaml"
+    monkeypatch.setenv("FRAUD_FEAST_ONLINE", "redis")
+    monkeypatch.setenv("FRAUD_FEAST_REGISTRY", "sql")
+    assert store_profile().yaml_file.name == "feature_store.redis-sql.yaml"
+    with pytest.raises(UserError, match="must be one of"):
+        store_profile("memcached")
+    with pytest.raises(UserError, match="only configured with the redis"):
+        store_profile("sqlite", "sql")
+    monkeypatch.delenv("FRAUD_FEAST_ONLINE")
+    monkeypatch.delenv("FRAUD_FEAST_REGISTRY")
+    config = repo_config(project="fraud_custom")
+    assert config.project == "fraud_custom"
+    assert config.registry.path == str(store_dir / "feast" / "registry.db")
+    assert config.registry.cache_mode == "thread" and config.registry.cache_ttl_seconds == 60
+    assert config.online_store.path == str(store_dir / "feast" / "online_store.db")
+    assert config.offline_store.type == "duckdb"
+    monkeypatch.delenv("FRAUD_REDIS_URL", raising=False)
+    assert repo_config("redis").online_store.connection_string == DEFAULT_REDIS_URL
+    monkeypatch.setenv("FRAUD_REDIS_URL", "redis.internal:6380,db=2")
+    assert repo_config("redis").online_store.connection_string == "redis.internal:6380,db=2"
+
+
+def test_apply_without_offline_tables_is_a_user_error(data_dir: Path) -> None:
+    with pytest.raises(UserError, match="fraud features build"):
+        apply_repo()
+
+
+@pytest.mark.slow
+def test_plain_feast_cli_applies_and_materialises(tmp_path: Path) -> None:
+    """`feast -c feature_repo apply` / `materialize` work without the fraud wrapper (two Feast CLI
+    processes: ~20 s of CPU, so marked slow)."""
+    env = {**os.environ, "FRAUD_DATA_DIR": str(tmp_path / "data")}
+    env.pop("FEAST_FS_YAML_FILE_PATH", None)
+    layout = DataLayout(tmp_path / "data")
+    rows = [
+        ("2024-03-01 10:00:00", "C1", "T1", 10.0, 0),
+        ("2024-03-02 11:00:00", "C1", "T1", 30.0, 1),
+    ]
+    write_raw_transactions(layout, raw_frame(rows))
+    build_offline_features(layout)
+    run = {"cwd": FEATURE_REPO_DIR.parent, "env": env, "capture_output": True, "text": True, "timeout": 300}
+    applied = subprocess.run([str(FEAST_CLI), "-c", "feature_repo", "apply"], check=False, **run)
+    assert applied.returncode == 0, applied.stderr[-2000:]
+    assert "fraud_model_features" in applied.stdout
+    done = subprocess.run(
+        [str(FEAST_CLI), "-c", "feature_repo", "materialize", "2024-03-01T00:00:00", "2024-03-04T00:00:00"],
+        check=False,
+        **run,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    with pytest.MonkeyPatch.context() as patch:  # what the CLI wrote, read back in-process
+        patch.setenv("FRAUD_DATA_DIR", str(layout.root))
+        online = online_batch_features(["C1"], ["T1"])
+    assert online[["customer_nb_tx_1d", "customer_sum_amount_1d"]].iloc[0].tolist() == [1.0, 30.0]
+    assert online[CUSTOMER_SNAPSHOT_COLUMN].iloc[0] == pd.Timestamp("2024-03-03")
+
+
+@pytest.mark.redis
+def test_redis_online_store_round_trip(store_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    import redis
+
+    # own data dir (own registry file: teardown deletes it), same offline tables
+    own = tmp_path / "data"
+    shutil.copytree(store_dir / "features", own / "features")
+    monkeypatch.setenv("FRAUD_DATA_DIR", str(own))
+    project = f"fraud_test_{uuid.uuid4().hex[:12]}"
+    client = redis.Redis.from_url(f"redis://{DEFAULT_REDIS_URL}")
+    try:
+        client.ping()
+    except redis.exceptions.ConnectionError:
+        pytest.fail(f"the Redis server on {DEFAULT_REDIS_URL} is not reachable (run `make services`)")
+    layout = DataLayout.current()
+    customers = read_feature_table(layout.features / "customer_spending_features.parquet")
+    terminals = read_feature_table(layout.features / "terminal_risk_features.parquet")
+    last = customers[SNAPSHOT_TIMESTAMP].max()
+    ids = sorted(customers.loc[customers[SNAPSHOT_TIMESTAMP] == last, "customer_id"])[:5]
+    tids = sorted(terminals.loc[terminals[SNAPSHOT_TIMESTAMP] == last, "terminal_id"])[:5]
+    try:
+        apply_repo("redis", project=project)
+        materialize_incremental(online="redis", project=project)
+        online = online_batch_features(ids, tids, "redis", project=project)
+        keys = [k for k in client.scan_iter(count=1000) if project.encode() in k]
+        assert keys, "materialisation wrote no Redis key carrying the project name"
+    finally:
+        teardown("redis", project=project)
+    expected_c = customers[customers[SNAPSHOT_TIMESTAMP] == last].set_index("customer_id").loc[ids]
+    expected_t = terminals[terminals[SNAPSHOT_TIMESTAMP] == last].set_index("terminal_id").loc[tids]
+    np.testing.assert_array_equal(
+        online[list(CUSTOMER_SPENDING_FEATURES)].to_numpy(),
+        expected_c[list(CUSTOMER_SPENDING_FEATURES)].to_numpy(dtype=float),
+    )
+    np.testing.assert_array_equal(
+        online[list(TERMINAL_RISK_FEATURES)].to_numpy(), expected_t[list(TERMINAL_RISK_FEATURES)].to_numpy(dtype=float)
+    )
+    assert (online[CUSTOMER_SNAPSHOT_COLUMN] == last).all()
+    assert not [k for k in client.scan_iter(count=1000) if project.encode() in k], "teardown left Redis keys"
+
+
+@pytest.mark.redis
+@pytest.mark.postgres
+def test_production_profile_with_sql_registry_on_postgres(store_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """FRAUD_FEAST_ONLINE=redis FRAUD_FEAST_REGISTRY=sql: registry in PostgreSQL (own database)."""
+    import sqlalchemy as sa
+
+    database = f"fraud_feast_test_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine("postgresql+psycopg2://postgres@127.0.0.1:5432/test", isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(sa.text(f'CREATE DATABASE "{database}"'))
+    own = tmp_path / "data"
+    shutil.copytree(store_dir / "features", own / "features")
+    monkeypatch.setenv("FRAUD_DATA_DIR", str(own))
+    monkeypatch.setenv("FRAUD_FEAST_ONLINE", "redis")
+    monkeypatch.setenv("FRAUD_FEAST_REGISTRY", "sql")
+    monkeypatch.setenv("FRAUD_FEAST_REGISTRY_URL", f"postgresql+psycopg2://postgres@127.0.0.1:5432/{database}")
+    project = f"fraud_test_{uuid.uuid4().hex[:12]}"
+    try:
+        apply_repo(project=project)
+        materialize_incremental(project=project)
+        store = get_feature_store(project=project)
+        assert sorted(fv.name for fv in store.list_feature_views()) == sorted(
+            ["customer_spending_features", "terminal_risk_features"]
+        )
+        assert store.get_feature_service(FEATURE_SERVICE).name == FEATURE_SERVICE
+        online = online_batch_features(["C0000001"], ["T0000001"], project=project)
+        assert online[CUSTOMER_SNAPSHOT_COLUMN].notna().all()
+        registry = sa.create_engine(os.environ["FRAUD_FEAST_REGISTRY_URL"])
+        with registry.connect() as connection:
+            stored = connection.execute(
+                sa.text("SELECT count(*) FROM feature_views WHERE project_id = :p"), {"p": project}
+            ).scalar_one()
+        registry.dispose()
+        assert stored == 2
+        assert not (own / "feast" / "registry.db").exists()  # no file registry in this profile
+    finally:
+        teardown(project=project)
+        with admin.connect() as connection:
+            connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def test_cli_show_prints_vectors(store_dir: Path, monkeypatch, capsys) -> None:
+    from fraud.cli import main
+
+    materialize_incremental()
+    monkeypatch.setenv("COLUMNS", "200")
+    argv = ["fraud", "features", "show", "-c", "C0000001", "-c", "C-nobody", "-t", "T0000001"]
+    monkeypatch.setattr(sys, "argv", argv)
+    main()
+    shown = capsys.readouterr().out
+    assert "C0000001 / T0000001" in shown and "C-nobody / T0000001" in shown
+    assert all(name in shown for name in (*CUSTOMER_SPENDING_FEATURES, *TERMINAL_RISK_FEATURES))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("show",), "at least one --customer"),
+        (("show", "-c", "C1", "-c", "C2", "-t", "T1", "-t", "T2", "-t", "T3"), "pair them"),
+        (("materialize", "--start", "not-a-date"), "--start 'not-a-date'"),
+        (("materialize", "--incremental", "--start", "2024-01-01"), "do not combine"),
+        (("materialize", "--start", "2024-02-01", "--end", "2024-01-01"), "must be after"),
+        (("apply", "--online", "memcached"), "must be one of"),
+    ],
+)
+def test_cli_rejects_bad_input(store_dir: Path, monkeypatch, capsys, args: tuple[str, ...], message: str) -> None:
+    from fraud.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["fraud", "features", *args])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    assert exited.value.code == 2
+    assert message in capsys.readouterr().err
