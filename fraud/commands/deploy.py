@@ -1,7 +1,211 @@
-"""`fraud deploy` commands."""
+"""`fraud deploy` commands: roll a registered model version out as a canary and promote or roll
+it back on metrics; `fraud deploy status`; `fraud deploy rollback` by hand.
+
+    fraud deploy --target kubernetes --version 7 --namespace fraud-staging --canary-percent 20 \\
+                 --window 900 --prometheus-url http://prometheus.monitoring:9090
+    fraud deploy --target local --version 7 --window 120
+    fraud deploy status --target kubernetes --namespace fraud-staging
+    fraud deploy rollback --target kubernetes --namespace fraud-staging --reason "false declines"
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
 
 import typer
+
+from fraud.config import MODEL_NAME
+from fraud.errors import UserError
+
+TARGET_HELP = (
+    "record (decision in MLflow only), kubernetes (KServe InferenceService) or local (local predictor processes)"
+)
+
+deploy_app = typer.Typer(
+    help="Canary rollout of a model version: deploy, analyse, promote or roll back.",
+    invoke_without_command=True,
+    no_args_is_help=False,
+)
+
+
+def _connection(kubeconfig: str | None, kube_context: str | None, ready_timeout: float) -> Any:
+    from fraud.deploy.rollout import Connection
+
+    if ready_timeout <= 0:
+        raise UserError(f"--ready-timeout must be > 0 seconds, got {ready_timeout}")
+    return Connection(kubeconfig=kubeconfig, kube_context=kube_context, ready_timeout_seconds=ready_timeout)
+
+
+def _check_target(target: str) -> str:
+    from fraud.deploy.state import TARGETS
+
+    if target not in TARGETS:
+        raise UserError(f"--target must be one of {', '.join(TARGETS)}, got {target!r}")
+    return target
+
+
+def _show(record: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"rollout of {record.model_name} version {record.model_version}", show_header=False)
+    for key, value in (
+        ("target", f"{record.target} / {record.namespace}"),
+        ("state", record.state.value),
+        ("previous version", record.previous_version or "(none)"),
+        ("canary traffic", f"{record.canary_traffic_percent}%"),
+        ("decision", record.decision or "-"),
+        ("reason", record.reason or "-"),
+    ):
+        table.add_row(key, str(value))
+    for key, value in sorted(record.analysis.items()):
+        table.add_row(f"  {key}", f"{value:.4g}" if isinstance(value, float) else str(value))
+    Console().print(table)
+
+
+def _rollout_errors(fn: Any) -> Any:
+    from fraud.deploy.canary import AnalysisError
+    from fraud.deploy.crd import CRDError
+    from fraud.deploy.state import RolloutError
+
+    try:
+        return fn()
+    except (RolloutError, AnalysisError, CRDError) as exc:
+        raise UserError(str(exc)) from None
+
+
+@deploy_app.callback()
+def deploy(
+    ctx: typer.Context,
+    target: str = typer.Option("record", "--target", help=TARGET_HELP),
+    version: str | None = typer.Option(None, "--version", help="registered model version to roll out"),
+    namespace: str = typer.Option(
+        "fraud-dev", "--namespace", help="Kubernetes namespace (a label for the other targets)"
+    ),
+    canary_percent: int = typer.Option(10, "--canary-percent", min=1, max=100, help="share of traffic for the canary"),
+    window: int = typer.Option(600, "--window", min=1, help="analysis window in seconds"),
+    prometheus_url: str = typer.Option(
+        "http://prometheus-operated.monitoring.svc:9090",
+        "--prometheus-url",
+        help="Prometheus HTTP API (kubernetes target)",
+    ),
+    kube_context: str | None = typer.Option(None, "--kube-context", help="kubeconfig context"),
+    kubeconfig: str | None = typer.Option(None, "--kubeconfig", help="kubeconfig file (default ~/.kube/config)"),
+    model_name: str = typer.Option(MODEL_NAME, "--model-name", help="registered model name"),
+    mlflow_tracking_uri: str = typer.Option(
+        "", "--mlflow-tracking-uri", help="default: MLFLOW_TRACKING_URI or the local store"
+    ),
+    ready_timeout: float = typer.Option(
+        600.0, "--ready-timeout", help="seconds to wait for the new revision to be ready"
+    ),
+    analyse_after: bool = typer.Option(True, "--analyse/--no-analyse", help="run the analysis window after deploying"),
+) -> None:
+    """Deploy VERSION as a canary, analyse it over the window, then promote or roll back."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if version is None:
+        raise UserError("--version is required (the registered model version to roll out); see `fraud deploy --help`")
+    _check_target(target)
+    from fraud.deploy.canary import CanaryCriteria
+    from fraud.deploy.rollout import AnalyseRequest, DeployRequest, analyse
+    from fraud.deploy.rollout import deploy as run_deploy
+
+    connection = _connection(kubeconfig, kube_context, ready_timeout)
+
+    def run() -> Any:
+        record = run_deploy(
+            DeployRequest(
+                model_name,
+                version,
+                target,
+                namespace,
+                canary_percent,
+                mlflow_tracking_uri=mlflow_tracking_uri,
+                connection=connection,
+            )
+        )
+        typer.echo(f"version {version}: {record.state.value}")
+        if analyse_after and not record.state.final:
+            typer.echo(f"analysing the canary for {window}s ...")
+            record = analyse(
+                AnalyseRequest(
+                    model_name,
+                    version,
+                    target,
+                    namespace,
+                    prometheus_url,
+                    window,
+                    mlflow_tracking_uri=mlflow_tracking_uri,
+                    criteria=CanaryCriteria(),
+                    connection=connection,
+                ),
+                deployed=record,
+            )
+        return record
+
+    record = _rollout_errors(run)
+    _show(record)
+    if record.state.value == "rolled_back":
+        raise typer.Exit(code=3)
+
+
+@deploy_app.command("status")
+def status(
+    target: str = typer.Option("record", "--target", help=TARGET_HELP),
+    namespace: str = typer.Option("fraud-dev", "--namespace"),
+    kube_context: str | None = typer.Option(None, "--kube-context"),
+    kubeconfig: str | None = typer.Option(None, "--kubeconfig"),
+    model_name: str = typer.Option(MODEL_NAME, "--model-name"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+) -> None:
+    """Show the current rollout record and what the serving stack reports."""
+    _check_target(target)
+    from fraud.deploy.rollout import status as rollout_status
+    from fraud.deploy.state import RolloutRecord
+
+    report = _rollout_errors(
+        lambda: rollout_status(target, model_name, namespace, connection=_connection(kubeconfig, kube_context, 600.0))
+    )
+    if as_json:
+        typer.echo(json.dumps(report, indent=2, default=str))
+        return
+    if report["record"] is None:
+        typer.echo(f"no rollout of {model_name} recorded for {target}/{namespace}")
+    else:
+        _show(RolloutRecord.from_dict(report["record"]))
+    typer.echo(json.dumps(report["serving"], indent=2, default=str))
+
+
+@deploy_app.command("rollback")
+def rollback(
+    target: str = typer.Option("record", "--target", help=TARGET_HELP),
+    namespace: str = typer.Option("fraud-dev", "--namespace"),
+    reason: str = typer.Option(..., "--reason", help="why (recorded in MLflow and the rollout record)"),
+    kube_context: str | None = typer.Option(None, "--kube-context"),
+    kubeconfig: str | None = typer.Option(None, "--kubeconfig"),
+    model_name: str = typer.Option(MODEL_NAME, "--model-name"),
+    mlflow_tracking_uri: str = typer.Option("", "--mlflow-tracking-uri"),
+) -> None:
+    """Roll the current rollout back by hand (after a promotion: champion alias moves back too)."""
+    _check_target(target)
+    if not reason.strip():
+        raise UserError("--reason must not be empty")
+    from fraud.deploy.rollout import manual_rollback
+
+    record = _rollout_errors(
+        lambda: manual_rollback(
+            target,
+            model_name,
+            namespace,
+            reason,
+            mlflow_tracking_uri=mlflow_tracking_uri,
+            connection=_connection(kubeconfig, kube_context, 600.0),
+        )
+    )
+    _show(record)
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the top-level app."""
+    app.add_typer(deploy_app, name="deploy")

@@ -1,0 +1,1 @@
+"""Rolling model versions out to serving: KServe canaries, local canaries, promotion and rollback."""

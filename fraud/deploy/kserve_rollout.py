@@ -1,0 +1,399 @@
+"""The KServe side of a rollout: create or patch the InferenceService, wait for the new
+generation, shift traffic (Serverless mode, `spec.predictor.canaryTrafficPercent`).
+
+KServe Serverless canary semantics (what every method relies on):
+
+* patching the predictor's pod template (here: the `STORAGE_URI` env of the custom container,
+  the version label and env) creates a new Knative revision; with `canaryTrafficPercent: p` the
+  new revision gets p% and the previously rolled-out revision keeps 100 - p%;
+* promote: remove `canaryTrafficPercent` -> the latest ready revision takes 100%;
+* roll back: `canaryTrafficPercent: 0` -> the previously rolled-out revision takes 100% again.
+  The spec is also put back to the stable model (STORAGE_URI, labels), so the spec always
+  describes what serves and the next rollout starts from the stable model.
+
+The predictor is a custom container; KServe's storage initializer downloads the container's
+`STORAGE_URI` env value into `/mnt/models` before the container starts (that is how a custom
+container gets a storageUri; the CRD has no `spec.predictor.storageUri`).
+
+Objects are plain dicts sent through `kubernetes.client.CustomObjectsApi` (the object the kserve
+SDK's `KServeClient` wraps); readiness uses `KServeClient.is_isvc_ready(expected_generation=...)`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fraud.config import MODEL_NAME
+from fraud.deploy.state import ROLLOUT_ANNOTATION, VERSION_LABEL, RolloutError, RolloutRecord
+
+GROUP = "serving.kserve.io"
+API_VERSION = "v1beta1"
+PLURAL = "inferenceservices"
+PREDICTOR_CONTAINER = "kserve-container"
+TRANSFORMER_CONTAINER = "kserve-container"
+STORAGE_URI_ENV = "STORAGE_URI"
+MODEL_VERSION_ENV = "FRAUD_MODEL_VERSION"
+MODEL_DIR = "/mnt/models"
+
+
+@dataclass(frozen=True)
+class ServingSpec:
+    """What a freshly created InferenceService looks like (kustomize overlays own the rest)."""
+
+    core_image: str
+    drift_image: str
+    service_account: str = "fraud-predictor"
+    min_replicas: int = 1
+    max_replicas: int = 3
+    scale_metric: str = "concurrency"
+    scale_target: int = 8
+    thresholds_configmap: str = "fraud-decision-thresholds"
+
+
+def _probe(path: str) -> dict[str, Any]:
+    return {"httpGet": {"path": path, "port": 8080}, "periodSeconds": 10, "timeoutSeconds": 2}
+
+
+def _env(name: str, value: str) -> dict[str, str]:
+    return {"name": name, "value": value}
+
+
+def build_inference_service(
+    name: str, namespace: str, version: str, storage_uri: str, spec: ServingSpec, *, record: RolloutRecord | None = None
+) -> dict[str, Any]:
+    """A complete `fraud-detector` InferenceService serving `version` from `storage_uri`."""
+    security = {
+        "runAsNonRoot": True,
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    tmp_env = [_env("HOME", "/tmp"), _env("TMPDIR", "/tmp")]
+    annotations = {
+        "serving.kserve.io/deploymentMode": "Serverless",
+        "serving.kserve.io/enable-prometheus-scraping": "true",
+    }
+    if record is not None:
+        annotations[ROLLOUT_ANNOTATION] = record.to_json()
+    return {
+        "apiVersion": f"{GROUP}/{API_VERSION}",
+        "kind": "InferenceService",
+        "metadata": {
+            "name": name,
+            "namespace": namespace,
+            "labels": {
+                "app.kubernetes.io/name": name,
+                "app.kubernetes.io/part-of": "fraud-platform",
+                VERSION_LABEL: version,
+            },
+            "annotations": annotations,
+        },
+        "spec": {
+            "predictor": {
+                "serviceAccountName": spec.service_account,
+                "minReplicas": spec.min_replicas,
+                "maxReplicas": spec.max_replicas,
+                "scaleMetric": spec.scale_metric,
+                "scaleTarget": spec.scale_target,
+                "labels": {VERSION_LABEL: version},
+                "containers": [
+                    {
+                        "name": PREDICTOR_CONTAINER,
+                        "image": spec.core_image,
+                        "command": ["python", "-m", "predictor"],
+                        "args": ["--model_name", name, "--http_port", "8080", "--bundle", MODEL_DIR],
+                        "ports": [{"containerPort": 8080, "protocol": "TCP"}],
+                        "env": [_env(STORAGE_URI_ENV, storage_uri), _env(MODEL_VERSION_ENV, version), *tmp_env],
+                        "envFrom": [{"configMapRef": {"name": spec.thresholds_configmap}}],
+                        "resources": {
+                            "requests": {"cpu": "500m", "memory": "1Gi"},
+                            "limits": {"cpu": "1", "memory": "2Gi"},
+                        },
+                        "readinessProbe": _probe(f"/v1/models/{name}"),
+                        "livenessProbe": _probe("/v2/health/live"),
+                        "securityContext": security,
+                        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+                    }
+                ],
+                "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "256Mi"}}],
+            },
+            "transformer": {
+                "serviceAccountName": spec.service_account,
+                "minReplicas": spec.min_replicas,
+                "maxReplicas": spec.max_replicas,
+                "containers": [
+                    {
+                        "name": TRANSFORMER_CONTAINER,
+                        "image": spec.drift_image,
+                        "command": ["python", "-m", "drift_transformer"],
+                        "args": [
+                            "--model_name",
+                            name,
+                            "--predictor_host",
+                            f"{name}-predictor.{namespace}",
+                            "--protocol",
+                            "v2",
+                            "--http_port",
+                            "8080",
+                        ],
+                        "ports": [{"containerPort": 8080, "protocol": "TCP"}],
+                        "env": [_env(STORAGE_URI_ENV, storage_uri), *tmp_env],
+                        "resources": {
+                            "requests": {"cpu": "250m", "memory": "512Mi"},
+                            "limits": {"cpu": "1", "memory": "1Gi"},
+                        },
+                        "securityContext": security,
+                        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+                    }
+                ],
+                "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "256Mi"}}],
+            },
+        },
+    }
+
+
+def predictor_container(isvc: dict[str, Any]) -> dict[str, Any]:
+    containers = isvc.get("spec", {}).get("predictor", {}).get("containers") or []
+    for container in containers:
+        if container.get("name") == PREDICTOR_CONTAINER:
+            return container
+    if len(containers) == 1:
+        return containers[0]
+    raise RolloutError(
+        f"InferenceService {isvc['metadata']['name']} has no predictor container named {PREDICTOR_CONTAINER}"
+    )
+
+
+def _env_value(container: dict[str, Any], name: str) -> str:
+    for item in container.get("env") or []:
+        if item.get("name") == name:
+            return str(item.get("value", ""))
+    return ""
+
+
+def serving_model(isvc: dict[str, Any]) -> tuple[str, str]:
+    """(model version, storage URI) the InferenceService's spec describes."""
+    container = predictor_container(isvc)
+    version = (isvc["metadata"].get("labels") or {}).get(VERSION_LABEL) or _env_value(container, MODEL_VERSION_ENV)
+    return version, _env_value(container, STORAGE_URI_ENV)
+
+
+def _with_model(containers: list[dict[str, Any]], version: str, storage_uri: str) -> list[dict[str, Any]]:
+    """The containers list (merge patches replace lists whole) with the model env of the predictor set."""
+    updated = copy.deepcopy(containers)
+    target = next(
+        (c for c in updated if c.get("name") == PREDICTOR_CONTAINER), updated[0] if len(updated) == 1 else None
+    )
+    if target is None:
+        raise RolloutError(f"no predictor container named {PREDICTOR_CONTAINER}")
+    env = [e for e in target.get("env") or [] if e.get("name") not in (STORAGE_URI_ENV, MODEL_VERSION_ENV)]
+    target["env"] = [_env(STORAGE_URI_ENV, storage_uri), _env(MODEL_VERSION_ENV, version), *env]
+    return updated
+
+
+def model_patch(
+    isvc: dict[str, Any], version: str, storage_uri: str, canary_percent: int | None, record: RolloutRecord
+) -> dict[str, Any]:
+    """Merge patch putting `version` into the predictor; `canary_percent` None removes the canary split."""
+    predictor = isvc["spec"]["predictor"]
+    labels = {**(predictor.get("labels") or {}), VERSION_LABEL: version}
+    return {
+        "metadata": {"labels": {VERSION_LABEL: version}, "annotations": {ROLLOUT_ANNOTATION: record.to_json()}},
+        "spec": {
+            "predictor": {
+                "canaryTrafficPercent": canary_percent,
+                "labels": labels,
+                "containers": _with_model(predictor["containers"], version, storage_uri),
+            }
+        },
+    }
+
+
+class ReadinessTimeout(RolloutError):
+    """The expected generation did not become ready in time (or its revision failed)."""
+
+
+class KServeRollout:
+    """One InferenceService in one namespace, driven through the Kubernetes API."""
+
+    def __init__(
+        self,
+        namespace: str,
+        name: str = MODEL_NAME,
+        *,
+        kubeconfig: str | None = None,
+        context: str | None = None,
+        poll_seconds: float = 5.0,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        from kserve import KServeClient
+
+        self.namespace = namespace
+        self.name = name
+        self.poll_seconds = poll_seconds
+        self._sleep = sleep
+        try:
+            self.kserve = KServeClient(config_file=kubeconfig, context=context)
+        except Exception as exc:  # noqa: BLE001 - ConfigException, missing file, bad YAML: all mean "cannot configure"
+            raise RolloutError(f"cannot configure the Kubernetes client: {exc}") from None
+        self.api = self.kserve.api_instance
+
+    # -- API calls ---------------------------------------------------------------------------
+
+    def _call(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+        from kubernetes.client.rest import ApiException
+
+        try:
+            return fn(GROUP, API_VERSION, self.namespace, PLURAL, *args)
+        except ApiException as exc:
+            detail = exc.body if isinstance(exc.body, str) else ""
+            try:
+                detail = json.loads(detail).get("message", detail)
+            except (ValueError, AttributeError):
+                pass
+            raise RolloutError(
+                f"{what} InferenceService {self.namespace}/{self.name} failed: HTTP {exc.status} {detail}"
+            ) from None
+        except OSError as exc:
+            raise RolloutError(
+                f"{what} InferenceService {self.namespace}/{self.name}: API server unreachable: {exc}"
+            ) from None
+
+    def get(self) -> dict[str, Any] | None:
+        from kubernetes.client.rest import ApiException
+
+        try:
+            return self.api.get_namespaced_custom_object(GROUP, API_VERSION, self.namespace, PLURAL, self.name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise RolloutError(
+                f"reading InferenceService {self.namespace}/{self.name} failed: HTTP {exc.status}"
+            ) from None
+        except OSError as exc:
+            raise RolloutError(
+                f"reading InferenceService {self.namespace}/{self.name}: API server unreachable: {exc}"
+            ) from None
+
+    def create(self, body: dict[str, Any]) -> dict[str, Any]:
+        return self._call("creating", self.api.create_namespaced_custom_object, body)
+
+    def patch(self, body: dict[str, Any]) -> dict[str, Any]:
+        return self._call("patching", self.api.patch_namespaced_custom_object, self.name, body)
+
+    def delete(self) -> None:
+        self._call("deleting", self.api.delete_namespaced_custom_object, self.name)
+
+    # -- rollout record ----------------------------------------------------------------------
+
+    def load_record(self, isvc: dict[str, Any] | None = None) -> RolloutRecord | None:
+        isvc = isvc if isvc is not None else self.get()
+        if isvc is None:
+            return None
+        text = (isvc["metadata"].get("annotations") or {}).get(ROLLOUT_ANNOTATION)
+        return RolloutRecord.from_json(text) if text else None
+
+    def save_record(self, record: RolloutRecord) -> None:
+        self.patch({"metadata": {"annotations": {ROLLOUT_ANNOTATION: record.to_json()}}})
+
+    # -- traffic -----------------------------------------------------------------------------
+
+    def put_canary(self, record: RolloutRecord, spec: ServingSpec) -> int:
+        """Create the InferenceService serving the record's version, or patch it in as a canary.
+        Returns the metadata.generation to wait for. Safe to repeat (same spec -> same generation)."""
+        isvc = self.get()
+        if isvc is None:
+            body = build_inference_service(
+                self.name, self.namespace, record.model_version, record.storage_uri, spec, record=record
+            )
+            return int(self.create(body)["metadata"]["generation"])
+        patch = model_patch(isvc, record.model_version, record.storage_uri, record.canary_traffic_percent, record)
+        return int(self.patch(patch)["metadata"]["generation"])
+
+    def promote(self, record: RolloutRecord) -> int:
+        """All traffic to the latest revision (the canary): canaryTrafficPercent removed."""
+        return int(
+            self.patch(
+                {
+                    "metadata": {"annotations": {ROLLOUT_ANNOTATION: record.to_json()}},
+                    "spec": {"predictor": {"canaryTrafficPercent": None}},
+                }
+            )["metadata"]["generation"]
+        )
+
+    def roll_back(self, record: RolloutRecord, *, after_promotion: bool = False) -> int:
+        """All traffic back to the previously rolled-out revision and the spec back to the stable model.
+
+        During a canary, `canaryTrafficPercent: 0` sends everything to the previously rolled-out
+        (stable) revision at once. After a promotion the canary *is* the rolled-out revision, so the
+        stable model is redeployed as the latest revision and takes all traffic when ready.
+        A first deployment (nothing served before) is deleted: it has nothing to fall back to."""
+        isvc = self.get()
+        if isvc is None:
+            return 0
+        if not record.previous_version or not record.previous_storage_uri:
+            self.delete()
+            return 0
+        percent = None if after_promotion else 0
+        patch = model_patch(isvc, record.previous_version, record.previous_storage_uri, percent, record)
+        return int(self.patch(patch)["metadata"]["generation"])
+
+    def is_ready(self, generation: int) -> bool:
+        try:
+            return bool(self.kserve.is_isvc_ready(self.name, namespace=self.namespace, expected_generation=generation))
+        except RuntimeError as exc:
+            raise RolloutError(f"reading InferenceService {self.namespace}/{self.name} failed: {exc}") from None
+
+    def wait_ready(self, generation: int, timeout_seconds: float) -> dict[str, Any]:
+        """Poll until status.observedGeneration >= generation and Ready is True; raise ReadinessTimeout
+        after `timeout_seconds` or as soon as the predictor reports the revision failed."""
+        deadline = time.monotonic() + timeout_seconds
+        while True:
+            if self.is_ready(generation):
+                return self.get() or {}
+            isvc = self.get() or {}
+            failure = revision_failure(isvc, generation)
+            if failure:
+                raise ReadinessTimeout(f"generation {generation} failed: {failure}")
+            if time.monotonic() >= deadline:
+                raise ReadinessTimeout(
+                    f"generation {generation} not ready after {timeout_seconds:.0f}s: {ready_message(isvc)}"
+                )
+            self._sleep(self.poll_seconds)
+
+    def traffic(self) -> list[dict[str, Any]]:
+        isvc = self.get() or {}
+        return list(isvc.get("status", {}).get("components", {}).get("predictor", {}).get("traffic") or [])
+
+
+def _conditions(isvc: dict[str, Any]) -> list[dict[str, Any]]:
+    return list(isvc.get("status", {}).get("conditions") or [])
+
+
+def ready_message(isvc: dict[str, Any]) -> str:
+    for condition in _conditions(isvc):
+        if condition.get("type") == "Ready":
+            return (
+                f"Ready={condition.get('status')} {condition.get('reason', '')} {condition.get('message', '')}".strip()
+            )
+    return "no Ready condition yet"
+
+
+def revision_failure(isvc: dict[str, Any], generation: int) -> str:
+    """The failure message when the predictor's latest revision for `generation` has failed, else ''."""
+    status = isvc.get("status", {})
+    if int(status.get("observedGeneration", 0)) < generation:
+        return ""
+    for condition in _conditions(isvc):
+        if (
+            condition.get("type") == "PredictorReady"
+            and condition.get("status") == "False"
+            and condition.get("reason") == "RevisionFailed"
+        ):
+            return condition.get("message", "revision failed")
+    return ""

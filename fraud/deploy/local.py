@@ -1,0 +1,404 @@
+"""Target `local`: the rollout on this machine, with the same state machine and analysis as on
+Kubernetes.
+
+Two model versions live as two predictor processes (`python -m predictor --bundle ...`, each on
+its own loopback port), behind the local canary router (`python -m fraud.deploy.router`) that
+sends `canary_percent`% of requests to the canary. The analysis scrapes both predictors'
+`/metrics` at the start and the end of the window (`fraud.deploy.canary.ScrapeSource`).
+
+The processes are detached (own session) so they outlive the `fraud deploy` step that started
+them - the pipeline's deploy and analyse steps are separate processes. What runs where is kept
+in `<data>/serving/local-canary/stack.json`; the router's table in `routes.json` next to it.
+Send traffic to the router's URL (`fraud deploy status --target local` prints it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from fraud.config import PROJECT_ROOT, DataLayout
+from fraud.deploy.canary import ScrapeSource
+from fraud.deploy.kserve_rollout import ReadinessTimeout
+from fraud.deploy.state import RolloutError, RolloutRecord, RolloutState, StateStore
+
+LOOPBACK = "127.0.0.1"
+
+
+def local_dir() -> Path:
+    return DataLayout.current().root / "serving" / "local-canary"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        return int(sock.getsockname()[1])
+
+
+def process_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        finished, _ = os.waitpid(pid, os.WNOHANG)  # reap it if it is our exited child
+        if finished == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            return handle.read().split(") ")[-1][:1] != "Z"
+    except OSError:
+        return True
+
+
+def stop_process(pid: int, timeout_seconds: float = 20.0) -> None:
+    """SIGTERM the process group `pid` leads (it was started in its own session), SIGKILL after a grace."""
+    if not process_alive(pid):
+        return
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except (ProcessLookupError, PermissionError):
+        return
+    deadline = time.monotonic() + timeout_seconds
+    while time.monotonic() < deadline:
+        if not process_alive(pid):
+            return
+        time.sleep(0.1)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+
+
+@dataclass(frozen=True)
+class Served:
+    """One running predictor process."""
+
+    version: str
+    port: int
+    pid: int
+    bundle: str
+    log: str
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+
+@dataclass(frozen=True)
+class StackState:
+    router_pid: int = 0
+    router_port: int = 0
+    stable: Served | None = None
+    canary: Served | None = None
+    canary_percent: int = 0
+
+    @property
+    def router_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.router_port}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StackState:
+        def served(item: Any) -> Served | None:
+            return Served(**item) if item else None
+
+        return cls(
+            int(data.get("router_pid", 0)),
+            int(data.get("router_port", 0)),
+            served(data.get("stable")),
+            served(data.get("canary")),
+            int(data.get("canary_percent", 0)),
+        )
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+class LocalStack:
+    """The processes of the local canary stack and their bookkeeping files."""
+
+    def __init__(
+        self, root: Path, model_name: str, *, router_port: int = 0, startup_timeout_seconds: float = 180.0
+    ) -> None:
+        self.root = Path(root)
+        self.model_name = model_name
+        self.requested_router_port = router_port
+        self.startup_timeout_seconds = startup_timeout_seconds
+
+    @property
+    def stack_file(self) -> Path:
+        return self.root / "stack.json"
+
+    @property
+    def routes_file(self) -> Path:
+        return self.root / "routes.json"
+
+    def load(self) -> StackState:
+        if not self.stack_file.is_file():
+            return StackState()
+        try:
+            return StackState.from_dict(json.loads(self.stack_file.read_text()))
+        except (ValueError, TypeError) as exc:
+            raise RolloutError(f"local stack file {self.stack_file} is unreadable: {exc}") from None
+
+    def save(self, state: StackState) -> StackState:
+        """Persist the stack and publish the router's table (routes first: the router acts on it)."""
+        routes = {
+            "stable": {"version": state.stable.version, "url": state.stable.url} if state.stable else None,
+            "canary": {"version": state.canary.version, "url": state.canary.url} if state.canary else None,
+            "canary_percent": state.canary_percent if state.canary else 0,
+        }
+        _write_atomically(self.routes_file, json.dumps(routes, indent=2))
+        _write_atomically(self.stack_file, json.dumps(state.to_dict(), indent=2))
+        return state
+
+    # -- processes ---------------------------------------------------------------------------
+
+    def _spawn(self, name: str, command: list[str]) -> tuple[int, Path]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        log = self.root / f"{name}.log"
+        env = dict(os.environ)
+        env.pop("PYTHONPATH", None)
+        with log.open("wb") as handle:
+            process = subprocess.Popen(
+                command,
+                cwd=PROJECT_ROOT,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=handle,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        return process.pid, log
+
+    def ensure_router(self, state: StackState) -> StackState:
+        if state.router_pid and process_alive(state.router_pid) and self._router_up(state.router_port):
+            return state
+        port = self.requested_router_port or state.router_port or free_port()
+        if not self.routes_file.exists():
+            self.save(state)
+        pid, log = self._spawn(
+            "router",
+            [sys.executable, "-m", "fraud.deploy.router", "--routes", str(self.routes_file), "--port", str(port)],
+        )
+        deadline = time.monotonic() + 30.0
+        while time.monotonic() < deadline:
+            if not process_alive(pid):
+                raise RolloutError(f"the local router exited while starting (log {log}): {log.read_text()[-1500:]}")
+            if self._router_up(port):
+                return replace(state, router_pid=pid, router_port=port)
+            time.sleep(0.1)
+        stop_process(pid)
+        raise RolloutError(f"the local router did not answer on port {port} within 30s (log {log})")
+
+    @staticmethod
+    def _router_up(port: int) -> bool:
+        try:
+            return httpx.get(f"http://{LOOPBACK}:{port}/-/routes", timeout=1.0).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def start_predictor(self, version: str, bundle: Path) -> Served:
+        """Start `python -m predictor` for `bundle` and wait until it is ready; ReadinessTimeout otherwise."""
+        port = free_port()
+        command = [
+            sys.executable,
+            "-m",
+            "predictor",
+            "--bundle",
+            str(bundle),
+            "--model_name",
+            self.model_name,
+            "--http_port",
+            str(port),
+            "--enable_grpc",
+            "false",
+        ]
+        pid, log = self._spawn(f"predictor-v{version}", command)
+        served = Served(version, port, pid, str(bundle), str(log))
+        ready_url = f"{served.url}/v2/models/{self.model_name}/ready"
+        deadline = time.monotonic() + self.startup_timeout_seconds
+        while time.monotonic() < deadline:
+            if not process_alive(pid):
+                raise ReadinessTimeout(f"predictor for version {version} exited while starting: {_tail(log)}")
+            try:
+                if httpx.get(ready_url, timeout=2.0).status_code == 200:
+                    return served
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        stop_process(pid)
+        raise ReadinessTimeout(
+            f"predictor for version {version} not ready after {self.startup_timeout_seconds:.0f}s: {_tail(log)}"
+        )
+
+    def healthy(self, served: Served | None) -> bool:
+        if served is None or not process_alive(served.pid):
+            return False
+        try:
+            return httpx.get(f"{served.url}/v2/models/{self.model_name}/ready", timeout=2.0).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stop_all(self) -> None:
+        state = self.load()
+        for served in (state.canary, state.stable):
+            if served is not None:
+                stop_process(served.pid)
+        if state.router_pid:
+            stop_process(state.router_pid)
+        self.save(StackState())
+
+
+def _tail(log: Path, chars: int = 1500) -> str:
+    try:
+        return log.read_text(errors="replace")[-chars:].strip()
+    except OSError:
+        return "(no log)"
+
+
+class LocalBackend:
+    """The rollout `Backend` for the local stack (see fraud.deploy.rollout)."""
+
+    def __init__(
+        self,
+        model_name: str,
+        namespace: str,
+        store: StateStore,
+        tracking_uri: str | None,
+        connection: Any,
+        *,
+        root: Path | None = None,
+        router_port: int = 0,
+    ) -> None:
+        self.model_name = model_name
+        self.namespace = namespace
+        self.store = store
+        self.tracking_uri = tracking_uri
+        self.stack = LocalStack(
+            root or local_dir(),
+            model_name,
+            router_port=router_port,
+            startup_timeout_seconds=getattr(connection, "ready_timeout_seconds", 180.0),
+        )
+
+    def load_record(self) -> RolloutRecord | None:
+        return self.store.load("local", self.namespace, self.model_name)
+
+    def save_record(self, record: RolloutRecord) -> None:
+        self.store.save(record)
+
+    def serving(self) -> tuple[str, str]:
+        state = self.stack.load()
+        if self.stack.healthy(state.stable):
+            return state.stable.version, state.stable.bundle
+        return "", ""
+
+    def _bundle(self, version: str) -> Path:
+        from fraud import registry
+        from fraud.errors import UserError
+
+        target = DataLayout.current().bundles / "local-canary" / f"v{version}"
+        try:
+            return registry.download_bundle(f"models:/{self.model_name}/{version}", target, uri=self.tracking_uri)
+        except UserError as exc:
+            raise RolloutError(f"cannot fetch the bundle of version {version}: {exc}") from None
+
+    def deploy(self, record: RolloutRecord) -> RolloutRecord:
+        state = self.stack.ensure_router(self.stack.load())
+        self.stack.save(state)
+        running = state.canary if record.previous_version else state.stable
+        if running is not None and running.version == record.model_version and self.stack.healthy(running):
+            served = running  # a resumed rollout: the process is already up
+        else:
+            served = self.stack.start_predictor(record.model_version, self._bundle(record.model_version))
+        leftovers: list[Served] = []
+        if record.previous_version:
+            if state.stable is None or state.stable.version != record.previous_version:
+                stop_process(served.pid)
+                raise RolloutError(
+                    f"the local stable version changed under the rollout (expected {record.previous_version})"
+                )
+            state = replace(state, canary=served, canary_percent=record.canary_traffic_percent)
+            share = record.canary_traffic_percent
+        else:
+            leftovers = [s for s in (state.stable, state.canary) if s is not None and s.pid != served.pid]
+            state = replace(state, stable=served, canary=None, canary_percent=0)
+            share = 100
+        self.stack.save(state)
+        for stale in leftovers:  # processes of a stack that was no longer healthy
+            stop_process(stale.pid)
+        return record.advance(
+            RolloutState.DEPLOYED, f"local predictor pid {served.pid} on port {served.port} taking {share}%"
+        )
+
+    def promote(self, record: RolloutRecord) -> None:
+        state = self.stack.load()
+        if state.canary is not None and state.canary.version == record.model_version:
+            old = state.stable
+            self.stack.save(replace(state, stable=state.canary, canary=None, canary_percent=0))
+            if old is not None:
+                stop_process(old.pid)
+        elif state.stable is None or state.stable.version != record.model_version:
+            raise RolloutError(f"version {record.model_version} is not running locally: cannot promote it")
+
+    def roll_back(self, record: RolloutRecord) -> None:
+        state = self.stack.load()
+        if state.canary is not None and state.canary.version == record.model_version:
+            self.stack.save(replace(state, canary=None, canary_percent=0))
+            stop_process(state.canary.pid)
+            return
+        if state.stable is not None and state.stable.version == record.model_version:
+            current = state.stable
+            if record.previous_version:
+                previous = self.stack.start_predictor(record.previous_version, self._bundle(record.previous_version))
+                self.stack.save(replace(state, stable=previous, canary=None, canary_percent=0))
+            else:
+                self.stack.save(replace(state, stable=None, canary=None, canary_percent=0))
+            stop_process(current.pid)
+
+    def metrics_source(self, prometheus_url: str, record: RolloutRecord) -> ScrapeSource:
+        state = self.stack.load()
+        urls = {}
+        for served in (state.canary, state.stable):
+            if served is not None:
+                urls[served.version] = f"{served.url}/metrics"
+        if record.model_version not in urls:
+            raise RolloutError(f"version {record.model_version} is not running locally")
+        return ScrapeSource(urls)
+
+    def describe(self) -> dict[str, Any]:
+        state = self.stack.load()
+        return {
+            "target": "local",
+            "router": state.router_url if state.router_port else None,
+            "router_running": bool(state.router_pid and process_alive(state.router_pid)),
+            "stable": {**asdict(state.stable), "healthy": self.stack.healthy(state.stable)} if state.stable else None,
+            "canary": {**asdict(state.canary), "healthy": self.stack.healthy(state.canary)} if state.canary else None,
+            "canary_percent": state.canary_percent,
+        }

@@ -1,0 +1,377 @@
+"""Canary rollouts on KServe without a cluster: the real kubernetes/kserve clients talk to an
+in-process Kubernetes API (loopback HTTP) that validates every InferenceService against the real
+KServe CRD schema and simulates the controller; metrics come from a loopback Prometheus API;
+the model registry is a real MLflow SQLite registry."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fraud.config import MODEL_NAME, PROJECT_ROOT
+from fraud.deploy.state import ROLLOUT_ANNOTATION, RolloutError, RolloutState
+
+SHARED = PROJECT_ROOT.parent / "shared"
+CRD = SHARED / "schemas" / "kserve" / "serving.kserve.io_inferenceservices.yaml"
+if not SHARED.is_dir():
+    pytest.skip(
+        f"{SHARED} is absent: the KServe CRD schema the fake API validates against is not available",
+        allow_module_level=True,
+    )
+
+from fraud.deploy import rollout as rollout_mod
+from fraud.deploy.canary import CanaryCriteria
+from fraud.deploy.crd import load_validator
+from fraud.deploy.kserve_rollout import ServingSpec, build_inference_service, serving_model
+from fraud.deploy.rollout import AnalyseRequest, Connection, DeployRequest, KubernetesBackend
+from fraud.deploy.state import StateStore
+from fraud.deploy.testing import FakeKServeAPI, FakePrometheus, predictor_series
+from tests.test_deploy_support import Registry, build_registry
+
+NAMESPACE = "fraud-staging"
+SPEC = ServingSpec(core_image="registry.example/fraud-core:1.0.0", drift_image="registry.example/fraud-drift:1.0.0")
+
+
+@pytest.fixture(scope="module")
+def validator():
+    return load_validator(CRD)
+
+
+@pytest.fixture(scope="module")
+def mlflow_registry(tmp_path_factory) -> Registry:
+    return build_registry(tmp_path_factory.mktemp("mlflow"), 3)
+
+
+@pytest.fixture
+def cluster(validator, tmp_path, data_dir, mlflow_registry):
+    """A fake API server already serving version 1 (as `kubectl apply -k` would have left it)."""
+    mlflow_registry.reset(champion=mlflow_registry.versions[0])
+    with FakeKServeAPI(validator) as api:
+        kubeconfig = api.kubeconfig(tmp_path / "kubeconfig", NAMESPACE)
+        from kubernetes import client, config
+
+        api_client = config.new_client_from_config(str(kubeconfig))
+        first = mlflow_registry.versions[0]
+        from fraud import registry
+
+        body = build_inference_service(
+            MODEL_NAME, NAMESPACE, first, registry.model_version_source(first, uri=mlflow_registry.uri), SPEC
+        )
+        client.CustomObjectsApi(api_client).create_namespaced_custom_object(
+            "serving.kserve.io", "v1beta1", NAMESPACE, "inferenceservices", body
+        )
+        yield api, kubeconfig
+
+
+def _connection(kubeconfig: Path, timeout: float = 5.0) -> Connection:
+    return Connection(kubeconfig=str(kubeconfig), poll_seconds=0.05, ready_timeout_seconds=timeout)
+
+
+def _deploy(reg: Registry, kubeconfig: Path, version: str, percent: int = 10, timeout: float = 5.0):
+    return rollout_mod.deploy(
+        DeployRequest(
+            MODEL_NAME,
+            version,
+            "kubernetes",
+            NAMESPACE,
+            percent,
+            mlflow_tracking_uri=reg.uri,
+            connection=_connection(kubeconfig, timeout),
+        )
+    )
+
+
+def _analyse(reg: Registry, kubeconfig: Path, version: str, prometheus_url: str, backend=None):
+    request = AnalyseRequest(
+        MODEL_NAME,
+        version,
+        "kubernetes",
+        NAMESPACE,
+        prometheus_url,
+        300,
+        mlflow_tracking_uri=reg.uri,
+        criteria=CanaryCriteria(),
+        connection=_connection(kubeconfig),
+        wait=False,
+    )
+    return rollout_mod.analyse(request, backend=backend)
+
+
+def _traffic(api: FakeKServeAPI) -> dict[str, int]:
+    isvc = api.get(NAMESPACE, MODEL_NAME)
+    return {t["revisionName"]: t["percent"] for t in isvc["status"]["components"]["predictor"]["traffic"]}
+
+
+def _labels(version: str) -> dict[str, str]:
+    return {"namespace": NAMESPACE}
+
+
+def test_fake_api_rejects_invalid_objects_like_the_api_server(cluster, validator):
+    api, kubeconfig = cluster
+    from kubernetes import client, config
+    from kubernetes.client.rest import ApiException
+
+    custom = client.CustomObjectsApi(config.new_client_from_config(str(kubeconfig)))
+    with pytest.raises(ApiException) as rejected:
+        custom.patch_namespaced_custom_object(
+            "serving.kserve.io",
+            "v1beta1",
+            NAMESPACE,
+            "inferenceservices",
+            MODEL_NAME,
+            {"spec": {"predictor": {"canaryTraficPercent": 10}}},
+        )
+    assert rejected.value.status == 422
+    assert "canaryTraficPercent" in json.loads(rejected.value.body)["message"]
+    with pytest.raises(ApiException) as misplaced:
+        custom.patch_namespaced_custom_object(
+            "serving.kserve.io",
+            "v1beta1",
+            NAMESPACE,
+            "inferenceservices",
+            MODEL_NAME,
+            {"spec": {"predictor": {"storageUri": "s3://m/1"}}},
+        )
+    assert misplaced.value.status == 422
+    with pytest.raises(ApiException) as wrong_type:
+        custom.patch_namespaced_custom_object(
+            "serving.kserve.io",
+            "v1beta1",
+            NAMESPACE,
+            "inferenceservices",
+            MODEL_NAME,
+            {"spec": {"predictor": {"minReplicas": "two"}}},
+        )
+    assert wrong_type.value.status == 422
+    # a JSON patch is applied and validated too (the client sends custom-object patches as
+    # merge patches unless the content type is overridden, as `kubectl patch --type json` does)
+    json_patching = config.new_client_from_config(str(kubeconfig))
+    json_patching.set_default_header("Content-Type", "application/json-patch+json")
+    with pytest.raises(ApiException) as bad_json_patch:
+        client.CustomObjectsApi(json_patching).patch_namespaced_custom_object(
+            "serving.kserve.io",
+            "v1beta1",
+            NAMESPACE,
+            "inferenceservices",
+            MODEL_NAME,
+            [{"op": "add", "path": "/spec/predictor/canaryTraficPercent", "value": 5}],
+        )
+    assert bad_json_patch.value.status == 422
+    updated = client.CustomObjectsApi(json_patching).patch_namespaced_custom_object(
+        "serving.kserve.io",
+        "v1beta1",
+        NAMESPACE,
+        "inferenceservices",
+        MODEL_NAME,
+        [{"op": "replace", "path": "/spec/predictor/maxReplicas", "value": 5}],
+    )
+    assert updated["spec"]["predictor"]["maxReplicas"] == 5
+    assert api.requests[-1]["content_type"] == "application/json-patch+json"
+    assert updated["metadata"]["generation"] == 2
+    # every object the fake serves, status included, is itself schema-valid
+    assert validator.issues(api.get(NAMESPACE, MODEL_NAME)) == []
+
+
+def test_healthy_canary_is_promoted(cluster, mlflow_registry):
+    api, kubeconfig = cluster
+    v1, v2 = mlflow_registry.versions[:2]
+    record = _deploy(mlflow_registry, kubeconfig, v2, percent=10)
+    assert record.state is RolloutState.DEPLOYED
+    assert (record.previous_version, record.model_version) == (v1, v2)
+    isvc = api.get(NAMESPACE, MODEL_NAME)
+    assert isvc["spec"]["predictor"]["canaryTrafficPercent"] == 10
+    assert serving_model(isvc)[0] == v2
+    assert sorted(_traffic(api).values()) == [10, 90]
+    assert json.loads(isvc["metadata"]["annotations"][ROLLOUT_ANNOTATION])["state"] == "deployed"
+
+    series = predictor_series(
+        v1, requests=900, server_errors=1, latency_seconds=0.01, extra_labels=_labels(v1)
+    ) + predictor_series(v2, requests=100, server_errors=0, latency_seconds=0.01, extra_labels=_labels(v2))
+    with FakePrometheus(series) as prometheus:
+        final = _analyse(mlflow_registry, kubeconfig, v2, prometheus.url)
+        assert any(f'model_version="{v2}"' in q and f'namespace="{NAMESPACE}"' in q for q in prometheus.queries)
+    assert final.state is RolloutState.PROMOTED
+    assert [t.state for t in final.history] == ["pending", "deployed", "analysing", "promoted"]
+    assert mlflow_registry.champion() == v2
+    assert mlflow_registry.decisions(v2)["canary"] == "promoted"
+    isvc = api.get(NAMESPACE, MODEL_NAME)
+    assert "canaryTrafficPercent" not in isvc["spec"]["predictor"]
+    assert list(_traffic(api).values()) == [100]
+    assert isvc["status"]["components"]["predictor"]["latestRolledoutRevision"].endswith("00002")
+    # the file mirror of the record agrees with the annotation
+    mirrored = StateStore(rollout_mod.state_dir()).load("kubernetes", NAMESPACE, MODEL_NAME)
+    assert mirrored is not None and mirrored.state is RolloutState.PROMOTED
+
+
+@pytest.mark.parametrize(
+    ("canary_errors", "canary_latency", "reason"),
+    [(12, 0.01, "error rate"), (0, 0.9, "p99 latency")],
+    ids=["erroring", "slow"],
+)
+def test_bad_canary_is_rolled_back(cluster, mlflow_registry, canary_errors, canary_latency, reason):
+    api, kubeconfig = cluster
+    v1, v2 = mlflow_registry.versions[:2]
+    v1_uri = serving_model(api.get(NAMESPACE, MODEL_NAME))[1]
+    _deploy(mlflow_registry, kubeconfig, v2, percent=20)
+    series = predictor_series(v1, requests=800, extra_labels=_labels(v1)) + predictor_series(
+        v2, requests=200, server_errors=canary_errors, latency_seconds=canary_latency, extra_labels=_labels(v2)
+    )
+    with FakePrometheus(series) as prometheus:
+        final = _analyse(mlflow_registry, kubeconfig, v2, prometheus.url)
+    assert final.state is RolloutState.ROLLED_BACK
+    assert reason in final.reason
+    assert mlflow_registry.champion() == v1  # alias untouched
+    decisions = mlflow_registry.decisions(v2)
+    assert decisions["canary"] == "rolled_back" and reason in decisions["canary.reason"]
+    isvc = api.get(NAMESPACE, MODEL_NAME)
+    assert serving_model(isvc) == (v1, v1_uri)  # the spec describes the stable model again
+    assert isvc["spec"]["predictor"]["canaryTrafficPercent"] == 0
+    traffic = isvc["status"]["components"]["predictor"]["traffic"]
+    assert [(t["revisionName"].endswith("00001"), t["percent"]) for t in traffic if t["percent"]] == [(True, 100)]
+
+
+def test_prometheus_outage_rolls_back(cluster, mlflow_registry):
+    api, kubeconfig = cluster
+    v2 = mlflow_registry.versions[1]
+    _deploy(mlflow_registry, kubeconfig, v2)
+    with FakePrometheus() as prometheus:
+        prometheus.down = True
+        final = _analyse(mlflow_registry, kubeconfig, v2, prometheus.url)
+    assert final.state is RolloutState.ROLLED_BACK
+    assert "metrics unavailable" in final.reason
+    assert mlflow_registry.champion() == mlflow_registry.versions[0]
+
+
+def test_canary_that_never_becomes_ready_is_rolled_back_after_timeout(cluster, mlflow_registry):
+    api, kubeconfig = cluster
+    v1, v2 = mlflow_registry.versions[:2]
+    from fraud import registry
+
+    api.never_ready.add(registry.model_version_source(v2, uri=mlflow_registry.uri))
+    record = _deploy(mlflow_registry, kubeconfig, v2, timeout=0.5)
+    assert record.state is RolloutState.ROLLED_BACK
+    assert "never became ready" in record.reason and "not ready after" in record.reason
+    assert [t.state for t in record.history] == ["pending", "rolled_back"]
+    assert mlflow_registry.champion() == v1
+    assert mlflow_registry.decisions(v2)["canary"] == "rolled_back"
+    isvc = api.get(NAMESPACE, MODEL_NAME)
+    assert serving_model(isvc)[0] == v1
+    assert [p for p in _traffic(api).values() if p] == [100]
+    # a new rollout may start after the rolled-back one
+    assert _deploy(mlflow_registry, kubeconfig, mlflow_registry.versions[2]).state is RolloutState.DEPLOYED
+
+
+class Crash(Exception):
+    """Stands for the process being killed."""
+
+
+def _crash(_: float) -> None:
+    raise Crash
+
+
+def test_crash_between_patch_and_analysis_resumes(cluster, mlflow_registry):
+    api, kubeconfig = cluster
+    v1, v2 = mlflow_registry.versions[:2]
+    from fraud import registry
+
+    uri2 = registry.model_version_source(v2, uri=mlflow_registry.uri)
+    api.never_ready.add(uri2)  # the revision is still starting when the process dies
+    backend = KubernetesBackend(MODEL_NAME, NAMESPACE, StateStore(rollout_mod.state_dir()), _connection(kubeconfig))
+    backend.rollout._sleep = _crash
+    with pytest.raises(Crash):
+        rollout_mod.deploy(
+            DeployRequest(
+                MODEL_NAME,
+                v2,
+                "kubernetes",
+                NAMESPACE,
+                10,
+                mlflow_tracking_uri=mlflow_registry.uri,
+                connection=_connection(kubeconfig),
+            ),
+            backend=backend,
+        )
+    isvc = api.get(NAMESPACE, MODEL_NAME)
+    persisted = json.loads(isvc["metadata"]["annotations"][ROLLOUT_ANNOTATION])
+    assert persisted["state"] == "pending" and persisted["generation"] == isvc["metadata"]["generation"] == 2
+    spec_changes = api.spec_changes()
+
+    api.never_ready.discard(uri2)  # meanwhile the revision came up
+    record = _deploy(mlflow_registry, kubeconfig, v2)
+    assert record.state is RolloutState.DEPLOYED
+    assert api.spec_changes() == spec_changes  # the re-run did not patch the spec again
+    assert api.get(NAMESPACE, MODEL_NAME)["metadata"]["generation"] == 2
+    assert _deploy(mlflow_registry, kubeconfig, v2).state is RolloutState.DEPLOYED  # and again: a no-op
+
+    # another version cannot start while this rollout is open
+    with pytest.raises(RolloutError, match="still deployed"):
+        _deploy(mlflow_registry, kubeconfig, mlflow_registry.versions[2])
+
+    series = predictor_series(v1, requests=900, extra_labels=_labels(v1)) + predictor_series(
+        v2, requests=100, extra_labels=_labels(v2)
+    )
+    with FakePrometheus(series) as prometheus:
+        # crash after the verdict was persisted, before it was applied
+        crashing = KubernetesBackend(
+            MODEL_NAME, NAMESPACE, StateStore(rollout_mod.state_dir()), _connection(kubeconfig)
+        )
+        crashing.promote = lambda record: _crash(0)
+        with pytest.raises(Crash):
+            _analyse(mlflow_registry, kubeconfig, v2, prometheus.url, backend=crashing)
+        persisted = json.loads(api.get(NAMESPACE, MODEL_NAME)["metadata"]["annotations"][ROLLOUT_ANNOTATION])
+        assert (persisted["state"], persisted["decision"]) == ("analysing", "promoted")
+        queries = len(prometheus.queries)
+        final = _analyse(mlflow_registry, kubeconfig, v2, prometheus.url)
+        assert len(prometheus.queries) == queries  # the verdict was applied, not re-analysed
+    assert final.state is RolloutState.PROMOTED
+    assert mlflow_registry.champion() == v2
+    assert _analyse(mlflow_registry, kubeconfig, v2, "http://127.0.0.1:9").state is RolloutState.PROMOTED  # idempotent
+
+
+def test_manual_rollback_after_promotion_restores_stable_and_champion(cluster, mlflow_registry):
+    api, kubeconfig = cluster
+    v1, v2 = mlflow_registry.versions[:2]
+    _deploy(mlflow_registry, kubeconfig, v2)
+    series = predictor_series(v1, requests=900, extra_labels=_labels(v1)) + predictor_series(
+        v2, requests=100, extra_labels=_labels(v2)
+    )
+    with FakePrometheus(series) as prometheus:
+        assert _analyse(mlflow_registry, kubeconfig, v2, prometheus.url).state is RolloutState.PROMOTED
+    record = rollout_mod.manual_rollback(
+        "kubernetes",
+        MODEL_NAME,
+        NAMESPACE,
+        "fraud analysts report false declines",
+        mlflow_tracking_uri=mlflow_registry.uri,
+        connection=_connection(kubeconfig),
+    )
+    assert record.state is RolloutState.ROLLED_BACK
+    assert mlflow_registry.champion() == v1
+    assert "false declines" in mlflow_registry.decisions(v2)["rollback"]
+    isvc = api.get(NAMESPACE, MODEL_NAME)
+    assert serving_model(isvc)[0] == v1
+    assert "canaryTrafficPercent" not in isvc["spec"]["predictor"]
+    traffic = isvc["status"]["components"]["predictor"]["traffic"]
+    assert [(t["revisionName"].endswith("00003"), t["percent"]) for t in traffic] == [(True, 100)]
+
+
+def test_first_deployment_creates_the_inference_service(validator, tmp_path, data_dir, mlflow_registry):
+    mlflow_registry.reset(champion=mlflow_registry.versions[0])
+    with FakeKServeAPI(validator) as api:
+        kubeconfig = api.kubeconfig(tmp_path / "kubeconfig", NAMESPACE)
+        record = _deploy(mlflow_registry, kubeconfig, mlflow_registry.versions[1], percent=10)
+        assert record.state is RolloutState.DEPLOYED
+        assert record.previous_version == "" and record.canary_traffic_percent == 100
+        isvc = api.get(NAMESPACE, MODEL_NAME)
+        methods = [r["method"] for r in api.requests]
+        assert methods.count("POST") == 1 and "PATCH" not in methods[: methods.index("POST")]
+        assert "canaryTrafficPercent" not in isvc["spec"]["predictor"]
+        assert validator.issues(isvc) == []
+
+
+def test_deploy_refuses_unknown_version(cluster, mlflow_registry):
+    _, kubeconfig = cluster
+    with pytest.raises(RolloutError, match="version 999"):
+        _deploy(mlflow_registry, kubeconfig, "999")
