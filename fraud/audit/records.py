@@ -1,0 +1,272 @@
+"""What one audited decision is, and how it travels: in memory, in the spool, in logs.
+
+`DecisionRecord` is the only type the predictor builds. It is validated cheaply at construction
+(it sits on the request path) and turned into a compact JSON payload for the spool.
+Customer identifiers never appear in logs in clear: use `pseudonymise` / `DecisionRecord.log_fields`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import json
+import logging
+import math
+import os
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from fraud.bundle import DECISIONS
+from fraud.schema import MAX_ID_LENGTH
+
+logger = logging.getLogger(__name__)
+
+#: Environment variable holding the secret key of the customer pseudonyms in logs.
+PSEUDONYM_KEY_ENV = "FRAUD_PSEUDONYM_KEY"
+#: Version of the spool payload layout; bumped when a field changes meaning.
+PAYLOAD_VERSION = 1
+
+VARIANTS = ("stable", "canary")
+Variant = Literal["stable", "canary"]
+
+_process_key: bytes | None = None
+
+
+def _pseudonym_key() -> bytes:
+    global _process_key
+    configured = os.environ.get(PSEUDONYM_KEY_ENV, "")
+    if configured:
+        return configured.encode()
+    if _process_key is None:
+        _process_key = secrets.token_bytes(32)
+        logger.warning(
+            "%s is not set: customer pseudonyms in logs use a random per-process key and cannot be "
+            "linked across processes or restarts",
+            PSEUDONYM_KEY_ENV,
+        )
+    return _process_key
+
+
+def pseudonymise(customer_id: str) -> str:
+    """Keyed hash (HMAC-SHA256, key from FRAUD_PSEUDONYM_KEY) of a customer id, for logs.
+
+    Stable for one key, so an analyst can follow a customer across log lines without seeing the
+    card; only the audit table maps it back. Without a configured key a random per-process key is
+    used (pseudonyms stay unlinkable rather than falling back to clear text).
+    """
+    digest = hmac.new(_pseudonym_key(), customer_id.encode(), hashlib.sha256).hexdigest()
+    return f"cust_{digest[:20]}"
+
+
+def _utc_naive(value: datetime) -> datetime:
+    if value.tzinfo is not None:
+        return value.astimezone(UTC).replace(tzinfo=None)
+    return value
+
+
+def _finite_or_none(value: Any) -> float | None:
+    if value is None:
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def _json_default(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    if hasattr(value, "model_dump"):  # pydantic
+        return value.model_dump()
+    if hasattr(value, "item"):  # numpy scalar
+        return value.item()
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+
+
+def _check_id(name: str, value: str, limit: int = MAX_ID_LENGTH) -> None:
+    if not isinstance(value, str) or not value or len(value) > limit:
+        raise ValueError(f"{name} must be a non-empty string of at most {limit} characters, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionRecord:
+    """One scoring decision as the auditors see it.
+
+    `features` maps feature name -> value (non-finite values are stored as null); `reason_codes` is
+    any JSON-serialisable list (dataclasses and pydantic models are converted).
+    `received_at` is UTC (tz-aware values are converted, naive ones are taken as UTC).
+    """
+
+    transaction_id: str
+    received_at: datetime
+    model_name: str
+    model_version: str
+    variant: Variant
+    features: dict[str, float | None]
+    score: float
+    decision: str
+    reason_codes: list[Any]
+    customer_id: str
+    terminal_id: str
+    latency_ms: float
+    features_missing: bool = False
+    features_stale: bool = False
+    fail_open: bool = False
+
+    def __post_init__(self) -> None:
+        _check_id("transaction_id", self.transaction_id)
+        _check_id("customer_id", self.customer_id)
+        _check_id("terminal_id", self.terminal_id)
+        _check_id("model_name", self.model_name, 128)
+        _check_id("model_version", self.model_version, 128)
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.decision not in DECISIONS:
+            raise ValueError(f"decision must be one of {DECISIONS}, got {self.decision!r}")
+        score = float(self.score)
+        if not (0.0 <= score <= 1.0):
+            raise ValueError(f"score must be a probability in [0, 1], got {self.score!r}")
+        if not isinstance(self.received_at, datetime):
+            raise TypeError(f"received_at must be a datetime, got {type(self.received_at).__name__}")
+        object.__setattr__(self, "score", score)
+        object.__setattr__(self, "received_at", _utc_naive(self.received_at))
+        object.__setattr__(self, "latency_ms", float(self.latency_ms))
+        object.__setattr__(self, "features", {str(k): _finite_or_none(v) for k, v in self.features.items()})
+
+    # --- spool payload ----------------------------------------------------------------------
+    def to_payload(self) -> str:
+        """Compact JSON for the spool (strict JSON: no NaN)."""
+        data = {
+            "v": PAYLOAD_VERSION,
+            "transaction_id": self.transaction_id,
+            "received_at": self.received_at.isoformat(),
+            "model_name": self.model_name,
+            "model_version": self.model_version,
+            "variant": self.variant,
+            "features": self.features,
+            "score": self.score,
+            "decision": self.decision,
+            "reason_codes": self.reason_codes,
+            "customer_id": self.customer_id,
+            "terminal_id": self.terminal_id,
+            "latency_ms": self.latency_ms,
+            "features_missing": bool(self.features_missing),
+            "features_stale": bool(self.features_stale),
+            "fail_open": bool(self.fail_open),
+        }
+        return json.dumps(data, separators=(",", ":"), allow_nan=False, default=_json_default)
+
+    @classmethod
+    def from_payload(cls, payload: str) -> DecisionRecord:
+        """Inverse of `to_payload`; raises ValueError for a payload that is not a decision record."""
+        try:
+            data = json.loads(payload)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"spool payload is not JSON: {exc}") from None
+        if not isinstance(data, dict) or data.pop("v", None) != PAYLOAD_VERSION:
+            raise ValueError(f"spool payload has no or an unknown version (expected v={PAYLOAD_VERSION})")
+        try:
+            data["received_at"] = datetime.fromisoformat(data["received_at"])
+            return cls(**data)
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"spool payload is not a decision record: {exc}") from None
+
+    def to_row(self) -> dict[str, Any]:
+        """Column values of the `decisions` table."""
+        return {
+            "transaction_id": self.transaction_id,
+            "model_version": self.model_version,
+            "model_name": self.model_name,
+            "received_at": self.received_at,
+            "variant": self.variant,
+            "features": self.features,
+            "score": self.score,
+            "decision": self.decision,
+            "reason_codes": json.loads(json.dumps(self.reason_codes, default=_json_default)),
+            "features_missing": bool(self.features_missing),
+            "features_stale": bool(self.features_stale),
+            "fail_open": bool(self.fail_open),
+            "latency_ms": self.latency_ms,
+            "customer_id": self.customer_id,
+            "terminal_id": self.terminal_id,
+        }
+
+    # --- logging ----------------------------------------------------------------------------
+    def log_fields(self) -> dict[str, Any]:
+        """Fields safe to put in a log line: the customer is pseudonymised, no feature vector."""
+        return {
+            "transaction_id": self.transaction_id,
+            "customer": pseudonymise(self.customer_id),
+            "terminal_id": self.terminal_id,
+            "model_version": self.model_version,
+            "variant": self.variant,
+            "score": round(self.score, 6),
+            "decision": self.decision,
+            "degraded": self.features_missing or self.features_stale or self.fail_open,
+        }
+
+
+def decision_records(
+    *,
+    transaction_ids: Sequence[str],
+    customer_ids: Sequence[str],
+    terminal_ids: Sequence[str],
+    feature_names: Sequence[str],
+    feature_matrix: Any,
+    scores: Sequence[float],
+    decisions: Sequence[str],
+    reason_codes: Sequence[list[Any]],
+    features_missing: Sequence[bool],
+    features_stale: Sequence[bool],
+    fail_open: bool,
+    model_name: str,
+    model_version: str,
+    variant: Variant,
+    received_at: datetime,
+    latency_ms: float,
+) -> list[DecisionRecord]:
+    """The records of one scored request, row i for transaction i (what postprocess appends).
+
+    `feature_matrix` is the [n, len(feature_names)] model input; `fail_open` and the timing are
+    per request.
+    """
+    rows = feature_matrix.tolist() if hasattr(feature_matrix, "tolist") else [list(r) for r in feature_matrix]
+    n = len(transaction_ids)
+    lengths = {
+        "customer_ids": len(customer_ids),
+        "terminal_ids": len(terminal_ids),
+        "feature_matrix": len(rows),
+        "scores": len(scores),
+        "decisions": len(decisions),
+        "reason_codes": len(reason_codes),
+        "features_missing": len(features_missing),
+        "features_stale": len(features_stale),
+    }
+    wrong = {name: length for name, length in lengths.items() if length != n}
+    if wrong:
+        raise ValueError(f"every column must have one entry per transaction ({n}); got {wrong}")
+    names = list(feature_names)
+    return [
+        DecisionRecord(
+            transaction_id=str(transaction_ids[i]),
+            received_at=received_at,
+            model_name=model_name,
+            model_version=model_version,
+            variant=variant,
+            features=dict(zip(names, rows[i], strict=True)),
+            score=float(scores[i]),
+            decision=str(decisions[i]),
+            reason_codes=list(reason_codes[i]),
+            customer_id=str(customer_ids[i]),
+            terminal_id=str(terminal_ids[i]),
+            latency_ms=latency_ms,
+            features_missing=bool(features_missing[i]),
+            features_stale=bool(features_stale[i]),
+            fail_open=fail_open,
+        )
+        for i in range(n)
+    ]

@@ -1,0 +1,199 @@
+"""The one data-access layer of the audit database, for PostgreSQL (production) and SQLite
+(embedded default under `<data dir>/audit/audit.db`).
+
+The URL comes from FRAUD_AUDIT_DB_URL when set. The schema is managed by Alembic
+(`upgrade_database`), with its own version table so the audit tables can share a database with
+other applications (MLflow keeps its own `alembic_version`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event, func, inspect, select
+from sqlalchemy import table as table_clause
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import ArgumentError
+from sqlalchemy.pool import NullPool
+
+from fraud.audit.tables import Decision
+from fraud.config import DataLayout
+from fraud.errors import UserError
+
+AUDIT_DB_URL_ENV = "FRAUD_AUDIT_DB_URL"
+ALEMBIC_VERSION_TABLE = "fraud_audit_alembic_version"
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+SUPPORTED_DIALECTS = ("postgresql", "sqlite")
+
+#: Columns of the decisions table in export order.
+DECISION_COLUMNS: tuple[str, ...] = tuple(column.name for column in Decision.__table__.columns)
+
+
+def audit_dir(layout: DataLayout | None = None) -> Path:
+    """`<data dir>/audit`: the embedded database and the default spool live here."""
+    return (layout or DataLayout.current()).root / "audit"
+
+
+def audit_db_url(url: str | None = None) -> str:
+    """The audit database URL: explicit, else FRAUD_AUDIT_DB_URL, else the embedded SQLite file."""
+    if url:
+        return url
+    configured = os.environ.get(AUDIT_DB_URL_ENV, "").strip()
+    if configured:
+        return configured
+    return f"sqlite:///{audit_dir() / 'audit.db'}"
+
+
+def _set_sqlite_pragmas(dbapi_connection, _record) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.close()
+
+
+def create_audit_engine(url: str | None = None, *, pooled: bool = True) -> Engine:
+    """An engine on the audit database; creates the folder of an embedded SQLite file.
+
+    Raises UserError for a URL that is malformed or names an unsupported database.
+    """
+    resolved = audit_db_url(url)
+    try:
+        parsed = make_url(resolved)
+    except ArgumentError as exc:
+        raise UserError(f"audit database URL {resolved!r} is invalid: {exc}") from None
+    if parsed.get_backend_name() not in SUPPORTED_DIALECTS:
+        raise UserError(
+            f"audit database URL {parsed.render_as_string(hide_password=True)!r}: "
+            f"backend must be one of {SUPPORTED_DIALECTS}"
+        )
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database and parsed.database != ":memory:":
+            Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(parsed, **({} if pooled else {"poolclass": NullPool}))
+        event.listen(engine, "connect", _set_sqlite_pragmas)
+        return engine
+    if parsed.drivername == "postgresql":
+        # SQLAlchemy 2.1 defaults to psycopg 3; the locked environment ships psycopg2.
+        parsed = parsed.set(drivername="postgresql+psycopg2")
+    options: dict[str, Any] = {"pool_pre_ping": True}
+    if not pooled:
+        options = {"poolclass": NullPool}
+    try:
+        return create_engine(parsed, connect_args={"connect_timeout": 5}, **options)
+    except ImportError as exc:
+        raise UserError(f"audit database driver {parsed.drivername!r} is not installed: {exc}") from None
+
+
+def _alembic_config(connection: Connection):
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.attributes["connection"] = connection
+    return config
+
+
+def upgrade_database(engine: Engine, revision: str = "head") -> str | None:
+    """Apply the Alembic migrations up to `revision` (head by default); returns the new revision.
+
+    Works from any working directory: the configuration is built here, not read from alembic.ini.
+    """
+    from alembic import command
+
+    with engine.begin() as connection:
+        command.upgrade(_alembic_config(connection), revision)
+    return current_revision(engine)
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The applied migration revision, or None for a database never migrated."""
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"version_table": ALEMBIC_VERSION_TABLE})
+        return context.get_current_revision()
+
+
+def head_revision() -> str:
+    from alembic.script import ScriptDirectory
+
+    with create_engine("sqlite://").connect() as connection:
+        head = ScriptDirectory.from_config(_alembic_config(connection)).get_current_head()
+    assert head is not None, f"no migrations in {MIGRATIONS_DIR}"
+    return head
+
+
+def require_schema(engine: Engine) -> None:
+    """Raise UserError unless the database is migrated to the current head."""
+    revision = current_revision(engine)
+    if revision != head_revision():
+        where = engine.url.render_as_string(hide_password=True)
+        raise UserError(
+            f"audit database {where} is at migration {revision or 'none'}, expected {head_revision()}; "
+            "run `fraud audit migrate`"
+        )
+
+
+def dialect_insert(bind: Connection | Engine, table: Any):
+    """The INSERT construct of the bind's dialect (PostgreSQL or SQLite), which has ON CONFLICT."""
+    factory = postgresql_insert if bind.dialect.name == "postgresql" else sqlite_insert
+    return factory(table)
+
+
+def insert_decisions(connection: Connection, rows: Sequence[dict[str, Any]]) -> int:
+    """Insert decision rows, skipping any (transaction_id, model_version) already present.
+
+    `INSERT ... ON CONFLICT DO NOTHING RETURNING` executed as one executemany, which SQLAlchemy
+    sends as multi-row VALUES pages ("insertmanyvalues") with a cached compiled statement, on
+    PostgreSQL and SQLite (>= 3.35). Unlike SQLite's `INSERT OR IGNORE` it only skips key
+    conflicts: a row violating NOT NULL or a CHECK fails loudly instead of vanishing.
+    Returns the number of rows actually inserted.
+    """
+    if not rows:
+        return 0
+    table = Decision.__table__
+    statement = (
+        dialect_insert(connection, table)
+        .on_conflict_do_nothing(index_elements=["transaction_id", "model_version"])
+        .returning(table.c.transaction_id)
+    )
+    return len(connection.execute(statement, list(rows)).all())
+
+
+def find_decisions(engine: Engine, transaction_id: str) -> list[dict[str, Any]]:
+    """Every recorded decision of one transaction (one per model version that scored it)."""
+    query = select(Decision.__table__).where(Decision.transaction_id == transaction_id).order_by(Decision.received_at)
+    with engine.connect() as connection:
+        return [dict(row._mapping) for row in connection.execute(query)]
+
+
+def iter_decisions(
+    engine: Engine, start: datetime | None, end: datetime | None, chunk_size: int = 10_000
+) -> Iterator[list[dict[str, Any]]]:
+    """Decisions with start <= received_at < end, oldest first, streamed in chunks."""
+    query = select(Decision.__table__).order_by(Decision.received_at, Decision.transaction_id, Decision.model_version)
+    if start is not None:
+        query = query.where(Decision.received_at >= start)
+    if end is not None:
+        query = query.where(Decision.received_at < end)
+    with engine.connect() as connection:
+        result = connection.execution_options(yield_per=chunk_size).execute(query)
+        for partition in result.partitions(chunk_size):
+            yield [dict(row._mapping) for row in partition]
+
+
+def table_names(engine: Engine) -> set[str]:
+    return set(inspect(engine).get_table_names())
+
+
+def count_rows(engine: Engine, table: str) -> int:
+    query = select(func.count()).select_from(table_clause(table))
+    with engine.connect() as connection:
+        return int(connection.execute(query).scalar_one())

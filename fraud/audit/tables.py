@@ -1,0 +1,81 @@
+"""SQLAlchemy 2 models of the audit database: decisions, labels and live model quality.
+
+The schema itself is created and changed only by the Alembic migrations in
+`fraud/audit/migrations/versions/`; these models must match them (a test checks it).
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, CheckConstraint, Date, DateTime, Float, Index, Integer, SmallInteger, String
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+#: JSONB on PostgreSQL (indexable, compact), JSON text on SQLite.
+JsonColumn = JSON().with_variant(JSONB(), "postgresql")
+
+
+class AuditBase(DeclarativeBase):
+    pass
+
+
+class Decision(AuditBase):
+    """Every scoring decision, exactly once per (transaction_id, model_version)."""
+
+    __tablename__ = "decisions"
+
+    transaction_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    model_version: Mapped[str] = mapped_column(String(128), primary_key=True)
+    model_name: Mapped[str] = mapped_column(String(128))
+    received_at: Mapped[datetime] = mapped_column(DateTime())
+    variant: Mapped[str] = mapped_column(String(16))
+    features: Mapped[dict[str, Any]] = mapped_column(JsonColumn)
+    score: Mapped[float] = mapped_column(Float())
+    decision: Mapped[str] = mapped_column(String(16))
+    reason_codes: Mapped[list[Any]] = mapped_column(JsonColumn)
+    features_missing: Mapped[bool] = mapped_column(Boolean())
+    features_stale: Mapped[bool] = mapped_column(Boolean())
+    fail_open: Mapped[bool] = mapped_column(Boolean())
+    latency_ms: Mapped[float] = mapped_column(Float())
+    customer_id: Mapped[str] = mapped_column(String(64))
+    terminal_id: Mapped[str] = mapped_column(String(64))
+
+    __table_args__ = (
+        Index("ix_decisions_received_at", "received_at"),
+        Index("ix_decisions_customer_id", "customer_id"),
+    )
+
+
+class Label(AuditBase):
+    """Confirmed outcome of a transaction (fraud / chargeback = 1, genuine = 0); latest report wins."""
+
+    __tablename__ = "labels"
+
+    transaction_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    label: Mapped[int] = mapped_column(SmallInteger())
+    reported_at: Mapped[datetime] = mapped_column(DateTime())
+    ingested_at: Mapped[datetime] = mapped_column(DateTime())
+    source: Mapped[str] = mapped_column(String(512))
+
+    __table_args__ = (CheckConstraint("label IN (0, 1)", name="ck_labels_label_binary"),)
+
+
+class LiveQuality(AuditBase):
+    """Model quality measured on labelled decisions, per model version and decision day (UTC)."""
+
+    __tablename__ = "live_quality"
+
+    model_name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    model_version: Mapped[str] = mapped_column(String(128), primary_key=True)
+    day: Mapped[date] = mapped_column(Date(), primary_key=True)
+    n_decisions: Mapped[int] = mapped_column(Integer())
+    n_labelled: Mapped[int] = mapped_column(Integer())
+    n_fraud: Mapped[int] = mapped_column(Integer())
+    n_flagged: Mapped[int] = mapped_column(Integer())
+    precision: Mapped[float | None] = mapped_column(Float(), nullable=True)
+    recall: Mapped[float | None] = mapped_column(Float(), nullable=True)
+    average_precision: Mapped[float | None] = mapped_column(Float(), nullable=True)
+    card_precision_at_100: Mapped[float | None] = mapped_column(Float(), nullable=True)
+    computed_at: Mapped[datetime] = mapped_column(DateTime())
