@@ -1,0 +1,182 @@
+"""`python -m drift_transformer`: the fraud detector's KServe transformer with drift monitoring.
+
+KServe's own arguments (`--model_name`, `--predictor_host`, `--protocol`/`--predictor_protocol`,
+`--http_port`, `--grpc_port`, `--predictor_request_timeout_seconds`, ...) come from
+`kserve.model_server.parser`; this module adds the bundle and the drift-monitor options. A bundle
+that cannot be read is reported on one line and the process exits with status 1 before opening
+any port.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from kserve import ModelServer, PredictorConfig, model_server
+from kserve.logging import logger
+
+from drift_transformer.drift import (
+    DEFAULT_ONLINE_FEATURES,
+    DriftConfigError,
+    DriftMonitor,
+    DriftReference,
+    MonitorConfig,
+)
+from drift_transformer.transformer import DriftTransformer, install_exception_handlers
+
+#: Where KServe's storage initializer puts the model (the bundle) in the InferenceService pod.
+KSERVE_MODEL_DIR = "/mnt/models"
+EXIT_CONFIG_INVALID = 1
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in _names(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m drift_transformer",
+        description="KServe transformer forwarding to the fraud predictor and detecting feature drift (Alibi Detect).",
+        parents=[model_server.parser],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    # a scoring call that takes this long is broken; KServe's default (600 s) would hold clients far too long
+    parser.set_defaults(predictor_request_timeout_seconds=30)
+    defaults = MonitorConfig()
+    parser.add_argument(
+        "--bundle",
+        default=os.environ.get("FRAUD_BUNDLE", KSERVE_MODEL_DIR),
+        help="serving bundle directory (bundle.json + reference_features.npy)",
+    )
+    parser.add_argument(
+        "--predictor_connect_timeout_seconds",
+        type=float,
+        default=2.0,
+        help="time-out for opening a connection to the predictor",
+    )
+    parser.add_argument(
+        "--drift_window_size", type=int, default=defaults.window_size, help="vectors per batch-test window"
+    )
+    parser.add_argument("--drift_p_val", type=float, default=defaults.p_val, help="per-feature test significance level")
+    parser.add_argument(
+        "--drift_correction",
+        choices=["bonferroni", "fdr"],
+        default=defaults.correction,
+        help="multiple-testing correction",
+    )
+    parser.add_argument(
+        "--online_features",
+        type=_names,
+        default=DEFAULT_ONLINE_FEATURES,
+        help="comma-separated numeric features watched by the online CVM detector",
+    )
+    parser.add_argument(
+        "--online_ert",
+        type=float,
+        default=defaults.online_ert,
+        help="expected run time (vectors) between false alarms of the online detector; 0 disables it",
+    )
+    parser.add_argument(
+        "--online_window_sizes", type=_sizes, default=defaults.online_window_sizes, help="comma-separated window sizes"
+    )
+    parser.add_argument(
+        "--online_bootstraps",
+        type=int,
+        default=None,
+        help="simulations to configure the online thresholds (default: 10%% above the minimum for ert/windows)",
+    )
+    parser.add_argument(
+        "--drift_queue_capacity",
+        type=int,
+        default=defaults.queue_capacity,
+        help="batches held between the request path and the drift worker before new ones are dropped",
+    )
+    return parser
+
+
+def predictor_protocol(args: argparse.Namespace, argv: list[str]) -> str:
+    """`--predictor_protocol` when given, else the older `--protocol` (both are KServe's)."""
+    if any(arg == "--predictor_protocol" or arg.startswith("--predictor_protocol=") for arg in argv):
+        return args.predictor_protocol
+    return args.protocol
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.workers != 1:
+        print(
+            "python -m drift_transformer: --workers must be 1 (the drift windows live in one process)", file=sys.stderr
+        )
+        return 2
+    if not args.predictor_host:
+        print("python -m drift_transformer: --predictor_host HOST:PORT is required", file=sys.stderr)
+        return 2
+    try:
+        config = MonitorConfig(
+            window_size=args.drift_window_size,
+            p_val=args.drift_p_val,
+            correction=args.drift_correction,
+            online_features=tuple(args.online_features),
+            online_ert=args.online_ert,
+            online_window_sizes=tuple(args.online_window_sizes),
+            online_bootstraps=args.online_bootstraps,
+            queue_capacity=args.drift_queue_capacity,
+        )
+        reference = DriftReference.from_bundle(args.bundle)
+        monitor = DriftMonitor(reference, config)
+    except DriftConfigError as exc:
+        logger.error("drift transformer not ready: %s", exc)
+        return EXIT_CONFIG_INVALID
+    protocol = predictor_protocol(args, argv)
+    predictor_config = PredictorConfig(
+        predictor_host=args.predictor_host,
+        predictor_protocol=protocol,
+        predictor_use_ssl=args.predictor_use_ssl,
+        predictor_request_timeout_seconds=args.predictor_request_timeout_seconds,
+        predictor_request_retries=0,
+        predictor_health_check=args.enable_predictor_health_check,
+    )
+    transformer = DriftTransformer(
+        args.model_name,
+        monitor,
+        predictor_protocol=protocol,
+        connect_timeout=args.predictor_connect_timeout_seconds,
+        request_timeout=float(args.predictor_request_timeout_seconds),
+    )
+    transformer.load()
+    logger.info(
+        "drift transformer for %s version %s: predictor %s (%s), %d features, window %d",
+        reference.model_name,
+        reference.model_version,
+        args.predictor_host,
+        protocol,
+        reference.n_features,
+        config.window_size,
+    )
+    install_exception_handlers(model_server.app)
+    server = ModelServer(
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        workers=1,  # one process: the drift monitor's windows live in this process
+        max_threads=args.max_threads,
+        max_asyncio_workers=args.max_asyncio_workers,
+        enable_grpc=args.enable_grpc,
+        enable_docs_url=args.enable_docs_url,
+        enable_latency_logging=args.enable_latency_logging,
+        predictor_config=predictor_config,
+    )
+    server.start([transformer])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

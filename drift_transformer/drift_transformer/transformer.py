@@ -1,0 +1,409 @@
+"""The InferenceService transformer: forwards scoring requests to the predictor and feeds the
+feature vectors of its answers to the drift monitor.
+
+KServe's transformer pattern: a `kserve.Model` whose `predict` calls the predictor named by
+`--predictor_host` (`kserve.PredictorConfig`), and whose `postprocess` sees the predictor's answer
+before it goes back to the client. Here
+
+* requests are forwarded in the protocol they arrived in: a V1 REST body (`{"instances": ...}`) to
+  the predictor's V1 `:predict`, a V2 request (REST or gRPC from the client) to the predictor's V2
+  `/infer` (or V2 gRPC with `--protocol grpc-v2`). The predictor is a KServe model server and
+  serves both. Connections are pooled and reused; connect and request time-outs are bounded.
+* predictor unreachable -> 503 (gRPC UNAVAILABLE) at once, time-out -> 504 (DEADLINE_EXCEEDED),
+  and an HTTP error answer of the predictor (e.g. 400 for an invalid transaction) is passed to the
+  client with its status and body unchanged.
+* `postprocess` takes the feature vectors (V1 `predictions[i]["features"]`, V2 output
+  `feature_vector`), submits them to the drift monitor's bounded queue without waiting, and
+  returns the response unchanged.
+
+Metrics are registered in prometheus_client's default registry, which KServe's model server
+exposes on `/metrics` of the HTTP port.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import grpc
+import httpx
+import numpy as np
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from grpc_interceptor.exceptions import GrpcException
+from kserve import Model
+from kserve.errors import InvalidInput
+from kserve.inference_client import InferenceRESTClient, RESTConfig
+from kserve.model import InferenceVerb, append_forwardable_headers
+from kserve.protocol.infer_type import InferRequest, InferResponse
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+
+from drift_transformer.drift import DriftMonitor
+
+logger = logging.getLogger(__name__)
+
+PROTOCOL_V1 = "v1"
+PROTOCOL_V2 = "v2"
+PROTOCOL_GRPC_V2 = "grpc-v2"
+FEATURE_VECTOR_OUTPUT = "feature_vector"
+
+_HTTP_TO_GRPC_STATUS: dict[int, grpc.StatusCode] = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
+    404: grpc.StatusCode.NOT_FOUND,
+    409: grpc.StatusCode.ALREADY_EXISTS,
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    422: grpc.StatusCode.INVALID_ARGUMENT,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    501: grpc.StatusCode.UNIMPLEMENTED,
+    503: grpc.StatusCode.UNAVAILABLE,
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+_GRPC_TO_HTTP_STATUS: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+
+
+class PredictorError(GrpcException):
+    """The predictor could not answer; carries both the HTTP status and the gRPC status to return."""
+
+    def __init__(self, http_status: int, message: str, body: bytes | None = None, content_type: str | None = None):
+        super().__init__(details=message, status_code=_HTTP_TO_GRPC_STATUS.get(http_status, grpc.StatusCode.INTERNAL))
+        self.http_status = http_status
+        self.message = message
+        self.body = body
+        self.content_type = content_type
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class PredictorUnavailable(PredictorError):
+    """No connection to the predictor (refused, reset, DNS): HTTP 503 / gRPC UNAVAILABLE."""
+
+    def __init__(self, message: str):
+        super().__init__(503, message)
+
+
+class PredictorTimeout(PredictorError):
+    """The predictor did not answer within the time-out: HTTP 504 / gRPC DEADLINE_EXCEEDED."""
+
+    def __init__(self, message: str):
+        super().__init__(504, message)
+
+
+async def predictor_error_handler(_: Request, exc: Exception) -> Response:
+    """REST answer for a PredictorError: the predictor's own body if it sent one, else {"error": ...}."""
+    assert isinstance(exc, PredictorError)
+    if exc.body is not None:
+        return Response(
+            content=exc.body, status_code=exc.http_status, media_type=exc.content_type or "application/json"
+        )
+    return JSONResponse(status_code=exc.http_status, content={"error": exc.message})
+
+
+def install_exception_handlers(app: FastAPI) -> None:
+    """Map PredictorError to its HTTP status on KServe's FastAPI app (otherwise it would be a 500)."""
+    app.add_exception_handler(PredictorError, predictor_error_handler)
+
+
+class TransformerMetrics:
+    def __init__(self, registry: CollectorRegistry | None = REGISTRY) -> None:
+        self.requests = Counter(
+            "fraud_transformer_requests",
+            "scoring requests answered by the transformer, by client protocol and status",
+            ["protocol", "status"],
+            registry=registry,
+        )
+        self.predictor_errors = Counter(
+            "fraud_transformer_predictor_errors",
+            "failed calls to the predictor, by kind (unavailable, timeout, http_4xx, http_5xx, grpc)",
+            ["kind"],
+            registry=registry,
+        )
+        self.predictor_seconds = Histogram(
+            "fraud_transformer_predictor_seconds",
+            "latency of the predictor call, by protocol",
+            ["protocol"],
+            registry=registry,
+        )
+        self.vectors_missing = Counter(
+            "fraud_transformer_feature_vectors_missing",
+            "predictor answers (rows) that carried no usable feature vector",
+            registry=registry,
+        )
+
+
+def client_protocol(payload: Any) -> str:
+    if isinstance(payload, InferRequest):
+        return PROTOCOL_GRPC_V2 if payload.from_grpc else PROTOCOL_V2
+    return PROTOCOL_V1
+
+
+def status_of(exc: BaseException) -> int:
+    if isinstance(exc, PredictorError):
+        return exc.http_status
+    if isinstance(exc, InvalidInput):
+        return 400
+    return 500
+
+
+def v1_feature_vectors(result: dict[str, Any], feature_names: tuple[str, ...]) -> tuple[np.ndarray, int]:
+    """Feature vectors of a V1 answer, in `feature_names` order; also the number of unusable rows."""
+    predictions = result.get("predictions") if isinstance(result, dict) else None
+    if not isinstance(predictions, list):
+        return np.empty((0, len(feature_names))), 0
+    rows: list[list[float]] = []
+    unusable = 0
+    for prediction in predictions:
+        features = prediction.get("features") if isinstance(prediction, dict) else None
+        if not isinstance(features, dict):
+            unusable += 1
+            continue
+        try:
+            rows.append([float(features[name]) for name in feature_names])
+        except (KeyError, TypeError, ValueError):
+            unusable += 1
+    return np.asarray(rows, dtype=np.float64).reshape(-1, len(feature_names)), unusable
+
+
+def v2_feature_vectors(result: InferResponse, n_features: int) -> tuple[np.ndarray, int]:
+    """The `feature_vector` output of a V2 answer as [n, n_features]; also the number of unusable rows."""
+    for output in result.outputs:
+        if output.name == FEATURE_VECTOR_OUTPUT:
+            array = np.asarray(output.as_numpy(), dtype=np.float64)
+            if array.size % n_features:
+                return np.empty((0, n_features)), max(1, array.size // n_features)
+            return array.reshape(-1, n_features), 0
+    rows = int(result.outputs[0].shape[0]) if result.outputs and result.outputs[0].shape else 0
+    return np.empty((0, n_features)), rows
+
+
+def v2_json_body(request: InferRequest) -> dict[str, Any]:
+    """A V2 request as plain JSON tensors.
+
+    Requests that arrived over gRPC (or with the binary tensor extension) would otherwise be sent on
+    in the binary extension, which not every V2 server parses (KServe 0.21's model server answers
+    400 to it); JSON is the protocol's baseline every server accepts.
+    """
+    inputs = []
+    for tensor in request.inputs:
+        array = tensor.as_numpy()
+        values = array.reshape(-1).tolist()
+        if tensor.datatype == "BYTES":
+            try:
+                values = [v.decode("utf-8") if isinstance(v, bytes) else v for v in values]
+            except UnicodeDecodeError:
+                raise InvalidInput(f"input '{tensor.name}': BYTES elements must be UTF-8 text") from None
+        item: dict[str, Any] = {
+            "name": tensor.name,
+            "shape": list(tensor.shape),
+            "datatype": tensor.datatype,
+            "data": values,
+        }
+        parameters = {k: v for k, v in (tensor.parameters or {}).items() if k != "binary_data_size"}
+        if parameters:
+            item["parameters"] = _plain_parameters(parameters)
+        inputs.append(item)
+    body: dict[str, Any] = {"inputs": inputs}
+    if request.id:
+        body["id"] = request.id
+    parameters = {
+        k: v for k, v in (request.parameters or {}).items() if k not in ("binary_data_output", "binary_data_size")
+    }
+    if parameters:
+        body["parameters"] = _plain_parameters(parameters)
+    if request.request_outputs:
+        body["outputs"] = [{"name": output.name} for output in request.request_outputs]
+    return body
+
+
+def _plain_parameters(parameters: dict[str, Any]) -> dict[str, Any]:
+    """gRPC InferParameter messages -> JSON values."""
+    plain = {}
+    for key, value in parameters.items():
+        if hasattr(value, "WhichOneof"):
+            field = value.WhichOneof("parameter_choice")
+            value = getattr(value, field) if field else None
+        plain[key] = value
+    return plain
+
+
+class DriftTransformer(Model):
+    """Forwards to the predictor; hands the answers' feature vectors to the drift monitor."""
+
+    def __init__(
+        self,
+        name: str,
+        monitor: DriftMonitor,
+        predictor_protocol: str = PROTOCOL_V2,
+        connect_timeout: float = 2.0,
+        request_timeout: float = 30.0,
+        max_connections: int = 100,
+        metrics: TransformerMetrics | None = None,
+    ) -> None:
+        super().__init__(name)
+        if predictor_protocol not in (PROTOCOL_V1, PROTOCOL_V2, PROTOCOL_GRPC_V2):
+            raise ValueError(f"predictor protocol must be v1, v2 or grpc-v2, got {predictor_protocol!r}")
+        self.monitor = monitor
+        #: protocol of the calls for V2 requests (REST "v2" or "grpc-v2"); V1 requests always use V1 REST
+        self.v2_protocol = PROTOCOL_GRPC_V2 if predictor_protocol == PROTOCOL_GRPC_V2 else PROTOCOL_V2
+        self.timeout = httpx.Timeout(request_timeout, connect=connect_timeout)
+        self.limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        self.metrics = metrics or TransformerMetrics()
+        self._rest_clients: dict[str, InferenceRESTClient] = {}
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    def load(self) -> bool:
+        self.monitor.start()
+        self.ready = True
+        return self.ready
+
+    def stop(self) -> None:
+        self.monitor.stop()
+        super().stop()
+
+    # --- forwarding -----------------------------------------------------------------------------
+    async def preprocess(self, payload: Any, headers: dict[str, str] | None = None) -> dict | InferRequest:
+        """Accept a V1 body KServe left undecoded (sent without a JSON content type); reject non-objects."""
+        if isinstance(payload, (bytes, bytearray, memoryview, str)):
+            try:
+                payload = orjson.loads(payload)
+            except orjson.JSONDecodeError as exc:
+                raise InvalidInput(f"request body is not valid JSON: {exc}") from None
+        if not isinstance(payload, (dict, InferRequest)):
+            raise InvalidInput(
+                f'request body must be a JSON object (V1: {{"instances": [...]}}), got {type(payload).__name__}'
+            )
+        return payload
+
+    def _rest_client(self, protocol: str) -> InferenceRESTClient:
+        """One pooled client per REST protocol, created on first use inside the serving event loop."""
+        client = self._rest_clients.get(protocol)
+        if client is None:
+            transport = httpx.AsyncHTTPTransport(retries=0, limits=self.limits)
+            client = InferenceRESTClient(
+                RESTConfig(transport=transport, protocol=protocol, retries=0, timeout=self.timeout)
+            )
+            self._rest_clients[protocol] = client
+        return client
+
+    async def __call__(
+        self, body: Any, headers: dict[str, str] | None = None, verb: InferenceVerb = InferenceVerb.PREDICT
+    ):
+        protocol = client_protocol(body)
+        try:
+            result = await super().__call__(body, headers, verb)
+        except Exception as exc:  # a cancelled request (client gone) is not an answer and is not counted
+            self.metrics.requests.labels(protocol=protocol, status=str(status_of(exc))).inc()
+            raise
+        self.metrics.requests.labels(protocol=protocol, status="200").inc()
+        return result
+
+    async def predict(
+        self,
+        payload: dict | InferRequest,
+        headers: dict[str, str] | None = None,
+        response_headers: dict[str, str] | None = None,
+    ) -> dict | InferResponse:
+        config = self.predictor_config
+        if config is None or not config.predictor_host:
+            raise PredictorUnavailable("the transformer has no --predictor_host configured")
+        protocol = self.v2_protocol if isinstance(payload, InferRequest) else PROTOCOL_V1
+        started = time.perf_counter()
+        try:
+            if protocol == PROTOCOL_GRPC_V2:
+                return await self._grpc_forward(payload, headers)
+            return await self._rest_forward(protocol, payload, headers, response_headers)
+        finally:
+            self.metrics.predictor_seconds.labels(protocol=protocol).observe(time.perf_counter() - started)
+
+    async def _rest_forward(
+        self,
+        protocol: str,
+        payload: dict | InferRequest,
+        headers: dict[str, str] | None,
+        response_headers: dict[str, str] | None,
+    ) -> dict | InferResponse:
+        config = self.predictor_config
+        host = config.predictor_host
+        forward_headers = append_forwardable_headers(headers, {"Content-Type": "application/json"})
+        data = v2_json_body(payload) if isinstance(payload, InferRequest) else payload
+        try:
+            return await self._rest_client(protocol).infer(
+                config.predictor_base_url,
+                data=data,
+                model_name=self.name,
+                headers=forward_headers,
+                response_headers=response_headers,
+            )
+        except httpx.HTTPStatusError as exc:
+            response = exc.response
+            kind = "http_4xx" if response.status_code < 500 else "http_5xx"
+            self.metrics.predictor_errors.labels(kind=kind).inc()
+            logger.info("predictor %s answered %d: %s", host, response.status_code, response.text[:500])
+            raise PredictorError(
+                response.status_code,
+                f"predictor answered {response.status_code}: {response.text[:500]}",
+                body=response.content,
+                content_type=response.headers.get("content-type"),
+            ) from None
+        except httpx.TimeoutException as exc:
+            if isinstance(exc, httpx.ConnectTimeout):
+                self.metrics.predictor_errors.labels(kind="unavailable").inc()
+                raise PredictorUnavailable(f"predictor at {host} did not accept a connection in time") from None
+            self.metrics.predictor_errors.labels(kind="timeout").inc()
+            raise PredictorTimeout(f"predictor at {host} did not answer within {self.timeout.read:g}s") from None
+        except httpx.TransportError as exc:
+            self.metrics.predictor_errors.labels(kind="unavailable").inc()
+            raise PredictorUnavailable(
+                f"predictor at {host} is unreachable ({type(exc).__name__}: {exc or 'connection failed'})"
+            ) from None
+
+    async def _grpc_forward(self, payload: InferRequest, headers: dict[str, str] | None) -> InferResponse:
+        host = self.predictor_config.predictor_host
+        try:
+            return await self._grpc_predict(payload, headers)
+        except grpc.aio.AioRpcError as exc:
+            code = exc.code()
+            http_status = _GRPC_TO_HTTP_STATUS.get(code, 500)
+            kind = "unavailable" if code == grpc.StatusCode.UNAVAILABLE else "grpc"
+            self.metrics.predictor_errors.labels(kind=kind).inc()
+            message = f"predictor at {host} answered gRPC {code.name}: {exc.details()}"
+            if http_status == 503:
+                raise PredictorUnavailable(message) from None
+            raise PredictorError(http_status, message) from None
+
+    # --- drift ------------------------------------------------------------------------------------
+    async def postprocess(
+        self,
+        result: dict | InferResponse,
+        headers: dict[str, str] | None = None,
+        response_headers: dict[str, str] | None = None,
+    ) -> dict | InferResponse:
+        """Queue the answer's feature vectors for drift detection; return the answer unchanged."""
+        names = self.monitor.reference.feature_names
+        try:
+            if isinstance(result, InferResponse):
+                vectors, unusable = v2_feature_vectors(result, len(names))
+            else:
+                vectors, unusable = v1_feature_vectors(result, names)
+        except Exception:  # never fail a scored request because of monitoring
+            logger.exception("could not read feature vectors from the predictor's answer")
+            self.metrics.vectors_missing.inc()
+            return result
+        if unusable:
+            self.metrics.vectors_missing.inc(unusable)
+        if len(vectors):
+            self.monitor.submit(vectors)
+        return result

@@ -1,0 +1,435 @@
+"""The transformer as a real process in front of a small real upstream.
+
+The upstream is a stand-in predictor written here: a threaded HTTP server on loopback that speaks
+the predictor's response formats (V1 `predictions[i]["features"]`, V2 output `feature_vector`)
+and derives each transaction's amount feature from the amount sent, so shifted traffic shifts the
+feature vectors. The end-to-end test through the real predictor lives in the core suite
+(tests/test_serving_stack.py).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from conftest import AMOUNT, FEATURE_NAMES, free_port, sample_vectors
+from prometheus_client.parser import text_string_to_metric_families
+
+MODEL = "fraud-detector"
+PROJECT_DIR = Path(__file__).resolve().parent.parent
+STARTUP_TIMEOUT_S = 90
+
+
+# --- the stand-in predictor ---------------------------------------------------------------------
+def feature_vector(transaction_id: str, amount: float) -> list[float]:
+    seed = int("".join(ch for ch in transaction_id if ch.isdigit()) or "0")
+    vector = sample_vectors(1, seed=seed)[0]
+    vector[AMOUNT] = amount
+    return vector.tolist()
+
+
+@dataclass
+class StandInPredictor:
+    port: int
+    paths: list[str] = field(default_factory=list)
+    server: ThreadingHTTPServer | None = None
+
+    def start(self) -> StandInPredictor:
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:  # keep pytest output quiet
+                return
+
+            def _send(self, status: int, body: dict) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                self._send(200, {"status": "alive"})
+
+            def do_POST(self) -> None:
+                owner.paths.append(self.path)
+                raw = self.rfile.read(int(self.headers["content-length"]))
+                if self.headers.get("inference-header-content-length"):
+                    # like KServe 0.21's model server: the binary tensor extension is not parsed
+                    self._send(400, {"detail": "There was an error parsing the body"})
+                    return
+                body = json.loads(raw)
+                if self.path == f"/v1/models/{MODEL}:predict":
+                    self._v1(body)
+                elif self.path == f"/v2/models/{MODEL}/infer":
+                    self._v2(body)
+                else:
+                    self._send(404, {"error": f"no route {self.path}"})
+
+            def _v1(self, body: dict) -> None:
+                predictions = []
+                for i, tx in enumerate(body["instances"]):
+                    if tx["tx_amount"] <= 0:
+                        self._send(400, {"error": f"instances[{i}].tx_amount: must be > 0, got {tx['tx_amount']}"})
+                        return
+                    predictions.append(
+                        {
+                            "transaction_id": tx["transaction_id"],
+                            "fraud_probability": 0.1,
+                            "decision": "approve",
+                            "features": dict(zip(FEATURE_NAMES, feature_vector(tx["transaction_id"], tx["tx_amount"]))),
+                        }
+                    )
+                self._send(200, {"predictions": predictions})
+
+            def _v2(self, body: dict) -> None:
+                inputs = {tensor["name"]: tensor["data"] for tensor in body["inputs"]}
+                ids, amounts = inputs["transaction_id"], inputs["tx_amount"]
+                if any(a <= 0 for a in amounts):
+                    self._send(400, {"error": "input 'tx_amount'[0]: must be > 0"})
+                    return
+                vectors = [feature_vector(t, a) for t, a in zip(ids, amounts)]
+                self._send(
+                    200,
+                    {
+                        "model_name": MODEL,
+                        "model_version": "7",
+                        "id": body.get("id", "stand-in"),
+                        "outputs": [
+                            {"name": "transaction_id", "datatype": "BYTES", "shape": [len(ids)], "data": ids},
+                            {
+                                "name": "decision",
+                                "datatype": "BYTES",
+                                "shape": [len(ids)],
+                                "data": ["approve"] * len(ids),
+                            },
+                            {
+                                "name": "feature_vector",
+                                "datatype": "FP64",
+                                "shape": [len(ids), len(FEATURE_NAMES)],
+                                "data": [v for row in vectors for v in row],
+                            },
+                        ],
+                    },
+                )
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+
+
+# --- the transformer process ----------------------------------------------------------------------
+@dataclass
+class Transformer:
+    process: subprocess.Popen
+    http_port: int
+    grpc_port: int
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def metrics(self) -> dict[tuple[str, tuple], float]:
+        text = httpx.get(f"{self.url}/metrics", timeout=5).text
+        values = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                values[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+        return values
+
+    def metric(self, name: str, **labels) -> float | None:
+        return self.metrics().get((name, tuple(sorted(labels.items()))))
+
+    def wait_idle(self, timeout: float = 60.0) -> None:
+        """Until the drift worker has handled every vector it accepted (so window_fill is current)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            values = self.metrics()
+            received = values.get(("fraud_drift_vectors_received_total", ()), 0.0)
+            handled = values.get(("fraud_drift_vectors_processed_total", ()), 0.0) + values.get(
+                ("fraud_drift_invalid_vectors_total", ()), 0.0
+            )
+            if handled >= received:
+                return
+            time.sleep(0.1)
+        raise AssertionError("the drift worker did not catch up with the queued vectors")
+
+    def wait_for_metric(self, name: str, at_least: float, timeout: float = 60.0, **labels) -> float:
+        deadline = time.monotonic() + timeout
+        value = None
+        while time.monotonic() < deadline:
+            value = self.metric(name, **labels)
+            if value is not None and value >= at_least:
+                return value
+            time.sleep(0.2)
+        raise AssertionError(
+            f"{name}{labels} stayed at {value}, expected >= {at_least}\n{self.log.read_text()[-3000:]}"
+        )
+
+
+def start_transformer(bundle: Path, predictor_port: int, log: Path, *extra: str) -> Transformer:
+    http_port, grpc_port = free_port(), free_port()
+    command = [
+        sys.executable, "-m", "drift_transformer",
+        "--model_name", MODEL,
+        "--predictor_host", f"127.0.0.1:{predictor_port}",
+        "--protocol", "v2",
+        "--http_port", str(http_port),
+        "--grpc_port", str(grpc_port),
+        "--bundle", str(bundle),
+        "--predictor_request_timeout_seconds", "10",
+        *extra,
+    ]  # fmt: skip
+    process = subprocess.Popen(command, cwd=PROJECT_DIR, stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    transformer = Transformer(process, http_port, grpc_port, log)
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"transformer exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{transformer.url}/v2/models/{MODEL}/ready", timeout=1).status_code == 200:
+                return transformer
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    stop_process(process)
+    raise AssertionError(f"transformer not ready after {STARTUP_TIMEOUT_S}s:\n{log.read_text()[-3000:]}")
+
+
+def stop_process(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(5)
+
+
+@pytest.fixture(scope="module")
+def module_dir(tmp_path_factory) -> Path:
+    from conftest import write_bundle
+
+    path = tmp_path_factory.mktemp("transformer")
+    write_bundle(path / "bundle")
+    return path
+
+
+@pytest.fixture(scope="module")
+def predictor() -> Iterator[StandInPredictor]:
+    stand_in = StandInPredictor(free_port()).start()
+    yield stand_in
+    stand_in.stop()
+
+
+@pytest.fixture(scope="module")
+def transformer(module_dir, predictor) -> Iterator[Transformer]:
+    running = start_transformer(
+        module_dir / "bundle",
+        predictor.port,
+        module_dir / "transformer.log",
+        "--drift_window_size", "100",
+        "--online_ert", "200",
+        "--online_window_sizes", "20",
+        "--online_bootstraps", "700",
+    )  # fmt: skip
+    yield running
+    stop_process(running.process)
+    assert running.process.returncode is not None
+
+
+def transactions(n: int, start: int, amount_factor: float = 1.0, seed: int = 0) -> list[dict]:
+    amounts = np.random.default_rng(seed).gamma(2.0, 30.0, n) * amount_factor
+    return [
+        {
+            "transaction_id": f"TX{start + i:010d}",
+            "customer_id": "C0000001",
+            "terminal_id": "T0000001",
+            "tx_amount": round(float(a), 2),
+            "tx_datetime": "2026-11-29T10:00:00",
+        }
+        for i, a in enumerate(amounts)
+    ]
+
+
+def v2_body(txs: list[dict]) -> dict:
+    n = len(txs)
+    return {
+        "id": "req-1",
+        "inputs": [
+            {"name": "transaction_id", "datatype": "BYTES", "shape": [n], "data": [t["transaction_id"] for t in txs]},
+            {"name": "customer_id", "datatype": "BYTES", "shape": [n], "data": [t["customer_id"] for t in txs]},
+            {"name": "terminal_id", "datatype": "BYTES", "shape": [n], "data": [t["terminal_id"] for t in txs]},
+            {"name": "tx_amount", "datatype": "FP64", "shape": [n], "data": [t["tx_amount"] for t in txs]},
+            {"name": "tx_datetime", "datatype": "BYTES", "shape": [n], "data": [t["tx_datetime"] for t in txs]},
+        ],
+    }
+
+
+# --- tests ------------------------------------------------------------------------------------------
+def test_v1_request_is_forwarded_and_answer_returned_unchanged(transformer, predictor):
+    txs = transactions(3, start=1)
+    response = httpx.post(f"{transformer.url}/v1/models/{MODEL}:predict", json={"instances": txs}, timeout=10)
+    assert response.status_code == 200, response.text
+    predictions = response.json()["predictions"]
+    assert [p["transaction_id"] for p in predictions] == [t["transaction_id"] for t in txs]
+    expected = feature_vector(txs[1]["transaction_id"], txs[1]["tx_amount"])
+    assert [predictions[1]["features"][name] for name in FEATURE_NAMES] == pytest.approx(expected)
+    assert predictor.paths[-1] == f"/v1/models/{MODEL}:predict"
+    assert transformer.metric("fraud_transformer_requests_total", protocol="v1", status="200") >= 1
+
+
+def test_v2_rest_request_is_forwarded_to_the_v2_endpoint(transformer, predictor):
+    txs = transactions(4, start=100)
+    response = httpx.post(f"{transformer.url}/v2/models/{MODEL}/infer", json=v2_body(txs), timeout=10)
+    assert response.status_code == 200, response.text
+    outputs = {o["name"]: o for o in response.json()["outputs"]}
+    assert outputs["transaction_id"]["data"] == [t["transaction_id"] for t in txs]
+    assert outputs["feature_vector"]["shape"] == [4, len(FEATURE_NAMES)]
+    assert outputs["feature_vector"]["data"][: len(FEATURE_NAMES)] == pytest.approx(
+        feature_vector(txs[0]["transaction_id"], txs[0]["tx_amount"])
+    )
+    assert predictor.paths[-1] == f"/v2/models/{MODEL}/infer"
+
+
+def test_v2_grpc_request_from_a_client_is_forwarded(transformer, predictor):
+    import asyncio
+
+    from kserve import InferenceGRPCClient, InferInput, InferRequest
+
+    txs = transactions(2, start=200)
+
+    async def call():
+        client = InferenceGRPCClient(f"127.0.0.1:{transformer.grpc_port}", timeout=10)
+        inputs = []
+        for name, dtype in [("transaction_id", "BYTES"), ("customer_id", "BYTES"), ("terminal_id", "BYTES"),
+                            ("tx_amount", "FP64"), ("tx_datetime", "BYTES")]:  # fmt: skip
+            values = [t[name] for t in txs]
+            tensor = InferInput(name, [len(txs)], dtype)
+            array = np.array(values, dtype=np.float64 if dtype == "FP64" else np.object_)
+            tensor.set_data_from_numpy(array)
+            inputs.append(tensor)
+        try:
+            return await client.infer(InferRequest(model_name=MODEL, infer_inputs=inputs, request_id="g1"))
+        finally:
+            await client.close()
+
+    response = asyncio.run(call())
+    outputs = {o.name: o for o in response.outputs}
+    vectors = outputs["feature_vector"].as_numpy()
+    assert vectors.shape == (2, len(FEATURE_NAMES))
+    assert vectors[1, AMOUNT] == pytest.approx(txs[1]["tx_amount"])
+    assert predictor.paths[-1] == f"/v2/models/{MODEL}/infer"
+    assert transformer.metric("fraud_transformer_requests_total", protocol="grpc-v2", status="200") >= 1
+
+
+def test_v1_body_without_json_content_type_is_accepted_and_garbage_is_a_400(transformer, predictor):
+    url = f"{transformer.url}/v1/models/{MODEL}:predict"
+    txs = transactions(1, start=400)
+    form = {"content-type": "application/x-www-form-urlencoded"}  # what `curl -d` sends
+    response = httpx.post(url, content=json.dumps({"instances": txs}), headers=form, timeout=10)
+    assert response.status_code == 200, response.text
+    assert response.json()["predictions"][0]["transaction_id"] == txs[0]["transaction_id"]
+    response = httpx.post(url, content=b"instances=1", headers=form, timeout=10)
+    assert response.status_code == 400
+    assert "not valid JSON" in response.json()["error"]
+    response = httpx.post(url, json=[1, 2], timeout=10)
+    assert response.status_code == 400
+    assert "must be a JSON object" in response.json()["error"]
+
+
+def test_predictor_400_is_passed_through_with_its_body(transformer):
+    bad = transactions(2, start=300)
+    bad[1]["tx_amount"] = -5
+    response = httpx.post(f"{transformer.url}/v1/models/{MODEL}:predict", json={"instances": bad}, timeout=10)
+    assert response.status_code == 400
+    assert response.json() == {"error": "instances[1].tx_amount: must be > 0, got -5"}
+    v2 = v2_body(bad)
+    response = httpx.post(f"{transformer.url}/v2/models/{MODEL}/infer", json=v2, timeout=10)
+    assert response.status_code == 400
+    assert response.json() == {"error": "input 'tx_amount'[0]: must be > 0"}
+    assert transformer.metric("fraud_transformer_requests_total", protocol="v1", status="400") >= 1
+    assert transformer.metric("fraud_transformer_predictor_errors_total", kind="http_4xx") >= 2
+
+
+def test_drift_metric_rises_under_shifted_traffic(transformer):
+    url = f"{transformer.url}/v1/models/{MODEL}:predict"
+    transformer.wait_idle()
+    before = transformer.metric("fraud_drift_windows_evaluated_total") or 0.0
+    # complete the window the earlier tests started, so the next windows hold only this test's traffic
+    fill = int(transformer.metric("fraud_drift_window_fill") or 0)
+    if fill:
+        httpx.post(url, json={"instances": transactions(100 - fill, start=5000, seed=9)}, timeout=10)
+        before += 1
+    for batch in range(5):  # reference-like: one window of 100
+        response = httpx.post(
+            url, json={"instances": transactions(20, start=10_000 + 20 * batch, seed=batch)}, timeout=10
+        )
+        assert response.status_code == 200
+    transformer.wait_for_metric("fraud_drift_windows_evaluated_total", before + 1)
+    assert transformer.metric("fraud_drift_detected") == 0
+    assert transformer.metric("fraud_drift_feature_drift", feature="tx_amount_feature") == 0
+    for batch in range(5):  # amounts x3: one window of 100
+        txs = transactions(20, start=20_000 + 20 * batch, amount_factor=3.0, seed=100 + batch)
+        assert httpx.post(url, json={"instances": txs}, timeout=10).status_code == 200
+    transformer.wait_for_metric("fraud_drift_windows_evaluated_total", before + 2)
+    assert transformer.metric("fraud_drift_detected") == 1
+    assert transformer.metric("fraud_drift_feature_drift", feature="tx_amount_feature") == 1
+    assert transformer.metric("fraud_drift_feature_p_value", feature="tx_amount_feature") < 0.001
+    # the online detector was configured on the worker thread and followed the same stream
+    assert transformer.metric("fraud_drift_online_ready") == 1
+    assert transformer.metric("fraud_drift_online_detections_total") >= 1
+    assert transformer.metric("fraud_drift_queue_dropped_vectors_total") == 0
+
+
+def test_predictor_down_answers_503_fast(module_dir):
+    dead_port = free_port()  # nothing listens there
+    down = start_transformer(module_dir / "bundle", dead_port, module_dir / "down.log", "--online_ert", "0")
+    try:
+        started = time.monotonic()
+        response = httpx.post(
+            f"{down.url}/v1/models/{MODEL}:predict", json={"instances": transactions(1, start=1)}, timeout=10
+        )
+        elapsed = time.monotonic() - started
+        assert response.status_code == 503
+        assert "unreachable" in response.json()["error"]
+        assert f"127.0.0.1:{dead_port}" in response.json()["error"]
+        assert elapsed < 2.0
+        response = httpx.post(f"{down.url}/v2/models/{MODEL}/infer", json=v2_body(transactions(1, start=1)), timeout=10)
+        assert response.status_code == 503
+        assert down.metric("fraud_transformer_predictor_errors_total", kind="unavailable") == 2
+        assert down.metric("fraud_transformer_requests_total", protocol="v1", status="503") == 1
+    finally:
+        stop_process(down.process)
+
+
+def test_unreadable_bundle_exits_with_a_clear_message(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "drift_transformer", "--predictor_host", "127.0.0.1:1", "--bundle", str(tmp_path)],
+        cwd=PROJECT_DIR,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert f"no bundle.json in {tmp_path}" in result.stdout + result.stderr
