@@ -11,7 +11,7 @@ it back on metrics; `fraud deploy status`; `fraud deploy rollback` by hand.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 
@@ -21,6 +21,16 @@ from fraud.errors import UserError
 TARGET_HELP = (
     "record (decision in MLflow only), kubernetes (KServe InferenceService) or local (local predictor processes)"
 )
+
+# Options shared by `fraud deploy`, `status` and `rollback`: defined once so their help stays the same.
+TargetOption = Annotated[str, typer.Option("--target", help=TARGET_HELP)]
+NamespaceOption = Annotated[str, typer.Option("--namespace", help="Kubernetes namespace (a label for the other targets)")]
+KubeContextOption = Annotated[str | None, typer.Option("--kube-context", help="kubeconfig context")]
+KubeconfigOption = Annotated[str | None, typer.Option("--kubeconfig", help="kubeconfig file (default ~/.kube/config)")]
+ModelNameOption = Annotated[str, typer.Option("--model-name", help="registered model name")]
+TrackingUriOption = Annotated[
+    str, typer.Option("--mlflow-tracking-uri", help="default: MLFLOW_TRACKING_URI or the local store")
+]
 
 deploy_app = typer.Typer(
     help="Canary rollout of a model version: deploy, analyse, promote or roll back.",
@@ -78,11 +88,9 @@ def _rollout_errors(fn: Any) -> Any:
 @deploy_app.callback()
 def deploy(
     ctx: typer.Context,
-    target: str = typer.Option("record", "--target", help=TARGET_HELP),
+    target: TargetOption = "record",
     version: str | None = typer.Option(None, "--version", help="registered model version to roll out"),
-    namespace: str = typer.Option(
-        "fraud-dev", "--namespace", help="Kubernetes namespace (a label for the other targets)"
-    ),
+    namespace: NamespaceOption = "fraud-dev",
     canary_percent: int = typer.Option(10, "--canary-percent", min=1, max=100, help="share of traffic for the canary"),
     window: int = typer.Option(600, "--window", min=1, help="analysis window in seconds"),
     prometheus_url: str = typer.Option(
@@ -90,12 +98,10 @@ def deploy(
         "--prometheus-url",
         help="Prometheus HTTP API (kubernetes target)",
     ),
-    kube_context: str | None = typer.Option(None, "--kube-context", help="kubeconfig context"),
-    kubeconfig: str | None = typer.Option(None, "--kubeconfig", help="kubeconfig file (default ~/.kube/config)"),
-    model_name: str = typer.Option(MODEL_NAME, "--model-name", help="registered model name"),
-    mlflow_tracking_uri: str = typer.Option(
-        "", "--mlflow-tracking-uri", help="default: MLFLOW_TRACKING_URI or the local store"
-    ),
+    kube_context: KubeContextOption = None,
+    kubeconfig: KubeconfigOption = None,
+    model_name: ModelNameOption = MODEL_NAME,
+    mlflow_tracking_uri: TrackingUriOption = "",
     ready_timeout: float = typer.Option(
         600.0, "--ready-timeout", help="seconds to wait for the new revision to be ready"
     ),
@@ -152,11 +158,11 @@ def deploy(
 
 @deploy_app.command("status")
 def status(
-    target: str = typer.Option("record", "--target", help=TARGET_HELP),
-    namespace: str = typer.Option("fraud-dev", "--namespace"),
-    kube_context: str | None = typer.Option(None, "--kube-context"),
-    kubeconfig: str | None = typer.Option(None, "--kubeconfig"),
-    model_name: str = typer.Option(MODEL_NAME, "--model-name"),
+    target: TargetOption = "record",
+    namespace: NamespaceOption = "fraud-dev",
+    kube_context: KubeContextOption = None,
+    kubeconfig: KubeconfigOption = None,
+    model_name: ModelNameOption = MODEL_NAME,
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
 ) -> None:
     """Show the current rollout record and what the serving stack reports."""
@@ -179,13 +185,13 @@ def status(
 
 @deploy_app.command("rollback")
 def rollback(
-    target: str = typer.Option("record", "--target", help=TARGET_HELP),
-    namespace: str = typer.Option("fraud-dev", "--namespace"),
     reason: str = typer.Option(..., "--reason", help="why (recorded in MLflow and the rollout record)"),
-    kube_context: str | None = typer.Option(None, "--kube-context"),
-    kubeconfig: str | None = typer.Option(None, "--kubeconfig"),
-    model_name: str = typer.Option(MODEL_NAME, "--model-name"),
-    mlflow_tracking_uri: str = typer.Option("", "--mlflow-tracking-uri"),
+    target: TargetOption = "record",
+    namespace: NamespaceOption = "fraud-dev",
+    kube_context: KubeContextOption = None,
+    kubeconfig: KubeconfigOption = None,
+    model_name: ModelNameOption = MODEL_NAME,
+    mlflow_tracking_uri: TrackingUriOption = "",
 ) -> None:
     """Roll the current rollout back by hand (after a promotion: champion alias moves back too)."""
     _check_target(target)
