@@ -1,0 +1,128 @@
+"""`python -m predictor`: the fraud detector's KServe model server.
+
+KServe's own arguments (`--model_name`, `--http_port`, `--grpc_port`, `--workers`, ...) come from
+`kserve.model_server.parser`; this module adds the predictor's own. A bundle that cannot be loaded
+is reported on one log line and the process exits with status 1 before opening any port, so the
+InferenceService never becomes ready (no traceback loop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+# One XGBoost/OpenMP thread per server process unless told otherwise (set before xgboost loads).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from kserve import ModelServer, model_server
+from kserve.logging import logger
+
+from predictor.model import DEFAULT_MAX_BATCH_SIZE, FraudModel, ModelLoadError, PredictorSettings
+from predictor.scoring import KSERVE_MODEL_DIR
+
+EXIT_LOAD_FAILED = 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m predictor",
+        description="Serve the fraud detector with KServe (V1 REST, V2 REST and V2 gRPC).",
+        parents=[model_server.parser],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--bundle",
+        default=os.environ.get("FRAUD_BUNDLE", str(KSERVE_MODEL_DIR)),
+        help="serving bundle: a local directory, KServe's /mnt/models, or an MLflow URI (models:/fraud-detector@champion)",
+    )
+    parser.add_argument(
+        "--online-store",
+        dest="online_store",
+        choices=["sqlite", "redis"],
+        default=os.environ.get("FRAUD_ONLINE_STORE") or None,
+        help="Feast online store kind (default: the feature repository's configuration)",
+    )
+    parser.add_argument(
+        "--fail-closed",
+        dest="fail_closed",
+        action="store_true",
+        help="answer HTTP 503 while the online store is unreachable (default: fail-open, score with defaults)",
+    )
+    parser.add_argument("--max-batch-size", dest="max_batch_size", type=int, default=DEFAULT_MAX_BATCH_SIZE)
+    parser.add_argument("--nthread", type=int, default=1, help="XGBoost threads per server process")
+    parser.add_argument(
+        "--store-retry-after",
+        dest="store_retry_after",
+        type=float,
+        default=5.0,
+        help="seconds an unreachable online store is treated as down before it is tried again",
+    )
+    parser.add_argument(
+        "--store-timeout",
+        dest="store_timeout",
+        type=float,
+        default=1.0,
+        help="longest wait (seconds) for one online-store lookup before the degraded mode applies",
+    )
+    return parser
+
+
+async def malformed_request_handler(_: Request, exc: RequestValidationError) -> JSONResponse:
+    """V2 bodies that are not valid JSON or not an inference request: HTTP 400 (as the Open Inference
+    Protocol asks for a bad request) rather than FastAPI's default 422."""
+    problems = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error.get("loc", ()))
+        detail = (error.get("ctx") or {}).get("error")
+        problems.append(f"{where}: {error.get('msg', 'invalid')}" + (f" ({detail})" if detail else ""))
+    return JSONResponse(status_code=400, content={"error": "malformed request: " + "; ".join(problems)})
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.workers != 1:
+        # KServe's multi-process REST server spawns workers that re-import and unpickle the model and
+        # kills any that does not answer its liveness ping within 5 s; this model's imports (Feast,
+        # XGBoost, pandas) exceed that on small nodes, so workers are killed in a loop. Scale out
+        # with replicas instead (one process per pod, --nthread 1).
+        print("python -m predictor: --workers must be 1; scale with replicas instead", file=sys.stderr)
+        return 2
+    try:
+        settings = PredictorSettings(
+            bundle=args.bundle,
+            online_store=args.online_store,
+            fail_closed=args.fail_closed,
+            max_batch_size=args.max_batch_size,
+            nthread=args.nthread,
+            store_retry_after_s=args.store_retry_after,
+            store_timeout_s=args.store_timeout,
+        )
+    except ValueError as exc:
+        print(f"python -m predictor: {exc}", file=sys.stderr)
+        return 2
+    server = ModelServer(
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        max_threads=args.max_threads,
+        max_asyncio_workers=args.max_asyncio_workers,
+        enable_grpc=args.enable_grpc,
+        enable_docs_url=args.enable_docs_url,
+        enable_latency_logging=args.enable_latency_logging,
+    )
+    model = FraudModel(args.model_name, settings)
+    try:
+        model.load()
+    except ModelLoadError as exc:
+        logger.error("predictor not ready: %s", exc)
+        return EXIT_LOAD_FAILED
+    model_server.app.add_exception_handler(RequestValidationError, malformed_request_handler)
+    server.start([model])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""Prometheus metrics of the fraud predictor.
+
+Registered in prometheus_client's default registry, which KServe's ModelServer exposes on the
+HTTP port at `/metrics` (next to KServe's own `request_*_seconds` histograms).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+SCORE_BUCKETS = (0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+
+REQUESTS = Counter(
+    "fraud_predictor_requests",
+    "Scoring requests by protocol (v1, v2, grpc-v2), model version and outcome (ok, invalid_input, unavailable, error)",
+    ["protocol", "model_version", "outcome"],
+)
+REQUEST_LATENCY = Histogram(
+    "fraud_predictor_request_latency_seconds",
+    "Scoring request latency inside the model (parse, feature lookup, scoring, encoding)",
+    ["protocol", "model_version", "outcome"],
+    buckets=LATENCY_BUCKETS,
+)
+TRANSACTIONS = Counter(
+    "fraud_predictor_transactions",
+    "Transactions scored",
+    ["model_version"],
+)
+DECISIONS = Counter(
+    "fraud_predictor_decisions",
+    "Decisions by class",
+    ["model_version", "decision"],
+)
+SCORES = Histogram(
+    "fraud_predictor_fraud_probability",
+    "Distribution of the fraud probability",
+    ["model_version"],
+    buckets=SCORE_BUCKETS,
+)
+FEATURE_LOOKUP_LATENCY = Histogram(
+    "fraud_predictor_feature_lookup_seconds",
+    "Latency of the one batched online-store lookup per request",
+    ["source", "outcome"],
+    buckets=LATENCY_BUCKETS,
+)
+FEATURES_MISSING = Counter(
+    "fraud_predictor_features_missing",
+    "Transactions scored with cold-start defaults for at least one entity",
+    ["model_version"],
+)
+FEATURES_STALE = Counter(
+    "fraud_predictor_features_stale",
+    "Transactions scored with a snapshot older than the transaction's day",
+    ["model_version"],
+)
+ERRORS = Counter(
+    "fraud_predictor_errors",
+    "Errors by kind (invalid_input, feature_store_unavailable, internal)",
+    ["kind"],
+)
+DEGRADED = Counter(
+    "fraud_predictor_degraded_requests",
+    "Requests during an online-store outage, by mode (fail_open: scored with defaults; fail_closed: refused with 503)",
+    ["mode"],
+)
+
+
+def record_request(protocol: str, model_version: str, outcome: str, seconds: float) -> None:
+    REQUESTS.labels(protocol, model_version, outcome).inc()
+    REQUEST_LATENCY.labels(protocol, model_version, outcome).observe(seconds)

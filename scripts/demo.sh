@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The main job on embedded defaults: simulate -> feature store -> training pipeline (kfp.local)
+# -> local serving stack (predictor + drift transformer) -> a few scored transactions.
+# Run through `make demo`, which first creates both locked environments.
+#
+# Size: the Handbook's published dataset by default; a quicker run with e.g.
+#   DEMO_CUSTOMERS=1000 DEMO_TERMINALS=2000 DEMO_DAYS=90 make demo
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export FRAUD_DATA_DIR="${FRAUD_DATA_DIR:-$PWD/data}"
+FRAUD=.venv/bin/fraud
+PORT="${DEMO_PORT:-8080}"
+PID_FILE="$FRAUD_DATA_DIR/serve.pid"
+
+step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
+
+if [ -f "$PID_FILE" ]; then "$FRAUD" serve --stop --pid-file "$PID_FILE" || true; fi
+
+step "1/5 simulate transactions (Handbook ch. 3.2) into $FRAUD_DATA_DIR/raw"
+"$FRAUD" simulate --overwrite \
+  --customers "${DEMO_CUSTOMERS:-5000}" --terminals "${DEMO_TERMINALS:-10000}" --days "${DEMO_DAYS:-183}" \
+  --seed "${DEMO_SEED:-0}"
+
+step "2/5 feature store: offline tables, feast apply, materialize, a few online vectors"
+"$FRAUD" features all
+
+step "3/5 training pipeline through kfp.local: ingest -> features -> training set -> train -> evaluate -> gate -> register -> deploy"
+"$FRAUD" pipeline run --local
+
+step "4/5 local serving stack: predictor + drift transformer, champion model (transformer on port $PORT)"
+"$FRAUD" serve --detach --port "$PORT" --pid-file "$PID_FILE"
+trap '"$FRAUD" serve --stop --pid-file "$PID_FILE" >/dev/null 2>&1 || true' EXIT
+
+step "5/5 score sample transactions through the transformer"
+"$FRAUD" score --url "http://127.0.0.1:$PORT" --sample 8 --protocol v1
+"$FRAUD" score --url "http://127.0.0.1:$PORT" --sample 3 --protocol v2
+
+step "done: stopping the stack (run 'fraud serve' to keep it up)"
