@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fraud.bundle import BundleError, validate_bundle
+from fraud.bundle import MANIFEST_FILE, BundleError, validate_bundle
 from fraud.config import MODEL_NAME, DataLayout
 from fraud.errors import UserError
 
@@ -57,20 +57,42 @@ def default_artifact_location() -> str | None:
         return None
     folder = DataLayout.current().mlflow / "artifacts"
     folder.mkdir(parents=True, exist_ok=True)
-    return folder.as_uri()
+    # a plain path: MLflow 3 ignores a file:// URI here and falls back to ./mlruns
+    return str(folder)
+
+
+def database_uri(uri: str) -> str:
+    """`uri` with a PostgreSQL driver SQLAlchemy can load: SQLAlchemy 2.1 maps a bare
+    `postgresql://` to psycopg 3, while the project ships psycopg2; other URIs are returned as is."""
+    if uri.startswith(("postgresql://", "postgres://")):
+        import importlib.util
+
+        if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
+            return "postgresql+psycopg2://" + uri.split("://", 1)[1]
+    return uri
 
 
 def configure(uri: str | None = None) -> str:
     """Point the mlflow module (tracking and registry) at `uri` or `tracking_uri()`; return the URI."""
     import mlflow
 
-    resolved = uri or tracking_uri()
-    mlflow.set_tracking_uri(resolved)
-    mlflow.set_registry_uri(resolved)
+    resolved = database_uri(uri or tracking_uri())
+    # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI; keep the environment as the user set
+    # it, so that `tracking_uri()` keeps meaning "configured by the user" and later data-dir changes
+    # (tests, pipeline components) are not overridden by a stale value.
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        mlflow.set_tracking_uri(resolved)
+        mlflow.set_registry_uri(resolved)
+    finally:
+        if previous is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous
     return resolved
 
 
-def client(uri: str | None = None) -> "MlflowClient":
+def client(uri: str | None = None) -> MlflowClient:
     from mlflow import MlflowClient
 
     resolved = configure(uri)
@@ -93,7 +115,7 @@ def ensure_experiment(name: str = EXPERIMENT_NAME, uri: str | None = None) -> st
         return experiment.experiment_id
 
 
-def _ensure_registered_model(mlflow_client: "MlflowClient", name: str) -> None:
+def _ensure_registered_model(mlflow_client: MlflowClient, name: str) -> None:
     from mlflow.exceptions import MlflowException
 
     try:
@@ -117,23 +139,37 @@ def register_bundle(
     name: str = MODEL_NAME,
     uri: str | None = None,
 ) -> str:
-    """Store the bundle files as artifacts of run `run_id` and register them as a new version of
-    `name` carrying `alias`. Returns the version number (a string)."""
+    """Register the bundle as a new version of `name` carrying `alias`; return the version (a string).
+
+    The version is created first, then the bundle files are stored as artifacts of run `run_id`
+    (folder `bundle/`, the version's source) with the manifest's `model_version` set to the new
+    version number, and only then does `alias` move to it — so an alias never points at a
+    version whose files are incomplete.
+    """
+    import dataclasses
+
     try:
         manifest = validate_bundle(Path(bundle_dir))
     except BundleError as exc:
         raise UserError(f"cannot register {bundle_dir}: {exc}") from None
     mlflow_client = client(uri)
-    mlflow_client.log_artifacts(run_id, str(bundle_dir), artifact_path=BUNDLE_ARTIFACT_PATH)
     source = f"{mlflow_client.get_run(run_id).info.artifact_uri.rstrip('/')}/{BUNDLE_ARTIFACT_PATH}"
     _ensure_registered_model(mlflow_client, name)
     version_tags = {"feature_service": manifest.feature_service, "bundle_format": str(manifest.format_version)}
     version_tags.update(tags or {})
-    version = mlflow_client.create_model_version(
-        name, source=source, run_id=run_id, tags=version_tags, description=description or None
+    version = str(
+        mlflow_client.create_model_version(
+            name, source=source, run_id=run_id, tags=version_tags, description=description or None
+        ).version
     )
-    mlflow_client.set_registered_model_alias(name, alias, version.version)
-    return str(version.version)
+    with tempfile.TemporaryDirectory(prefix="bundle-upload-") as tmp:
+        staged = Path(tmp) / "bundle"
+        shutil.copytree(bundle_dir, staged)
+        stamped = dataclasses.replace(manifest, model_name=name, model_version=version, mlflow_run_id=run_id)
+        (staged / MANIFEST_FILE).write_text(stamped.to_json())
+        mlflow_client.log_artifacts(run_id, str(staged), artifact_path=BUNDLE_ARTIFACT_PATH)
+    mlflow_client.set_registered_model_alias(name, alias, version)
+    return version
 
 
 def set_alias(alias: str, version: str, *, name: str = MODEL_NAME, uri: str | None = None) -> None:
@@ -196,7 +232,9 @@ def download_bundle(model_uri: str, dst: Path, *, uri: str | None = None) -> Pat
     from mlflow.exceptions import MlflowException
 
     dst = Path(dst)
-    local = Path(model_uri.removeprefix("file://")) if "://" not in model_uri or model_uri.startswith("file://") else None
+    local = (
+        Path(model_uri.removeprefix("file://")) if "://" not in model_uri or model_uri.startswith("file://") else None
+    )
     if local is not None and not model_uri.startswith("models:/"):
         if not local.is_dir():
             raise UserError(f"model {model_uri!r} is neither a models:/ URI nor an existing bundle directory")

@@ -36,6 +36,9 @@ def _round_trip(tmp_path, uri: str | None) -> None:
 
     by_alias = registry.download_bundle(f"models:/{MODEL_NAME}@champion", tmp_path / "dl-alias", uri=uri)
     assert validate_bundle(by_alias).feature_names == read_manifest(bundle).feature_names
+    # the stored manifest carries the registry version and run, whatever the local bundle said
+    assert read_manifest(by_alias).model_version == first
+    assert read_manifest(by_alias).mlflow_run_id
     by_version = registry.download_bundle(f"models:/{MODEL_NAME}/{second}", tmp_path / "dl-version", uri=uri)
     assert (by_version / "model.ubj").read_bytes() == (bundle / "model.ubj").read_bytes()
     # downloading again replaces the directory atomically
@@ -83,7 +86,7 @@ def test_register_rejects_incomplete_bundle(data_dir, tmp_path):
 @pytest.mark.postgres
 def test_postgres_round_trip(data_dir, tmp_path, monkeypatch):
     sqlalchemy = pytest.importorskip("sqlalchemy")
-    admin_url = "postgresql://postgres@127.0.0.1:5432/postgres"
+    admin_url = registry.database_uri("postgresql://postgres@127.0.0.1:5432/postgres")
     database = f"mlflow_test_{uuid.uuid4().hex[:10]}"
     try:
         admin = sqlalchemy.create_engine(admin_url, isolation_level="AUTOCOMMIT")
@@ -94,19 +97,14 @@ def test_postgres_round_trip(data_dir, tmp_path, monkeypatch):
     uri = f"postgresql://postgres@127.0.0.1:5432/{database}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     # a remote tracking store needs an explicit artifact root for new experiments
-    import mlflow
 
     try:
-        mlflow.set_tracking_uri(uri)
-        experiment_id = mlflow.MlflowClient(uri).create_experiment(
+        experiment_id = registry.client(uri).create_experiment(
             registry.EXPERIMENT_NAME, artifact_location=(tmp_path / "pg-artifacts").as_uri()
         )
         assert experiment_id
         _round_trip(tmp_path, uri)
-        with admin.connect() as conn:
-            count = conn.execute(sqlalchemy.text("SELECT 1")).scalar()
-        assert count == 1
-        pg = sqlalchemy.create_engine(uri)
+        pg = sqlalchemy.create_engine(registry.database_uri(uri))
         with pg.connect() as conn:
             versions = conn.execute(
                 sqlalchemy.text("SELECT count(*) FROM model_versions WHERE name = :n"), {"n": MODEL_NAME}
@@ -116,11 +114,6 @@ def test_postgres_round_trip(data_dir, tmp_path, monkeypatch):
         assert versions == 2
         assert set(aliases) == {"challenger", "champion"}
     finally:
-        from mlflow.store.db import utils as db_utils  # noqa: F401  (engines are cached per URI)
-
-        import gc
-
-        gc.collect()
         with admin.connect() as conn:
             conn.execute(
                 sqlalchemy.text(

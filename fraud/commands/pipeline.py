@@ -1,7 +1,243 @@
-"""`fraud pipeline` commands."""
+"""`fraud pipeline`: compile the training pipeline, or run it locally (kfp.local) or on a cluster."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated
 
 import typer
+
+from fraud.errors import UserError
+
+pipeline_app = typer.Typer(help="The training pipeline (Kubeflow Pipelines v2).", no_args_is_help=True)
+
+DEFAULT_IR_FILE = "fraud-training-pipeline.yaml"
+
+
+@pipeline_app.command("compile")
+def compile_command(
+    out: Annotated[Path, typer.Option("--out", help="Where to write the pipeline IR YAML.")] = Path(DEFAULT_IR_FILE),
+) -> None:
+    """Compile the training pipeline to KFP IR YAML (upload it in the KFP UI or with `run --host`)."""
+    from pipelines.training_pipeline import compile_pipeline
+
+    out = out.resolve()
+    if out.suffix not in (".yaml", ".yml"):
+        raise UserError(f"--out must end with .yaml or .yml, got {out.name}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
+    compile_pipeline(str(tmp))
+    os.replace(tmp, out)
+    typer.echo(f"wrote {out}")
+
+
+def _default_train_start(valid_days: list[str], train_days: int, delay_days: int, test_days: int) -> str:
+    """The latest train start whose test window still lies inside the data."""
+    from datetime import date, timedelta
+
+    last = date.fromisoformat(valid_days[-1])
+    return (last - timedelta(days=train_days + delay_days + test_days - 1)).isoformat()
+
+
+def _raw_days(data_uri: str) -> list[str]:
+    root = Path(data_uri.removeprefix("file://"))
+    tx = root / "transactions" if (root / "transactions").is_dir() else root
+    days = sorted(p.name.split("=", 1)[1] for p in tx.glob("day=*") if p.is_dir())
+    if not days:
+        raise UserError(f"cannot infer --train-start: no day=YYYY-MM-DD partitions under {tx}; pass --train-start")
+    return days
+
+
+@contextlib.contextmanager
+def _output_to(log_path: Path):
+    """Send this process's and its subprocesses' stdout/stderr (kfp's task logs) to `log_path`;
+    yields a stream on the original stderr for the progress display."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved_out, saved_err = os.dup(1), os.dup(2)
+    terminal = os.fdopen(os.dup(2), "w", buffering=1)
+    with open(log_path, "ab") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield terminal
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved_out, 1)
+            os.dup2(saved_err, 2)
+            os.close(saved_out)
+            os.close(saved_err)
+            terminal.close()
+
+
+def _watch(pipeline_root: Path, before: set[str], progress, task_ids: dict, stop: threading.Event) -> None:
+    """Mark tasks done as their executor_output.json appears (kfp.local runs them in order)."""
+    from pipelines.local_run import TASKS
+
+    while not stop.is_set():
+        runs = [p for p in pipeline_root.iterdir() if p.is_dir() and p.name not in before]
+        if runs:
+            run_dir = max(runs, key=lambda p: p.stat().st_mtime)
+            for task in TASKS:
+                if (run_dir / task / "executor_output.json").is_file():
+                    progress.update(task_ids[task], completed=1, description=f"[green]✓ {task}")
+                elif (run_dir / task).is_dir():
+                    progress.update(task_ids[task], description=f"[yellow]… {task}")
+        stop.wait(1.0)
+
+
+@pipeline_app.command("run")
+def run_command(
+    local: Annotated[
+        bool, typer.Option("--local", help="Run with kfp.local (subprocesses of this environment).")
+    ] = False,
+    host: Annotated[str, typer.Option("--host", help="KFP API endpoint to submit the run to (kfp.Client).")] = "",
+    data_uri: Annotated[
+        str,
+        typer.Option(
+            "--data-uri", help="Raw transactions (path, file://, gs://, s3://). Default: the data dir's raw folder."
+        ),
+    ] = "",
+    data_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--data-dir", help="Data directory of the run (features, Feast, MLflow). Default: FRAUD_DATA_DIR."
+        ),
+    ] = None,
+    train_start: Annotated[
+        str,
+        typer.Option("--train-start", help="First training day YYYY-MM-DD. Default: the latest that fits the data."),
+    ] = "",
+    train_days: Annotated[int, typer.Option("--train-days")] = 7,
+    delay_days: Annotated[int, typer.Option("--delay-days")] = 7,
+    test_days: Annotated[int, typer.Option("--test-days")] = 7,
+    validation_folds: Annotated[
+        int, typer.Option("--validation-folds", help="Prequential validation folds (earlier weeks).")
+    ] = 3,
+    small_grid: Annotated[bool, typer.Option("--small-grid", help="One grid point per family (smoke runs).")] = False,
+    compare_baselines: Annotated[
+        bool, typer.Option("--compare-baselines", help="Also select and score LR / RF.")
+    ] = False,
+    min_ap: Annotated[float, typer.Option("--min-ap", help="Gate: test average-precision floor.")] = 0.5,
+    max_ap_drop: Annotated[
+        float, typer.Option("--max-ap-drop", help="Gate: tolerated AP drop vs the champion.")
+    ] = 0.02,
+    max_cost_us: Annotated[
+        float, typer.Option("--max-cost-us", help="Gate: per-transaction prediction cost budget (µs).")
+    ] = 2000.0,
+    deploy_target: Annotated[str, typer.Option("--deploy-target", help="record | local | kubernetes")] = "record",
+    namespace: Annotated[str, typer.Option("--namespace")] = "fraud",
+    canary_percent: Annotated[int, typer.Option("--canary-percent")] = 10,
+    prometheus_url: Annotated[str, typer.Option("--prometheus-url")] = "",
+    canary_window: Annotated[int, typer.Option("--canary-window", help="Canary analysis window (seconds).")] = 600,
+    mlflow_tracking_uri: Annotated[
+        str, typer.Option("--mlflow-tracking-uri", help="Default: MLFLOW_TRACKING_URI or the local SQLite store.")
+    ] = "",
+    experiment: Annotated[str, typer.Option("--experiment", help="KFP experiment name (with --host).")] = "fraud",
+) -> None:
+    """Run the training pipeline: `--local` here, or `--host URL` on a Kubeflow Pipelines cluster."""
+    if local == bool(host):
+        raise UserError("choose exactly one of --local or --host URL")
+    from fraud import registry
+    from fraud.config import DataLayout
+
+    if data_dir is not None:
+        os.environ["FRAUD_DATA_DIR"] = str(data_dir.resolve())
+    layout = DataLayout.current()
+    data_uri = data_uri or str(layout.raw)
+    if not train_start:
+        if not local:
+            raise UserError("--train-start is required with --host (the data is not visible from here)")
+        train_start = _default_train_start(_raw_days(data_uri), train_days, delay_days, test_days)
+    arguments = {
+        "data_uri": data_uri,
+        "train_start": train_start,
+        "data_dir": str(layout.root) if local else (str(data_dir) if data_dir else ""),
+        "mlflow_tracking_uri": mlflow_tracking_uri or (registry.tracking_uri() if local else ""),
+        "train_days": train_days,
+        "delay_days": delay_days,
+        "test_days": test_days,
+        "n_validation_folds": validation_folds,
+        "small_grid": small_grid,
+        "compare_baselines": compare_baselines,
+        "min_average_precision": min_ap,
+        "max_ap_drop_vs_champion": max_ap_drop,
+        "max_prediction_cost_us": max_cost_us,
+        "deploy_target": deploy_target,
+        "namespace": namespace,
+        "canary_traffic_percent": canary_percent,
+        "prometheus_url": prometheus_url,
+        "canary_window_seconds": canary_window,
+    }
+    if host:
+        _submit(host, arguments, experiment)
+        return
+    _run_local(arguments, layout)
+
+
+def _submit(host: str, arguments: dict, experiment: str) -> None:
+    import kfp
+
+    from pipelines.training_pipeline import training_pipeline
+
+    arguments = {k: v for k, v in arguments.items() if v != ""}
+    client = kfp.Client(host=host)
+    run = client.create_run_from_pipeline_func(
+        training_pipeline, arguments=arguments, experiment_name=experiment, enable_caching=False
+    )
+    typer.echo(f"submitted run {run.run_id} to {host}")
+
+
+def _run_local(arguments: dict, layout) -> None:
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from pipelines.local_run import TASKS, run_local
+
+    root = layout.pipeline_root
+    root.mkdir(parents=True, exist_ok=True)
+    log_path = root / f"run-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.log"
+    before = {p.name for p in root.iterdir()}
+    started = time.perf_counter()
+    failure: Exception | None = None
+    result = None
+    with _output_to(log_path) as terminal:
+        console = Console(file=terminal)
+        console.print(f"pipeline root {root}\ntask logs     {log_path}\narguments     {json.dumps(arguments)}")
+        with Progress(
+            SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console
+        ) as progress:
+            task_ids = {task: progress.add_task(f"  {task}", total=1) for task in TASKS}
+            stop = threading.Event()
+            watcher = threading.Thread(target=_watch, args=(root, before, progress, task_ids, stop), daemon=True)
+            watcher.start()
+            try:
+                result = run_local(arguments, root)
+            except Exception as exc:  # noqa: BLE001 - kfp raises RuntimeError (and others) on a failed task
+                failure = exc
+            finally:
+                stop.set()
+                watcher.join(timeout=5)
+    seconds = time.perf_counter() - started
+    if failure is not None:
+        raise UserError(f"the pipeline failed after {seconds:.0f} s: {failure} (task logs: {log_path})")
+    console = Console(stderr=True)
+    console.print(f"run directory {result.run_dir} ({seconds:.0f} s)")
+    console.print(f"gate: {result.gate_reason or result.gate_verdict}")
+    if result.model_version:
+        console.print(f"registered version {result.model_version} (alias challenger); rollout: {result.rollout_state}")
+    else:
+        console.print("nothing registered or deployed")
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the top-level app."""
+    app.add_typer(pipeline_app, name="pipeline")

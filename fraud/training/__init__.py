@@ -1,0 +1,1 @@
+"""Training: ingest validation, point-in-time datasets, models, evaluation and the serving bundle."""
