@@ -24,7 +24,7 @@ import re
 import string
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -60,6 +60,9 @@ ONLINE_ENV = "FRAUD_FEAST_ONLINE"
 REGISTRY_ENV = "FRAUD_FEAST_REGISTRY"
 PROJECT_ENV = "FRAUD_FEAST_PROJECT"
 REDIS_URL_ENV = "FRAUD_REDIS_URL"
+REDIS_HOST_ENV = "FRAUD_REDIS_HOST"
+REDIS_PORT_ENV = "FRAUD_REDIS_PORT"
+REDIS_PASSWORD_ENV = "FRAUD_REDIS_PASSWORD"
 REGISTRY_URL_ENV = "FRAUD_FEAST_REGISTRY_URL"
 DEFAULT_REDIS_URL = "127.0.0.1:6379"
 DEFAULT_REGISTRY_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/feast_registry"
@@ -115,14 +118,29 @@ def store_profile(online: str | None = None, registry: str | None = None) -> Sto
     return StoreProfile(online=chosen_online, registry=chosen_registry)
 
 
+def redis_connection_string(env: Mapping[str, str] | None = None) -> str:
+    """Feast's Redis connection string: FRAUD_REDIS_URL if set, else composed from the split
+    settings the Kubernetes manifests provide (FRAUD_REDIS_HOST / FRAUD_REDIS_PORT from the
+    ConfigMap, FRAUD_REDIS_PASSWORD from a Secret), else the local default."""
+    env = os.environ if env is None else env
+    if env.get(REDIS_URL_ENV):
+        return env[REDIS_URL_ENV]
+    host = env.get(REDIS_HOST_ENV, "").strip()
+    if not host:
+        return DEFAULT_REDIS_URL
+    connection = f"{host}:{env.get(REDIS_PORT_ENV, '').strip() or '6379'}"
+    password = env.get(REDIS_PASSWORD_ENV, "")
+    return f"{connection},password={password}" if password else connection
+
+
 def _placeholder_values() -> dict[str, str]:
     """Environment for the ${VAR} placeholders of the yaml files, with the project's defaults."""
     values = {
         "FRAUD_DATA_DIR": str(data_dir()),
-        REDIS_URL_ENV: DEFAULT_REDIS_URL,
         REGISTRY_URL_ENV: DEFAULT_REGISTRY_URL,
     }
     values.update(os.environ)
+    values[REDIS_URL_ENV] = redis_connection_string()
     return values
 
 

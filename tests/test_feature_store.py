@@ -358,3 +358,16 @@ def test_cli_rejects_bad_input(store_dir: Path, monkeypatch, capsys, args: tuple
         main()
     assert exited.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_redis_connection_string_from_the_manifests_split_settings() -> None:
+    """The Kubernetes manifests give host and port (ConfigMap) and the password (Secret) separately."""
+    from fraud.feature_store import redis_connection_string
+
+    assert redis_connection_string({}) == DEFAULT_REDIS_URL
+    split = {"FRAUD_REDIS_HOST": "redis-master.fraud-prod.svc", "FRAUD_REDIS_PORT": "6380"}
+    assert redis_connection_string(split) == "redis-master.fraud-prod.svc:6380"
+    assert redis_connection_string({**split, "FRAUD_REDIS_PASSWORD": "s3"}) == "redis-master.fraud-prod.svc:6380,password=s3"
+    assert redis_connection_string({"FRAUD_REDIS_HOST": "r"}) == "r:6379"
+    # an explicit connection string wins over the split settings
+    assert redis_connection_string({**split, "FRAUD_REDIS_URL": "other:1,db=2"}) == "other:1,db=2"
