@@ -2,18 +2,19 @@
 SHELL := /bin/bash
 PYTHON ?= python3.11
 UV_VERSION := 0.13.9
-UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
+# uv is run through the interpreter so a fresh pip install needs no PATH or pyenv shim
+UV := $(PYTHON) -m uv
 export UV_PYTHON := $(PYTHON)
 export UV_PYTHON_DOWNLOADS := never
 CORE := .venv/bin
 DRIFT := drift_transformer/.venv/bin
 
-.PHONY: setup demo test test-all services lock
+.PHONY: setup demo test test-slow test-all services lock
 
 setup:  ## create both locked environments (core + drift transformer) from the lock files
-	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet "uv==$(UV_VERSION)"
-	uv sync --frozen --all-groups
-	cd drift_transformer && uv sync --frozen --all-groups
+	@$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet "uv==$(UV_VERSION)"
+	$(UV) sync --frozen --all-groups
+	cd drift_transformer && $(UV) sync --frozen --all-groups
 
 services:  ## start PostgreSQL and Redis if they are not running
 	bash scripts/ensure-services.sh
@@ -25,10 +26,12 @@ test: setup services  ## the default test suite (core + drift environments)
 	$(CORE)/pytest -m "not slow"
 	cd drift_transformer && .venv/bin/pytest
 
-test-all: setup services  ## everything, including suites marked slow
-	$(CORE)/pytest
-	cd drift_transformer && .venv/bin/pytest
+test-slow: setup services  ## only the suites marked slow (full pipeline variants, Ctrl-C of the stack, local canary)
+	$(CORE)/pytest -m slow
+
+test-all: test test-slow  ## everything
 
 lock:  ## re-resolve both lock files (never done at install time)
-	uv lock
-	cd drift_transformer && uv lock
+	$(UV) lock
+	cd drift_transformer && $(UV) lock
+	cd benchmarks/mlserver && $(UV) lock
