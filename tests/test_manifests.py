@@ -32,6 +32,8 @@ CORE_KINDS = {
     "NetworkPolicy",
     "Deployment",
     "Service",
+    "CronJob",
+    "PersistentVolumeClaim",
 }
 CUSTOM_KINDS = {"InferenceService", "PrometheusRule"}
 
@@ -324,7 +326,12 @@ def _predictor_metric_names() -> set[str]:
 def _drift_metric_names() -> set[str]:
     """Names the drift transformer declares (it runs in another environment: read its source)."""
     source = "\n".join(p.read_text() for p in (PROJECT_ROOT / "drift_transformer" / "drift_transformer").glob("*.py"))
-    return set(re.findall(r'(?:Gauge|Counter|Histogram)\(\s*"(fraud_[a-z_]+)"', source))
+    suffixes = {"Gauge": ("",), "Counter": ("_total",), "Histogram": ("_bucket", "_count", "_sum")}
+    return {
+        f"{name}{suffix}"
+        for kind, name in re.findall(r'(Gauge|Counter|Histogram)\(\s*"(fraud_[a-z_]+)"', source)
+        for suffix in suffixes[kind]
+    }
 
 
 def _referenced_metrics(text: str) -> set[str]:

@@ -1,7 +1,254 @@
-"""`fraud monitor` commands."""
+"""`fraud monitor` commands: the closed retraining loop (check once, or watch)."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated
 
 import typer
+
+from fraud.errors import UserError
+
+monitor_app = typer.Typer(
+    help="Closed loop: retrain when drift or live-quality loss is sustained (rate-limited).", no_args_is_help=True
+)
+
+DEFAULT_METRICS_URL = "http://127.0.0.1:8080/metrics"
+
+MetricsUrl = Annotated[
+    str,
+    typer.Option(
+        "--metrics-url",
+        envvar="FRAUD_MONITOR_METRICS_URL",
+        help="The drift transformer's /metrics (env FRAUD_MONITOR_METRICS_URL)",
+    ),
+]
+UseDrift = Annotated[bool, typer.Option("--drift/--no-drift", help="Read the drift signal")]
+UseQuality = Annotated[bool, typer.Option("--quality/--no-quality", help="Read live quality from the audit database")]
+DbUrl = Annotated[
+    str | None,
+    typer.Option("--db-url", help="Audit database URL (default: FRAUD_AUDIT_DB_URL, else <data dir>/audit/audit.db)"),
+]
+DriftWindows = Annotated[int, typer.Option("--drift-windows", min=1, help="Consecutive drifted windows that trigger")]
+PrecisionFloor = Annotated[float, typer.Option("--precision-floor", min=0.0, max=1.0, help="Live precision floor")]
+ApFloor = Annotated[float, typer.Option("--ap-floor", min=0.0, max=1.0, help="Live average-precision floor")]
+QualityDays = Annotated[int, typer.Option("--quality-days", min=1, help="Mature days below a floor that trigger")]
+MinCoverage = Annotated[
+    float, typer.Option("--min-coverage", min=0.0, max=1.0, help="Label coverage a day needs to count")
+]
+CooldownHours = Annotated[float, typer.Option("--cooldown-hours", min=0.0, help="No second trigger within this")]
+KfpHost = Annotated[str, typer.Option("--kfp-host", help="Submit the retraining run to this KFP API endpoint")]
+PipelinePackage = Annotated[
+    Path | None, typer.Option("--pipeline-package", help="Compiled pipeline YAML (default: compile it now)")
+]
+PipelineArg = Annotated[
+    list[str] | None,
+    typer.Option("--pipeline-arg", help="KEY=VALUE pipeline argument for --kfp-host runs (repeatable)"),
+]
+Experiment = Annotated[str, typer.Option("--experiment", help="KFP experiment of the retraining run")]
+RetrainCommand = Annotated[
+    str,
+    typer.Option(
+        "--retrain-command",
+        envvar="FRAUD_RETRAIN_COMMAND",
+        help="Command run without --kfp-host (env FRAUD_RETRAIN_COMMAND; default: fraud pipeline run --local)",
+    ),
+]
+RetrainTimeout = Annotated[
+    float, typer.Option("--retrain-timeout", min=0.0, help="Longest run of the retrain command, s (0: none)")
+]
+MlflowUri = Annotated[
+    str,
+    typer.Option("--mlflow-tracking-uri", envvar="MLFLOW_TRACKING_URI", help="Record triggers as MLflow runs (if set)"),
+]
+StateDir = Annotated[
+    Path | None, typer.Option("--state-dir", help="State, trigger log and lock (default <data dir>/monitoring)")
+]
+
+
+def parse_pipeline_args(pairs: list[str]) -> dict[str, object]:
+    """`KEY=VALUE` options as pipeline arguments (ints, floats and true/false converted)."""
+    arguments: dict[str, object] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--pipeline-arg must be KEY=VALUE, got {pair!r}")
+        value: object = raw
+        if raw.lower() in ("true", "false"):
+            value = raw.lower() == "true"
+        else:
+            for kind in (int, float):
+                try:
+                    value = kind(raw)
+                    break
+                except ValueError:
+                    continue
+        arguments[key.strip()] = value
+    return arguments
+
+
+def build_checker(
+    *,
+    metrics_url: str,
+    use_drift: bool,
+    use_quality: bool,
+    db_url: str | None,
+    drift_windows: int,
+    precision_floor: float,
+    ap_floor: float,
+    quality_days: int,
+    min_coverage: float,
+    cooldown_hours: float,
+    kfp_host: str,
+    pipeline_package: Path | None,
+    pipeline_args: list[str],
+    experiment: str,
+    retrain_command: str,
+    retrain_timeout: float,
+    mlflow_tracking_uri: str,
+    state_dir: Path | None,
+):
+    import shlex
+    from datetime import UTC, datetime
+
+    from fraud.config import DataLayout
+    from fraud.monitoring.retrain import (
+        CommandTrigger,
+        KfpTrigger,
+        RetrainChecker,
+        RetrainPolicy,
+        default_retrain_command,
+        default_train_start,
+        monitoring_dir,
+    )
+
+    if not (use_drift or use_quality):
+        raise UserError("--no-drift and --no-quality together leave nothing to check")
+    policy = RetrainPolicy(
+        drift_windows=drift_windows,
+        precision_floor=precision_floor,
+        ap_floor=ap_floor,
+        quality_days=quality_days,
+        min_label_coverage=min_coverage,
+        cooldown=timedelta(hours=cooldown_hours),
+    )
+    folder = (state_dir or monitoring_dir(DataLayout.current())).resolve()
+    if kfp_host:
+        arguments = parse_pipeline_args(pipeline_args)
+        if "data_uri" not in arguments:
+            raise UserError("--kfp-host needs --pipeline-arg data_uri=URI (where the cluster reads raw transactions)")
+        if pipeline_package is not None and not pipeline_package.is_file():
+            raise UserError(f"--pipeline-package {pipeline_package} does not exist")
+        arguments.setdefault(
+            "train_start",
+            default_train_start(
+                datetime.now(UTC).date(),
+                int(arguments.get("train_days", 7)),
+                int(arguments.get("delay_days", 7)),
+                int(arguments.get("test_days", 7)),
+            ),
+        )
+        trigger = KfpTrigger(kfp_host, arguments, pipeline_package, experiment)
+    else:
+        if pipeline_args:
+            raise UserError("--pipeline-arg only applies with --kfp-host; put options in --retrain-command")
+        command = shlex.split(retrain_command) if retrain_command.strip() else default_retrain_command()
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        trigger = CommandTrigger(tuple(command), retrain_timeout or None, folder / f"retrain-{stamp}.log")
+    engine = None
+    if use_quality:
+        from fraud.commands.audit import open_audit_database
+
+        engine = open_audit_database(db_url)
+    return RetrainChecker(
+        policy=policy,
+        trigger=trigger,
+        folder=folder,
+        drift_url=metrics_url if use_drift else None,
+        quality_engine=engine,
+        mlflow_tracking_uri=mlflow_tracking_uri.strip() or None,
+    )
+
+
+@monitor_app.command("check")
+def check(
+    metrics_url: MetricsUrl = DEFAULT_METRICS_URL,
+    use_drift: UseDrift = True,
+    use_quality: UseQuality = True,
+    db_url: DbUrl = None,
+    drift_windows: DriftWindows = 3,
+    precision_floor: PrecisionFloor = 0.5,
+    ap_floor: ApFloor = 0.3,
+    quality_days: QualityDays = 3,
+    min_coverage: MinCoverage = 0.9,
+    cooldown_hours: CooldownHours = 24.0,
+    kfp_host: KfpHost = "",
+    pipeline_package: PipelinePackage = None,
+    pipeline_arg: PipelineArg = None,
+    experiment: Experiment = "fraud",
+    retrain_command: RetrainCommand = "",
+    retrain_timeout: RetrainTimeout = 0.0,
+    mlflow_tracking_uri: MlflowUri = "",
+    state_dir: StateDir = None,
+) -> None:
+    """Read drift and live quality once; trigger the training pipeline if either is sustained
+    and the cool-down is over. Exit 0 whether or not it triggered, 1 if the trigger failed."""
+    options = {k: v for k, v in locals().items() if k != "pipeline_arg"}
+    checker = build_checker(**options, pipeline_args=pipeline_arg or [])
+    result = checker.check()
+    typer.echo(result.summary)
+    if result.trigger is not None and not result.trigger.ok:
+        raise SystemExit(1)  # the CLI runs click with standalone_mode=False: typer.Exit codes are dropped
+
+
+@monitor_app.command("watch")
+def watch(
+    interval: Annotated[float, typer.Option("--interval", min=1.0, help="Seconds between checks")] = 300.0,
+    iterations: Annotated[int, typer.Option("--iterations", min=0, help="Stop after this many checks (0: never)")] = 0,
+    metrics_url: MetricsUrl = DEFAULT_METRICS_URL,
+    use_drift: UseDrift = True,
+    use_quality: UseQuality = True,
+    db_url: DbUrl = None,
+    drift_windows: DriftWindows = 3,
+    precision_floor: PrecisionFloor = 0.5,
+    ap_floor: ApFloor = 0.3,
+    quality_days: QualityDays = 3,
+    min_coverage: MinCoverage = 0.9,
+    cooldown_hours: CooldownHours = 24.0,
+    kfp_host: KfpHost = "",
+    pipeline_package: PipelinePackage = None,
+    pipeline_arg: PipelineArg = None,
+    experiment: Experiment = "fraud",
+    retrain_command: RetrainCommand = "",
+    retrain_timeout: RetrainTimeout = 0.0,
+    mlflow_tracking_uri: MlflowUri = "",
+    state_dir: StateDir = None,
+) -> None:
+    """Run `check` every --interval seconds until SIGINT/SIGTERM (a failing check is reported and retried)."""
+    options = {k: v for k, v in locals().items() if k not in ("interval", "iterations", "pipeline_arg")}
+    options["pipeline_args"] = pipeline_arg or []
+    import signal
+    import threading
+    from datetime import UTC, datetime
+
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    done = 0
+    while not stop.is_set():
+        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        try:
+            result = build_checker(**options).check()
+            typer.echo(f"{stamp} {result.summary}")
+        except UserError as exc:
+            typer.echo(f"{stamp} check failed: {exc}", err=True)
+        done += 1
+        if iterations and done >= iterations:
+            break
+        stop.wait(interval)
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the top-level app."""
+    app.add_typer(monitor_app, name="monitor")
