@@ -41,6 +41,10 @@ DECISION_TAG_PREFIX = "decision."
 _ALIAS_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,62}$")
 
 
+#: Where experiments created by this project keep their artifacts (see default_artifact_location).
+ARTIFACT_ROOT_ENV = "FRAUD_MLFLOW_ARTIFACT_ROOT"
+
+
 def tracking_uri() -> str:
     """The tracking (and registry) URI: `MLFLOW_TRACKING_URI` or the local SQLite default."""
     configured = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
@@ -51,11 +55,24 @@ def tracking_uri() -> str:
     return f"sqlite:///{folder / 'mlflow.db'}"
 
 
-def default_artifact_location() -> str | None:
-    """Artifact root for new experiments when the default local store is used (else the server decides)."""
-    if os.environ.get("MLFLOW_TRACKING_URI", "").strip():
+def default_artifact_location(uri: str | None = None) -> str | None:
+    """Artifact root for new experiments of a tracking store without a server.
+
+    MLflow's own default for a database-backed store is `./mlruns` of whatever the current working
+    directory is, which scatters model artifacts. So: `FRAUD_MLFLOW_ARTIFACT_ROOT` if set; for a
+    SQLite store the `artifacts` folder next to the database file; for another database (PostgreSQL)
+    `DataLayout.mlflow/artifacts`; for a tracking server (http/https/databricks) None: the server decides.
+    """
+    resolved = uri or tracking_uri()
+    if resolved.startswith(("http://", "https://", "databricks")):
         return None
-    folder = DataLayout.current().mlflow / "artifacts"
+    configured = os.environ.get(ARTIFACT_ROOT_ENV, "").strip()
+    if configured:
+        return configured
+    if resolved.startswith("sqlite:///"):
+        folder = Path(resolved[len("sqlite:///") :]).parent / "artifacts"
+    else:
+        folder = DataLayout.current().mlflow / "artifacts"
     folder.mkdir(parents=True, exist_ok=True)
     # a plain path: MLflow 3 ignores a file:// URI here and falls back to ./mlruns
     return str(folder)
@@ -105,7 +122,7 @@ def ensure_experiment(name: str = EXPERIMENT_NAME, uri: str | None = None) -> st
     experiment = mlflow_client.get_experiment_by_name(name)
     if experiment is not None:
         return experiment.experiment_id
-    location = default_artifact_location() if uri is None else None
+    location = default_artifact_location(uri)
     try:
         return mlflow_client.create_experiment(name, artifact_location=location)
     except Exception:  # created concurrently by another process

@@ -123,3 +123,21 @@ def test_postgres_round_trip(data_dir, tmp_path, monkeypatch):
             )
             conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{database}"'))
         admin.dispose()
+
+
+def test_experiment_artifacts_stay_next_to_an_explicit_sqlite_store(tmp_path, monkeypatch):
+    """MLflow would default a database store's artifacts to ./mlruns of the working directory."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv(registry.ARTIFACT_ROOT_ENV, raising=False)
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
+    (tmp_path / "store").mkdir()
+    run_id = _new_run(uri)
+    artifact_uri = registry.client(uri).get_run(run_id).info.artifact_uri
+    assert artifact_uri.replace("file://", "").startswith(str(tmp_path / "store" / "artifacts"))
+    assert not (workdir / "mlruns").exists()
+    assert registry.default_artifact_location("http://mlflow:5000") is None
+    monkeypatch.setenv(registry.ARTIFACT_ROOT_ENV, "s3://bucket/mlflow")
+    assert registry.default_artifact_location(uri) == "s3://bucket/mlflow"

@@ -492,7 +492,14 @@ def log_to_mlflow(tracking_uri: str, entry: dict) -> str:
 
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     experiment = client.get_experiment_by_name(MLFLOW_EXPERIMENT)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(MLFLOW_EXPERIMENT)
+    if experiment is not None:
+        experiment_id = experiment.experiment_id
+    else:
+        from fraud.registry import default_artifact_location
+
+        experiment_id = client.create_experiment(
+            MLFLOW_EXPERIMENT, artifact_location=default_artifact_location(tracking_uri)
+        )
     tags = {
         "fraud.retrain.reason": " | ".join(entry["reasons"])[:5000],
         "fraud.retrain.trigger": entry["trigger"][:5000],
