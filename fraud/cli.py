@@ -48,7 +48,11 @@ def _click_exception_types() -> tuple[tuple[type[BaseException], ...], tuple[typ
 def main() -> None:
     """Console entry point: user errors become a message and exit code, never a traceback."""
     try:
-        app(standalone_mode=False)
+        # Without standalone mode click *returns* the code of a typer.Exit / click.exceptions.Exit
+        # instead of exiting; commands themselves return None.
+        exit_code = app(standalone_mode=False)
+        if isinstance(exit_code, int) and exit_code != 0:
+            sys.exit(exit_code)
     except UserError as exc:
         typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
         sys.exit(exc.exit_code)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
@@ -43,3 +44,54 @@ def make_synthetic_bundle(bundle_dir: Path, version: str = "1", seed: int = 0) -
         categorical_features=["tx_during_weekend", "tx_during_night"],
     )
     return write_bundle(bundle_dir, booster, manifest, features.sample(500, random_state=seed).to_numpy(), "# test model\n")
+
+
+def hand_made_raw_transactions(
+    customers: list[str],
+    terminals: list[str],
+    first_day: datetime,
+    n_days: int,
+    seed: int,
+    amount_step: float,
+) -> pd.DataFrame:
+    """0-3 transactions per customer and day at random terminals, in the raw schema; transactions at
+    the first terminal are fraud with probability 0.4. Customer c's amounts scale with c * amount_step."""
+    from datetime import timedelta
+
+    from fraud.schema import RAW_TRANSACTION_SCHEMA
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for day in range(n_days):
+        for c, customer in enumerate(customers):
+            for _ in range(int(rng.integers(0, 4))):
+                terminal = terminals[int(rng.integers(0, len(terminals)))]
+                when = first_day + timedelta(days=day, seconds=int(rng.integers(0, 86_400)))
+                amount = round(float(rng.gamma(2.0, 20.0 + amount_step * c)) + 0.01, 2)
+                fraud = int(terminal == terminals[0] and rng.random() < 0.4)
+                rows.append((when, customer, terminal, amount, fraud))
+    frame = pd.DataFrame(rows, columns=["tx_datetime", "customer_id", "terminal_id", "tx_amount", "tx_fraud"])
+    frame = frame.sort_values("tx_datetime", kind="stable").reset_index(drop=True)
+    seconds = (frame["tx_datetime"] - first_day).dt.total_seconds().astype("int64")
+    frame["transaction_id"] = [f"TX{i:010d}" for i in range(len(frame))]
+    frame["tx_time_seconds"] = seconds
+    frame["tx_time_days"] = seconds // 86_400
+    frame["tx_fraud"] = frame["tx_fraud"].astype("int8")
+    frame["tx_fraud_scenario"] = frame["tx_fraud"].astype("int8")
+    frame["tx_datetime"] = frame["tx_datetime"].astype("datetime64[us]")
+    return frame[RAW_TRANSACTION_SCHEMA.names]
+
+
+def write_raw_partitions(layout, frame: pd.DataFrame) -> None:
+    """Write raw transactions in the simulator's layout: transactions/day=YYYY-MM-DD/part-0.parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from fraud.schema import RAW_TRANSACTION_SCHEMA
+
+    for day, part in frame.groupby(frame["tx_datetime"].dt.date):
+        folder = layout.transactions / f"day={day.isoformat()}"
+        folder.mkdir(parents=True, exist_ok=True)
+        pq.write_table(
+            pa.Table.from_pandas(part, schema=RAW_TRANSACTION_SCHEMA, preserve_index=False), folder / "part-0.parquet"
+        )

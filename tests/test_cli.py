@@ -51,3 +51,22 @@ def test_unknown_command_is_a_usage_error_not_a_traceback():
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "No such command" in result.stderr
+
+
+def test_exit_codes_of_commands_reach_the_shell(tmp_path):
+    """typer.Exit(code=N) inside a command must become the process exit code (click returns it
+    instead of exiting when standalone mode is off)."""
+    script = tmp_path / "exit_code.py"
+    script.write_text(
+        "import sys, typer\n"
+        "from fraud import cli\n"
+        "@cli.app.command('exit-with')\n"
+        "def exit_with(code: int = typer.Option(..., help='code')) -> None:\n"
+        "    raise typer.Exit(code=code)\n"
+        "cli.main()\n"
+    )
+    for code in (0, 3):
+        result = subprocess.run(
+            [sys.executable, str(script), "exit-with", "--code", str(code)], capture_output=True, text=True, timeout=120
+        )
+        assert result.returncode == code, result.stderr

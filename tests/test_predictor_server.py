@@ -23,8 +23,6 @@ import grpc
 import httpx
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import tritonclient.http as triton_http
 from kserve import InferenceGRPCClient
@@ -34,8 +32,8 @@ from tritonclient.utils import InferenceServerException
 from fraud.config import MODEL_NAME, PROJECT_ROOT, DataLayout
 from fraud.features.definitions import MODEL_FEATURES
 from fraud.features.offline import EVENT_TIMESTAMP, build_offline_features
-from fraud.schema import RAW_TRANSACTION_SCHEMA, REQUEST_FIELDS
-from tests.factories import make_synthetic_bundle
+from fraud.schema import REQUEST_FIELDS
+from tests.factories import hand_made_raw_transactions, make_synthetic_bundle, write_raw_partitions
 
 PYTHON = sys.executable
 FIRST_DAY = datetime(2026, 1, 1)
@@ -49,36 +47,12 @@ STARTUP_TIMEOUT_S = 120.0
 
 # --- hand-made raw data and the Feast store ------------------------------------------------------
 def raw_transactions(seed: int = 3) -> pd.DataFrame:
-    """A few transactions per customer and day, some fraud at T0000000, in the raw schema."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for day in range(N_DAYS):
-        for c, customer in enumerate(CUSTOMERS):
-            for _ in range(int(rng.integers(0, 4))):
-                terminal = TERMINALS[int(rng.integers(0, len(TERMINALS)))]
-                when = FIRST_DAY + timedelta(days=day, seconds=int(rng.integers(0, 86_400)))
-                amount = round(float(rng.gamma(2.0, 20.0 + 10 * c)) + 0.01, 2)
-                fraud = int(terminal == TERMINALS[0] and rng.random() < 0.4)
-                rows.append((when, customer, terminal, amount, fraud))
-    frame = pd.DataFrame(rows, columns=["tx_datetime", "customer_id", "terminal_id", "tx_amount", "tx_fraud"])
-    frame = frame.sort_values("tx_datetime", kind="stable").reset_index(drop=True)
-    seconds = (frame["tx_datetime"] - FIRST_DAY).dt.total_seconds().astype("int64")
-    frame["transaction_id"] = [f"TX{i:010d}" for i in range(len(frame))]
-    frame["tx_time_seconds"] = seconds
-    frame["tx_time_days"] = seconds // 86_400
-    frame["tx_fraud"] = frame["tx_fraud"].astype("int8")
-    frame["tx_fraud_scenario"] = frame["tx_fraud"].astype("int8")
-    frame["tx_datetime"] = frame["tx_datetime"].astype("datetime64[us]")
-    return frame[RAW_TRANSACTION_SCHEMA.names]
+    """A few transactions per customer and day, some fraud at the first terminal, in the raw schema."""
+    return hand_made_raw_transactions(CUSTOMERS, TERMINALS, FIRST_DAY, N_DAYS, seed, amount_step=10)
 
 
 def write_raw(layout: DataLayout, frame: pd.DataFrame) -> None:
-    for day, part in frame.groupby(frame["tx_datetime"].dt.date):
-        folder = layout.transactions / f"day={day.isoformat()}"
-        folder.mkdir(parents=True, exist_ok=True)
-        pq.write_table(
-            pa.Table.from_pandas(part, schema=RAW_TRANSACTION_SCHEMA, preserve_index=False), folder / "part-0.parquet"
-        )
+    write_raw_partitions(layout, frame)
 
 
 @pytest.fixture(scope="module")

@@ -199,7 +199,7 @@ def check(
     result = checker.check()
     typer.echo(result.summary)
     if result.trigger is not None and not result.trigger.ok:
-        raise SystemExit(1)  # the CLI runs click with standalone_mode=False: typer.Exit codes are dropped
+        raise typer.Exit(code=1)
 
 
 @monitor_app.command("watch")
