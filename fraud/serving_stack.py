@@ -464,15 +464,21 @@ def request_fields(record: dict) -> dict:
     return out
 
 
+#: `fraud score --sample` draws from this many most recent days of the raw data.
+SAMPLE_RECENT_DAYS = 7
+
+
 def sample_raw_transactions(layout: DataLayout, n: int, seed: int = 0) -> list[dict]:
-    """`n` transactions drawn at random from the simulated raw data; each also carries its `tx_fraud` label."""
+    """`n` transactions drawn at random from the last `SAMPLE_RECENT_DAYS` days of the simulated raw
+    data (the period the online store's snapshots describe); each also carries its `tx_fraud` label."""
     import duckdb
 
     if n < 1:
         raise UserError(f"--sample must be >= 1, got {n}")
     if seed < 0:
         raise UserError(f"--seed must be >= 0, got {seed}")
-    files = sorted(layout.transactions.glob("**/*.parquet")) if layout.transactions.is_dir() else []
+    # one folder per day (day=YYYY-MM-DD), so the lexical order is the date order
+    files = sorted(layout.transactions.glob("**/*.parquet"))[-SAMPLE_RECENT_DAYS:] if layout.transactions.is_dir() else []
     if not files:
         raise UserError(
             f"no simulated transactions under {layout.transactions}: run `fraud simulate` first or pass --file"
