@@ -1,0 +1,614 @@
+"""Scoring benchmarks: the model's in-process limit, our predictor against Seldon MLServer on the same
+XGBoost model, and the full serving path (transformer -> predictor -> Feast online store).
+
+    .venv/bin/python benchmarks/bench_scoring.py model    [--bundle DIR]
+    .venv/bin/python benchmarks/bench_scoring.py serving  [--bundle DIR] [--rounds 3] [--duration 10]
+    .venv/bin/python benchmarks/bench_scoring.py fullpath --data-dir /tmp/perf/data [--stores sqlite redis]
+    add --smoke for a seconds-long run that only checks the benchmark works (with --no-save: JSON to stdout)
+
+`model`    XGBoost on one core: `inplace_predict`, `pred_contribs` (exact TreeSHAP and approximate),
+           and the predictor's `BundleScorer.score` (probability + reason codes + decision), for one
+           row and batches of 100 / 1,000 -> results/scoring_model.json.
+`serving`  `benchmarks/serve_predictor_memory.py` (the predictor with an in-memory feature source,
+           no Feast) and MLServer 1.7 (`mlserver_xgboost.XGBoostModel` on the bundle's model.ubj,
+           from the benchmarks/mlserver environment), both on loopback, one request = one
+           transaction. Same clients for both: wrk closed loop at saturation, and the open-loop
+           generator of loadgen.py at fixed rates; systems alternate within every round, medians
+           over rounds -> results/scoring_serving[_LABEL].json.
+`fullpath` the local serving stack (`fraud.serving_stack`, the real transformer and predictor
+           processes) on a materialised feature store, per online store: single-transaction
+           saturation and fixed rates, and batched requests of 100 / 1,000 transactions
+           -> results/scoring_fullpath[_LABEL].json.
+
+Each writes its Markdown table between markers in docs/performance.md. The generator's own CPU
+share (cores) is in every result: on 2 cores it competes with the servers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench_pipeline_scale import save_json, write_docs_section  # noqa: E402
+from loadgen import LoadGenError, machine_load, run_open_loop, run_wrk  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+MLSERVER_ENV = Path(__file__).resolve().parent / "mlserver" / ".venv"
+CORE_PYTHON = sys.executable
+MODEL_NAME = "fraud-detector"
+MLSERVER_MODEL = "fraud-xgboost"
+#: request timestamp of the serving benchmark: the day after serve_predictor_memory.SNAPSHOT_DAY
+SERVING_TX_EPOCH = int(datetime(2018, 9, 30, 12, 0, tzinfo=UTC).timestamp())
+
+
+class BenchError(RuntimeError):
+    pass
+
+
+# --- helpers ------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def resolve_bundle(path: Path | None, work: Path) -> Path:
+    """The given bundle, or a synthetic one (tests.factories) built under `work`."""
+    if path is not None:
+        from fraud.bundle import validate_bundle
+
+        validate_bundle(path)
+        return path
+    from tests.factories import make_synthetic_bundle
+
+    target = work / "synthetic-bundle"
+    make_synthetic_bundle(target)
+    return target
+
+
+def bundle_facts(bundle: Path) -> dict[str, Any]:
+    import xgboost as xgb
+
+    from fraud.bundle import validate_bundle
+
+    manifest = validate_bundle(bundle)
+    booster = xgb.Booster(model_file=str(bundle / "model.ubj"))
+    return {"path": str(bundle), "model_version": manifest.model_version, "trees": booster.num_boosted_rounds(),
+            "features": booster.num_features(), "xgboost": xgb.__version__}
+
+
+def reference_matrix(bundle: Path, rows: int) -> np.ndarray:
+    """Realistic model inputs: the bundle's reference feature sample, tiled to `rows`."""
+    reference = np.load(bundle / "reference_features.npy").astype(np.float64)
+    reps = int(np.ceil(rows / len(reference)))
+    return np.tile(reference, (reps, 1))[:rows]
+
+
+def header(name: str, command: str) -> dict[str, Any]:
+    return {"benchmark": name, "date": datetime.now(UTC).isoformat(timespec="seconds"), "command": command,
+            "machine": {**machine_load(), "python": sys.version.split()[0]}}
+
+
+def finish(report: dict[str, Any], stem: str, label: str | None, markdown: str, no_save: bool) -> None:
+    suffix = f"_{label}" if label else ""
+    if no_save:
+        print(json.dumps(report, indent=2))
+        return
+    save_json(report, RESULTS_DIR / f"{stem}{suffix}.json")
+    section = stem.replace("_", "-") + suffix.replace("_", "-")
+    write_docs_section(markdown, (f"<!-- bench:{section}:start -->", f"<!-- bench:{section}:end -->"))
+    print(markdown)
+
+
+# --- 1. model limit -----------------------------------------------------------------------------
+def time_per_call(fn: Callable[[], Any], min_seconds: float, repeats: int) -> float:
+    """Median over `repeats` of the mean seconds per call in a loop of at least `min_seconds`."""
+    fn()
+    loops = 1
+    while True:
+        started = time.perf_counter()
+        for _ in range(loops):
+            fn()
+        elapsed = time.perf_counter() - started
+        if elapsed >= min_seconds / 4 or loops >= 1 << 20:
+            break
+        loops *= 2
+    loops = max(1, int(loops * (min_seconds / 4) / max(elapsed, 1e-9)))
+    samples = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        for _ in range(loops):
+            fn()
+        samples.append((time.perf_counter() - started) / loops)
+    return median(samples)
+
+
+def bench_model(args: argparse.Namespace) -> int:
+    started = header("scoring_model", "python benchmarks/bench_scoring.py model" + (" --smoke" if args.smoke else ""))
+    import pandas as pd
+    import xgboost as xgb
+
+    from fraud.features.definitions import MODEL_FEATURES
+    from predictor.scoring import BundleScorer
+
+    with tempfile.TemporaryDirectory(prefix="fraud-bench-model-") as tmp:
+        bundle = resolve_bundle(args.bundle, Path(tmp))
+        facts = bundle_facts(bundle)
+        min_seconds, repeats = (0.05, 3) if args.smoke else (args.min_seconds, args.repeats)
+        batches = (1, 100) if args.smoke else (1, 100, 1000)
+        booster = xgb.Booster(model_file=str(bundle / "model.ubj"))
+        booster.set_param({"nthread": 1})
+        scorer = BundleScorer(bundle, nthread=1)
+        rows: list[dict[str, Any]] = []
+        for batch in batches:
+            matrix = reference_matrix(bundle, batch)
+            frame = pd.DataFrame(matrix, columns=list(MODEL_FEATURES))
+            cases: dict[str, Callable[[], Any]] = {
+                "inplace_predict (numpy)": lambda m=matrix: booster.inplace_predict(m, validate_features=False),
+                "inplace_predict (pandas)": lambda f=frame: booster.inplace_predict(f, validate_features=False),
+                "pred_contribs exact TreeSHAP (DMatrix)": lambda m=matrix: booster.predict(
+                    xgb.DMatrix(m, nthread=1), pred_contribs=True, validate_features=False),
+                "pred_contribs approx (DMatrix)": lambda m=matrix: booster.predict(
+                    xgb.DMatrix(m, nthread=1), pred_contribs=True, approx_contribs=True, validate_features=False),
+                "BundleScorer.score (predictor: proba + reason codes + decision)": lambda f=frame: scorer.score(f),
+            }
+            for name, fn in cases.items():
+                seconds = time_per_call(fn, min_seconds, repeats)
+                rows.append({"case": name, "batch": batch, "us_per_call": seconds * 1e6,
+                             "us_per_transaction": seconds * 1e6 / batch, "transactions_per_s_one_core": batch / seconds})
+                print(f"{name:<70} batch {batch:>5}: {seconds * 1e6:10.1f} us/call "
+                      f"{seconds * 1e6 / batch:8.2f} us/tx", file=sys.stderr)
+    report = started
+    report.update({"bundle": facts, "threads": 1, "smoke": args.smoke, "results": rows})
+    lines = [
+        f"Measured {report['date']}, one XGBoost thread, bundle `{facts['model_version']}` "
+        f"({facts['trees']} trees, {facts['features']} features, XGBoost {facts['xgboost']}); 1-min load average "
+        f"{report['machine']['load_average_1m']:.1f} on {report['machine']['cpus']} cores. Command: `{report['command']}`.",
+        "",
+        "| case | batch | µs / call | µs / transaction | transactions/s on one core |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    lines += [f"| {r['case']} | {r['batch']:,} | {r['us_per_call']:,.1f} | {r['us_per_transaction']:,.2f} "
+              f"| {r['transactions_per_s_one_core']:,.0f} |" for r in rows]
+    finish(report, "scoring_model", args.label, "\n".join(lines), args.no_save)
+    return 0
+
+
+# --- servers --------------------------------------------------------------------------------------
+@dataclass
+class Server:
+    name: str
+    url: str  # inference URL
+    process: subprocess.Popen
+    log: Path
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(5)
+
+
+def start_server(name: str, command: list[str], ready_url: str, infer_url: str, log: Path, env: dict[str, str],
+                 cwd: Path, timeout_s: float = 180.0) -> Server:
+    sink = log.open("wb")
+    process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
+    server = Server(name, infer_url, process, log)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise BenchError(f"{name} exited with {process.returncode}:\n{log.read_text(errors='replace')[-2500:]}")
+        try:
+            if httpx.get(ready_url, timeout=1.0).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    server.stop()
+    raise BenchError(f"{name} not ready within {timeout_s:.0f}s:\n{log.read_text(errors='replace')[-2500:]}")
+
+
+def predictor_body(index: int, customer: str, terminal: str, amount: float, epoch: int, batch: int = 1) -> dict:
+    ids = [f"bench-{index}-{i}" for i in range(batch)]
+    return {
+        "inputs": [
+            {"name": "transaction_id", "datatype": "BYTES", "shape": [batch], "data": ids},
+            {"name": "customer_id", "datatype": "BYTES", "shape": [batch], "data": [customer] * batch},
+            {"name": "terminal_id", "datatype": "BYTES", "shape": [batch], "data": [terminal] * batch},
+            {"name": "tx_amount", "datatype": "FP64", "shape": [batch], "data": [amount] * batch},
+            {"name": "tx_datetime", "datatype": "INT64", "shape": [batch], "data": [epoch] * batch},
+        ]
+    }
+
+
+def serving_bodies(bundle: Path, count: int, entities: int) -> tuple[list[bytes], list[bytes]]:
+    """`count` equivalent single-transaction bodies: ours (raw transaction) and MLServer's (the
+    16-feature vector, from the bundle's reference sample)."""
+    rng = np.random.default_rng(1)
+    matrix = reference_matrix(bundle, count)
+    ours, theirs = [], []
+    for i in range(count):
+        customer, terminal = f"C{rng.integers(entities)}", f"T{rng.integers(entities)}"
+        amount = round(float(rng.gamma(2.0, 30.0)) + 1.0, 2)
+        epoch = SERVING_TX_EPOCH + int(rng.integers(0, 36_000))
+        ours.append(json.dumps(predictor_body(i, customer, terminal, amount, epoch)).encode())
+        theirs.append(json.dumps({"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, matrix.shape[1]],
+                                              "data": [float(x) for x in matrix[i]]}]}).encode())
+    return ours, theirs
+
+
+def start_predictor_memory(bundle: Path, work: Path, extra: Sequence[str]) -> Server:
+    port = free_port()
+    command = [CORE_PYTHON, str(Path(__file__).resolve().parent / "serve_predictor_memory.py"), "--bundle", str(bundle),
+               "--model_name", MODEL_NAME, "--http_port", str(port), "--grpc_port", str(free_port()),
+               "--enable_grpc", "false", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return start_server("predictor", command, f"http://127.0.0.1:{port}/v2/models/{MODEL_NAME}/ready",
+                        f"http://127.0.0.1:{port}/v2/models/{MODEL_NAME}/infer", work / "predictor.log", env, ROOT)
+
+
+def start_mlserver(bundle: Path, work: Path) -> Server:
+    mlserver = MLSERVER_ENV / "bin" / "mlserver"
+    if not mlserver.exists():
+        raise BenchError(f"{mlserver} is missing: run `cd benchmarks/mlserver && uv sync --frozen` (see benchmarks/README.md)")
+    model_dir = work / "mlserver" / MLSERVER_MODEL
+    model_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(bundle / "model.ubj", model_dir / "model.ubj")
+    shutil.copy(Path(__file__).resolve().parent / "mlserver" / "model-settings.json", model_dir / "model-settings.json")
+    port = free_port()
+    settings = json.loads((Path(__file__).resolve().parent / "mlserver" / "settings.json").read_text())
+    settings.update({"http_port": port, "grpc_port": free_port(), "metrics_port": free_port()})
+    (work / "mlserver" / "settings.json").write_text(json.dumps(settings, indent=2))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("PYTHONPATH", None)
+    return start_server("mlserver", [str(mlserver), "start", str(work / "mlserver")],
+                        f"http://127.0.0.1:{port}/v2/models/{MLSERVER_MODEL}/ready",
+                        f"http://127.0.0.1:{port}/v2/models/{MLSERVER_MODEL}/infer", work / "mlserver.log", env, work)
+
+
+def check_answer(server: Server, body: bytes, expect: str) -> None:
+    response = httpx.post(server.url, content=body, headers={"content-type": "application/json"}, timeout=10)
+    if response.status_code != 200 or expect not in response.text:
+        raise BenchError(f"{server.name} answered {response.status_code}: {response.text[:500]}")
+
+
+def wait_idle(url: str, body: bytes, limit_s: float = 90.0, fast_ms: float = 250.0) -> float:
+    """Wait until the server has worked off the backlog of an overload run (a probe answered in
+    under `fast_ms`), so one measurement does not spill into the next. Returns the seconds waited."""
+    started = time.perf_counter()
+    while time.perf_counter() - started < limit_s:
+        sent = time.perf_counter()
+        try:
+            httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=limit_s)
+        except httpx.HTTPError:
+            pass
+        if (time.perf_counter() - sent) * 1000 < fast_ms:
+            break
+        time.sleep(0.5)
+    return time.perf_counter() - started
+
+
+def wait_online_detector(infer_url: str, limit_s: float) -> float | None:
+    """The transformer configures its online drift detector (alibi-detect CVM bootstrap) in a
+    background thread after it reports ready; that takes CPU for a while. Wait until its
+    `fraud_drift_online_ready` gauge is 1 (at most `limit_s`) so the measurements see the steady
+    state. Returns the seconds waited, or None when it was not ready in time."""
+    metrics_url = infer_url.split("/v2/")[0] + "/metrics"
+    started = time.perf_counter()
+    while time.perf_counter() - started < limit_s:
+        try:
+            text = httpx.get(metrics_url, timeout=5).text
+        except httpx.HTTPError:
+            text = ""
+        line = next((l for l in text.splitlines() if l.startswith("fraud_drift_online_ready")), None)
+        if line is None or float(line.split()[-1]) >= 1.0:  # no online detector configured, or ready
+            return time.perf_counter() - started
+        time.sleep(2.0)
+    print(f"warning: the transformer's online drift detector was not ready after {limit_s:.0f}s", file=sys.stderr)
+    return None
+
+
+def summarise_wrk(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "rounds": len(runs),
+        "median_requests_per_s": median([r["requests_per_s"] for r in runs]),
+        "median_p50_ms": median([r["p50_ms"] for r in runs]),
+        "median_p99_ms": median([r["p99_ms"] for r in runs]),
+        "errors": sum(r["errors"] for r in runs),
+        "median_client_cpu_cores": median([r["client_cpu_cores"] for r in runs]),
+        "runs": runs,
+    }
+
+
+def summarise_open(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "rounds": len(runs),
+        "median_p50_ms": median([r["p50_ms"] for r in runs]),
+        "median_p99_ms": median([r["p99_ms"] for r in runs]),
+        "median_achieved_rate": median([r["achieved_rate"] for r in runs]),
+        "errors": sum(r["errors"] for r in runs),
+        "median_client_cpu_cores": median([r["client_cpu_cores"] for r in runs]),
+        "runs": runs,
+    }
+
+
+def alternate(systems: list[str], round_index: int) -> list[str]:
+    return systems if round_index % 2 == 0 else list(reversed(systems))
+
+
+# --- 2. predictor vs MLServer ---------------------------------------------------------------------
+def bench_serving(args: argparse.Namespace) -> int:
+    started = header("scoring_serving", "python benchmarks/bench_scoring.py serving " + " ".join(args.argv))
+    rounds, duration, rates = (1, 1.0, [50.0]) if args.smoke else (args.rounds, args.duration, args.rates)
+    with tempfile.TemporaryDirectory(prefix="fraud-bench-serving-") as tmp:
+        work = Path(tmp)
+        bundle = resolve_bundle(args.bundle, work)
+        facts = bundle_facts(bundle)
+        ours, theirs = serving_bodies(bundle, 1000, args.entities)
+        servers: dict[str, Server] = {}
+        try:
+            servers["predictor"] = start_predictor_memory(bundle, work, ["--entities", str(args.entities), *args.predictor_args])
+            servers["mlserver"] = start_mlserver(bundle, work)
+            check_answer(servers["predictor"], ours[0], "fraud_probability")
+            check_answer(servers["mlserver"], theirs[0], '"outputs"')
+            bodies = {"predictor": ours, "mlserver": theirs}
+            # warm-up (JIT-free, but connection pools, caches, lazy imports)
+            for name in servers:
+                run_open_loop(servers[name].url, bodies[name], rate=50.0, duration_s=1.0)
+            saturation: dict[str, list[dict]] = {name: [] for name in servers}
+            fixed: dict[str, dict[str, list[dict]]] = {name: {str(r): [] for r in rates} for name in servers}
+            for round_index in range(rounds):
+                for name in alternate(list(servers), round_index):
+                    result = run_wrk(servers[name].url, bodies[name][0], connections=args.connections, duration_s=duration)
+                    saturation[name].append({**result.to_dict(), "drain_s": wait_idle(servers[name].url, bodies[name][0])})
+                    print(f"round {round_index} {name} saturation: {result.requests_per_s:,.0f} req/s "
+                          f"p99 {result.p99_ms:.1f} ms (wrk {result.client_cpu_cores:.2f} cores)", file=sys.stderr)
+                for rate in rates:
+                    for name in alternate(list(servers), round_index):
+                        result = run_open_loop(servers[name].url, bodies[name], rate=rate, duration_s=duration)
+                        fixed[name][str(rate)].append({**result.to_dict(), "drain_s": wait_idle(servers[name].url, bodies[name][0])})
+                        print(f"round {round_index} {name} @ {rate:g}/s: p50 {result.p50_ms:.2f} p99 {result.p99_ms:.2f} ms "
+                              f"errors {result.errors} (client {result.client_cpu_cores:.2f} cores)", file=sys.stderr)
+        finally:
+            for server in servers.values():
+                server.stop()
+    summary = {name: {"saturation": summarise_wrk(saturation[name]),
+                      "fixed_rate": {rate: summarise_open(runs) for rate, runs in fixed[name].items()}} for name in saturation}
+    ratio = summary["predictor"]["saturation"]["median_requests_per_s"] / summary["mlserver"]["saturation"]["median_requests_per_s"]
+    report = started
+    report.update({
+        "bundle": facts, "smoke": args.smoke, "rounds": rounds, "duration_s": duration, "connections": args.connections,
+        "predictor_args": list(args.predictor_args), "offered_rates": rates,
+        "load_generators": {"saturation": "wrk (closed loop, 1 thread)",
+                            "fixed_rate": "benchmarks/loadgen.py open loop (asyncio, latency from scheduled send time)"},
+        "systems": summary, "throughput_ratio_predictor_over_mlserver": ratio,
+    })
+    lines = [
+        f"Measured {report['date']}; {rounds} rounds x {duration:g} s per measurement, systems alternated every round, "
+        f"medians shown; 1-min load average at start {report['machine']['load_average_1m']:.1f} on "
+        f"{report['machine']['cpus']} cores. Bundle `{facts['model_version']}` ({facts['trees']} trees). "
+        f"Predictor options: `{' '.join(args.predictor_args) or '(defaults)'}`. Command: `{report['command']}`.",
+        "",
+        f"| system | saturation req/s (wrk, {args.connections} conns) | p50 / p99 at saturation (ms) | wrk CPU (cores) | "
+        + " | ".join(f"p50 / p99 @ {r:g}/s (ms)" for r in rates) + " | open-loop client CPU (cores) | errors |",
+        "|---|---:|---:|---:|" + "---:|" * len(rates) + "---:|---:|",
+    ]
+    for name, data in summary.items():
+        sat = data["saturation"]
+        cells = [f"{data['fixed_rate'][str(r)]['median_p50_ms']:.2f} / {data['fixed_rate'][str(r)]['median_p99_ms']:.2f}"
+                 for r in rates]
+        errors = sat["errors"] + sum(data["fixed_rate"][str(r)]["errors"] for r in rates)
+        client = max(data["fixed_rate"][str(r)]["median_client_cpu_cores"] for r in rates)
+        lines.append(f"| {name} | {sat['median_requests_per_s']:,.0f} | {sat['median_p50_ms']:.2f} / {sat['median_p99_ms']:.2f} "
+                     f"| {sat['median_client_cpu_cores']:.2f} | " + " | ".join(cells) + f" | ≤ {client:.2f} | {errors} |")
+    lines += ["", f"Predictor / MLServer saturation throughput: **{ratio:.2f}x** (target ≥ 2x)."]
+    finish(report, "scoring_serving", args.label, "\n".join(lines), args.no_save)
+    return 0
+
+
+# --- 3. full path -----------------------------------------------------------------------------------
+def sample_transactions(data_dir: Path, count: int) -> list[dict[str, Any]]:
+    """`count` transactions of the dataset's last day (their entities are in the online store)."""
+    import pyarrow.parquet as pq
+
+    days = sorted((data_dir / "raw" / "transactions").glob("day=*"))
+    if not days:
+        raise BenchError(f"no raw transactions under {data_dir / 'raw' / 'transactions'}")
+    table = pq.read_table(days[-1]).to_pandas()
+    table = table.sample(n=min(count, len(table)), random_state=0, replace=len(table) < count)
+    return [
+        {"transaction_id": str(row.transaction_id), "customer_id": str(row.customer_id), "terminal_id": str(row.terminal_id),
+         "tx_amount": float(row.tx_amount), "tx_datetime": int(row.tx_datetime.timestamp())}
+        for row in table.itertuples()
+    ]
+
+
+def v2_body(transactions: Sequence[dict[str, Any]]) -> bytes:
+    n = len(transactions)
+    spec = (("transaction_id", "BYTES"), ("customer_id", "BYTES"), ("terminal_id", "BYTES"),
+            ("tx_amount", "FP64"), ("tx_datetime", "INT64"))
+    return json.dumps({"inputs": [{"name": name, "datatype": dtype, "shape": [n], "data": [t[name] for t in transactions]}
+                                  for name, dtype in spec]}).encode()
+
+
+@contextmanager
+def serving_stack(bundle: Path, data_dir: Path, online_store: str, work: Path, max_batch: int,
+                  predictor_args: Sequence[str]) -> Iterator[str]:
+    """The real local stack (fraud.serving_stack) on free ports; yields the transformer's V2 infer URL."""
+    os.environ["FRAUD_DATA_DIR"] = str(data_dir)
+    from fraud.serving_stack import ServingStack, StackConfig
+
+    class BenchStack(ServingStack):
+        def predictor_command(self) -> list[str]:
+            return [*super().predictor_command(), "--max-batch-size", str(max_batch), *predictor_args]
+
+    ports = [free_port() for _ in range(3)]
+    config = StackConfig(bundle=bundle, port=ports[0], grpc_port=ports[1], predictor_port=ports[2],
+                         online_store=online_store, log_dir=work / f"serve-{online_store}")
+    stack = BenchStack(config)
+    stack.start()
+    try:
+        yield f"http://127.0.0.1:{ports[0]}/v2/models/{config.model_name}/infer"
+    finally:
+        stack.stop()
+
+
+def bench_fullpath(args: argparse.Namespace) -> int:
+    started = header("scoring_fullpath", "python benchmarks/bench_scoring.py fullpath " + " ".join(args.argv))
+    if args.data_dir is None:
+        raise BenchError("fullpath needs --data-dir: a data directory with raw/ and a materialised feature store")
+    rounds, duration, rates = (1, 1.0, [20.0]) if args.smoke else (args.rounds, args.duration, args.rates)
+    batches = (10,) if args.smoke else tuple(args.batches)
+    transactions = sample_transactions(args.data_dir, max(2000, max(batches)))
+    singles = [v2_body([t]) for t in transactions[:2000]]
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="fraud-bench-fullpath-") as tmp:
+        work = Path(tmp)
+        bundle = resolve_bundle(args.bundle, work)
+        facts = bundle_facts(bundle)
+        for store in args.stores:
+            with serving_stack(bundle, args.data_dir, store, work, max(max(batches), 512), args.predictor_args) as url:
+                response = httpx.post(url, content=singles[0], headers={"content-type": "application/json"}, timeout=30)
+                if response.status_code != 200 or "fraud_probability" not in response.text:
+                    raise BenchError(f"stack ({store}) answered {response.status_code}: {response.text[:500]}")
+                if '"features_missing"' in response.text and "[true]" in response.text.replace(" ", ""):
+                    print(f"warning: {store}: features_missing true for the probe transaction", file=sys.stderr)
+                detector_ready_s = wait_online_detector(url, args.detector_wait)
+                run_open_loop(url, singles, rate=20.0, duration_s=1.0)  # warm-up
+                saturation, fixed = [], {str(r): [] for r in rates}
+                batched: dict[str, list[dict]] = {str(b): [] for b in batches}
+                for round_index in range(rounds):
+                    # order: saturation, batched, then fixed rates from low to high, so that the
+                    # backlog of an overloaded rate cannot spill into the cheaper measurements
+                    result = run_wrk(url, singles[round_index], connections=args.connections, duration_s=duration)
+                    saturation.append({**result.to_dict(), "drain_s": wait_idle(url, singles[0])})
+                    print(f"{store} round {round_index} saturation {result.requests_per_s:,.0f} req/s p99 {result.p99_ms:.1f} ms "
+                          f"errors {result.errors}", file=sys.stderr)
+                    for batch in batches:
+                        body = v2_body(transactions[:batch])
+                        result = run_wrk(url, body, connections=args.batch_connections, duration_s=duration)
+                        row = result.to_dict()
+                        row["transactions_per_s"] = result.requests_per_s * batch
+                        row["drain_s"] = wait_idle(url, singles[0])
+                        batched[str(batch)].append(row)
+                        print(f"{store} round {round_index} batch {batch}: {row['transactions_per_s']:,.0f} tx/s "
+                              f"p99 {result.p99_ms:.1f} ms errors {result.errors}", file=sys.stderr)
+                    for rate in sorted(rates):
+                        open_result = run_open_loop(url, singles, rate=rate, duration_s=duration)
+                        fixed[str(rate)].append({**open_result.to_dict(), "drain_s": wait_idle(url, singles[0])})
+                        print(f"{store} round {round_index} @ {rate:g}/s p50 {open_result.p50_ms:.2f} p99 "
+                              f"{open_result.p99_ms:.2f} ms errors {open_result.errors}", file=sys.stderr)
+                results[store] = {
+                    "online_drift_detector_ready_after_s": detector_ready_s,
+                    "saturation": summarise_wrk(saturation),
+                    "fixed_rate": {rate: summarise_open(runs) for rate, runs in fixed.items()},
+                    "batched": {b: {**summarise_wrk(runs), "median_transactions_per_s": median([r["transactions_per_s"] for r in runs])}
+                                for b, runs in batched.items()},
+                }
+    report = started
+    report.update({"bundle": facts, "data_dir": str(args.data_dir), "smoke": args.smoke, "rounds": rounds,
+                   "duration_s": duration, "connections": args.connections, "batch_connections": args.batch_connections,
+                   "predictor_args": list(args.predictor_args), "offered_rates": rates, "stores": results})
+    lines = [
+        f"Measured {report['date']}; transformer -> predictor -> Feast online store, {rounds} rounds x {duration:g} s, "
+        f"medians; 1-min load average at start {report['machine']['load_average_1m']:.1f} on {report['machine']['cpus']} cores. "
+        f"Predictor options: `{' '.join(args.predictor_args) or '(defaults)'}`. Command: `{report['command']}`.",
+        "",
+        f"| online store | saturation req/s ({args.connections} conns) | p50 / p99 at saturation (ms) | "
+        + " | ".join(f"p50 / p99 @ {r:g}/s (ms)" for r in rates) + " | "
+        + " | ".join(f"batch {b:,}: tx/s (p99 ms)" for b in batches) + " | errors | client CPU (cores) |",
+        "|---|---:|---:|" + "---:|" * len(rates) + "---:|" * len(batches) + "---:|---:|",
+    ]
+    for store, data in results.items():
+        sat = data["saturation"]
+        errors = sat["errors"] + sum(d["errors"] for d in data["fixed_rate"].values()) + sum(d["errors"] for d in data["batched"].values())
+        client = max([sat["median_client_cpu_cores"]] + [d["median_client_cpu_cores"] for d in data["fixed_rate"].values()])
+        lines.append(
+            f"| {store} | {sat['median_requests_per_s']:,.0f} | {sat['median_p50_ms']:.1f} / {sat['median_p99_ms']:.1f} | "
+            + " | ".join(f"{data['fixed_rate'][str(r)]['median_p50_ms']:.1f} / {data['fixed_rate'][str(r)]['median_p99_ms']:.1f}" for r in rates)
+            + " | " + " | ".join(f"{data['batched'][str(b)]['median_transactions_per_s']:,.0f} ({data['batched'][str(b)]['median_p99_ms']:.0f})"
+                                 for b in batches)
+            + f" | {errors} | ≤ {client:.2f} |"
+        )
+    finish(report, "scoring_fullpath", args.label, "\n".join(lines), args.no_save)
+    return 0
+
+
+# --- CLI -------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Scoring benchmarks (see the module docstring).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in ("model", "serving", "fullpath"):
+        p = sub.add_parser(name)
+        p.add_argument("--bundle", type=Path, help="serving bundle directory (default: a synthetic 20-tree bundle)")
+        p.add_argument("--smoke", action="store_true", help="seconds-long run that only checks the benchmark works")
+        p.add_argument("--no-save", action="store_true", help="print the JSON instead of writing results/docs")
+        p.add_argument("--label", help="suffix of the result file and docs section (e.g. before, after)")
+        if name == "model":
+            p.add_argument("--min-seconds", type=float, default=1.0)
+            p.add_argument("--repeats", type=int, default=5)
+            continue
+        p.add_argument("--rounds", type=int, default=3)
+        p.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
+        p.add_argument("--rates", type=float, nargs="+", default=[250.0, 500.0, 1000.0], help="open-loop offered req/s")
+        p.add_argument("--connections", type=int, default=16, help="wrk connections for saturation")
+        p.add_argument("--predictor-arg", dest="predictor_args", action="append", default=[],
+                       help="extra option for the predictor process (repeatable, e.g. --predictor-arg=--workers=2)")
+        if name == "serving":
+            p.add_argument("--entities", type=int, default=1000)
+        else:
+            p.add_argument("--data-dir", type=Path, help="data dir with raw/ and a materialised feature store")
+            p.add_argument("--stores", nargs="+", default=["sqlite", "redis"], choices=["sqlite", "redis"])
+            p.add_argument("--batches", type=int, nargs="+", default=[100, 1000])
+            p.add_argument("--batch-connections", type=int, default=4)
+            p.add_argument("--detector-wait", type=float, default=300.0,
+                           help="longest wait (s) for the transformer's online drift detector before measuring")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv[1:]
+    # SIGTERM (e.g. a timeout) unwinds like Ctrl-C, so the servers this run started are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        return {"model": bench_model, "serving": bench_serving, "fullpath": bench_fullpath}[args.command](args)
+    except (BenchError, LoadGenError) as exc:
+        print(f"bench_scoring: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
