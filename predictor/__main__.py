@@ -53,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="answer HTTP 503 while the online store is unreachable (default: fail-open, score with defaults)",
     )
     parser.add_argument("--max-batch-size", dest="max_batch_size", type=int, default=DEFAULT_MAX_BATCH_SIZE)
+    parser.add_argument(
+        "--micro-batch-rows",
+        dest="micro_batch_rows",
+        type=int,
+        default=1024,
+        help="most transactions scored together when concurrent requests are coalesced (1 disables coalescing)",
+    )
     parser.add_argument("--nthread", type=int, default=1, help="XGBoost threads per server process")
     parser.add_argument(
         "--store-retry-after",
@@ -68,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         help="longest wait (seconds) for one online-store lookup before the degraded mode applies",
     )
+    # KServe logs one INFO line per request with its stage latencies by default; at hundreds of
+    # requests per second that logging costs ~10% of the server's CPU (benchmarks/bench_scoring.py,
+    # docs/performance.md). The same latencies are in the Prometheus histograms; opt back in with
+    # --enable_latency_logging true.
+    parser.set_defaults(enable_latency_logging=False)
     return parser
 
 
@@ -98,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             fail_closed=args.fail_closed,
             max_batch_size=args.max_batch_size,
             nthread=args.nthread,
+            micro_batch_rows=args.micro_batch_rows,
             store_retry_after_s=args.store_retry_after,
             store_timeout_s=args.store_timeout,
         )

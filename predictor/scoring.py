@@ -102,11 +102,12 @@ class BundleScorer:
     def model_version(self) -> str:
         return self.manifest.model_version
 
-    def contributions(self, features: pd.DataFrame) -> np.ndarray:
+    def contributions(self, features: pd.DataFrame | np.ndarray) -> np.ndarray:
         """SHAP contributions [n, k] (XGBoost TreeSHAP, `pred_contribs=True`), bias dropped."""
         import xgboost as xgb
 
-        matrix = xgb.DMatrix(features, feature_names=list(MODEL_FEATURES), nthread=1)
+        values = features.to_numpy(dtype=np.float64) if isinstance(features, pd.DataFrame) else features
+        matrix = xgb.DMatrix(values, nthread=1)
         return np.asarray(self.booster.predict(matrix, pred_contribs=True, validate_features=False))[:, :-1]
 
     def reason_codes(self, contributions: np.ndarray) -> list[list[ReasonCode]]:
@@ -126,9 +127,11 @@ class BundleScorer:
 
     def score(self, features: pd.DataFrame) -> ScoreResult:
         """Score a model feature frame (columns = MODEL_FEATURES, float64)."""
-        features = features[list(MODEL_FEATURES)]
-        probabilities = np.asarray(self.booster.inplace_predict(features, validate_features=False), dtype=np.float64)
-        contributions = self.contributions(features)
+        # Plain float64 arrays in MODEL_FEATURES order: XGBoost's pandas adapter costs more than
+        # the trees for small batches.
+        values = np.ascontiguousarray(features[list(MODEL_FEATURES)].to_numpy(dtype=np.float64))
+        probabilities = np.asarray(self.booster.inplace_predict(values, validate_features=False), dtype=np.float64)
+        contributions = self.contributions(values)
         thresholds = self.manifest.thresholds
         return ScoreResult(
             probabilities=probabilities,
