@@ -6,6 +6,11 @@ ports, wired like an InferenceService (client -> transformer -> predictor).
   Alibi Detect, its own environment), HTTP on `port` and V2 gRPC on `grpc_port`, forwarding to the
   predictor with the V2 REST protocol (V1 requests are forwarded as V1).
 
+Auditing is on by default (`StackConfig.audit`): before the children start, the audit database
+(FRAUD_AUDIT_DB_URL, else SQLite `<data dir>/audit/audit.db`) is migrated, and the predictor appends
+every decision to the spool `<data dir>/audit/spool.db` (FRAUD_AUDIT_SPOOL overrides it) that its
+in-process writer thread drains into that database (docs/audit.md).
+
 Both read the same local bundle directory. `ServingStack.start()` checks that every port is free,
 starts both and waits until both are ready; any failure stops what was started and raises `UserError` with the end of the failing process's log. `stop()` terminates
 both (SIGTERM, then SIGKILL after a grace period). Each child also asks the kernel to SIGTERM it
@@ -65,6 +70,12 @@ class StackConfig:
     #: a child that exits more often than this within restart_window_s is not restarted again
     max_restarts: int = 3
     restart_window_s: float = 300.0
+    #: record every decision in the audit trail (spool + in-process writer of the predictor)
+    audit: bool = True
+    #: audit spool file (None: FRAUD_AUDIT_SPOOL, else <data dir>/audit/spool.db)
+    audit_spool: Path | None = None
+    #: audit database (None: FRAUD_AUDIT_DB_URL, else SQLite <data dir>/audit/audit.db)
+    audit_db_url: str | None = None
 
     def __post_init__(self) -> None:
         ports = {"--port": self.port, "--grpc-port": self.grpc_port, "--predictor-port": self.predictor_port}
@@ -86,6 +97,48 @@ class StackConfig:
     @property
     def predictor_url(self) -> str:
         return f"http://{LOOPBACK}:{self.predictor_port}"
+
+    def resolved_audit_spool(self) -> Path:
+        from fraud.audit import default_spool_path
+
+        return Path(self.audit_spool or default_spool_path()).resolve()
+
+    def resolved_audit_db_url(self) -> str:
+        from fraud.audit import audit_db_url
+
+        return audit_db_url(self.audit_db_url)
+
+
+AUDIT_ENV = ("FRAUD_AUDIT_SPOOL", "FRAUD_AUDIT_DB_URL")
+
+
+def redacted_url(url: str) -> str:
+    """A database URL fit for messages (password hidden)."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<invalid URL>"
+
+
+def migrate_audit_database(url: str) -> str | None:
+    """Create / upgrade the audit tables (Alembic) at `url`; returns the revision. UserError if impossible."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from fraud.audit import create_audit_engine, upgrade_database
+
+    engine = create_audit_engine(url, pooled=False)  # UserError for a malformed / unsupported URL
+    try:
+        return upgrade_database(engine)
+    except SQLAlchemyError as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(
+            f"cannot migrate the audit database {redacted_url(url)}: {detail}; fix it or start with --no-audit"
+        ) from None
+    finally:
+        engine.dispose()
 
 
 def port_in_use(port: int) -> bool:
@@ -200,7 +253,17 @@ class ServingStack:
             command += ["--online-store", self.config.online_store]
         if self.config.store_timeout_s is not None:
             command += ["--store-timeout", f"{self.config.store_timeout_s:g}"]
+        if self.config.audit:
+            # the database URL travels in the environment (predictor_env), not on a visible command line
+            command += ["--audit-spool", str(self.config.resolved_audit_spool())]
         return command
+
+    def predictor_env(self) -> dict[str, str]:
+        """Environment of the predictor: the resolved audit database, or no audit settings at all."""
+        env = {k: v for k, v in os.environ.items() if k not in AUDIT_ENV}
+        if self.config.audit:
+            env["FRAUD_AUDIT_DB_URL"] = self.config.resolved_audit_db_url()
+        return env
 
     def transformer_command(self) -> list[str]:
         return [
@@ -221,13 +284,17 @@ class ServingStack:
             raise UserError(f"the drift transformer environment is missing ({DRIFT_PYTHON}): run `make setup`")
         check_ports_free(self.config)
         self.config.log_dir.mkdir(parents=True, exist_ok=True)
+        if self.config.audit:
+            url = self.config.resolved_audit_db_url()
+            self.on_status(f"migrating the audit database {redacted_url(url)}")
+            migrate_audit_database(url)
         try:
             # both start at once (each spends most of its start-up importing its libraries); the
             # transformer does not need the predictor until the first request
             self.on_status(
                 f"starting predictor on {self.config.predictor_url} and drift transformer on {self.config.url}"
             )
-            self.predictor = self._spawn("predictor", self.predictor_command(), PROJECT_ROOT)
+            self.predictor = self._spawn("predictor", self.predictor_command(), PROJECT_ROOT, env=self.predictor_env())
             self.transformer = self._spawn("transformer", self.transformer_command(), DRIFT_TRANSFORMER_DIR)
             self._wait_ready(self.predictor, self.config.predictor_url)
             self._wait_ready(self.transformer, self.config.url)
@@ -271,7 +338,9 @@ class ServingStack:
     def _restart(self, child: ChildProcess) -> None:
         with self._lock:
             if child is self.predictor:
-                self.predictor = self._spawn("predictor", self.predictor_command(), PROJECT_ROOT, append=True)
+                self.predictor = self._spawn(
+                    "predictor", self.predictor_command(), PROJECT_ROOT, append=True, env=self.predictor_env()
+                )
             elif child is self.transformer:
                 self.transformer = self._spawn(
                     "transformer", self.transformer_command(), DRIFT_TRANSFORMER_DIR, append=True
@@ -285,9 +354,11 @@ class ServingStack:
         self.stop()
 
     # --- internals ---------------------------------------------------------------------------
-    def _spawn(self, name: str, command: list[str], cwd: Path, append: bool = False) -> ChildProcess:
+    def _spawn(
+        self, name: str, command: list[str], cwd: Path, append: bool = False, env: dict[str, str] | None = None
+    ) -> ChildProcess:
         log_path = self.config.log_dir / f"{name}.log"
-        env = dict(os.environ)
+        env = dict(os.environ if env is None else env)
         env.pop("PYTHONPATH", None)  # each side runs in its own environment
         with log_path.open("ab" if append else "wb") as log:
             process = subprocess.Popen(

@@ -21,7 +21,16 @@ from fastapi.responses import JSONResponse
 from kserve import ModelServer, model_server
 from kserve.logging import logger
 
-from predictor.model import DEFAULT_MAX_BATCH_SIZE, FraudModel, ModelLoadError, PredictorSettings
+from predictor.model import (
+    AUDIT_SPOOL_SYNC_ENV,
+    DEFAULT_AUDIT_SPOOL_MAX_RECORDS,
+    DEFAULT_AUDIT_SPOOL_SYNC,
+    DEFAULT_MAX_BATCH_SIZE,
+    MODEL_VARIANTS,
+    FraudModel,
+    ModelLoadError,
+    PredictorSettings,
+)
 from predictor.scoring import KSERVE_MODEL_DIR
 
 EXIT_LOAD_FAILED = 1
@@ -75,6 +84,34 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         help="longest wait (seconds) for one online-store lookup before the degraded mode applies",
     )
+    parser.add_argument(
+        "--audit-spool",
+        dest="audit_spool",
+        default=os.environ.get("FRAUD_AUDIT_SPOOL") or None,
+        help="audit spool file: every decision is appended to it before the response (503 if it cannot be); "
+        "default FRAUD_AUDIT_SPOOL, else auditing is off",
+    )
+    parser.add_argument(
+        "--audit-db-url",
+        dest="audit_db_url",
+        default=os.environ.get("FRAUD_AUDIT_DB_URL") or None,
+        help="audit database drained by a writer thread in this process (default FRAUD_AUDIT_DB_URL; "
+        "without it a sidecar `fraud audit writer` must drain the spool)",
+    )
+    parser.add_argument(
+        "--audit-spool-max-records",
+        dest="audit_spool_max_records",
+        type=int,
+        default=DEFAULT_AUDIT_SPOOL_MAX_RECORDS,
+        help="decisions the spool holds at most; beyond, requests are refused with 503",
+    )
+    parser.add_argument(
+        "--model-variant",
+        dest="model_variant",
+        choices=list(MODEL_VARIANTS),
+        default=os.environ.get("FRAUD_MODEL_VARIANT") or "stable",
+        help="deployment variant recorded on every audited decision (default FRAUD_MODEL_VARIANT, else stable)",
+    )
     # KServe logs one INFO line per request with its stage latencies by default; at hundreds of
     # requests per second that logging costs ~10% of the server's CPU (benchmarks/bench_scoring.py,
     # docs/performance.md). The same latencies are in the Prometheus histograms; opt back in with
@@ -94,8 +131,32 @@ async def malformed_request_handler(_: Request, exc: RequestValidationError) -> 
     return JSONResponse(status_code=400, content={"error": "malformed request: " + "; ".join(problems)})
 
 
+def settings_from_args(args: argparse.Namespace) -> PredictorSettings:
+    """The model's settings from parsed options (ValueError for an invalid combination)."""
+    return PredictorSettings(
+        bundle=args.bundle,
+        online_store=args.online_store,
+        fail_closed=args.fail_closed,
+        max_batch_size=args.max_batch_size,
+        nthread=args.nthread,
+        micro_batch_rows=args.micro_batch_rows,
+        store_retry_after_s=args.store_retry_after,
+        store_timeout_s=args.store_timeout,
+        audit_spool=args.audit_spool,
+        audit_db_url=args.audit_db_url,
+        model_variant=args.model_variant,
+        audit_spool_sync=os.environ.get(AUDIT_SPOOL_SYNC_ENV, "").strip() or DEFAULT_AUDIT_SPOOL_SYNC,
+        audit_spool_max_records=args.audit_spool_max_records,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.audit_db_url and not args.audit_spool:
+        if any(arg.startswith("--audit-db-url") for arg in (sys.argv[1:] if argv is None else argv)):
+            print("python -m predictor: --audit-db-url needs --audit-spool (or FRAUD_AUDIT_SPOOL)", file=sys.stderr)
+            return 2
+        args.audit_db_url = None  # FRAUD_AUDIT_DB_URL alone (e.g. meant for a sidecar) does not enable auditing
     if args.workers != 1:
         # KServe's multi-process REST server spawns workers that re-import and unpickle the model and
         # kills any that does not answer its liveness ping within 5 s; this model's imports (Feast,
@@ -104,16 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         print("python -m predictor: --workers must be 1; scale with replicas instead", file=sys.stderr)
         return 2
     try:
-        settings = PredictorSettings(
-            bundle=args.bundle,
-            online_store=args.online_store,
-            fail_closed=args.fail_closed,
-            max_batch_size=args.max_batch_size,
-            nthread=args.nthread,
-            micro_batch_rows=args.micro_batch_rows,
-            store_retry_after_s=args.store_retry_after,
-            store_timeout_s=args.store_timeout,
-        )
+        settings = settings_from_args(args)
     except ValueError as exc:
         print(f"python -m predictor: {exc}", file=sys.stderr)
         return 2

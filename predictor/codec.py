@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -71,6 +72,9 @@ class ParsedRequest:
     transactions: list[TransactionRequest]
     request_id: str | None = None
     infer_request: InferRequest | None = field(default=None, repr=False)
+    #: when the request reached the model (UTC) and its time.perf_counter() then, for the audit trail
+    received_at: datetime | None = None
+    arrival: float | None = None
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,8 @@ class ScoredBatch:
     features_missing: np.ndarray
     features_stale: np.ndarray
     feature_matrix: np.ndarray  # [n, len(MODEL_FEATURES)], float64
+    #: the online store was down and the rows were scored with cold-start defaults (fail-open)
+    fail_open: bool = False
 
 
 def request_protocol(body: Any) -> str:

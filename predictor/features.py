@@ -55,6 +55,8 @@ class FeatureLookup:
     """Batch features for the rows of one request (see the module docstring for the columns)."""
 
     frame: pd.DataFrame
+    #: the store was unreachable: these are cold-start defaults of the fail-open mode
+    fail_open: bool = False
 
     @classmethod
     def empty(cls, rows: int) -> FeatureLookup:

@@ -56,7 +56,7 @@ FEATURES_STALE = Counter(
 )
 ERRORS = Counter(
     "fraud_predictor_errors",
-    "Errors by kind (invalid_input, feature_store_unavailable, internal)",
+    "Errors by kind (invalid_input, feature_store_unavailable, audit_unavailable, internal)",
     ["kind"],
 )
 DEGRADED = Counter(

@@ -10,16 +10,28 @@ Lifecycle (what KServe's ModelServer calls):
 * `predict()` - one batched online-store lookup for the whole request, `model_feature_frame`,
   XGBoost `inplace_predict` and `pred_contribs` reason codes (`ScoredBatch`).
 * `postprocess()` - V1 `predictions` or a V2 `InferResponse` in the request's protocol.
+
+Audit trail (optional, `PredictorSettings.audit_spool`): every decision of a request is appended to
+the local audit spool (`fraud.audit.AuditSpool`) in the scoring thread, once per scored batch,
+*before* the response is returned. A batch that cannot be spooled in full (spool file unwritable,
+spool full) fails with `AuditUnavailable` (HTTP 503 / gRPC UNAVAILABLE): a decision that cannot be
+audited is never acknowledged. With `audit_db_url` an in-process `AuditWriter` thread drains the
+spool into the audit database; without it a sidecar (`fraud audit writer`) does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
+import os
+import sqlite3
+import threading
 import time
-from dataclasses import dataclass, replace
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -29,7 +41,7 @@ from kserve.model import InferenceVerb
 from kserve.protocol.infer_type import InferRequest
 
 from fraud.bundle import BundleError
-from fraud.features.definitions import model_feature_frame
+from fraud.features.definitions import MODEL_FEATURES, model_feature_frame
 from fraud.schema import CUSTOMER_ID, REQUEST_FIELDS, TERMINAL_ID, TX_AMOUNT, TX_DATETIME, TransactionRequest
 from predictor import metrics
 from predictor.codec import (
@@ -55,13 +67,36 @@ from predictor.features import (
 )
 from predictor.scoring import KSERVE_MODEL_DIR, BundleScorer, resolve_bundle_dir
 
+if TYPE_CHECKING:
+    from fraud.audit import AuditSpool, AuditWriter
+
 logger = logging.getLogger("kserve.fraud_predictor")
 
 DEFAULT_MAX_BATCH_SIZE = 512
+MODEL_VARIANTS = ("stable", "canary")
+#: The predictor's spool fsync policy unless FRAUD_AUDIT_SPOOL_SYNC says otherwise: NORMAL survives a
+#: crash of the predictor process without one fsync per request (docs/audit.md, "Guarantees").
+DEFAULT_AUDIT_SPOOL_SYNC = "NORMAL"
+AUDIT_SPOOL_SYNC_ENV = "FRAUD_AUDIT_SPOOL_SYNC"
+DEFAULT_AUDIT_SPOOL_MAX_RECORDS = 200_000
+
+#: (UTC wall clock, perf_counter) of the request being handled, set when it reaches the model
+_REQUEST_ARRIVAL: contextvars.ContextVar[tuple[datetime, float] | None] = contextvars.ContextVar(
+    "fraud_request_arrival", default=None
+)
 
 
 class ModelLoadError(RuntimeError):
     """The model cannot be made ready (bad bundle, unusable feature store configuration)."""
+
+
+class AuditUnavailable(ServerNotReady):
+    """The request's decisions cannot be written to the audit spool: HTTP 503 / gRPC UNAVAILABLE,
+    so that no unaudited decision is acknowledged."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = str(self)
 
 
 class OnlineStoreUnavailable(ServerNotReady):
@@ -91,8 +126,34 @@ class PredictorSettings:
     store_timeout_s: float = 1.0
     #: most transactions scored together when concurrent requests are coalesced (1: no coalescing)
     micro_batch_rows: int = 1024
+    #: audit spool file; None disables the audit trail
+    audit_spool: str | None = None
+    #: audit database drained by an in-process AuditWriter thread; None: a sidecar drains the spool
+    audit_db_url: str | None = None
+    #: recorded on every audited decision
+    model_variant: str = "stable"
+    #: spool fsync policy (NORMAL or FULL); None: FRAUD_AUDIT_SPOOL_SYNC, else NORMAL
+    audit_spool_sync: str | None = None
+    #: most decisions the spool holds before requests are refused with 503
+    audit_spool_max_records: int = DEFAULT_AUDIT_SPOOL_MAX_RECORDS
+
+    @property
+    def audit_enabled(self) -> bool:
+        return bool(self.audit_spool)
+
+    def resolved_audit_spool_sync(self) -> str:
+        sync = self.audit_spool_sync or os.environ.get(AUDIT_SPOOL_SYNC_ENV, "").strip() or DEFAULT_AUDIT_SPOOL_SYNC
+        return sync.strip().upper()
 
     def __post_init__(self) -> None:
+        if self.model_variant not in MODEL_VARIANTS:
+            raise ValueError(f"model_variant must be one of {MODEL_VARIANTS}, got {self.model_variant!r}")
+        if self.audit_spool_max_records < 1:
+            raise ValueError(f"audit_spool_max_records must be >= 1, got {self.audit_spool_max_records}")
+        if self.audit_spool_sync is not None and self.audit_spool_sync.strip().upper() not in ("NORMAL", "FULL"):
+            raise ValueError(f"audit_spool_sync must be NORMAL or FULL, got {self.audit_spool_sync!r}")
+        if self.audit_db_url and not self.audit_spool:
+            raise ValueError("audit_db_url needs an audit spool (--audit-spool / FRAUD_AUDIT_SPOOL)")
         if self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.nthread < 1:
@@ -139,9 +200,17 @@ class MicroBatcher:
     a single scoring thread avoids GIL contention between executor threads.
     """
 
-    def __init__(self, score: "Callable[[ParsedRequest], ScoredBatch]", max_rows: int) -> None:
+    def __init__(
+        self,
+        score: Callable[[ParsedRequest], ScoredBatch],
+        max_rows: int,
+        on_scored: Callable[[list[ScoredBatch]], None] | None = None,
+    ) -> None:
+        """`on_scored` runs in the scoring thread after each batch, before any request is answered
+        (the audit trail); if it raises, every request of the batch gets the error."""
         self._score = score
         self._max_rows = max_rows
+        self._on_scored = on_scored
         self._queue: asyncio.Queue[_PendingRequest] | None = None
         self._task: asyncio.Task | None = None
         self.batches = 0
@@ -192,6 +261,12 @@ class MicroBatcher:
                     item.future.set_result(result)
 
     def _score_together(self, requests: list[ParsedRequest]) -> list[ScoredBatch]:
+        results = self._split_scores(requests)
+        if self._on_scored is not None:
+            self._on_scored(results)
+        return results
+
+    def _split_scores(self, requests: list[ParsedRequest]) -> list[ScoredBatch]:
         if len(requests) == 1:
             return [self._score(requests[0])]
         combined = ParsedRequest(requests[0].protocol, [tx for r in requests for tx in r.transactions])
@@ -210,6 +285,7 @@ class MicroBatcher:
                     features_missing=scored.features_missing[start:end],
                     features_stale=scored.features_stale[start:end],
                     feature_matrix=scored.feature_matrix[start:end],
+                    fail_open=scored.fail_open,
                 )
             )
             start = end
@@ -222,7 +298,13 @@ class FraudModel(Model):
         self.settings = settings
         self.feature_source = feature_source
         self.scorer: BundleScorer | None = None
-        self.batcher = MicroBatcher(self.score_request, settings.micro_batch_rows)
+        self.audit_spool: AuditSpool | None = None
+        self.audit_writer: AuditWriter | None = None
+        # serialises the room check and the append of one batch (executor threads when not coalescing)
+        self._audit_lock = threading.Lock()
+        self.batcher = MicroBatcher(
+            self.score_request, settings.micro_batch_rows, on_scored=self.audit if settings.audit_enabled else None
+        )
 
     # --- lifecycle ---------------------------------------------------------------------------
     def load(self) -> bool:
@@ -239,17 +321,64 @@ class FraudModel(Model):
             except Exception as exc:  # a broken repo/config is fatal at start, unlike an outage later
                 raise ModelLoadError(f"cannot open the Feast feature store: {type(exc).__name__}: {exc}") from exc
         self.warm_up()
+        self.open_audit_trail()
         self.ready = True
         logger.info(
-            "loaded %s version %s from %s (feature source %s, %s, max batch %d)",
+            "loaded %s version %s (%s) from %s (feature source %s, %s, max batch %d, audit %s)",
             self.scorer.manifest.model_name,
             self.model_version,
+            self.settings.model_variant,
             bundle_dir,
             self.feature_source.name,
             "fail-closed" if self.settings.fail_closed else "fail-open",
             self.settings.max_batch_size,
+            self.audit_description(),
         )
         return self.ready
+
+    def open_audit_trail(self) -> None:
+        """Open the audit spool and, with an audit database URL, start the writer thread draining it."""
+        if not self.settings.audit_enabled:
+            return
+        from fraud.audit import AuditSpool, AuditWriter
+        from fraud.errors import UserError
+
+        assert self.settings.audit_spool is not None
+        try:
+            self.audit_spool = AuditSpool(
+                self.settings.audit_spool,
+                max_records=self.settings.audit_spool_max_records,
+                synchronous=self.settings.resolved_audit_spool_sync(),
+            )
+        except (sqlite3.Error, OSError, RuntimeError, ValueError) as exc:
+            raise ModelLoadError(f"cannot open the audit spool {self.settings.audit_spool}: {exc}") from None
+        if self.settings.audit_db_url:
+            try:
+                self.audit_writer = AuditWriter(self.audit_spool.path, db_url=self.settings.audit_db_url)
+            except UserError as exc:
+                self.close_audit_trail()
+                raise ModelLoadError(f"cannot use the audit database: {exc}") from None
+            self.audit_writer.start()
+
+    def audit_description(self) -> str:
+        if self.audit_spool is None:
+            return "off"
+        drain = "writer thread" if self.audit_writer is not None else "sidecar writer"
+        return f"spool {self.audit_spool.path} ({self.settings.resolved_audit_spool_sync()}, {drain})"
+
+    def close_audit_trail(self) -> None:
+        """Stop the writer (it flushes what the database accepts) and close the spool; idempotent."""
+        writer, self.audit_writer = self.audit_writer, None
+        if writer is not None:
+            writer.stop()
+            writer.close()
+        spool, self.audit_spool = self.audit_spool, None
+        if spool is not None:
+            spool.close()
+
+    def stop(self) -> None:
+        self.close_audit_trail()
+        super().stop()
 
     def warm_up(self) -> None:
         """One lookup and one scoring before the first request, so that it does not pay for lazy
@@ -278,6 +407,7 @@ class FraudModel(Model):
     ):
         protocol = request_protocol(body)
         started = time.perf_counter()
+        _REQUEST_ARRIVAL.set((datetime.now(UTC), started))
         outcome = "error"
         try:
             result = await super().__call__(body, headers, verb)
@@ -303,8 +433,11 @@ class FraudModel(Model):
 
     async def preprocess(self, payload: dict | InferRequest, headers: dict[str, str] | None = None) -> ParsedRequest:
         if isinstance(payload, InferRequest):
-            return parse_v2(payload, self.settings.max_batch_size)
-        return parse_v1(payload, self.settings.max_batch_size)
+            parsed = parse_v2(payload, self.settings.max_batch_size)
+        else:
+            parsed = parse_v1(payload, self.settings.max_batch_size)
+        received_at, arrival = _REQUEST_ARRIVAL.get() or (datetime.now(UTC), time.perf_counter())
+        return replace(parsed, received_at=received_at, arrival=arrival)
 
     async def predict(
         self, payload: ParsedRequest, headers: dict[str, str] | None = None, response_headers: dict | None = None
@@ -312,8 +445,15 @@ class FraudModel(Model):
         # Feature lookup and scoring block (network I/O, XGBoost): off the event loop, in one
         # scoring thread that coalesces concurrent requests (MicroBatcher).
         if self.settings.micro_batch_rows <= 1:
-            return await asyncio.get_running_loop().run_in_executor(None, self.score_request, payload)
+            return await asyncio.get_running_loop().run_in_executor(None, self.score_and_audit, payload)
         return await self.batcher.submit(payload)
+
+    def score_and_audit(self, request: ParsedRequest) -> ScoredBatch:
+        """Score one request and, when auditing, spool its decisions (blocking: a worker thread)."""
+        result = self.score_request(request)
+        if self.settings.audit_enabled:
+            self.audit([result])
+        return result
 
     async def postprocess(self, result: ScoredBatch, headers: dict[str, str] | None = None, response_headers=None):
         if result.request.protocol == PROTOCOL_V1:
@@ -348,7 +488,7 @@ class FraudModel(Model):
                 "online feature store unavailable, scoring with cold-start defaults (fail-open): %s",
                 exc,
             )
-            return FeatureLookup.empty(len(frame))
+            return replace(FeatureLookup.empty(len(frame)), fail_open=True)
         metrics.FEATURE_LOOKUP_LATENCY.labels(source.name, "ok").observe(time.perf_counter() - started)
         return lookup
 
@@ -356,7 +496,8 @@ class FraudModel(Model):
         scorer = self.scorer
         assert scorer is not None, "load() first"
         frame = transactions_frame(request.transactions)
-        lookup = self.lookup_features(frame).frame
+        features_lookup = self.lookup_features(frame)
+        lookup = features_lookup.frame
         batch = lookup[list(BATCH_FEATURES)]
         missing = batch.isna().any(axis=1).to_numpy()
         stale = stale_mask(lookup, frame[TX_DATETIME])
@@ -379,4 +520,69 @@ class FraudModel(Model):
             features_missing=missing,
             features_stale=stale,
             feature_matrix=features.to_numpy(dtype=np.float64),
+            fail_open=features_lookup.fail_open,
         )
+
+    # --- audit trail -------------------------------------------------------------------------
+    def audit(self, results: list[ScoredBatch]) -> None:
+        """Spool every decision of `results` in one transaction, before any of them is answered.
+
+        All or nothing: when the spool has no room for the whole batch nothing is appended and
+        `AuditUnavailable` (503) is raised, as it is when the spool cannot be written.
+        """
+        spool = self.audit_spool
+        if spool is None:
+            raise AuditUnavailable("the audit trail is enabled but its spool is not open (model stopped?)")
+        from fraud.audit import decision_records
+
+        assert self.scorer is not None, "load() first"
+        model_name = self.scorer.manifest.model_name
+        now = time.perf_counter()
+        records = []
+        for result in results:
+            request = result.request
+            received_at = request.received_at or datetime.now(UTC)
+            latency_ms = (now - request.arrival) * 1000.0 if request.arrival is not None else 0.0
+            records += decision_records(
+                transaction_ids=[tx.transaction_id for tx in request.transactions],
+                customer_ids=[tx.customer_id for tx in request.transactions],
+                terminal_ids=[tx.terminal_id for tx in request.transactions],
+                feature_names=MODEL_FEATURES,
+                feature_matrix=result.feature_matrix,
+                scores=result.probabilities,
+                decisions=result.decisions,
+                reason_codes=result.reason_codes,
+                features_missing=result.features_missing,
+                features_stale=result.features_stale,
+                fail_open=result.fail_open,
+                model_name=model_name,
+                model_version=result.model_version,
+                variant=self.settings.model_variant,  # type: ignore[arg-type]
+                received_at=received_at,
+                latency_ms=latency_ms,
+            )
+        with self._audit_lock:
+            try:
+                room = spool.max_records - spool.depth()
+                if len(records) > room:
+                    self._refuse_audit(
+                        f"the audit spool is full ({spool.max_records} decisions waiting for the writer)"
+                    )
+                appended = spool.append(records)
+            except sqlite3.Error as exc:
+                self._refuse_audit(f"cannot write the audit spool {spool.path}: {type(exc).__name__}: {exc}")
+        if appended.dropped:
+            # only possible when another process appends to the same spool concurrently
+            logger.error(
+                "audit spool %s refused %d of %d decisions of an unanswered batch; the %d accepted stay spooled",
+                spool.path,
+                appended.dropped,
+                len(records),
+                appended.accepted,
+            )
+            self._refuse_audit(f"the audit spool is full ({spool.max_records} decisions waiting for the writer)")
+
+    def _refuse_audit(self, detail: str) -> None:
+        metrics.ERRORS.labels("audit_unavailable").inc()
+        logger.error("refusing to answer: %s", detail)
+        raise AuditUnavailable(f"decisions not answered because they cannot be audited: {detail}")

@@ -79,6 +79,14 @@ def serve_command(
     log_dir: Annotated[
         Path | None, typer.Option("--log-dir", help="Folder of the server logs. Default: <data dir>/serve.")
     ] = None,
+    audit: Annotated[
+        bool,
+        typer.Option(
+            "--audit/--no-audit",
+            help="Record every decision in the audit trail: spool <data dir>/audit/spool.db (or FRAUD_AUDIT_SPOOL) "
+            "drained into FRAUD_AUDIT_DB_URL, else SQLite <data dir>/audit/audit.db (migrated at start).",
+        ),
+    ] = True,
 ) -> None:
     """Serve the fraud model locally: predictor + drift transformer on loopback ports (Ctrl-C stops both)."""
     from rich.console import Console
@@ -122,6 +130,7 @@ def serve_command(
         log_dir=logs,
         drift_window_size=drift_window,
         transformer_args=() if drift_online_ert is None else ("--online_ert", f"{drift_online_ert:g}"),
+        audit=audit,
     )
     if detach:
         _start_detached(config, pid_file.resolve(), console)
@@ -180,6 +189,8 @@ def _start_detached(config, pid_file: Path, console) -> None:
         command += ["--online-store", config.online_store]
     if config.store_timeout_s is not None:
         command += ["--store-timeout", f"{config.store_timeout_s:g}"]
+    if not config.audit:
+        command.append("--no-audit")
     with log_path.open("wb") as log:
         supervisor = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -227,6 +238,13 @@ def _print_endpoints(config, console) -> None:
     table.add_row("predictor (internal)", config.predictor_url)
     table.add_row("bundle", str(config.bundle))
     table.add_row("logs", str(config.log_dir))
+    if config.audit:
+        from fraud.serving_stack import redacted_url
+
+        table.add_row("audit spool", str(config.resolved_audit_spool()))
+        table.add_row("audit database", redacted_url(config.resolved_audit_db_url()))
+    else:
+        table.add_row("audit", "off (--no-audit)")
     console.print(table)
 
 
