@@ -5,16 +5,23 @@ KServe's own arguments (`--model_name`, `--predictor_host`, `--protocol`/`--pred
 `kserve.model_server.parser`; this module adds the bundle and the drift-monitor options. A bundle
 that cannot be read is reported on one line and the process exits with status 1 before opening
 any port.
+
+Request-path logging is off by default: KServe's per-request `kserve.trace` lines (stage latencies
+and the timing middleware's wall/CPU times) come back with `--enable_latency_logging true`, uvicorn's
+access-log line with `--enable_access_log true`. The same latencies are in the Prometheus metrics.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+import warnings
 
 from kserve import ModelServer, PredictorConfig, model_server
-from kserve.logging import logger
+from kserve.logging import KSERVE_TRACE_LOGGER_NAME, configure_logging, logger
+from kserve.utils.utils import strtobool
 
 from drift_transformer.drift import (
     DEFAULT_ONLINE_FEATURES,
@@ -23,7 +30,12 @@ from drift_transformer.drift import (
     DriftReference,
     MonitorConfig,
 )
-from drift_transformer.transformer import DriftTransformer, install_exception_handlers
+from drift_transformer.transformer import (
+    DriftTransformer,
+    ModelReadyDataPlane,
+    NotReadyAnswerFilter,
+    install_exception_handlers,
+)
 
 #: Where KServe's storage initializer puts the model (the bundle) in the InferenceService pod.
 KSERVE_MODEL_DIR = "/mnt/models"
@@ -50,6 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     # a scoring call that takes this long is broken; KServe's default (600 s) would hold clients far too long
     parser.set_defaults(predictor_request_timeout_seconds=30)
+    # KServe writes per-request INFO lines (stage latencies; wall and CPU time of every route) by
+    # default: at hundreds of requests per second that is real CPU on the request path. The same
+    # latencies are in the Prometheus histograms; opt back in with --enable_latency_logging true.
+    parser.set_defaults(enable_latency_logging=False)
+    parser.add_argument(
+        "--enable_access_log",
+        type=strtobool,
+        default=False,
+        help="log one uvicorn access line per HTTP request (INFO)",
+    )
     defaults = MonitorConfig()
     parser.add_argument(
         "--bundle",
@@ -99,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=defaults.queue_capacity,
         help="batches held between the request path and the drift worker before new ones are dropped",
     )
+    parser.add_argument(
+        "--online_max_vectors_per_second",
+        type=float,
+        default=defaults.online_max_vectors_per_second,
+        help="most vectors per second fed to the online detector (each costs ~0.3 ms of CPU); the rest are skipped "
+        "and counted in fraud_drift_online_vectors_skipped_total (the batch detector sees all). 0: no limit",
+    )
     return parser
 
 
@@ -109,9 +138,35 @@ def predictor_protocol(args: argparse.Namespace, argv: list[str]) -> str:
     return args.protocol
 
 
+def setup_logging(args: argparse.Namespace) -> None:
+    """KServe's logging configuration, set up before the drift worker starts, and shared by this package."""
+    if args.configure_logging and not logger.handlers:
+        configure_logging(args.log_config_file)  # what ModelServer would do later; it then leaves it alone
+    package_logger = logging.getLogger("drift_transformer")
+    if logger.handlers and not package_logger.handlers:
+        for handler in logger.handlers:
+            package_logger.addHandler(handler)
+        package_logger.setLevel(logger.level or logging.INFO)
+        package_logger.propagate = False
+    logger.addFilter(NotReadyAnswerFilter())
+
+
+def quiet_request_path_logging(latency_logging: bool, access_log: bool) -> None:
+    """Silence the per-request log lines unless asked for (call after KServe configured logging)."""
+    if not latency_logging:
+        # KServe's timing middleware logs two INFO lines per request on this logger, whatever
+        # --enable_latency_logging says; the model's own latency line goes there too
+        logging.getLogger(KSERVE_TRACE_LOGGER_NAME).setLevel(logging.WARNING)
+    if not access_log:
+        logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    # KServe 0.20's routes use FastAPI's deprecated ORJSONResponse; the warning is printed per request
+    warnings.filterwarnings("ignore", message="ORJSONResponse is deprecated")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    setup_logging(args)
     if args.workers != 1:
         print(
             "python -m drift_transformer: --workers must be 1 (the drift windows live in one process)", file=sys.stderr
@@ -130,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             online_window_sizes=tuple(args.online_window_sizes),
             online_bootstraps=args.online_bootstraps,
             queue_capacity=args.drift_queue_capacity,
+            online_max_vectors_per_second=args.online_max_vectors_per_second,
         )
         reference = DriftReference.from_bundle(args.bundle)
         monitor = DriftMonitor(reference, config)
@@ -174,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
         enable_latency_logging=args.enable_latency_logging,
         predictor_config=predictor_config,
     )
+    # server readiness (/v2/health/ready) follows the model's: ready once the drift monitor is configured
+    server.dataplane = ModelReadyDataPlane(model_registry=server.registered_models)
+    quiet_request_path_logging(args.enable_latency_logging, args.enable_access_log)
     server.start([transformer])
     return 0
 

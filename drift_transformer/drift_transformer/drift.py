@@ -10,7 +10,11 @@ bundle's `feature_names` order):
 * an **online detector** (`alibi_detect.cd.CVMDriftOnline`) on a few key numeric features,
   updated per vector, with thresholds configured for an expected run time (`ert`, in vectors)
   between false alarms. Configuring its thresholds takes seconds (bootstrap simulation, numba
-  compilation), so it is built on the worker thread and joins in when ready.
+  compilation), so it is built on the worker thread at start; the monitor reports `configured`
+  (and the transformer reports ready) only once it is. Each update costs a fixed amount of CPU per
+  vector, so the online detector is fed at most `online_max_vectors_per_second` vectors per second
+  (a token bucket, evenly spaced within each batch); the rest are skipped and counted. The batch
+  detector always sees every vector.
 
 `DriftMonitor.submit` never blocks the request path: vectors go into a bounded queue drained by
 one background thread; when the queue is full the vectors are dropped and counted.
@@ -26,6 +30,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,6 +138,9 @@ class MonitorConfig:
     online_bootstraps: int | None = None
     #: capacity (in submitted batches) of the queue between the request path and the worker
     queue_capacity: int = 1000
+    #: most vectors per second fed to the online detector (burst: one second's worth); the others
+    #: are skipped and counted. 0: no limit (every vector, whatever it costs)
+    online_max_vectors_per_second: float = 200.0
 
     def __post_init__(self) -> None:
         if self.window_size < 2:
@@ -149,6 +157,10 @@ class MonitorConfig:
             raise DriftConfigError(f"online_bootstraps must be >= 100, got {self.online_bootstraps}")
         if self.queue_capacity < 1:
             raise DriftConfigError(f"queue_capacity must be >= 1, got {self.queue_capacity}")
+        if not (0.0 <= self.online_max_vectors_per_second < float("inf")):
+            raise DriftConfigError(
+                f"online_max_vectors_per_second must be >= 0 (0: no limit), got {self.online_max_vectors_per_second}"
+            )
 
     def min_online_bootstraps(self, n_features: int) -> int:
         """Fewest bootstrap streams from which CVMDriftOnline can estimate its thresholds.
@@ -230,6 +242,15 @@ class DriftMetrics:
             "fraud_drift_online_threshold", "online detector threshold at the current time", **kw
         )
         self.online_drift = Gauge("fraud_drift_online_detected", "1 if the online detector currently flags drift", **kw)
+        self.online_vectors_updated = Counter(
+            "fraud_drift_online_vectors_updated", "feature vectors fed to the online detector", **kw
+        )
+        self.online_vectors_skipped = Counter(
+            "fraud_drift_online_vectors_skipped",
+            "feature vectors not fed to the online detector (over online_max_vectors_per_second, or received "
+            "while it was not configured)",
+            **kw,
+        )
         self.online_detections = Counter(
             "fraud_drift_online_detections", "vectors at which the online detector flagged drift", **kw
         )
@@ -355,6 +376,39 @@ class OnlineDriftDetector:
         )
 
 
+class OnlineRateLimiter:
+    """Token bucket choosing which vectors of each batch the online detector sees.
+
+    Holds at most one second's worth (`rate`, at least 1) of tokens, refilled at `rate` per second;
+    a batch of n vectors takes min(n, tokens) of them, spread evenly over the batch so that the
+    sample follows the whole stream rather than the head of each batch. `rate` 0 admits everything.
+    """
+
+    def __init__(self, rate: float, clock: Callable[[], float] = time.monotonic) -> None:
+        if rate < 0:
+            raise DriftConfigError(f"online_max_vectors_per_second must be >= 0, got {rate}")
+        self.rate = float(rate)
+        self.capacity = max(1.0, self.rate)
+        self._clock = clock
+        self._tokens = self.capacity
+        self._last = clock()
+
+    def admit(self, n: int) -> np.ndarray:
+        """Indices (ascending) of the vectors of an n-vector batch to feed to the online detector."""
+        if n <= 0:
+            return np.empty(0, dtype=np.intp)
+        if not self.rate:
+            return np.arange(n)
+        now = self._clock()
+        self._tokens = min(self.capacity, self._tokens + (now - self._last) * self.rate)
+        self._last = now
+        take = min(n, int(self._tokens))
+        self._tokens -= take
+        if take == n:
+            return np.arange(n)
+        return (np.arange(take) * n) // take if take else np.empty(0, dtype=np.intp)
+
+
 class DriftMonitor:
     """Feeds submitted feature vectors to the batch and online detectors on a background thread."""
 
@@ -363,6 +417,7 @@ class DriftMonitor:
         reference: DriftReference,
         config: MonitorConfig | None = None,
         metrics: DriftMetrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.reference = reference
         self.config = config or MonitorConfig()
@@ -372,6 +427,11 @@ class DriftMonitor:
             # fail at start-up, not later on the worker thread that configures the detector
             self.config.online_bootstraps_for(len(online_feature_names(reference, self.config)))
         self.online_detector: OnlineDriftDetector | None = None
+        self.online_limiter = OnlineRateLimiter(self.config.online_max_vectors_per_second, clock)
+        #: set once the monitor is fully configured (online detector built, or disabled)
+        self._configured = threading.Event()
+        #: why configuring the online detector failed (the monitor then never becomes configured)
+        self.configuration_error: str | None = None
         self.last_window: WindowResult | None = None
         self.last_online: OnlineResult | None = None
         self._queue: queue.Queue[np.ndarray | None] = queue.Queue(maxsize=self.config.queue_capacity)
@@ -424,6 +484,15 @@ class DriftMonitor:
         self._thread.join(timeout)
         self._thread = None
 
+    @property
+    def configured(self) -> bool:
+        """True once both detectors are ready: the online one configured (or disabled by online_ert=0)."""
+        return self._configured.is_set()
+
+    def wait_configured(self, timeout: float | None = None) -> bool:
+        """Block until `configured` (True) or the timeout passes (False)."""
+        return self._configured.wait(timeout)
+
     def wait_idle(self, timeout: float = 30.0) -> bool:
         """Block until every submitted batch has been processed (for tests and shutdown)."""
         deadline = time.monotonic() + timeout
@@ -439,6 +508,7 @@ class DriftMonitor:
         """Configure the online detector's thresholds (seconds of bootstrap); no-op if disabled."""
         if not self.config.online_ert or self.online_detector is not None:
             return
+        logger.info("configuring the online drift detector's thresholds (not ready until done)")
         started = time.perf_counter()
         self.online_detector = OnlineDriftDetector(self.reference, self.config)
         self.metrics.online_ready.set(1)
@@ -450,11 +520,22 @@ class DriftMonitor:
             time.perf_counter() - started,
         )
 
-    def _run(self) -> None:
+    def configure(self) -> bool:
+        """Build the online detector (if enabled) and mark the monitor configured; False if that failed."""
         try:
             self.build_online_detector()
-        except Exception:  # the batch detector keeps working without the online one
-            logger.exception("could not configure the online drift detector; continuing with the batch detector only")
+        except Exception as exc:  # the batch detector keeps working, but the monitor never reports configured
+            self.configuration_error = f"{type(exc).__name__}: {exc}"
+            logger.exception(
+                "could not configure the online drift detector; the transformer will not report ready "
+                "(the batch detector keeps running)"
+            )
+            return False
+        self._configured.set()
+        return True
+
+    def _run(self) -> None:
+        self.configure()
         while True:
             batch = self._queue.get()
             if batch is None:
@@ -488,9 +569,16 @@ class DriftMonitor:
             self.metrics.invalid_vectors.inc(int((~finite).sum()))
             batch = batch[finite]
         if self.online_detector is not None:
-            with self.metrics.detection_seconds.labels(detector="online").time():
-                for vector in batch:
-                    self._record_online(self.online_detector.update(vector))
+            admitted = self.online_limiter.admit(len(batch))
+            if len(admitted) < len(batch):
+                self.metrics.online_vectors_skipped.inc(len(batch) - len(admitted))
+            if len(admitted):
+                with self.metrics.detection_seconds.labels(detector="online").time():
+                    for vector in batch[admitted]:
+                        self._record_online(self.online_detector.update(vector))
+                self.metrics.online_vectors_updated.inc(len(admitted))
+        elif self.config.online_ert:
+            self.metrics.online_vectors_skipped.inc(len(batch))
         with self.metrics.detection_seconds.labels(detector="batch").time():
             results = self.window_detector.add(batch)
         for result in results:

@@ -12,6 +12,10 @@ before it goes back to the client. Here
 * predictor unreachable -> 503 (gRPC UNAVAILABLE) at once, time-out -> 504 (DEADLINE_EXCEEDED),
   and an HTTP error answer of the predictor (e.g. 400 for an invalid transaction) is passed to the
   client with its status and body unchanged.
+* readiness: the model (`/v2/models/{name}/ready`, `/v1/models/{name}`) and the server
+  (`/v2/health/ready`, via `ModelReadyDataPlane`) report ready only once the drift monitor is fully
+  configured — its online detector's thresholds take seconds of bootstrap after start; until then
+  scoring requests are answered 503 (KServe's "model not ready") and liveness stays up.
 * `postprocess` takes the feature vectors (V1 `predictions[i]["features"]`, V2 output
   `feature_vector`), submits them to the drift monitor's bounded queue without waiting, and
   returns the response unchanged.
@@ -34,9 +38,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from grpc_interceptor.exceptions import GrpcException
 from kserve import Model
-from kserve.errors import InvalidInput
+from kserve.errors import InvalidInput, ModelNotReady, ServerNotReady
 from kserve.inference_client import InferenceRESTClient, RESTConfig
 from kserve.model import InferenceVerb, append_forwardable_headers
+from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.infer_type import InferRequest, InferResponse
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 
@@ -117,6 +122,19 @@ def install_exception_handlers(app: FastAPI) -> None:
     app.add_exception_handler(PredictorError, predictor_error_handler)
 
 
+class NotReadyAnswerFilter(logging.Filter):
+    """Drops KServe's ERROR record with traceback for each 503 "not ready" answer.
+
+    While the drift monitor is configured every readiness probe (and any early request) is answered
+    503 by design; KServe's exception handlers would log each one as an error with a full traceback.
+    The answer itself is unchanged; the monitor logs once when it is ready.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, (ModelNotReady, ServerNotReady))
+
+
 class TransformerMetrics:
     def __init__(self, registry: CollectorRegistry | None = REGISTRY) -> None:
         self.requests = Counter(
@@ -142,6 +160,24 @@ class TransformerMetrics:
             "predictor answers (rows) that carried no usable feature vector",
             registry=registry,
         )
+
+
+class ModelReadyDataPlane(DataPlane):
+    """KServe's data plane whose server readiness (`/v2/health/ready`, gRPC ServerReady) also requires
+    every registered model to be ready, as the Open Inference Protocol defines server readiness.
+
+    KServe 0.20's `DataPlane.ready()` only checks the predictor (and only with its health check on),
+    so a transformer still configuring its drift monitor would otherwise report a ready server.
+    """
+
+    async def ready(self) -> bool:
+        models = self.model_registry.get_models()
+        if not models:
+            return False
+        for model in models.values():
+            if not await model.healthy():
+                return False
+        return await super().ready()
 
 
 def client_protocol(payload: Any) -> str:
@@ -265,9 +301,20 @@ class DriftTransformer(Model):
 
     # --- lifecycle ------------------------------------------------------------------------------
     def load(self) -> bool:
+        """Start the drift worker, which first configures the online detector (seconds of bootstrap).
+
+        `self.ready` (KServe's "loaded": the model can be registered with the model server) is set at
+        once so the server comes up and answers liveness probes and /metrics; readiness is
+        `healthy()`, which KServe's model and server readiness endpoints ask, and it turns true only
+        when the monitor is configured.
+        """
         self.monitor.start()
         self.ready = True
         return self.ready
+
+    async def healthy(self) -> bool:
+        """Ready: loaded, and the drift monitor fully configured (online thresholds computed)."""
+        return self.ready and self.monitor.configured
 
     def stop(self) -> None:
         self.monitor.stop()
@@ -351,7 +398,7 @@ class DriftTransformer(Model):
             response = exc.response
             kind = "http_4xx" if response.status_code < 500 else "http_5xx"
             self.metrics.predictor_errors.labels(kind=kind).inc()
-            logger.info("predictor %s answered %d: %s", host, response.status_code, response.text[:500])
+            logger.debug("predictor %s answered %d: %s", host, response.status_code, response.text[:500])
             raise PredictorError(
                 response.status_code,
                 f"predictor answered {response.status_code}: {response.text[:500]}",

@@ -13,6 +13,7 @@ from drift_transformer.drift import (
     DriftMonitor,
     DriftReference,
     MonitorConfig,
+    OnlineRateLimiter,
 )
 from prometheus_client import CollectorRegistry
 
@@ -126,6 +127,7 @@ def test_online_detector_flags_a_sustained_amount_shift(bundle_dir):
         online_window_sizes=(40,),
         online_bootstraps=2500,
         online_features=("tx_amount_feature", "terminal_risk_7d", "not_a_feature"),
+        online_max_vectors_per_second=0,  # every vector
     )
     monitor.build_online_detector()
     assert monitor.online_detector.feature_names == ("tx_amount_feature", "terminal_risk_7d")
@@ -204,8 +206,74 @@ def test_reference_reads_the_manifest(bundle_dir):
         ({"correction": "holm"}, "correction"),
         ({"online_ert": 100, "online_window_sizes": ()}, "online_window_sizes"),
         ({"queue_capacity": 0}, "queue_capacity"),
+        ({"online_max_vectors_per_second": -1.0}, "online_max_vectors_per_second"),
     ],
 )
 def test_monitor_config_rejects_bad_options(options, message):
     with pytest.raises(DriftConfigError, match=message):
         MonitorConfig(**options)
+
+
+class ManualClock:
+    """A clock the test moves forward explicitly (seconds)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_rate_limiter_admits_a_burst_then_the_rate_spread_over_each_batch():
+    clock = ManualClock()
+    limiter = OnlineRateLimiter(50.0, clock)
+    assert limiter.admit(30).tolist() == list(range(30))  # within the one-second burst
+    admitted = limiter.admit(100)  # 20 tokens left
+    assert len(admitted) == 20
+    assert admitted.tolist() == list(range(0, 100, 5))  # evenly spread, not the head of the batch
+    assert len(limiter.admit(10)) == 0
+    clock.now += 0.5  # 25 tokens
+    assert len(limiter.admit(100)) == 25
+    clock.now += 60.0  # refills to the burst, not beyond
+    assert len(limiter.admit(1000)) == 50
+    assert OnlineRateLimiter(0.0, clock).admit(5000).tolist() == list(range(5000))  # 0: no limit
+
+
+def test_online_updates_are_capped_while_the_batch_detector_sees_every_vector(bundle_dir):
+    np.random.seed(0)
+    clock = ManualClock()
+    registry = CollectorRegistry()
+    config = MonitorConfig(
+        window_size=300, online_ert=300, online_window_sizes=(20,), online_max_vectors_per_second=100
+    )
+    monitor = DriftMonitor(DriftReference.from_bundle(bundle_dir), config, DriftMetrics(registry), clock=clock)
+    assert not monitor.configured
+    # vectors that arrive before the online detector is configured are not fed to it, and counted
+    monitor.process(sample_vectors(50, seed=30))
+    assert registry.get_sample_value("fraud_drift_online_vectors_skipped_total") == 50
+    assert monitor.configure()
+    assert monitor.configured
+    assert registry.get_sample_value("fraud_drift_online_ready") == 1
+    results = monitor.process(sample_vectors(550, seed=31))  # one instant: only the burst of 100
+    assert len(results) == 2  # 50 + 550 vectors: two windows of 300
+    assert registry.get_sample_value("fraud_drift_vectors_processed_total") == 600
+    assert registry.get_sample_value("fraud_drift_online_vectors_updated_total") == 100
+    assert registry.get_sample_value("fraud_drift_online_vectors_skipped_total") == 50 + 450
+    assert monitor.online_detector._detector.t == 100  # alibi-detect's own count of updates
+    # a sustained shift is still detected from the sampled stream: 1 s of batches at 3x the amounts
+    for second in range(4):
+        clock.now += 1.0
+        monitor.process(sample_vectors(400, seed=40 + second, amount_factor=3.0))
+    assert registry.get_sample_value("fraud_drift_online_vectors_updated_total") == 500
+    assert registry.get_sample_value("fraud_drift_online_detections_total") > 0
+    assert registry.get_sample_value("fraud_drift_online_detected") == 1
+    assert monitor.last_window is not None and monitor.last_window.is_drift
+
+
+def test_batch_only_monitor_is_configured_without_an_online_detector(bundle_dir):
+    monitor, registry = make_monitor(bundle_dir)
+    assert monitor.configure()
+    assert monitor.configured and monitor.online_detector is None
+    assert registry.get_sample_value("fraud_drift_online_ready") == 0  # no online detector to be ready
+    monitor.process(sample_vectors(10, seed=3))
+    assert registry.get_sample_value("fraud_drift_online_vectors_skipped_total") == 0

@@ -10,6 +10,7 @@ feature vectors. The end-to-end test through the real predictor lives in the cor
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -186,7 +187,8 @@ class Transformer:
         )
 
 
-def start_transformer(bundle: Path, predictor_port: int, log: Path, *extra: str) -> Transformer:
+def spawn_transformer(bundle: Path, predictor_port: int, log: Path, *extra: str) -> Transformer:
+    """Start the transformer process without waiting for it (its output unbuffered into `log`)."""
     http_port, grpc_port = free_port(), free_port()
     command = [
         sys.executable, "-m", "drift_transformer",
@@ -199,8 +201,14 @@ def start_transformer(bundle: Path, predictor_port: int, log: Path, *extra: str)
         "--predictor_request_timeout_seconds", "10",
         *extra,
     ]  # fmt: skip
-    process = subprocess.Popen(command, cwd=PROJECT_DIR, stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    transformer = Transformer(process, http_port, grpc_port, log)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # the log file shows every line as it is written
+    process = subprocess.Popen(command, cwd=PROJECT_DIR, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
+    return Transformer(process, http_port, grpc_port, log)
+
+
+def start_transformer(bundle: Path, predictor_port: int, log: Path, *extra: str) -> Transformer:
+    transformer = spawn_transformer(bundle, predictor_port, log, *extra)
+    process = transformer.process
     deadline = time.monotonic() + STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -251,6 +259,7 @@ def transformer(module_dir, predictor) -> Iterator[Transformer]:
         "--online_ert", "200",
         "--online_window_sizes", "20",
         "--online_bootstraps", "700",
+        "--online_max_vectors_per_second", "2000",  # this module's traffic stays within the one-second burst
     )  # fmt: skip
     yield running
     stop_process(running.process)
@@ -399,11 +408,31 @@ def test_drift_metric_rises_under_shifted_traffic(transformer):
     assert transformer.metric("fraud_drift_online_ready") == 1
     assert transformer.metric("fraud_drift_online_detections_total") >= 1
     assert transformer.metric("fraud_drift_queue_dropped_vectors_total") == 0
+    assert transformer.metric("fraud_drift_online_vectors_skipped_total") == 0
+
+
+#: what KServe and uvicorn write per request when asked to (kserve.trace: latencies and the timing
+#: middleware's wall/CPU lines; uvicorn.access; FastAPI's ORJSONResponse deprecation warning)
+PER_REQUEST_LOG_MARKERS = ("kserve.trace", "uvicorn.access", "ORJSONResponse is deprecated")
+
+
+def test_request_path_writes_no_log_lines(transformer):
+    before = transformer.log.read_text()
+    url = f"{transformer.url}/v1/models/{MODEL}:predict"
+    for i in range(5):
+        assert httpx.post(url, json={"instances": transactions(2, start=30_000 + 2 * i)}, timeout=10).status_code == 200
+    v2 = httpx.post(f"{transformer.url}/v2/models/{MODEL}/infer", json=v2_body(transactions(2, start=1)), timeout=10)
+    assert v2.status_code == 200
+    new_lines = transformer.log.read_text()[len(before) :]
+    assert [line for line in new_lines.splitlines() if any(m in line for m in PER_REQUEST_LOG_MARKERS)] == []
 
 
 def test_predictor_down_answers_503_fast(module_dir):
     dead_port = free_port()  # nothing listens there
-    down = start_transformer(module_dir / "bundle", dead_port, module_dir / "down.log", "--online_ert", "0")
+    down = start_transformer(
+        module_dir / "bundle", dead_port, module_dir / "down.log", "--online_ert", "0",
+        "--enable_latency_logging", "true", "--enable_access_log", "true",
+    )  # fmt: skip
     try:
         started = time.monotonic()
         response = httpx.post(
@@ -418,6 +447,10 @@ def test_predictor_down_answers_503_fast(module_dir):
         assert response.status_code == 503
         assert down.metric("fraud_transformer_predictor_errors_total", kind="unavailable") == 2
         assert down.metric("fraud_transformer_requests_total", protocol="v1", status="503") == 1
+        # asked for, the per-request lines are back (so the test above can see them when they are there)
+        log = down.log.read_text()
+        assert f"kserve.trace kserve.io.v1.models.{MODEL}:predict" in log
+        assert "uvicorn.access" in log and f"POST /v2/models/{MODEL}/infer" in log
     finally:
         stop_process(down.process)
 
@@ -433,3 +466,67 @@ def test_unreadable_bundle_exits_with_a_clear_message(tmp_path):
     )
     assert result.returncode == 1
     assert f"no bundle.json in {tmp_path}" in result.stdout + result.stderr
+
+
+def test_ready_only_once_the_online_detector_is_configured(module_dir, predictor):
+    """From the moment the port opens: not ready (server and model) while the online detector's
+    thresholds are being configured, ready afterwards; whenever ready is reported, the detector is
+    configured. Once ready, batched traffic feeds the online detector at most its rate limit."""
+    running = spawn_transformer(
+        module_dir / "bundle",
+        predictor.port,
+        module_dir / "readiness.log",
+        "--drift_window_size", "100",
+        "--online_ert", "500",
+        "--online_window_sizes", "50",
+        "--online_max_vectors_per_second", "50",
+    )  # fmt: skip
+    model_ready_url = f"{running.url}/v2/models/{MODEL}/ready"
+    observed_not_ready = []
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            assert time.monotonic() < deadline, f"not ready in time:\n{running.log.read_text()[-3000:]}"
+            assert running.process.poll() is None, running.log.read_text()[-3000:]
+            try:
+                model_ready = httpx.get(model_ready_url, timeout=2).status_code
+                server_ready = httpx.get(f"{running.url}/v2/health/ready", timeout=2).status_code
+                online_ready = running.metric("fraud_drift_online_ready")  # read after the readiness answers
+            except httpx.TransportError:
+                time.sleep(0.05)
+                continue
+            assert {model_ready, server_ready} <= {200, 503}
+            if 200 in (model_ready, server_ready):  # whenever ready is reported, the detector is configured
+                assert online_ready == 1
+            if (model_ready, server_ready) == (200, 200):
+                break
+            if online_ready == 0:  # read after both answers: neither may have said ready
+                assert (model_ready, server_ready) == (503, 503)
+                observed_not_ready.append(time.monotonic())
+                if len(observed_not_ready) == 1:  # the server is up and live, but does not score yet
+                    assert httpx.get(f"{running.url}/v2/health/live", timeout=2).status_code == 200
+                    response = httpx.post(
+                        f"{running.url}/v1/models/{MODEL}:predict",
+                        json={"instances": transactions(1, start=1)},
+                        timeout=10,
+                    )
+                    assert response.status_code == 503
+            time.sleep(0.1)
+        assert observed_not_ready, "the port only opened once the detector was configured: nothing was observed"
+        assert "online drift detector ready" in running.log.read_text()
+
+        started = time.monotonic()
+        url = f"{running.url}/v1/models/{MODEL}:predict"
+        for i in range(5):  # 500 vectors in batches of 100, well above 50 per second
+            txs = transactions(100, start=40_000 + 100 * i, seed=i)
+            assert httpx.post(url, json={"instances": txs}, timeout=10).status_code == 200
+        running.wait_idle()
+        elapsed = time.monotonic() - started
+        updated = running.metric("fraud_drift_online_vectors_updated_total")
+        skipped = running.metric("fraud_drift_online_vectors_skipped_total")
+        assert running.metric("fraud_drift_vectors_processed_total") == 500  # the batch detector saw all
+        assert running.metric("fraud_drift_windows_evaluated_total") == 5
+        assert updated + skipped == 500
+        assert 50 <= updated <= 50 + 50 * elapsed + 1
+    finally:
+        stop_process(running.process)
