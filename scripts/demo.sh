@@ -16,23 +16,37 @@ step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 
 if [ -f "$PID_FILE" ]; then "$FRAUD" serve --stop --pid-file "$PID_FILE" || true; fi
 
-step "1/5 simulate transactions (Handbook ch. 3.2) into $FRAUD_DATA_DIR/raw"
+step "1/6 simulate transactions (Handbook ch. 3.2) into $FRAUD_DATA_DIR/raw"
 "$FRAUD" simulate --overwrite \
   --customers "${DEMO_CUSTOMERS:-5000}" --terminals "${DEMO_TERMINALS:-10000}" --days "${DEMO_DAYS:-183}" \
-  --seed "${DEMO_SEED:-0}"
+  --seed "${DEMO_SEED:-0}" --start-date "${DEMO_START_DATE:-2018-04-01}"
 
-step "2/5 feature store: offline tables, feast apply, materialize, a few online vectors"
+step "2/6 feature store: offline tables, feast apply, materialize, a few online vectors"
 "$FRAUD" features all
 
-step "3/5 training pipeline through kfp.local: ingest -> features -> training set -> train -> evaluate -> gate -> register -> deploy"
+step "3/6 training pipeline through kfp.local: ingest -> features -> training set -> train -> evaluate -> gate -> register -> deploy"
 "$FRAUD" pipeline run --local
 
-step "4/5 local serving stack: predictor + drift transformer, champion model (transformer on port $PORT)"
+step "4/6 local serving stack: predictor + drift transformer, champion model (transformer on port $PORT)"
 "$FRAUD" serve --detach --port "$PORT" --pid-file "$PID_FILE"
 trap '"$FRAUD" serve --stop --pid-file "$PID_FILE" >/dev/null 2>&1 || true' EXIT
 
-step "5/5 score sample transactions through the transformer"
+step "5/6 score sample transactions through the transformer"
 "$FRAUD" score --url "http://127.0.0.1:$PORT" --sample 8 --protocol v1
 "$FRAUD" score --url "http://127.0.0.1:$PORT" --sample 3 --protocol v2
+"$FRAUD" score --url "http://127.0.0.1:$PORT" --sample 2000 --seed 1 --summary
 
-step "done: stopping the stack (run 'fraud serve' to keep it up)"
+step "6/6 audit trail and delayed labels: decisions recorded today, labels of the scored week, live quality"
+"$FRAUD" serve --stop --pid-file "$PID_FILE"   # drains the predictor's audit writer
+trap - EXIT
+TODAY=$(date -u +%F); TOMORROW=$(date -u -d tomorrow +%F)
+"$FRAUD" audit export --from "$TODAY" --to "$TOMORROW" --format csv --out "$FRAUD_DATA_DIR/audit/decisions-$TODAY.csv"
+echo "decisions in the audit table today: $(($(wc -l < "$FRAUD_DATA_DIR/audit/decisions-$TODAY.csv") - 1))"
+LAST_DAY=$(date -u -d "${DEMO_START_DATE:-2018-04-01} + ${DEMO_DAYS:-183} days" +%F)
+FIRST_DAY=$(date -u -d "$LAST_DAY - 7 days" +%F)
+mkdir -p "$FRAUD_DATA_DIR/labels"
+"$FRAUD" labels emit --from "$FIRST_DAY" --to "$LAST_DAY" --out "$FRAUD_DATA_DIR/labels/labels-$LAST_DAY.csv"
+"$FRAUD" labels ingest "$FRAUD_DATA_DIR/labels/labels-$LAST_DAY.csv"
+"$FRAUD" labels quality
+
+step "done (run 'fraud serve' to keep the stack up)"

@@ -257,6 +257,18 @@ def test_fraud_score_returns_decisions_through_the_transformer(stack):
     assert stack.metric("fraud_transformer_requests_total", protocol="v1", status="200") >= 1
 
 
+def test_fraud_score_summary_counts_every_transaction_across_batches(stack):
+    before = stack.metric("fraud_transformer_requests_total", protocol="v1", status="200")
+    result = stack.fraud("score", "--url", stack.url, "--sample", "7", "--batch-size", "3", "--summary")
+    assert result.returncode == 0, result.stdout + result.stderr + stack.logs()
+    assert "7 decisions" in result.stdout
+    rows = [line for line in result.stdout.splitlines() if line.strip("│ ").startswith(("approve", "review", "decline"))]
+    counts = [int(n) for line in rows for n in line.replace("│", " ").split()[1:]]
+    assert len(rows) == 3 and sum(counts) == 7
+    # 7 transactions in batches of 3 -> 3 requests
+    assert stack.metric("fraud_transformer_requests_total", protocol="v1", status="200") - before == 3
+
+
 def test_fraud_score_v2_and_a_file(stack, tmp_path):
     file = tmp_path / "tx.jsonl"
     file.write_text("\n".join(json.dumps(t) for t in traffic(3, seed=7, prefix="FILE")))

@@ -260,6 +260,12 @@ def score_command(
     protocol: Annotated[str, typer.Option("--protocol", help="Inference protocol: v1 or v2 (REST).")] = "v1",
     seed: Annotated[int, typer.Option("--seed", help="Random seed of --sample.")] = 0,
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the answer.")] = 30.0,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, help="Transactions per request (the predictor's limit is 512).")
+    ] = 256,
+    summary: Annotated[
+        bool, typer.Option("--summary", help="Print counts by decision (and label) instead of one row per transaction.")
+    ] = False,
 ) -> None:
     """Send transactions through the serving stack and print the decisions."""
     from rich.console import Console
@@ -277,8 +283,12 @@ def score_command(
         if file is not None
         else sample_raw_transactions(DataLayout.current(), sample, seed)
     )
-    scored = score_transactions(url, transactions, protocol=protocol, timeout_s=timeout)
+    batches = [transactions[start : start + batch_size] for start in range(0, len(transactions), batch_size)]
+    scored = [row for batch in batches for row in score_transactions(url, batch, protocol=protocol, timeout_s=timeout)]
     labels = {tx["transaction_id"]: tx.get("tx_fraud") for tx in transactions}
+    if summary:
+        _print_decision_summary(scored, labels, url, protocol)
+        return
     by_id = {tx["transaction_id"]: tx for tx in transactions}
     table = Table(title=f"decisions from {url} ({protocol})")
     essential = {"transaction", "P(fraud)", "decision", "label"}  # never wrapped or cut
@@ -316,6 +326,27 @@ def score_command(
     if not console.is_terminal:  # piped or captured: no terminal width to respect, keep rows on one line
         console = Console(width=160)
     console.print(table)
+
+
+def _print_decision_summary(scored: list, labels: dict, url: str, protocol: str) -> None:
+    """Counts of decisions, split by the simulated label when the transactions carry one."""
+    from collections import Counter
+
+    from rich.console import Console
+    from rich.table import Table
+
+    with_labels = any(label is not None for label in labels.values())
+    counts = Counter((row.decision, labels.get(row.transaction_id)) for row in scored)
+    table = Table(title=f"{len(scored)} decisions from {url} ({protocol})")
+    table.add_column("decision")
+    for header in ("genuine", "fraud") if with_labels else ("transactions",):
+        table.add_column(header, justify="right")
+    for decision in ("approve", "review", "decline"):
+        if with_labels:
+            table.add_row(decision, str(counts[(decision, 0)]), str(counts[(decision, 1)]))
+        else:
+            table.add_row(decision, str(sum(n for (d, _), n in counts.items() if d == decision)))
+    Console().print(table)
 
 
 def register(app: typer.Typer) -> None:
