@@ -47,6 +47,5 @@ FIRST_DAY=$(date -u -d "$LAST_DAY - 7 days" +%F)
 mkdir -p "$FRAUD_DATA_DIR/labels"
 "$FRAUD" labels emit --from "$FIRST_DAY" --to "$LAST_DAY" --out "$FRAUD_DATA_DIR/labels/labels-$LAST_DAY.csv"
 "$FRAUD" labels ingest "$FRAUD_DATA_DIR/labels/labels-$LAST_DAY.csv"
-"$FRAUD" labels quality
 
 step "done (run 'fraud serve' to keep the stack up)"

@@ -95,3 +95,28 @@ def write_raw_partitions(layout, frame: pd.DataFrame) -> None:
         pq.write_table(
             pa.Table.from_pandas(part, schema=RAW_TRANSACTION_SCHEMA, preserve_index=False), folder / "part-0.parquet"
         )
+
+
+def materialised_sqlite_store(root: Path, raw: pd.DataFrame):
+    """Fill the data directory `root` with `raw` transactions, their offline feature tables and a
+    Feast SQLite online store materialised over every snapshot. Sets FRAUD_DATA_DIR (and clears the
+    store-selection variables) for the caller's lifetime: returns the MonkeyPatch to undo."""
+    from datetime import timedelta
+
+    import pytest
+
+    from fraud.config import DataLayout
+    from fraud.feature_store import apply_repo, materialize, snapshot_span
+    from fraud.features.offline import build_offline_features
+
+    patch = pytest.MonkeyPatch()
+    patch.setenv("FRAUD_DATA_DIR", str(root))
+    for name in ("FRAUD_FEAST_ONLINE", "FRAUD_FEAST_REGISTRY", "FRAUD_FEAST_PROJECT"):
+        patch.delenv(name, raising=False)
+    layout = DataLayout(root)
+    write_raw_partitions(layout, raw)
+    build_offline_features(layout)
+    apply_repo("sqlite")
+    first, last = snapshot_span(layout)
+    materialize(first, last + timedelta(seconds=1), "sqlite")
+    return patch

@@ -31,9 +31,14 @@ from tritonclient.utils import InferenceServerException
 
 from fraud.config import MODEL_NAME, PROJECT_ROOT, DataLayout
 from fraud.features.definitions import MODEL_FEATURES
-from fraud.features.offline import EVENT_TIMESTAMP, build_offline_features
+from fraud.features.offline import EVENT_TIMESTAMP
 from fraud.schema import REQUEST_FIELDS
-from tests.factories import hand_made_raw_transactions, make_synthetic_bundle, write_raw_partitions
+from tests.factories import (
+    hand_made_raw_transactions,
+    make_synthetic_bundle,
+    materialised_sqlite_store,
+    write_raw_partitions,
+)
 
 PYTHON = sys.executable
 FIRST_DAY = datetime(2026, 1, 1)
@@ -58,19 +63,8 @@ def write_raw(layout: DataLayout, frame: pd.DataFrame) -> None:
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory) -> Path:
     """A data directory with raw data, offline tables and a materialised Feast SQLite store."""
-    from fraud.feature_store import apply_repo, materialize, snapshot_span
-
     root = tmp_path_factory.mktemp("predictor") / "data"
-    patch = pytest.MonkeyPatch()
-    patch.setenv("FRAUD_DATA_DIR", str(root))
-    for name in ("FRAUD_FEAST_ONLINE", "FRAUD_FEAST_REGISTRY", "FRAUD_FEAST_PROJECT"):
-        patch.delenv(name, raising=False)
-    layout = DataLayout(root)
-    write_raw(layout, raw_transactions())
-    build_offline_features(layout)
-    apply_repo("sqlite")
-    first, last = snapshot_span(layout)
-    materialize(first, last + timedelta(seconds=1), "sqlite")
+    patch = materialised_sqlite_store(root, raw_transactions())
     yield root
     patch.undo()
 

@@ -28,8 +28,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fraud.bundle import REFERENCE_FILE
 from fraud.config import MODEL_NAME, PROJECT_ROOT, DataLayout
-from fraud.features.offline import build_offline_features
-from tests.factories import hand_made_raw_transactions, make_synthetic_bundle, write_raw_partitions
+from tests.factories import (
+    hand_made_raw_transactions,
+    make_synthetic_bundle,
+    materialised_sqlite_store,
+    write_raw_partitions,
+)
 
 FRAUD = str(Path(sys.executable).with_name("fraud"))
 FIRST_DAY = datetime(2026, 1, 1)
@@ -80,19 +84,8 @@ def traffic(n: int, seed: int, amount_factor: float = 1.0, prefix: str = "RQ") -
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory) -> Path:
-    from fraud.feature_store import apply_repo, materialize, snapshot_span
-
     root = tmp_path_factory.mktemp("stack") / "data"
-    patch = pytest.MonkeyPatch()
-    patch.setenv("FRAUD_DATA_DIR", str(root))
-    for name in ("FRAUD_FEAST_ONLINE", "FRAUD_FEAST_REGISTRY", "FRAUD_FEAST_PROJECT"):
-        patch.delenv(name, raising=False)
-    layout = DataLayout(root)
-    write_raw(layout, raw_transactions())
-    build_offline_features(layout)
-    apply_repo("sqlite")
-    first, last = snapshot_span(layout)
-    materialize(first, last + timedelta(seconds=1), "sqlite")
+    patch = materialised_sqlite_store(root, raw_transactions())
     yield root
     patch.undo()
 
