@@ -1,6 +1,7 @@
 """Fault injection under load: a producer acknowledges thousands of decisions through the spool
-while the writer process is SIGKILLed and restarted and the PostgreSQL database goes away (all its
-backends terminated, connections refused for a while) and comes back. Afterwards every
+while the writer process is SIGKILLed and restarted, the PostgreSQL database goes away (all its
+backends terminated, connections refused for a while) and comes back, and (FRAUD_TEST_PG_RESTART=1,
+as in CI) the PostgreSQL server itself is restarted. Afterwards every
 acknowledged decision is in the table exactly once."""
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from fraud.audit.spool import AuditSpool
 from fraud.audit.store import create_audit_engine, upgrade_database
 from tests.test_audit_support import FRAUD_CLI, free_port, make_decision, pg_database, scrape  # noqa: F401
 
+#: Also restart the PostgreSQL server under load (disruptive to anything else using it, so opt-in;
+#: .ci/run turns it on).
+RESTART_SERVER = os.environ.get("FRAUD_TEST_PG_RESTART") == "1"
 MIN_DECISIONS = 2_000
 MAX_DECISIONS = 30_000
 
@@ -77,6 +81,19 @@ def _start_writer(
         return subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, env=env)
 
 
+def restart_postgresql_server() -> None:
+    """Restart the local cluster with the machine's own command and wait until it accepts connections."""
+    clusters = sorted(os.listdir("/etc/postgresql")) if os.path.isdir("/etc/postgresql") else []
+    assert clusters, "FRAUD_TEST_PG_RESTART=1 but no PostgreSQL cluster under /etc/postgresql"
+    command = ["pg_ctlcluster", "--skip-systemctl-redirect", clusters[-1], "main", "restart"]
+    subprocess.run(command, check=True, capture_output=True, timeout=120)
+    _wait_for(
+        lambda: subprocess.run(["pg_isready", "-h", "127.0.0.1", "-p", "5432", "-q"], check=False).returncode == 0,
+        60,
+        "PostgreSQL to accept connections after the restart",
+    )
+
+
 def _wait_for(condition, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -85,7 +102,7 @@ def _wait_for(condition, timeout: float, what: str) -> None:
 
 
 @pytest.mark.postgres
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(420)
 def test_every_acknowledged_decision_is_stored_exactly_once(tmp_path, pg_database):  # noqa: F811
     engine = create_audit_engine(pg_database.url)
     upgrade_database(engine)
@@ -117,9 +134,16 @@ def test_every_acknowledged_decision_is_stored_exactly_once(tmp_path, pg_databas
             _wait_for(lambda: log.read_text().count("audit write failed") >= 1, 30, "the writer to hit the outage")
             time.sleep(1.0)
             backlog_during_outage = observer.depth()
-        # 3. crash the writer again right after the recovery, restart it
         engine.dispose()
         writer_makes_progress()
+        # 2b. the PostgreSQL server itself restarts (CI, where nothing else uses it: FRAUD_TEST_PG_RESTART=1)
+        if RESTART_SERVER:
+            failures_before = log.read_text().count("audit write failed")
+            restart_postgresql_server()
+            engine.dispose()
+            writer_makes_progress(120)
+            restarted_while_writing = log.read_text().count("audit write failed") > failures_before
+        # 3. crash the writer again right after the recovery, restart it
         writer.send_signal(signal.SIGKILL)
         writer.wait(10)
         metrics_port = free_port()
@@ -134,6 +158,8 @@ def test_every_acknowledged_decision_is_stored_exactly_once(tmp_path, pg_databas
 
     assert producer.dropped == 0 and len(producer.acknowledged) >= MIN_DECISIONS
     assert backlog_during_outage > 0, "no decision was waiting while the database was down"
+    if RESTART_SERVER:
+        assert restarted_while_writing, "the writer never noticed the server restart"
     with engine.connect() as connection:
         total = connection.execute(text("SELECT count(*) FROM decisions")).scalar_one()
         ids = set(connection.execute(text("SELECT transaction_id FROM decisions")).scalars())
