@@ -161,3 +161,28 @@ def write_bundle(
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+#: Files of a thresholds folder (the keys of the `fraud-decision-thresholds` ConfigMap).
+THRESHOLD_FILES = ("review", "decline")
+
+
+def read_threshold_overrides(folder: Path) -> DecisionThresholds | None:
+    """Decision thresholds an operator set without retraining: a folder holding the files `review`
+    and `decline`, each one probability (a mounted ConfigMap). None when the folder does not exist;
+    BundleError when it is incomplete or invalid, so a typo never silently keeps the old cut-offs."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    values: dict[str, float] = {}
+    for name in THRESHOLD_FILES:
+        path = folder / name
+        if not path.is_file():
+            needed = " and ".join(THRESHOLD_FILES)
+            raise BundleError(f"thresholds folder {folder} has no {name!r} file (needs {needed})")
+        text = path.read_text().strip()
+        try:
+            values[name] = float(text)
+        except ValueError:
+            raise BundleError(f"{path}: {text!r} is not a probability") from None
+    return DecisionThresholds(**values)

@@ -99,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
         "without it a sidecar `fraud audit writer` must drain the spool)",
     )
     parser.add_argument(
+        "--thresholds-dir",
+        dest="thresholds_dir",
+        default=os.environ.get("FRAUD_THRESHOLDS_DIR") or None,
+        help="folder with `review` and `decline` files (a mounted ConfigMap) overriding the bundle's decision "
+        "thresholds; ignored when it does not exist (default: FRAUD_THRESHOLDS_DIR)",
+    )
+    parser.add_argument(
         "--audit-spool-max-records",
         dest="audit_spool_max_records",
         type=int,
@@ -147,6 +154,7 @@ def settings_from_args(args: argparse.Namespace) -> PredictorSettings:
         model_variant=args.model_variant,
         audit_spool_sync=os.environ.get(AUDIT_SPOOL_SYNC_ENV, "").strip() or DEFAULT_AUDIT_SPOOL_SYNC,
         audit_spool_max_records=args.audit_spool_max_records,
+        thresholds_dir=args.thresholds_dir,
     )
 
 

@@ -30,6 +30,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +41,7 @@ from kserve.errors import InvalidInput, ServerNotReady
 from kserve.model import InferenceVerb
 from kserve.protocol.infer_type import InferRequest
 
-from fraud.bundle import BundleError
+from fraud.bundle import BundleError, read_threshold_overrides
 from fraud.features.definitions import MODEL_FEATURES, model_feature_frame
 from fraud.schema import CUSTOMER_ID, REQUEST_FIELDS, TERMINAL_ID, TX_AMOUNT, TX_DATETIME, TransactionRequest
 from predictor import metrics
@@ -136,6 +137,8 @@ class PredictorSettings:
     audit_spool_sync: str | None = None
     #: most decisions the spool holds before requests are refused with 503
     audit_spool_max_records: int = DEFAULT_AUDIT_SPOOL_MAX_RECORDS
+    #: folder with `review` and `decline` files (a mounted ConfigMap) overriding the bundle's thresholds
+    thresholds_dir: str | None = None
 
     @property
     def audit_enabled(self) -> bool:
@@ -313,6 +316,19 @@ class FraudModel(Model):
             self.scorer = BundleScorer(bundle_dir, nthread=self.settings.nthread)
         except BundleError as exc:
             raise ModelLoadError(f"cannot load model bundle from {self.settings.bundle}: {exc}") from None
+        if self.settings.thresholds_dir:
+            try:
+                overrides = read_threshold_overrides(Path(self.settings.thresholds_dir))
+            except BundleError as exc:
+                raise ModelLoadError(f"cannot apply decision thresholds: {exc}") from None
+            if overrides is not None:
+                logger.info(
+                    "decision thresholds from %s: %s (bundle: %s)",
+                    self.settings.thresholds_dir,
+                    overrides,
+                    self.scorer.manifest.thresholds,
+                )
+                self.scorer.manifest = replace(self.scorer.manifest, thresholds=overrides)
         if self.feature_source is None:
             try:
                 self.feature_source = FeastFeatureSource.connect(

@@ -366,3 +366,37 @@ def test_entry_point_rejects_multiple_workers(capsys):
 
     assert main(["--workers", "2", "--bundle", "/nowhere"]) == 2
     assert "--workers must be 1" in capsys.readouterr().err
+
+
+# --- decision thresholds from a mounted ConfigMap -----------------------------------------------
+def test_thresholds_folder_overrides_the_bundle_and_bad_folders_refuse_to_load(bundle_dir, tmp_path):
+    from fraud.bundle import DecisionThresholds, read_manifest
+
+    customers, terminals = feature_tables()
+    folder = tmp_path / "thresholds"
+    folder.mkdir()
+    (folder / "review").write_text("0.05\n")
+    (folder / "decline").write_text("0.10\n")
+
+    def load(thresholds_dir: str) -> FraudModel:
+        fraud_model = FraudModel(
+            "fraud-detector",
+            PredictorSettings(bundle=str(bundle_dir), thresholds_dir=thresholds_dir),
+            InMemoryFeatureSource(customers, terminals),
+        )
+        fraud_model.load()
+        return fraud_model
+
+    assert read_manifest(bundle_dir).thresholds != DecisionThresholds(0.05, 0.10)
+    assert load(str(folder)).scorer.manifest.thresholds == DecisionThresholds(review=0.05, decline=0.10)
+    # a folder that is not mounted keeps the bundle's thresholds
+    assert load(str(tmp_path / "absent")).scorer.manifest.thresholds == read_manifest(bundle_dir).thresholds
+    (folder / "decline").write_text("high")
+    with pytest.raises(ModelLoadError, match="not a probability"):
+        load(str(folder))
+    (folder / "decline").write_text("0.01")  # below review
+    with pytest.raises(ModelLoadError, match="review <= decline"):
+        load(str(folder))
+    (folder / "decline").unlink()
+    with pytest.raises(ModelLoadError, match="no 'decline' file"):
+        load(str(folder))
