@@ -20,6 +20,7 @@ import json
 import re
 import threading
 import uuid
+from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -99,6 +100,33 @@ def _now() -> str:
     return datetime.now(UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+class _LoopbackServer(ABC):
+    """An HTTP server on a free loopback port, served from a daemon thread while used as a context
+    manager. Subclasses provide `_handler()` (the request handler class)."""
+
+    def _start_server(self) -> None:
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @abstractmethod
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        """The request handler class serving this fake."""
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
 @dataclass
 class _Revision:
     name: str
@@ -115,7 +143,7 @@ class _Stored:
     template: Any = None
 
 
-class FakeKServeAPI:
+class FakeKServeAPI(_LoopbackServer):
     """See the module docstring. Use as a context manager; `kubeconfig(path)` writes a kubeconfig."""
 
     def __init__(self, validator: CRDValidator, *, never_ready: Iterable[str] = ()) -> None:
@@ -125,22 +153,7 @@ class FakeKServeAPI:
         self.requests: list[dict[str, Any]] = []
         self._lock = threading.Lock()
         self._resource_version = 0
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def __enter__(self) -> FakeKServeAPI:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._start_server()
 
     def kubeconfig(self, path: Path, namespace: str = "default") -> Path:
         config = {
@@ -398,29 +411,14 @@ _QUERY = re.compile(
 _MATCHER = re.compile(r'(?P<label>[a-zA-Z_]\w*)(?P<op>=~|!=|=)"(?P<value>(?:[^"\\]|\\.)*)"')
 
 
-class FakePrometheus:
+class FakePrometheus(_LoopbackServer):
     """A Prometheus HTTP API on loopback evaluating `sum [by (le)] (increase(m{...}[w]))` over `series`."""
 
     def __init__(self, series: Iterable[Series] = ()) -> None:
         self.series: list[Series] = list(series)
         self.queries: list[str] = []
         self.down = False
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._server.daemon_threads = True
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def __enter__(self) -> FakePrometheus:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        self._start_server()
 
     def evaluate(self, query: str) -> tuple[int, dict[str, Any]]:
         match = _QUERY.match(query.strip())
