@@ -16,14 +16,12 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from fastapi.exceptions import RequestValidationError  # noqa: E402
-from kserve import ModelServer, model_server  # noqa: E402
 
 from fraud.features.definitions import CUSTOMER_SPENDING_FEATURES, SNAPSHOT_TIMESTAMP, TERMINAL_RISK_FEATURES  # noqa: E402
 from fraud.schema import CUSTOMER_ID, TERMINAL_ID  # noqa: E402
-from predictor.__main__ import build_parser, malformed_request_handler  # noqa: E402
+from predictor.__main__ import build_parser  # noqa: E402
+from predictor.__main__ import main as predictor_main  # noqa: E402
 from predictor.features import InMemoryFeatureSource  # noqa: E402
-from predictor.model import FraudModel, ModelLoadError, PredictorSettings  # noqa: E402
 
 #: Snapshot date of the in-memory features; the benchmark's requests are on the following day.
 SNAPSHOT_DAY = pd.Timestamp("2018-09-29")
@@ -41,29 +39,10 @@ def synthetic_feature_source(entities: int, seed: int = 0) -> InMemoryFeatureSou
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The real predictor entry point, with an in-memory feature source instead of Feast."""
     parser = build_parser()
     parser.add_argument("--entities", type=int, default=1000, help="customers and terminals in the in-memory source")
-    args = parser.parse_args(argv)
-    settings = PredictorSettings(bundle=args.bundle, max_batch_size=args.max_batch_size, nthread=args.nthread)
-    model = FraudModel(args.model_name, settings, feature_source=synthetic_feature_source(args.entities))
-    try:
-        model.load()
-    except ModelLoadError as exc:
-        print(f"predictor not ready: {exc}", file=sys.stderr)
-        return 1
-    server = ModelServer(
-        http_port=args.http_port,
-        grpc_port=args.grpc_port,
-        workers=args.workers,
-        max_threads=args.max_threads,
-        max_asyncio_workers=args.max_asyncio_workers,
-        enable_grpc=args.enable_grpc,
-        enable_docs_url=args.enable_docs_url,
-        enable_latency_logging=args.enable_latency_logging,
-    )
-    model_server.app.add_exception_handler(RequestValidationError, malformed_request_handler)
-    server.start([model])
-    return 0
+    return predictor_main(argv, parser, feature_source_factory=lambda args: synthetic_feature_source(args.entities))
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Callable
 
 # One XGBoost/OpenMP thread per server process unless told otherwise (set before xgboost loads).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -21,6 +22,7 @@ from fastapi.responses import JSONResponse
 from kserve import ModelServer, model_server
 from kserve.logging import logger
 
+from predictor.features import OnlineFeatureSource
 from predictor.model import (
     AUDIT_SPOOL_SYNC_ENV,
     DEFAULT_AUDIT_SPOOL_MAX_RECORDS,
@@ -158,8 +160,16 @@ def settings_from_args(args: argparse.Namespace) -> PredictorSettings:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(
+    argv: list[str] | None = None,
+    parser: argparse.ArgumentParser | None = None,
+    feature_source_factory: Callable[[argparse.Namespace], OnlineFeatureSource] | None = None,
+) -> int:
+    """Run the predictor server. `parser` may extend `build_parser()`; `feature_source_factory` builds
+    a feature source from the parsed options in place of the Feast online store (the benchmarks
+    serve the model alone with an in-memory source)."""
+    args = (parser or build_parser()).parse_args(argv)
+    feature_source = feature_source_factory(args) if feature_source_factory else None
     if args.audit_db_url and not args.audit_spool:
         if any(arg.startswith("--audit-db-url") for arg in (sys.argv[1:] if argv is None else argv)):
             print("python -m predictor: --audit-db-url needs --audit-spool (or FRAUD_AUDIT_SPOOL)", file=sys.stderr)
@@ -186,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         enable_docs_url=args.enable_docs_url,
         enable_latency_logging=args.enable_latency_logging,
     )
-    model = FraudModel(args.model_name, settings)
+    model = FraudModel(args.model_name, settings, feature_source=feature_source)
     try:
         model.load()
     except ModelLoadError as exc:
