@@ -95,6 +95,66 @@ FEATURE_DESCRIPTIONS: dict[str, str] = {
 assert set(FEATURE_DESCRIPTIONS) == set(MODEL_FEATURES)
 
 
+NS_PER_HOUR = 3_600 * 1_000_000_000
+NS_PER_DAY = 24 * NS_PER_HOUR
+#: 1970-01-01 was a Thursday: (days since the epoch + 3) % 7 is the ISO weekday - 1 (Monday = 0).
+_EPOCH_WEEKDAY = 3
+
+
+def utc_epoch_ns(values: pd.Series | np.ndarray) -> np.ndarray:
+    """Timestamps (tz-naive = UTC, or tz-aware) as int64 nanoseconds since the Unix epoch, UTC."""
+    if isinstance(values, np.ndarray) and values.dtype.kind == "M":
+        return values.astype("datetime64[ns]").view("int64")
+    stamps = pd.to_datetime(pd.Series(values), utc=True).dt.tz_localize(None)
+    return stamps.to_numpy(dtype="datetime64[ns]").view("int64")
+
+
+def request_feature_matrix(amount: np.ndarray, tx_epoch_ns: np.ndarray, customer_batch: np.ndarray) -> np.ndarray:
+    """The request-time features as a float64 matrix [n, len(REQUEST_FEATURES)], columns in
+    REQUEST_FEATURES order.
+
+    `amount` [n] float64; `tx_epoch_ns` [n] int64 UTC nanoseconds since the epoch (`utc_epoch_ns`);
+    `customer_batch` [n, len(CUSTOMER_SPENDING_FEATURES)] in that order, NaN = unknown (cold start,
+    counts as 0). This is the one implementation: `compute_request_features` (Feast on-demand view,
+    training) wraps it and the predictor calls it on arrays.
+    """
+    amount = np.asarray(amount, dtype=np.float64)
+    epoch_ns = np.asarray(tx_epoch_ns, dtype=np.int64)
+    batch = np.nan_to_num(np.asarray(customer_batch, dtype=np.float64), nan=0.0)
+    n = len(amount)
+    out = np.empty((n, len(REQUEST_FEATURES)), dtype=np.float64)
+    days = np.floor_divide(epoch_ns, NS_PER_DAY)
+    out[:, 0] = amount
+    out[:, 1] = ((days + _EPOCH_WEEKDAY) % 7 >= 5).astype(np.float64)
+    out[:, 2] = (np.floor_divide(epoch_ns - days * NS_PER_DAY, NS_PER_HOUR) <= NIGHT_END_HOUR).astype(np.float64)
+    for k, _ in enumerate(CUSTOMER_WINDOWS_DAYS):
+        count, total = batch[:, 2 * k], batch[:, 2 * k + 1]
+        out[:, 3 + 2 * k] = count + 1.0
+        out[:, 4 + 2 * k] = (total + amount) / (count + 1.0)
+    count_30, total_30 = batch[:, 2 * CUSTOMER_WINDOWS_DAYS.index(30)], batch[:, 2 * CUSTOMER_WINDOWS_DAYS.index(30) + 1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        prior_avg = np.where(count_30 > 0, total_30 / np.where(count_30 > 0, count_30, 1.0), np.nan)
+        ratio = amount / prior_avg
+    out[:, -1] = np.where(np.isfinite(ratio), ratio, 1.0)
+    return out
+
+
+#: Where each MODEL_FEATURES column comes from: index into REQUEST_FEATURES + BATCH features.
+_BATCH_FEATURES: tuple[str, ...] = CUSTOMER_SPENDING_FEATURES + TERMINAL_RISK_FEATURES
+_MODEL_COLUMNS = np.array([(REQUEST_FEATURES + _BATCH_FEATURES).index(name) for name in MODEL_FEATURES])
+
+
+def model_feature_matrix(amount: np.ndarray, tx_epoch_ns: np.ndarray, batch: np.ndarray) -> np.ndarray:
+    """The model's input matrix [n, len(MODEL_FEATURES)] (float64, MODEL_FEATURES order) from the
+    request fields and the batch features `batch` [n, len(CUSTOMER_SPENDING_FEATURES +
+    TERMINAL_RISK_FEATURES)] in that order, NaN = unknown entity (cold-start default applies)."""
+    batch = np.asarray(batch, dtype=np.float64)
+    defaults = np.array([BATCH_FEATURE_DEFAULTS[name] for name in _BATCH_FEATURES])
+    batch = np.where(np.isnan(batch), defaults, batch)
+    request = request_feature_matrix(amount, tx_epoch_ns, batch[:, : len(CUSTOMER_SPENDING_FEATURES)])
+    return np.ascontiguousarray(np.concatenate([request, batch], axis=1)[:, _MODEL_COLUMNS])
+
+
 def compute_request_features(frame: pd.DataFrame) -> pd.DataFrame:
     """Request-time features from the request fields and the customer's batch features.
 
@@ -102,30 +162,19 @@ def compute_request_features(frame: pd.DataFrame) -> pd.DataFrame:
     `CUSTOMER_SPENDING_FEATURES` (missing values mean cold start and count as 0). Returns a new
     frame with exactly the columns of `REQUEST_FEATURES`, as float64, on the same index.
     """
-    amount = frame[TX_AMOUNT].astype("float64")
-    when = pd.to_datetime(frame[TX_DATETIME], utc=True)
-    out = pd.DataFrame(index=frame.index)
-    out["tx_amount_feature"] = amount
-    out["tx_during_weekend"] = (when.dt.dayofweek >= 5).astype("float64")
-    out["tx_during_night"] = (when.dt.hour <= NIGHT_END_HOUR).astype("float64")
-    for w in CUSTOMER_WINDOWS_DAYS:
-        count = frame[f"customer_nb_tx_{w}d"].astype("float64").fillna(0.0)
-        total = frame[f"customer_sum_amount_{w}d"].astype("float64").fillna(0.0)
-        out[f"customer_nb_tx_incl_{w}d"] = count + 1.0
-        out[f"customer_avg_amount_incl_{w}d"] = (total + amount) / (count + 1.0)
-    count_30 = frame["customer_nb_tx_30d"].astype("float64").fillna(0.0)
-    total_30 = frame["customer_sum_amount_30d"].astype("float64").fillna(0.0)
-    prior_avg = np.where(count_30 > 0, total_30 / count_30.where(count_30 > 0, 1.0), np.nan)
-    ratio = amount.to_numpy() / prior_avg
-    out["amount_to_customer_avg_30d"] = np.where(np.isfinite(ratio), ratio, 1.0)
-    return out[list(REQUEST_FEATURES)]
+    values = request_feature_matrix(
+        frame[TX_AMOUNT].to_numpy(dtype=np.float64),
+        utc_epoch_ns(frame[TX_DATETIME]),
+        frame[list(CUSTOMER_SPENDING_FEATURES)].to_numpy(dtype=np.float64, na_value=np.nan),
+    )
+    return pd.DataFrame(values, index=frame.index, columns=list(REQUEST_FEATURES))
 
 
 def model_feature_frame(frame: pd.DataFrame) -> pd.DataFrame:
     """The model's input matrix (columns = MODEL_FEATURES, float64) from a frame holding the request
-    fields and every batch feature. Missing batch values take their cold-start default."""
-    batch = frame.reindex(columns=list(CUSTOMER_SPENDING_FEATURES + TERMINAL_RISK_FEATURES))
-    batch = batch.astype("float64").fillna(BATCH_FEATURE_DEFAULTS)
-    request = compute_request_features(pd.concat([frame[[TX_AMOUNT, TX_DATETIME]], batch], axis=1))
-    full = pd.concat([request, batch], axis=1)
-    return full[list(MODEL_FEATURES)].astype("float64")
+    fields and every batch feature. Missing batch values (or columns) take their cold-start default."""
+    batch = frame.reindex(columns=list(_BATCH_FEATURES)).to_numpy(dtype=np.float64, na_value=np.nan)
+    values = model_feature_matrix(
+        frame[TX_AMOUNT].to_numpy(dtype=np.float64), utc_epoch_ns(frame[TX_DATETIME]), batch
+    )
+    return pd.DataFrame(values, index=frame.index, columns=list(MODEL_FEATURES))
