@@ -39,10 +39,12 @@ from fraud.feature_store import (
 )
 from fraud.features.definitions import (
     CUSTOMER_SPENDING_FEATURES,
+    CUSTOMER_SPENDING_VIEW,
     FEATURE_SERVICE,
     MODEL_FEATURES,
     SNAPSHOT_TIMESTAMP,
     TERMINAL_RISK_FEATURES,
+    TERMINAL_RISK_VIEW,
     model_feature_frame,
 )
 from fraud.features.offline import (
@@ -128,6 +130,19 @@ def test_historical_features_rejects_incomplete_entity_df(store_dir: Path) -> No
         historical_features(entity_df)
 
 
+def assert_same_as_feast_get_online_features(store, ids: list[str], tids: list[str], online: pd.DataFrame) -> None:
+    """`online_batch_features` reads each view with the online store's `online_read`; Feast's own
+    `get_online_features` must give the same values (the guard of that shortcut)."""
+    refs = [f"{CUSTOMER_SPENDING_VIEW}:{n}" for n in CUSTOMER_SPENDING_FEATURES] + [
+        f"{TERMINAL_RISK_VIEW}:{n}" for n in TERMINAL_RISK_FEATURES
+    ]
+    feast_frame = store.get_online_features(features=refs, entity_rows={"customer_id": ids, "terminal_id": tids}).to_df()
+    columns = [*CUSTOMER_SPENDING_FEATURES, *TERMINAL_RISK_FEATURES]
+    np.testing.assert_array_equal(
+        online[columns].to_numpy(dtype="float64"), feast_frame[columns].to_numpy(dtype="float64", na_value=np.nan)
+    )
+
+
 def test_materialisation_windows_and_online_values(store_dir: Path) -> None:
     layout = DataLayout.current()
     customers = read_feature_table(layout.features / "customer_spending_features.parquet")
@@ -160,6 +175,7 @@ def test_materialisation_windows_and_online_values(store_dir: Path) -> None:
     unknown = online.iloc[6]
     assert unknown["customer_id"] == "C-unknown" and pd.isna(unknown[CUSTOMER_SNAPSHOT_COLUMN])
     assert unknown[list(CUSTOMER_SPENDING_FEATURES)].isna().all()
+    assert_same_as_feast_get_online_features(get_feature_store(), ids + ["C-unknown"], tids + ["T0000000"], online)
 
     materialize(midway, last + timedelta(seconds=1))  # an explicit window: the latest ("today's") snapshot
     online = online_batch_features(ids, tids)
@@ -266,7 +282,11 @@ def test_redis_online_store_round_trip(store_dir: Path, tmp_path: Path, monkeypa
     try:
         apply_repo("redis", project=project)
         materialize_incremental(online="redis", project=project)
-        online = online_batch_features(ids, tids, "redis", project=project)
+        online = online_batch_features(ids + ["C-unknown"], tids + ["T-unknown"], "redis", project=project)
+        assert_same_as_feast_get_online_features(
+            get_feature_store("redis", project=project), ids + ["C-unknown"], tids + ["T-unknown"], online
+        )
+        online, unknown = online.iloc[:-1], online.iloc[-1]
         keys = [k for k in client.scan_iter(count=1000) if project.encode() in k]
         assert keys, "materialisation wrote no Redis key carrying the project name"
     finally:
@@ -281,6 +301,9 @@ def test_redis_online_store_round_trip(store_dir: Path, tmp_path: Path, monkeypa
         online[list(TERMINAL_RISK_FEATURES)].to_numpy(), expected_t[list(TERMINAL_RISK_FEATURES)].to_numpy(dtype=float)
     )
     assert (online[CUSTOMER_SNAPSHOT_COLUMN] == last).all()
+    # Redis answers an absent key with empty values: unknown, not a snapshot from 1970
+    assert unknown[[*CUSTOMER_SPENDING_FEATURES, *TERMINAL_RISK_FEATURES]].isna().all()
+    assert pd.isna(unknown[CUSTOMER_SNAPSHOT_COLUMN]) and pd.isna(unknown[TERMINAL_SNAPSHOT_COLUMN])
     assert not [k for k in client.scan_iter(count=1000) if project.encode() in k], "teardown left Redis keys"
 
 
