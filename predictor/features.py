@@ -6,10 +6,11 @@ implementation (one batched Feast `get_online_features` call through
 `fraud.feature_store.online_batch_features`); `InMemoryFeatureSource` serves the same contract from
 DataFrames for tests and tools that need no Feast repository.
 
-The lookup result (`FeatureLookup.frame`) is aligned with the request rows (row i belongs to the
-i-th transaction) and holds every column of `CUSTOMER_SPENDING_FEATURES + TERMINAL_RISK_FEATURES`
-(NaN where the store does not know the entity) plus the snapshot timestamps of each entity
-(`CUSTOMER_SNAPSHOT_COLUMN`, `TERMINAL_SNAPSHOT_COLUMN`; tz-naive UTC, NaT where unknown).
+The lookup result (`FeatureLookup`) is aligned with the request rows (row i belongs to the i-th
+transaction): `values` holds `CUSTOMER_SPENDING_FEATURES + TERMINAL_RISK_FEATURES` as a float64
+matrix (NaN where the store does not know the entity) and `customer_snapshot` / `terminal_snapshot`
+the snapshot timestamps of each entity (datetime64[ns], tz-naive UTC, NaT where unknown). Plain
+arrays, because the predictor's per-request work must not pay for DataFrame construction.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import pandas as pd
 from fraud.feature_store import CUSTOMER_SNAPSHOT_COLUMN, TERMINAL_SNAPSHOT_COLUMN
 from fraud.features.definitions import (
     CUSTOMER_SPENDING_FEATURES,
+    NS_PER_DAY,
     SNAPSHOT_TIMESTAMP,
     TERMINAL_RISK_FEATURES,
 )
@@ -52,19 +54,46 @@ class FeatureSourceUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class FeatureLookup:
-    """Batch features for the rows of one request (see the module docstring for the columns)."""
+    """Batch features for the rows of one request (see the module docstring for the layout)."""
 
-    frame: pd.DataFrame
+    #: [n, len(BATCH_FEATURES)] float64 in BATCH_FEATURES order, NaN where the entity is unknown
+    values: np.ndarray
+    #: [n] datetime64[ns] snapshot time of each row's customer / terminal values (NaT: unknown)
+    customer_snapshot: np.ndarray
+    terminal_snapshot: np.ndarray
     #: the store was unreachable: these are cold-start defaults of the fail-open mode
     fail_open: bool = False
+
+    def __len__(self) -> int:
+        return len(self.values)
 
     @classmethod
     def empty(cls, rows: int) -> FeatureLookup:
         """A lookup in which no entity is known (every feature NaN, every snapshot NaT)."""
-        frame = pd.DataFrame({name: np.full(rows, np.nan) for name in BATCH_FEATURES})
-        frame[CUSTOMER_SNAPSHOT_COLUMN] = pd.Series(pd.NaT, index=frame.index, dtype="datetime64[ns]")
-        frame[TERMINAL_SNAPSHOT_COLUMN] = pd.Series(pd.NaT, index=frame.index, dtype="datetime64[ns]")
-        return cls(frame)
+        unknown = np.full(rows, np.datetime64("NaT"), dtype="datetime64[ns]")
+        return cls(np.full((rows, len(BATCH_FEATURES)), np.nan), unknown, unknown.copy())
+
+    @property
+    def missing(self) -> np.ndarray:
+        """[n] bool: some batch feature of the row is unknown (cold-start default used)."""
+        return np.isnan(self.values).any(axis=1)
+
+    def stale(self, tx_epoch_ns: np.ndarray) -> np.ndarray:
+        """[n] bool: a known entity's snapshot is older than the transaction's (UTC) day."""
+        tx_day = np.floor_divide(np.asarray(tx_epoch_ns, dtype=np.int64), NS_PER_DAY) * NS_PER_DAY
+        stale = np.zeros(len(self.values), dtype=bool)
+        for snapshot in (self.customer_snapshot, self.terminal_snapshot):
+            known = ~np.isnat(snapshot)
+            stale |= known & (snapshot.view("int64") < tx_day)
+        return stale
+
+    @property
+    def frame(self) -> pd.DataFrame:
+        """The lookup as a DataFrame (BATCH_FEATURES + both snapshot columns), for tools and tests."""
+        frame = pd.DataFrame(self.values, columns=list(BATCH_FEATURES))
+        frame[CUSTOMER_SNAPSHOT_COLUMN] = self.customer_snapshot
+        frame[TERMINAL_SNAPSHOT_COLUMN] = self.terminal_snapshot
+        return frame
 
 
 @runtime_checkable
@@ -78,27 +107,23 @@ class OnlineFeatureSource(Protocol):
         ...
 
 
-def to_naive_utc(values: Any) -> pd.Series:
+def to_naive_utc(values: Any) -> np.ndarray:
     """Timestamps (tz-aware or naive, or NaT) as tz-naive UTC datetime64[ns]."""
     series = pd.to_datetime(pd.Series(values), utc=True, errors="coerce")
-    return series.dt.tz_localize(None).astype("datetime64[ns]")
+    return series.dt.tz_localize(None).to_numpy(dtype="datetime64[ns]")
 
 
 def normalise_lookup(frame: pd.DataFrame, rows: int) -> FeatureLookup:
-    """Check and coerce a source's answer into the `FeatureLookup` layout."""
+    """Check and coerce a source's answer (a DataFrame with BATCH_FEATURES and the snapshot
+    columns; absent columns mean unknown) into the `FeatureLookup` layout."""
     if len(frame) != rows:
         raise FeatureSourceUnavailable(f"feature source returned {len(frame)} rows for {rows} requested")
-    frame = frame.reset_index(drop=True)
-    out = pd.DataFrame(index=frame.index)
-    for name in BATCH_FEATURES:
-        if name in frame.columns:
-            out[name] = pd.to_numeric(frame[name], errors="coerce").astype("float64")
-        else:
-            out[name] = np.nan
-    for column in (CUSTOMER_SNAPSHOT_COLUMN, TERMINAL_SNAPSHOT_COLUMN):
-        out[column] = to_naive_utc(frame[column]) if column in frame.columns else pd.NaT
-        out[column] = out[column].astype("datetime64[ns]")
-    return FeatureLookup(out)
+    values = frame.reindex(columns=list(BATCH_FEATURES)).apply(pd.to_numeric, errors="coerce")
+    snapshots = [
+        to_naive_utc(frame[column].to_numpy()) if column in frame.columns else FeatureLookup.empty(rows).customer_snapshot
+        for column in (CUSTOMER_SNAPSHOT_COLUMN, TERMINAL_SNAPSHOT_COLUMN)
+    ]
+    return FeatureLookup(values.to_numpy(dtype=np.float64, na_value=np.nan), *snapshots)
 
 
 class InMemoryFeatureSource:
@@ -111,38 +136,46 @@ class InMemoryFeatureSource:
     name = "memory"
 
     def __init__(self, customers: pd.DataFrame, terminals: pd.DataFrame) -> None:
-        self._customers = self._index(customers, CUSTOMER_ID, CUSTOMER_SPENDING_FEATURES)
-        self._terminals = self._index(terminals, TERMINAL_ID, TERMINAL_RISK_FEATURES)
+        self._customers = _EntityTable(customers, CUSTOMER_ID, CUSTOMER_SPENDING_FEATURES)
+        self._terminals = _EntityTable(terminals, TERMINAL_ID, TERMINAL_RISK_FEATURES)
 
-    @staticmethod
-    def _index(frame: pd.DataFrame, key: str, features: tuple[str, ...]) -> pd.DataFrame:
+    def lookup(self, customer_ids: Sequence[str], terminal_ids: Sequence[str]) -> FeatureLookup:
+        if len(customer_ids) != len(terminal_ids):
+            raise FeatureSourceUnavailable(f"got {len(customer_ids)} customer ids but {len(terminal_ids)} terminal ids")
+        customer_values, customer_snapshot = self._customers.take(customer_ids)
+        terminal_values, terminal_snapshot = self._terminals.take(terminal_ids)
+        return FeatureLookup(np.hstack([customer_values, terminal_values]), customer_snapshot, terminal_snapshot)
+
+
+class _EntityTable:
+    """The latest snapshot of each entity as arrays, with a last all-NaN/NaT row for unknown ids."""
+
+    def __init__(self, frame: pd.DataFrame, key: str, features: tuple[str, ...]) -> None:
         missing = [c for c in (key, SNAPSHOT_TIMESTAMP, *features) if c not in frame.columns]
         if missing:
             raise ValueError(f"feature table lacks columns {missing}")
         table = frame[[key, SNAPSHOT_TIMESTAMP, *features]].copy()
         table[key] = table[key].astype(str)
-        table[SNAPSHOT_TIMESTAMP] = to_naive_utc(table[SNAPSHOT_TIMESTAMP]).to_numpy()
-        table = table.sort_values(SNAPSHOT_TIMESTAMP).drop_duplicates(key, keep="last")
-        return table.set_index(key)
-
-    def lookup(self, customer_ids: Sequence[str], terminal_ids: Sequence[str]) -> FeatureLookup:
-        customers = self._customers.reindex(list(customer_ids)).reset_index(drop=True)
-        terminals = self._terminals.reindex(list(terminal_ids)).reset_index(drop=True)
-        frame = pd.concat(
-            [
-                customers[list(CUSTOMER_SPENDING_FEATURES)],
-                terminals[list(TERMINAL_RISK_FEATURES)],
-                customers[SNAPSHOT_TIMESTAMP].rename(CUSTOMER_SNAPSHOT_COLUMN),
-                terminals[SNAPSHOT_TIMESTAMP].rename(TERMINAL_SNAPSHOT_COLUMN),
-            ],
-            axis=1,
+        table[SNAPSHOT_TIMESTAMP] = to_naive_utc(table[SNAPSHOT_TIMESTAMP].to_numpy())
+        table = table.sort_values(SNAPSHOT_TIMESTAMP, kind="stable").drop_duplicates(key, keep="last")
+        self._row = {entity: i for i, entity in enumerate(table[key].tolist())}
+        unknown = len(self._row)
+        self._values = np.vstack(
+            [table[list(features)].to_numpy(dtype=np.float64, na_value=np.nan), np.full((1, len(features)), np.nan)]
         )
-        return normalise_lookup(frame, len(customer_ids))
+        self._snapshots = np.append(
+            table[SNAPSHOT_TIMESTAMP].to_numpy(dtype="datetime64[ns]"), np.datetime64("NaT", "ns")
+        )
+        self._unknown = unknown
+
+    def take(self, ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        rows = np.fromiter((self._row.get(str(e), self._unknown) for e in ids), dtype=np.intp, count=len(ids))
+        return self._values[rows], self._snapshots[rows]
 
 
 class FeastFeatureSource:
-    """The Feast online store, through `fraud.feature_store.online_batch_features`: one
-    `get_online_features` round trip per request, on a process-wide client whose registry is read
+    """The Feast online store, through `fraud.feature_store.online_batch_arrays`: one online-store
+    read per batch feature view and request, on a process-wide client whose registry is read
     once (and refreshed in the background as the feature_store yaml says).
 
     Outage handling, so that the degraded mode answers within a bounded time:
@@ -181,7 +214,7 @@ class FeastFeatureSource:
             self._last_error = error
 
     def lookup(self, customer_ids: Sequence[str], terminal_ids: Sequence[str]) -> FeatureLookup:
-        from fraud.feature_store import online_batch_features
+        from fraud.feature_store import online_batch_arrays
 
         with self._lock:
             remaining = self._down_until - time.monotonic()
@@ -190,10 +223,10 @@ class FeastFeatureSource:
                     f"online store marked down for another {remaining:.1f}s after: {self._last_error}", fresh=False
                 )
         future = self._executor.submit(
-            online_batch_features, list(customer_ids), list(terminal_ids), online=self.online_store
+            online_batch_arrays, list(customer_ids), list(terminal_ids), online=self.online_store
         )
         try:
-            frame = future.result(timeout=self.timeout_s)
+            arrays = future.result(timeout=self.timeout_s)
         except FutureTimeout:
             error = f"lookup took longer than {self.timeout_s:g}s"
             self._mark_down(error)
@@ -202,4 +235,6 @@ class FeastFeatureSource:
             error = f"{type(exc).__name__}: {exc}"
             self._mark_down(error)
             raise FeatureSourceUnavailable(error) from exc
-        return normalise_lookup(frame, len(customer_ids))
+        if len(arrays.values) != len(customer_ids):
+            raise FeatureSourceUnavailable(f"feature source returned {len(arrays.values)} rows for {len(customer_ids)} requested")
+        return FeatureLookup(arrays.values, arrays.customer_snapshot, arrays.terminal_snapshot)

@@ -6,6 +6,10 @@ HTTP port at `/metrics` (next to KServe's own `request_*_seconds` histograms).
 
 from __future__ import annotations
 
+import collections
+from collections.abc import Sequence
+
+import numpy as np
 from prometheus_client import Counter, Histogram
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -69,3 +73,19 @@ DEGRADED = Counter(
 def record_request(protocol: str, model_version: str, outcome: str, seconds: float) -> None:
     REQUESTS.labels(protocol, model_version, outcome).inc()
     REQUEST_LATENCY.labels(protocol, model_version, outcome).observe(seconds)
+
+
+def record_scores(
+    model_version: str, probabilities: Sequence[float], decisions: Sequence[str], missing: int, stale: int
+) -> None:
+    """Counters and the score histogram for one scored batch (label children resolved once)."""
+    TRANSACTIONS.labels(model_version).inc(len(decisions))
+    if missing:
+        FEATURES_MISSING.labels(model_version).inc(missing)
+    if stale:
+        FEATURES_STALE.labels(model_version).inc(stale)
+    observe = SCORES.labels(model_version).observe
+    for probability in np.asarray(probabilities, dtype=np.float64).tolist():
+        observe(probability)
+    for decision, count in collections.Counter(decisions).items():
+        DECISIONS.labels(model_version, decision).inc(count)

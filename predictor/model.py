@@ -7,8 +7,9 @@ Lifecycle (what KServe's ModelServer calls):
   with a one-line reason; the entry point logs it and exits without ever becoming ready.
 * `preprocess()` - V1 `instances` or a V2 `InferRequest` -> validated transactions (`ParsedRequest`);
   bad input -> `InvalidInput` (HTTP 400 / gRPC INVALID_ARGUMENT) naming field, row and reason.
-* `predict()` - one batched online-store lookup for the whole request, `model_feature_frame`,
-  XGBoost `inplace_predict` and `pred_contribs` reason codes (`ScoredBatch`).
+* `predict()` - one batched online-store lookup for the whole request, `model_feature_matrix`,
+  XGBoost `inplace_predict` and `pred_contribs` reason codes for the transactions that are not
+  approved (`--reason-codes all`: every transaction) (`ScoredBatch`).
 * `postprocess()` - V1 `predictions` or a V2 `InferResponse` in the request's protocol.
 
 Audit trail (optional, `PredictorSettings.audit_spool`): every decision of a request is appended to
@@ -22,28 +23,28 @@ spool into the audit database; without it a sidecar (`fraud audit writer`) does.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import logging
 import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
 from kserve import Model
 from kserve.errors import InvalidInput, ServerNotReady
 from kserve.model import InferenceVerb
 from kserve.protocol.infer_type import InferRequest
 
 from fraud.bundle import BundleError, read_threshold_overrides
-from fraud.features.definitions import MODEL_FEATURES, model_feature_frame
-from fraud.schema import CUSTOMER_ID, REQUEST_FIELDS, TERMINAL_ID, TX_AMOUNT, TX_DATETIME, TransactionRequest
+from fraud.features.definitions import MODEL_FEATURES, model_feature_matrix
+from fraud.schema import TransactionRequest
 from predictor import metrics
 from predictor.codec import (
     PROTOCOL_V1,
@@ -58,15 +59,19 @@ from predictor.codec import (
     request_protocol,
 )
 from predictor.features import (
-    BATCH_FEATURES,
-    CUSTOMER_SNAPSHOT_COLUMN,
-    TERMINAL_SNAPSHOT_COLUMN,
     FeastFeatureSource,
     FeatureLookup,
     FeatureSourceUnavailable,
     OnlineFeatureSource,
 )
-from predictor.scoring import KSERVE_MODEL_DIR, BundleScorer, resolve_bundle_dir
+from predictor.scoring import (
+    KSERVE_MODEL_DIR,
+    REASON_CODE_POLICIES,
+    REASON_CODES_ALL,
+    REASON_CODES_FLAGGED,
+    BundleScorer,
+    resolve_bundle_dir,
+)
 
 if TYPE_CHECKING:
     from fraud.audit import AuditSpool, AuditWriter
@@ -139,6 +144,8 @@ class PredictorSettings:
     audit_spool_max_records: int = DEFAULT_AUDIT_SPOOL_MAX_RECORDS
     #: folder with `review` and `decline` files (a mounted ConfigMap) overriding the bundle's thresholds
     thresholds_dir: str | None = None
+    #: which transactions get SHAP reason codes: "flagged" (review/decline) or "all"
+    reason_codes: str = REASON_CODES_FLAGGED
 
     @property
     def audit_enabled(self) -> bool:
@@ -157,6 +164,8 @@ class PredictorSettings:
             raise ValueError(f"audit_spool_sync must be NORMAL or FULL, got {self.audit_spool_sync!r}")
         if self.audit_db_url and not self.audit_spool:
             raise ValueError("audit_db_url needs an audit spool (--audit-spool / FRAUD_AUDIT_SPOOL)")
+        if self.reason_codes not in REASON_CODE_POLICIES:
+            raise ValueError(f"reason_codes must be one of {REASON_CODE_POLICIES}, got {self.reason_codes!r}")
         if self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
         if self.nthread < 1:
@@ -169,21 +178,12 @@ class PredictorSettings:
             raise ValueError(f"store_retry_after_s must be >= 0, got {self.store_retry_after_s}")
 
 
-def transactions_frame(transactions: list[TransactionRequest]) -> pd.DataFrame:
-    frame = pd.DataFrame([tx.model_dump() for tx in transactions], columns=list(REQUEST_FIELDS))
-    frame[TX_AMOUNT] = frame[TX_AMOUNT].astype("float64")
-    frame[TX_DATETIME] = pd.to_datetime(frame[TX_DATETIME]).astype("datetime64[ns]")
-    return frame
-
-
-def stale_mask(lookup: pd.DataFrame, tx_datetime: pd.Series) -> np.ndarray:
-    """True where a known entity's snapshot is older than the transaction's (UTC) day."""
-    tx_day = pd.to_datetime(tx_datetime).dt.normalize().reset_index(drop=True)
-    stale = np.zeros(len(lookup), dtype=bool)
-    for column in (CUSTOMER_SNAPSHOT_COLUMN, TERMINAL_SNAPSHOT_COLUMN):
-        snapshot = lookup[column].reset_index(drop=True)
-        stale |= (snapshot.notna() & (snapshot < tx_day)).to_numpy()
-    return stale
+def request_arrays(transactions: list[TransactionRequest]) -> tuple[np.ndarray, np.ndarray]:
+    """The request fields the features are computed from: amounts [n] float64 and transaction
+    times [n] as int64 UTC nanoseconds since the epoch (`tx_datetime` is tz-naive UTC)."""
+    amount = np.fromiter((tx.tx_amount for tx in transactions), dtype=np.float64, count=len(transactions))
+    when = np.array([tx.tx_datetime for tx in transactions], dtype="datetime64[ns]")
+    return amount, when.view("int64")
 
 
 @dataclass
@@ -404,8 +404,9 @@ class FraudModel(Model):
             self.feature_source.lookup(["__warm_up__"], ["__warm_up__"])
         except FeatureSourceUnavailable as exc:
             logger.warning("online feature store not reachable at start (serving degraded until it is): %s", exc)
-        probe = model_feature_frame(pd.DataFrame({TX_AMOUNT: [1.0], TX_DATETIME: [pd.Timestamp("2026-01-01")]}))
-        self.scorer.score(probe)
+        empty = FeatureLookup.empty(1)
+        probe = model_feature_matrix(np.array([1.0]), np.array([0], dtype=np.int64), empty.values)
+        self.scorer.score(probe, reason_codes=REASON_CODES_ALL)
 
     @property
     def model_version(self) -> str:
@@ -421,14 +422,27 @@ class FraudModel(Model):
     async def __call__(
         self, body: Any, headers: dict[str, str] | None = None, verb: InferenceVerb = InferenceVerb.PREDICT
     ):
-        protocol = request_protocol(body)
+        """KServe's request path (V1/V2 REST through FastAPI, V2 gRPC)."""
+        _REQUEST_ARRIVAL.set((datetime.now(UTC), time.perf_counter()))
+        with self.observe_request(request_protocol(body)):
+            return await super().__call__(body, headers, verb)
+
+    async def infer_parsed(self, protocol: str, parse: Callable[[], ParsedRequest]) -> ScoredBatch:
+        """The fast REST path (`predictor.fast_rest`): validate with `parse` (InvalidInput -> 400) and
+        score, with the same metrics, micro-batching and audit trail as `__call__`."""
+        received_at, arrival = datetime.now(UTC), time.perf_counter()
+        with self.observe_request(protocol):
+            parsed = replace(parse(), received_at=received_at, arrival=arrival)
+            return await self.predict(parsed)
+
+    @contextlib.contextmanager
+    def observe_request(self, protocol: str) -> Iterator[None]:
+        """Request count, latency and error metrics by outcome around one request."""
         started = time.perf_counter()
-        _REQUEST_ARRIVAL.set((datetime.now(UTC), started))
         outcome = "error"
         try:
-            result = await super().__call__(body, headers, verb)
+            yield
             outcome = "ok"
-            return result
         except InvalidInput:
             outcome = "invalid_input"
             metrics.ERRORS.labels("invalid_input").inc()
@@ -477,13 +491,13 @@ class FraudModel(Model):
         return encode_v2(result, self.name)
 
     # --- scoring -----------------------------------------------------------------------------
-    def lookup_features(self, frame: pd.DataFrame) -> FeatureLookup:
+    def lookup_features(self, customer_ids: list[str], terminal_ids: list[str]) -> FeatureLookup:
         """One batched lookup for every row; the configured degraded mode on an outage."""
         source = self.feature_source
         assert source is not None, "load() first"
         started = time.perf_counter()
         try:
-            lookup = source.lookup(frame[CUSTOMER_ID].tolist(), frame[TERMINAL_ID].tolist())
+            lookup = source.lookup(customer_ids, terminal_ids)
         except FeatureSourceUnavailable as exc:
             metrics.FEATURE_LOOKUP_LATENCY.labels(source.name, "unavailable").observe(time.perf_counter() - started)
             metrics.ERRORS.labels("feature_store_unavailable").inc()
@@ -504,39 +518,35 @@ class FraudModel(Model):
                 "online feature store unavailable, scoring with cold-start defaults (fail-open): %s",
                 exc,
             )
-            return replace(FeatureLookup.empty(len(frame)), fail_open=True)
+            return replace(FeatureLookup.empty(len(customer_ids)), fail_open=True)
         metrics.FEATURE_LOOKUP_LATENCY.labels(source.name, "ok").observe(time.perf_counter() - started)
         return lookup
 
     def score_request(self, request: ParsedRequest) -> ScoredBatch:
         scorer = self.scorer
         assert scorer is not None, "load() first"
-        frame = transactions_frame(request.transactions)
-        features_lookup = self.lookup_features(frame)
-        lookup = features_lookup.frame
-        batch = lookup[list(BATCH_FEATURES)]
-        missing = batch.isna().any(axis=1).to_numpy()
-        stale = stale_mask(lookup, frame[TX_DATETIME])
-        features = model_feature_frame(pd.concat([frame[[TX_AMOUNT, TX_DATETIME]], batch], axis=1))
-        result = scorer.score(features)
-
-        version = scorer.model_version
-        metrics.TRANSACTIONS.labels(version).inc(len(frame))
-        metrics.FEATURES_MISSING.labels(version).inc(int(missing.sum()))
-        metrics.FEATURES_STALE.labels(version).inc(int(stale.sum()))
-        for probability, decision in zip(result.probabilities, result.decisions):
-            metrics.SCORES.labels(version).observe(float(probability))
-            metrics.DECISIONS.labels(version, decision).inc()
+        transactions = request.transactions
+        amount, tx_epoch_ns = request_arrays(transactions)
+        lookup = self.lookup_features(
+            [tx.customer_id for tx in transactions], [tx.terminal_id for tx in transactions]
+        )
+        features = model_feature_matrix(amount, tx_epoch_ns, lookup.values)
+        missing = lookup.missing
+        stale = lookup.stale(tx_epoch_ns)
+        result = scorer.score(features, reason_codes=self.settings.reason_codes)
+        metrics.record_scores(
+            scorer.model_version, result.probabilities, result.decisions, int(missing.sum()), int(stale.sum())
+        )
         return ScoredBatch(
             request=request,
-            model_version=version,
+            model_version=scorer.model_version,
             probabilities=result.probabilities,
             decisions=result.decisions,
             reason_codes=result.reason_codes,
             features_missing=missing,
             features_stale=stale,
-            feature_matrix=features.to_numpy(dtype=np.float64),
-            fail_open=features_lookup.fail_open,
+            feature_matrix=features,
+            fail_open=lookup.fail_open,
         )
 
     # --- audit trail -------------------------------------------------------------------------

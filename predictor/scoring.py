@@ -59,10 +59,20 @@ def resolve_bundle_dir(location: str, download_root: Path | None = None) -> Path
     )
 
 
+#: Which transactions get SHAP reason codes: `flagged` = those not approved (review / decline),
+#: the ones a reason must be given for; `all` = every transaction. Exact TreeSHAP costs ~40-50x the
+#: prediction itself (docs/performance.md), so `flagged` is the default.
+REASON_CODES_FLAGGED = "flagged"
+REASON_CODES_ALL = "all"
+REASON_CODE_POLICIES = (REASON_CODES_FLAGGED, REASON_CODES_ALL)
+APPROVE = "approve"
+
+
 @dataclass(frozen=True)
 class ScoreResult:
     probabilities: np.ndarray  # [n]
-    contributions: np.ndarray  # [n, len(features)] SHAP values (bias column dropped)
+    #: [n, len(features)] SHAP values (bias column dropped); NaN rows were not explained (policy)
+    contributions: np.ndarray
     reason_codes: list[list[ReasonCode]]
     decisions: list[str]
 
@@ -125,17 +135,38 @@ class BundleScorer:
             )
         return codes
 
-    def score(self, features: pd.DataFrame) -> ScoreResult:
-        """Score a model feature frame (columns = MODEL_FEATURES, float64)."""
+    def decisions(self, probabilities: np.ndarray) -> list[str]:
+        thresholds = self.manifest.thresholds
+        return [thresholds.decide(p) for p in probabilities.tolist()]
+
+    def score(self, features: pd.DataFrame | np.ndarray, reason_codes: str = REASON_CODES_FLAGGED) -> ScoreResult:
+        """Score a model feature matrix (columns = MODEL_FEATURES, float64; a DataFrame is reordered
+        by column name). `reason_codes` says which rows are explained (REASON_CODE_POLICIES); rows
+        not explained get no reason codes and NaN contributions."""
+        if reason_codes not in REASON_CODE_POLICIES:
+            raise ValueError(f"reason_codes must be one of {REASON_CODE_POLICIES}, got {reason_codes!r}")
         # Plain float64 arrays in MODEL_FEATURES order: XGBoost's pandas adapter costs more than
         # the trees for small batches.
-        values = np.ascontiguousarray(features[list(MODEL_FEATURES)].to_numpy(dtype=np.float64))
+        if isinstance(features, pd.DataFrame):
+            features = features[list(MODEL_FEATURES)].to_numpy(dtype=np.float64)
+        values = np.ascontiguousarray(features, dtype=np.float64)
+        if values.ndim != 2 or values.shape[1] != len(MODEL_FEATURES):
+            raise ValueError(f"expected a [n, {len(MODEL_FEATURES)}] feature matrix, got shape {values.shape}")
         probabilities = np.asarray(self.booster.inplace_predict(values, validate_features=False), dtype=np.float64)
-        contributions = self.contributions(values)
-        thresholds = self.manifest.thresholds
+        decisions = self.decisions(probabilities)
+        if reason_codes == REASON_CODES_ALL:
+            explained = np.arange(len(values))
+        else:
+            explained = np.flatnonzero([decision != APPROVE for decision in decisions])
+        contributions = np.full(values.shape, np.nan)
+        codes: list[list[ReasonCode]] = [[] for _ in range(len(values))]
+        if len(explained):
+            contributions[explained] = self.contributions(values[explained])
+            for row, row_codes in zip(explained.tolist(), self.reason_codes(contributions[explained])):
+                codes[row] = row_codes
         return ScoreResult(
             probabilities=probabilities,
             contributions=contributions,
-            reason_codes=self.reason_codes(contributions),
-            decisions=[thresholds.decide(float(p)) for p in probabilities],
+            reason_codes=codes,
+            decisions=decisions,
         )

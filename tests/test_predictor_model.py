@@ -144,24 +144,69 @@ def test_v1_batch_scores_match_the_booster_and_the_feature_definitions(model, bu
     assert [p["features_stale"] for p in predictions] == [False, True, False]
 
 
-def test_reason_codes_are_the_top_positive_shap_contributors(model, bundle_dir):
-    rows = [tx(i, tx_amount=amount) for i, amount in enumerate([5.0, 80.0, 400.0, 2500.0])]
-    predictions = call(model, {"instances": rows})["predictions"]
+@pytest.fixture(scope="module")
+def explain_all_model(bundle_dir) -> FraudModel:
+    customers, terminals = feature_tables()
+    fraud_model = FraudModel(
+        "fraud-detector",
+        PredictorSettings(bundle=str(bundle_dir), max_batch_size=8, reason_codes="all"),
+        InMemoryFeatureSource(customers, terminals),
+    )
+    assert fraud_model.load() is True
+    return fraud_model
+
+
+def expected_reason_codes(bundle_dir: Path, predictions: list[dict]) -> list[list[tuple[str, float]]]:
+    """Top positive TreeSHAP contributions per prediction, straight from the booster."""
     manifest: BundleManifest = read_manifest(bundle_dir)
     booster = xgb.Booster(model_file=str(bundle_dir / MODEL_FILE))
     features = pd.DataFrame(
         [[p["features"][n] for n in MODEL_FEATURES] for p in predictions], columns=list(MODEL_FEATURES)
     )
     contribs = booster.predict(xgb.DMatrix(features, feature_names=list(MODEL_FEATURES)), pred_contribs=True)[:, :-1]
+    return [
+        [(MODEL_FEATURES[j], row[j]) for j in np.argsort(-row) if row[j] > 0][: manifest.max_reason_codes]
+        for row in contribs
+    ]
+
+
+def assert_reason_codes(listed: list[dict], positive: list[tuple[str, float]], manifest: BundleManifest) -> None:
+    assert [c["feature"] for c in listed] == [name for name, _ in positive]
+    np.testing.assert_allclose([c["contribution"] for c in listed], [v for _, v in positive], rtol=1e-5)
+    assert [c["description"] for c in listed] == [manifest.reason_codes[name] for name, _ in positive]
+    contributions = [c["contribution"] for c in listed]
+    assert contributions == sorted(contributions, reverse=True)
+
+
+REASON_CODE_AMOUNTS = [5.0, 80.0, 400.0, 2500.0, 20.0, 9000.0]
+
+
+def test_reason_codes_all_are_the_top_positive_shap_contributors(explain_all_model, bundle_dir):
+    rows = [tx(i, tx_amount=amount) for i, amount in enumerate(REASON_CODE_AMOUNTS)]
+    predictions = call(explain_all_model, {"instances": rows})["predictions"]
+    manifest = read_manifest(bundle_dir)
     assert any(len(p["reason_codes"]) == manifest.max_reason_codes for p in predictions)
-    for prediction, row in zip(predictions, contribs):
-        positive = [(MODEL_FEATURES[j], row[j]) for j in np.argsort(-row) if row[j] > 0][: manifest.max_reason_codes]
-        listed = prediction["reason_codes"]
-        assert [c["feature"] for c in listed] == [name for name, _ in positive]
-        np.testing.assert_allclose([c["contribution"] for c in listed], [v for _, v in positive], rtol=1e-5)
-        assert [c["description"] for c in listed] == [manifest.reason_codes[name] for name, _ in positive]
-        contributions = [c["contribution"] for c in listed]
-        assert contributions == sorted(contributions, reverse=True)
+    for prediction, positive in zip(predictions, expected_reason_codes(bundle_dir, predictions)):
+        assert_reason_codes(prediction["reason_codes"], positive, manifest)
+
+
+def test_reason_codes_by_default_only_for_transactions_that_are_not_approved(model, bundle_dir):
+    rows = [tx(i, tx_amount=amount) for i, amount in enumerate(REASON_CODE_AMOUNTS)]
+    predictions = call(model, {"instances": rows})["predictions"]
+    decisions = [p["decision"] for p in predictions]
+    assert "approve" in decisions and set(decisions) - {"approve"}, f"need both kinds of decision, got {decisions}"
+    manifest = read_manifest(bundle_dir)
+    for prediction, positive in zip(predictions, expected_reason_codes(bundle_dir, predictions)):
+        if prediction["decision"] == "approve":
+            assert prediction["reason_codes"] == []
+        else:
+            assert positive, "a flagged transaction has at least one positive contribution here"
+            assert_reason_codes(prediction["reason_codes"], positive, manifest)
+
+
+def test_reason_code_policy_is_validated():
+    with pytest.raises(ValueError, match="reason_codes must be one of"):
+        PredictorSettings(reason_codes="some")
 
 
 def test_cold_start_scores_with_defaults_and_flags_missing(model):
