@@ -9,6 +9,7 @@ InferenceService never becomes ready (no traceback loop).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -20,8 +21,9 @@ from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from kserve import ModelServer, model_server
-from kserve.logging import logger
+from kserve.logging import KSERVE_TRACE_LOGGER_NAME, logger
 
+from predictor.fast_rest import FastScoringRoutes
 from predictor.features import OnlineFeatureSource
 from predictor.model import (
     AUDIT_SPOOL_SYNC_ENV,
@@ -33,7 +35,7 @@ from predictor.model import (
     ModelLoadError,
     PredictorSettings,
 )
-from predictor.scoring import KSERVE_MODEL_DIR
+from predictor.scoring import KSERVE_MODEL_DIR, REASON_CODE_POLICIES, REASON_CODES_FLAGGED
 
 EXIT_LOAD_FAILED = 1
 
@@ -121,12 +123,53 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("FRAUD_MODEL_VARIANT") or "stable",
         help="deployment variant recorded on every audited decision (default FRAUD_MODEL_VARIANT, else stable)",
     )
+    parser.add_argument(
+        "--reason-codes",
+        dest="reason_codes",
+        choices=list(REASON_CODE_POLICIES),
+        default=os.environ.get("FRAUD_REASON_CODES") or REASON_CODES_FLAGGED,
+        help="which transactions get SHAP reason codes: flagged (review/decline; exact TreeSHAP costs ~40x a "
+        "prediction) or all (default FRAUD_REASON_CODES, else flagged)",
+    )
+    parser.add_argument(
+        "--rest-fast-path",
+        dest="rest_fast_path",
+        type=_boolean,
+        default=True,
+        help="answer V1 predict / V2 infer JSON requests without FastAPI's request models (predictor/fast_rest.py); "
+        "false: every request through KServe's FastAPI handlers",
+    )
+    parser.add_argument(
+        "--access-log",
+        dest="access_log",
+        type=_boolean,
+        default=False,
+        help="uvicorn's one line per request (off by default: at thousands of requests per second it costs ~10%% of "
+        "the CPU; the audit trail records every decision and the mesh/ingress logs access)",
+    )
     # KServe logs one INFO line per request with its stage latencies by default; at hundreds of
     # requests per second that logging costs ~10% of the server's CPU (benchmarks/bench_scoring.py,
     # docs/performance.md). The same latencies are in the Prometheus histograms; opt back in with
     # --enable_latency_logging true.
     parser.set_defaults(enable_latency_logging=False)
     return parser
+
+
+def _boolean(text: str) -> bool:
+    value = text.strip().lower()
+    if value not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return value in ("true", "1", "yes")
+
+
+def quiet_request_path_logging(latency_logging: bool, access_log: bool) -> None:
+    """KServe's timing middleware logs two INFO lines per request on `kserve.trace` whatever
+    --enable_latency_logging says, and uvicorn one access line: silence them unless asked for (call
+    after KServe configured logging)."""
+    if not latency_logging:
+        logging.getLogger(KSERVE_TRACE_LOGGER_NAME).setLevel(logging.WARNING)
+    if not access_log:
+        logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
 
 
 async def malformed_request_handler(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -157,6 +200,7 @@ def settings_from_args(args: argparse.Namespace) -> PredictorSettings:
         audit_spool_sync=os.environ.get(AUDIT_SPOOL_SYNC_ENV, "").strip() or DEFAULT_AUDIT_SPOOL_SYNC,
         audit_spool_max_records=args.audit_spool_max_records,
         thresholds_dir=args.thresholds_dir,
+        reason_codes=args.reason_codes,
     )
 
 
@@ -203,6 +247,9 @@ def main(
         logger.error("predictor not ready: %s", exc)
         return EXIT_LOAD_FAILED
     model_server.app.add_exception_handler(RequestValidationError, malformed_request_handler)
+    if args.rest_fast_path:
+        model_server.app.add_middleware(FastScoringRoutes, model=model)
+    quiet_request_path_logging(args.enable_latency_logging, args.access_log)
     server.start([model])
     return 0
 

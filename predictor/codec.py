@@ -8,12 +8,13 @@ reason. Nothing here touches the model or the feature store.
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
 import numpy as np
+import orjson
 from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferInput, InferOutput, InferRequest, InferResponse
 from pydantic import ValidationError
@@ -160,34 +161,106 @@ def parse_v1(body: Any, max_batch_size: int) -> ParsedRequest:
     return ParsedRequest(PROTOCOL_V1, transactions)
 
 
-def _tensor_values(tensor: InferInput) -> list[Any]:
-    """The tensor's elements as Python values (bytes decoded to str), checked against its shape."""
-    shape = [int(d) for d in tensor.shape]
+@dataclass(frozen=True)
+class Tensor:
+    """One V2 input tensor, however it arrived: `values()` gives its elements as a flat list of
+    Python values in row-major order (bytes decoded to str) or raises InvalidInput."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    values: Callable[[], list[Any]]
+
+
+def _check_shape(name: str, shape: list[int]) -> None:
     if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
-        raise InvalidInput(f"input '{tensor.name}': shape must be [n] or [n, 1], got {shape}")
-    try:
-        array = tensor.as_numpy()
-    except (ValueError, TypeError) as exc:
-        raise InvalidInput(
-            f"input '{tensor.name}': data does not match shape {shape} and datatype {tensor.datatype}: {exc}"
-        ) from None
-    values = array.reshape(-1).tolist()
-    if tensor.datatype == "BYTES":
-        decoded = []
-        for index, value in enumerate(values):
-            if isinstance(value, bytes):
-                try:
-                    value = value.decode("utf-8")
-                except UnicodeDecodeError:
-                    raise InvalidInput(f"input '{tensor.name}'[{index}]: is not valid UTF-8") from None
-            decoded.append(value if isinstance(value, str) else str(value))
-        values = decoded
-    return values
+        raise InvalidInput(f"input '{name}': shape must be [n] or [n, 1], got {shape}")
+
+
+def _decode_bytes(name: str, values: list[Any]) -> list[str]:
+    decoded = []
+    for index, value in enumerate(values):
+        if isinstance(value, bytes):
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise InvalidInput(f"input '{name}'[{index}]: is not valid UTF-8") from None
+        decoded.append(value if isinstance(value, str) else str(value))
+    return decoded
+
+
+def kserve_tensor(tensor: InferInput) -> Tensor:
+    """A tensor of KServe's InferRequest (REST JSON or binary extension, or gRPC)."""
+
+    def values() -> list[Any]:
+        shape = [int(d) for d in tensor.shape]
+        _check_shape(tensor.name, shape)
+        try:
+            array = tensor.as_numpy()
+        except (ValueError, TypeError) as exc:
+            raise InvalidInput(
+                f"input '{tensor.name}': data does not match shape {shape} and datatype {tensor.datatype}: {exc}"
+            ) from None
+        flat = array.reshape(-1).tolist()
+        return _decode_bytes(tensor.name, flat) if tensor.datatype == "BYTES" else flat
+
+    return Tensor(tensor.name, tensor.datatype, [int(d) for d in tensor.shape], values)
+
+
+def json_tensor(item: dict[str, Any]) -> Tensor:
+    """A tensor of a V2 REST JSON body as parsed by `json_v2_tensors` (no numpy round trip)."""
+    name, datatype, shape, data = item["name"], item["datatype"], item["shape"], item["data"]
+
+    def values() -> list[Any]:
+        _check_shape(name, shape)
+        flat = data
+        if len(shape) == 2 and all(isinstance(row, list) for row in data):  # [[a], [b]] for shape [n, 1]
+            flat = [element for row in data for element in row]
+        if len(flat) != shape[0] or any(isinstance(element, (list, dict)) for element in flat):
+            raise InvalidInput(
+                f"input '{name}': data does not match shape {shape} and datatype {datatype}: "
+                f"cannot reshape array of size {len(flat)} into shape {tuple(shape)}"
+            )
+        return _decode_bytes(name, flat) if datatype == "BYTES" else flat
+
+    return Tensor(name, datatype, list(shape), values)
+
+
+def json_v2_tensors(body: Any) -> list[Tensor] | None:
+    """The input tensors of a plain V2 REST JSON request, or None when the body uses anything else
+    (requested outputs, binary data, tensor parameters, a malformed structure): those requests
+    are left to KServe's own V2 handler, which answers them in full."""
+    if not isinstance(body, dict) or set(body) - {"id", "inputs", "parameters"}:
+        return None
+    if body.get("parameters") or not isinstance(body.get("id", ""), str):
+        return None
+    inputs = body.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        return None
+    tensors = []
+    for item in inputs:
+        if not isinstance(item, dict) or set(item) - {"name", "datatype", "shape", "data"} or item.get("parameters"):
+            return None
+        name, datatype, shape, data = item.get("name"), item.get("datatype"), item.get("shape"), item.get("data")
+        if not (isinstance(name, str) and isinstance(datatype, str) and isinstance(data, list)):
+            return None
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+            return None
+        if not shape:
+            return None
+        tensors.append(json_tensor(item))
+    return tensors
 
 
 def parse_v2(request: InferRequest, max_batch_size: int) -> ParsedRequest:
     """One named input tensor per transaction field, each of shape [n] or [n, 1]."""
-    names = [tensor.name for tensor in request.inputs]
+    parsed = parse_v2_tensors([kserve_tensor(tensor) for tensor in request.inputs], max_batch_size)
+    return replace(parsed, protocol=request_protocol(request), request_id=request.id, infer_request=request)
+
+
+def parse_v2_tensors(tensors: list[Tensor], max_batch_size: int, request_id: str | None = None) -> ParsedRequest:
+    """Validate V2 input tensors into transactions (V2 REST protocol unless the caller says otherwise)."""
+    names = [tensor.name for tensor in tensors]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
         raise InvalidInput(f"input tensor(s) {duplicates} given more than once")
@@ -198,11 +271,11 @@ def parse_v2(request: InferRequest, max_batch_size: int) -> ParsedRequest:
     if missing:
         raise InvalidInput(f"input tensor(s) {missing} missing; expected {list(REQUEST_FIELDS)}")
     columns: dict[str, list[Any]] = {}
-    for tensor in request.inputs:
+    for tensor in tensors:
         allowed = INPUT_DATATYPES[tensor.name]
         if tensor.datatype not in allowed:
             raise InvalidInput(f"input '{tensor.name}': datatype must be {' or '.join(allowed)}, got {tensor.datatype}")
-        columns[tensor.name] = _tensor_values(tensor)
+        columns[tensor.name] = tensor.values()
     lengths = {name: len(values) for name, values in columns.items()}
     if len(set(lengths.values())) != 1:
         raise InvalidInput(f"input tensors must all hold the same number of transactions, got {lengths}")
@@ -212,7 +285,7 @@ def parse_v2(request: InferRequest, max_batch_size: int) -> ParsedRequest:
         validate_transaction({name: columns[name][i] for name in REQUEST_FIELDS}, f"input '{{field}}'[{i}]")
         for i in range(count)
     ]
-    return ParsedRequest(request_protocol(request), transactions, request_id=request.id, infer_request=request)
+    return ParsedRequest(PROTOCOL_V2, transactions, request_id=request_id)
 
 
 # --- encoding --------------------------------------------------------------------------------
@@ -234,6 +307,45 @@ def encode_v1(batch: ScoredBatch) -> dict[str, Any]:
     return {"predictions": predictions}
 
 
+def reason_codes_json(codes: list[ReasonCode]) -> str:
+    """One transaction's reason codes as the JSON text of the V2 `reason_codes` output."""
+    return orjson.dumps([code.to_dict() for code in codes]).decode()
+
+
+def v2_output_values(batch: ScoredBatch) -> dict[str, np.ndarray]:
+    """The V2 output tensors of a scored batch, in OUTPUT_TENSORS order."""
+    n = len(batch.request.transactions)
+    text = lambda values: np.array(values, dtype=np.object_)
+    return {
+        "transaction_id": text([tx.transaction_id for tx in batch.request.transactions]),
+        "fraud_probability": np.asarray(batch.probabilities, dtype=np.float64),
+        "decision": text(batch.decisions),
+        "reason_codes": text([reason_codes_json(codes) for codes in batch.reason_codes]),
+        "model_version": text([batch.model_version] * n),
+        "features_missing": np.asarray(batch.features_missing, dtype=np.bool_),
+        "features_stale": np.asarray(batch.features_stale, dtype=np.bool_),
+        "feature_vector": np.ascontiguousarray(batch.feature_matrix, dtype=np.float64),
+    }
+
+
+def v2_rest_response(batch: ScoredBatch, model_name: str) -> dict[str, Any]:
+    """The V2 REST JSON answer, field for field what KServe's own handler sends for `encode_v2`."""
+    outputs = []
+    for name, array in v2_output_values(batch).items():
+        datatype, _ = OUTPUT_TENSORS[name]
+        outputs.append(
+            {"name": name, "shape": list(array.shape), "datatype": datatype, "parameters": None,
+             "data": array.reshape(-1).tolist()}
+        )
+    return {
+        "model_name": model_name,
+        "model_version": batch.model_version,
+        "id": batch.request.request_id or "",
+        "parameters": None,
+        "outputs": outputs,
+    }
+
+
 def _output(name: str, array: np.ndarray) -> InferOutput:
     datatype, _ = OUTPUT_TENSORS[name]
     output = InferOutput(name=name, shape=list(array.shape), datatype=datatype)
@@ -242,21 +354,7 @@ def _output(name: str, array: np.ndarray) -> InferOutput:
 
 
 def encode_v2(batch: ScoredBatch, model_name: str) -> InferResponse:
-    n = len(batch.request.transactions)
-    text = lambda values: np.array(values, dtype=np.object_)
-    outputs = [
-        _output("transaction_id", text([tx.transaction_id for tx in batch.request.transactions])),
-        _output("fraud_probability", np.asarray(batch.probabilities, dtype=np.float64)),
-        _output("decision", text(batch.decisions)),
-        _output(
-            "reason_codes",
-            text([json.dumps([code.to_dict() for code in codes]) for codes in batch.reason_codes]),
-        ),
-        _output("model_version", text([batch.model_version] * n)),
-        _output("features_missing", np.asarray(batch.features_missing, dtype=np.bool_)),
-        _output("features_stale", np.asarray(batch.features_stale, dtype=np.bool_)),
-        _output("feature_vector", np.ascontiguousarray(batch.feature_matrix, dtype=np.float64)),
-    ]
+    outputs = [_output(name, array) for name, array in v2_output_values(batch).items()]
     request = batch.request.infer_request
     return InferResponse(
         response_id=(request.id if request is not None and request.id else ""),

@@ -694,3 +694,77 @@ def test_concurrent_requests_get_consistent_answers(server):
         assert prediction["features_missing"] is False
         by_input.setdefault(json.dumps(body, sort_keys=True), set()).add(prediction["fraud_probability"])
     assert len(by_input) == 4 and all(len(scores) == 1 for scores in by_input.values())
+
+
+# --- tests: the fast REST path (predictor/fast_rest.py) against KServe's own handlers ---------------
+@pytest.fixture(scope="module")
+def kserve_path_server(tmp_path_factory, data_root, bundle):
+    """The same predictor with every REST request through KServe's FastAPI handlers."""
+    predictor = start_predictor(
+        tmp_path_factory.mktemp("kserve-path"),
+        bundle,
+        data_root,
+        "--online-store",
+        "sqlite",
+        "--max-batch-size",
+        "16",
+        "--rest-fast-path",
+        "false",
+    )
+    try:
+        predictor.wait_ready()
+        yield predictor
+    finally:
+        predictor.stop()
+
+
+FAST_PATH_GOOD_REQUESTS = [
+    ("v1", {"instances": [tx(1)]}),
+    ("v1", {"instances": [tx(1), tx(2, customer="C-new"), tx(3, terminal="T-new", amount=4999.0)]}),
+    ("v2", v2_body([tx(1)])),
+    ("v2", v2_body([tx(i, customer=CUSTOMERS[i % 6], amount=10.0 + 97 * i) for i in range(12)], epoch=True)),
+    ("v2", {k: v for k, v in v2_body([tx(4), tx(5)]).items() if k != "id"}),
+]
+
+
+@pytest.mark.parametrize(("protocol", "body"), FAST_PATH_GOOD_REQUESTS)
+def test_fast_path_answers_exactly_what_kserve_answers(server, kserve_path_server, protocol, body):
+    send = predict_v1 if protocol == "v1" else infer_v2
+    fast, reference = send(server, body), send(kserve_path_server, body)
+    assert fast.status_code == reference.status_code == 200, (fast.text, reference.text)
+    assert fast.json() == reference.json()
+    assert fast.headers["content-type"] == "application/json"
+
+
+@pytest.mark.parametrize(
+    ("protocol", "body"),
+    [("v1", body) for body, _ in V1_BAD_REQUESTS] + [("v2", body) for body, _ in V2_BAD_REQUESTS],
+)
+def test_fast_path_refuses_bad_input_exactly_as_kserve_does(server, kserve_path_server, protocol, body):
+    send = predict_v1 if protocol == "v1" else infer_v2
+    fast, reference = send(server, body), send(kserve_path_server, body)
+    assert fast.status_code == reference.status_code == 400
+    assert fast.json()["error"] == reference.json()["error"]
+
+
+def test_requests_the_fast_path_does_not_take_are_answered_by_kserve(server):
+    body = {**v2_body([tx(1), tx(2)]), "outputs": [{"name": "fraud_probability"}, {"name": "decision"}]}
+    response = infer_v2(server, body)
+    assert response.status_code == 200, response.text
+    assert [o["name"] for o in response.json()["outputs"]] == ["fraud_probability", "decision"]
+    # no JSON content type: KServe's handler (and its own answer), not the fast path
+    response = httpx.post(
+        f"{server.url}/v1/models/{MODEL_NAME}:predict", content=json.dumps({"instances": [tx(1)]}), timeout=30
+    )
+    assert response.status_code == 200 and response.json()["predictions"][0]["transaction_id"] == "RQ0001"
+    # other models' routes are not this model's
+    assert predict_v1_to(server, "other-model", {"instances": [tx(1)]}).status_code == 404
+
+
+def predict_v1_to(server: PredictorProcess, model: str, body: dict) -> httpx.Response:
+    return httpx.post(
+        f"{server.url}/v1/models/{model}:predict",
+        content=json.dumps(body),
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )

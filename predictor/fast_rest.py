@@ -1,0 +1,158 @@
+"""The REST scoring routes without FastAPI's per-request machinery (`--rest-fast-path`, on by default).
+
+KServe answers `POST /v1/models/{name}:predict` and `POST /v2/models/{name}/infer` through FastAPI:
+the body is validated into pydantic request models, converted to KServe's `InferRequest`, the
+answer built as an `InferResponse`, turned back into pydantic models and serialised by FastAPI's
+`jsonable_encoder`. For a one-transaction request that machinery costs more CPU than the feature
+lookup and the model together (profile in docs/performance.md). This ASGI middleware sits in
+front of KServe's app and answers exactly those two routes of this model itself:
+
+* body read once, `orjson` parsing, the same validation functions as the KServe path
+  (`predictor.codec.parse_v1` / `parse_v2_tensors`: the same 400 messages naming field and row);
+* the same `FraudModel.infer_parsed` (micro-batching, feature lookup, scoring, audit trail,
+  metrics) the KServe path runs through `FraudModel.__call__`;
+* the answer serialised with `orjson`, field for field what KServe's handler sends
+  (`tests/test_predictor_server.py` compares both paths' answers).
+
+Everything else goes to KServe unchanged, with the body replayed: other paths and methods, a model
+that is not ready, non-JSON content types, the binary tensor extension, requested outputs, tensor
+parameters, and bodies that are not well-formed JSON requests (KServe's own error answers apply).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from kserve.errors import InvalidInput, ServerNotReady
+
+from predictor.codec import (
+    PROTOCOL_V1,
+    PROTOCOL_V2,
+    encode_v1,
+    json_v2_tensors,
+    parse_v1,
+    parse_v2_tensors,
+    v2_rest_response,
+)
+
+if TYPE_CHECKING:
+    from predictor.model import FraudModel
+
+logger = logging.getLogger("kserve.fraud_predictor")
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+#: Bodies above this size are left to KServe (its own body limit applies there).
+MAX_FAST_BODY_BYTES = 8 * 1024 * 1024
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+class FastScoringRoutes:
+    """ASGI middleware: answers the model's V1 predict and V2 infer JSON requests directly."""
+
+    def __init__(self, app: ASGIApp, model: FraudModel) -> None:
+        self.app = app
+        self.model = model
+        self.routes = {
+            f"/v1/models/{model.name}:predict": PROTOCOL_V1,
+            f"/v2/models/{model.name}/infer": PROTOCOL_V2,
+        }
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        protocol = self.routes.get(scope.get("path", "")) if scope["type"] == "http" else None
+        if protocol is None or scope.get("method") != "POST" or not self.model.ready or not _plain_json(scope):
+            await self.app(scope, receive, send)
+            return
+        body, complete = await _read_body(receive)
+        handled = complete and await self._answer(protocol, body, send)
+        if not handled:
+            await self.app(scope, _replay(body, complete, receive), send)
+
+    async def _answer(self, protocol: str, body: bytes, send: Send) -> bool:
+        """Answer the request; False (nothing sent) when KServe's handler should take it."""
+        try:
+            payload = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return False
+        model = self.model
+        if protocol == PROTOCOL_V1:
+            if not isinstance(payload, dict):
+                return False
+            parse = lambda: parse_v1(payload, model.settings.max_batch_size)  # noqa: E731
+        else:
+            tensors = json_v2_tensors(payload)
+            if tensors is None:
+                return False
+            request_id = payload.get("id") or None
+            parse = lambda: parse_v2_tensors(tensors, model.settings.max_batch_size, request_id)  # noqa: E731
+        try:
+            scored = await model.infer_parsed(protocol, parse)
+        except InvalidInput as exc:
+            await _send_json(send, 400, {"error": str(exc)})
+            return True
+        except ServerNotReady as exc:
+            await _send_json(send, 503, {"error": str(exc)})
+            return True
+        except Exception as exc:  # the KServe path answers these 500 too; log like its handler does
+            logger.error("Exception:", exc_info=exc)
+            await _send_json(send, 500, {"error": f"{type(exc).__name__} : {exc}"})
+            return True
+        answer = encode_v1(scored) if protocol == PROTOCOL_V1 else v2_rest_response(scored, model.name)
+        await _send_json(send, 200, answer)
+        return True
+
+
+def _plain_json(scope: Scope) -> bool:
+    """A JSON body without the binary tensor extension (header `inference-header-content-length`)."""
+    content_type = b""
+    for key, value in scope.get("headers", ()):
+        if key == b"inference-header-content-length":
+            return False
+        if key == b"content-type":
+            content_type = value
+    return content_type.split(b";")[0].strip().lower() == b"application/json"
+
+
+async def _read_body(receive: Receive) -> tuple[bytes, bool]:
+    """The request body; `complete` is False when it was cut short (disconnect) or is too large."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return b"".join(chunks), False
+        chunk = message.get("body", b"")
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > MAX_FAST_BODY_BYTES:
+            return b"".join(chunks), False
+        if not message.get("more_body", False):
+            return b"".join(chunks), True
+
+
+def _replay(body: bytes, complete: bool, receive: Receive) -> Receive:
+    """A `receive` that first hands the downstream app what was already read."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": not complete}
+        return await receive()
+
+    return replay
+
+
+async def _send_json(send: Send, status: int, content: Any) -> None:
+    payload = orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+    headers = [*_JSON_HEADERS, (b"content-length", str(len(payload)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": payload})
