@@ -30,7 +30,9 @@ from drift_transformer.drift import (
     DriftReference,
     MonitorConfig,
 )
+from drift_transformer.passthrough import PassThroughRoutes
 from drift_transformer.transformer import (
+    PROTOCOL_GRPC_V2,
     DriftTransformer,
     ModelReadyDataPlane,
     NotReadyAnswerFilter,
@@ -125,8 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--online_max_vectors_per_second",
         type=float,
         default=defaults.online_max_vectors_per_second,
-        help="most vectors per second fed to the online detector (each costs ~0.3 ms of CPU); the rest are skipped "
-        "and counted in fraud_drift_online_vectors_skipped_total (the batch detector sees all). 0: no limit",
+        help="most vectors per second fed to the online detector (each costs 0.3-1.2 ms of CPU, docs/performance.md); "
+        "the rest are skipped and counted in fraud_drift_online_vectors_skipped_total (the batch detector sees all). "
+        "0: no limit",
+    )
+    parser.add_argument(
+        "--rest_fast_path",
+        type=strtobool,
+        default=True,
+        help="forward V1 predict / V2 infer JSON requests to the predictor as bytes and return its answer unchanged "
+        "(drift_transformer/passthrough.py); false: every request through KServe's handlers",
     )
     return parser
 
@@ -219,6 +229,15 @@ def main(argv: list[str] | None = None) -> int:
         config.window_size,
     )
     install_exception_handlers(model_server.app)
+    if args.rest_fast_path:
+        model_server.app.add_middleware(
+            PassThroughRoutes,
+            transformer=transformer,
+            predictor_base_url=predictor_config.predictor_base_url,
+            connect_timeout=args.predictor_connect_timeout_seconds,
+            request_timeout=float(args.predictor_request_timeout_seconds),
+            forward_v2=protocol != PROTOCOL_GRPC_V2,
+        )
     server = ModelServer(
         http_port=args.http_port,
         grpc_port=args.grpc_port,

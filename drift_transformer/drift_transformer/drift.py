@@ -140,7 +140,7 @@ class MonitorConfig:
     queue_capacity: int = 1000
     #: most vectors per second fed to the online detector (burst: one second's worth); the others
     #: are skipped and counted. 0: no limit (every vector, whatever it costs)
-    online_max_vectors_per_second: float = 200.0
+    online_max_vectors_per_second: float = 50.0
 
     def __post_init__(self) -> None:
         if self.window_size < 2:

@@ -225,6 +225,26 @@ def v2_feature_vectors(result: InferResponse, n_features: int) -> tuple[np.ndarr
     return np.empty((0, n_features)), rows
 
 
+def v2_json_feature_vectors(result: Any, n_features: int) -> tuple[np.ndarray, int]:
+    """The `feature_vector` output of a V2 REST JSON answer (a parsed dict) as [n, n_features]; also
+    the number of unusable rows."""
+    outputs = result.get("outputs") if isinstance(result, dict) else None
+    if not isinstance(outputs, list):
+        return np.empty((0, n_features)), 0
+    for output in outputs:
+        if isinstance(output, dict) and output.get("name") == FEATURE_VECTOR_OUTPUT:
+            try:
+                array = np.asarray(output.get("data"), dtype=np.float64).reshape(-1)
+            except (TypeError, ValueError):
+                array = np.empty(0)
+            if not array.size or array.size % n_features:
+                return np.empty((0, n_features)), max(1, array.size // n_features)
+            return array.reshape(-1, n_features), 0
+    first = outputs[0] if outputs and isinstance(outputs[0], dict) else {}
+    shape = first.get("shape") or [0]
+    return np.empty((0, n_features)), int(shape[0]) if isinstance(shape[0], int) else 0
+
+
 def v2_json_body(request: InferRequest) -> dict[str, Any]:
     """A V2 request as plain JSON tensors.
 
@@ -449,8 +469,27 @@ class DriftTransformer(Model):
             logger.exception("could not read feature vectors from the predictor's answer")
             self.metrics.vectors_missing.inc()
             return result
+        self._submit(vectors, unusable)
+        return result
+
+    def observe_answer(self, protocol: str, answer: bytes) -> None:
+        """Queue the feature vectors of a predictor answer the REST pass-through returned as it came
+        (`drift_transformer.passthrough`); called after the answer was sent."""
+        names = self.monitor.reference.feature_names
+        try:
+            result = orjson.loads(answer)
+            if protocol == PROTOCOL_V1:
+                vectors, unusable = v1_feature_vectors(result, names)
+            else:
+                vectors, unusable = v2_json_feature_vectors(result, len(names))
+        except Exception:  # never let monitoring disturb serving
+            logger.exception("could not read feature vectors from the predictor's answer")
+            self.metrics.vectors_missing.inc()
+            return
+        self._submit(vectors, unusable)
+
+    def _submit(self, vectors: np.ndarray, unusable: int) -> None:
         if unusable:
             self.metrics.vectors_missing.inc(unusable)
         if len(vectors):
             self.monitor.submit(vectors)
-        return result

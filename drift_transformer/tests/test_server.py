@@ -43,6 +43,10 @@ def feature_vector(transaction_id: str, amount: float) -> list[float]:
 class StandInPredictor:
     port: int
     paths: list[str] = field(default_factory=list)
+    #: the bytes of every answer sent, in order
+    answers: list[bytes] = field(default_factory=list)
+    #: transactions whose id starts with "SLOW" are answered after this many seconds
+    slow_seconds: float = 3.0
     server: ThreadingHTTPServer | None = None
 
     def start(self) -> StandInPredictor:
@@ -56,6 +60,7 @@ class StandInPredictor:
 
             def _send(self, status: int, body: dict) -> None:
                 data = json.dumps(body).encode()
+                owner.answers.append(data)
                 self.send_response(status)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(data)))
@@ -73,6 +78,8 @@ class StandInPredictor:
                     self._send(400, {"detail": "There was an error parsing the body"})
                     return
                 body = json.loads(raw)
+                if b'"SLOW' in raw:
+                    time.sleep(owner.slow_seconds)
                 if self.path == f"/v1/models/{MODEL}:predict":
                     self._v1(body)
                 elif self.path == f"/v2/models/{MODEL}/infer":
@@ -530,3 +537,70 @@ def test_ready_only_once_the_online_detector_is_configured(module_dir, predictor
         assert 50 <= updated <= 50 + 50 * elapsed + 1
     finally:
         stop_process(running.process)
+
+
+# --- the REST pass-through (drift_transformer/passthrough.py) against KServe's handlers -------------
+@pytest.fixture(scope="module")
+def kserve_path_transformer(module_dir, predictor) -> Iterator[Transformer]:
+    """The same transformer with every request through KServe's handlers (httpx client, re-encoding)."""
+    running = start_transformer(
+        module_dir / "bundle", predictor.port, module_dir / "kserve-path.log",
+        "--online_ert", "0", "--rest_fast_path", "false",
+    )  # fmt: skip
+    yield running
+    stop_process(running.process)
+
+
+def test_pass_through_returns_the_predictors_answer_byte_for_byte(transformer, predictor):
+    txs = transactions(3, start=40_000)
+    for url, body in [
+        (f"{transformer.url}/v1/models/{MODEL}:predict", {"instances": txs}),
+        (f"{transformer.url}/v2/models/{MODEL}/infer", v2_body(txs)),
+    ]:
+        response = httpx.post(url, json=body, headers={"x-request-id": "pass-1"}, timeout=10)
+        assert response.status_code == 200, response.text
+        assert response.content == predictor.answers[-1]
+        assert response.headers["content-type"] == "application/json"
+
+
+@pytest.mark.parametrize("protocol", ["v1", "v2"])
+def test_pass_through_and_kserve_path_give_the_same_answer(transformer, kserve_path_transformer, protocol):
+    txs = transactions(4, start=50_000)
+    answers = []
+    for running in (transformer, kserve_path_transformer):
+        if protocol == "v1":
+            response = httpx.post(f"{running.url}/v1/models/{MODEL}:predict", json={"instances": txs}, timeout=10)
+        else:
+            response = httpx.post(f"{running.url}/v2/models/{MODEL}/infer", json=v2_body(txs), timeout=10)
+        assert response.status_code == 200, response.text
+        answers.append(response.json())
+    fast, reference = answers
+    if protocol == "v1":
+        assert fast == reference
+    else:  # KServe re-encodes the answer: same tensors, its own envelope
+        as_tensors = lambda answer: {o["name"]: (o["datatype"], o["shape"], o["data"]) for o in answer["outputs"]}  # noqa: E731
+        assert as_tensors(fast) == as_tensors(reference)
+        assert fast["id"] == reference["id"] == "req-1"
+
+
+def test_pass_through_times_out_with_504_and_counts_it(module_dir, predictor):
+    impatient = start_transformer(
+        module_dir / "bundle", predictor.port, module_dir / "impatient.log",
+        "--online_ert", "0", "--predictor_request_timeout_seconds", "1",
+    )  # fmt: skip
+    try:
+        slow = [{**transactions(1, start=1)[0], "transaction_id": "SLOW-1"}]
+        started = time.monotonic()
+        response = httpx.post(f"{impatient.url}/v1/models/{MODEL}:predict", json={"instances": slow}, timeout=10)
+        assert response.status_code == 504, response.text
+        assert "did not answer within 1s" in response.json()["error"]
+        assert time.monotonic() - started < 2.5
+        assert impatient.metric("fraud_transformer_predictor_errors_total", kind="timeout") == 1
+        assert impatient.metric("fraud_transformer_requests_total", protocol="v1", status="504") == 1
+        # the next request is answered normally (the timed-out connection is not reused)
+        response = httpx.post(
+            f"{impatient.url}/v1/models/{MODEL}:predict", json={"instances": transactions(1, start=2)}, timeout=10
+        )
+        assert response.status_code == 200, response.text
+    finally:
+        stop_process(impatient.process)

@@ -1,0 +1,200 @@
+"""The transformer's REST scoring routes as a byte pass-through (`--rest_fast_path`, on by default).
+
+Through KServe's handlers a request crosses the transformer as: FastAPI body validation, an
+`InferRequest`, a JSON body re-encoded for the predictor (httpx, KServe's REST client), the answer
+parsed into an `InferResponse` and encoded again for the client - four JSON transformations and
+FastAPI's response encoder for a request the transformer does not change. This ASGI middleware sits
+in front of KServe's app and, for `POST /v1/models/{name}:predict` and `POST /v2/models/{name}/infer`
+with a JSON body, forwards the request body as it arrived to the same route of the predictor over
+pooled keep-alive connections (aiohttp) and returns the predictor's answer - status, content type
+and body - unchanged. Only after the answer is sent are its feature vectors read (one `orjson`
+parse) and queued for the drift monitor (`DriftTransformer.observe_answer`).
+
+Same contract as the KServe path (`tests/test_server.py` runs both): predictor unreachable -> 503,
+no connection in time -> 503, no answer in time -> 504, the predictor's error answers passed
+through with status and body; the same Prometheus metrics. Everything else - gRPC, other routes,
+non-JSON content types, the binary tensor extension, a transformer not yet ready (503 from KServe)
+- goes to KServe's handlers, with the body replayed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+import orjson
+
+if TYPE_CHECKING:
+    from drift_transformer.transformer import DriftTransformer
+
+logger = logging.getLogger(__name__)
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+#: Bodies above this size go through KServe's handlers (its own body limit applies there).
+MAX_FAST_BODY_BYTES = 16 * 1024 * 1024
+#: Pooled connections are not reused after this idle time: uvicorn (the predictor) closes idle
+#: keep-alive connections after 5 s, and a request written on a connection being closed would fail.
+KEEPALIVE_SECONDS = 4.0
+#: Request headers sent on to the predictor (KServe's forwardable headers, and tracing)
+FORWARDED_HEADERS = frozenset(
+    {b"x-request-id", b"x-b3-traceid", b"x-b3-spanid", b"x-b3-sampled", b"traceparent", b"tracestate", b"authorization"}
+)
+
+
+class PassThroughRoutes:
+    """ASGI middleware: the model's V1 predict and V2 infer JSON requests, forwarded as bytes."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        transformer: DriftTransformer,
+        predictor_base_url: str,
+        connect_timeout: float = 2.0,
+        request_timeout: float = 30.0,
+        max_connections: int = 100,
+        forward_v2: bool = True,
+    ) -> None:
+        """`forward_v2` False leaves V2 requests to KServe's handlers (the predictor is called over
+        gRPC then, `--protocol grpc-v2`)."""
+        from drift_transformer.transformer import PROTOCOL_V1, PROTOCOL_V2
+
+        self.app = app
+        self.transformer = transformer
+        self.base_url = predictor_base_url.rstrip("/")
+        self.host = self.base_url.split("://", 1)[-1]
+        self.connect_timeout = connect_timeout
+        self.request_timeout = request_timeout
+        self.max_connections = max_connections
+        self.routes = {f"/v1/models/{transformer.name}:predict": PROTOCOL_V1}
+        if forward_v2:
+            self.routes[f"/v2/models/{transformer.name}/infer"] = PROTOCOL_V2
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await self.app(scope, self._closing_on_shutdown(receive), send)
+            return
+        path = scope.get("path", "")
+        protocol = self.routes.get(path) if scope["type"] == "http" else None
+        if (
+            protocol is None
+            or scope.get("method") != "POST"
+            or not _plain_json(scope)
+            or not await self.transformer.healthy()
+        ):
+            await self.app(scope, receive, send)
+            return
+        body, complete = await _read_body(receive)
+        if not complete or not body.lstrip().startswith(b"{"):  # not a JSON object: KServe's 400
+            await self.app(scope, _replay(body, complete, receive), send)
+            return
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"] if k in FORWARDED_HEADERS}
+        headers["content-type"] = "application/json"
+        status, content_type, answer = await self._forward(protocol, path, body, headers)
+        response_headers = [(b"content-type", content_type.encode("latin-1")), (b"content-length", str(len(answer)).encode())]
+        await send({"type": "http.response.start", "status": status, "headers": response_headers})
+        await send({"type": "http.response.body", "body": answer})
+        self.transformer.metrics.requests.labels(protocol=protocol, status=str(status)).inc()
+        if status == 200:
+            self.transformer.observe_answer(protocol, answer)
+
+    async def _forward(self, protocol: str, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, str, bytes]:
+        """(status, content type, body) of the predictor's answer, or of the transformer's error answer."""
+        metrics = self.transformer.metrics
+        started = time.perf_counter()
+        try:
+            async with self._client().post(self.base_url + path, data=body, headers=headers) as response:
+                answer = await response.read()
+                status, content_type = response.status, response.headers.get("content-type", "application/json")
+        except aiohttp.ConnectionTimeoutError:
+            metrics.predictor_errors.labels(kind="unavailable").inc()
+            return _error(503, f"predictor at {self.host} did not accept a connection in time")
+        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+            metrics.predictor_errors.labels(kind="timeout").inc()
+            return _error(504, f"predictor at {self.host} did not answer within {self.request_timeout:g}s")
+        except (aiohttp.ClientError, OSError) as exc:
+            metrics.predictor_errors.labels(kind="unavailable").inc()
+            detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            return _error(503, f"predictor at {self.host} is unreachable ({detail})")
+        finally:
+            metrics.predictor_seconds.labels(protocol=protocol).observe(time.perf_counter() - started)
+        if status >= 400:
+            metrics.predictor_errors.labels(kind="http_4xx" if status < 500 else "http_5xx").inc()
+            logger.debug("predictor %s answered %d: %s", self.host, status, answer[:500])
+        return status, content_type, answer
+
+    def _client(self) -> aiohttp.ClientSession:
+        """One pooled session, created on first use inside the serving event loop."""
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(
+                limit=self.max_connections, keepalive_timeout=KEEPALIVE_SECONDS, use_dns_cache=True
+            )
+            timeout = aiohttp.ClientTimeout(total=self.request_timeout, sock_connect=self.connect_timeout)
+            self._session = aiohttp.ClientSession(
+                connector=connector, timeout=timeout, auto_decompress=False, skip_auto_headers=("User-Agent",)
+            )
+        return self._session
+
+    def _closing_on_shutdown(self, receive: Receive) -> Receive:
+        async def wrapped() -> Message:
+            message = await receive()
+            if message.get("type") == "lifespan.shutdown" and self._session is not None:
+                await self._session.close()
+            return message
+
+        return wrapped
+
+
+def _error(status: int, message: str) -> tuple[int, str, bytes]:
+    return status, "application/json", orjson.dumps({"error": message})
+
+
+def _plain_json(scope: Scope) -> bool:
+    """A JSON body without the binary tensor extension (header `inference-header-content-length`)."""
+    content_type = b""
+    for key, value in scope.get("headers", ()):
+        if key == b"inference-header-content-length":
+            return False
+        if key == b"content-type":
+            content_type = value
+    return content_type.split(b";")[0].strip().lower() == b"application/json"
+
+
+async def _read_body(receive: Receive) -> tuple[bytes, bool]:
+    """The request body; `complete` is False when it was cut short (disconnect) or is too large."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return b"".join(chunks), False
+        chunk = message.get("body", b"")
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > MAX_FAST_BODY_BYTES:
+            return b"".join(chunks), False
+        if not message.get("more_body", False):
+            return b"".join(chunks), True
+
+
+def _replay(body: bytes, complete: bool, receive: Receive) -> Receive:
+    """A `receive` that first hands the downstream app what was already read."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": not complete}
+        return await receive()
+
+    return replay
