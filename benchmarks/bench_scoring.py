@@ -61,7 +61,7 @@ MLSERVER_ENV = Path(__file__).resolve().parent / "mlserver" / ".venv"
 CORE_PYTHON = sys.executable
 MODEL_NAME = "fraud-detector"
 MLSERVER_MODEL = "fraud-xgboost"
-#: request timestamp of the serving benchmark: the day after serve_predictor_memory.SNAPSHOT_DAY
+#: request timestamp of the serving benchmark: on serve_predictor_memory.SNAPSHOT_DAY (fresh features)
 SERVING_TX_EPOCH = int(datetime(2018, 9, 30, 12, 0, tzinfo=UTC).timestamp())
 
 

@@ -1,7 +1,7 @@
 """The predictor (`predictor.model.FraudModel` in KServe's ModelServer, exactly as `python -m
 predictor` runs it) with an in-memory feature source instead of Feast: the "model only" server of
 the scoring benchmark. Batch features of `--entities` customers `C0..` and terminals `T0..` are
-drawn once from a fixed seed, with yesterday's snapshot date relative to the request timestamps the
+drawn once from a fixed seed, with the snapshot date of the day of the request timestamps the
 benchmark sends (so nothing is stale or missing).
 
     .venv/bin/python benchmarks/serve_predictor_memory.py --bundle PATH --http_port N [kserve options]
@@ -23,8 +23,8 @@ from predictor.__main__ import build_parser  # noqa: E402
 from predictor.__main__ import main as predictor_main  # noqa: E402
 from predictor.features import InMemoryFeatureSource  # noqa: E402
 
-#: Snapshot date of the in-memory features; the benchmark's requests are on the following day.
-SNAPSHOT_DAY = pd.Timestamp("2018-09-29")
+#: Snapshot date of the in-memory features: the day of the benchmark's requests (nothing stale).
+SNAPSHOT_DAY = pd.Timestamp("2018-09-30")
 
 
 def synthetic_feature_source(entities: int, seed: int = 0) -> InMemoryFeatureSource:
