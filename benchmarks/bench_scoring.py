@@ -168,6 +168,7 @@ def bench_model(args: argparse.Namespace) -> int:
         booster.set_param({"nthread": 1})
         scorer = BundleScorer(bundle, nthread=1)
         rows: list[dict[str, Any]] = []
+        flagged_share: dict[str, float] = {}
         for batch in batches:
             matrix = reference_matrix(bundle, batch)
             frame = pd.DataFrame(matrix, columns=list(MODEL_FEATURES))
@@ -178,8 +179,13 @@ def bench_model(args: argparse.Namespace) -> int:
                     xgb.DMatrix(m, nthread=1), pred_contribs=True, validate_features=False),
                 "pred_contribs approx (DMatrix)": lambda m=matrix: booster.predict(
                     xgb.DMatrix(m, nthread=1), pred_contribs=True, approx_contribs=True, validate_features=False),
-                "BundleScorer.score (predictor: proba + reason codes + decision)": lambda f=frame: scorer.score(f),
+                "BundleScorer.score, reason codes of flagged rows (predictor default)": lambda m=matrix: scorer.score(m),
+                "BundleScorer.score, reason codes of every row (--reason-codes all)": lambda m=matrix: scorer.score(
+                    m, reason_codes="all"),
             }
+            flagged = sum(decision != "approve" for decision in scorer.score(matrix).decisions)
+            print(f"batch {batch}: {flagged} of {batch} reference rows flagged (review/decline)", file=sys.stderr)
+            flagged_share[str(batch)] = flagged / batch
             for name, fn in cases.items():
                 seconds = time_per_call(fn, min_seconds, repeats)
                 rows.append({"case": name, "batch": batch, "us_per_call": seconds * 1e6,
@@ -187,11 +193,14 @@ def bench_model(args: argparse.Namespace) -> int:
                 print(f"{name:<70} batch {batch:>5}: {seconds * 1e6:10.1f} us/call "
                       f"{seconds * 1e6 / batch:8.2f} us/tx", file=sys.stderr)
     report = started
-    report.update({"bundle": facts, "threads": 1, "smoke": args.smoke, "results": rows})
+    report.update({"bundle": facts, "threads": 1, "smoke": args.smoke, "results": rows,
+                   "flagged_share_of_reference_rows": flagged_share})
     lines = [
         f"Measured {report['date']}, one XGBoost thread, bundle `{facts['model_version']}` "
         f"({facts['trees']} trees, {facts['features']} features, XGBoost {facts['xgboost']}); 1-min load average "
-        f"{report['machine']['load_average_1m']:.1f} on {report['machine']['cpus']} cores. Command: `{report['command']}`.",
+        f"{report['machine']['load_average_1m']:.1f} on {report['machine']['cpus']} cores. Command: `{report['command']}`. "
+        f"Share of the bundle's reference rows the model flags (review/decline): "
+        + ", ".join(f"{share:.1%} of {int(b):,}" for b, share in flagged_share.items()) + ".",
         "",
         "| case | batch | µs / call | µs / transaction | transactions/s on one core |",
         "|---|---:|---:|---:|---:|",
