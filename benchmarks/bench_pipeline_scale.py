@@ -35,6 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results" / "pipeline_scale.json"
 DOCS = ROOT / "docs" / "performance.md"
 MARKS = ("<!-- bench:pipeline-scale:start -->", "<!-- bench:pipeline-scale:end -->")
+PIPELINE_RUN_RESULTS = RESULTS.with_name("pipeline_run.json")
+PIPELINE_RUN_MARKS = ("<!-- bench:pipeline-run:start -->", "<!-- bench:pipeline-run:end -->")
 FRAUD = [sys.executable, "-m", "fraud.cli"]
 BASE_CUSTOMERS, BASE_TERMINALS, BASE_DAYS = 5_000, 10_000, 183
 MEMORY_LIMIT_GIB = 24.0
@@ -75,7 +77,9 @@ def count_rows(raw_dir: Path) -> int:
     return sum(pq.ParquetFile(f).metadata.num_rows for f in files)
 
 
-def run_scale(factor: int, days: int, work_dir: Path, keep: bool, skip_feast: bool = False) -> dict[str, Any]:
+def run_scale(
+    factor: int, days: int, work_dir: Path, keep: bool, skip_feast: bool = False, pipeline_run: bool = False
+) -> dict[str, Any]:
     customers, terminals = BASE_CUSTOMERS * factor, BASE_TERMINALS * factor
     data_dir = work_dir / f"scale-{factor}x-{days}d"
     if data_dir.exists():
@@ -94,6 +98,8 @@ def run_scale(factor: int, days: int, work_dir: Path, keep: bool, skip_feast: bo
     ]
     if skip_feast:
         steps = steps[:2]
+    elif pipeline_run:  # the whole training pipeline (kfp.local) on this dataset, after the feature store
+        steps.append(("pipeline_run", [*FRAUD, "pipeline", "run", "--local"]))
     transactions = 0
     for name, command in steps:
         print(f"[{factor}x] {name} ...", file=sys.stderr, flush=True)
@@ -141,8 +147,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"(1-min load average at start {report['machine']['load_average_1m']:.1f}); "
         f"command: `{report['command']}`. Wall times include the CLI's interpreter start and imports.",
         "",
-        "| dataset | transactions | simulate | features build | feast apply | materialize | total | features rows/s | peak RSS | completed |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        ("| dataset | transactions | simulate | features build | feast apply | materialize | pipeline run --local | total "
+         "| features rows/s | peak RSS | completed |"),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for run in report["runs"]:
         p = run["phases"]
@@ -157,7 +164,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| {run['scale']}x ({run['customers']:,} cust / {run['terminals']:,} term / {run['days']} d) "
             f"| {run['transactions']:,} | {cell('simulate')} | {cell('features_build')} | {cell('feast_apply')} "
-            f"| {cell('materialize')} | {run['total_wall_s']:.1f} s | {f'{rows_s:,.0f}' if rows_s else '-'} "
+            f"| {cell('materialize')} | {cell('pipeline_run')} | {run['total_wall_s']:.1f} s | {f'{rows_s:,.0f}' if rows_s else '-'} "
             f"| {run['peak_rss_mib'] / 1024:.2f} GiB | {'yes' if run['completed'] else 'NO'} |"
         )
     return "\n".join(lines)
@@ -194,8 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep each scale's data directory")
     parser.add_argument("--smoke", action="store_true", help="tiny run (scale 1 of 50 customers / 100 terminals, 10 days) to check the benchmark works")
     parser.add_argument("--skip-feast", action="store_true", help="only simulate and build features (no feast apply/materialize)")
+    parser.add_argument("--pipeline-run", action="store_true",
+                        help="also time `fraud pipeline run --local` on each dataset (results/pipeline_run.json, own docs section)")
     parser.add_argument("--no-save", action="store_true", help="print the JSON instead of writing results and docs")
-    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--output", type=Path, default=None, help="result file (default results/pipeline_scale.json, "
+                        "or results/pipeline_run.json with --pipeline-run)")
     args = parser.parse_args(argv)
     global BASE_CUSTOMERS, BASE_TERMINALS
     if args.smoke:
@@ -212,12 +222,12 @@ def main(argv: list[str] | None = None) -> int:
         "runs": [],
     }
     for factor in args.scales:
-        report["runs"].append(run_scale(factor, args.days, args.work_dir, args.keep, args.skip_feast))
+        report["runs"].append(run_scale(factor, args.days, args.work_dir, args.keep, args.skip_feast, args.pipeline_run))
     if args.no_save:
         print(json.dumps(report, indent=2))
     else:
-        save_json(report, args.output)
-        write_docs_section(markdown(report), MARKS)
+        save_json(report, args.output or (PIPELINE_RUN_RESULTS if args.pipeline_run else RESULTS))
+        write_docs_section(markdown(report), PIPELINE_RUN_MARKS if args.pipeline_run else MARKS)
         print(markdown(report))
     return 0 if all(run["completed"] for run in report["runs"]) else 1
 

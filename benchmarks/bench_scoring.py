@@ -264,12 +264,17 @@ def predictor_body(index: int, customer: str, terminal: str, amount: float, epoc
 def serving_bodies(bundle: Path, count: int, entities: int) -> tuple[list[bytes], list[bytes]]:
     """`count` equivalent single-transaction bodies: ours (raw transaction) and MLServer's (the
     16-feature vector, from the bundle's reference sample)."""
+    from serve_predictor_memory import customer_mean_amounts
+
     rng = np.random.default_rng(1)
     matrix = reference_matrix(bundle, count)
+    means = customer_mean_amounts(entities)
     ours, theirs = [], []
     for i in range(count):
-        customer, terminal = f"C{rng.integers(entities)}", f"T{rng.integers(entities)}"
-        amount = round(float(rng.gamma(2.0, 30.0)) + 1.0, 2)
+        c = int(rng.integers(entities))
+        customer, terminal = f"C{c}", f"T{rng.integers(entities)}"
+        # the simulator's spending: normal around the card's mean, sd mean/2, positive
+        amount = round(max(0.01, float(rng.normal(means[c], means[c] / 2))), 2)
         epoch = SERVING_TX_EPOCH + int(rng.integers(0, 36_000))
         ours.append(json.dumps(predictor_body(i, customer, terminal, amount, epoch)).encode())
         theirs.append(json.dumps({"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, matrix.shape[1]],

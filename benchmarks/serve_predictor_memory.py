@@ -27,14 +27,33 @@ from predictor.features import InMemoryFeatureSource  # noqa: E402
 SNAPSHOT_DAY = pd.Timestamp("2018-09-30")
 
 
+def customer_mean_amounts(entities: int, seed: int = 0) -> np.ndarray:
+    """Mean amount of card `C{i}`: uniform on [5, 100] as in the simulator (Handbook ch. 3.2)."""
+    return np.random.default_rng(seed).uniform(5.0, 100.0, entities)
+
+
 def synthetic_feature_source(entities: int, seed: int = 0) -> InMemoryFeatureSource:
-    rng = np.random.default_rng(seed)
+    """Consistent windows like the simulator's: each card spends around its mean amount
+    (`customer_mean_amounts`, which the benchmark's requests use too, so a request looks like
+    ordinary spending and the model flags a realistic few per cent, not most); counts grow with the
+    window; terminals carry rare frauds."""
+    rng = np.random.default_rng(seed + 1)
     customers = pd.DataFrame({CUSTOMER_ID: [f"C{i}" for i in range(entities)], SNAPSHOT_TIMESTAMP: SNAPSHOT_DAY})
-    for name in CUSTOMER_SPENDING_FEATURES:
-        customers[name] = rng.gamma(2.0, 20.0, entities) if "amount" in name else rng.poisson(3.0, entities).astype(float)
+    mean_amount = customer_mean_amounts(entities, seed)
+    for window, daily in ((1, 2.0), (7, 2.0), (30, 2.0)):
+        count = rng.poisson(daily * window, entities).astype(float)
+        customers[f"customer_nb_tx_{window}d"] = count
+        customers[f"customer_sum_amount_{window}d"] = count * mean_amount * rng.uniform(0.8, 1.2, entities)
     terminals = pd.DataFrame({TERMINAL_ID: [f"T{i}" for i in range(entities)], SNAPSHOT_TIMESTAMP: SNAPSHOT_DAY})
-    for name in TERMINAL_RISK_FEATURES:
-        terminals[name] = rng.beta(1.0, 30.0, entities) if "risk" in name else rng.poisson(5.0, entities).astype(float)
+    for window in (1, 7, 30):
+        count = rng.poisson(1.0 * window, entities).astype(float)
+        frauds = rng.binomial(count.astype(int), 0.003).astype(float)
+        terminals[f"terminal_nb_tx_{window}d"] = count
+        terminals[f"terminal_nb_fraud_{window}d"] = frauds
+        terminals[f"terminal_risk_{window}d"] = np.divide(frauds, count, out=np.zeros(entities), where=count > 0)
+    missing = [name for name in (*CUSTOMER_SPENDING_FEATURES, *TERMINAL_RISK_FEATURES)
+               if name not in customers.columns and name not in terminals.columns]
+    assert not missing, f"synthetic features lack {missing}"
     return InMemoryFeatureSource(customers, terminals)
 
 
