@@ -14,6 +14,7 @@ access-log line with `--enable_access_log true`. The same latencies are in the P
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import sys
@@ -252,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     # server readiness (/v2/health/ready) follows the model's: ready once the drift monitor is configured
     server.dataplane = ModelReadyDataPlane(model_registry=server.registered_models)
     quiet_request_path_logging(args.enable_latency_logging, args.enable_access_log)
+    # Long-lived start-up objects (KServe, alibi-detect, scipy, the reference data) out of the cyclic
+    # garbage collector: its full collections over them stall the event loop (docs/performance.md).
+    gc.freeze()
     server.start([transformer])
     return 0
 
