@@ -19,6 +19,7 @@ overrides the Feast project name, which also namespaces the Redis keys.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import string
@@ -406,28 +407,30 @@ class OnlineFeatureClient:
     def _read_view(
         self, view: Any, join_key: str, features: tuple[str, ...], ids: list[str]
     ) -> tuple[np.ndarray, np.ndarray]:
-        values = np.full((len(ids), len(features)), np.nan)
-        snapshot = np.full(len(ids), np.datetime64("NaT"), dtype="datetime64[ns]")
         if not ids:
-            return values, snapshot
-        keys = [self._entity_key(join_key, entity) for entity in ids]
-        rows = self._online_store.online_read(self.store.config, view, keys, list(features))
-        stamps: list[Any] = [None] * len(ids)
-        for i, (event_ts, row) in enumerate(rows):
+            return np.empty((0, len(features))), np.empty(0, dtype="datetime64[ns]")
+        entity_key = self._entity_key
+        rows = self._online_store.online_read(
+            self.store.config, view, [entity_key(join_key, entity) for entity in ids], list(features)
+        )
+        unknown = [math.nan] * len(features)
+        table: list[list[Any]] = []
+        stamps: list[Any] = []
+        for event_ts, row in rows:
             if not row:
+                table.append(unknown)
+                stamps.append(None)
                 continue
-            known = False
-            for j, name in enumerate(features):
+            values = []
+            for name in features:
                 value = row.get(name)
                 kind = value.WhichOneof("val") if value is not None else None
-                if kind is not None:
-                    values[i, j] = getattr(value, kind)
-                    known = True
+                values.append(getattr(value, kind) if kind is not None else math.nan)
             # Redis answers an absent entity with empty values (and the epoch as timestamp)
-            if known and event_ts is not None:
-                stamps[i] = event_ts.astimezone(UTC).replace(tzinfo=None) if event_ts.tzinfo else event_ts
-        snapshot[:] = np.array(stamps, dtype="datetime64[ns]")
-        return values, snapshot
+            known = event_ts is not None and any(v == v for v in values)  # v == v: not NaN
+            table.append(values)
+            stamps.append((event_ts.astimezone(UTC).replace(tzinfo=None) if event_ts.tzinfo else event_ts) if known else None)
+        return np.array(table, dtype=np.float64), np.array(stamps, dtype="datetime64[ns]")
 
     def batch(self, customer_ids: Sequence[str], terminal_ids: Sequence[str]) -> pd.DataFrame:
         """One row per (customer_ids[i], terminal_ids[i]): the ids, CUSTOMER_SPENDING_FEATURES,
