@@ -133,6 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
         "0: no limit",
     )
     parser.add_argument(
+        "--drift_window_max_vectors_per_second",
+        type=float,
+        default=defaults.window_max_vectors_per_second,
+        help="most vectors per second put into the batch detector's windows (a window test costs ~7-15 ms); above "
+        "it the windows hold an even sample of the traffic, the rest is counted in "
+        "fraud_drift_window_vectors_skipped_total. 0: no limit",
+    )
+    parser.add_argument(
         "--rest_fast_path",
         type=strtobool,
         default=True,
@@ -197,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
             online_bootstraps=args.online_bootstraps,
             queue_capacity=args.drift_queue_capacity,
             online_max_vectors_per_second=args.online_max_vectors_per_second,
+            window_max_vectors_per_second=args.drift_window_max_vectors_per_second,
         )
         reference = DriftReference.from_bundle(args.bundle)
         monitor = DriftMonitor(reference, config)

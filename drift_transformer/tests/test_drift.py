@@ -270,6 +270,25 @@ def test_online_updates_are_capped_while_the_batch_detector_sees_every_vector(bu
     assert monitor.last_window is not None and monitor.last_window.is_drift
 
 
+def test_batch_windows_take_an_even_sample_above_their_rate_and_still_see_a_shift(bundle_dir):
+    clock = ManualClock()
+    registry = CollectorRegistry()
+    config = MonitorConfig(window_size=200, online_ert=0, window_max_vectors_per_second=300)
+    monitor = DriftMonitor(DriftReference.from_bundle(bundle_dir), config, DriftMetrics(registry), clock=clock)
+    assert monitor.configure()
+    results = monitor.process(sample_vectors(1000, seed=50))  # one instant: the burst of 300
+    assert len(results) == 1 and monitor.window_detector.fill == 100
+    assert registry.get_sample_value("fraud_drift_window_vectors_skipped_total") == 700
+    assert registry.get_sample_value("fraud_drift_vectors_processed_total") == 1000  # every vector handled
+    assert not results[0].is_drift
+    clock.now += 1.0  # a second later: another 300 admitted, evenly over the shifted batch
+    results = monitor.process(sample_vectors(3000, seed=51, amount_factor=3.0))
+    assert len(results) == 2 and results[-1].is_drift  # 100 old + 100 shifted, then 200 shifted
+    assert registry.get_sample_value("fraud_drift_window_vectors_skipped_total") == 700 + 2700
+    with pytest.raises(DriftConfigError, match="window_max_vectors_per_second"):
+        MonitorConfig(window_max_vectors_per_second=-1)
+
+
 def test_batch_only_monitor_is_configured_without_an_online_detector(bundle_dir):
     monitor, registry = make_monitor(bundle_dir)
     assert monitor.configure()
