@@ -7,9 +7,12 @@ ports, wired like an InferenceService (client -> transformer -> predictor).
   predictor with the V2 REST protocol (V1 requests are forwarded as V1).
 
 Auditing is on by default (`StackConfig.audit`): before the children start, the audit database
-(FRAUD_AUDIT_DB_URL, else SQLite `<data dir>/audit/audit.db`) is migrated, and the predictor appends
-every decision to the spool `<data dir>/audit/spool.db` (FRAUD_AUDIT_SPOOL overrides it) that its
-in-process writer thread drains into that database (docs/audit.md).
+(FRAUD_AUDIT_DB_URL, else SQLite `<data dir>/audit/audit.db`) is migrated, the predictor appends
+every decision to the spool `<data dir>/audit/spool.db` (FRAUD_AUDIT_SPOOL overrides it) and a third
+child, the sidecar `fraud audit writer`, drains it into that database - the pod layout of the
+manifests' design, and no writer work in the predictor's process (its batches held the GIL long
+enough to show in the request latency tail, docs/performance.md). On stop the writer goes last and
+flushes what the predictor spooled (docs/audit.md).
 
 Both read the same local bundle directory. `ServingStack.start()` checks that every port is free,
 starts both and waits until both are ready; any failure stops what was started and raises `UserError` with the end of the failing process's log. `stop()` terminates
@@ -70,7 +73,7 @@ class StackConfig:
     #: a child that exits more often than this within restart_window_s is not restarted again
     max_restarts: int = 3
     restart_window_s: float = 300.0
-    #: record every decision in the audit trail (spool + in-process writer of the predictor)
+    #: record every decision in the audit trail (predictor's spool + the `fraud audit writer` sidecar)
     audit: bool = True
     #: audit spool file (None: FRAUD_AUDIT_SPOOL, else <data dir>/audit/spool.db)
     audit_spool: Path | None = None
@@ -238,6 +241,7 @@ class ServingStack:
         self.on_status = on_status or (lambda message: None)
         self.predictor: ChildProcess | None = None
         self.transformer: ChildProcess | None = None
+        self.audit_writer: ChildProcess | None = None
         self._lock = threading.Lock()
 
     # --- commands ----------------------------------------------------------------------------
@@ -259,10 +263,20 @@ class ServingStack:
         return command
 
     def predictor_env(self) -> dict[str, str]:
-        """Environment of the predictor: the resolved audit database, or no audit settings at all."""
+        """Environment of the predictor: no audit settings (its spool is on the command line; the
+        sidecar writer, not the predictor, talks to the audit database)."""
+        return {k: v for k, v in os.environ.items() if k not in AUDIT_ENV}
+
+    def audit_writer_command(self) -> list[str]:
+        return [
+            sys.executable, "-m", "fraud.cli", "audit", "writer",
+            "--spool", str(self.config.resolved_audit_spool()),
+        ]  # fmt: skip
+
+    def audit_writer_env(self) -> dict[str, str]:
+        """The database URL travels in the environment, not on a visible command line."""
         env = {k: v for k, v in os.environ.items() if k not in AUDIT_ENV}
-        if self.config.audit:
-            env["FRAUD_AUDIT_DB_URL"] = self.config.resolved_audit_db_url()
+        env["FRAUD_AUDIT_DB_URL"] = self.config.resolved_audit_db_url()
         return env
 
     def transformer_command(self) -> list[str]:
@@ -297,20 +311,23 @@ class ServingStack:
             self.predictor = self._spawn("predictor", self.predictor_command(), PROJECT_ROOT, env=self.predictor_env())
             self.transformer = self._spawn("transformer", self.transformer_command(), DRIFT_TRANSFORMER_DIR)
             self._wait_ready(self.predictor, self.config.predictor_url)
+            if self.config.audit:  # the predictor has created the spool by now
+                self.audit_writer = self._spawn_audit_writer()
             self._wait_ready(self.transformer, self.config.url)
         except BaseException:
             self.stop()
             raise
 
     def stop(self) -> None:
-        """Terminate the transformer, then the predictor; idempotent and safe from a signal handler."""
+        """Terminate the transformer, then the predictor, then the audit writer (which first flushes
+        what the predictor spooled); idempotent and safe from a signal handler."""
         with self._lock:
-            for child in (self.transformer, self.predictor):
+            for child in (self.transformer, self.predictor, self.audit_writer):
                 if child is not None:
                     child.terminate(self.config.stop_timeout_s)
 
     def children(self) -> list[ChildProcess]:
-        return [child for child in (self.predictor, self.transformer) if child is not None]
+        return [child for child in (self.predictor, self.transformer, self.audit_writer) if child is not None]
 
     def supervise(self, poll_s: float = 0.5) -> None:
         """Run until interrupted, restarting a child that exits (as a pod's container would be).
@@ -318,7 +335,7 @@ class ServingStack:
         While the predictor restarts, the transformer answers 503. A child that exits more than
         `max_restarts` times within `restart_window_s` is given up on: raises UserError with its log.
         """
-        exits: dict[str, list[float]] = {"predictor": [], "transformer": []}
+        exits: dict[str, list[float]] = {"predictor": [], "transformer": [], "audit-writer": []}
         while True:
             for child in self.children():
                 if child.alive():
@@ -345,6 +362,13 @@ class ServingStack:
                 self.transformer = self._spawn(
                     "transformer", self.transformer_command(), DRIFT_TRANSFORMER_DIR, append=True
                 )
+            elif child is self.audit_writer:
+                self.audit_writer = self._spawn_audit_writer(append=True)
+
+    def _spawn_audit_writer(self, append: bool = False) -> ChildProcess:
+        return self._spawn(
+            "audit-writer", self.audit_writer_command(), PROJECT_ROOT, append=append, env=self.audit_writer_env()
+        )
 
     def __enter__(self) -> Self:
         self.start()

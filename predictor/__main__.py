@@ -41,6 +41,10 @@ from predictor.scoring import KSERVE_MODEL_DIR, REASON_CODE_POLICIES, REASON_COD
 EXIT_LOAD_FAILED = 1
 
 
+#: GIL switch interval of the server process (CPython's default: 5 ms)
+GIL_SWITCH_INTERVAL_S = 0.001
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m predictor",
@@ -255,6 +259,10 @@ def main(
     # process: keep it out of the cyclic garbage collector, whose full collections over those
     # ~270,000 objects took ~140 ms each - the predictor's p99 spikes under load (docs/performance.md).
     gc.freeze()
+    # Background threads (audit writer, drift tests) run Python for several ms at a time; with the
+    # default 5 ms GIL switch interval a request arriving meanwhile waits that long for the event
+    # loop. 1 ms bounds that wait (docs/performance.md).
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     server.start([model])
     return 0
 

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import socket
 import subprocess
 import sys
@@ -372,7 +373,8 @@ def test_predictor_killed_transformer_answers_503_promptly(stack):
 def test_fraud_serve_stop_ends_the_detached_stack_and_its_children(stack):
     supervisor = stack.supervisor_pid()
     children = child_pids(supervisor)
-    assert children  # the transformer (and the predictor being restarted)
+    assert children  # the transformer, the audit writer (and the predictor being restarted)
+    assert any("fraud.cli audit writer" in cmdline(pid) for pid in children), [cmdline(p) for p in children]
     result = stack.fraud("serve", "--stop", "--pid-file", str(stack.pid_file))
     assert result.returncode == 0, result.stdout + result.stderr
     assert not stack.pid_file.exists()
@@ -383,6 +385,12 @@ def test_fraud_serve_stop_ends_the_detached_stack_and_its_children(stack):
     assert [pid for pid in children if alive(pid)] == []
     result = stack.fraud("serve", "--stop", "--pid-file", str(stack.pid_file))
     assert result.returncode == 2 and "no running stack" in result.stderr
+    # the sidecar writer went last and flushed: every decision the tests above got is in the table
+    with sqlite3.connect(stack.data_root / "audit" / "audit.db") as db:
+        audited = {row[0] for row in db.execute("SELECT transaction_id FROM decisions")}
+    with sqlite3.connect(stack.data_root / "audit" / "spool.db") as spool:
+        assert spool.execute("SELECT count(*) FROM spool").fetchone()[0] == 0
+    assert len(audited) >= 7, sorted(audited)
 
 
 def wait_for_children(pid: int, count: int, timeout: float = 60.0) -> list[int]:
@@ -436,8 +444,9 @@ def test_ctrl_c_of_fraud_serve_leaves_no_child_process(data_root, bundle, tmp_pa
                 break
             time.sleep(0.3)
         assert ready, (process.poll(), foreground.logs())
-        children = child_pids(process.pid)
-        assert len(children) == 2 and {"-m predictor" in cmdline(p) for p in children} == {True, False}
+        children = wait_for_children(process.pid, 3)  # the audit writer starts once the predictor is ready
+        assert len(children) == 3 and {"-m predictor" in cmdline(p) for p in children} == {True, False}
+        assert sum("fraud.cli audit writer" in cmdline(p) for p in children) == 1
         # a port of the running stack is reported as taken by a second `fraud serve`
         clash = foreground.fraud("serve", *foreground.serve_args())
         assert clash.returncode == 2 and f"port {foreground.port} (--port) is already in use" in clash.stderr
