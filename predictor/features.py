@@ -2,8 +2,8 @@
 
 `OnlineFeatureSource` is the small seam between the model server and the feature store: one call
 per request, for all of its transactions at once. `FeastFeatureSource` is the production
-implementation (one batched Feast `get_online_features` call through
-`fraud.feature_store.online_batch_features`); `InMemoryFeatureSource` serves the same contract from
+implementation (the online store's `online_read` once per batch feature view, through
+`fraud.feature_store.online_batch_arrays`); `InMemoryFeatureSource` serves the same contract from
 DataFrames for tests and tools that need no Feast repository.
 
 The lookup result (`FeatureLookup`) is aligned with the request rows (row i belongs to the i-th
@@ -111,19 +111,6 @@ def to_naive_utc(values: Any) -> np.ndarray:
     """Timestamps (tz-aware or naive, or NaT) as tz-naive UTC datetime64[ns]."""
     series = pd.to_datetime(pd.Series(values), utc=True, errors="coerce")
     return series.dt.tz_localize(None).to_numpy(dtype="datetime64[ns]")
-
-
-def normalise_lookup(frame: pd.DataFrame, rows: int) -> FeatureLookup:
-    """Check and coerce a source's answer (a DataFrame with BATCH_FEATURES and the snapshot
-    columns; absent columns mean unknown) into the `FeatureLookup` layout."""
-    if len(frame) != rows:
-        raise FeatureSourceUnavailable(f"feature source returned {len(frame)} rows for {rows} requested")
-    values = frame.reindex(columns=list(BATCH_FEATURES)).apply(pd.to_numeric, errors="coerce")
-    snapshots = [
-        to_naive_utc(frame[column].to_numpy()) if column in frame.columns else FeatureLookup.empty(rows).customer_snapshot
-        for column in (CUSTOMER_SNAPSHOT_COLUMN, TERMINAL_SNAPSHOT_COLUMN)
-    ]
-    return FeatureLookup(values.to_numpy(dtype=np.float64, na_value=np.nan), *snapshots)
 
 
 class InMemoryFeatureSource:

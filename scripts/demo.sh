@@ -37,7 +37,7 @@ step "5/6 score sample transactions through the transformer"
 "$FRAUD" score --url "http://127.0.0.1:$PORT" --sample 2000 --seed 1 --summary
 
 step "6/6 audit trail and delayed labels: decisions recorded today, labels of the scored week, live quality"
-"$FRAUD" serve --stop --pid-file "$PID_FILE"   # drains the predictor's audit writer
+"$FRAUD" serve --stop --pid-file "$PID_FILE"   # the audit writer sidecar flushes the spool before it exits
 trap - EXIT
 TODAY=$(date -u +%F); TOMORROW=$(date -u -d tomorrow +%F)
 "$FRAUD" audit export --from "$TODAY" --to "$TOMORROW" --format csv --out "$FRAUD_DATA_DIR/audit/decisions-$TODAY.csv"
