@@ -272,8 +272,13 @@ def test_fraud_serve_audits_by_default_and_no_audit_strips_every_audit_setting(t
     audited = ServingStack(StackConfig(bundle=tmp_path / "bundle"))
     command = audited.predictor_command()
     assert command[command.index("--audit-spool") + 1] == str((tmp_path / "data" / "audit" / "spool.db").resolve())
-    db_url = audited.predictor_env()["FRAUD_AUDIT_DB_URL"]
-    assert db_url == f"sqlite:///{tmp_path / 'data' / 'audit' / 'audit.db'}" and db_url not in command
+    # the predictor only spools; the sidecar writer gets the database URL in its environment
+    assert "FRAUD_AUDIT_DB_URL" not in audited.predictor_env()
+    writer = audited.audit_writer_command()
+    assert writer[writer.index("--spool") + 1] == str((tmp_path / "data" / "audit" / "spool.db").resolve())
+    db_url = audited.audit_writer_env()["FRAUD_AUDIT_DB_URL"]
+    assert db_url == f"sqlite:///{tmp_path / 'data' / 'audit' / 'audit.db'}"
+    assert db_url not in command and db_url not in writer
     assert migrate_audit_database(db_url) is not None  # what ServingStack.start() runs first
     engine = create_audit_engine(db_url)
     assert {"decisions", "labels", "live_quality"} <= table_names(engine)
