@@ -387,10 +387,17 @@ class OnlineFeatureClient:
         store.refresh_registry()
         self._entity_key = lambda join_key, value: EntityKey(join_keys=[join_key], entity_values=[Value(string_val=value)])
         self._online_store = store._get_provider().online_store  # the configured OnlineStore instance
-        self._views = (
-            (store.get_feature_view(CUSTOMER_SPENDING_VIEW), CUSTOMER_ID, CUSTOMER_SPENDING_FEATURES),
-            (store.get_feature_view(TERMINAL_RISK_VIEW), TERMINAL_ID, TERMINAL_RISK_FEATURES),
-        )
+        self._views: tuple[tuple[Any, str, tuple[str, ...]], ...] | None = None
+
+    def views(self) -> tuple[tuple[Any, str, tuple[str, ...]], ...]:
+        """(feature view, join key, features) of both batch views, from the registry on first use: a
+        registry not applied yet fails the lookups (the predictor's degraded mode), not the start."""
+        if self._views is None:
+            self._views = (
+                (self.store.get_feature_view(CUSTOMER_SPENDING_VIEW), CUSTOMER_ID, CUSTOMER_SPENDING_FEATURES),
+                (self.store.get_feature_view(TERMINAL_RISK_VIEW), TERMINAL_ID, TERMINAL_RISK_FEATURES),
+            )
+        return self._views
 
     def arrays(self, customer_ids: Sequence[str], terminal_ids: Sequence[str]) -> OnlineBatchArrays:
         """Batch features of each (customer_ids[i], terminal_ids[i]) pair; see `OnlineBatchArrays`."""
@@ -398,7 +405,7 @@ class OnlineFeatureClient:
         if len(customers) != len(terminals):
             raise UserError(f"got {len(customers)} customer ids but {len(terminals)} terminal ids")
         blocks, snapshots = [], []
-        for (view, join_key, features), ids in zip(self._views, (customers, terminals)):
+        for (view, join_key, features), ids in zip(self.views(), (customers, terminals)):
             values, snapshot = self._read_view(view, join_key, features, ids)
             blocks.append(values)
             snapshots.append(snapshot)
