@@ -9,14 +9,15 @@ ports, wired like an InferenceService (client -> transformer -> predictor).
 Auditing is on by default (`StackConfig.audit`): before the children start, the audit database
 (FRAUD_AUDIT_DB_URL, else SQLite `<data dir>/audit/audit.db`) is migrated, the predictor appends
 every decision to the spool `<data dir>/audit/spool.db` (FRAUD_AUDIT_SPOOL overrides it) and a third
-child, the sidecar `fraud audit writer`, drains it into that database - the pod layout of the
-manifests' design, and no writer work in the predictor's process (its batches held the GIL long
-enough to show in the request latency tail, docs/performance.md). On stop the writer goes last and
+child, the sidecar `fraud audit writer`, drains it into that database - as a writer container
+beside the predictor in a pod would, and with no writer work in the predictor's process (its
+batches held the GIL long enough to show in the request latency tail, docs/performance.md). On stop the writer goes last and
 flushes what the predictor spooled (docs/audit.md).
 
-Both read the same local bundle directory. `ServingStack.start()` checks that every port is free,
-starts both and waits until both are ready; any failure stops what was started and raises `UserError` with the end of the failing process's log. `stop()` terminates
-both (SIGTERM, then SIGKILL after a grace period). Each child also asks the kernel to SIGTERM it
+Predictor and transformer read the same local bundle directory. `ServingStack.start()` checks that
+every port is free, starts the children and waits until both servers are ready; any failure stops
+what was started and raises `UserError` with the end of the failing process's log. `stop()`
+terminates every child (SIGTERM, then SIGKILL after a grace period). Each child also asks the kernel to SIGTERM it
 if this process dies (PR_SET_PDEATHSIG), so a killed supervisor leaves no orphan.
 """
 
@@ -31,7 +32,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Self
@@ -113,6 +114,10 @@ class StackConfig:
 
 
 AUDIT_ENV = ("FRAUD_AUDIT_SPOOL", "FRAUD_AUDIT_DB_URL")
+
+
+def _without_audit_settings(environ: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in environ.items() if k not in AUDIT_ENV}
 
 
 def redacted_url(url: str) -> str:
@@ -265,7 +270,7 @@ class ServingStack:
     def predictor_env(self) -> dict[str, str]:
         """Environment of the predictor: no audit settings (its spool is on the command line; the
         sidecar writer, not the predictor, talks to the audit database)."""
-        return {k: v for k, v in os.environ.items() if k not in AUDIT_ENV}
+        return _without_audit_settings(os.environ)
 
     def audit_writer_command(self) -> list[str]:
         return [
@@ -275,9 +280,7 @@ class ServingStack:
 
     def audit_writer_env(self) -> dict[str, str]:
         """The database URL travels in the environment, not on a visible command line."""
-        env = {k: v for k, v in os.environ.items() if k not in AUDIT_ENV}
-        env["FRAUD_AUDIT_DB_URL"] = self.config.resolved_audit_db_url()
-        return env
+        return {**_without_audit_settings(os.environ), "FRAUD_AUDIT_DB_URL": self.config.resolved_audit_db_url()}
 
     def transformer_command(self) -> list[str]:
         return [

@@ -64,9 +64,6 @@ class FeatureLookup:
     #: the store was unreachable: these are cold-start defaults of the fail-open mode
     fail_open: bool = False
 
-    def __len__(self) -> int:
-        return len(self.values)
-
     @classmethod
     def empty(cls, rows: int) -> FeatureLookup:
         """A lookup in which no entity is known (every feature NaN, every snapshot NaT)."""
@@ -86,14 +83,6 @@ class FeatureLookup:
             known = ~np.isnat(snapshot)
             stale |= known & (snapshot.view("int64") < tx_day)
         return stale
-
-    @property
-    def frame(self) -> pd.DataFrame:
-        """The lookup as a DataFrame (BATCH_FEATURES + both snapshot columns), for tools and tests."""
-        frame = pd.DataFrame(self.values, columns=list(BATCH_FEATURES))
-        frame[CUSTOMER_SNAPSHOT_COLUMN] = self.customer_snapshot
-        frame[TERMINAL_SNAPSHOT_COLUMN] = self.terminal_snapshot
-        return frame
 
 
 @runtime_checkable
