@@ -445,6 +445,10 @@ def test_ctrl_c_of_fraud_serve_leaves_no_child_process(data_root, bundle, tmp_pa
             time.sleep(0.3)
         assert ready, (process.poll(), foreground.logs())
         children = wait_for_children(process.pid, 3)  # the audit writer starts once the predictor is ready
+        # a child forked a moment ago shows its parent's command line until it has exec'd
+        deadline = time.monotonic() + 10
+        while not any("fraud.cli audit writer" in cmdline(p) for p in children) and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert len(children) == 3 and {"-m predictor" in cmdline(p) for p in children} == {True, False}
         assert sum("fraud.cli audit writer" in cmdline(p) for p in children) == 1
         # a port of the running stack is reported as taken by a second `fraud serve`
