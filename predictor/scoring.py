@@ -161,8 +161,9 @@ class BundleScorer:
         contributions = np.full(values.shape, np.nan)
         codes: list[list[ReasonCode]] = [[] for _ in range(len(values))]
         if len(explained):
-            contributions[explained] = self.contributions(values[explained])
-            for row, row_codes in zip(explained.tolist(), self.reason_codes(contributions[explained])):
+            explained_contributions = self.contributions(values[explained])
+            contributions[explained] = explained_contributions
+            for row, row_codes in zip(explained.tolist(), self.reason_codes(explained_contributions)):
                 codes[row] = row_codes
         return ScoreResult(
             probabilities=probabilities,
