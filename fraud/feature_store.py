@@ -19,6 +19,7 @@ overrides the Feast project name, which also namespaces the Redis keys.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -52,6 +53,8 @@ from fraud.features.definitions import (
 )
 from fraud.features.offline import EVENT_TIMESTAMP, customer_features_path, terminal_features_path
 from fraud.schema import CUSTOMER_ID, TERMINAL_ID, TX_AMOUNT, TX_DATETIME
+
+_logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from feast import FeatureStore
@@ -388,22 +391,54 @@ class OnlineFeatureClient:
         self._entity_key = lambda join_key, value: EntityKey(join_keys=[join_key], entity_values=[Value(string_val=value)])
         self._online_store = store._get_provider().online_store  # the configured OnlineStore instance
         self._views: tuple[tuple[Any, str, tuple[str, ...]], ...] | None = None
+        #: Redis only: the views' key layouts for `fraud.online_redis.read_views` (None: online_read)
+        self._redis_layouts: tuple[Any, ...] | None = None
 
     def views(self) -> tuple[tuple[Any, str, tuple[str, ...]], ...]:
         """(feature view, join key, features) of both batch views, from the registry on first use: a
         registry not applied yet fails the lookups (the predictor's degraded mode), not the start."""
         if self._views is None:
-            self._views = (
+            views = (
                 (self.store.get_feature_view(CUSTOMER_SPENDING_VIEW), CUSTOMER_ID, CUSTOMER_SPENDING_FEATURES),
                 (self.store.get_feature_view(TERMINAL_RISK_VIEW), TERMINAL_ID, TERMINAL_RISK_FEATURES),
             )
+            self._redis_layouts = self._redis_view_layouts(views)
+            self._views = views
         return self._views
+
+    def _redis_view_layouts(self, views: tuple[tuple[Any, str, tuple[str, ...]], ...]) -> tuple[Any, ...] | None:
+        """The key layouts of `fraud.online_redis` when the online store is Redis through redis-py
+        and the installed Feast writes the layout the reader builds; else None (`online_read`)."""
+        from feast.infra.online_stores.redis import RedisClient, RedisOnlineStore
+
+        from fraud.online_redis import RedisLayoutMismatch, RedisViewLayout
+
+        config = self.store.config
+        if not isinstance(self._online_store, RedisOnlineStore) or config.online_store.client != RedisClient.redis:
+            return None
+        try:
+            return tuple(
+                RedisViewLayout(self._online_store, config, view, join_key, features)
+                for view, join_key, features in views
+            )
+        except RedisLayoutMismatch as exc:
+            _logger.warning("batched Redis reader disabled, using Feast's online_read: %s", exc)
+            return None
 
     def arrays(self, customer_ids: Sequence[str], terminal_ids: Sequence[str]) -> OnlineBatchArrays:
         """Batch features of each (customer_ids[i], terminal_ids[i]) pair; see `OnlineBatchArrays`."""
         customers, terminals = [str(c) for c in customer_ids], [str(t) for t in terminal_ids]
         if len(customers) != len(terminals):
             raise UserError(f"got {len(customers)} customer ids but {len(terminals)} terminal ids")
+        self.views()
+        if self._redis_layouts is not None:
+            from fraud.online_redis import read_views
+
+            client = self._online_store._get_client(self.store.config.online_store)
+            (customer_values, customer_snapshot), (terminal_values, terminal_snapshot) = read_views(
+                client, list(zip(self._redis_layouts, (customers, terminals)))
+            )
+            return OnlineBatchArrays(np.hstack([customer_values, terminal_values]), customer_snapshot, terminal_snapshot)
         blocks, snapshots = [], []
         for (view, join_key, features), ids in zip(self.views(), (customers, terminals)):
             values, snapshot = self._read_view(view, join_key, features, ids)

@@ -308,6 +308,78 @@ def test_redis_online_store_round_trip(store_dir: Path, tmp_path: Path, monkeypa
 
 
 @pytest.mark.redis
+def test_batched_redis_reader_equals_feast_online_read(store_dir: Path, tmp_path: Path, monkeypatch, caplog) -> None:
+    """`fraud.online_redis` (one pipeline, column decoding) against Feast's own `online_read` on
+    the same Redis keys: materialised, unknown, repeated and partially written entities, a batch
+    large enough for the vectorised decoding, and the fall-back when the key layout differs."""
+    import redis
+    from feast.protos.feast.types.Value_pb2 import Value
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    from fraud.feature_store import online_client
+    from fraud.online_redis import RedisLayoutMismatch, RedisViewLayout
+
+    own = tmp_path / "data"
+    shutil.copytree(store_dir / "features", own / "features")
+    monkeypatch.setenv("FRAUD_DATA_DIR", str(own))
+    project = f"fraud_test_{uuid.uuid4().hex[:12]}"
+    layout = DataLayout.current()
+    customers = read_feature_table(layout.features / "customer_spending_features.parquet")
+    terminals = read_feature_table(layout.features / "terminal_risk_features.parquet")
+    try:
+        apply_repo("redis", project=project)
+        materialize_incremental(online="redis", project=project)
+        client = online_client("redis", project=project)
+        client.views()
+        layouts = client._redis_layouts
+        assert layouts is not None, "the Redis profile must use the batched reader"
+        # a customer whose hash holds only two of its features and the timestamp: the others are NaN
+        partial = layouts[0]
+        stamp = Timestamp(seconds=1_700_000_000).SerializeToString()
+        raw = redis.Redis.from_url(f"redis://{DEFAULT_REDIS_URL}")
+        raw.hset(partial.key("C-partial"), mapping={
+            partial.fields[0]: Value(int64_val=3).SerializeToString(),
+            partial.fields[1]: Value(double_val=-12.5).SerializeToString(),
+            partial.fields[-1]: stamp,
+        })
+        ids = sorted(customers["customer_id"].unique()) + ["C-unknown", "C-partial"]
+        tids = sorted(terminals["terminal_id"].unique())
+        n = 90  # > the reader's threshold for vectorised decoding, with repeated entities
+        cust = [ids[i % len(ids)] for i in range(n)]
+        term = [tids[(3 * i) % len(tids)] for i in range(n - 1)] + ["T-unknown"]
+        fast = client.arrays(cust, term)
+        client._redis_layouts = None
+        generic = client.arrays(cust, term)
+        client._redis_layouts = layouts
+        np.testing.assert_array_equal(fast.values, generic.values)
+        np.testing.assert_array_equal(fast.customer_snapshot, generic.customer_snapshot)
+        np.testing.assert_array_equal(fast.terminal_snapshot, generic.terminal_snapshot)
+        row = cust.index("C-partial")
+        assert fast.values[row, :2].tolist() == [3.0, -12.5] and np.isnan(fast.values[row, 2:len(CUSTOMER_SPENDING_FEATURES)]).all()
+        assert fast.customer_snapshot[row] == np.datetime64(1_700_000_000, "s")
+        unknown = cust.index("C-unknown")
+        assert np.isnan(fast.values[unknown, : len(CUSTOMER_SPENDING_FEATURES)]).all()
+        assert np.isnat(fast.customer_snapshot[unknown]) and np.isnat(fast.terminal_snapshot[-1])
+        assert not np.isnan(fast.values[0]).any(), "a materialised pair must be fully known"
+        # single pair and empty request
+        np.testing.assert_array_equal(client.arrays(cust[:1], term[:1]).values, fast.values[:1])
+        assert client.arrays([], []).values.shape == (0, len(CUSTOMER_SPENDING_FEATURES) + len(TERMINAL_RISK_FEATURES))
+
+        # a Feast whose key layout differs: the reader refuses to be built, lookups use online_read
+        store = client._online_store
+        monkeypatch.setattr(type(store), "_generate_redis_keys_for_entities", lambda self, config, keys: [b"other"] * len(keys))
+        view, join_key, features = client.views()[0]
+        with pytest.raises(RedisLayoutMismatch, match="Feast writes"):
+            RedisViewLayout(store, client.store.config, view, join_key, features)
+        client._views = None
+        with caplog.at_level("WARNING", logger="fraud.feature_store"):
+            client.views()
+        assert client._redis_layouts is None and "online_read" in caplog.text
+    finally:
+        teardown("redis", project=project)
+
+
+@pytest.mark.redis
 @pytest.mark.postgres
 def test_production_profile_with_sql_registry_on_postgres(store_dir: Path, tmp_path: Path, monkeypatch) -> None:
     """FRAUD_FEAST_ONLINE=redis FRAUD_FEAST_REGISTRY=sql: registry in PostgreSQL (own database)."""
