@@ -559,17 +559,17 @@ class FraudModel(Model):
         spool = self.audit_spool
         if spool is None:
             raise AuditUnavailable("the audit trail is enabled but its spool is not open (model stopped?)")
-        from fraud.audit import decision_records
+        from fraud.audit import decision_payloads
 
         assert self.scorer is not None, "load() first"
         model_name = self.scorer.manifest.model_name
         now = time.perf_counter()
-        records = []
+        payloads: list[str] = []
         for result in results:
             request = result.request
             received_at = request.received_at or datetime.now(UTC)
             latency_ms = (now - request.arrival) * 1000.0 if request.arrival is not None else 0.0
-            records += decision_records(
+            payloads += decision_payloads(
                 transaction_ids=[tx.transaction_id for tx in request.transactions],
                 customer_ids=[tx.customer_id for tx in request.transactions],
                 terminal_ids=[tx.terminal_id for tx in request.transactions],
@@ -590,11 +590,11 @@ class FraudModel(Model):
         with self._audit_lock:
             try:
                 room = spool.max_records - spool.depth()
-                if len(records) > room:
+                if len(payloads) > room:
                     self._refuse_audit(
                         f"the audit spool is full ({spool.max_records} decisions waiting for the writer)"
                     )
-                appended = spool.append(records)
+                appended = spool.append_payloads(payloads)
             except sqlite3.Error as exc:
                 self._refuse_audit(f"cannot write the audit spool {spool.path}: {type(exc).__name__}: {exc}")
         if appended.dropped:
@@ -603,7 +603,7 @@ class FraudModel(Model):
                 "audit spool %s refused %d of %d decisions of an unanswered batch; the %d accepted stay spooled",
                 spool.path,
                 appended.dropped,
-                len(records),
+                len(payloads),
                 appended.accepted,
             )
             self._refuse_audit(f"the audit spool is full ({spool.max_records} decisions waiting for the writer)")

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from datetime import UTC, datetime
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from fraud.audit.records import DecisionRecord, decision_records, pseudonymise
+from fraud.audit.records import DecisionRecord, decision_payloads, decision_records, pseudonymise
 from fraud.audit.store import (
     ALEMBIC_VERSION_TABLE,
     audit_db_url,
@@ -177,3 +178,71 @@ def test_decision_records_of_a_scored_batch():
     assert isinstance(second.features_stale, bool)
     with pytest.raises(ValueError, match="one entry per transaction"):
         decision_records(transaction_ids=["TX1"], **common)
+
+
+def _scored_batch(n: int, seed: int = 0) -> dict:
+    import numpy as np
+
+    from fraud.features.definitions import MODEL_FEATURES
+    from predictor.codec import ReasonCode
+
+    rng = np.random.default_rng(seed)
+    matrix = rng.normal(size=(n, len(MODEL_FEATURES))) * 1e3
+    if n >= 4:
+        matrix[1, 2], matrix[2, 0], matrix[3, 5] = np.nan, np.inf, -np.inf
+    decisions = rng.choice(["approve", "review", "decline"], size=n).tolist()
+    return {
+        "transaction_ids": [f"TX{i:08d}" for i in range(n)],
+        "customer_ids": [f"C{i % 7:07d}" for i in range(n)],
+        "terminal_ids": ["T\u00e9" + "x" * (i % 60) for i in range(n)],
+        "feature_names": MODEL_FEATURES,
+        "feature_matrix": matrix,
+        "scores": np.concatenate([[0.0, 1.0], rng.random(n - 2)]),
+        "decisions": decisions,
+        "reason_codes": [[ReasonCode("tx_amount", "Transaction amount", 0.5)] if d != "approve" else [] for d in decisions],
+        "features_missing": rng.random(n) < 0.3,
+        "features_stale": rng.random(n) < 0.3,
+        "fail_open": True,
+        "model_name": "fraud-detector",
+        "model_version": "12",
+        "variant": "canary",
+        "received_at": datetime(2026, 11, 1, 8, 30, 1, 123456, tzinfo=UTC),
+        "latency_ms": 3.25,
+    }
+
+
+def test_decision_payloads_equal_the_records_payloads_byte_for_byte():
+    batch = _scored_batch(50)
+    expected = [record.to_payload() for record in decision_records(**batch)]
+    assert decision_payloads(**batch) == expected
+    decoded = DecisionRecord.from_payload(expected[1])
+    assert decoded.features[MODEL_FEATURES_NAME(2)] is None and decoded.variant == "canary"
+
+
+def MODEL_FEATURES_NAME(index: int) -> str:  # noqa: N802 - reads like the constant it indexes
+    from fraud.features.definitions import MODEL_FEATURES
+
+    return MODEL_FEATURES[index]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"transaction_ids": ["TX1", "", "TX3"]},
+        {"customer_ids": ["C1", "C2", "C" * 65]},
+        {"model_version": ""},
+        {"variant": "blue"},
+        {"decisions": ["approve", "maybe", "decline"]},
+        {"scores": [0.1, 1.5, 0.2]},
+        {"scores": [0.1, float("nan"), 0.2]},
+        {"received_at": "2026-11-01"},
+        {"reason_codes": [[], []]},
+    ],
+    ids=["empty-id", "long-id", "empty-version", "variant", "decision", "score", "nan-score", "received-at", "length"],
+)
+def test_decision_payloads_refuse_what_decision_records_refuse(change: dict):
+    batch = {**_scored_batch(3), **change}
+    with pytest.raises((ValueError, TypeError)) as expected:
+        decision_records(**batch)
+    with pytest.raises(type(expected.value), match=re.escape(str(expected.value))):
+        decision_payloads(**batch)

@@ -4,11 +4,12 @@ Predictor-facing API (see docs/audit.md):
 
     spool = AuditSpool(default_spool_path())            # at load()
     writer = AuditWriter(spool.path); writer.start()    # at load(), unless a sidecar runs `fraud audit writer`
-    spool.append(decision_records(...))                 # in postprocess, before answering
+    spool.append_payloads(decision_payloads(...))       # before answering (column-wise;
+                                                        # = spool.append(decision_records(...)))
     writer.stop(); spool.close()                        # at stop()
 """
 
-from fraud.audit.records import DecisionRecord, decision_records, pseudonymise
+from fraud.audit.records import DecisionRecord, decision_payloads, decision_records, pseudonymise
 from fraud.audit.spool import AppendResult, AuditSpool, default_spool_path
 from fraud.audit.store import audit_db_url, create_audit_engine, upgrade_database
 from fraud.audit.writer import AuditWriter, WriterSettings
@@ -21,6 +22,7 @@ __all__ = [
     "WriterSettings",
     "audit_db_url",
     "create_audit_engine",
+    "decision_payloads",
     "decision_records",
     "default_spool_path",
     "pseudonymise",

@@ -14,11 +14,12 @@ import logging
 import math
 import os
 import secrets
-from collections.abc import Sequence
+from collections.abc import Sequence, Sized
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+import numpy as np
 import orjson
 
 from fraud.bundle import DECISIONS
@@ -239,19 +240,9 @@ def decision_records(
     """
     rows = feature_matrix.tolist() if hasattr(feature_matrix, "tolist") else [list(r) for r in feature_matrix]
     n = len(transaction_ids)
-    lengths = {
-        "customer_ids": len(customer_ids),
-        "terminal_ids": len(terminal_ids),
-        "feature_matrix": len(rows),
-        "scores": len(scores),
-        "decisions": len(decisions),
-        "reason_codes": len(reason_codes),
-        "features_missing": len(features_missing),
-        "features_stale": len(features_stale),
-    }
-    wrong = {name: length for name, length in lengths.items() if length != n}
-    if wrong:
-        raise ValueError(f"every column must have one entry per transaction ({n}); got {wrong}")
+    _check_lengths(n, customer_ids=customer_ids, terminal_ids=terminal_ids, feature_matrix=rows, scores=scores,
+                   decisions=decisions, reason_codes=reason_codes, features_missing=features_missing,
+                   features_stale=features_stale)
     names = list(feature_names)
     return [
         DecisionRecord(
@@ -272,4 +263,96 @@ def decision_records(
             fail_open=fail_open,
         )
         for i in range(n)
+    ]
+
+
+def _check_lengths(n: int, **columns: Sized) -> None:
+    wrong = {name: len(column) for name, column in columns.items() if len(column) != n}
+    if wrong:
+        raise ValueError(f"every column must have one entry per transaction ({n}); got {wrong}")
+
+
+def decision_payloads(
+    *,
+    transaction_ids: Sequence[str],
+    customer_ids: Sequence[str],
+    terminal_ids: Sequence[str],
+    feature_names: Sequence[str],
+    feature_matrix: Any,
+    scores: Sequence[float],
+    decisions: Sequence[str],
+    reason_codes: Sequence[list[Any]],
+    features_missing: Sequence[bool],
+    features_stale: Sequence[bool],
+    fail_open: bool,
+    model_name: str,
+    model_version: str,
+    variant: Variant,
+    received_at: datetime,
+    latency_ms: float,
+) -> list[str]:
+    """The spool payloads of one scored request: exactly `[r.to_payload() for r in
+    decision_records(...)]` (same arguments, same checks, same ValueError messages; tested), built
+    column by column without a `DecisionRecord` per transaction - the predictor's request path
+    (~3x cheaper at 1,000 transactions, docs/performance.md)."""
+    matrix = np.asarray(feature_matrix, dtype=np.float64)
+    n = len(transaction_ids)
+    _check_lengths(n, customer_ids=customer_ids, terminal_ids=terminal_ids, feature_matrix=matrix, scores=scores,
+                   decisions=decisions, reason_codes=reason_codes, features_missing=features_missing,
+                   features_stale=features_stale)
+    names = [str(name) for name in feature_names]
+    if matrix.ndim != 2 or matrix.shape[1] != len(names):
+        raise ValueError(f"feature_matrix must be [n, {len(names)}], got shape {matrix.shape}")
+    columns = {}
+    for name, values in (("transaction_id", transaction_ids), ("customer_id", customer_ids), ("terminal_id", terminal_ids)):
+        column = [str(value) for value in values]
+        for value in column:
+            if not value or len(value) > MAX_ID_LENGTH:
+                _check_id(name, value)
+        columns[name] = column
+    _check_id("model_name", model_name, 128)
+    _check_id("model_version", model_version, 128)
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    decision_column = [str(d) for d in decisions]
+    unknown = set(decision_column).difference(DECISIONS)
+    if unknown:
+        raise ValueError(f"decision must be one of {DECISIONS}, got {sorted(unknown)[0]!r}")
+    score_column = np.asarray(scores, dtype=np.float64)
+    bad = ~((score_column >= 0.0) & (score_column <= 1.0))
+    if bad.any():
+        raise ValueError(f"score must be a probability in [0, 1], got {float(score_column[int(np.argmax(bad))])!r}")
+    if not isinstance(received_at, datetime):
+        raise TypeError(f"received_at must be a datetime, got {type(received_at).__name__}")
+    rows = matrix.tolist()
+    if not np.isfinite(matrix).all():  # strict JSON: non-finite features are stored as null
+        rows = [[v if math.isfinite(v) else None for v in row] for row in rows]
+    received, latency, opened = _utc_naive(received_at).isoformat(), float(latency_ms), bool(fail_open)
+    missing = np.asarray(features_missing, dtype=bool).tolist()
+    stale = np.asarray(features_stale, dtype=bool).tolist()
+    dumps, option = orjson.dumps, orjson.OPT_SERIALIZE_NUMPY
+    return [
+        dumps(
+            {
+                "v": PAYLOAD_VERSION,
+                "transaction_id": columns["transaction_id"][i],
+                "received_at": received,
+                "model_name": model_name,
+                "model_version": model_version,
+                "variant": variant,
+                "features": dict(zip(names, rows[i])),
+                "score": score,
+                "decision": decision_column[i],
+                "reason_codes": list(reason_codes[i]),
+                "customer_id": columns["customer_id"][i],
+                "terminal_id": columns["terminal_id"][i],
+                "latency_ms": latency,
+                "features_missing": missing[i],
+                "features_stale": stale[i],
+                "fail_open": opened,
+            },
+            default=_json_default,
+            option=option,
+        ).decode()
+        for i, score in enumerate(score_column.tolist())
     ]

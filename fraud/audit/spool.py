@@ -129,10 +129,14 @@ class AuditSpool:
         When the spool is full the surplus (the newest records of this call) is dropped and
         counted; the caller decides whether an unaudited decision may still be answered.
         """
-        if not records:
+        return self.append_payloads([record.to_payload() for record in records])
+
+    def append_payloads(self, payloads: Sequence[str]) -> AppendResult:
+        """`append` for decisions already serialised by `DecisionRecord.to_payload` or
+        `decision_payloads` (the predictor's path); the writer validates each on the way out."""
+        if not payloads:
             return AppendResult(0, 0)
         started = time.perf_counter()
-        payloads = [record.to_payload() for record in records]
         now = time.time()
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
