@@ -24,7 +24,14 @@ if not SHARED.is_dir():
 from fraud.deploy import rollout as rollout_mod
 from fraud.deploy.canary import CanaryCriteria
 from fraud.deploy.crd import load_validator
-from fraud.deploy.kserve_rollout import ServingSpec, build_inference_service, serving_model
+from fraud.deploy.kserve_rollout import (
+    AUDIT_SPOOL,
+    AUDIT_WRITER_CONTAINER,
+    PREDICTOR_CONTAINER,
+    ServingSpec,
+    build_inference_service,
+    serving_model,
+)
 from fraud.deploy.rollout import AnalyseRequest, Connection, DeployRequest, KubernetesBackend
 from fraud.deploy.state import StateStore
 from fraud.deploy.testing import FakeKServeAPI, FakePrometheus, predictor_series
@@ -230,6 +237,28 @@ def test_bad_canary_is_rolled_back(cluster, mlflow_registry, canary_errors, cana
     assert isvc["spec"]["predictor"]["canaryTrafficPercent"] == 0
     traffic = isvc["status"]["components"]["predictor"]["traffic"]
     assert [(t["revisionName"].endswith("00001"), t["percent"]) for t in traffic if t["percent"]] == [(True, 100)]
+
+
+def test_rollout_patches_keep_the_audit_writer(cluster, mlflow_registry):
+    """The rollout merge-patches the predictor's whole containers list: the audit writer sidecar,
+    the spool volume and the predictor's spool settings must come through canary and rollback."""
+    api, kubeconfig = cluster
+    v2 = mlflow_registry.versions[1]
+    before = api.get(NAMESPACE, MODEL_NAME)["spec"]["predictor"]
+    assert [c["name"] for c in before["containers"]] == [PREDICTOR_CONTAINER, AUDIT_WRITER_CONTAINER]
+    _deploy(mlflow_registry, kubeconfig, v2, percent=20)
+    canary = api.get(NAMESPACE, MODEL_NAME)["spec"]["predictor"]
+    with FakePrometheus() as prometheus:
+        prometheus.down = True
+        assert _analyse(mlflow_registry, kubeconfig, v2, prometheus.url).state is RolloutState.ROLLED_BACK
+    rolled_back = api.get(NAMESPACE, MODEL_NAME)["spec"]["predictor"]
+    for spec in (canary, rolled_back):
+        assert spec["containers"][1] == before["containers"][1]
+        assert spec["volumes"] == before["volumes"]
+        predictor_env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
+        assert predictor_env["FRAUD_AUDIT_SPOOL"] == AUDIT_SPOOL and "FRAUD_AUDIT_DB_URL" not in predictor_env
+        assert spec["containers"][0]["volumeMounts"] == before["containers"][0]["volumeMounts"]
+    assert serving_model({"metadata": {}, "spec": {"predictor": canary}})[0] == v2
 
 
 def test_prometheus_outage_rolls_back(cluster, mlflow_registry):

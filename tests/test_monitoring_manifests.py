@@ -1,14 +1,20 @@
 """The retraining CronJob as the overlays build it: valid Kubernetes (kubernetes_validate, strict),
 least privilege, and its command line accepted by the real `fraud monitor check` — run once with
-the CronJob's own arguments against a local /metrics server and audit database."""
+the CronJob's own arguments against a local /metrics server and audit database. Likewise the audit
+trail's command lines: the migration Job's `fraud audit migrate` and the predictor pod's
+`fraud audit writer` container, which must drain a spooled decision and serve every audit metric
+the alerts and the dashboard read."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -114,3 +120,84 @@ def test_the_cronjob_command_line_is_accepted_by_fraud_monitor_check(prod, tmp_p
     assert result.stdout.strip() == "no retrain: no sustained drift or quality loss"
     state = yaml.safe_load((tmp_path / "state" / "state.json").read_text())
     assert state["drift"] == {"windows_evaluated": 4.0, "windows_drifted": 1.0, "streak": 0}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def audit_metrics_read_by_alerts_and_dashboard() -> set[str]:
+    from fraud.monitoring.promql import referenced_metrics
+
+    rules = yaml.safe_load((PROJECT_ROOT / "manifests" / "prometheusrule.yaml").read_text())
+    exprs = [rule["expr"] for group in rules["spec"]["groups"] for rule in group["rules"]]
+    dashboard = json.loads((PROJECT_ROOT / "manifests" / "fraud-detector-dashboard.json").read_text())
+    exprs += [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    return {name for expr in exprs for name in referenced_metrics(expr) if name.startswith("fraud_audit_")}
+
+
+def test_the_audit_migration_and_writer_command_lines_work(prod, tmp_path):
+    """The Job's and the writer container's own command lines, run for real (SQLite stands in for
+    PostgreSQL, a temporary file for the emptyDir): the schema gets migrated, a spooled decision
+    reaches the database, /metrics serves what the alerts read, SIGTERM stops the writer cleanly."""
+    from httpx import get
+    from prometheus_client.parser import text_string_to_metric_families
+    from sqlalchemy import create_engine
+
+    from fraud.audit import AuditSpool
+    from fraud.audit.store import find_decisions
+    from fraud.monitoring.promql import exported_names
+    from tests.test_audit_support import make_decision
+
+    (job,) = [d for d in prod if d["kind"] == "Job"]
+    migrate = job["spec"]["template"]["spec"]["containers"][0]
+    (isvc,) = [d for d in prod if d["kind"] == "InferenceService"]
+    (writer,) = [c for c in isvc["spec"]["predictor"]["containers"] if c["name"] == "audit-writer"]
+    audit_db = f"sqlite:///{tmp_path / 'audit.db'}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FRAUD_", "MLFLOW_"))}
+    env.update(FRAUD_DATA_DIR=str(tmp_path / "data"), FRAUD_AUDIT_DB_URL=audit_db)
+
+    assert migrate["command"][:1] == ["fraud"] and writer["command"][:1] == ["fraud"]
+    migrated = subprocess.run([FRAUD, *migrate["command"][1:], *migrate.get("args", [])],
+                              capture_output=True, text=True, env=env, timeout=120, check=False)  # fmt: skip
+    assert migrated.returncode == 0, migrated.stderr
+    assert "is at migration" in migrated.stdout
+
+    args = list(writer["args"])
+    spool_dir = tmp_path / "emptydir"
+    spool = spool_dir / Path(args[args.index("--spool") + 1]).name
+    args[args.index("--spool") + 1] = str(spool)
+    port = free_port()
+    args[args.index("--metrics-port") + 1] = str(port)
+    spooled = AuditSpool(spool)
+    spooled.append([make_decision(1)])
+    spooled.close()
+    process = subprocess.Popen([FRAUD, *writer["command"][1:], *args], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        engine = create_engine(audit_db)
+        deadline = time.monotonic() + 60
+        while not find_decisions(engine, "TX0000000001") and time.monotonic() < deadline:
+            assert process.poll() is None, process.stdout.read()
+            time.sleep(0.2)
+        assert len(find_decisions(engine, "TX0000000001")) == 1
+        exposition = get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        samples = {s.name: s.value for f in text_string_to_metric_families(exposition) for s in f.samples}
+        assert samples["fraud_audit_written_total"] == 1.0 and samples["fraud_audit_spool_backlog"] == 0.0
+        read = audit_metrics_read_by_alerts_and_dashboard()
+        assert {"fraud_audit_spool_backlog", "fraud_audit_written_total", "fraud_audit_spool_appended_total"} <= read
+        assert read - exported_names(exposition) == set()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=30)
+    assert process.returncode == 0, output
+    assert "audit writer draining" in output
+    drained = AuditSpool(spool)
+    try:
+        assert drained.depth() == 0
+    finally:
+        drained.close()

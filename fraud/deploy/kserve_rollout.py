@@ -13,7 +13,9 @@ KServe Serverless canary semantics (what every method relies on):
 
 The predictor is a custom container; KServe's storage initializer downloads the container's
 `STORAGE_URI` env value into `/mnt/models` before the container starts (that is how a custom
-container gets a storageUri; the CRD has no `spec.predictor.storageUri`).
+container gets a storageUri; the CRD has no `spec.predictor.storageUri`). Its pod also runs the
+audit writer (`fraud audit writer`, second container) draining the predictor's decision spool on a
+shared emptyDir, as `manifests/inferenceservice.yaml` does; patches keep every container.
 
 Objects are plain dicts sent through `kubernetes.client.CustomObjectsApi` (the object the kserve
 SDK's `KServeClient` wraps); readiness uses `KServeClient.is_isvc_ready(expected_generation=...)`.
@@ -39,6 +41,14 @@ TRANSFORMER_CONTAINER = "kserve-container"
 STORAGE_URI_ENV = "STORAGE_URI"
 MODEL_VERSION_ENV = "FRAUD_MODEL_VERSION"
 MODEL_DIR = "/mnt/models"
+AUDIT_WRITER_CONTAINER = "audit-writer"
+AUDIT_SPOOL_VOLUME = "audit-spool"
+AUDIT_SPOOL_DIR = "/var/lib/fraud-audit"
+AUDIT_SPOOL = f"{AUDIT_SPOOL_DIR}/spool.db"
+#: the audit database, as the manifests build it from the fraud-postgres Secret
+AUDIT_DB_URL = (
+    "postgresql+psycopg2://fraud:$(FRAUD_POSTGRES_PASSWORD)@postgres.$(POD_NAMESPACE).svc.cluster.local:5432/fraud"
+)
 
 
 @dataclass(frozen=True)
@@ -74,6 +84,31 @@ def build_inference_service(
         "capabilities": {"drop": ["ALL"]},
     }
     tmp_env = [_env("HOME", "/tmp"), _env("TMPDIR", "/tmp")]
+    predictor_args = ["--model_name", name, "--http_port", "8080", "--bundle", MODEL_DIR]
+    predictor_args += ["--audit-spool-max-records", "200000"]
+    spool_mount = {"name": AUDIT_SPOOL_VOLUME, "mountPath": AUDIT_SPOOL_DIR}
+    audit_writer = {
+        "name": AUDIT_WRITER_CONTAINER,
+        "image": spec.core_image,
+        "command": ["fraud", "audit", "writer"],
+        "args": ["--spool", AUDIT_SPOOL, "--metrics-port", "9109", "--batch-size", "500"],
+        "env": [
+            {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+            {
+                "name": "FRAUD_POSTGRES_PASSWORD",
+                "valueFrom": {"secretKeyRef": {"name": "fraud-postgres", "key": "password"}},
+            },
+            _env("FRAUD_AUDIT_DB_URL", AUDIT_DB_URL),
+            _env("FRAUD_AUDIT_SPOOL", AUDIT_SPOOL),
+            *tmp_env,
+        ],
+        "resources": {
+            "requests": {"cpu": "200m", "memory": "192Mi", "ephemeral-storage": "1Gi"},
+            "limits": {"cpu": "1", "memory": "512Mi"},
+        },
+        "securityContext": security,
+        "volumeMounts": [spool_mount, {"name": "audit-writer-tmp", "mountPath": "/tmp"}],
+    }
     annotations = {
         "serving.kserve.io/deploymentMode": "Serverless",
         "serving.kserve.io/enable-prometheus-scraping": "true",
@@ -106,9 +141,15 @@ def build_inference_service(
                         "name": PREDICTOR_CONTAINER,
                         "image": spec.core_image,
                         "command": ["python", "-m", "predictor"],
-                        "args": ["--model_name", name, "--http_port", "8080", "--bundle", MODEL_DIR],
+                        "args": predictor_args,
                         "ports": [{"containerPort": 8080, "protocol": "TCP"}],
-                        "env": [_env(STORAGE_URI_ENV, storage_uri), _env(MODEL_VERSION_ENV, version), *tmp_env],
+                        "env": [
+                            _env(STORAGE_URI_ENV, storage_uri),
+                            _env(MODEL_VERSION_ENV, version),
+                            *tmp_env,
+                            _env("FRAUD_AUDIT_SPOOL", AUDIT_SPOOL),
+                            _env("FRAUD_AUDIT_SPOOL_SYNC", "NORMAL"),
+                        ],
                         "envFrom": [{"configMapRef": {"name": spec.thresholds_configmap}}],
                         "resources": {
                             "requests": {"cpu": "500m", "memory": "1Gi"},
@@ -117,10 +158,15 @@ def build_inference_service(
                         "readinessProbe": _probe(f"/v1/models/{name}"),
                         "livenessProbe": _probe("/v2/health/live"),
                         "securityContext": security,
-                        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
-                    }
+                        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, spool_mount],
+                    },
+                    audit_writer,
                 ],
-                "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "256Mi"}}],
+                "volumes": [
+                    {"name": "tmp", "emptyDir": {"sizeLimit": "256Mi"}},
+                    {"name": AUDIT_SPOOL_VOLUME, "emptyDir": {"sizeLimit": "1Gi"}},
+                    {"name": "audit-writer-tmp", "emptyDir": {"sizeLimit": "64Mi"}},
+                ],
             },
             "transformer": {
                 "serviceAccountName": spec.service_account,
