@@ -380,6 +380,11 @@ class OnlineFeatureClient:
     registry access, no response protobuf, values decoded straight into arrays. For one
     transaction this is ~10x cheaper than `FeatureStore.get_online_features`, for 1,000 ~2x
     (docs/performance.md); `tests/test_feature_store.py` checks both give the same values.
+
+    On Redis (redis-py client) both views are read by `fraud.online_redis` instead: one pipeline
+    for the request, Feast's own key layout (checked against Feast when the views are resolved;
+    `online_read` is the fall-back), feature columns decoded at once - 1,000 pairs ~3x faster
+    than `online_read`; tested equal to it.
     """
 
     def __init__(self, store: FeatureStore) -> None:

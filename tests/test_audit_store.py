@@ -86,6 +86,39 @@ def test_decision_round_trip_keeps_every_field(engine):
     assert find_decisions(engine, "TX-unknown") == []
 
 
+def test_sqlite_bulk_insert_stores_what_sqlalchemy_would(tmp_path):
+    """On SQLite `insert_decisions` binds through sqlite3's executemany: the stored column text must
+    be exactly what SQLAlchemy's own statement stores, and a constraint violation must still raise
+    IntegrityError (the writer's dead-letter path)."""
+    from sqlalchemy.exc import IntegrityError
+
+    from fraud.audit.store import dialect_insert
+    from fraud.audit.tables import Decision
+
+    engine = create_audit_engine(f"sqlite:///{tmp_path / 'audit.db'}")
+    upgrade_database(engine)
+    bulk = [make_decision(i, score=0.1 * i, decision="review").to_row() for i in range(5)]
+    reference = [dict(row, model_version="sqlalchemy") for row in bulk]
+    table = Decision.__table__
+    with engine.begin() as connection:
+        assert insert_decisions(connection, bulk) == 5
+        assert insert_decisions(connection, bulk[:2]) == 0  # duplicates are skipped and not counted
+        connection.execute(dialect_insert(connection, table), reference)
+    with engine.connect() as connection:
+        stored = connection.exec_driver_sql(
+            "SELECT * FROM decisions ORDER BY transaction_id, model_version"
+        ).fetchall()
+    by_version = {}
+    for row in stored:
+        by_version.setdefault(row[1], []).append(tuple(row[:1]) + tuple(row[2:]))
+    assert by_version["7"] == by_version["sqlalchemy"] and len(by_version["7"]) == 5
+    broken = dict(bulk[0], transaction_id="TX-broken", decision=None)  # violates NOT NULL
+    with pytest.raises(IntegrityError), engine.begin() as connection:
+        insert_decisions(connection, [bulk[1] | {"transaction_id": "TX-ok"}, broken])
+    assert count_rows(engine, "decisions") == 10  # the failed batch left nothing behind
+    engine.dispose()
+
+
 def test_iter_decisions_selects_a_half_open_time_range_in_order(engine):
     records = [make_decision(i) for i in range(10)]
     with engine.begin() as connection:
