@@ -381,10 +381,10 @@ class OnlineFeatureClient:
     transaction this is ~10x cheaper than `FeatureStore.get_online_features`, for 1,000 ~2x
     (docs/performance.md); `tests/test_feature_store.py` checks both give the same values.
 
-    On Redis (redis-py client) both views are read by `fraud.online_redis` instead: one pipeline
-    for the request, Feast's own key layout (checked against Feast when the views are resolved;
-    `online_read` is the fall-back), feature columns decoded at once - 1,000 pairs ~3x faster
-    than `online_read`; tested equal to it.
+    On Redis (redis-py client) and SQLite the views are read by `fraud.online_readers` instead:
+    one Redis pipeline / one pivoting SQLite query per view, Feast's own key layout (checked
+    against Feast when the views are resolved; `online_read` is the fall-back), feature columns
+    decoded at once - 1,000 pairs ~3x faster than `online_read`; tested equal to it.
     """
 
     def __init__(self, store: FeatureStore) -> None:
@@ -396,8 +396,8 @@ class OnlineFeatureClient:
         self._entity_key = lambda join_key, value: EntityKey(join_keys=[join_key], entity_values=[Value(string_val=value)])
         self._online_store = store._get_provider().online_store  # the configured OnlineStore instance
         self._views: tuple[tuple[Any, str, tuple[str, ...]], ...] | None = None
-        #: Redis only: the views' key layouts for `fraud.online_redis.read_views` (None: online_read)
-        self._redis_layouts: tuple[Any, ...] | None = None
+        #: the batched reader of `fraud.online_readers` (None: each view through `online_read`)
+        self._reader: Any = None
 
     def views(self) -> tuple[tuple[Any, str, tuple[str, ...]], ...]:
         """(feature view, join key, features) of both batch views, from the registry on first use: a
@@ -407,27 +407,19 @@ class OnlineFeatureClient:
                 (self.store.get_feature_view(CUSTOMER_SPENDING_VIEW), CUSTOMER_ID, CUSTOMER_SPENDING_FEATURES),
                 (self.store.get_feature_view(TERMINAL_RISK_VIEW), TERMINAL_ID, TERMINAL_RISK_FEATURES),
             )
-            self._redis_layouts = self._redis_view_layouts(views)
+            self._reader = self._batch_reader(views)
             self._views = views
         return self._views
 
-    def _redis_view_layouts(self, views: tuple[tuple[Any, str, tuple[str, ...]], ...]) -> tuple[Any, ...] | None:
-        """The key layouts of `fraud.online_redis` when the online store is Redis through redis-py
-        and the installed Feast writes the layout the reader builds; else None (`online_read`)."""
-        from feast.infra.online_stores.redis import RedisClient, RedisOnlineStore
+    def _batch_reader(self, views: tuple[tuple[Any, str, tuple[str, ...]], ...]) -> Any:
+        """`fraud.online_readers`' reader of the online store (Redis via redis-py, SQLite) when the
+        installed Feast stores the layout it reads; else None (`online_read`)."""
+        from fraud.online_readers import OnlineLayoutMismatch, batch_reader
 
-        from fraud.online_redis import RedisLayoutMismatch, RedisViewLayout
-
-        config = self.store.config
-        if not isinstance(self._online_store, RedisOnlineStore) or config.online_store.client != RedisClient.redis:
-            return None
         try:
-            return tuple(
-                RedisViewLayout(self._online_store, config, view, join_key, features)
-                for view, join_key, features in views
-            )
-        except RedisLayoutMismatch as exc:
-            _logger.warning("batched Redis reader disabled, using Feast's online_read: %s", exc)
+            return batch_reader(self._online_store, self.store.config, views)
+        except OnlineLayoutMismatch as exc:
+            _logger.warning("batched online reader disabled, using Feast's online_read: %s", exc)
             return None
 
     def arrays(self, customer_ids: Sequence[str], terminal_ids: Sequence[str]) -> OnlineBatchArrays:
@@ -436,12 +428,9 @@ class OnlineFeatureClient:
         if len(customers) != len(terminals):
             raise UserError(f"got {len(customers)} customer ids but {len(terminals)} terminal ids")
         self.views()
-        if self._redis_layouts is not None:
-            from fraud.online_redis import read_views
-
-            client = self._online_store._get_client(self.store.config.online_store)
-            (customer_values, customer_snapshot), (terminal_values, terminal_snapshot) = read_views(
-                client, list(zip(self._redis_layouts, (customers, terminals)))
+        if self._reader is not None:
+            (customer_values, customer_snapshot), (terminal_values, terminal_snapshot) = self._reader.read(
+                (customers, terminals)
             )
             return OnlineBatchArrays(np.hstack([customer_values, terminal_values]), customer_snapshot, terminal_snapshot)
         blocks, snapshots = [], []

@@ -307,17 +307,102 @@ def test_redis_online_store_round_trip(store_dir: Path, tmp_path: Path, monkeypa
     assert not [k for k in client.scan_iter(count=1000) if project.encode() in k], "teardown left Redis keys"
 
 
+def _check_batched_reader(client, write_partial, customers: pd.DataFrame, terminals: pd.DataFrame, monkeypatch, caplog) -> None:  # noqa: E501
+    """The batched reader of `fraud.online_readers` against Feast's own `online_read` on the same
+    store: materialised, unknown, repeated and partially written entities, a batch large enough for
+    the vectorised decoding, one pair, no pair, and the fall-back when the key layout differs.
+
+    `write_partial(key: bytes, feature_values: dict[name, ValueProto bytes], epoch_seconds)` stores an
+    entity holding only some features, as the online store would."""
+    from feast.protos.feast.types.Value_pb2 import Value
+
+    from fraud.online_readers import OnlineLayoutMismatch, batch_reader
+
+    client.views()
+    reader = client._reader
+    assert reader is not None, "this online store must be read by the batched reader"
+    entity_keys = reader._views[0][0]
+    names = list(CUSTOMER_SPENDING_FEATURES)
+    write_partial(entity_keys("C-partial"), {names[0]: Value(int64_val=3).SerializeToString(),
+                                             names[1]: Value(double_val=-12.5).SerializeToString()}, 1_700_000_000)
+    ids = sorted(customers["customer_id"].unique()) + ["C-unknown", "C-partial"]
+    tids = sorted(terminals["terminal_id"].unique())
+    n = 90  # above the threshold of the vectorised decoding, with repeated entities
+    cust = [ids[i % len(ids)] for i in range(n)]
+    term = [tids[(3 * i) % len(tids)] for i in range(n - 1)] + ["T-unknown"]
+    few = (["C-partial", "C-unknown", ids[0]], [tids[0], "T-unknown", tids[1]])  # decoded value by value
+    fast, small = client.arrays(cust, term), client.arrays(*few)
+    client._reader = None
+    generic, generic_small = client.arrays(cust, term), client.arrays(*few)
+    client._reader = reader
+    for batched, reference in ((fast, generic), (small, generic_small)):
+        np.testing.assert_array_equal(batched.values, reference.values)
+        np.testing.assert_array_equal(batched.customer_snapshot, reference.customer_snapshot)
+        np.testing.assert_array_equal(batched.terminal_snapshot, reference.terminal_snapshot)
+    row = cust.index("C-partial")
+    assert fast.values[row, :2].tolist() == [3.0, -12.5]
+    assert np.isnan(fast.values[row, 2 : len(names)]).all()
+    assert fast.customer_snapshot[row] == np.datetime64(1_700_000_000, "s")
+    unknown = cust.index("C-unknown")
+    assert np.isnan(fast.values[unknown, : len(names)]).all()
+    assert np.isnat(fast.customer_snapshot[unknown]) and np.isnat(fast.terminal_snapshot[-1])
+    assert not np.isnan(fast.values[0]).any(), "a materialised pair must be fully known"
+    np.testing.assert_array_equal(client.arrays(cust[:1], term[:1]).values, fast.values[:1])
+    assert client.arrays([], []).values.shape == (0, len(CUSTOMER_SPENDING_FEATURES) + len(TERMINAL_RISK_FEATURES))
+
+    # a Feast whose key layout differs: no batched reader, lookups through online_read
+    import feast.infra.key_encoding_utils as key_encoding
+    import feast.infra.online_stores.redis as feast_redis
+
+    def other_layout(*args, **kwargs):
+        return b"other"
+
+    views = client.views()
+    client._views = None
+    with monkeypatch.context() as patch:
+        patch.setattr(key_encoding, "serialize_entity_key", other_layout)
+        patch.setattr(feast_redis.RedisOnlineStore, "_generate_redis_keys_for_entities", lambda self, config, keys: [b"x"])
+        with pytest.raises(OnlineLayoutMismatch):
+            batch_reader(client._online_store, client.store.config, views)
+        with caplog.at_level("WARNING", logger="fraud.feature_store"):
+            client.views()
+    assert client._reader is None and "online_read" in caplog.text
+    np.testing.assert_array_equal(client.arrays(cust, term).values, fast.values)
+
+
+def test_batched_sqlite_reader_equals_feast_online_read(store_dir: Path, monkeypatch, caplog) -> None:
+    from fraud.feature_store import online_client
+
+    layout = DataLayout.current()
+    customers = read_feature_table(layout.features / "customer_spending_features.parquet")
+    terminals = read_feature_table(layout.features / "terminal_risk_features.parquet")
+    materialize_incremental()
+    client = online_client()
+    connection = client._online_store._get_conn(client.store.config)
+    table = f"{client.store.config.project}_{CUSTOMER_SPENDING_VIEW}"
+
+    def write_partial(key: bytes, values: dict[str, bytes], epoch_seconds: int) -> None:
+        with connection:
+            connection.executemany(
+                f'INSERT OR REPLACE INTO "{table}" (entity_key, feature_name, value, event_ts) VALUES (?, ?, ?, ?)',
+                [(key, name, value, epoch_seconds) for name, value in values.items()],
+            )
+
+    try:
+        _check_batched_reader(client, write_partial, customers, terminals, monkeypatch, caplog)
+    finally:
+        with connection:
+            connection.execute(f'DELETE FROM "{table}" WHERE feature_name IN (?, ?) AND event_ts = ?',
+                               (*CUSTOMER_SPENDING_FEATURES[:2], 1_700_000_000))
+        client._views = None  # the cached client gets its batched reader back
+
+
 @pytest.mark.redis
 def test_batched_redis_reader_equals_feast_online_read(store_dir: Path, tmp_path: Path, monkeypatch, caplog) -> None:
-    """`fraud.online_redis` (one pipeline, column decoding) against Feast's own `online_read` on
-    the same Redis keys: materialised, unknown, repeated and partially written entities, a batch
-    large enough for the vectorised decoding, and the fall-back when the key layout differs."""
     import redis
-    from feast.protos.feast.types.Value_pb2 import Value
     from google.protobuf.timestamp_pb2 import Timestamp
 
     from fraud.feature_store import online_client
-    from fraud.online_redis import RedisLayoutMismatch, RedisViewLayout
 
     own = tmp_path / "data"
     shutil.copytree(store_dir / "features", own / "features")
@@ -326,55 +411,20 @@ def test_batched_redis_reader_equals_feast_online_read(store_dir: Path, tmp_path
     layout = DataLayout.current()
     customers = read_feature_table(layout.features / "customer_spending_features.parquet")
     terminals = read_feature_table(layout.features / "terminal_risk_features.parquet")
+    raw = redis.Redis.from_url(f"redis://{DEFAULT_REDIS_URL}")
     try:
         apply_repo("redis", project=project)
         materialize_incremental(online="redis", project=project)
         client = online_client("redis", project=project)
         client.views()
-        layouts = client._redis_layouts
-        assert layouts is not None, "the Redis profile must use the batched reader"
-        # a customer whose hash holds only two of its features and the timestamp: the others are NaN
-        partial = layouts[0]
-        stamp = Timestamp(seconds=1_700_000_000).SerializeToString()
-        raw = redis.Redis.from_url(f"redis://{DEFAULT_REDIS_URL}")
-        raw.hset(partial.key("C-partial"), mapping={
-            partial.fields[0]: Value(int64_val=3).SerializeToString(),
-            partial.fields[1]: Value(double_val=-12.5).SerializeToString(),
-            partial.fields[-1]: stamp,
-        })
-        ids = sorted(customers["customer_id"].unique()) + ["C-unknown", "C-partial"]
-        tids = sorted(terminals["terminal_id"].unique())
-        n = 90  # > the reader's threshold for vectorised decoding, with repeated entities
-        cust = [ids[i % len(ids)] for i in range(n)]
-        term = [tids[(3 * i) % len(tids)] for i in range(n - 1)] + ["T-unknown"]
-        fast = client.arrays(cust, term)
-        client._redis_layouts = None
-        generic = client.arrays(cust, term)
-        client._redis_layouts = layouts
-        np.testing.assert_array_equal(fast.values, generic.values)
-        np.testing.assert_array_equal(fast.customer_snapshot, generic.customer_snapshot)
-        np.testing.assert_array_equal(fast.terminal_snapshot, generic.terminal_snapshot)
-        row = cust.index("C-partial")
-        assert fast.values[row, :2].tolist() == [3.0, -12.5] and np.isnan(fast.values[row, 2:len(CUSTOMER_SPENDING_FEATURES)]).all()
-        assert fast.customer_snapshot[row] == np.datetime64(1_700_000_000, "s")
-        unknown = cust.index("C-unknown")
-        assert np.isnan(fast.values[unknown, : len(CUSTOMER_SPENDING_FEATURES)]).all()
-        assert np.isnat(fast.customer_snapshot[unknown]) and np.isnat(fast.terminal_snapshot[-1])
-        assert not np.isnan(fast.values[0]).any(), "a materialised pair must be fully known"
-        # single pair and empty request
-        np.testing.assert_array_equal(client.arrays(cust[:1], term[:1]).values, fast.values[:1])
-        assert client.arrays([], []).values.shape == (0, len(CUSTOMER_SPENDING_FEATURES) + len(TERMINAL_RISK_FEATURES))
+        fields = dict(zip(CUSTOMER_SPENDING_FEATURES, client._reader._views[0][1]))
+        timestamp_field = client._reader._views[0][1][-1]
 
-        # a Feast whose key layout differs: the reader refuses to be built, lookups use online_read
-        store = client._online_store
-        monkeypatch.setattr(type(store), "_generate_redis_keys_for_entities", lambda self, config, keys: [b"other"] * len(keys))
-        view, join_key, features = client.views()[0]
-        with pytest.raises(RedisLayoutMismatch, match="Feast writes"):
-            RedisViewLayout(store, client.store.config, view, join_key, features)
-        client._views = None
-        with caplog.at_level("WARNING", logger="fraud.feature_store"):
-            client.views()
-        assert client._redis_layouts is None and "online_read" in caplog.text
+        def write_partial(key: bytes, values: dict[str, bytes], epoch_seconds: int) -> None:
+            stamp = Timestamp(seconds=epoch_seconds).SerializeToString()
+            raw.hset(key, mapping={**{fields[name]: value for name, value in values.items()}, timestamp_field: stamp})
+
+        _check_batched_reader(client, write_partial, customers, terminals, monkeypatch, caplog)
     finally:
         teardown("redis", project=project)
 

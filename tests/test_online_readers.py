@@ -1,7 +1,7 @@
-"""The batched Redis reader's decoding (`fraud.online_redis`) against protobuf's own parsing.
+"""The batched online readers' decoding (`fraud.online_readers`) against protobuf's own parsing.
 
-Its equality with Feast's `online_read` on a real Redis server is tested in
-tests/test_feature_store.py (`test_batched_redis_reader_equals_feast_online_read`).
+Their equality with Feast's `online_read` on real SQLite and Redis stores is tested in
+tests/test_feature_store.py (`test_batched_*_reader_equals_feast_online_read`).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 from feast.protos.feast.types.Value_pb2 import Value
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from fraud.online_redis import decode_timestamps, decode_value_column
+from fraud.online_readers import decode_timestamps, decode_value_column
 
 SAMPLES: list[Value] = [
     Value(double_val=0.0),
@@ -86,3 +86,18 @@ def test_timestamps_decode_to_epoch_nanoseconds() -> None:
     stamps = [Timestamp(seconds=1_538_352_000, nanos=123), Timestamp(seconds=0, nanos=5), Timestamp()]
     raw = [s.SerializeToString() for s in stamps] + [None]
     assert decode_timestamps(raw).tolist() == [1_538_352_000_000_000_123, 5, 0, 0]
+
+
+@pytest.mark.parametrize("version", [3])
+def test_entity_keys_are_feasts_serialised_keys(version: int) -> None:
+    from feast.infra.key_encoding_utils import serialize_entity_key
+
+    from fraud.online_readers import OnlineLayoutMismatch, _EntityKeys
+
+    keys = _EntityKeys("customer_id", version, b"project")
+    for entity in ["C0000001", "", "ü-\u4e2d-" + "x" * 300]:
+        proto = _EntityKeys.proto("customer_id", entity)
+        assert keys(entity) == serialize_entity_key(proto, entity_key_serialization_version=version) + b"project"
+    keys.check(lambda proto: serialize_entity_key(proto, entity_key_serialization_version=version) + b"project")
+    with pytest.raises(OnlineLayoutMismatch, match="Feast stores"):
+        keys.check(lambda proto: serialize_entity_key(proto, entity_key_serialization_version=version))
