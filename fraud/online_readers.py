@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import math
 import struct
-from datetime import UTC, datetime
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np

@@ -249,13 +249,7 @@ def test_decision_payloads_equal_the_records_payloads_byte_for_byte():
     expected = [record.to_payload() for record in decision_records(**batch)]
     assert decision_payloads(**batch) == expected
     decoded = DecisionRecord.from_payload(expected[1])
-    assert decoded.features[MODEL_FEATURES_NAME(2)] is None and decoded.variant == "canary"
-
-
-def MODEL_FEATURES_NAME(index: int) -> str:  # noqa: N802 - reads like the constant it indexes
-    from fraud.features.definitions import MODEL_FEATURES
-
-    return MODEL_FEATURES[index]
+    assert decoded.features[batch["feature_names"][2]] is None and decoded.variant == "canary"
 
 
 @pytest.mark.parametrize(

@@ -307,7 +307,7 @@ def test_redis_online_store_round_trip(store_dir: Path, tmp_path: Path, monkeypa
     assert not [k for k in client.scan_iter(count=1000) if project.encode() in k], "teardown left Redis keys"
 
 
-def _check_batched_reader(client, write_partial, customers: pd.DataFrame, terminals: pd.DataFrame, monkeypatch, caplog) -> None:  # noqa: E501
+def _check_batched_reader(client, write_partial, customers: pd.DataFrame, terminals: pd.DataFrame, monkeypatch, caplog) -> None:
     """The batched reader of `fraud.online_readers` against Feast's own `online_read` on the same
     store: materialised, unknown, repeated and partially written entities, a batch large enough for
     the vectorised decoding, one pair, no pair, and the fall-back when the key layout differs.

@@ -317,7 +317,7 @@ def decision_payloads(
     decision_column = [str(d) for d in decisions]
     unknown = set(decision_column).difference(DECISIONS)
     if unknown:
-        raise ValueError(f"decision must be one of {DECISIONS}, got {sorted(unknown)[0]!r}")
+        raise ValueError(f"decision must be one of {DECISIONS}, got {min(unknown)!r}")
     score_column = np.asarray(scores, dtype=np.float64)
     bad = ~((score_column >= 0.0) & (score_column <= 1.0))
     if bad.any():
