@@ -5,8 +5,12 @@
   p90 and p99 microseconds per call.
 * `AuditWriter.drain_all` throughput (decisions per second) into SQLite and, when reachable,
   PostgreSQL on 127.0.0.1:5432 (a throw-away database, dropped afterwards).
+* The predictor's spool payloads of one scored request of 1,000 transactions: one
+  `DecisionRecord` per decision + `to_payload` against the column-wise `decision_payloads`
+  (what the predictor uses), alternated in the same run -> median microseconds per decision.
 
-Writes benchmarks/results/audit.json. Run: .venv/bin/python benchmarks/bench_audit.py
+Writes benchmarks/results/audit.json (audit_<label>.json with --label). Run:
+.venv/bin/python benchmarks/bench_audit.py
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fraud.audit.records import DecisionRecord
+from fraud.audit.records import DecisionRecord, decision_payloads, decision_records
 from fraud.audit.spool import AuditSpool
 from fraud.audit.store import create_audit_engine, upgrade_database
 from fraud.audit.writer import AuditWriter, WriterSettings
@@ -101,6 +105,42 @@ def bench_drain(directory: Path, url: str, n: int) -> dict:
     }
 
 
+def bench_payloads(rows: int = 1000, repeats: int = 15) -> dict:
+    """Spool payloads of one scored request (shaped like the predictor's: 1 % flagged with 3 reason
+    codes), through per-decision records and column-wise, alternating."""
+    rng = np.random.default_rng(0)
+    flagged = rng.random(rows) < 0.01
+    batch = {
+        "transaction_ids": [f"TX{i:010d}" for i in range(rows)],
+        "customer_ids": [f"C{i % 5000:07d}" for i in range(rows)],
+        "terminal_ids": [f"T{i % 10000:07d}" for i in range(rows)],
+        "feature_names": MODEL_FEATURES,
+        "feature_matrix": rng.random((rows, len(MODEL_FEATURES))),
+        "scores": rng.random(rows),
+        "decisions": ["review" if f else "approve" for f in flagged],
+        "reason_codes": [[{"feature": MODEL_FEATURES[i], "contribution": 0.1 * i, "text": "reason"} for i in range(3)]
+                         if f else [] for f in flagged],
+        "features_missing": np.zeros(rows, dtype=bool),
+        "features_stale": np.zeros(rows, dtype=bool),
+        "fail_open": False,
+        "model_name": "fraud-detector",
+        "model_version": "12",
+        "variant": "stable",
+        "received_at": datetime(2026, 11, 1, tzinfo=UTC),
+        "latency_ms": 4.2,
+    }
+    timings: dict[str, list[float]] = {"records_then_to_payload": [], "decision_payloads": []}
+    for _ in range(repeats):
+        started = time.perf_counter()
+        expected = [record.to_payload() for record in decision_records(**batch)]
+        timings["records_then_to_payload"].append(time.perf_counter() - started)
+        started = time.perf_counter()
+        payloads = decision_payloads(**batch)
+        timings["decision_payloads"].append(time.perf_counter() - started)
+        assert payloads == expected
+    return {name: {"median_us_per_decision": round(statistics.median(t) * 1e6 / rows, 2)} for name, t in timings.items()}
+
+
 def _postgres_drain(directory: Path, n: int) -> dict | None:
     import psycopg2
 
@@ -126,6 +166,8 @@ def main() -> None:
     parser.add_argument("--batch-calls", type=int, default=40)
     parser.add_argument("--drain", type=int, default=10_000, help="decisions drained per database")
     parser.add_argument("--dir", type=Path, default=None, help="where the spool files go (default: a temp dir)")
+    parser.add_argument("--label", help="suffix of the result file (audit_<label>.json)")
+    parser.add_argument("--output", type=Path, help="write the JSON here instead of benchmarks/results/")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-audit-", dir=args.dir) as tmp:
         directory = Path(tmp)
@@ -158,9 +200,11 @@ def main() -> None:
         "raw_fsync_median_us": round(statistics.median(fsync) * 1e6, 1),
         "append": append,
         "drain": drain,
+        "request_payloads_1000": bench_payloads(),
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
+    path = args.output or (RESULTS.with_name(f"audit_{args.label}.json") if args.label else RESULTS)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 

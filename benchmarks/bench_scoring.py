@@ -4,6 +4,7 @@ XGBoost model, and the full serving path (transformer -> predictor -> Feast onli
     .venv/bin/python benchmarks/bench_scoring.py model    [--bundle DIR]
     .venv/bin/python benchmarks/bench_scoring.py serving  [--bundle DIR] [--rounds 3] [--duration 10]
     .venv/bin/python benchmarks/bench_scoring.py fullpath --data-dir /tmp/perf/data [--stores sqlite redis]
+    .venv/bin/python benchmarks/bench_scoring.py lookup   --data-dir /tmp/perf/data [--stores sqlite redis]
     add --smoke for a seconds-long run that only checks the benchmark works (with --no-save: JSON to stdout)
 
 `model`    XGBoost on one core: `inplace_predict`, `pred_contribs` (exact TreeSHAP and approximate),
@@ -17,8 +18,10 @@ XGBoost model, and the full serving path (transformer -> predictor -> Feast onli
            over rounds -> results/scoring_serving[_LABEL].json.
 `fullpath` the local serving stack (`fraud.serving_stack`, the real transformer and predictor
            processes) on a materialised feature store, per online store: single-transaction
-           saturation and fixed rates, and batched requests of 100 / 1,000 transactions
-           -> results/scoring_fullpath[_LABEL].json.
+           saturation and fixed rates, and batched requests of 100 / 1,000 transactions, with the
+           CPU time per transaction of each process -> results/scoring_fullpath[_LABEL].json.
+`lookup`   in-process batch-feature lookups of 1 / 100 / 1,000 pairs per online store: the
+           predictor's batched reader against Feast's `online_read` -> results/scoring_lookup.json.
 
 Each writes its Markdown table between markers in docs/performance.md. The generator's own CPU
 share (cores) is in every result: on 2 cores it competes with the servers.
@@ -498,6 +501,45 @@ def serving_stack(bundle: Path, data_dir: Path, online_store: str, work: Path, m
         stack.stop()
 
 
+#: the stack's processes by what they run (command-line fragments), for the CPU accounting
+_STACK_ROLES = (("predictor", "-m predictor"), ("transformer", "drift_transformer"), ("audit writer", "audit writer"))
+
+
+def stack_processes(store: str) -> dict[str, Any]:
+    """The serving stack's processes (children of this one) and, for the Redis store, the Redis
+    server, by role: where the CPU of a batched run goes."""
+    import psutil
+
+    found: dict[str, Any] = {}
+    for child in psutil.Process().children(recursive=True):
+        try:
+            command = " ".join(child.cmdline())
+        except psutil.Error:
+            continue
+        for role, fragment in _STACK_ROLES:
+            if fragment in command and role not in found:
+                found[role] = child
+    if store == "redis":
+        servers = [p for p in psutil.process_iter(["name"]) if (p.info["name"] or "").startswith("redis-server")]
+        if servers:
+            found["redis server"] = servers[0]
+    return found
+
+
+def cpu_seconds(processes: dict[str, Any]) -> dict[str, float]:
+    """User + system CPU seconds of each process so far (processes that ended are left out)."""
+    import psutil
+
+    seconds = {}
+    for role, process in processes.items():
+        try:
+            times = process.cpu_times()
+        except psutil.Error:
+            continue
+        seconds[role] = times.user + times.system
+    return seconds
+
+
 def bench_fullpath(args: argparse.Namespace) -> int:
     started = header("scoring_fullpath", "python benchmarks/bench_scoring.py fullpath " + " ".join(args.argv))
     if args.data_dir is None:
@@ -531,9 +573,16 @@ def bench_fullpath(args: argparse.Namespace) -> int:
                           f"errors {result.errors}", file=sys.stderr)
                     for batch in batches:
                         body = v2_body(transactions[:batch])
+                        processes = stack_processes(store)
+                        cpu_before = cpu_seconds(processes)
                         result = run_wrk(url, body, connections=args.batch_connections, duration_s=duration)
+                        cpu_after = cpu_seconds(processes)
                         row = result.to_dict()
                         row["transactions_per_s"] = result.requests_per_s * batch
+                        scored = max(1, result.requests * batch)
+                        row["cpu_us_per_transaction"] = {
+                            name: (cpu_after[name] - cpu_before[name]) * 1e6 / scored for name in cpu_after if name in cpu_before
+                        }
                         row["drain_s"] = wait_idle(url, singles[0])
                         batched[str(batch)].append(row)
                         print(f"{store} round {round_index} batch {batch}: {row['transactions_per_s']:,.0f} tx/s "
@@ -547,7 +596,10 @@ def bench_fullpath(args: argparse.Namespace) -> int:
                     "online_drift_detector_ready_after_s": detector_ready_s,
                     "saturation": summarise_wrk(saturation),
                     "fixed_rate": {rate: summarise_open(runs) for rate, runs in fixed.items()},
-                    "batched": {b: {**summarise_wrk(runs), "median_transactions_per_s": median([r["transactions_per_s"] for r in runs])}
+                    "batched": {b: {**summarise_wrk(runs), "median_transactions_per_s": median([r["transactions_per_s"] for r in runs]),
+                                    "median_cpu_us_per_transaction": {
+                                        name: median([r["cpu_us_per_transaction"].get(name, 0.0) for r in runs])
+                                        for name in runs[0]["cpu_us_per_transaction"]}}
                                 for b, runs in batched.items()},
                 }
     report = started
@@ -575,7 +627,79 @@ def bench_fullpath(args: argparse.Namespace) -> int:
                                  for b in batches)
             + f" | {errors} | ≤ {client:.2f} |"
         )
+    roles = [role for role, _ in _STACK_ROLES] + ["redis server"]
+    lines += [
+        "",
+        ("CPU time per transaction of each process during the batched runs (µs, medians; user + system "
+         "time from /proc; the load generator's is in the client CPU column):"),
+        "",
+        "| online store | batch | " + " | ".join(roles) + " | total |",
+        "|---|---:|" + "---:|" * (len(roles) + 1),
+    ]
+    for store, data in results.items():
+        for b in batches:
+            cpu = data["batched"][str(b)]["median_cpu_us_per_transaction"]
+            lines.append(f"| {store} | {b:,} | " + " | ".join(f"{cpu[r]:.1f}" if r in cpu else "–" for r in roles)
+                         + f" | {sum(cpu.values()):.1f} |")
     finish(report, "scoring_fullpath", args.label, "\n".join(lines), args.no_save)
+    return 0
+
+
+# --- 4. online lookups ----------------------------------------------------------------------------
+def bench_lookup(args: argparse.Namespace) -> int:
+    """Batch features of n (customer, terminal) pairs from each online store, in-process: the
+    predictor's batched reader (`fraud.online_readers`) against Feast's own `online_read` per view
+    (the reader's fall-back, and what round 2 used), alternating, medians over repeats."""
+    started = header("scoring_lookup", "python benchmarks/bench_scoring.py lookup " + " ".join(args.argv))
+    if args.data_dir is None:
+        raise BenchError("lookup needs --data-dir: a data directory with raw/ and a materialised feature store")
+    os.environ["FRAUD_DATA_DIR"] = str(args.data_dir)
+    from fraud.feature_store import online_client
+
+    batches = (1, 10) if args.smoke else tuple(args.batches)
+    repeats = 3 if args.smoke else args.repeats
+    transactions = sample_transactions(args.data_dir, max(batches))
+    rows: list[dict[str, Any]] = []
+    for store in args.stores:
+        client = online_client(store)
+        client.views()
+        reader = client._reader
+        if reader is None:
+            raise BenchError(f"the {store} store has no batched reader (Feast's key layout changed?)")
+        for batch in batches:
+            customers = [t["customer_id"] for t in transactions[:batch]]
+            terminals = [t["terminal_id"] for t in transactions[:batch]]
+            timings: dict[str, list[float]] = {"batched reader": [], "online_read per view": []}
+            for _ in range(repeats):
+                for name, chosen in (("batched reader", reader), ("online_read per view", None)):
+                    client._reader = chosen
+                    begin = time.perf_counter()
+                    arrays = client.arrays(customers, terminals)
+                    timings[name].append(time.perf_counter() - begin)
+                    if np.isnan(arrays.values).all(axis=1).any():
+                        raise BenchError(f"{store}: some benchmark pairs are unknown to the store (not materialised?)")
+            client._reader = reader
+            for name, samples in timings.items():
+                rows.append({"store": store, "pairs": batch, "path": name, "median_ms": median(samples) * 1e3,
+                             "us_per_pair": median(samples) * 1e6 / batch})
+            print(f"{store} {batch:>5} pairs: " + ", ".join(f"{r['path']} {r['median_ms']:.2f} ms" for r in rows[-2:]),
+                  file=sys.stderr)
+    report = started
+    report.update({"data_dir": str(args.data_dir), "smoke": args.smoke, "repeats": repeats, "results": rows})
+    lines = [
+        f"Measured {report['date']}, in-process, {repeats} repeats alternating, medians; 1-min load average at start "
+        f"{report['machine']['load_average_1m']:.1f} on {report['machine']['cpus']} cores. Command: `{report['command']}`.",
+        "",
+        "| online store | pairs per call | batched reader (ms) | Feast `online_read` per view (ms) | speed-up | batched µs / pair |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for store in args.stores:
+        for batch in batches:
+            fast, slow = (next(r for r in rows if r["store"] == store and r["pairs"] == batch and r["path"] == path)
+                          for path in ("batched reader", "online_read per view"))
+            lines.append(f"| {store} | {batch:,} | {fast['median_ms']:.2f} | {slow['median_ms']:.2f} | "
+                         f"{slow['median_ms'] / fast['median_ms']:.1f}x | {fast['us_per_pair']:.1f} |")
+    finish(report, "scoring_lookup", args.label, "\n".join(lines), args.no_save)
     return 0
 
 
@@ -583,7 +707,7 @@ def bench_fullpath(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Scoring benchmarks (see the module docstring).")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in ("model", "serving", "fullpath"):
+    for name in ("model", "serving", "fullpath", "lookup"):
         p = sub.add_parser(name)
         p.add_argument("--bundle", type=Path, help="serving bundle directory (default: a synthetic 20-tree bundle)")
         p.add_argument("--smoke", action="store_true", help="seconds-long run that only checks the benchmark works")
@@ -592,6 +716,12 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "model":
             p.add_argument("--min-seconds", type=float, default=1.0)
             p.add_argument("--repeats", type=int, default=5)
+            continue
+        if name == "lookup":
+            p.add_argument("--data-dir", type=Path, help="data dir with raw/ and a materialised feature store")
+            p.add_argument("--stores", nargs="+", default=["sqlite", "redis"], choices=["sqlite", "redis"])
+            p.add_argument("--batches", type=int, nargs="+", default=[1, 100, 1000])
+            p.add_argument("--repeats", type=int, default=15)
             continue
         p.add_argument("--rounds", type=int, default=3)
         p.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
@@ -618,7 +748,8 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM (e.g. a timeout) unwinds like Ctrl-C, so the servers this run started are stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
-        return {"model": bench_model, "serving": bench_serving, "fullpath": bench_fullpath}[args.command](args)
+        commands = {"model": bench_model, "serving": bench_serving, "fullpath": bench_fullpath, "lookup": bench_lookup}
+        return commands[args.command](args)
     except (BenchError, LoadGenError) as exc:
         print(f"bench_scoring: {exc}", file=sys.stderr)
         return 2

@@ -92,3 +92,60 @@ def test_serving_benchmark_smoke(tmp_path: Path) -> None:
         (fixed,) = system["fixed_rate"].values()
         assert fixed["median_p50_ms"] > 0 and fixed["runs"][0]["sent"] > 0
     assert report["throughput_ratio_predictor_over_mlserver"] > 0
+
+
+def test_audit_benchmark_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "audit.json"
+    report = run_json(["benchmarks/bench_audit.py", "--single-calls", "5", "--batch-calls", "2", "--drain", "300",
+                       "--output", str(out)])
+    assert json.loads(out.read_text()) == report
+    assert report["drain"]["sqlite"]["decisions"] == 300 and report["drain"]["sqlite"]["decisions_per_s"] > 0
+    payloads = report["request_payloads_1000"]
+    assert payloads["decision_payloads"]["median_us_per_decision"] > 0
+    assert payloads["records_then_to_payload"]["median_us_per_decision"] > 0
+
+
+def test_fullpath_cpu_accounting_finds_the_stack_processes() -> None:
+    """The full-path benchmark books CPU per role by the children's command lines."""
+    from bench_scoring import cpu_seconds, stack_processes
+
+    burn = "import time\nend = time.process_time() + 0.2\nwhile time.process_time() < end: pass\ntime.sleep(30)"
+    children = [subprocess.Popen([sys.executable, "-c", burn, *role]) for role in (["-m", "predictor"], ["audit", "writer"])]
+    try:
+        import time
+
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            found = stack_processes("sqlite")
+            seconds = cpu_seconds(found)
+            if set(found) == {"predictor", "audit writer"} and min(seconds.values()) >= 0.2:
+                break
+            time.sleep(0.1)
+        assert set(found) == {"predictor", "audit writer"}
+        assert {role: process.pid for role, process in found.items()} == {
+            "predictor": children[0].pid, "audit writer": children[1].pid}
+        assert min(seconds.values()) >= 0.2  # each burnt 0.2 s of CPU before sleeping
+    finally:
+        for child in children:
+            child.kill()
+            child.wait()
+
+
+def test_lookup_benchmark_smoke(tmp_path: Path) -> None:
+    from datetime import datetime
+
+    from tests.factories import hand_made_raw_transactions, materialised_sqlite_store
+
+    root = tmp_path / "data"
+    raw = hand_made_raw_transactions([f"C{i:07d}" for i in range(12)], [f"T{i:07d}" for i in range(6)],
+                                     datetime(2024, 3, 1), 8, seed=5, amount_step=10)
+    patch = materialised_sqlite_store(root, raw)
+    try:
+        report = run_json(["benchmarks/bench_scoring.py", "lookup", "--smoke", "--no-save", "--stores", "sqlite",
+                           "--data-dir", str(root)], env={"FRAUD_DATA_DIR": str(root)})
+    finally:
+        patch.undo()
+    assert report["benchmark"] == "scoring_lookup" and report["smoke"] is True
+    assert {(r["pairs"], r["path"]) for r in report["results"]} == {
+        (n, path) for n in (1, 10) for path in ("batched reader", "online_read per view")}
+    assert all(r["median_ms"] > 0 and r["store"] == "sqlite" for r in report["results"])
