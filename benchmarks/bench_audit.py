@@ -118,8 +118,10 @@ def bench_payloads(rows: int = 1000, repeats: int = 15) -> dict:
         "feature_matrix": rng.random((rows, len(MODEL_FEATURES))),
         "scores": rng.random(rows),
         "decisions": ["review" if f else "approve" for f in flagged],
-        "reason_codes": [[{"feature": MODEL_FEATURES[i], "contribution": 0.1 * i, "text": "reason"} for i in range(3)]
-                         if f else [] for f in flagged],
+        "reason_codes": [
+            [{"feature": MODEL_FEATURES[i], "contribution": 0.1 * i, "text": "reason"} for i in range(3)] if f else []
+            for f in flagged
+        ],
         "features_missing": np.zeros(rows, dtype=bool),
         "features_stale": np.zeros(rows, dtype=bool),
         "fail_open": False,
@@ -138,7 +140,9 @@ def bench_payloads(rows: int = 1000, repeats: int = 15) -> dict:
         payloads = decision_payloads(**batch)
         timings["decision_payloads"].append(time.perf_counter() - started)
         assert payloads == expected
-    return {name: {"median_us_per_decision": round(statistics.median(t) * 1e6 / rows, 2)} for name, t in timings.items()}
+    return {
+        name: {"median_us_per_decision": round(statistics.median(t) * 1e6 / rows, 2)} for name, t in timings.items()
+    }
 
 
 def _postgres_drain(directory: Path, n: int) -> dict | None:

@@ -90,8 +90,23 @@ def run_scale(
     env.pop("FRAUD_FEAST_REGISTRY", None)
     phases: list[Phase] = []
     steps = [
-        ("simulate", [*FRAUD, "simulate", "--customers", str(customers), "--terminals", str(terminals),
-                      "--days", str(days), "--seed", "0", "--out", str(data_dir / "raw")]),
+        (
+            "simulate",
+            [
+                *FRAUD,
+                "simulate",
+                "--customers",
+                str(customers),
+                "--terminals",
+                str(terminals),
+                "--days",
+                str(days),
+                "--seed",
+                "0",
+                "--out",
+                str(data_dir / "raw"),
+            ],
+        ),
         ("features_build", [*FRAUD, "features", "build", "--data-dir", str(data_dir)]),
         ("feast_apply", [*FRAUD, "features", "apply", "--data-dir", str(data_dir), "--online", "sqlite"]),
         ("materialize", [*FRAUD, "features", "materialize", "--data-dir", str(data_dir), "--online", "sqlite"]),
@@ -105,8 +120,11 @@ def run_scale(
         print(f"[{factor}x] {name} ...", file=sys.stderr, flush=True)
         phase = run_phase(name, command, env, log)
         phases.append(phase)
-        print(f"[{factor}x] {name}: {phase.wall_s:.1f} s, peak {phase.peak_rss_mib:.0f} MiB, exit {phase.exit_code}",
-              file=sys.stderr, flush=True)
+        print(
+            f"[{factor}x] {name}: {phase.wall_s:.1f} s, peak {phase.peak_rss_mib:.0f} MiB, exit {phase.exit_code}",
+            file=sys.stderr,
+            flush=True,
+        )
         if name == "simulate" and phase.exit_code == 0:
             transactions = count_rows(data_dir / "raw")
         if phase.exit_code != 0:
@@ -136,7 +154,8 @@ def run_scale(
         "simulate_rows_per_s": rate("simulate"),
         "features_rows_per_s": rate("features_build"),
         "materialize_entities_per_s": (customers + terminals) / by_name["materialize"].wall_s
-        if "materialize" in by_name and by_name["materialize"].exit_code == 0 else None,
+        if "materialize" in by_name and by_name["materialize"].exit_code == 0
+        else None,
         "disk_mib": disk_mib,
     }
 
@@ -147,8 +166,10 @@ def markdown(report: dict[str, Any]) -> str:
         f"(1-min load average at start {report['machine']['load_average_1m']:.1f}); "
         f"command: `{report['command']}`. Wall times include the CLI's interpreter start and imports.",
         "",
-        ("| dataset | transactions | simulate | features build | feast apply | materialize | pipeline run --local | total "
-         "| features rows/s | peak RSS | completed |"),
+        (
+            "| dataset | transactions | simulate | features build | feast apply | materialize | pipeline run --local | total "
+            "| features rows/s | peak RSS | completed |"
+        ),
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for run in report["runs"]:
@@ -195,17 +216,32 @@ def save_json(report: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scales", type=int, nargs="+", default=[1, 10], help="dataset multiples of 5,000 customers / 10,000 terminals")
+    parser.add_argument(
+        "--scales", type=int, nargs="+", default=[1, 10], help="dataset multiples of 5,000 customers / 10,000 terminals"
+    )
     parser.add_argument("--days", type=int, default=BASE_DAYS)
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/fraud-bench-scale"))
     parser.add_argument("--keep", action="store_true", help="keep each scale's data directory")
-    parser.add_argument("--smoke", action="store_true", help="tiny run (scale 1 of 50 customers / 100 terminals, 10 days) to check the benchmark works")
-    parser.add_argument("--skip-feast", action="store_true", help="only simulate and build features (no feast apply/materialize)")
-    parser.add_argument("--pipeline-run", action="store_true",
-                        help="also time `fraud pipeline run --local` on each dataset (results/pipeline_run.json, own docs section)")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny run (scale 1 of 50 customers / 100 terminals, 10 days) to check the benchmark works",
+    )
+    parser.add_argument(
+        "--skip-feast", action="store_true", help="only simulate and build features (no feast apply/materialize)"
+    )
+    parser.add_argument(
+        "--pipeline-run",
+        action="store_true",
+        help="also time `fraud pipeline run --local` on each dataset (results/pipeline_run.json, own docs section)",
+    )
     parser.add_argument("--no-save", action="store_true", help="print the JSON instead of writing results and docs")
-    parser.add_argument("--output", type=Path, default=None, help="result file (default results/pipeline_scale.json, "
-                        "or results/pipeline_run.json with --pipeline-run)")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=None,
+        help="result file (default results/pipeline_scale.json, or results/pipeline_run.json with --pipeline-run)",
+    )
     args = parser.parse_args(argv)
     global BASE_CUSTOMERS, BASE_TERMINALS
     if args.smoke:
@@ -216,13 +252,19 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "pipeline_scale",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "command": "python benchmarks/bench_pipeline_scale.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": {"cpus": len(os.sched_getaffinity(0)), "load_average_1m": one, "load_average_5m": five,
-                    "python": sys.version.split()[0]},
+        "machine": {
+            "cpus": len(os.sched_getaffinity(0)),
+            "load_average_1m": one,
+            "load_average_5m": five,
+            "python": sys.version.split()[0],
+        },
         "smoke": args.smoke,
         "runs": [],
     }
     for factor in args.scales:
-        report["runs"].append(run_scale(factor, args.days, args.work_dir, args.keep, args.skip_feast, args.pipeline_run))
+        report["runs"].append(
+            run_scale(factor, args.days, args.work_dir, args.keep, args.skip_feast, args.pipeline_run)
+        )
     if args.no_save:
         print(json.dumps(report, indent=2))
     else:

@@ -104,8 +104,13 @@ def bundle_facts(bundle: Path) -> dict[str, Any]:
 
     manifest = validate_bundle(bundle)
     booster = xgb.Booster(model_file=str(bundle / "model.ubj"))
-    return {"path": str(bundle), "model_version": manifest.model_version, "trees": booster.num_boosted_rounds(),
-            "features": booster.num_features(), "xgboost": xgb.__version__}
+    return {
+        "path": str(bundle),
+        "model_version": manifest.model_version,
+        "trees": booster.num_boosted_rounds(),
+        "features": booster.num_features(),
+        "xgboost": xgb.__version__,
+    }
 
 
 def reference_matrix(bundle: Path, rows: int) -> np.ndarray:
@@ -116,8 +121,12 @@ def reference_matrix(bundle: Path, rows: int) -> np.ndarray:
 
 
 def header(name: str, command: str) -> dict[str, Any]:
-    return {"benchmark": name, "date": datetime.now(UTC).isoformat(timespec="seconds"), "command": command,
-            "machine": {**machine_load(), "python": sys.version.split()[0]}}
+    return {
+        "benchmark": name,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "command": command,
+        "machine": {**machine_load(), "python": sys.version.split()[0]},
+    }
 
 
 def finish(report: dict[str, Any], stem: str, label: str | None, markdown: str, no_save: bool) -> None:
@@ -179,37 +188,62 @@ def bench_model(args: argparse.Namespace) -> int:
                 "inplace_predict (numpy)": lambda m=matrix: booster.inplace_predict(m, validate_features=False),
                 "inplace_predict (pandas)": lambda f=frame: booster.inplace_predict(f, validate_features=False),
                 "pred_contribs exact TreeSHAP (DMatrix)": lambda m=matrix: booster.predict(
-                    xgb.DMatrix(m, nthread=1), pred_contribs=True, validate_features=False),
+                    xgb.DMatrix(m, nthread=1), pred_contribs=True, validate_features=False
+                ),
                 "pred_contribs approx (DMatrix)": lambda m=matrix: booster.predict(
-                    xgb.DMatrix(m, nthread=1), pred_contribs=True, approx_contribs=True, validate_features=False),
-                "BundleScorer.score, reason codes of flagged rows (predictor default)": lambda m=matrix: scorer.score(m),
+                    xgb.DMatrix(m, nthread=1), pred_contribs=True, approx_contribs=True, validate_features=False
+                ),
+                "BundleScorer.score, reason codes of flagged rows (predictor default)": lambda m=matrix: scorer.score(
+                    m
+                ),
                 "BundleScorer.score, reason codes of every row (--reason-codes all)": lambda m=matrix: scorer.score(
-                    m, reason_codes="all"),
+                    m, reason_codes="all"
+                ),
             }
             flagged = sum(decision != "approve" for decision in scorer.score(matrix).decisions)
             print(f"batch {batch}: {flagged} of {batch} reference rows flagged (review/decline)", file=sys.stderr)
             flagged_share[str(batch)] = flagged / batch
             for name, fn in cases.items():
                 seconds = time_per_call(fn, min_seconds, repeats)
-                rows.append({"case": name, "batch": batch, "us_per_call": seconds * 1e6,
-                             "us_per_transaction": seconds * 1e6 / batch, "transactions_per_s_one_core": batch / seconds})
-                print(f"{name:<70} batch {batch:>5}: {seconds * 1e6:10.1f} us/call "
-                      f"{seconds * 1e6 / batch:8.2f} us/tx", file=sys.stderr)
+                rows.append(
+                    {
+                        "case": name,
+                        "batch": batch,
+                        "us_per_call": seconds * 1e6,
+                        "us_per_transaction": seconds * 1e6 / batch,
+                        "transactions_per_s_one_core": batch / seconds,
+                    }
+                )
+                print(
+                    f"{name:<70} batch {batch:>5}: {seconds * 1e6:10.1f} us/call {seconds * 1e6 / batch:8.2f} us/tx",
+                    file=sys.stderr,
+                )
     report = started
-    report.update({"bundle": facts, "threads": 1, "smoke": args.smoke, "results": rows,
-                   "flagged_share_of_reference_rows": flagged_share})
+    report.update(
+        {
+            "bundle": facts,
+            "threads": 1,
+            "smoke": args.smoke,
+            "results": rows,
+            "flagged_share_of_reference_rows": flagged_share,
+        }
+    )
     lines = [
         f"Measured {report['date']}, one XGBoost thread, bundle `{facts['model_version']}` "
         f"({facts['trees']} trees, {facts['features']} features, XGBoost {facts['xgboost']}); 1-min load average "
         f"{report['machine']['load_average_1m']:.1f} on {report['machine']['cpus']} cores. Command: `{report['command']}`. "
         f"Share of the bundle's reference rows the model flags (review/decline): "
-        + ", ".join(f"{share:.1%} of {int(b):,}" for b, share in flagged_share.items()) + ".",
+        + ", ".join(f"{share:.1%} of {int(b):,}" for b, share in flagged_share.items())
+        + ".",
         "",
         "| case | batch | µs / call | µs / transaction | transactions/s on one core |",
         "|---|---:|---:|---:|---:|",
     ]
-    lines += [f"| {r['case']} | {r['batch']:,} | {r['us_per_call']:,.1f} | {r['us_per_transaction']:,.2f} "
-              f"| {r['transactions_per_s_one_core']:,.0f} |" for r in rows]
+    lines += [
+        f"| {r['case']} | {r['batch']:,} | {r['us_per_call']:,.1f} | {r['us_per_transaction']:,.2f} "
+        f"| {r['transactions_per_s_one_core']:,.0f} |"
+        for r in rows
+    ]
     finish(report, "scoring_model", args.label, "\n".join(lines), args.no_save)
     return 0
 
@@ -232,8 +266,16 @@ class Server:
                 self.process.wait(5)
 
 
-def start_server(name: str, command: list[str], ready_url: str, infer_url: str, log: Path, env: dict[str, str],
-                 cwd: Path, timeout_s: float = 180.0) -> Server:
+def start_server(
+    name: str,
+    command: list[str],
+    ready_url: str,
+    infer_url: str,
+    log: Path,
+    env: dict[str, str],
+    cwd: Path,
+    timeout_s: float = 180.0,
+) -> Server:
     sink = log.open("wb")
     process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
     server = Server(name, infer_url, process, log)
@@ -280,25 +322,58 @@ def serving_bodies(bundle: Path, count: int, entities: int) -> tuple[list[bytes]
         amount = round(max(0.01, float(rng.normal(means[c], means[c] / 2))), 2)
         epoch = SERVING_TX_EPOCH + int(rng.integers(0, 36_000))
         ours.append(json.dumps(predictor_body(i, customer, terminal, amount, epoch)).encode())
-        theirs.append(json.dumps({"inputs": [{"name": "features", "datatype": "FP32", "shape": [1, matrix.shape[1]],
-                                              "data": [float(x) for x in matrix[i]]}]}).encode())
+        theirs.append(
+            json.dumps(
+                {
+                    "inputs": [
+                        {
+                            "name": "features",
+                            "datatype": "FP32",
+                            "shape": [1, matrix.shape[1]],
+                            "data": [float(x) for x in matrix[i]],
+                        }
+                    ]
+                }
+            ).encode()
+        )
     return ours, theirs
 
 
 def start_predictor_memory(bundle: Path, work: Path, extra: Sequence[str]) -> Server:
     port = free_port()
-    command = [CORE_PYTHON, str(Path(__file__).resolve().parent / "serve_predictor_memory.py"), "--bundle", str(bundle),
-               "--model_name", MODEL_NAME, "--http_port", str(port), "--grpc_port", str(free_port()),
-               "--enable_grpc", "false", *extra]
+    command = [
+        CORE_PYTHON,
+        str(Path(__file__).resolve().parent / "serve_predictor_memory.py"),
+        "--bundle",
+        str(bundle),
+        "--model_name",
+        MODEL_NAME,
+        "--http_port",
+        str(port),
+        "--grpc_port",
+        str(free_port()),
+        "--enable_grpc",
+        "false",
+        *extra,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return start_server("predictor", command, f"http://127.0.0.1:{port}/v2/models/{MODEL_NAME}/ready",
-                        f"http://127.0.0.1:{port}/v2/models/{MODEL_NAME}/infer", work / "predictor.log", env, ROOT)
+    return start_server(
+        "predictor",
+        command,
+        f"http://127.0.0.1:{port}/v2/models/{MODEL_NAME}/ready",
+        f"http://127.0.0.1:{port}/v2/models/{MODEL_NAME}/infer",
+        work / "predictor.log",
+        env,
+        ROOT,
+    )
 
 
 def start_mlserver(bundle: Path, work: Path) -> Server:
     mlserver = MLSERVER_ENV / "bin" / "mlserver"
     if not mlserver.exists():
-        raise BenchError(f"{mlserver} is missing: run `cd benchmarks/mlserver && uv sync --frozen` (see benchmarks/README.md)")
+        raise BenchError(
+            f"{mlserver} is missing: run `cd benchmarks/mlserver && uv sync --frozen` (see benchmarks/README.md)"
+        )
     model_dir = work / "mlserver" / MLSERVER_MODEL
     model_dir.mkdir(parents=True, exist_ok=True)
     shutil.copy(bundle / "model.ubj", model_dir / "model.ubj")
@@ -309,9 +384,15 @@ def start_mlserver(bundle: Path, work: Path) -> Server:
     (work / "mlserver" / "settings.json").write_text(json.dumps(settings, indent=2))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("PYTHONPATH", None)
-    return start_server("mlserver", [str(mlserver), "start", str(work / "mlserver")],
-                        f"http://127.0.0.1:{port}/v2/models/{MLSERVER_MODEL}/ready",
-                        f"http://127.0.0.1:{port}/v2/models/{MLSERVER_MODEL}/infer", work / "mlserver.log", env, work)
+    return start_server(
+        "mlserver",
+        [str(mlserver), "start", str(work / "mlserver")],
+        f"http://127.0.0.1:{port}/v2/models/{MLSERVER_MODEL}/ready",
+        f"http://127.0.0.1:{port}/v2/models/{MLSERVER_MODEL}/infer",
+        work / "mlserver.log",
+        env,
+        work,
+    )
 
 
 def check_answer(server: Server, body: bytes, expect: str) -> None:
@@ -395,7 +476,9 @@ def bench_serving(args: argparse.Namespace) -> int:
         ours, theirs = serving_bodies(bundle, 1000, args.entities)
         servers: dict[str, Server] = {}
         try:
-            servers["predictor"] = start_predictor_memory(bundle, work, ["--entities", str(args.entities), *args.predictor_args])
+            servers["predictor"] = start_predictor_memory(
+                bundle, work, ["--entities", str(args.entities), *args.predictor_args]
+            )
             servers["mlserver"] = start_mlserver(bundle, work)
             check_answer(servers["predictor"], ours[0], "fraud_probability")
             check_answer(servers["mlserver"], theirs[0], '"outputs"')
@@ -407,30 +490,60 @@ def bench_serving(args: argparse.Namespace) -> int:
             fixed: dict[str, dict[str, list[dict]]] = {name: {str(r): [] for r in rates} for name in servers}
             for round_index in range(rounds):
                 for name in alternate(list(servers), round_index):
-                    result = run_wrk(servers[name].url, bodies[name][0], connections=args.connections, duration_s=duration)
-                    saturation[name].append({**result.to_dict(), "drain_s": wait_idle(servers[name].url, bodies[name][0])})
-                    print(f"round {round_index} {name} saturation: {result.requests_per_s:,.0f} req/s "
-                          f"p99 {result.p99_ms:.1f} ms (wrk {result.client_cpu_cores:.2f} cores)", file=sys.stderr)
+                    result = run_wrk(
+                        servers[name].url, bodies[name][0], connections=args.connections, duration_s=duration
+                    )
+                    saturation[name].append(
+                        {**result.to_dict(), "drain_s": wait_idle(servers[name].url, bodies[name][0])}
+                    )
+                    print(
+                        f"round {round_index} {name} saturation: {result.requests_per_s:,.0f} req/s "
+                        f"p99 {result.p99_ms:.1f} ms (wrk {result.client_cpu_cores:.2f} cores)",
+                        file=sys.stderr,
+                    )
                 for rate in rates:
                     for name in alternate(list(servers), round_index):
                         result = run_open_loop(servers[name].url, bodies[name], rate=rate, duration_s=duration)
-                        fixed[name][str(rate)].append({**result.to_dict(), "drain_s": wait_idle(servers[name].url, bodies[name][0])})
-                        print(f"round {round_index} {name} @ {rate:g}/s: p50 {result.p50_ms:.2f} p99 {result.p99_ms:.2f} ms "
-                              f"errors {result.errors} (client {result.client_cpu_cores:.2f} cores)", file=sys.stderr)
+                        fixed[name][str(rate)].append(
+                            {**result.to_dict(), "drain_s": wait_idle(servers[name].url, bodies[name][0])}
+                        )
+                        print(
+                            f"round {round_index} {name} @ {rate:g}/s: p50 {result.p50_ms:.2f} p99 {result.p99_ms:.2f} ms "
+                            f"errors {result.errors} (client {result.client_cpu_cores:.2f} cores)",
+                            file=sys.stderr,
+                        )
         finally:
             for server in servers.values():
                 server.stop()
-    summary = {name: {"saturation": summarise_wrk(saturation[name]),
-                      "fixed_rate": {rate: summarise_open(runs) for rate, runs in fixed[name].items()}} for name in saturation}
-    ratio = summary["predictor"]["saturation"]["median_requests_per_s"] / summary["mlserver"]["saturation"]["median_requests_per_s"]
+    summary = {
+        name: {
+            "saturation": summarise_wrk(saturation[name]),
+            "fixed_rate": {rate: summarise_open(runs) for rate, runs in fixed[name].items()},
+        }
+        for name in saturation
+    }
+    ratio = (
+        summary["predictor"]["saturation"]["median_requests_per_s"]
+        / summary["mlserver"]["saturation"]["median_requests_per_s"]
+    )
     report = started
-    report.update({
-        "bundle": facts, "smoke": args.smoke, "rounds": rounds, "duration_s": duration, "connections": args.connections,
-        "predictor_args": list(args.predictor_args), "offered_rates": rates,
-        "load_generators": {"saturation": "wrk (closed loop, 1 thread)",
-                            "fixed_rate": "benchmarks/loadgen.py open loop (asyncio, latency from scheduled send time)"},
-        "systems": summary, "throughput_ratio_predictor_over_mlserver": ratio,
-    })
+    report.update(
+        {
+            "bundle": facts,
+            "smoke": args.smoke,
+            "rounds": rounds,
+            "duration_s": duration,
+            "connections": args.connections,
+            "predictor_args": list(args.predictor_args),
+            "offered_rates": rates,
+            "load_generators": {
+                "saturation": "wrk (closed loop, 1 thread)",
+                "fixed_rate": "benchmarks/loadgen.py open loop (asyncio, latency from scheduled send time)",
+            },
+            "systems": summary,
+            "throughput_ratio_predictor_over_mlserver": ratio,
+        }
+    )
     lines = [
         f"Measured {report['date']}; {rounds} rounds x {duration:g} s per measurement, systems alternated every round, "
         f"medians shown; 1-min load average at start {report['machine']['load_average_1m']:.1f} on "
@@ -438,17 +551,22 @@ def bench_serving(args: argparse.Namespace) -> int:
         f"Predictor options: `{' '.join(args.predictor_args) or '(defaults)'}`. Command: `{report['command']}`.",
         "",
         f"| system | saturation req/s (wrk, {args.connections} conns) | p50 / p99 at saturation (ms) | wrk CPU (cores) | "
-        + " | ".join(f"p50 / p99 @ {r:g}/s (ms)" for r in rates) + " | open-loop client CPU (cores) | errors |",
+        + " | ".join(f"p50 / p99 @ {r:g}/s (ms)" for r in rates)
+        + " | open-loop client CPU (cores) | errors |",
         "|---|---:|---:|---:|" + "---:|" * len(rates) + "---:|---:|",
     ]
     for name, data in summary.items():
         sat = data["saturation"]
-        cells = [f"{data['fixed_rate'][str(r)]['median_p50_ms']:.2f} / {data['fixed_rate'][str(r)]['median_p99_ms']:.2f}"
-                 for r in rates]
+        cells = [
+            f"{data['fixed_rate'][str(r)]['median_p50_ms']:.2f} / {data['fixed_rate'][str(r)]['median_p99_ms']:.2f}"
+            for r in rates
+        ]
         errors = sat["errors"] + sum(data["fixed_rate"][str(r)]["errors"] for r in rates)
         client = max(data["fixed_rate"][str(r)]["median_client_cpu_cores"] for r in rates)
-        lines.append(f"| {name} | {sat['median_requests_per_s']:,.0f} | {sat['median_p50_ms']:.2f} / {sat['median_p99_ms']:.2f} "
-                     f"| {sat['median_client_cpu_cores']:.2f} | " + " | ".join(cells) + f" | ≤ {client:.2f} | {errors} |")
+        lines.append(
+            f"| {name} | {sat['median_requests_per_s']:,.0f} | {sat['median_p50_ms']:.2f} / {sat['median_p99_ms']:.2f} "
+            f"| {sat['median_client_cpu_cores']:.2f} | " + " | ".join(cells) + f" | ≤ {client:.2f} | {errors} |"
+        )
     lines += ["", f"Predictor / MLServer saturation throughput: **{ratio:.2f}x** (target ≥ 2x)."]
     finish(report, "scoring_serving", args.label, "\n".join(lines), args.no_save)
     return 0
@@ -465,23 +583,40 @@ def sample_transactions(data_dir: Path, count: int) -> list[dict[str, Any]]:
     table = pq.read_table(days[-1]).to_pandas()
     table = table.sample(n=min(count, len(table)), random_state=0, replace=len(table) < count)
     return [
-        {"transaction_id": str(row.transaction_id), "customer_id": str(row.customer_id), "terminal_id": str(row.terminal_id),
-         "tx_amount": float(row.tx_amount), "tx_datetime": int(row.tx_datetime.timestamp())}
+        {
+            "transaction_id": str(row.transaction_id),
+            "customer_id": str(row.customer_id),
+            "terminal_id": str(row.terminal_id),
+            "tx_amount": float(row.tx_amount),
+            "tx_datetime": int(row.tx_datetime.timestamp()),
+        }
         for row in table.itertuples()
     ]
 
 
 def v2_body(transactions: Sequence[dict[str, Any]]) -> bytes:
     n = len(transactions)
-    spec = (("transaction_id", "BYTES"), ("customer_id", "BYTES"), ("terminal_id", "BYTES"),
-            ("tx_amount", "FP64"), ("tx_datetime", "INT64"))
-    return json.dumps({"inputs": [{"name": name, "datatype": dtype, "shape": [n], "data": [t[name] for t in transactions]}
-                                  for name, dtype in spec]}).encode()
+    spec = (
+        ("transaction_id", "BYTES"),
+        ("customer_id", "BYTES"),
+        ("terminal_id", "BYTES"),
+        ("tx_amount", "FP64"),
+        ("tx_datetime", "INT64"),
+    )
+    return json.dumps(
+        {
+            "inputs": [
+                {"name": name, "datatype": dtype, "shape": [n], "data": [t[name] for t in transactions]}
+                for name, dtype in spec
+            ]
+        }
+    ).encode()
 
 
 @contextmanager
-def serving_stack(bundle: Path, data_dir: Path, online_store: str, work: Path, max_batch: int,
-                  predictor_args: Sequence[str]) -> Iterator[str]:
+def serving_stack(
+    bundle: Path, data_dir: Path, online_store: str, work: Path, max_batch: int, predictor_args: Sequence[str]
+) -> Iterator[str]:
     """The real local stack (fraud.serving_stack) on free ports; yields the transformer's V2 infer URL."""
     os.environ["FRAUD_DATA_DIR"] = str(data_dir)
     from fraud.serving_stack import ServingStack, StackConfig
@@ -491,8 +626,14 @@ def serving_stack(bundle: Path, data_dir: Path, online_store: str, work: Path, m
             return [*super().predictor_command(), "--max-batch-size", str(max_batch), *predictor_args]
 
     ports = [free_port() for _ in range(3)]
-    config = StackConfig(bundle=bundle, port=ports[0], grpc_port=ports[1], predictor_port=ports[2],
-                         online_store=online_store, log_dir=work / f"serve-{online_store}")
+    config = StackConfig(
+        bundle=bundle,
+        port=ports[0],
+        grpc_port=ports[1],
+        predictor_port=ports[2],
+        online_store=online_store,
+        log_dir=work / f"serve-{online_store}",
+    )
     stack = BenchStack(config)
     stack.start()
     try:
@@ -569,8 +710,11 @@ def bench_fullpath(args: argparse.Namespace) -> int:
                     # backlog of an overloaded rate cannot spill into the cheaper measurements
                     result = run_wrk(url, singles[round_index], connections=args.connections, duration_s=duration)
                     saturation.append({**result.to_dict(), "drain_s": wait_idle(url, singles[0])})
-                    print(f"{store} round {round_index} saturation {result.requests_per_s:,.0f} req/s p99 {result.p99_ms:.1f} ms "
-                          f"errors {result.errors}", file=sys.stderr)
+                    print(
+                        f"{store} round {round_index} saturation {result.requests_per_s:,.0f} req/s p99 {result.p99_ms:.1f} ms "
+                        f"errors {result.errors}",
+                        file=sys.stderr,
+                    )
                     for batch in batches:
                         body = v2_body(transactions[:batch])
                         processes = stack_processes(store)
@@ -581,57 +725,98 @@ def bench_fullpath(args: argparse.Namespace) -> int:
                         row["transactions_per_s"] = result.requests_per_s * batch
                         scored = max(1, result.requests * batch)
                         row["cpu_us_per_transaction"] = {
-                            name: (cpu_after[name] - cpu_before[name]) * 1e6 / scored for name in cpu_after if name in cpu_before
+                            name: (cpu_after[name] - cpu_before[name]) * 1e6 / scored
+                            for name in cpu_after
+                            if name in cpu_before
                         }
                         row["drain_s"] = wait_idle(url, singles[0])
                         batched[str(batch)].append(row)
-                        print(f"{store} round {round_index} batch {batch}: {row['transactions_per_s']:,.0f} tx/s "
-                              f"p99 {result.p99_ms:.1f} ms errors {result.errors}", file=sys.stderr)
+                        print(
+                            f"{store} round {round_index} batch {batch}: {row['transactions_per_s']:,.0f} tx/s "
+                            f"p99 {result.p99_ms:.1f} ms errors {result.errors}",
+                            file=sys.stderr,
+                        )
                     for rate in sorted(rates):
                         open_result = run_open_loop(url, singles, rate=rate, duration_s=duration)
                         fixed[str(rate)].append({**open_result.to_dict(), "drain_s": wait_idle(url, singles[0])})
-                        print(f"{store} round {round_index} @ {rate:g}/s p50 {open_result.p50_ms:.2f} p99 "
-                              f"{open_result.p99_ms:.2f} ms errors {open_result.errors}", file=sys.stderr)
+                        print(
+                            f"{store} round {round_index} @ {rate:g}/s p50 {open_result.p50_ms:.2f} p99 "
+                            f"{open_result.p99_ms:.2f} ms errors {open_result.errors}",
+                            file=sys.stderr,
+                        )
                 results[store] = {
                     "online_drift_detector_ready_after_s": detector_ready_s,
                     "saturation": summarise_wrk(saturation),
                     "fixed_rate": {rate: summarise_open(runs) for rate, runs in fixed.items()},
-                    "batched": {b: {**summarise_wrk(runs), "median_transactions_per_s": median([r["transactions_per_s"] for r in runs]),
-                                    "median_cpu_us_per_transaction": {
-                                        name: median([r["cpu_us_per_transaction"].get(name, 0.0) for r in runs])
-                                        for name in runs[0]["cpu_us_per_transaction"]}}
-                                for b, runs in batched.items()},
+                    "batched": {
+                        b: {
+                            **summarise_wrk(runs),
+                            "median_transactions_per_s": median([r["transactions_per_s"] for r in runs]),
+                            "median_cpu_us_per_transaction": {
+                                name: median([r["cpu_us_per_transaction"].get(name, 0.0) for r in runs])
+                                for name in runs[0]["cpu_us_per_transaction"]
+                            },
+                        }
+                        for b, runs in batched.items()
+                    },
                 }
     report = started
-    report.update({"bundle": facts, "data_dir": str(args.data_dir), "smoke": args.smoke, "rounds": rounds,
-                   "duration_s": duration, "connections": args.connections, "batch_connections": args.batch_connections,
-                   "predictor_args": list(args.predictor_args), "offered_rates": rates, "stores": results})
+    report.update(
+        {
+            "bundle": facts,
+            "data_dir": str(args.data_dir),
+            "smoke": args.smoke,
+            "rounds": rounds,
+            "duration_s": duration,
+            "connections": args.connections,
+            "batch_connections": args.batch_connections,
+            "predictor_args": list(args.predictor_args),
+            "offered_rates": rates,
+            "stores": results,
+        }
+    )
     lines = [
         f"Measured {report['date']}; transformer -> predictor -> Feast online store, {rounds} rounds x {duration:g} s, "
         f"medians; 1-min load average at start {report['machine']['load_average_1m']:.1f} on {report['machine']['cpus']} cores. "
         f"Predictor options: `{' '.join(args.predictor_args) or '(defaults)'}`. Command: `{report['command']}`.",
         "",
         f"| online store | saturation req/s ({args.connections} conns) | p50 / p99 at saturation (ms) | "
-        + " | ".join(f"p50 / p99 @ {r:g}/s (ms)" for r in rates) + " | "
-        + " | ".join(f"batch {b:,}: tx/s (p99 ms)" for b in batches) + " | errors | client CPU (cores) |",
+        + " | ".join(f"p50 / p99 @ {r:g}/s (ms)" for r in rates)
+        + " | "
+        + " | ".join(f"batch {b:,}: tx/s (p99 ms)" for b in batches)
+        + " | errors | client CPU (cores) |",
         "|---|---:|---:|" + "---:|" * len(rates) + "---:|" * len(batches) + "---:|---:|",
     ]
     for store, data in results.items():
         sat = data["saturation"]
-        errors = sat["errors"] + sum(d["errors"] for d in data["fixed_rate"].values()) + sum(d["errors"] for d in data["batched"].values())
-        client = max([sat["median_client_cpu_cores"]] + [d["median_client_cpu_cores"] for d in data["fixed_rate"].values()])
+        errors = (
+            sat["errors"]
+            + sum(d["errors"] for d in data["fixed_rate"].values())
+            + sum(d["errors"] for d in data["batched"].values())
+        )
+        client = max(
+            [sat["median_client_cpu_cores"]] + [d["median_client_cpu_cores"] for d in data["fixed_rate"].values()]
+        )
         lines.append(
             f"| {store} | {sat['median_requests_per_s']:,.0f} | {sat['median_p50_ms']:.1f} / {sat['median_p99_ms']:.1f} | "
-            + " | ".join(f"{data['fixed_rate'][str(r)]['median_p50_ms']:.1f} / {data['fixed_rate'][str(r)]['median_p99_ms']:.1f}" for r in rates)
-            + " | " + " | ".join(f"{data['batched'][str(b)]['median_transactions_per_s']:,.0f} ({data['batched'][str(b)]['median_p99_ms']:.0f})"
-                                 for b in batches)
+            + " | ".join(
+                f"{data['fixed_rate'][str(r)]['median_p50_ms']:.1f} / {data['fixed_rate'][str(r)]['median_p99_ms']:.1f}"
+                for r in rates
+            )
+            + " | "
+            + " | ".join(
+                f"{data['batched'][str(b)]['median_transactions_per_s']:,.0f} ({data['batched'][str(b)]['median_p99_ms']:.0f})"
+                for b in batches
+            )
             + f" | {errors} | ≤ {client:.2f} |"
         )
     roles = [role for role, _ in _STACK_ROLES] + ["redis server"]
     lines += [
         "",
-        ("CPU time per transaction of each process during the batched runs (µs, medians; user + system "
-         "time from /proc; the load generator's is in the client CPU column):"),
+        (
+            "CPU time per transaction of each process during the batched runs (µs, medians; user + system "
+            "time from /proc; the load generator's is in the client CPU column):"
+        ),
         "",
         "| online store | batch | " + " | ".join(roles) + " | total |",
         "|---|---:|" + "---:|" * (len(roles) + 1),
@@ -639,8 +824,11 @@ def bench_fullpath(args: argparse.Namespace) -> int:
     for store, data in results.items():
         for b in batches:
             cpu = data["batched"][str(b)]["median_cpu_us_per_transaction"]
-            lines.append(f"| {store} | {b:,} | " + " | ".join(f"{cpu[r]:.1f}" if r in cpu else "–" for r in roles)
-                         + f" | {sum(cpu.values()):.1f} |")
+            lines.append(
+                f"| {store} | {b:,} | "
+                + " | ".join(f"{cpu[r]:.1f}" if r in cpu else "–" for r in roles)
+                + f" | {sum(cpu.values()):.1f} |"
+            )
     finish(report, "scoring_fullpath", args.label, "\n".join(lines), args.no_save)
     return 0
 
@@ -680,10 +868,19 @@ def bench_lookup(args: argparse.Namespace) -> int:
                         raise BenchError(f"{store}: some benchmark pairs are unknown to the store (not materialised?)")
             client._reader = reader
             for name, samples in timings.items():
-                rows.append({"store": store, "pairs": batch, "path": name, "median_ms": median(samples) * 1e3,
-                             "us_per_pair": median(samples) * 1e6 / batch})
-            print(f"{store} {batch:>5} pairs: " + ", ".join(f"{r['path']} {r['median_ms']:.2f} ms" for r in rows[-2:]),
-                  file=sys.stderr)
+                rows.append(
+                    {
+                        "store": store,
+                        "pairs": batch,
+                        "path": name,
+                        "median_ms": median(samples) * 1e3,
+                        "us_per_pair": median(samples) * 1e6 / batch,
+                    }
+                )
+            print(
+                f"{store} {batch:>5} pairs: " + ", ".join(f"{r['path']} {r['median_ms']:.2f} ms" for r in rows[-2:]),
+                file=sys.stderr,
+            )
     report = started
     report.update({"data_dir": str(args.data_dir), "smoke": args.smoke, "repeats": repeats, "results": rows})
     lines = [
@@ -695,10 +892,14 @@ def bench_lookup(args: argparse.Namespace) -> int:
     ]
     for store in args.stores:
         for batch in batches:
-            fast, slow = (next(r for r in rows if r["store"] == store and r["pairs"] == batch and r["path"] == path)
-                          for path in ("batched reader", "online_read per view"))
-            lines.append(f"| {store} | {batch:,} | {fast['median_ms']:.2f} | {slow['median_ms']:.2f} | "
-                         f"{slow['median_ms'] / fast['median_ms']:.1f}x | {fast['us_per_pair']:.1f} |")
+            fast, slow = (
+                next(r for r in rows if r["store"] == store and r["pairs"] == batch and r["path"] == path)
+                for path in ("batched reader", "online_read per view")
+            )
+            lines.append(
+                f"| {store} | {batch:,} | {fast['median_ms']:.2f} | {slow['median_ms']:.2f} | "
+                f"{slow['median_ms'] / fast['median_ms']:.1f}x | {fast['us_per_pair']:.1f} |"
+            )
     finish(report, "scoring_lookup", args.label, "\n".join(lines), args.no_save)
     return 0
 
@@ -727,8 +928,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
         p.add_argument("--rates", type=float, nargs="+", default=[250.0, 500.0, 1000.0], help="open-loop offered req/s")
         p.add_argument("--connections", type=int, default=16, help="wrk connections for saturation")
-        p.add_argument("--predictor-arg", dest="predictor_args", action="append", default=[],
-                       help="extra option for the predictor process (repeatable, e.g. --predictor-arg=--workers=2)")
+        p.add_argument(
+            "--predictor-arg",
+            dest="predictor_args",
+            action="append",
+            default=[],
+            help="extra option for the predictor process (repeatable, e.g. --predictor-arg=--workers=2)",
+        )
         if name == "serving":
             p.add_argument("--entities", type=int, default=1000)
         else:
@@ -736,8 +942,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--stores", nargs="+", default=["sqlite", "redis"], choices=["sqlite", "redis"])
             p.add_argument("--batches", type=int, nargs="+", default=[100, 1000])
             p.add_argument("--batch-connections", type=int, default=4)
-            p.add_argument("--detector-wait", type=float, default=300.0,
-                           help="longest wait (s) for the transformer's online drift detector before measuring")
+            p.add_argument(
+                "--detector-wait",
+                type=float,
+                default=300.0,
+                help="longest wait (s) for the transformer's online drift detector before measuring",
+            )
     return parser
 
 

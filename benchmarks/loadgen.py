@@ -140,8 +140,18 @@ def run_wrk(url: str, body: bytes, *, connections: int, duration_s: float, threa
         script = Path(tmp) / "post.lua"
         script.write_text(_WRK_LUA.format(body_path=body_path))
         seconds = max(1, round(duration_s))
-        command = [wrk, f"-t{threads}", f"-c{max(connections, threads)}", f"-d{seconds}s", "--timeout", "10s",
-                   "--latency", "-s", str(script), url]
+        command = [
+            wrk,
+            f"-t{threads}",
+            f"-c{max(connections, threads)}",
+            f"-d{seconds}s",
+            "--timeout",
+            "10s",
+            "--latency",
+            "-s",
+            str(script),
+            url,
+        ]
         started = time.perf_counter()
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         assert process.stdout is not None

@@ -51,8 +51,11 @@ def synthetic_feature_source(entities: int, seed: int = 0) -> InMemoryFeatureSou
         terminals[f"terminal_nb_tx_{window}d"] = count
         terminals[f"terminal_nb_fraud_{window}d"] = frauds
         terminals[f"terminal_risk_{window}d"] = np.divide(frauds, count, out=np.zeros(entities), where=count > 0)
-    missing = [name for name in (*CUSTOMER_SPENDING_FEATURES, *TERMINAL_RISK_FEATURES)
-               if name not in customers.columns and name not in terminals.columns]
+    missing = [
+        name
+        for name in (*CUSTOMER_SPENDING_FEATURES, *TERMINAL_RISK_FEATURES)
+        if name not in customers.columns and name not in terminals.columns
+    ]
     assert not missing, f"synthetic features lack {missing}"
     return InMemoryFeatureSource(customers, terminals)
 

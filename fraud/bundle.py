@@ -84,7 +84,9 @@ class BundleManifest:
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleError(f"{MANIFEST_FILE} is invalid: {exc}") from None
         if manifest.format_version != BUNDLE_FORMAT_VERSION:
-            raise BundleError(f"{MANIFEST_FILE} has format_version {manifest.format_version}, expected {BUNDLE_FORMAT_VERSION}")
+            raise BundleError(
+                f"{MANIFEST_FILE} has format_version {manifest.format_version}, expected {BUNDLE_FORMAT_VERSION}"
+            )
         if not manifest.feature_names:
             raise BundleError(f"{MANIFEST_FILE} lists no feature_names")
         return manifest

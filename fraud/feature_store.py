@@ -393,7 +393,9 @@ class OnlineFeatureClient:
 
         self.store = store
         store.refresh_registry()
-        self._entity_key = lambda join_key, value: EntityKey(join_keys=[join_key], entity_values=[Value(string_val=value)])
+        self._entity_key = lambda join_key, value: EntityKey(
+            join_keys=[join_key], entity_values=[Value(string_val=value)]
+        )
         self._online_store = store._get_provider().online_store  # the configured OnlineStore instance
         self._views: tuple[tuple[Any, str, tuple[str, ...]], ...] | None = None
         #: the batched reader of `fraud.online_readers` (None: each view through `online_read`)
@@ -432,7 +434,9 @@ class OnlineFeatureClient:
             (customer_values, customer_snapshot), (terminal_values, terminal_snapshot) = self._reader.read(
                 (customers, terminals)
             )
-            return OnlineBatchArrays(np.hstack([customer_values, terminal_values]), customer_snapshot, terminal_snapshot)
+            return OnlineBatchArrays(
+                np.hstack([customer_values, terminal_values]), customer_snapshot, terminal_snapshot
+            )
         blocks, snapshots = [], []
         for (view, join_key, features), ids in zip(self.views(), (customers, terminals)):
             values, snapshot = self._read_view(view, join_key, features, ids)
@@ -465,7 +469,9 @@ class OnlineFeatureClient:
             # Redis answers an absent entity with empty values (and the epoch as timestamp)
             known = event_ts is not None and any(v == v for v in values)  # v == v: not NaN
             table.append(values)
-            stamps.append((event_ts.astimezone(UTC).replace(tzinfo=None) if event_ts.tzinfo else event_ts) if known else None)
+            stamps.append(
+                (event_ts.astimezone(UTC).replace(tzinfo=None) if event_ts.tzinfo else event_ts) if known else None
+            )
         return np.array(table, dtype=np.float64), np.array(stamps, dtype="datetime64[ns]")
 
     def batch(self, customer_ids: Sequence[str], terminal_ids: Sequence[str]) -> pd.DataFrame:
@@ -475,8 +481,10 @@ class OnlineFeatureClient:
         which lets callers flag stale features (older than today's snapshot)."""
         arrays = self.arrays(customer_ids, terminal_ids)
         frame = pd.DataFrame(
-            {CUSTOMER_ID: pd.Series([str(c) for c in customer_ids], dtype="object"),
-             TERMINAL_ID: pd.Series([str(t) for t in terminal_ids], dtype="object")}
+            {
+                CUSTOMER_ID: pd.Series([str(c) for c in customer_ids], dtype="object"),
+                TERMINAL_ID: pd.Series([str(t) for t in terminal_ids], dtype="object"),
+            }
         )
         features = pd.DataFrame(arrays.values, columns=[*CUSTOMER_SPENDING_FEATURES, *TERMINAL_RISK_FEATURES])
         frame = pd.concat([frame, features], axis=1)

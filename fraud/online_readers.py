@@ -275,8 +275,9 @@ class SqliteBatchReader:
                 found = {row[0]: row[1:] for row in connection.execute(query, [*features, *wire])}
             replies = [found.get(key) for key in wire]
             stamps = _sqlite_event_times([reply[0] if reply is not None else None for reply in replies])
-            values, snapshots = _view_arrays([reply[1:] if reply is not None else None for reply in replies],
-                                             len(features), stamps)
+            values, snapshots = _view_arrays(
+                [reply[1:] if reply is not None else None for reply in replies], len(features), stamps
+            )
             results.append((values[rows], snapshots[rows]))
         return results
 
@@ -303,7 +304,9 @@ def _sqlite_event_times(raw: Sequence[Any]) -> np.ndarray:
     return out
 
 
-def batch_reader(online_store: Any, config: Any, views: Sequence[ViewSpec]) -> RedisBatchReader | SqliteBatchReader | None:
+def batch_reader(
+    online_store: Any, config: Any, views: Sequence[ViewSpec]
+) -> RedisBatchReader | SqliteBatchReader | None:
     """The batched reader of the configured online store, or None (use `online_read`): Redis through
     redis-py, or SQLite; raises OnlineLayoutMismatch when Feast's key layout is not the expected one."""
     from feast.infra.online_stores.redis import RedisClient, RedisOnlineStore

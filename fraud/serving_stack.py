@@ -576,7 +576,9 @@ def sample_raw_transactions(layout: DataLayout, n: int, seed: int = 0) -> list[d
     if seed < 0:
         raise UserError(f"--seed must be >= 0, got {seed}")
     # one folder per day (day=YYYY-MM-DD), so the lexical order is the date order
-    files = sorted(layout.transactions.glob("**/*.parquet"))[-SAMPLE_RECENT_DAYS:] if layout.transactions.is_dir() else []
+    files = (
+        sorted(layout.transactions.glob("**/*.parquet"))[-SAMPLE_RECENT_DAYS:] if layout.transactions.is_dir() else []
+    )
     if not files:
         raise UserError(
             f"no simulated transactions under {layout.transactions}: run `fraud simulate` first or pass --file"

@@ -334,8 +334,13 @@ def v2_rest_response(batch: ScoredBatch, model_name: str) -> dict[str, Any]:
     for name, array in v2_output_values(batch).items():
         datatype, _ = OUTPUT_TENSORS[name]
         outputs.append(
-            {"name": name, "shape": list(array.shape), "datatype": datatype, "parameters": None,
-             "data": array.reshape(-1).tolist()}
+            {
+                "name": name,
+                "shape": list(array.shape),
+                "datatype": datatype,
+                "parameters": None,
+                "data": array.reshape(-1).tolist(),
+            }
         )
     return {
         "model_name": model_name,

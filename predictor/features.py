@@ -212,5 +212,7 @@ class FeastFeatureSource:
             self._mark_down(error)
             raise FeatureSourceUnavailable(error) from exc
         if len(arrays.values) != len(customer_ids):
-            raise FeatureSourceUnavailable(f"feature source returned {len(arrays.values)} rows for {len(customer_ids)} requested")
+            raise FeatureSourceUnavailable(
+                f"feature source returned {len(arrays.values)} rows for {len(customer_ids)} requested"
+            )
         return FeatureLookup(arrays.values, arrays.customer_snapshot, arrays.terminal_snapshot)

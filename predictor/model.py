@@ -527,9 +527,7 @@ class FraudModel(Model):
         assert scorer is not None, "load() first"
         transactions = request.transactions
         amount, tx_epoch_ns = request_arrays(transactions)
-        lookup = self.lookup_features(
-            [tx.customer_id for tx in transactions], [tx.terminal_id for tx in transactions]
-        )
+        lookup = self.lookup_features([tx.customer_id for tx in transactions], [tx.terminal_id for tx in transactions])
         features = model_feature_matrix(amount, tx_epoch_ns, lookup.values)
         missing = lookup.missing
         stale = lookup.stale(tx_epoch_ns)

@@ -43,7 +43,9 @@ def make_synthetic_bundle(bundle_dir: Path, version: str = "1", seed: int = 0) -
         feature_service=FEATURE_SERVICE,
         categorical_features=["tx_during_weekend", "tx_during_night"],
     )
-    return write_bundle(bundle_dir, booster, manifest, features.sample(500, random_state=seed).to_numpy(), "# test model\n")
+    return write_bundle(
+        bundle_dir, booster, manifest, features.sample(500, random_state=seed).to_numpy(), "# test model\n"
+    )
 
 
 def hand_made_raw_transactions(

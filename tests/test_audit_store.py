@@ -105,9 +105,7 @@ def test_sqlite_bulk_insert_stores_what_sqlalchemy_would(tmp_path):
         assert insert_decisions(connection, bulk[:2]) == 0  # duplicates are skipped and not counted
         connection.execute(dialect_insert(connection, table), reference)
     with engine.connect() as connection:
-        stored = connection.exec_driver_sql(
-            "SELECT * FROM decisions ORDER BY transaction_id, model_version"
-        ).fetchall()
+        stored = connection.exec_driver_sql("SELECT * FROM decisions ORDER BY transaction_id, model_version").fetchall()
     by_version = {}
     for row in stored:
         by_version.setdefault(row[1], []).append(tuple(row[:1]) + tuple(row[2:]))
@@ -232,7 +230,9 @@ def _scored_batch(n: int, seed: int = 0) -> dict:
         "feature_matrix": matrix,
         "scores": np.concatenate([[0.0, 1.0], rng.random(n - 2)]),
         "decisions": decisions,
-        "reason_codes": [[ReasonCode("tx_amount", "Transaction amount", 0.5)] if d != "approve" else [] for d in decisions],
+        "reason_codes": [
+            [ReasonCode("tx_amount", "Transaction amount", 0.5)] if d != "approve" else [] for d in decisions
+        ],
         "features_missing": rng.random(n) < 0.3,
         "features_stale": rng.random(n) < 0.3,
         "fail_open": True,

@@ -28,7 +28,12 @@ needs_mlserver = pytest.mark.skipif(
 
 def run_json(args: list[str], env: dict[str, str] | None = None, timeout: int = 600) -> dict:
     completed = subprocess.run(
-        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+        [sys.executable, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     start = completed.stdout.index("{")
@@ -96,8 +101,19 @@ def test_serving_benchmark_smoke(tmp_path: Path) -> None:
 
 def test_audit_benchmark_smoke(tmp_path: Path) -> None:
     out = tmp_path / "audit.json"
-    report = run_json(["benchmarks/bench_audit.py", "--single-calls", "5", "--batch-calls", "2", "--drain", "300",
-                       "--output", str(out)])
+    report = run_json(
+        [
+            "benchmarks/bench_audit.py",
+            "--single-calls",
+            "5",
+            "--batch-calls",
+            "2",
+            "--drain",
+            "300",
+            "--output",
+            str(out),
+        ]
+    )
     assert json.loads(out.read_text()) == report
     assert report["drain"]["sqlite"]["decisions"] == 300 and report["drain"]["sqlite"]["decisions_per_s"] > 0
     payloads = report["request_payloads_1000"]
@@ -110,7 +126,9 @@ def test_fullpath_cpu_accounting_finds_the_stack_processes() -> None:
     from bench_scoring import cpu_seconds, stack_processes
 
     burn = "import time\nend = time.process_time() + 0.2\nwhile time.process_time() < end: pass\ntime.sleep(30)"
-    children = [subprocess.Popen([sys.executable, "-c", burn, *role]) for role in (["-m", "predictor"], ["audit", "writer"])]
+    children = [
+        subprocess.Popen([sys.executable, "-c", burn, *role]) for role in (["-m", "predictor"], ["audit", "writer"])
+    ]
     try:
         import time
 
@@ -123,7 +141,9 @@ def test_fullpath_cpu_accounting_finds_the_stack_processes() -> None:
             time.sleep(0.1)
         assert set(found) == {"predictor", "audit writer"}
         assert {role: process.pid for role, process in found.items()} == {
-            "predictor": children[0].pid, "audit writer": children[1].pid}
+            "predictor": children[0].pid,
+            "audit writer": children[1].pid,
+        }
         assert min(seconds.values()) >= 0.2  # each burnt 0.2 s of CPU before sleeping
     finally:
         for child in children:
@@ -137,15 +157,33 @@ def test_lookup_benchmark_smoke(tmp_path: Path) -> None:
     from tests.factories import hand_made_raw_transactions, materialised_sqlite_store
 
     root = tmp_path / "data"
-    raw = hand_made_raw_transactions([f"C{i:07d}" for i in range(12)], [f"T{i:07d}" for i in range(6)],
-                                     datetime(2024, 3, 1), 8, seed=5, amount_step=10)
+    raw = hand_made_raw_transactions(
+        [f"C{i:07d}" for i in range(12)],
+        [f"T{i:07d}" for i in range(6)],
+        datetime(2024, 3, 1),
+        8,
+        seed=5,
+        amount_step=10,
+    )
     patch = materialised_sqlite_store(root, raw)
     try:
-        report = run_json(["benchmarks/bench_scoring.py", "lookup", "--smoke", "--no-save", "--stores", "sqlite",
-                           "--data-dir", str(root)], env={"FRAUD_DATA_DIR": str(root)})
+        report = run_json(
+            [
+                "benchmarks/bench_scoring.py",
+                "lookup",
+                "--smoke",
+                "--no-save",
+                "--stores",
+                "sqlite",
+                "--data-dir",
+                str(root),
+            ],
+            env={"FRAUD_DATA_DIR": str(root)},
+        )
     finally:
         patch.undo()
     assert report["benchmark"] == "scoring_lookup" and report["smoke"] is True
     assert {(r["pairs"], r["path"]) for r in report["results"]} == {
-        (n, path) for n in (1, 10) for path in ("batched reader", "online_read per view")}
+        (n, path) for n in (1, 10) for path in ("batched reader", "online_read per view")
+    }
     assert all(r["median_ms"] > 0 and r["store"] == "sqlite" for r in report["results"])

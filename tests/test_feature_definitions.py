@@ -120,7 +120,9 @@ def test_array_and_frame_interfaces_are_identical_and_timezones_are_utc():
     stamps = [ts.to_pydatetime() for ts in frame["tx_datetime"]]
     from_request = np.array(stamps, dtype="datetime64[ns]").view("int64")
     assert np.array_equal(from_request, utc_epoch_ns(frame["tx_datetime"]))
-    assert utc_epoch_ns(pd.Series([datetime(2018, 4, 1, 1, 0, tzinfo=UTC)]))[0] == pd.Timestamp("2018-04-01T01:00").value
+    assert (
+        utc_epoch_ns(pd.Series([datetime(2018, 4, 1, 1, 0, tzinfo=UTC)]))[0] == pd.Timestamp("2018-04-01T01:00").value
+    )
 
 
 def test_missing_batch_columns_take_cold_start_defaults():

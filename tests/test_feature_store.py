@@ -136,7 +136,9 @@ def assert_same_as_feast_get_online_features(store, ids: list[str], tids: list[s
     refs = [f"{CUSTOMER_SPENDING_VIEW}:{n}" for n in CUSTOMER_SPENDING_FEATURES] + [
         f"{TERMINAL_RISK_VIEW}:{n}" for n in TERMINAL_RISK_FEATURES
     ]
-    feast_frame = store.get_online_features(features=refs, entity_rows={"customer_id": ids, "terminal_id": tids}).to_df()
+    feast_frame = store.get_online_features(
+        features=refs, entity_rows={"customer_id": ids, "terminal_id": tids}
+    ).to_df()
     columns = [*CUSTOMER_SPENDING_FEATURES, *TERMINAL_RISK_FEATURES]
     np.testing.assert_array_equal(
         online[columns].to_numpy(dtype="float64"), feast_frame[columns].to_numpy(dtype="float64", na_value=np.nan)
@@ -307,7 +309,9 @@ def test_redis_online_store_round_trip(store_dir: Path, tmp_path: Path, monkeypa
     assert not [k for k in client.scan_iter(count=1000) if project.encode() in k], "teardown left Redis keys"
 
 
-def _check_batched_reader(client, write_partial, customers: pd.DataFrame, terminals: pd.DataFrame, monkeypatch, caplog) -> None:
+def _check_batched_reader(
+    client, write_partial, customers: pd.DataFrame, terminals: pd.DataFrame, monkeypatch, caplog
+) -> None:
     """The batched reader of `fraud.online_readers` against Feast's own `online_read` on the same
     store: materialised, unknown, repeated and partially written entities, a batch large enough for
     the vectorised decoding, one pair, no pair, and the fall-back when the key layout differs.
@@ -323,8 +327,11 @@ def _check_batched_reader(client, write_partial, customers: pd.DataFrame, termin
     assert reader is not None, "this online store must be read by the batched reader"
     entity_keys = reader._views[0][0]
     names = list(CUSTOMER_SPENDING_FEATURES)
-    write_partial(entity_keys("C-partial"), {names[0]: Value(int64_val=3).SerializeToString(),
-                                             names[1]: Value(double_val=-12.5).SerializeToString()}, 1_700_000_000)
+    write_partial(
+        entity_keys("C-partial"),
+        {names[0]: Value(int64_val=3).SerializeToString(), names[1]: Value(double_val=-12.5).SerializeToString()},
+        1_700_000_000,
+    )
     ids = sorted(customers["customer_id"].unique()) + ["C-unknown", "C-partial"]
     tids = sorted(terminals["terminal_id"].unique())
     n = 90  # above the threshold of the vectorised decoding, with repeated entities
@@ -361,7 +368,9 @@ def _check_batched_reader(client, write_partial, customers: pd.DataFrame, termin
     client._views = None
     with monkeypatch.context() as patch:
         patch.setattr(key_encoding, "serialize_entity_key", other_layout)
-        patch.setattr(feast_redis.RedisOnlineStore, "_generate_redis_keys_for_entities", lambda self, config, keys: [b"x"])
+        patch.setattr(
+            feast_redis.RedisOnlineStore, "_generate_redis_keys_for_entities", lambda self, config, keys: [b"x"]
+        )
         with pytest.raises(OnlineLayoutMismatch):
             batch_reader(client._online_store, client.store.config, views)
         with caplog.at_level("WARNING", logger="fraud.feature_store"):
@@ -392,8 +401,10 @@ def test_batched_sqlite_reader_equals_feast_online_read(store_dir: Path, monkeyp
         _check_batched_reader(client, write_partial, customers, terminals, monkeypatch, caplog)
     finally:
         with connection:
-            connection.execute(f'DELETE FROM "{table}" WHERE feature_name IN (?, ?) AND event_ts = ?',
-                               (*CUSTOMER_SPENDING_FEATURES[:2], 1_700_000_000))
+            connection.execute(
+                f'DELETE FROM "{table}" WHERE feature_name IN (?, ?) AND event_ts = ?',
+                (*CUSTOMER_SPENDING_FEATURES[:2], 1_700_000_000),
+            )
         client._views = None  # the cached client gets its batched reader back
 
 
@@ -512,7 +523,10 @@ def test_redis_connection_string_from_the_manifests_split_settings() -> None:
     assert redis_connection_string({}) == DEFAULT_REDIS_URL
     split = {"FRAUD_REDIS_HOST": "redis-master.fraud-prod.svc", "FRAUD_REDIS_PORT": "6380"}
     assert redis_connection_string(split) == "redis-master.fraud-prod.svc:6380"
-    assert redis_connection_string({**split, "FRAUD_REDIS_PASSWORD": "s3"}) == "redis-master.fraud-prod.svc:6380,password=s3"
+    assert (
+        redis_connection_string({**split, "FRAUD_REDIS_PASSWORD": "s3"})
+        == "redis-master.fraud-prod.svc:6380,password=s3"
+    )
     assert redis_connection_string({"FRAUD_REDIS_HOST": "r"}) == "r:6379"
     # an explicit connection string wins over the split settings
     assert redis_connection_string({**split, "FRAUD_REDIS_URL": "other:1,db=2"}) == "other:1,db=2"

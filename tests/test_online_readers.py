@@ -58,7 +58,15 @@ def test_columns_of_one_kind_decode_like_protobuf(repeat: int) -> None:
         np.testing.assert_array_equal(decoded, reference(column))
     # a mistake in the varint arithmetic would show here: exact values, not just "close"
     assert decode_value_column(ints)[: len(SAMPLES[4:13])].tolist() == [
-        0.0, 1.0, 127.0, 128.0, 300.0, float(2**53), float(2**63 - 1), -1.0, float(-(2**63))
+        0.0,
+        1.0,
+        127.0,
+        128.0,
+        300.0,
+        float(2**53),
+        float(2**63 - 1),
+        -1.0,
+        float(-(2**63)),
     ]
 
 
@@ -67,7 +75,7 @@ def test_mixed_and_other_numeric_kinds_fall_back_to_protobuf(repeat: int) -> Non
     column = [v.SerializeToString() for v in SAMPLES] * repeat + [None]
     np.testing.assert_array_equal(decode_value_column(column), reference(column))
     # an int64 field followed by another field is not a bare varint: parsed by protobuf (last wins)
-    odd = (Value(int64_val=5).SerializeToString() + Value(int64_val=9).SerializeToString())
+    odd = Value(int64_val=5).SerializeToString() + Value(int64_val=9).SerializeToString()
     assert decode_value_column([odd] * repeat).tolist() == [9.0] * repeat
 
 

@@ -26,26 +26,45 @@ def bundle_dir(tmp_path_factory) -> Path:
 
 def source() -> InMemoryFeatureSource:
     ids = [f"C{i}" for i in range(5)]
-    customers = pd.DataFrame({"customer_id": ids, "snapshot_ts": DAY,
-                              **{name: np.arange(5, dtype=float) * (j + 1) for j, name in enumerate(CUSTOMER_SPENDING_FEATURES)}})
-    terminals = pd.DataFrame({"terminal_id": [f"T{i}" for i in range(5)], "snapshot_ts": DAY,
-                              **{name: np.linspace(0.0, 0.4, 5) for name in TERMINAL_RISK_FEATURES}})
+    customers = pd.DataFrame(
+        {
+            "customer_id": ids,
+            "snapshot_ts": DAY,
+            **{name: np.arange(5, dtype=float) * (j + 1) for j, name in enumerate(CUSTOMER_SPENDING_FEATURES)},
+        }
+    )
+    terminals = pd.DataFrame(
+        {
+            "terminal_id": [f"T{i}" for i in range(5)],
+            "snapshot_ts": DAY,
+            **{name: np.linspace(0.0, 0.4, 5) for name in TERMINAL_RISK_FEATURES},
+        }
+    )
     return InMemoryFeatureSource(customers, terminals)
 
 
 def request(i: int, rows: int = 1):
     instances = [
-        {"transaction_id": f"R{i}-{k}", "customer_id": f"C{(i + k) % 5}", "terminal_id": f"T{(i * 3 + k) % 5}",
-         "tx_amount": 10.0 + 7.5 * i + k, "tx_datetime": "2026-03-10T02:30:00Z"}
+        {
+            "transaction_id": f"R{i}-{k}",
+            "customer_id": f"C{(i + k) % 5}",
+            "terminal_id": f"T{(i * 3 + k) % 5}",
+            "tx_amount": 10.0 + 7.5 * i + k,
+            "tx_datetime": "2026-03-10T02:30:00Z",
+        }
         for k in range(rows)
     ]
     return parse_v1({"instances": instances}, 64)
 
 
 def make_model(bundle_dir: Path, feature_source, micro_batch_rows: int = 1024, fail_closed: bool = False) -> FraudModel:
-    model = FraudModel("fraud-detector", PredictorSettings(bundle=str(bundle_dir), max_batch_size=64,
-                                                           micro_batch_rows=micro_batch_rows, fail_closed=fail_closed),
-                       feature_source)
+    model = FraudModel(
+        "fraud-detector",
+        PredictorSettings(
+            bundle=str(bundle_dir), max_batch_size=64, micro_batch_rows=micro_batch_rows, fail_closed=fail_closed
+        ),
+        feature_source,
+    )
     assert model.load()
     return model
 
@@ -66,7 +85,9 @@ def test_concurrent_requests_are_coalesced_and_each_gets_its_own_rows(bundle_dir
         np.testing.assert_allclose(got.probabilities, want.probabilities, rtol=1e-6)
         np.testing.assert_allclose(got.feature_matrix, want.feature_matrix)
         assert got.decisions == want.decisions
-        assert [[c.feature for c in codes] for codes in got.reason_codes] == [[c.feature for c in codes] for codes in want.reason_codes]
+        assert [[c.feature for c in codes] for codes in got.reason_codes] == [
+            [c.feature for c in codes] for codes in want.reason_codes
+        ]
         assert len(got.features_missing) == len(req.transactions) == len(got.features_stale)
 
 

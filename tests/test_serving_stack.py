@@ -256,7 +256,9 @@ def test_fraud_score_summary_counts_every_transaction_across_batches(stack):
     result = stack.fraud("score", "--url", stack.url, "--sample", "7", "--batch-size", "3", "--summary")
     assert result.returncode == 0, result.stdout + result.stderr + stack.logs()
     assert "7 decisions" in result.stdout
-    rows = [line for line in result.stdout.splitlines() if line.strip("│ ").startswith(("approve", "review", "decline"))]
+    rows = [
+        line for line in result.stdout.splitlines() if line.strip("│ ").startswith(("approve", "review", "decline"))
+    ]
     counts = [int(n) for line in rows for n in line.replace("│", " ").split()[1:]]
     assert len(rows) == 3 and sum(counts) == 7
     # 7 transactions in batches of 3 -> 3 requests

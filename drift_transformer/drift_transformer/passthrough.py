@@ -100,7 +100,10 @@ class PassThroughRoutes:
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"] if k in FORWARDED_HEADERS}
         headers["content-type"] = "application/json"
         status, content_type, answer = await self._forward(protocol, path, body, headers)
-        response_headers = [(b"content-type", content_type.encode("latin-1")), (b"content-length", str(len(answer)).encode())]
+        response_headers = [
+            (b"content-type", content_type.encode("latin-1")),
+            (b"content-length", str(len(answer)).encode()),
+        ]
         await send({"type": "http.response.start", "status": status, "headers": response_headers})
         await send({"type": "http.response.body", "body": answer})
         self.transformer.metrics.requests.labels(protocol=protocol, status=str(status)).inc()

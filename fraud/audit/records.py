@@ -240,9 +240,17 @@ def decision_records(
     """
     rows = feature_matrix.tolist() if hasattr(feature_matrix, "tolist") else [list(r) for r in feature_matrix]
     n = len(transaction_ids)
-    _check_lengths(n, customer_ids=customer_ids, terminal_ids=terminal_ids, feature_matrix=rows, scores=scores,
-                   decisions=decisions, reason_codes=reason_codes, features_missing=features_missing,
-                   features_stale=features_stale)
+    _check_lengths(
+        n,
+        customer_ids=customer_ids,
+        terminal_ids=terminal_ids,
+        feature_matrix=rows,
+        scores=scores,
+        decisions=decisions,
+        reason_codes=reason_codes,
+        features_missing=features_missing,
+        features_stale=features_stale,
+    )
     names = list(feature_names)
     return [
         DecisionRecord(
@@ -297,14 +305,26 @@ def decision_payloads(
     (~3x cheaper at 1,000 transactions, docs/performance.md)."""
     matrix = np.asarray(feature_matrix, dtype=np.float64)
     n = len(transaction_ids)
-    _check_lengths(n, customer_ids=customer_ids, terminal_ids=terminal_ids, feature_matrix=matrix, scores=scores,
-                   decisions=decisions, reason_codes=reason_codes, features_missing=features_missing,
-                   features_stale=features_stale)
+    _check_lengths(
+        n,
+        customer_ids=customer_ids,
+        terminal_ids=terminal_ids,
+        feature_matrix=matrix,
+        scores=scores,
+        decisions=decisions,
+        reason_codes=reason_codes,
+        features_missing=features_missing,
+        features_stale=features_stale,
+    )
     names = [str(name) for name in feature_names]
     if matrix.ndim != 2 or matrix.shape[1] != len(names):
         raise ValueError(f"feature_matrix must be [n, {len(names)}], got shape {matrix.shape}")
     columns = {}
-    for name, values in (("transaction_id", transaction_ids), ("customer_id", customer_ids), ("terminal_id", terminal_ids)):
+    for name, values in (
+        ("transaction_id", transaction_ids),
+        ("customer_id", customer_ids),
+        ("terminal_id", terminal_ids),
+    ):
         column = [str(value) for value in values]
         for value in column:
             if not value or len(value) > MAX_ID_LENGTH:

@@ -121,7 +121,9 @@ def writer(
         typer.Option("--spool", help="Spool file (default: FRAUD_AUDIT_SPOOL or <data dir>/audit/spool.db)"),
     ] = None,
     db_url: Annotated[str | None, typer.Option("--db-url", help=DB_URL_HELP)] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, max=5000, help="decisions per database transaction")] = 500,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", min=1, max=5000, help="decisions per database transaction")
+    ] = 500,
     poll_interval: Annotated[float, typer.Option("--poll-interval", min=0.001, help="Idle wait, seconds")] = 0.2,
     backoff_max: Annotated[float, typer.Option("--backoff-max", min=0.01, help="Longest retry wait, seconds")] = 5.0,
     metrics_port: Annotated[

@@ -24,7 +24,9 @@ TARGET_HELP = (
 
 # Options shared by `fraud deploy`, `status` and `rollback`: defined once so their help stays the same.
 TargetOption = Annotated[str, typer.Option("--target", help=TARGET_HELP)]
-NamespaceOption = Annotated[str, typer.Option("--namespace", help="Kubernetes namespace (a label for the other targets)")]
+NamespaceOption = Annotated[
+    str, typer.Option("--namespace", help="Kubernetes namespace (a label for the other targets)")
+]
 KubeContextOption = Annotated[str | None, typer.Option("--kube-context", help="kubeconfig context")]
 KubeconfigOption = Annotated[str | None, typer.Option("--kubeconfig", help="kubeconfig file (default ~/.kube/config)")]
 ModelNameOption = Annotated[str, typer.Option("--model-name", help="registered model name")]

@@ -117,7 +117,9 @@ def run_command(
         typer.Option("--train-start", help="First training day YYYY-MM-DD. Default: the latest that fits the data."),
     ] = "",
     train_days: Annotated[int, typer.Option("--train-days", min=1, help="Days in the training window.")] = 7,
-    delay_days: Annotated[int, typer.Option("--delay-days", min=0, help="Gap between training and test windows (label delay).")] = 7,
+    delay_days: Annotated[
+        int, typer.Option("--delay-days", min=0, help="Gap between training and test windows (label delay).")
+    ] = 7,
     test_days: Annotated[int, typer.Option("--test-days", min=1, help="Days in the test window.")] = 7,
     validation_folds: Annotated[
         int, typer.Option("--validation-folds", help="Prequential validation folds (earlier weeks).")
@@ -134,9 +136,19 @@ def run_command(
         float, typer.Option("--max-cost-us", help="Gate: per-transaction prediction cost budget (µs).")
     ] = 2000.0,
     deploy_target: Annotated[str, typer.Option("--deploy-target", help="record | local | kubernetes")] = "record",
-    namespace: Annotated[str, typer.Option("--namespace", help="Kubernetes namespace of the InferenceService (deploy target kubernetes).")] = "fraud",
-    canary_percent: Annotated[int, typer.Option("--canary-percent", min=1, max=100, help="Share of traffic the new version gets as a canary.")] = 10,
-    prometheus_url: Annotated[str, typer.Option("--prometheus-url", help="Prometheus HTTP API for the canary analysis (deploy target kubernetes).")] = "",
+    namespace: Annotated[
+        str,
+        typer.Option("--namespace", help="Kubernetes namespace of the InferenceService (deploy target kubernetes)."),
+    ] = "fraud",
+    canary_percent: Annotated[
+        int, typer.Option("--canary-percent", min=1, max=100, help="Share of traffic the new version gets as a canary.")
+    ] = 10,
+    prometheus_url: Annotated[
+        str,
+        typer.Option(
+            "--prometheus-url", help="Prometheus HTTP API for the canary analysis (deploy target kubernetes)."
+        ),
+    ] = "",
     canary_window: Annotated[int, typer.Option("--canary-window", help="Canary analysis window (seconds).")] = 600,
     mlflow_tracking_uri: Annotated[
         str, typer.Option("--mlflow-tracking-uri", help="Default: MLFLOW_TRACKING_URI or the local SQLite store.")

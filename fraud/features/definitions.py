@@ -131,7 +131,10 @@ def request_feature_matrix(amount: np.ndarray, tx_epoch_ns: np.ndarray, customer
         count, total = batch[:, 2 * k], batch[:, 2 * k + 1]
         out[:, 3 + 2 * k] = count + 1.0
         out[:, 4 + 2 * k] = (total + amount) / (count + 1.0)
-    count_30, total_30 = batch[:, 2 * CUSTOMER_WINDOWS_DAYS.index(30)], batch[:, 2 * CUSTOMER_WINDOWS_DAYS.index(30) + 1]
+    count_30, total_30 = (
+        batch[:, 2 * CUSTOMER_WINDOWS_DAYS.index(30)],
+        batch[:, 2 * CUSTOMER_WINDOWS_DAYS.index(30) + 1],
+    )
     with np.errstate(divide="ignore", invalid="ignore"):
         prior_avg = np.where(count_30 > 0, total_30 / np.where(count_30 > 0, count_30, 1.0), np.nan)
         ratio = amount / prior_avg
@@ -174,7 +177,5 @@ def model_feature_frame(frame: pd.DataFrame) -> pd.DataFrame:
     """The model's input matrix (columns = MODEL_FEATURES, float64) from a frame holding the request
     fields and every batch feature. Missing batch values (or columns) take their cold-start default."""
     batch = frame.reindex(columns=list(_BATCH_FEATURES)).to_numpy(dtype=np.float64, na_value=np.nan)
-    values = model_feature_matrix(
-        frame[TX_AMOUNT].to_numpy(dtype=np.float64), utc_epoch_ns(frame[TX_DATETIME]), batch
-    )
+    values = model_feature_matrix(frame[TX_AMOUNT].to_numpy(dtype=np.float64), utc_epoch_ns(frame[TX_DATETIME]), batch)
     return pd.DataFrame(values, index=frame.index, columns=list(MODEL_FEATURES))
