@@ -1,7 +1,60 @@
 """Settings shared by every pipeline component."""
 
 import os
+import re
 
-#: The project's core image (pipeline components and predictor). Name and tag are configuration:
-#: set FRAUD_CORE_IMAGE before compiling to point the compiled pipeline at your registry.
-CORE_IMAGE = os.environ.get("FRAUD_CORE_IMAGE", "ghcr.io/fraud-platform/fraud-core:0.1.0")
+#: Environment variable naming the project's core image (pipeline components and predictor).
+CORE_IMAGE_ENV = "FRAUD_CORE_IMAGE"
+DEFAULT_CORE_IMAGE = "ghcr.io/fraud-platform/fraud-core:0.1.0"
+#: `registry/name:tag`, `registry/name@sha256:<digest>` or `registry/name:tag@sha256:<digest>`.
+_IMAGE_REFERENCE = re.compile(
+    r"^(?P<name>[a-z0-9]+(?:[._-][a-z0-9]+)*(?::[0-9]+)?(?:/[a-z0-9]+(?:[._/-][a-z0-9]+)*)*)"
+    r"(?::(?P<tag>[\w][\w.-]{0,127}))?(?:@(?P<digest>sha256:[0-9a-f]{64}))?$"
+)
+
+
+def image_reference(value: str) -> str:
+    """`value` if it is a valid image reference with a tag or a digest, else ValueError."""
+    match = _IMAGE_REFERENCE.match(value.strip())
+    if not match or not (match["tag"] or match["digest"]):
+        raise ValueError(
+            f"{CORE_IMAGE_ENV}={value!r} is not an image reference with a tag or a digest "
+            "(registry/name:tag or registry/name@sha256:<64 hex digits>)"
+        )
+    return value.strip()
+
+
+#: The one image every component runs in. Set FRAUD_CORE_IMAGE before compiling to point the
+#: compiled pipeline at your registry; pin it by digest (`...@sha256:...`) for reproducible runs.
+CORE_IMAGE = image_reference(os.environ.get(CORE_IMAGE_ENV, DEFAULT_CORE_IMAGE))
+
+
+def deployer_kubeconfig(token_dir: str) -> str | None:
+    """A kubeconfig file for the in-cluster API server authenticated with the ServiceAccount token
+    mounted at `token_dir` (keys `token`, `ca.crt`, `namespace` of a kubernetes.io/service-account-token
+    Secret); None when nothing is mounted there (local runs: the caller's own kubeconfig)."""
+    import tempfile
+    from pathlib import Path
+
+    import yaml
+
+    folder = Path(token_dir) if token_dir else None
+    if folder is None or not (folder / "token").is_file():
+        return None
+    host = os.environ.get("KUBERNETES_SERVICE_HOST", "kubernetes.default.svc")
+    port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
+    server = f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {"name": "in-cluster", "cluster": {"server": server, "certificate-authority": str(folder / "ca.crt")}}
+        ],
+        "users": [{"name": "fraud-deployer", "user": {"tokenFile": str(folder / "token")}}],
+        "contexts": [{"name": "fraud-deployer", "context": {"cluster": "in-cluster", "user": "fraud-deployer"}}],
+        "current-context": "fraud-deployer",
+    }
+    handle, path = tempfile.mkstemp(prefix="fraud-deployer-", suffix=".kubeconfig")
+    with os.fdopen(handle, "w") as out:
+        yaml.safe_dump(config, out)
+    return path

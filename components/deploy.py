@@ -26,11 +26,14 @@ def deploy_model(
     namespace: str,
     canary_traffic_percent: int,
     rollout: Output[Artifact],
+    deployer_token_dir: str = "",
 ) -> str:
-    """Deploy `model_version` as a canary taking `canary_traffic_percent`% of traffic; return the rollout state."""
+    """Deploy `model_version` as a canary taking `canary_traffic_percent`% of traffic; return the rollout state.
+    `deployer_token_dir`: where the `fraud-deployer` ServiceAccount token is mounted (cluster runs)."""
     from pathlib import Path
 
-    from fraud.deploy.rollout import DeployRequest, deploy
+    from components.base import deployer_kubeconfig
+    from fraud.deploy.rollout import Connection, DeployRequest, deploy
 
     record = deploy(
         DeployRequest(
@@ -40,6 +43,7 @@ def deploy_model(
             namespace=namespace,
             canary_traffic_percent=canary_traffic_percent,
             mlflow_tracking_uri=mlflow_tracking_uri,
+            connection=Connection(kubeconfig=deployer_kubeconfig(deployer_token_dir)),
         )
     )
     Path(rollout.path).parent.mkdir(parents=True, exist_ok=True)
@@ -58,11 +62,13 @@ def analyse_canary(
     prometheus_url: str,
     window_seconds: int,
     rollout: Input[Artifact],
+    deployer_token_dir: str = "",
 ) -> str:
     """Analyse the canary over `window_seconds`, then promote or roll back; return "promoted" or "rolled_back"."""
     from pathlib import Path
 
-    from fraud.deploy.rollout import AnalyseRequest, analyse
+    from components.base import deployer_kubeconfig
+    from fraud.deploy.rollout import AnalyseRequest, Connection, analyse
     from fraud.deploy.state import RolloutRecord
 
     deployed = RolloutRecord.from_json(Path(rollout.path).read_text())
@@ -75,6 +81,7 @@ def analyse_canary(
             prometheus_url=prometheus_url,
             window_seconds=window_seconds,
             mlflow_tracking_uri=mlflow_tracking_uri,
+            connection=Connection(kubeconfig=deployer_kubeconfig(deployer_token_dir)),
         ),
         deployed=deployed,
     )

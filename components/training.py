@@ -47,15 +47,17 @@ def ingest(
 @dsl.component(base_image=CORE_IMAGE, install_kfp_package=False)
 def engineer_features(
     valid_transactions: Input[Dataset],
-    data_dir: str,
+    feature_tables_uri: str,
     report: Output[Metrics],
 ) -> str:
-    """Offline feature tables, `feast apply`, materialisation; return the last feature day."""
+    """Offline feature tables (stored at `feature_tables_uri`), `feast apply`, materialisation;
+    return the last feature day."""
     from pathlib import Path
 
     from fraud.training.steps import engineer_features as run_features
+    from fraud.training.steps import task_layout
 
-    result = run_features(Path(valid_transactions.path), data_dir)
+    result = run_features(Path(valid_transactions.path), feature_tables_uri, task_layout())
     report.log_metric("transactions", result.transactions)
     report.log_metric("customer_snapshot_rows", result.customer_rows)
     report.log_metric("terminal_snapshot_rows", result.terminal_rows)
@@ -68,7 +70,7 @@ def engineer_features(
 def build_training_set(
     valid_transactions: Input[Dataset],
     features_ready: str,
-    data_dir: str,
+    feature_tables_uri: str,
     train_start: str,
     train_days: int,
     delay_days: int,
@@ -83,10 +85,12 @@ def build_training_set(
     from pathlib import Path
 
     from fraud.training.steps import build_training_set as run_build
+    from fraud.training.steps import task_layout
 
     result = run_build(
         Path(valid_transactions.path),
-        data_dir,
+        feature_tables_uri,
+        task_layout(),
         train_start,
         train_days,
         delay_days,
@@ -113,7 +117,6 @@ def build_training_set(
 def train(
     train_set: Input[Dataset],
     validation_folds: Input[Dataset],
-    data_dir: str,
     mlflow_tracking_uri: str,
     decline_precision: float,
     review_alerts_per_day: int,
@@ -131,7 +134,6 @@ def train(
         Path(train_set.path),
         Path(validation_folds.path),
         Path(model.path),
-        data_dir=data_dir,
         mlflow_tracking_uri=mlflow_tracking_uri,
         decline_precision=decline_precision,
         review_alerts_per_day=review_alerts_per_day,
@@ -160,7 +162,6 @@ def evaluate(
     validation_folds: Input[Dataset],
     test_set: Input[Dataset],
     run_id: str,
-    data_dir: str,
     mlflow_tracking_uri: str,
     compare_baselines: bool,
     metrics: Output[Metrics],
@@ -182,7 +183,6 @@ def evaluate(
         Path(model.path),
         Path(test_set.path),
         Path(evaluation.path),
-        data_dir=data_dir,
         mlflow_tracking_uri=mlflow_tracking_uri,
         run_id=run_id,
         train_path=Path(train_set.path),
@@ -213,7 +213,6 @@ def gate(
     max_ap_drop_vs_champion: float,
     max_prediction_cost_us: float,
     run_id: str,
-    data_dir: str,
     mlflow_tracking_uri: str,
     decision: Output[Metrics],
 ) -> str:
@@ -233,7 +232,6 @@ def gate(
         max_prediction_cost_us=max_prediction_cost_us,
         run_id=run_id,
         mlflow_tracking_uri=mlflow_tracking_uri,
-        data_dir=data_dir,
     )
     decision.log_metric("passed", 1.0 if result.passed else 0.0)
     decision.metadata["verdict"] = "passed" if result.passed else "failed"
@@ -248,7 +246,6 @@ def register(
     evaluation: Input[Artifact],
     gate_decision: Input[Metrics],
     run_id: str,
-    data_dir: str,
     mlflow_tracking_uri: str,
     bundle: Output[Model],
 ) -> str:
@@ -263,7 +260,6 @@ def register(
         Path(bundle.path),
         run_id=run_id,
         gate_reason=str(gate_decision.metadata.get("reason", "passed")),
-        data_dir=data_dir,
         mlflow_tracking_uri=mlflow_tracking_uri,
     )
     bundle.metadata.update({"model_version": version, "mlflow_run_id": run_id, "format": "fraud-bundle/1"})

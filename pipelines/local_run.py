@@ -1,6 +1,16 @@
 """Running the training pipeline with `kfp.local` (SubprocessRunner, no venv: the components run
 as subprocesses of the current interpreter, where the project package is installed).
 
+Two modes:
+
+* embedded (default): every task inherits this process's environment and shares its data
+  directory, as `make demo` does;
+* isolated (`Isolation`): every task runs as on a cluster, where each task is its own pod: a new
+  empty working directory, HOME, TMPDIR and data directory (FRAUD_DATA_DIR), deleted when the task
+  ends, and an environment holding nothing but PATH, the locale and the declared service settings
+  (`Isolation.service_env`: what the cluster's secrets provide). A task can only use its input
+  artifacts, its parameters and the services.
+
 kfp.local writes every task's outputs below `<pipeline_root>/<pipeline-name>-<timestamp>/<task>/`
 (artifacts as files / directories named after the output, parameters in the task's
 `executor_output.json`). `LocalRunResult` reads the gate verdict, the registered version and the
@@ -9,10 +19,18 @@ artifact locations from there.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
+import os
+import shutil
+import subprocess
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from kfp.local import subprocess_task_handler
 
 from pipelines.training_pipeline import PIPELINE_NAME
 
@@ -86,8 +104,88 @@ def collect_result(run_dir: Path, seconds: float) -> LocalRunResult:
     return result
 
 
-def run_local(arguments: dict, pipeline_root: Path) -> LocalRunResult:
-    """Run the whole pipeline locally; raises RuntimeError if a task fails."""
+@dataclass(frozen=True)
+class Isolation:
+    """Run each task in its own sandbox below `sandbox_root`, seeing only `service_env`."""
+
+    sandbox_root: Path
+    #: the service settings a task gets (object store, Feast registry / online store, MLflow)
+    service_env: Mapping[str, str] = field(default_factory=dict)
+    #: keep each task's sandbox after it ends (for debugging); by default it is deleted
+    keep_sandboxes: bool = False
+
+    def task_env(self, sandbox: Path) -> dict[str, str]:
+        base = {name: os.environ[name] for name in ("PATH", "LANG", "LC_ALL", "TZ") if name in os.environ}
+        return {
+            **base,
+            **dict(self.service_env),
+            "HOME": str(sandbox / "home"),
+            "TMPDIR": str(sandbox / "tmp"),
+            "FRAUD_DATA_DIR": str(sandbox / "data"),
+        }
+
+
+def _task_name(full_command: list[str]) -> str:
+    """The task's name: the folder of its executor output file (`<run>/<task>/executor_output.json`)."""
+    if "--executor_input" in full_command:
+        executor_input = json.loads(full_command[full_command.index("--executor_input") + 1])
+        output_file = executor_input.get("outputs", {}).get("outputFile", "")
+        if output_file:
+            return Path(output_file).parent.name
+    return "task"
+
+
+def isolated_subprocess(isolation: Isolation):
+    """A replacement of kfp.local's subprocess launcher that runs each task in a fresh sandbox."""
+    counter = itertools.count(1)
+
+    def run(full_command: list[str], env_vars: dict[str, str] | None = None) -> int:
+        sandbox = Path(isolation.sandbox_root) / f"{next(counter):02d}-{_task_name(full_command)}"
+        if sandbox.exists():
+            shutil.rmtree(sandbox)
+        for name in ("work", "home", "tmp", "data"):
+            (sandbox / name).mkdir(parents=True)
+        env = {**isolation.task_env(sandbox), **(env_vars or {})}
+        try:
+            with subprocess.Popen(
+                full_command,
+                cwd=sandbox / "work",
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                bufsize=1,
+            ) as process:
+                assert process.stdout is not None
+                for line in iter(process.stdout.readline, ""):
+                    print(line, end="")
+                print("\n")
+            return process.wait()
+        finally:
+            if not isolation.keep_sandboxes:
+                shutil.rmtree(sandbox, ignore_errors=True)
+
+    return run
+
+
+@contextlib.contextmanager
+def isolated_tasks(isolation: Isolation | None) -> Iterator[None]:
+    """kfp.local launches every task through `subprocess_task_handler.run_local_subprocess`;
+    isolation swaps in `isolated_subprocess` for the duration of the run."""
+    if isolation is None:
+        yield
+        return
+    original = subprocess_task_handler.run_local_subprocess
+    subprocess_task_handler.run_local_subprocess = isolated_subprocess(isolation)
+    try:
+        yield
+    finally:
+        subprocess_task_handler.run_local_subprocess = original
+
+
+def run_local(arguments: dict, pipeline_root: Path, isolation: Isolation | None = None) -> LocalRunResult:
+    """Run the whole pipeline locally (isolated per task when `isolation` is given); raises
+    RuntimeError if a task fails."""
     from kfp import local
 
     from pipelines.training_pipeline import training_pipeline
@@ -97,7 +195,8 @@ def run_local(arguments: dict, pipeline_root: Path) -> LocalRunResult:
     before = {p.name for p in pipeline_root.iterdir()}
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
     started = time.perf_counter()
-    training_pipeline(**arguments)
+    with isolated_tasks(isolation):
+        training_pipeline(**arguments)
     seconds = time.perf_counter() - started
     new_runs = sorted(
         (

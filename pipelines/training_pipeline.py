@@ -10,6 +10,7 @@ from kfp import compiler, dsl
 from components.deploy import analyse_canary, deploy_model
 from components.training import build_training_set, engineer_features, evaluate, gate, ingest, register, train
 from fraud.config import MODEL_NAME
+from pipelines.platform import DEPLOYER_TOKEN_DIR, configure_task
 
 PIPELINE_NAME = "fraud-training"
 #: The gate verdict that lets the run register and deploy.
@@ -24,7 +25,7 @@ GATE_PASSED = "passed"
 def training_pipeline(
     data_uri: str,
     train_start: str,
-    data_dir: str = "",
+    feature_tables_uri: str = "",
     mlflow_tracking_uri: str = "",
     max_timestamp: str = "",
     train_days: int = 7,
@@ -46,14 +47,18 @@ def training_pipeline(
 ):
     ingest_task = ingest(data_uri=data_uri, max_timestamp=max_timestamp)
     ingest_task.set_display_name("ingest: validate raw transactions")
+    configure_task(ingest_task, "ingest")
 
-    features_task = engineer_features(valid_transactions=ingest_task.outputs["valid_transactions"], data_dir=data_dir)
+    features_task = engineer_features(
+        valid_transactions=ingest_task.outputs["valid_transactions"], feature_tables_uri=feature_tables_uri
+    )
     features_task.set_display_name("engineer_features: offline tables, feast apply, materialise")
+    configure_task(features_task, "engineer-features")
 
     sets_task = build_training_set(
         valid_transactions=ingest_task.outputs["valid_transactions"],
         features_ready=features_task.outputs["Output"],
-        data_dir=data_dir,
+        feature_tables_uri=feature_tables_uri,
         train_start=train_start,
         train_days=train_days,
         delay_days=delay_days,
@@ -61,17 +66,18 @@ def training_pipeline(
         n_validation_folds=n_validation_folds,
     )
     sets_task.set_display_name("build_training_set: point-in-time sets")
+    configure_task(sets_task, "build-training-set")
 
     train_task = train(
         train_set=sets_task.outputs["train_set"],
         validation_folds=sets_task.outputs["validation_folds"],
-        data_dir=data_dir,
         mlflow_tracking_uri=mlflow_tracking_uri,
         decline_precision=decline_precision,
         review_alerts_per_day=review_alerts_per_day,
         small_grid=small_grid,
     )
     train_task.set_display_name("train: prequential selection + XGBoost")
+    configure_task(train_task, "train")
 
     evaluate_task = evaluate(
         model=train_task.outputs["model"],
@@ -79,11 +85,11 @@ def training_pipeline(
         validation_folds=sets_task.outputs["validation_folds"],
         test_set=sets_task.outputs["test_set"],
         run_id=train_task.outputs["run_id"],
-        data_dir=data_dir,
         mlflow_tracking_uri=mlflow_tracking_uri,
         compare_baselines=compare_baselines,
     )
     evaluate_task.set_display_name("evaluate: test window, champion comparison")
+    configure_task(evaluate_task, "evaluate")
 
     gate_task = gate(
         test_average_precision=evaluate_task.outputs["test_average_precision"],
@@ -93,10 +99,10 @@ def training_pipeline(
         max_ap_drop_vs_champion=max_ap_drop_vs_champion,
         max_prediction_cost_us=max_prediction_cost_us,
         run_id=train_task.outputs["run_id"],
-        data_dir=data_dir,
         mlflow_tracking_uri=mlflow_tracking_uri,
     )
     gate_task.set_display_name("gate: quality floor, champion, latency budget")
+    configure_task(gate_task, "gate")
 
     with dsl.If(gate_task.outputs["Output"] == GATE_PASSED, name="gate-passed"):
         register_task = register(
@@ -104,10 +110,10 @@ def training_pipeline(
             evaluation=evaluate_task.outputs["evaluation"],
             run_id=train_task.outputs["run_id"],
             gate_decision=gate_task.outputs["decision"],
-            data_dir=data_dir,
             mlflow_tracking_uri=mlflow_tracking_uri,
         )
         register_task.set_display_name("register: bundle + MLflow version (challenger)")
+        configure_task(register_task, "register")
 
         deploy_task = deploy_model(
             model_name=MODEL_NAME,
@@ -116,8 +122,10 @@ def training_pipeline(
             target=deploy_target,
             namespace=namespace,
             canary_traffic_percent=canary_traffic_percent,
+            deployer_token_dir=DEPLOYER_TOKEN_DIR,
         )
         deploy_task.set_display_name("deploy: canary")
+        configure_task(deploy_task, "deploy-model")
 
         analyse_task = analyse_canary(
             model_name=MODEL_NAME,
@@ -128,8 +136,10 @@ def training_pipeline(
             prometheus_url=prometheus_url,
             window_seconds=canary_window_seconds,
             rollout=deploy_task.outputs["rollout"],
+            deployer_token_dir=DEPLOYER_TOKEN_DIR,
         )
         analyse_task.set_display_name("analyse_canary: promote or roll back")
+        configure_task(analyse_task, "analyse-canary")
 
 
 def compile_pipeline(package_path: str) -> str:

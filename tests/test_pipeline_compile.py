@@ -22,7 +22,7 @@ COMPONENTS = {
 }
 PARAMETERS = {
     "data_uri",
-    "data_dir",
+    "feature_tables_uri",
     "mlflow_tracking_uri",
     "max_timestamp",
     "train_start",
@@ -51,7 +51,8 @@ def _compile(tmp_path) -> pipeline_spec_pb2.PipelineSpec:
     out = tmp_path / "pipeline.yaml"
     result = CliRunner().invoke(app, ["pipeline", "compile", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    return json_format.ParseDict(yaml.safe_load(out.read_text()), pipeline_spec_pb2.PipelineSpec())
+    pipeline, *_ = yaml.safe_load_all(out.read_text())
+    return json_format.ParseDict(pipeline, pipeline_spec_pb2.PipelineSpec())
 
 
 def test_components_parameters_and_images(tmp_path):
@@ -113,3 +114,118 @@ def test_run_needs_exactly_one_target(data_dir):
     assert isinstance(result.exception, UserError) and "--train-start is required" in str(result.exception)
     result = runner.invoke(app, ["pipeline", "compile", "--out", str(data_dir / "x.json")])
     assert isinstance(result.exception, UserError) and ".yaml" in str(result.exception)
+
+
+def _platform(tmp_path) -> dict:
+    from fraud.cli import app
+
+    out = tmp_path / "pipeline.yaml"
+    result = CliRunner().invoke(app, ["pipeline", "compile", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    documents = list(yaml.safe_load_all(out.read_text()))
+    assert len(documents) == 2, "the IR must carry a Kubernetes platform spec"
+    return documents[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+
+
+def _env_of(executor: dict) -> dict[str, tuple[str, str, bool]]:
+    """env var -> (kind, source name, optional) from the executor's platform config."""
+    env = {}
+    for entry in executor.get("secretAsEnv", []):
+        for pair in entry["keyToEnv"]:
+            env[pair["envVar"]] = ("secret", entry["secretName"], entry.get("optional", False))
+    for entry in executor.get("configMapAsEnv", []):
+        for pair in entry["keyToEnv"]:
+            env[pair["envVar"]] = ("configmap", entry["configMapName"], entry.get("optional", False))
+    return env
+
+
+def test_platform_config_secrets_scratch_and_deployer_token(tmp_path):
+    executors = _platform(tmp_path)
+    assert set(executors) == {f"exec-{name}" for name in COMPONENTS}
+    services = {
+        "object store": {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"},
+        "feast registry": {"FRAUD_FEAST_REGISTRY_URL"},
+        "redis": {"FRAUD_REDIS_PASSWORD"},
+        "mlflow": {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"},
+    }
+    uses = {
+        "ingest": {"object store"},
+        "engineer-features": {"object store", "feast registry", "redis"},
+        "build-training-set": {"object store"},
+        "train": {"mlflow"},
+        "evaluate": {"mlflow"},
+        "gate": {"mlflow"},
+        "register": {"mlflow"},
+        "deploy-model": {"mlflow"},
+        "analyse-canary": {"mlflow"},
+    }
+    for name, used in uses.items():
+        executor = executors[f"exec-{name}"]
+        env = _env_of(executor)
+        secret_env = {var for var, (kind, _, _) in env.items() if kind == "secret"}
+        assert secret_env == set().union(*(services[s] for s in used)), name
+        # every task: the non-secret settings from the pipeline ConfigMap, its own scratch disk
+        for var in ("FRAUD_DATA_DIR", "FRAUD_FEAST_ONLINE", "FRAUD_FEAST_REGISTRY", "MLFLOW_TRACKING_URI"):
+            assert env[var] == ("configmap", "fraud-pipeline-config", False), (name, var)
+        assert env["AWS_ENDPOINT_URL"] == ("configmap", "fraud-pipeline-config", True)
+        assert executor["emptyDirMounts"] == [{"mountPath": "/scratch", "volumeName": "scratch"}]
+        # the deployer's token only where the InferenceService is changed
+        volumes = [v["secretName"] for v in executor.get("secretAsVolume", [])]
+        assert volumes == (["fraud-deployer-token"] if name in {"deploy-model", "analyse-canary"} else []), name
+    assert not any(
+        "serviceAccount" in str(executor) or "service_account" in str(executor) for executor in executors.values()
+    )
+
+
+def test_resources_retries_and_caching(tmp_path):
+    from pipelines import platform
+
+    spec = _compile(tmp_path)
+    executors = json_format.MessageToDict(spec.deployment_spec)["executors"]
+    for name in COMPONENTS:
+        resources = executors[f"exec-{name}"]["container"]["resources"]
+        assert resources["resourceCpuRequest"] and resources["resourceCpuLimit"], name
+        assert resources["resourceMemoryRequest"] and resources["resourceMemoryLimit"], name
+        assert float(resources["cpuRequest"]) <= float(resources["cpuLimit"])
+        assert float(resources["memoryRequest"]) <= float(resources["memoryLimit"])
+    tasks = dict(spec.root.dag.tasks)
+    tasks.update(spec.components["comp-condition-1"].dag.tasks)
+    retried = {name for name, task in tasks.items() if task.HasField("retry_policy")}
+    assert retried == {"ingest", "engineer-features", "build-training-set", "evaluate", "gate"}
+    for name in retried:
+        policy = tasks[name].retry_policy
+        assert policy.max_retry_count == platform.RETRIES
+        assert policy.backoff_duration.seconds == 30 and policy.backoff_factor == 2.0
+        assert policy.backoff_max_duration.seconds == 600
+    uncached = {name for name, task in tasks.items() if name in COMPONENTS and not task.caching_options.enable_cache}
+    assert {"register", "deploy-model", "analyse-canary", "engineer-features", "gate"} == uncached
+
+
+def test_image_comes_from_one_setting_and_can_be_pinned_by_digest(tmp_path):
+    """FRAUD_CORE_IMAGE is read when the components are defined: compile in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    pinned = "registry.example.com/fraud/fraud-core@sha256:" + "ab" * 32
+    out = tmp_path / "pinned.yaml"
+    env = {**__import__("os").environ, "FRAUD_CORE_IMAGE": pinned}
+    code = f"from pipelines.training_pipeline import compile_pipeline; compile_pipeline({str(out)!r})"
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=300)
+    ir = yaml.safe_load(out.read_text().split("\n---\n")[0])
+    images = {executor["container"]["image"] for executor in ir["deploymentSpec"]["executors"].values()}
+    assert images == {pinned}
+    bad = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**env, "FRAUD_CORE_IMAGE": "fraud-core"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode != 0 and "not an image reference with a tag or a digest" in bad.stderr
+
+
+def test_no_pipeline_parameter_is_a_local_directory(tmp_path):
+    spec = _compile(tmp_path)
+    parameters = spec.root.input_definitions.parameters
+    assert not any("dir" in name or "path" in name for name in parameters)
+    assert "feature_tables_uri" in parameters and "data_uri" in parameters

@@ -1,15 +1,18 @@
 """The pipeline steps as plain, tested functions. The KFP components in `components/` are thin
 wrappers that turn artifact paths and parameters into calls of these functions.
 
-Every step takes the data directory explicitly (`FRAUD_DATA_DIR` is set from it, because the
-feature repository resolves its paths from that variable) and the MLflow tracking URI ("" means
-the default of `fraud.registry.tracking_uri()`).
+A step reads only its input artifacts (paths), its parameters and the declared services: the
+object store holding the Feast offline tables (`feature_tables_uri`), the Feast registry and
+online store (the profile of `fraud.feature_store`), and the MLflow tracking server
+(`mlflow_tracking_uri`, "" = `fraud.registry.tracking_uri()`). The `layout` a step is given is
+the task's own scratch data directory: nothing written there is seen by another task, unless
+`feature_tables_uri` is "" (the embedded single-machine mode, where every task shares one
+data directory).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -29,13 +32,19 @@ class IngestedLayout(DataLayout):
         return self.ingested_transactions
 
 
-def use_data_dir(data_dir: str) -> DataLayout:
-    """Point FRAUD_DATA_DIR at `data_dir` (when given) and return the layout."""
-    if data_dir:
-        os.environ["FRAUD_DATA_DIR"] = str(Path(data_dir).resolve())
+def task_layout() -> DataLayout:
+    """The data directory of this task (FRAUD_DATA_DIR or the default), created if needed."""
     layout = DataLayout.current()
     layout.root.mkdir(parents=True, exist_ok=True)
     return layout
+
+
+def feature_table_names() -> tuple[str, ...]:
+    """File names of the offline feature tables (the same in every layout)."""
+    from fraud.features.offline import customer_features_path, terminal_features_path
+
+    probe = DataLayout(Path("."))
+    return (customer_features_path(probe).name, terminal_features_path(probe).name)
 
 
 def tracking(uri: str) -> str | None:
@@ -73,18 +82,20 @@ class FeatureStepResult:
     seconds: float
 
 
-def engineer_features(valid_dir: Path, data_dir: str) -> FeatureStepResult:
-    """Offline feature tables from the validated transactions, `feast apply`, then materialise the
-    last snapshots (the TTL window) into the online store."""
+def engineer_features(valid_dir: Path, feature_tables_uri: str, layout: DataLayout) -> FeatureStepResult:
+    """Offline feature tables from the validated transactions, stored at `feature_tables_uri`
+    (when given), `feast apply`, then materialise the last snapshots (the TTL window) into the
+    online store."""
     import time
 
-    from fraud import feature_store
+    from fraud import feature_store, storage
     from fraud.features.offline import build_offline_features
 
     started = time.perf_counter()
-    base = use_data_dir(data_dir)
-    layout = IngestedLayout(root=base.root, ingested_transactions=Path(valid_dir))
-    built = build_offline_features(layout)
+    ingested = IngestedLayout(root=layout.root, ingested_transactions=Path(valid_dir))
+    built = build_offline_features(ingested)
+    if feature_tables_uri:
+        storage.put_folder(layout.features, feature_tables_uri)
     feature_store.apply_repo()
     end = datetime.combine(built.last_day, datetime.min.time()) + timedelta(days=1)
     start = end - timedelta(days=SNAPSHOT_TTL_DAYS + 1)
@@ -106,7 +117,8 @@ def engineer_features(valid_dir: Path, data_dir: str) -> FeatureStepResult:
 
 def build_training_set(
     valid_dir: Path,
-    data_dir: str,
+    feature_tables_uri: str,
+    layout: DataLayout,
     train_start: str,
     train_days: int,
     delay_days: int,
@@ -116,15 +128,26 @@ def build_training_set(
     folds_dir: Path,
     test_path: Path,
 ) -> dict:
-    """Point-in-time sets through Feast; returns their summary (rows, frauds, windows)."""
+    """Point-in-time sets through Feast; returns their summary (rows, frauds, windows).
+
+    With `feature_tables_uri`, the offline tables are fetched from there into this task's data
+    directory and joined through a Feast store of its own (file registry, embedded online store):
+    the shared registry records the paths of the task that applied it, which no other task can read."""
+    from functools import partial
+
+    from fraud import feature_store, storage
     from fraud.features.offline import labelled_transactions
     from fraud.training.dataset import SplitPlan, build_training_sets
 
-    base = use_data_dir(data_dir)
-    layout = IngestedLayout(root=base.root, ingested_transactions=Path(valid_dir))
+    ingested = IngestedLayout(root=layout.root, ingested_transactions=Path(valid_dir))
     plan = SplitPlan.create(train_start, train_days, delay_days, test_days, n_validation_folds)
-    labelled = labelled_transactions(plan.span.start, plan.span.end, layout=layout)
-    sets = build_training_sets(plan, labelled=labelled)
+    labelled = labelled_transactions(plan.span.start, plan.span.end, layout=ingested)
+    lookup = None
+    if feature_tables_uri:
+        storage.get_folder(feature_tables_uri, layout.features, feature_table_names())
+        feature_store.apply_repo("sqlite", registry="file")
+        lookup = partial(feature_store.historical_features, online="sqlite", registry="file")
+    sets = build_training_sets(plan, labelled=labelled, feature_lookup=lookup)
     sets.save(train_path, folds_dir, test_path)
     return sets.summary()
 
@@ -137,7 +160,6 @@ def train(
     folds_dir: Path,
     model_dir: Path,
     *,
-    data_dir: str,
     mlflow_tracking_uri: str,
     decline_precision: float,
     review_alerts_per_day: int,
@@ -148,7 +170,6 @@ def train(
     from fraud.training.dataset import TrainingSets
     from fraud.training.train import TrainConfig, log_training_run, train_served_model
 
-    use_data_dir(data_dir)
     sets = TrainingSets.load(train_path, folds_dir)
     config = TrainConfig(
         decline_precision=decline_precision, review_alerts_per_day=review_alerts_per_day, small_grid=small_grid
@@ -174,7 +195,6 @@ def evaluate(
     test_path: Path,
     evaluation_path: Path,
     *,
-    data_dir: str,
     mlflow_tracking_uri: str,
     run_id: str,
     train_path: Path | None = None,
@@ -193,7 +213,6 @@ def evaluate(
     from fraud.training.evaluate import markdown_report, score_champion
     from fraud.training.train import TrainConfig, TrainedModel, evaluate_baselines
 
-    use_data_dir(data_dir)
     uri = tracking(mlflow_tracking_uri)
     trained = TrainedModel.load(model_dir)
     test = pd.read_parquet(test_path)
@@ -249,7 +268,6 @@ def gate(
     max_prediction_cost_us: float,
     run_id: str,
     mlflow_tracking_uri: str,
-    data_dir: str,
 ) -> object:
     """Decide; record the decision and its reasons as tags on the training run. A negative
     champion AP means "no champion"."""
@@ -257,7 +275,6 @@ def gate(
     from fraud.training.evaluate import GateConfig
     from fraud.training.evaluate import gate as decide
 
-    use_data_dir(data_dir)
     decision = decide(
         GateConfig(min_average_precision, max_ap_drop_vs_champion, max_prediction_cost_us),
         test_average_precision,
@@ -281,19 +298,17 @@ def register(
     *,
     run_id: str,
     gate_reason: str,
-    data_dir: str,
     mlflow_tracking_uri: str,
 ) -> str:
     """Write the serving bundle, register it (alias `challenger`), record the gate decision on the
-    version; also keep a copy under `DataLayout.bundles/<version>`. Returns the version."""
-    import shutil
+    version. The bundle artifact gets the manifest stamped by the registry. Returns the version."""
+    import tempfile
 
     from fraud import registry
     from fraud.training.bundle_builder import build_bundle
     from fraud.training.evaluate import Evaluation
     from fraud.training.train import TrainedModel
 
-    layout = use_data_dir(data_dir)
     uri = tracking(mlflow_tracking_uri)
     trained = TrainedModel.load(model_dir)
     trained.run_id = run_id
@@ -301,8 +316,8 @@ def register(
     build_bundle(Path(bundle_dir), trained, evaluation)
     version = registry.register_bundle(Path(bundle_dir), run_id, uri=uri, tags={"gate": "passed"})
     registry.record_decision(version, "gate", gate_reason, uri=uri)
-    # the stored bundle carries the registry version; mirror it locally for the serving stack
-    local = layout.bundles / version
-    registry.download_bundle(f"models:/{registry.MODEL_NAME}/{version}", local, uri=uri)
-    shutil.copy2(local / "bundle.json", Path(bundle_dir) / "bundle.json")
+    # the stored bundle carries the registry version: the artifact gets the same manifest
+    with tempfile.TemporaryDirectory(prefix="registered-") as tmp:
+        stored = registry.download_bundle(f"models:/{registry.MODEL_NAME}/{version}", Path(tmp) / "b", uri=uri)
+        (Path(bundle_dir) / "bundle.json").write_bytes((stored / "bundle.json").read_bytes())
     return version
