@@ -49,6 +49,7 @@ def engineer_features(
     valid_transactions: Input[Dataset],
     feature_tables_uri: str,
     report: Output[Metrics],
+    incremental: bool = False,
 ) -> str:
     """Offline feature tables (stored at `feature_tables_uri`), `feast apply`, materialisation;
     return the last feature day."""
@@ -57,7 +58,7 @@ def engineer_features(
     from fraud.training.steps import engineer_features as run_features
     from fraud.training.steps import task_layout
 
-    result = run_features(Path(valid_transactions.path), feature_tables_uri, task_layout())
+    result = run_features(Path(valid_transactions.path), feature_tables_uri, task_layout(), incremental)
     report.log_metric("transactions", result.transactions)
     report.log_metric("customer_snapshot_rows", result.customer_rows)
     report.log_metric("terminal_snapshot_rows", result.terminal_rows)
@@ -81,7 +82,8 @@ def build_training_set(
     test_set: Output[Dataset],
     summary: Output[Metrics],
 ):
-    """Point-in-time train / prequential validation folds / test sets through Feast."""
+    """Point-in-time train / prequential validation folds / test sets through Feast
+    (`train_start` "": the latest that fits the ingested data)."""
     from pathlib import Path
 
     from fraud.training.steps import build_training_set as run_build

@@ -135,3 +135,13 @@ OPTIONAL_CONFIG_KEYS: tuple[str, ...] = (
     "AWS_ENDPOINT_URL",
     "AWS_DEFAULT_REGION",
 )
+
+
+def service_env_names() -> tuple[str, ...]:
+    """Every environment variable through which a task reaches its services (ConfigMap keys and
+    secret keys above, except the scratch directory): what an isolated local run passes on."""
+    names = [key for key in (*CONFIG_KEYS, *OPTIONAL_CONFIG_KEYS) if key != "FRAUD_DATA_DIR"]
+    names += [env for keys in SECRETS.values() for env in keys.values()]
+    # local equivalents of the split Redis settings and of temporary S3 credentials
+    names += ["FRAUD_REDIS_URL", "AWS_SESSION_TOKEN"]
+    return tuple(dict.fromkeys(names))

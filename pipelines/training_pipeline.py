@@ -24,7 +24,7 @@ GATE_PASSED = "passed"
 )
 def training_pipeline(
     data_uri: str,
-    train_start: str,
+    train_start: str = "",
     feature_tables_uri: str = "",
     mlflow_tracking_uri: str = "",
     max_timestamp: str = "",

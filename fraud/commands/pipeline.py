@@ -38,18 +38,12 @@ def compile_command(
     typer.echo(f"wrote {out}")
 
 
-def _default_train_start(valid_days: list[str], train_days: int, delay_days: int, test_days: int) -> str:
-    """The latest train start whose test window still lies inside the data."""
-    from datetime import date, timedelta
-
-    last = date.fromisoformat(valid_days[-1])
-    return (last - timedelta(days=train_days + delay_days + test_days - 1)).isoformat()
-
-
 def _raw_days(data_uri: str) -> list[str]:
+    from fraud.training.steps import partition_days
+
     root = Path(data_uri.removeprefix("file://"))
     tx = root / "transactions" if (root / "transactions").is_dir() else root
-    days = sorted(p.name.split("=", 1)[1] for p in tx.glob("day=*") if p.is_dir())
+    days = partition_days(tx)
     if not days:
         raise UserError(f"cannot infer --train-start: no day=YYYY-MM-DD partitions under {tx}; pass --train-start")
     return days
@@ -99,7 +93,35 @@ def run_command(
     local: Annotated[
         bool, typer.Option("--local", help="Run with kfp.local (subprocesses of this environment).")
     ] = False,
+    isolated: Annotated[
+        bool,
+        typer.Option(
+            "--isolated",
+            help="With --local: each task in its own empty working/home/temp/data directory, seeing only the "
+            "service settings (object store, Feast registry, Redis, MLflow server) from this environment.",
+        ),
+    ] = False,
     host: Annotated[str, typer.Option("--host", help="KFP API endpoint to submit the run to (kfp.Client).")] = "",
+    namespace: Annotated[
+        str, typer.Option("--namespace", help="Kubeflow profile namespace of the run (multi-user installs).")
+    ] = "",
+    service_account: Annotated[
+        str, typer.Option("--service-account", help="ServiceAccount the run's pods use (with --host).")
+    ] = "",
+    token_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--token-file", help="Bearer token for the KFP API. Default: the pod's ServiceAccount token, if any."
+        ),
+    ] = None,
+    feature_tables_uri: Annotated[
+        str,
+        typer.Option(
+            "--feature-tables-uri",
+            help="Object-store folder of the Feast offline tables (s3://bucket/prefix). Required with --host and "
+            "--isolated; default for --local: the data directory (shared by every task).",
+        ),
+    ] = "",
     data_uri: Annotated[
         str,
         typer.Option(
@@ -136,9 +158,11 @@ def run_command(
         float, typer.Option("--max-cost-us", help="Gate: per-transaction prediction cost budget (µs).")
     ] = 2000.0,
     deploy_target: Annotated[str, typer.Option("--deploy-target", help="record | local | kubernetes")] = "record",
-    namespace: Annotated[
+    serving_namespace: Annotated[
         str,
-        typer.Option("--namespace", help="Kubernetes namespace of the InferenceService (deploy target kubernetes)."),
+        typer.Option(
+            "--serving-namespace", help="Kubernetes namespace of the InferenceService (deploy target kubernetes)."
+        ),
     ] = "fraud",
     canary_percent: Annotated[
         int, typer.Option("--canary-percent", min=1, max=100, help="Share of traffic the new version gets as a canary.")
@@ -158,6 +182,12 @@ def run_command(
     """Run the training pipeline: `--local` here, or `--host URL` on a Kubeflow Pipelines cluster."""
     if local == bool(host):
         raise UserError("choose exactly one of --local or --host URL")
+    if isolated and not local:
+        raise UserError("--isolated goes with --local")
+    if (host or isolated) and not feature_tables_uri:
+        raise UserError(
+            "--feature-tables-uri (s3://bucket/prefix) is required with --host and --isolated: tasks share no disk"
+        )
     from fraud import registry
     from fraud.config import DataLayout
 
@@ -165,14 +195,21 @@ def run_command(
         os.environ["FRAUD_DATA_DIR"] = str(data_dir.resolve())
     layout = DataLayout.current()
     data_uri = data_uri or str(layout.raw)
-    if not train_start:
-        if not local:
-            raise UserError("--train-start is required with --host (the data is not visible from here)")
-        train_start = _default_train_start(_raw_days(data_uri), train_days, delay_days, test_days)
+    if not train_start and local and not isolated:
+        from fraud.training.steps import latest_train_start
+
+        train_start = latest_train_start(_raw_days(data_uri), train_days, delay_days, test_days)
+    if isolated:
+        mlflow_tracking_uri = mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+        if not mlflow_tracking_uri.startswith(("http://", "https://")):
+            raise UserError(
+                "--isolated needs an MLflow tracking server (--mlflow-tracking-uri or MLFLOW_TRACKING_URI http(s)://): "
+                "a task's own disk is gone when it ends"
+            )
     arguments = {
         "data_uri": data_uri,
         "train_start": train_start,
-        "data_dir": str(layout.root) if local else (str(data_dir) if data_dir else ""),
+        "feature_tables_uri": feature_tables_uri,
         "mlflow_tracking_uri": mlflow_tracking_uri or (registry.tracking_uri() if local else ""),
         "train_days": train_days,
         "delay_days": delay_days,
@@ -184,31 +221,34 @@ def run_command(
         "max_ap_drop_vs_champion": max_ap_drop,
         "max_prediction_cost_us": max_cost_us,
         "deploy_target": deploy_target,
-        "namespace": namespace,
+        "namespace": serving_namespace,
         "canary_traffic_percent": canary_percent,
         "prometheus_url": prometheus_url,
         "canary_window_seconds": canary_window,
     }
     if host:
-        _submit(host, arguments, experiment)
+        from pipelines.remote import Endpoint, read_token, submit_run
+        from pipelines.training_pipeline import training_pipeline
+
+        endpoint = Endpoint(host, namespace, read_token(token_file))
+        arguments = {k: v for k, v in arguments.items() if v != ""}
+        run_id = submit_run(
+            endpoint, training_pipeline, arguments, experiment=experiment, service_account=service_account
+        )
+        typer.echo(f"submitted run {run_id} to {host} (experiment {experiment})")
         return
-    _run_local(arguments, layout)
+    _run_local(arguments, layout, isolated)
 
 
-def _submit(host: str, arguments: dict, experiment: str) -> None:
-    import kfp
+def _isolation(layout):
+    from pipelines.local_run import Isolation
+    from pipelines.platform import service_env_names
 
-    from pipelines.training_pipeline import training_pipeline
-
-    arguments = {k: v for k, v in arguments.items() if v != ""}
-    client = kfp.Client(host=host)
-    run = client.create_run_from_pipeline_func(
-        training_pipeline, arguments=arguments, experiment_name=experiment, enable_caching=False
-    )
-    typer.echo(f"submitted run {run.run_id} to {host}")
+    service_env = {name: os.environ[name] for name in service_env_names() if os.environ.get(name)}
+    return Isolation(sandbox_root=layout.pipeline_root / "sandboxes", service_env=service_env)
 
 
-def _run_local(arguments: dict, layout) -> None:
+def _run_local(arguments: dict, layout, isolated: bool = False) -> None:
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -232,7 +272,7 @@ def _run_local(arguments: dict, layout) -> None:
             watcher = threading.Thread(target=_watch, args=(root, before, progress, task_ids, stop), daemon=True)
             watcher.start()
             try:
-                result = run_local(arguments, root)
+                result = run_local(arguments, root, _isolation(layout) if isolated else None)
             except Exception as exc:  # noqa: BLE001 - kfp raises RuntimeError (and others) on a failed task
                 failure = exc
             finally:
@@ -248,6 +288,117 @@ def _run_local(arguments: dict, layout) -> None:
         console.print(f"registered version {result.model_version} (alias challenger); rollout: {result.rollout_state}")
     else:
         console.print("nothing registered or deployed")
+
+
+HostOption = Annotated[
+    str, typer.Option("--host", help="KFP API endpoint, e.g. https://kubeflow.example.com/pipeline.")
+]
+NamespaceOption = Annotated[str, typer.Option("--namespace", help="Kubeflow profile namespace (multi-user installs).")]
+TokenOption = Annotated[
+    Path | None,
+    typer.Option("--token-file", help="Bearer token for the KFP API. Default: the pod's ServiceAccount token, if any."),
+]
+
+
+def _endpoint(host: str, namespace: str, token_file: Path | None):
+    from pipelines.remote import Endpoint, read_token
+
+    if not host:
+        raise UserError("--host URL of the KFP API is required")
+    return Endpoint(host, namespace, read_token(token_file))
+
+
+def _pipelines() -> dict:
+    from pipelines.feature_pipeline import PIPELINE_NAME as FEATURES
+    from pipelines.feature_pipeline import feature_pipeline
+    from pipelines.training_pipeline import PIPELINE_NAME as TRAINING
+    from pipelines.training_pipeline import training_pipeline
+
+    return {TRAINING: training_pipeline, FEATURES: feature_pipeline}
+
+
+@pipeline_app.command("upload")
+def upload_command(
+    host: HostOption = "",
+    namespace: NamespaceOption = "",
+    token_file: TokenOption = None,
+    version: Annotated[str, typer.Option("--version", help="Version name. Default: <pipeline>-<UTC timestamp>.")] = "",
+) -> None:
+    """Upload the training and the daily feature pipeline (a new version when they exist)."""
+    from pipelines.remote import upload
+
+    endpoint = _endpoint(host, namespace, token_file)
+    for name, func in _pipelines().items():
+        uploaded = upload(endpoint, func, name, f"{version}-{name}" if version else "")
+        what = "new pipeline" if uploaded.new_pipeline else "new version"
+        typer.echo(
+            f"{name}: {what} {uploaded.version_name} (pipeline {uploaded.pipeline_id}, version {uploaded.version_id})"
+        )
+
+
+@pipeline_app.command("schedule")
+def schedule_command(
+    host: HostOption = "",
+    namespace: NamespaceOption = "",
+    token_file: TokenOption = None,
+    data_uri: Annotated[str, typer.Option("--data-uri", help="Raw transactions in the object store (s3://...).")] = "",
+    feature_tables_uri: Annotated[
+        str, typer.Option("--feature-tables-uri", help="Object-store folder of the Feast offline tables.")
+    ] = "",
+    experiment: Annotated[str, typer.Option("--experiment", help="KFP experiment of the recurring runs.")] = "fraud",
+    service_account: Annotated[
+        str, typer.Option("--service-account", help="ServiceAccount of the scheduled runs' pods.")
+    ] = "",
+    features_cron: Annotated[
+        str, typer.Option("--features-cron", help="Daily feature build + incremental materialisation (6-field cron).")
+    ] = "",
+    retrain_cron: Annotated[str, typer.Option("--retrain-cron", help="Weekly retraining (6-field cron).")] = "",
+    deploy_target: Annotated[str, typer.Option("--deploy-target", help="record | kubernetes")] = "kubernetes",
+    serving_namespace: Annotated[
+        str, typer.Option("--serving-namespace", help="Namespace of the InferenceService.")
+    ] = "fraud",
+    prometheus_url: Annotated[str, typer.Option("--prometheus-url", help="Prometheus for the canary analysis.")] = "",
+) -> None:
+    """Upload both pipelines and create the recurring runs: daily features, weekly retraining."""
+    from pipelines.feature_pipeline import PIPELINE_NAME as FEATURES
+    from pipelines.remote import (
+        DAILY_FEATURES_CRON,
+        WEEKLY_RETRAIN_CRON,
+        Schedule,
+        create_recurring_runs,
+        upload,
+        validate_cron,
+    )
+    from pipelines.training_pipeline import PIPELINE_NAME as TRAINING
+
+    if not data_uri or not feature_tables_uri:
+        raise UserError("--data-uri and --feature-tables-uri (object-store URLs) are required")
+    features_cron = validate_cron(features_cron or DAILY_FEATURES_CRON)
+    retrain_cron = validate_cron(retrain_cron or WEEKLY_RETRAIN_CRON)
+    endpoint = _endpoint(host, namespace, token_file)
+    uploaded = {name: upload(endpoint, func, name) for name, func in _pipelines().items()}
+    training_arguments = {
+        "data_uri": data_uri,
+        "feature_tables_uri": feature_tables_uri,
+        "deploy_target": deploy_target,
+        "namespace": serving_namespace,
+    }
+    if prometheus_url:
+        training_arguments["prometheus_url"] = prometheus_url
+    schedules = [
+        Schedule(
+            "fraud-features-daily",
+            features_cron,
+            uploaded[FEATURES],
+            {"data_uri": data_uri, "feature_tables_uri": feature_tables_uri},
+        ),
+        Schedule("fraud-retrain-weekly", retrain_cron, uploaded[TRAINING], training_arguments),
+    ]
+    ids = create_recurring_runs(endpoint, schedules, experiment=experiment, service_account=service_account)
+    for schedule, recurring_id in zip(schedules, ids):
+        typer.echo(
+            f"{schedule.name}: cron '{schedule.cron}' -> {schedule.pipeline.name} (recurring run {recurring_id})"
+        )
 
 
 def register(app: typer.Typer) -> None:

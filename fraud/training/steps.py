@@ -51,6 +51,23 @@ def tracking(uri: str) -> str | None:
     return uri or None
 
 
+def latest_train_start(days: list[str], train_days: int, delay_days: int, test_days: int) -> str:
+    """The latest train start whose test window still lies inside `days` (sorted YYYY-MM-DD)."""
+    from datetime import date
+
+    if not days:
+        from fraud.errors import UserError
+
+        raise UserError("cannot choose a train start: the data has no day partitions")
+    last = date.fromisoformat(days[-1])
+    return (last - timedelta(days=train_days + delay_days + test_days - 1)).isoformat()
+
+
+def partition_days(folder: Path) -> list[str]:
+    """The sorted days of the `day=YYYY-MM-DD` partitions below `folder`."""
+    return sorted(p.name.split("=", 1)[1] for p in Path(folder).glob("day=*") if p.is_dir())
+
+
 # --- 1. ingest ------------------------------------------------------------------------------------
 
 
@@ -82,10 +99,13 @@ class FeatureStepResult:
     seconds: float
 
 
-def engineer_features(valid_dir: Path, feature_tables_uri: str, layout: DataLayout) -> FeatureStepResult:
+def engineer_features(
+    valid_dir: Path, feature_tables_uri: str, layout: DataLayout, incremental: bool = False
+) -> FeatureStepResult:
     """Offline feature tables from the validated transactions, stored at `feature_tables_uri`
-    (when given), `feast apply`, then materialise the last snapshots (the TTL window) into the
-    online store."""
+    (when given), `feast apply`, then materialise into the online store: the last snapshots (the
+    TTL window), or with `incremental` from where the previous materialisation ended (the
+    scheduled daily feature pipeline)."""
     import time
 
     from fraud import feature_store, storage
@@ -99,7 +119,11 @@ def engineer_features(valid_dir: Path, feature_tables_uri: str, layout: DataLayo
     feature_store.apply_repo()
     end = datetime.combine(built.last_day, datetime.min.time()) + timedelta(days=1)
     start = end - timedelta(days=SNAPSHOT_TTL_DAYS + 1)
-    feature_store.materialize(start, end)
+    if incremental:
+        done = feature_store.materialize_incremental(end)
+        start = done.start or start
+    else:
+        feature_store.materialize(start, end)
     return FeatureStepResult(
         transactions=built.transactions,
         customer_rows=built.customer.rows,
@@ -140,6 +164,8 @@ def build_training_set(
     from fraud.training.dataset import SplitPlan, build_training_sets
 
     ingested = IngestedLayout(root=layout.root, ingested_transactions=Path(valid_dir))
+    if not train_start:
+        train_start = latest_train_start(partition_days(Path(valid_dir)), train_days, delay_days, test_days)
     plan = SplitPlan.create(train_start, train_days, delay_days, test_days, n_validation_folds)
     labelled = labelled_transactions(plan.span.start, plan.span.end, layout=ingested)
     lookup = None

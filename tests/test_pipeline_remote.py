@@ -1,0 +1,176 @@
+"""`fraud pipeline run --host`, `upload` and `schedule` against a loopback stand-in of the KFP
+API (tests/support/kfp_api.py) that checks every request against the kfp_server_api models."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from fraud.cli import app
+from tests.support.kfp_api import kfp_api
+
+TOKEN = "s3cr3t-token"
+
+
+@pytest.fixture
+def api(tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN + "\n")
+    with kfp_api(token=TOKEN) as (url, state):
+        yield url, state, token_file
+
+
+class _Outcome:
+    """The CLI's exit code and what it told the user (a UserError is printed by `fraud.cli.main`)."""
+
+    def __init__(self, result) -> None:
+        from fraud.errors import UserError
+
+        self.exit_code = result.exit_code
+        self.output = result.output
+        if isinstance(result.exception, UserError):
+            self.output += f"error: {result.exception}\n"
+        elif result.exception is not None and not isinstance(result.exception, SystemExit):
+            raise result.exception
+
+
+def _invoke(*args: str) -> _Outcome:
+    return _Outcome(CliRunner().invoke(app, list(args)))
+
+
+def test_run_submits_to_the_namespace_experiment_and_service_account(api):
+    url, state, token_file = api
+    result = _invoke(
+        "pipeline", "run", "--host", url, "--token-file", str(token_file), "--namespace", "team-fraud",
+        "--experiment", "nightly", "--service-account", "pipeline-runner", "--data-uri", "s3://fraud/raw",
+        "--feature-tables-uri", "s3://fraud/features", "--train-start", "2018-07-25",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    (experiment,) = state.experiments.values()
+    assert experiment["display_name"] == "nightly" and experiment["namespace"] == "team-fraud"
+    (run,) = state.runs.values()
+    assert run["experiment_id"] == experiment["experiment_id"]
+    assert run["service_account"] == "pipeline-runner"
+    spec = run["pipeline_spec"]
+    assert spec["pipeline_spec"]["pipelineInfo"]["name"] == "fraud-training"
+    assert "kubernetes" in spec["platform_spec"]["platforms"]  # the platform config travels with the run
+    parameters = run["runtime_config"]["parameters"]
+    assert parameters["data_uri"] == "s3://fraud/raw" and parameters["feature_tables_uri"] == "s3://fraud/features"
+    assert parameters["train_start"] == "2018-07-25"
+    assert run["run_id"] in result.output
+
+
+def test_upload_creates_pipelines_then_versions(api):
+    url, state, token_file = api
+    first = _invoke("pipeline", "upload", "--host", url, "--token-file", str(token_file))
+    assert first.exit_code == 0, first.output
+    assert {p["display_name"] for p in state.pipelines.values()} == {"fraud-training", "fraud-features"}
+    assert len(state.versions) == 2
+    second = _invoke("pipeline", "upload", "--host", url, "--token-file", str(token_file), "--version", "v2")
+    assert second.exit_code == 0, second.output
+    assert len(state.pipelines) == 2 and len(state.versions) == 4
+    assert {v["display_name"] for v in state.versions.values()} >= {"v2-fraud-training", "v2-fraud-features"}
+    assert "new version v2-fraud-training" in second.output
+    # the same version name again is refused by the API: one line, non-zero exit
+    third = _invoke("pipeline", "upload", "--host", url, "--token-file", str(token_file), "--version", "v2")
+    assert third.exit_code != 0 and "HTTP 409" in third.output
+
+
+def test_schedule_creates_daily_features_and_weekly_retraining(api):
+    url, state, token_file = api
+    result = _invoke(
+        "pipeline", "schedule", "--host", url, "--token-file", str(token_file), "--data-uri", "s3://fraud/raw",
+        "--feature-tables-uri", "s3://fraud/features", "--service-account", "pipeline-runner",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    by_name = {r["display_name"]: r for r in state.recurring_runs.values()}
+    assert set(by_name) == {"fraud-features-daily", "fraud-retrain-weekly"}
+    pipelines = {p["pipeline_id"]: p["display_name"] for p in state.pipelines.values()}
+    daily, weekly = by_name["fraud-features-daily"], by_name["fraud-retrain-weekly"]
+    assert pipelines[daily["pipeline_version_reference"]["pipeline_id"]] == "fraud-features"
+    assert pipelines[weekly["pipeline_version_reference"]["pipeline_id"]] == "fraud-training"
+    assert daily["trigger"]["cron_schedule"]["cron"] == "0 30 1 * * *"
+    assert weekly["trigger"]["cron_schedule"]["cron"] == "0 0 3 * * 1"
+    for recurring in (daily, weekly):
+        assert recurring["mode"] == "ENABLE" and recurring["no_catchup"] is True
+        assert int(recurring["max_concurrency"]) == 1 and recurring["service_account"] == "pipeline-runner"
+    assert daily["runtime_config"]["parameters"] == {
+        "data_uri": "s3://fraud/raw",
+        "feature_tables_uri": "s3://fraud/features",
+    }
+    assert weekly["runtime_config"]["parameters"]["deploy_target"] == "kubernetes"
+    bad = _invoke(
+        "pipeline", "schedule", "--host", url, "--token-file", str(token_file), "--data-uri", "s3://fraud/raw",
+        "--feature-tables-uri", "s3://fraud/features", "--retrain-cron", "0 3 * * 1",
+    )  # fmt: skip
+    assert bad.exit_code != 0 and "six fields" in bad.output
+
+
+def test_unreachable_api_is_one_line_and_non_zero_exit_from_the_real_command(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    fraud = Path(sys.executable).parent / "fraud"
+    args = ["pipeline", "run", "--host", "http://127.0.0.1:9", "--train-start", "2018-07-25"]
+    args += ["--data-uri", "s3://b/raw", "--feature-tables-uri", "s3://b/f"]
+    done = subprocess.run([str(fraud), *args], check=False, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode != 0
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    assert len(lines) == 1 and "cannot connect" in lines[0] and "127.0.0.1:9" in lines[0], lines
+
+
+def test_refusals_are_one_line(api, tmp_path):
+    url, state, _ = api
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not-the-token")
+    cases = [
+        (["--host", url, "--token-file", str(wrong)], "HTTP 401"),
+        (["--host", "http://127.0.0.1:9"], "cannot connect"),
+        (["--host", url, "--token-file", str(tmp_path / "missing")], "cannot read the token file"),
+    ]
+    for extra, expected in cases:
+        result = _invoke(
+            "pipeline", "run", *extra, "--data-uri", "s3://fraud/raw", "--feature-tables-uri", "s3://fraud/f",
+        )  # fmt: skip
+        assert result.exit_code != 0, result.output
+        assert expected in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1, result.output
+    assert not state.runs
+
+
+def test_the_stand_in_refuses_what_the_api_refuses(api):
+    import httpx
+
+    url, _, _ = api
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    bad_field = httpx.post(
+        f"{url}/apis/v2beta1/experiments", json={"display_name": "x", "colour": "red"}, headers=headers
+    )
+    assert bad_field.status_code == 400 and "unknown field" in bad_field.json()["error"]
+    no_spec = httpx.post(f"{url}/apis/v2beta1/runs", json={"display_name": "r"}, headers=headers)
+    assert no_spec.status_code == 400
+    unknown_param = httpx.post(
+        f"{url}/apis/v2beta1/runs",
+        json={
+            "display_name": "r",
+            "pipeline_spec": {"pipelineInfo": {"name": "p"}, "root": {"dag": {"tasks": {"t": {}}}}},
+            "runtime_config": {"parameters": {"nope": 1}},
+        },
+        headers=headers,
+    )
+    assert unknown_param.status_code == 400 and "no input parameter" in unknown_param.json()["error"]
+    assert httpx.get(f"{url}/apis/v1beta1/runs", headers=headers).status_code == 404
+    assert httpx.get(f"{url}/apis/v2beta1/healthz").status_code == 401
+
+
+def test_run_isolated_needs_the_object_store_and_a_tracking_server(data_dir, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    result = _invoke("pipeline", "run", "--local", "--isolated", "--train-start", "2018-04-22")
+    assert result.exit_code != 0 and "--feature-tables-uri" in result.output
+    result = _invoke(
+        "pipeline", "run", "--local", "--isolated", "--feature-tables-uri", "s3://b/f", "--train-start", "2018-04-22"
+    )
+    assert result.exit_code != 0 and "MLflow tracking server" in result.output
+    result = _invoke("pipeline", "run", "--host", "http://127.0.0.1:9", "--data-uri", "s3://b/raw")
+    assert result.exit_code != 0 and "--feature-tables-uri" in result.output
