@@ -1,9 +1,13 @@
 """The MLflow model registry as the project uses it.
 
-One registered model, `fraud.config.MODEL_NAME`. Each version's artifacts ARE a serving bundle
-(see `fraud.bundle`): the bundle files are logged to the training run under `bundle/` and the
-version's source points there, so `models:/fraud-detector@champion` downloads a directory that
-`fraud.bundle.validate_bundle` accepts and KServe's storage initializer can lay out as is.
+One registered model, `fraud.config.MODEL_NAME`. Each version is a real MLflow model logged from
+the training run (xgboost flavour, signature over the model features, input example, so
+`mlflow.pyfunc.load_model("models:/fraud-detector@champion")` and `mlflow models serve` work) and
+linked to that run and its logged model. The model's artifacts are also a complete serving bundle
+(see `fraud.bundle`: the flavour's `model.ubj` is the bundle's model file, next to `bundle.json`,
+the reference sample and the model card), so `models:/fraud-detector@champion` downloads a
+directory that `fraud.bundle.validate_bundle` accepts and KServe's storage initializer can lay
+out as is.
 
 Aliases carry the lifecycle: `challenger` (registered, passed the gate), `champion` (serving).
 Deployment decisions are tags on the model version (`record_decision`).
@@ -22,7 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from fraud.bundle import MANIFEST_FILE, BundleError, validate_bundle
+from fraud.bundle import MANIFEST_FILE, MODEL_FILE, REFERENCE_FILE, BundleError, validate_bundle
 from fraud.config import MODEL_NAME, DataLayout
 from fraud.errors import UserError
 
@@ -31,8 +35,12 @@ if TYPE_CHECKING:  # pragma: no cover
 
 CHALLENGER_ALIAS = "challenger"
 CHAMPION_ALIAS = "champion"
-#: Run-artifact folder holding the bundle files of a registered version.
+#: Name of the logged model (in the training run) of a registered version.
 BUNDLE_ARTIFACT_PATH = "bundle"
+#: Output column of the model signature: the fraud probability.
+PROBABILITY_OUTPUT = "fraud_probability"
+#: Rows of the reference sample used as the model's input example.
+INPUT_EXAMPLE_ROWS = 5
 #: Experiment the training pipeline logs to.
 EXPERIMENT_NAME = "fraud-detection"
 #: Prefix of the model-version tags written by `record_decision`.
@@ -146,6 +154,32 @@ def _ensure_registered_model(mlflow_client: MlflowClient, name: str) -> None:
             mlflow_client.get_registered_model(name)  # created concurrently
 
 
+def model_signature(feature_names: list[str]):
+    """The MLflow signature of a bundle's model: one double column per feature -> the probability."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("double", name) for name in feature_names]),
+        outputs=Schema([ColSpec("double", PROBABILITY_OUTPUT)]),
+    )
+
+
+def _input_example(bundle_dir: Path, feature_names: list[str]):
+    import numpy as np
+    import pandas as pd
+
+    reference = np.load(Path(bundle_dir) / REFERENCE_FILE)
+    return pd.DataFrame(reference[:INPUT_EXAMPLE_ROWS], columns=list(feature_names))
+
+
+def _pip_requirements() -> list[str]:
+    """Pinned from this environment (MLflow would otherwise infer them by loading the model)."""
+    from importlib.metadata import version
+
+    return [f"{package}=={version(package)}" for package in ("mlflow", "xgboost-cpu", "numpy", "pandas")]
+
+
 def register_bundle(
     bundle_dir: Path,
     run_id: str,
@@ -156,35 +190,51 @@ def register_bundle(
     name: str = MODEL_NAME,
     uri: str | None = None,
 ) -> str:
-    """Register the bundle as a new version of `name` carrying `alias`; return the version (a string).
+    """Log the bundle as an MLflow model of run `run_id`, register it as a new version of `name`
+    carrying `alias`; return the version (a string).
 
-    The version is created first, then the bundle files are stored as artifacts of run `run_id`
-    (folder `bundle/`, the version's source) with the manifest's `model_version` set to the new
-    version number, and only then does `alias` move to it — so an alias never points at a
-    version whose files are incomplete.
+    The model is logged first (xgboost flavour from the bundle's booster, signature, input
+    example), then the version is created (source: the logged model, linked to run and model),
+    then the bundle files are added to the model's artifacts with the manifest's `model_version`
+    set to the new version number, and only then does `alias` move to it — so an alias never
+    points at a version whose files are incomplete.
     """
     import dataclasses
+
+    import mlflow
+    import mlflow.xgboost
+    import xgboost as xgb
 
     try:
         manifest = validate_bundle(Path(bundle_dir))
     except BundleError as exc:
         raise UserError(f"cannot register {bundle_dir}: {exc}") from None
     mlflow_client = client(uri)
-    source = f"{mlflow_client.get_run(run_id).info.artifact_uri.rstrip('/')}/{BUNDLE_ARTIFACT_PATH}"
+    booster = xgb.Booster(model_file=str(Path(bundle_dir) / MODEL_FILE))
+    booster.feature_names = list(manifest.feature_names)
     _ensure_registered_model(mlflow_client, name)
+    with mlflow.start_run(run_id=run_id):
+        info = mlflow.xgboost.log_model(
+            booster,
+            name=BUNDLE_ARTIFACT_PATH,
+            signature=model_signature(list(manifest.feature_names)),
+            input_example=_input_example(Path(bundle_dir), list(manifest.feature_names)),
+            pip_requirements=_pip_requirements(),
+            model_format=MODEL_FILE.rsplit(".", 1)[1],
+        )
     version_tags = {"feature_service": manifest.feature_service, "bundle_format": str(manifest.format_version)}
     version_tags.update(tags or {})
-    version = str(
-        mlflow_client.create_model_version(
-            name, source=source, run_id=run_id, tags=version_tags, description=description or None
-        ).version
-    )
+    # register_model links the version to the logged model (its `mlflow.modelVersions` tag) and run
+    version = str(mlflow.register_model(info.model_uri, name, tags=version_tags).version)
+    if description:
+        mlflow_client.update_model_version(name, version, description=description)
     with tempfile.TemporaryDirectory(prefix="bundle-upload-") as tmp:
         staged = Path(tmp) / "bundle"
-        shutil.copytree(bundle_dir, staged)
+        # the flavour's model file (same booster, feature names set) is the bundle's model file
+        shutil.copytree(bundle_dir, staged, ignore=shutil.ignore_patterns(MODEL_FILE))
         stamped = dataclasses.replace(manifest, model_name=name, model_version=version, mlflow_run_id=run_id)
         (staged / MANIFEST_FILE).write_text(stamped.to_json())
-        mlflow_client.log_artifacts(run_id, str(staged), artifact_path=BUNDLE_ARTIFACT_PATH)
+        mlflow_client.log_model_artifacts(info.model_id, str(staged))
     mlflow_client.set_registered_model_alias(name, alias, version)
     return version
 

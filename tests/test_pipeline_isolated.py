@@ -134,11 +134,21 @@ def test_whole_pipeline_passes_isolated_on_loopback_services(tmp_path, monkeypat
         assert registry.get_version_by_alias("challenger", uri=services.mlflow_url) == result.model_version
         assert registry.get_decisions(result.model_version, uri=services.mlflow_url)["gate"].startswith("passed")
 
-        # the Feast registry is in PostgreSQL and the online store in Redis has the features
+        # the Feast registry is in PostgreSQL; the online store in Redis serves the latest snapshots
+        # of the offline tables in the object store
+        import pandas as pd
+
+        from fraud import feature_store
+        from fraud.features.definitions import CUSTOMER_SPENDING_FEATURES, SNAPSHOT_TIMESTAMP
+        from fraud.schema import CUSTOMER_ID
+
+        with s3.open(f"{services.bucket}/features/customer_spending_features.parquet", "rb") as handle:
+            customers = pd.read_parquet(handle)
+        latest = customers[customers[SNAPSHOT_TIMESTAMP] == customers[SNAPSHOT_TIMESTAMP].max()].head(5)
         for name, value in services.env.items():
             if not name.startswith("AWS_"):
                 monkeypatch.setenv(name, value)
-        from fraud import feature_store
-
-        frame = feature_store.online_batch_features(["0", "1"], ["0", "1"])
-        assert frame.notna().all().all(), frame
+        ids = latest[CUSTOMER_ID].astype(str).tolist()
+        online = feature_store.online_batch_features(ids, ["0"] * len(ids))
+        expected = latest[list(CUSTOMER_SPENDING_FEATURES)].to_numpy(dtype=float)
+        assert online[list(CUSTOMER_SPENDING_FEATURES)].to_numpy(dtype=float) == pytest.approx(expected)

@@ -44,7 +44,6 @@ def _arguments(ctx: dict, **overrides) -> dict:
     arguments = {
         "data_uri": str(ctx["raw"]),
         "train_start": TRAIN_START,
-        "data_dir": str(ctx["data_dir"]),
         "mlflow_tracking_uri": ctx["tracking_uri"],
         "n_validation_folds": 2,
         "small_grid": True,
@@ -118,7 +117,8 @@ def test_local_run_registers_a_valid_challenger(tiny_run, tmp_path):
     }
     reference = np.load(bundle / "reference_features.npy")
     assert reference.shape[1] == len(MODEL_FEATURES) and 0 < reference.shape[0] <= 2000
-    assert validate_bundle(tiny_run["data_dir"] / "bundles" / version).model_version == version
+    # the register task's bundle artifact carries the same stamped manifest
+    assert validate_bundle(result.task_dir("register") / "bundle").model_version == version
 
     run = registry.client().get_run(manifest.mlflow_run_id)
     assert run.data.tags["gate.decision"] == "passed"

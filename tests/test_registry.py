@@ -141,3 +141,47 @@ def test_experiment_artifacts_stay_next_to_an_explicit_sqlite_store(tmp_path, mo
     assert registry.default_artifact_location("http://mlflow:5000") is None
     monkeypatch.setenv(registry.ARTIFACT_ROOT_ENV, "s3://bucket/mlflow")
     assert registry.default_artifact_location(uri) == "s3://bucket/mlflow"
+
+
+def test_a_registered_version_is_an_mlflow_model_scoring_like_the_predictor(data_dir, tmp_path, monkeypatch):
+    """pyfunc loads the champion and gives the predictor's probabilities on the same feature rows."""
+    import mlflow
+    import numpy as np
+    import pandas as pd
+    import yaml
+
+    from fraud.features.definitions import MODEL_FEATURES
+    from predictor.scoring import BundleScorer
+    from tests.factories import synthetic_feature_matrix
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    bundle = make_synthetic_bundle(tmp_path / "bundle-src", version="0")
+    run_id = _new_run()
+    version = registry.register_bundle(bundle, run_id)
+    registry.set_alias("champion", version)
+
+    mlflow_client = registry.client()
+    model_version = mlflow_client.get_model_version(MODEL_NAME, version)
+    assert model_version.run_id == run_id and model_version.source.startswith("models:/m-")
+    logged = mlflow_client.get_logged_model(model_version.source.removeprefix("models:/"))
+    assert logged.source_run_id == run_id
+    linked = __import__("json").loads(logged.tags["mlflow.modelVersions"])
+    assert {"name": MODEL_NAME, "version": version} in [{k: str(v) for k, v in e.items()} for e in linked]
+
+    downloaded = registry.download_bundle(f"models:/{MODEL_NAME}@champion", tmp_path / "champion")
+    mlmodel = yaml.safe_load((downloaded / "MLmodel").read_text())
+    assert "xgboost" in mlmodel["flavors"] and "python_function" in mlmodel["flavors"]
+    inputs = [column["name"] for column in __import__("json").loads(mlmodel["signature"]["inputs"])]
+    assert inputs == list(MODEL_FEATURES)
+    assert (downloaded / "input_example.json").is_file() or (downloaded / "serving_input_example.json").is_file()
+    assert read_manifest(downloaded).model_version == version
+
+    features, _ = synthetic_feature_matrix(300, seed=11)
+    rows = pd.DataFrame(features.to_numpy(dtype=np.float64), columns=list(MODEL_FEATURES))
+    registry.configure()
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion")
+    from_mlflow = np.asarray(pyfunc.predict(rows), dtype=np.float64).ravel()
+    from_predictor = BundleScorer(downloaded).score(rows).probabilities
+    assert from_mlflow.shape == (300,)
+    np.testing.assert_allclose(from_mlflow, from_predictor, rtol=1e-6, atol=1e-7)
+    assert 0 < from_predictor.min() < from_predictor.max() < 1
