@@ -122,6 +122,11 @@ def test_local_run_registers_a_valid_challenger(tiny_run, tmp_path):
 
     run = registry.client().get_run(manifest.mlflow_run_id)
     assert run.data.tags["gate.decision"] == "passed"
+    # ROC / PR plots and the training dataset are on the run; the version is an MLflow model
+    plots = {artifact.path for artifact in registry.client().list_artifacts(run.info.run_id, "plots")}
+    assert {"plots/roc_curve.png", "plots/precision_recall_curve.png"} <= plots
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["train_set"]
+    assert (bundle / "MLmodel").is_file()
     assert run.data.metrics["test_average_precision"] > 0.1
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from fraud.config import DataLayout
 from fraud.features.definitions import SNAPSHOT_TTL_DAYS
+from fraud.schema import TX_FRAUD
 
 
 @dataclass(frozen=True)
@@ -201,7 +202,9 @@ def train(
         decline_precision=decline_precision, review_alerts_per_day=review_alerts_per_day, small_grid=small_grid
     )
     trained, _, _ = train_served_model(sets, config)
-    run_id = log_training_run(trained, sets, tracking_uri=tracking(mlflow_tracking_uri))
+    uri = tracking(mlflow_tracking_uri)
+    run_id = log_training_run(trained, sets, tracking_uri=uri)
+    log_training_dataset(run_id, sets.train, uri)
     trained.save(model_dir)
     return {
         "run_id": run_id,
@@ -211,6 +214,45 @@ def train(
         **trained.validation_metrics,
         "spec": trained.spec,
     }
+
+
+def log_training_dataset(run_id: str, train: object, uri: str | None) -> None:
+    """Record the training set as the run's dataset input (schema, profile, digest; context "training")."""
+    import mlflow.data
+    from mlflow.entities import DatasetInput, InputTag
+
+    from fraud import registry
+
+    dataset = mlflow.data.from_pandas(train, name="train_set", targets=TX_FRAUD)
+    registry.client(uri).log_inputs(
+        run_id,
+        datasets=[
+            DatasetInput(
+                dataset=dataset._to_mlflow_entity(), tags=[InputTag(key="mlflow.data.context", value="training")]
+            )
+        ],
+    )
+
+
+def log_curves(run_id: str, labels: object, scores: object, uri: str | None) -> None:
+    """ROC and precision-recall curves of the test window as images of the run (plots/)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import PrecisionRecallDisplay, RocCurveDisplay
+
+    from fraud import registry
+
+    mlflow_client = registry.client(uri)
+    for file_name, display in (
+        ("plots/roc_curve.png", RocCurveDisplay),
+        ("plots/precision_recall_curve.png", PrecisionRecallDisplay),
+    ):
+        figure, axes = plt.subplots(figsize=(5, 5))
+        display.from_predictions(labels, scores, ax=axes, name="challenger (test window)")
+        mlflow_client.log_figure(run_id, figure, file_name)
+        plt.close(figure)
 
 
 # --- 5. evaluate ----------------------------------------------------------------------------------
@@ -275,6 +317,9 @@ def evaluate(
             if isinstance(value, float) and np.isfinite(value):
                 client.log_metric(run_id, f"baseline.{family}.{key}", value)
     client.set_tag(run_id, "champion_version", result.champion_version or "none")
+    from fraud.training.evaluate import score_booster
+
+    log_curves(run_id, test[TX_FRAUD].to_numpy(), score_booster(trained.booster, test), uri)
     client.log_text(run_id, report, "evaluation.md")
     Path(evaluation_path).parent.mkdir(parents=True, exist_ok=True)
     Path(evaluation_path).write_text(json.dumps(result.as_dict(), indent=2, default=float))
