@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import yaml
 from google.protobuf import json_format
 from kfp.pipeline_spec import pipeline_spec_pb2
@@ -208,7 +210,7 @@ def test_image_comes_from_one_setting_and_can_be_pinned_by_digest(tmp_path):
 
     pinned = "registry.example.com/fraud/fraud-core@sha256:" + "ab" * 32
     out = tmp_path / "pinned.yaml"
-    env = {**__import__("os").environ, "FRAUD_CORE_IMAGE": pinned}
+    env = {**os.environ, "FRAUD_CORE_IMAGE": pinned}
     code = f"from pipelines.training_pipeline import compile_pipeline; compile_pipeline({str(out)!r})"
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=300)
     ir = yaml.safe_load(out.read_text().split("\n---\n")[0])
@@ -216,6 +218,7 @@ def test_image_comes_from_one_setting_and_can_be_pinned_by_digest(tmp_path):
     assert images == {pinned}
     bad = subprocess.run(
         [sys.executable, "-c", code],
+        check=False,
         env={**env, "FRAUD_CORE_IMAGE": "fraud-core"},
         capture_output=True,
         text=True,
@@ -229,3 +232,21 @@ def test_no_pipeline_parameter_is_a_local_directory(tmp_path):
     parameters = spec.root.input_definitions.parameters
     assert not any("dir" in name or "path" in name for name in parameters)
     assert "feature_tables_uri" in parameters and "data_uri" in parameters
+
+
+def test_daily_feature_pipeline_materialises_incrementally(tmp_path):
+    from pipelines.feature_pipeline import compile_feature_pipeline
+
+    out = tmp_path / "features.yaml"
+    compile_feature_pipeline(str(out))
+    pipeline, platform = yaml.safe_load_all(out.read_text())
+    spec = json_format.ParseDict(pipeline, pipeline_spec_pb2.PipelineSpec())
+    assert spec.pipeline_info.name == "fraud-features"
+    assert set(spec.root.dag.tasks) == {"ingest", "engineer-features"}
+    assert set(spec.root.input_definitions.parameters) == {"data_uri", "feature_tables_uri", "max_timestamp"}
+    features = spec.root.dag.tasks["engineer-features"]
+    assert features.inputs.parameters["incremental"].runtime_value.constant.bool_value is True
+    assert not features.caching_options.enable_cache
+    executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    secrets = {e["secretName"] for e in executors["exec-engineer-features"]["secretAsEnv"]}
+    assert secrets == {"fraud-object-store", "fraud-feast-registry", "fraud-redis"}
