@@ -61,9 +61,7 @@ def test_components_parameters_and_images(tmp_path):
     spec = _compile(tmp_path)
     assert spec.pipeline_info.name == "fraud-training"
     assert set(spec.root.input_definitions.parameters) == PARAMETERS
-    assert {"data_uri"} == {
-        name for name, p in spec.root.input_definitions.parameters.items() if not p.is_optional
-    }
+    assert {"data_uri"} == {name for name, p in spec.root.input_definitions.parameters.items() if not p.is_optional}
     components = {name.removeprefix("comp-") for name in spec.components}
     assert COMPONENTS <= components
     executors = json_format.MessageToDict(spec.deployment_spec)["executors"]
