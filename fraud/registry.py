@@ -19,6 +19,7 @@ MLflow accepts works too (PostgreSQL is tested).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -213,7 +214,13 @@ def register_bundle(
     booster = xgb.Booster(model_file=str(Path(bundle_dir) / MODEL_FILE))
     booster.feature_names = list(manifest.feature_names)
     _ensure_registered_model(mlflow_client, name)
-    with mlflow.start_run(run_id=run_id):
+    active = mlflow.active_run()
+    resumed = (
+        contextlib.nullcontext()
+        if active is not None and active.info.run_id == run_id
+        else mlflow.start_run(run_id=run_id, nested=active is not None)
+    )
+    with resumed:
         info = mlflow.xgboost.log_model(
             booster,
             name=BUNDLE_ARTIFACT_PATH,

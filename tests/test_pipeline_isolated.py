@@ -14,6 +14,8 @@ from pipelines.local_run import TASKS, Isolation, isolated_tasks, run_local
 from tests.support.pipeline_services import running_services
 
 TRAIN_START = "2018-04-22"
+#: the simulated data runs 2018-04-01 .. 2018-05-20; the training run sees it up to this instant
+LAST_DAY = "2018-05-19T23:59:59"
 
 
 def _s3(env: dict[str, str]) -> fsspec.AbstractFileSystem:
@@ -115,6 +117,8 @@ def test_whole_pipeline_passes_isolated_on_loopback_services(tmp_path, monkeypat
             "small_grid": True,
             "min_average_precision": 0.1,
             "deploy_target": "record",
+            # the day after is left for the daily feature pipeline below
+            "max_timestamp": LAST_DAY,
         }
         isolation = Isolation(sandbox_root=tmp_path / "sandboxes", service_env=services.env)
         result = run_local(arguments, tmp_path / "pipeline_root", isolation)
@@ -150,5 +154,26 @@ def test_whole_pipeline_passes_isolated_on_loopback_services(tmp_path, monkeypat
                 monkeypatch.setenv(name, value)
         ids = latest[CUSTOMER_ID].astype(str).tolist()
         online = feature_store.online_batch_features(ids, ["0"] * len(ids))
+        expected = latest[list(CUSTOMER_SPENDING_FEATURES)].to_numpy(dtype=float)
+        assert online[list(CUSTOMER_SPENDING_FEATURES)].to_numpy(dtype=float) == pytest.approx(expected)
+
+        # the daily feature pipeline, isolated too: it sees one more day of raw data, rebuilds the
+        # offline tables and materialises incrementally, so the online store moves on by a day
+        from pipelines.feature_pipeline import feature_pipeline
+
+        before = customers[SNAPSHOT_TIMESTAMP].max()
+        with isolated_tasks(isolation):
+            feature_pipeline(data_uri=services.s3("raw"), feature_tables_uri=services.s3("features"))
+        assert list((tmp_path / "sandboxes").iterdir()) == []
+        with s3.open(f"{services.bucket}/features/customer_spending_features.parquet", "rb") as handle:
+            customers = pd.read_parquet(handle)
+        newest = customers[SNAPSHOT_TIMESTAMP].max()
+        assert newest == before + pd.Timedelta(days=1)
+        latest = customers[customers[SNAPSHOT_TIMESTAMP] == newest].head(5)
+        ids = latest[CUSTOMER_ID].astype(str).tolist()
+        feature_store._CLIENTS.clear()  # a new process would read the registry afresh
+        online = feature_store.online_batch_features(ids, ["0"] * len(ids))
+        naive = newest.tz_convert(None) if newest.tzinfo is not None else newest
+        assert (online[feature_store.CUSTOMER_SNAPSHOT_COLUMN] == naive).all(), online
         expected = latest[list(CUSTOMER_SPENDING_FEATURES)].to_numpy(dtype=float)
         assert online[list(CUSTOMER_SPENDING_FEATURES)].to_numpy(dtype=float) == pytest.approx(expected)
