@@ -248,3 +248,21 @@ def test_daily_feature_pipeline_materialises_incrementally(tmp_path):
     executors = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     secrets = {e["secretName"] for e in executors["exec-engineer-features"]["secretAsEnv"]}
     assert secrets == {"fraud-object-store", "fraud-feast-registry", "fraud-redis"}
+
+
+def test_deploy_steps_build_their_kubernetes_client_from_the_mounted_deployer_token(tmp_path, monkeypatch):
+    from kubernetes import client, config
+
+    from components.base import deployer_kubeconfig
+
+    assert deployer_kubeconfig("") is None and deployer_kubeconfig(str(tmp_path / "absent")) is None
+    (tmp_path / "token").write_text("deployer-token")
+    (tmp_path / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\n")
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
+    path = deployer_kubeconfig(str(tmp_path))
+    configuration = client.Configuration()
+    config.load_kube_config(config_file=path, client_configuration=configuration)
+    assert configuration.host == "https://10.96.0.1:443"
+    assert configuration.api_key["authorization"] == "Bearer deployer-token"
+    assert configuration.ssl_ca_cert == str(tmp_path / "ca.crt")

@@ -177,3 +177,22 @@ def test_whole_pipeline_passes_isolated_on_loopback_services(tmp_path, monkeypat
         assert (online[feature_store.CUSTOMER_SNAPSHOT_COLUMN] == naive).all(), online
         expected = latest[list(CUSTOMER_SPENDING_FEATURES)].to_numpy(dtype=float)
         assert online[list(CUSTOMER_SPENDING_FEATURES)].to_numpy(dtype=float) == pytest.approx(expected)
+
+
+def test_object_store_helpers_copy_folders_and_name_what_is_missing(tmp_path):
+    from fraud import storage
+    from fraud.errors import UserError
+
+    source = tmp_path / "tables"
+    source.mkdir()
+    (source / "a.parquet").write_bytes(b"a")
+    (source / "b.parquet").write_bytes(b"b")
+    assert storage.put_folder(source, f"file://{tmp_path / 'store'}") == ["a.parquet", "b.parquet"]
+    fetched = storage.get_folder(str(tmp_path / "store"), tmp_path / "task", ["a.parquet", "b.parquet"])
+    assert (fetched / "b.parquet").read_bytes() == b"b"
+    with pytest.raises(UserError, match="c.parquet does not exist"):
+        storage.get_folder(str(tmp_path / "store"), tmp_path / "task2", ["c.parquet"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="has no files"):
+        storage.put_folder(tmp_path / "empty", str(tmp_path / "store"))
+    assert storage.is_remote("s3://b/x") and not storage.is_remote("file:///x") and not storage.is_remote("/x")
