@@ -174,3 +174,19 @@ def test_run_isolated_needs_the_object_store_and_a_tracking_server(data_dir, mon
     assert result.exit_code != 0 and "MLflow tracking server" in result.output
     result = _invoke("pipeline", "run", "--host", "http://127.0.0.1:9", "--data-uri", "s3://b/raw")
     assert result.exit_code != 0 and "--feature-tables-uri" in result.output
+
+
+def test_token_from_file_else_the_pods_service_account(tmp_path):
+    from fraud.errors import UserError
+    from pipelines.remote import read_token
+
+    in_cluster = tmp_path / "serviceaccount-token"
+    assert read_token(None, in_cluster=in_cluster) is None  # outside a pod: no token
+    in_cluster.write_text("pod-token\n")
+    assert read_token(None, in_cluster=in_cluster) == "pod-token"
+    explicit = tmp_path / "token"
+    explicit.write_text("user-token")
+    assert read_token(explicit, in_cluster=in_cluster) == "user-token"
+    explicit.write_text("  \n")
+    with pytest.raises(UserError, match="is empty"):
+        read_token(explicit, in_cluster=in_cluster)
