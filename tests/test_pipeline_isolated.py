@@ -165,6 +165,7 @@ def test_whole_pipeline_passes_isolated_on_loopback_services(tmp_path, monkeypat
         with isolated_tasks(isolation):
             feature_pipeline(data_uri=services.s3("raw"), feature_tables_uri=services.s3("features"))
         assert list((tmp_path / "sandboxes").iterdir()) == []
+        s3.invalidate_cache()  # the file was replaced: s3fs would hold on to the old ETag
         with s3.open(f"{services.bucket}/features/customer_spending_features.parquet", "rb") as handle:
             customers = pd.read_parquet(handle)
         newest = customers[SNAPSHOT_TIMESTAMP].max()
