@@ -73,6 +73,7 @@ def get_folder(uri: str, local_dir: Path, names: list[str] | tuple[str, ...]) ->
                 shutil.copy2(source / name, local_dir / name)
         return local_dir
     fs, root = _filesystem(uri)
+    fs.invalidate_cache(root)  # fsspec keeps listings per process; the folder may have been rewritten
     for name in names:
         remote = f"{root.rstrip('/')}/{name}"
         try:
