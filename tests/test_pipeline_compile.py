@@ -111,7 +111,8 @@ def test_run_needs_exactly_one_target(data_dir):
         result = runner.invoke(app, args)
         assert isinstance(result.exception, UserError) and "exactly one of --local or --host" in str(result.exception)
     result = runner.invoke(app, ["pipeline", "run", "--host", "http://127.0.0.1:1"])
-    assert isinstance(result.exception, UserError) and "--train-start is required" in str(result.exception)
+    # with --host the tasks share no disk: the offline tables need an object-store folder
+    assert isinstance(result.exception, UserError) and "--feature-tables-uri" in str(result.exception)
     result = runner.invoke(app, ["pipeline", "compile", "--out", str(data_dir / "x.json")])
     assert isinstance(result.exception, UserError) and ".yaml" in str(result.exception)
 
