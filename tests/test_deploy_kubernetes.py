@@ -23,7 +23,7 @@ if not SHARED.is_dir():
 
 from fraud.deploy import rollout as rollout_mod
 from fraud.deploy.canary import CanaryCriteria
-from fraud.deploy.crd import load_validator
+from tests.support.kserve_crd import load_validator
 from fraud.deploy.kserve_rollout import (
     AUDIT_SPOOL,
     AUDIT_WRITER_CONTAINER,
@@ -34,7 +34,8 @@ from fraud.deploy.kserve_rollout import (
 )
 from fraud.deploy.rollout import AnalyseRequest, Connection, DeployRequest, KubernetesBackend
 from fraud.deploy.state import StateStore
-from fraud.deploy.testing import FakeKServeAPI, FakePrometheus, predictor_series
+from tests.support.kube_api import FakeKServeAPI
+from tests.support.prometheus_stub import FakePrometheus, predictor_series
 from tests.test_deploy_support import Registry, build_registry
 
 NAMESPACE = "fraud-staging"
