@@ -24,7 +24,8 @@ from fraud.config import MODEL_NAME
 from fraud.errors import UserError
 
 TARGET_HELP = (
-    "record (decision in MLflow only), kubernetes (KServe InferenceService) or local (local predictor processes)"
+    "local (local predictor processes), kubernetes (KServe InferenceService) or record "
+    "(a test target: no canary, the decision is recorded in MLflow only)"
 )
 
 # Options shared by `fraud deploy`, `status` and `rollback`: defined once so their help stays the same.
@@ -113,7 +114,7 @@ def _policy(policy_file: str | None, canary_percent: int | None, window: int | N
 @deploy_app.callback()
 def deploy(
     ctx: typer.Context,
-    target: TargetOption = "record",
+    target: TargetOption = "local",
     version: str | None = typer.Option(None, "--version", help="registered model version to roll out"),
     namespace: NamespaceOption = "fraud-dev",
     canary_percent: int | None = typer.Option(
@@ -203,7 +204,7 @@ def deploy(
 
 @deploy_app.command("status")
 def status(
-    target: TargetOption = "record",
+    target: TargetOption = "local",
     namespace: NamespaceOption = "fraud-dev",
     kube_context: KubeContextOption = None,
     kubeconfig: KubeconfigOption = None,
@@ -231,7 +232,7 @@ def status(
 @deploy_app.command("rollback")
 def rollback(
     reason: str = typer.Option(..., "--reason", help="why (recorded in MLflow and the rollout record)"),
-    target: TargetOption = "record",
+    target: TargetOption = "local",
     namespace: NamespaceOption = "fraud-dev",
     kube_context: KubeContextOption = None,
     kubeconfig: KubeconfigOption = None,
@@ -259,7 +260,7 @@ def rollback(
 
 @deploy_app.command("history")
 def history(
-    target: TargetOption = "record",
+    target: TargetOption = "local",
     namespace: NamespaceOption = "fraud-dev",
     model_name: ModelNameOption = MODEL_NAME,
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),

@@ -326,6 +326,10 @@ def _guard_stable(request: DeployRequest, backend: Backend) -> tuple[str, str]:
     version is absent or unhealthy and the request does not say `first_deploy` / `force`."""
     version, uri, healthy, detail = backend.stable_health()
     where = f"{request.target}/{request.namespace}"
+    if request.target == "record":  # a test target: nothing serves, there is nothing to guard
+        if version == str(request.model_version):
+            raise RolloutError(f"version {request.model_version} is already the champion ({where})")
+        return version, uri
     if version and healthy:
         if version == str(request.model_version):
             raise RolloutError(f"version {request.model_version} is already serving in {where}")
