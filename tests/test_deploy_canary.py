@@ -289,7 +289,7 @@ def test_prometheus_errors_become_analysis_errors():
         PrometheusSource("http://127.0.0.1:9", timeout=0.5).query("up")
 
 
-def _exposition(requests_ok: int, errors: int, version: str = "3") -> str:
+def _exposition(requests_ok: int, errors: int, version: str = "3", invalid: int = 4) -> str:
     registry = CollectorRegistry()
     requests = Counter("fraud_predictor_requests", "r", ["protocol", "model_version", "outcome"], registry=registry)
     latency = Histogram(
@@ -308,7 +308,9 @@ def _exposition(requests_ok: int, errors: int, version: str = "3") -> str:
         scores.labels(version).observe(0.05)
     for _ in range(errors):
         requests.labels("v2", version, "error").inc()
-    requests.labels("v1", version, "invalid_input").inc(4)
+    requests.labels("v1", version, "invalid_input").inc(invalid)
+    decisions = Counter("fraud_predictor_decisions", "d", ["model_version", "decision"], registry=registry)
+    decisions.labels(version, "approve").inc(requests_ok)
     return generate_latest(registry).decode()
 
 
@@ -356,6 +358,32 @@ def test_scrape_source_analyses_live_metrics_endpoints():
             server.server_close()
     assert verdict.decision == ROLL_BACK and "server_error_rate" in verdict.reason
     assert verdict.numbers["canary_requests"] == 220.0  # 200 ok + 20 errors (invalid_input unchanged)
+
+
+def test_scrape_source_rolls_back_a_canary_answering_every_request_400():
+    """4xx are not successful scorings, the 4xx rate is compared with stable's, and the latency
+    and score checks that cannot be computed fail instead of being skipped."""
+    pages = {"4": [_exposition(0, 0, "4", 0), _exposition(0, 0, "4", 300)], "3": [_exposition(0, 0, "3", 0)]}
+    pages["3"].append(_exposition(1500, 0, "3", 2))
+    servers = {}
+    for version, page_list in pages.items():
+        handler = type("H", (_MetricsHandler,), {"pages": list(page_list)})
+        server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers[version] = server
+    try:
+        urls = {v: f"http://127.0.0.1:{s.server_address[1]}/metrics" for v, s in servers.items()}
+        verdict = analyse(ScrapeSource(urls), "4", "3", 1, CanaryCriteria(), wait=False)
+    finally:
+        for server in servers.values():
+            server.shutdown()
+            server.server_close()
+    checks = {c.name: c.verdict for c in verdict.checks}
+    assert verdict.decision == ROLL_BACK
+    assert checks["successful_scorings"] == checks["client_error_rate"] == "fail"
+    assert checks["p99_latency"] == checks["score_shift"] == "fail"
+    assert checks["server_error_rate"] == "pass"  # 4xx are not server errors, and still it cannot pass
+    assert verdict.reason.startswith("successful_scorings: canary answered 0 requests successfully")
 
 
 # ----------------------------------------------------------------------------- state machine

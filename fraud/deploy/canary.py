@@ -402,7 +402,8 @@ def abort_reason(
         if c.guardrail and c.verdict == FAIL and c.value is not None and c.breach >= rules.wide_breach_factor
     ]
     if wide:
-        widest = max(wide, key=lambda c: c.breach)
+        # ties (approve down as much as decline up) name the class the canary has more of
+        widest = max(wide, key=lambda c: (c.breach, (c.value or 0.0) > 0))
         return f"wide breach (x{widest.breach:.1f} of its limit): {widest.detail}", results
     return "", results
 

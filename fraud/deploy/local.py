@@ -396,11 +396,8 @@ class LocalBackend:
         if state.stable is not None and state.stable.version == record.model_version:
             current = state.stable
             if not record.previous_version:
-                if self.stack.healthy(current):
-                    raise RolloutError(
-                        f"version {record.model_version} is the only version serving locally: "
-                        "rolling it back would leave nothing serving"
-                    )
+                # a failed first (or forced) deployment: nothing to fall back to. `fraud deploy
+                # rollback` refuses this case before it gets here (rollout.manual_rollback).
                 self.stack.save(replace(state, stable=None, canary=None, canary_percent=0))
                 stop_process(current.pid)
                 return
