@@ -226,11 +226,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         declining = register_variant(reg, work / "mlflow", "decline-everything")
         v1, v2 = reg.versions
         policy = _policy_file(work, args.interval)
-        first = _fraud(env, *_deploy_args(v1, reg.uri, "--first-deploy", "--window", "2"))
+        first = _fraud(env, *_deploy_args(v1, reg.uri, "--first-deploy", "--no-analyse"))
         output, _ = first.communicate(timeout=600)
         if first.returncode != 0:
             raise RuntimeError(f"first deployment failed:\n{output}")
         router = f"http://127.0.0.1:{_stack(data_dir)['router_port']}"
+        with Load(router):  # the first version's own window needs traffic to pass
+            analysed = _fraud(env, *_deploy_args(v1, reg.uri, "--window", "5"))
+            output, _ = analysed.communicate(timeout=600)
+        if analysed.returncode != 0:
+            raise RuntimeError(f"first deployment was not promoted:\n{output}")
         results = [
             killed_canary(env, data_dir, reg.uri, v2, policy, router),
             decline_everything(env, reg.uri, declining, policy, router),

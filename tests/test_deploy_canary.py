@@ -548,3 +548,21 @@ def test_router_sends_no_traffic_to_a_dead_backend(tmp_path):
         for server in (router, stable):
             server.shutdown()
             server.server_close()
+
+
+def test_local_backend_steps_the_routers_canary_share(tmp_path):
+    """A progressive step on the local target rewrites the router's table (no process restarts)."""
+    from fraud.deploy.local import LocalBackend, Served, StackState
+
+    backend = LocalBackend("fraud-detector", "local", StateStore(tmp_path / "state"), None, None, root=tmp_path)
+    stable = Served("1", 41001, 0, "/b/1", "/l/1")
+    canary = Served("2", 41002, 0, "/b/2", "/l/2")
+    backend.stack.save(StackState(stable=stable, canary=canary, canary_percent=5))
+    record = _record(target="local", previous_version="1", canary_traffic_percent=5)
+    for percent in (25, 50):
+        backend.set_traffic(record, percent)
+        routes = json.loads(backend.stack.routes_file.read_text())
+        assert routes["canary_percent"] == percent and routes["canary"]["version"] == "2"
+        assert backend.stack.load().canary_percent == percent
+    with pytest.raises(RolloutError, match="not the local canary"):
+        backend.set_traffic(_record(target="local", model_version="9"), 50)
