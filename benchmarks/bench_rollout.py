@@ -274,28 +274,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def table(report: dict[str, Any]) -> str:
     killed, declining = report["results"]
+    machine = report["machine"]
     return "\n".join(
         [
             (
-                f"Measured {report['date']} on {report['machine']['cpus']} cores (load {report['machine']['load_1m']:.1f}), "
-                f"canary {report['canary_percent']} %, window {report['window_seconds']} s, a look every "
-                f"{report['evaluation_interval_seconds']} s, router health probe every "
-                f"{report['router_health_interval_seconds']} s, {report['load_threads']} client threads "
-                "(`benchmarks/bench_rollout.py`, `benchmarks/results/rollout_<date>.json`)."
+                f"Measured {report['date']} on {machine['cpus']} cores under a 1-minute load average of "
+                f"{machine['load_1m']:.1f} (other work on the machine), canary {report['canary_percent']} %, window "
+                f"{report['window_seconds']} s, a look every {report['evaluation_interval_seconds']} s, router "
+                f"health probe every {report['router_health_interval_seconds']} s, {report['load_threads']} client "
+                "threads; `benchmarks/bench_rollout.py`, `benchmarks/results/rollout_<date>.json`."
             ),
             "",
-            "| incident | until no more traffic to the canary | until rolled back | requests affected |",
+            "| incident | canary out of the routing table | rollout finished (exit 3) | requests affected |",
             "|---|---|---|---|",
             (
-                f"| canary process killed | {killed['seconds_kill_to_last_canary_answer']:.2f} s after the kill "
-                f"(last answer it gave) | {killed['seconds_kill_to_routing_table_without_canary']:.2f} s "
-                f"| {killed['requests_failed_after_kill']} of {killed['requests_after_kill']} requests after the kill failed |"
+                f"| canary process killed mid-window | {killed['seconds_kill_to_routing_table_without_canary']:.2f} s "
+                f"after the kill | {killed['seconds_kill_to_rollout_finished']:.2f} s after the kill "
+                f"| {killed['requests_failed_after_kill']} of {killed['requests_after_kill']} requests after the "
+                "kill failed (502: in flight when the process died); the others went to stable |"
             ),
             (
-                f"| canary declines everything | - | {declining['seconds_first_canary_answer_to_routing_table_without_canary']:.2f} s "
-                f"after its first answer | {declining['requests_answered_by_canary']} requests answered by the canary "
-                f"({declining['canary_declines']} declined), at {declining['requests_per_second']} requests/s through the router |"
+                f"| canary declines everything | "
+                f"{declining['seconds_first_canary_answer_to_routing_table_without_canary']:.2f} s after its first "
+                f"answer | - | {declining['requests_answered_by_canary']} requests answered by the canary "
+                f"({declining['canary_declines']} declined) of {declining['requests_during_canary']} "
+                f"({declining['requests_per_second']} requests/s) |"
             ),
+            "",
+            f"Without early abort the canary keeps its share for the whole {report['window_seconds']} s window.",
         ]
     )
 
@@ -305,7 +311,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval", type=float, default=1.0, help="seconds between looks of the analysis")
     parser.add_argument("--no-save", action="store_true", help="print the JSON; write no results or docs")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--table-from", type=Path, help="only re-render the docs table from a saved result")
     args = parser.parse_args(argv)
+    if args.table_from:
+        write_docs_section(table(json.loads(args.table_from.read_text())), MARKS, DOCS)
+        return 0
     report = run(args)
     if args.no_save:
         print(json.dumps(report, indent=2))
