@@ -566,3 +566,30 @@ def test_local_backend_steps_the_routers_canary_share(tmp_path):
         assert backend.stack.load().canary_percent == percent
     with pytest.raises(RolloutError, match="not the local canary"):
         backend.set_traffic(_record(target="local", model_version="9"), 50)
+
+
+def test_the_predictors_own_metrics_feed_every_check():
+    """What `predictor.metrics.record_scores` exports is what the analysis parses: decisions,
+    top reason codes, missing/stale counts, per version (exact deltas of a version no one else uses)."""
+    from prometheus_client import REGISTRY
+
+    from predictor import metrics
+
+    version = "canary-metrics-test"
+    before = parse_metrics(generate_latest(REGISTRY).decode())
+    metrics.record_scores(
+        version,
+        [0.1, 0.8, 0.95],
+        ["approve", "decline", "decline"],
+        missing=1,
+        stale=2,
+        top_reasons=["tx_amount", "tx_amount"],
+    )
+    metrics.record_request("v1", version, "ok", 0.004)
+    metrics.record_request("v1", version, "invalid_input", 0.001)
+    got = stats_between(version, before, parse_metrics(generate_latest(REGISTRY).decode()))
+    assert got.transactions == 3.0 and (got.missing, got.stale) == (1.0, 2.0)
+    assert got.decisions == {"approve": 1.0, "decline": 2.0}
+    assert got.reasons == {"tx_amount": 2.0}
+    assert (got.requests, got.client_errors, got.server_errors, got.successful) == (2.0, 1.0, 0.0, 1.0)
+    assert dict(got.score_buckets)[INF] == 3.0
