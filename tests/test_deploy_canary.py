@@ -593,3 +593,15 @@ def test_the_predictors_own_metrics_feed_every_check():
     assert got.reasons == {"tx_amount": 2.0}
     assert (got.requests, got.client_errors, got.server_errors, got.successful) == (2.0, 1.0, 0.0, 1.0)
     assert dict(got.score_buckets)[INF] == 3.0
+
+
+def test_the_pipeline_deploys_through_a_canary_unless_told_otherwise():
+    """`record` (no canary, moves champion) is a test target: nothing defaults to it."""
+    import inspect
+
+    from fraud.commands.deploy import deploy as deploy_command
+    from pipelines.training_pipeline import training_pipeline
+
+    assert training_pipeline.component_spec.inputs["deploy_target"].default == "kubernetes"
+    target = inspect.signature(deploy_command).parameters["target"].default
+    assert target == "local"
