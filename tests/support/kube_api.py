@@ -4,11 +4,15 @@
   InferenceService resource (`/apis/serving.kserve.io/v1beta1/namespaces/{ns}/inferenceservices[/{name}]`:
   GET, POST, PUT, PATCH with merge-patch or json-patch bodies, DELETE), so the real `kubernetes`
   and `kserve` clients talk to it through an ordinary kubeconfig. Every object it receives is
-  validated strictly against the KServe CRD schema (`fraud.deploy.crd`) and rejected with a 422
+  validated strictly against the KServe CRD schema (`tests.support.kserve_crd`) and rejected with a 422
   Status like the API server's. It simulates the controller: metadata.generation (bumped only
   when the spec changes), status.observedGeneration, Knative revisions, the Ready conditions,
   and the predictor's traffic split under `canaryTrafficPercent`. Storage URIs listed in
   `never_ready` produce revisions that never become ready.
+
+It refuses what the API server refuses: a path of an API version the CRD does not serve (404), a
+strategic-merge patch on a custom resource (415), an update with a stale `resourceVersion` (409),
+a body whose name or namespace differs from the URL (400), an invalid object (422).
 
 The Prometheus stand-in is `tests.support.prometheus_stub`.
 """
