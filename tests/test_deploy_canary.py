@@ -34,6 +34,7 @@ from fraud.deploy.canary import (
     score_shift,
     stats_between,
     two_proportion_test,
+    watch,
 )
 from fraud.deploy.policy import AbortRules, CanaryCriteria, PolicyError, RolloutPolicy, load_policy, parse_policy
 from fraud.deploy.state import RolloutError, RolloutRecord, RolloutState, StateStore
@@ -605,3 +606,47 @@ def test_the_pipeline_deploys_through_a_canary_unless_told_otherwise():
     assert training_pipeline.component_spec.inputs["deploy_target"].default == "kubernetes"
     target = inspect.signature(deploy_command).parameters["target"].default
     assert target == "local"
+
+
+def test_watch_aborts_early_from_prometheus_and_looks_at_the_time_elapsed():
+    """The Kubernetes path of early abort: each look queries Prometheus over the time elapsed in
+    the window; a canary declining everything is rolled back at the first look."""
+    now = [0.0]
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    series = predictor_series("1", requests=1800) + predictor_series(
+        "2", requests=300, decision_shares={"decline": 0.997, "approve": 0.003}
+    )
+    with FakePrometheus(series) as prometheus:
+        verdict = watch(
+            PrometheusSource(prometheus.url, drift=False),
+            "2",
+            "1",
+            600,
+            CanaryCriteria(),
+            interval_seconds=5,
+            sleep=sleep,
+            clock=lambda: now[0],
+        )
+        assert verdict.decision == ROLL_BACK and verdict.early
+        assert now[0] == 5  # one look, not the 600 s window
+        assert all("[5s]" in q for q in prometheus.queries)
+        assert "decision_share.decline" in verdict.reason
+    healthy = predictor_series("1", requests=1800) + predictor_series("2", requests=300)
+    now[0] = 0.0
+    with FakePrometheus(healthy) as prometheus:
+        verdict = watch(
+            PrometheusSource(prometheus.url, drift=False),
+            "2",
+            "1",
+            20,
+            CanaryCriteria(),
+            interval_seconds=5,
+            sleep=sleep,
+            clock=lambda: now[0],
+        )
+        assert verdict.decision == PROMOTE and not verdict.early
+        ranges = sorted({q.rsplit("[", 1)[1] for q in prometheus.queries})
+        assert ranges == ["10s]))", "15s]))", "20s]))", "5s]))"]
