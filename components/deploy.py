@@ -6,9 +6,14 @@
 revision, reason recorded in MLflow). Both write the rollout record (JSON, see
 `fraud.deploy.state.RolloutRecord`) as their artifact and return the rollout state.
 
-Targets: "record" (no serving stack: decision recorded in MLflow + artifact), "kubernetes" (KServe
-InferenceService in `namespace`, in-cluster credentials of the pipeline's ServiceAccount),
-"local" (the local predictor processes behind the local canary router).
+Targets: "kubernetes" (KServe InferenceService in `namespace`, in-cluster credentials of the
+pipeline's ServiceAccount; the pipeline's default), "local" (the local predictor processes behind
+the local canary router), "record" (a test target: no serving stack and no canary, the decision is
+recorded in MLflow + artifact only). The artifact's metadata says whether a canary ran
+(`canary`) and under which traffic steps (`steps`), so the choice is visible in the run.
+
+`rollout_policy` is the text of a rollout policy file (`kustomize/overlays/<env>/rollout-policy.yaml`);
+"" = one step at `canary_traffic_percent` for `window_seconds` with the default checks.
 """
 
 from kfp import dsl
@@ -26,29 +31,45 @@ def deploy_model(
     namespace: str,
     canary_traffic_percent: int,
     rollout: Output[Artifact],
+    rollout_policy: str = "",
+    first_deploy: bool = False,
     deployer_token_dir: str = "",
 ) -> str:
-    """Deploy `model_version` as a canary taking `canary_traffic_percent`% of traffic; return the rollout state.
+    """Deploy `model_version` as a canary taking the first step's share of traffic; return the rollout state.
     `deployer_token_dir`: where the `fraud-deployer` ServiceAccount token is mounted (cluster runs)."""
     from pathlib import Path
 
     from components.base import deployer_kubeconfig
-    from fraud.deploy.rollout import Connection, DeployRequest, deploy
+    from fraud.deploy.policy import parse_policy
+    from fraud.deploy.rollout import AlreadyRolledBack, Connection, DeployRequest, deploy
 
-    record = deploy(
-        DeployRequest(
-            model_name=model_name,
-            model_version=model_version,
-            target=target,
-            namespace=namespace,
-            canary_traffic_percent=canary_traffic_percent,
-            mlflow_tracking_uri=mlflow_tracking_uri,
-            connection=Connection(kubeconfig=deployer_kubeconfig(deployer_token_dir)),
+    policy = parse_policy(rollout_policy) if rollout_policy.strip() else None
+    try:
+        record = deploy(
+            DeployRequest(
+                model_name=model_name,
+                model_version=model_version,
+                target=target,
+                namespace=namespace,
+                canary_traffic_percent=canary_traffic_percent,
+                mlflow_tracking_uri=mlflow_tracking_uri,
+                policy=policy,
+                first_deploy=first_deploy,
+                connection=Connection(kubeconfig=deployer_kubeconfig(deployer_token_dir)),
+            )
         )
-    )
+    except AlreadyRolledBack as exc:  # a re-run of this step after its rollout was decided
+        record = exc.record
     Path(rollout.path).parent.mkdir(parents=True, exist_ok=True)
     Path(rollout.path).write_text(record.to_json())
-    rollout.metadata.update(record.summary())
+    steps = policy.steps if policy is not None else ()
+    rollout.metadata.update(
+        {
+            **record.summary(),
+            "canary": target != "record" and bool(record.previous_version),
+            "steps": " -> ".join(f"{s.percent}%/{s.window_seconds}s" for s in steps) or f"{canary_traffic_percent}%",
+        }
+    )
     return record.state.value
 
 
@@ -62,12 +83,14 @@ def analyse_canary(
     prometheus_url: str,
     window_seconds: int,
     rollout: Input[Artifact],
+    rollout_policy: str = "",
     deployer_token_dir: str = "",
 ) -> str:
     """Analyse the canary over `window_seconds`, then promote or roll back; return "promoted" or "rolled_back"."""
     from pathlib import Path
 
     from components.base import deployer_kubeconfig
+    from fraud.deploy.policy import parse_policy
     from fraud.deploy.rollout import AnalyseRequest, Connection, analyse
     from fraud.deploy.state import RolloutRecord
 
@@ -82,6 +105,7 @@ def analyse_canary(
             window_seconds=window_seconds,
             mlflow_tracking_uri=mlflow_tracking_uri,
             connection=Connection(kubeconfig=deployer_kubeconfig(deployer_token_dir)),
+            policy=parse_policy(rollout_policy) if rollout_policy.strip() else None,
         ),
         deployed=deployed,
     )

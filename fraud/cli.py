@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from fraud.commands import audit, bench, deploy, features, labels, monitor, pipeline, serving, simulate
+from fraud.commands import audit, bench, deploy, features, labels, monitor, pipeline, registry, serving, simulate
 from fraud.errors import UserError
 
 app = typer.Typer(
@@ -26,7 +26,7 @@ def _root() -> None:
     # registered; typer would otherwise run a lone command as the root and reject its name.
 
 
-for module in (simulate, features, pipeline, serving, deploy, bench, audit, labels, monitor):
+for module in (simulate, features, pipeline, serving, deploy, registry, bench, audit, labels, monitor):
     module.register(app)
 
 

@@ -246,6 +246,32 @@ def register_bundle(
     return version
 
 
+def register_bundle_dir(
+    bundle_dir: Path, *, description: str = "", name: str = MODEL_NAME, uri: str | None = None
+) -> str:
+    """Register a bundle made outside the pipeline (a hot-fix, an incident reproduction) under a
+    run of its own; alias `challenger`, tag `registered_by=cli`. Returns the version."""
+    mlflow_client = client(uri)
+    run = mlflow_client.create_run(
+        ensure_experiment(uri=uri), run_name=f"register {Path(bundle_dir).name}", tags={"registered_by": "cli"}
+    )
+    mlflow_client.log_param(run.info.run_id, "bundle_dir", str(Path(bundle_dir).resolve()))
+    try:
+        version = register_bundle(
+            Path(bundle_dir),
+            run.info.run_id,
+            tags={"registered_by": "cli"},
+            description=description,
+            name=name,
+            uri=uri,
+        )
+    except BaseException:
+        mlflow_client.set_terminated(run.info.run_id, status="FAILED")
+        raise
+    mlflow_client.set_terminated(run.info.run_id)
+    return version
+
+
 def set_alias(alias: str, version: str, *, name: str = MODEL_NAME, uri: str | None = None) -> None:
     """Point `alias` (e.g. `champion`) at `version` of the registered model."""
     if not _ALIAS_PATTERN.match(alias):

@@ -39,7 +39,7 @@ def training_pipeline(
     min_average_precision: float = 0.5,
     max_ap_drop_vs_champion: float = 0.02,
     max_prediction_cost_us: float = 2000.0,
-    deploy_target: str = "record",
+    deploy_target: str = "kubernetes",
     namespace: str = "fraud",
     canary_traffic_percent: int = 10,
     prometheus_url: str = "",

@@ -42,6 +42,11 @@ SCORES = Histogram(
     ["model_version"],
     buckets=SCORE_BUCKETS,
 )
+REASON_CODES = Counter(
+    "fraud_predictor_reason_codes",
+    "Explained transactions by their top reason code (the feature contributing most to the score)",
+    ["model_version", "reason"],
+)
 FEATURE_LOOKUP_LATENCY = Histogram(
     "fraud_predictor_feature_lookup_seconds",
     "Latency of the one batched online-store lookup per request",
@@ -76,7 +81,12 @@ def record_request(protocol: str, model_version: str, outcome: str, seconds: flo
 
 
 def record_scores(
-    model_version: str, probabilities: Sequence[float], decisions: Sequence[str], missing: int, stale: int
+    model_version: str,
+    probabilities: Sequence[float],
+    decisions: Sequence[str],
+    missing: int,
+    stale: int,
+    top_reasons: Sequence[str] = (),
 ) -> None:
     """Counters and the score histogram for one scored batch (label children resolved once)."""
     TRANSACTIONS.labels(model_version).inc(len(decisions))
@@ -89,3 +99,5 @@ def record_scores(
         observe(probability)
     for decision, count in collections.Counter(decisions).items():
         DECISIONS.labels(model_version, decision).inc(count)
+    for reason, count in collections.Counter(top_reasons).items():
+        REASON_CODES.labels(model_version, reason).inc(count)

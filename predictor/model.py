@@ -533,7 +533,12 @@ class FraudModel(Model):
         stale = lookup.stale(tx_epoch_ns)
         result = scorer.score(features, reason_codes=self.settings.reason_codes)
         metrics.record_scores(
-            scorer.model_version, result.probabilities, result.decisions, int(missing.sum()), int(stale.sum())
+            scorer.model_version,
+            result.probabilities,
+            result.decisions,
+            int(missing.sum()),
+            int(stale.sum()),
+            [codes[0].feature for codes in result.reason_codes if codes],
         )
         return ScoredBatch(
             request=request,

@@ -23,7 +23,6 @@ if not SHARED.is_dir():
 
 from fraud.deploy import rollout as rollout_mod
 from fraud.deploy.canary import CanaryCriteria
-from fraud.deploy.crd import load_validator
 from fraud.deploy.kserve_rollout import (
     AUDIT_SPOOL,
     AUDIT_WRITER_CONTAINER,
@@ -32,9 +31,12 @@ from fraud.deploy.kserve_rollout import (
     build_inference_service,
     serving_model,
 )
+from fraud.deploy.policy import RolloutPolicy, Step
 from fraud.deploy.rollout import AnalyseRequest, Connection, DeployRequest, KubernetesBackend
 from fraud.deploy.state import StateStore
-from fraud.deploy.testing import FakeKServeAPI, FakePrometheus, predictor_series
+from tests.support.kserve_crd import load_validator
+from tests.support.kube_api import FakeKServeAPI
+from tests.support.prometheus_stub import FakePrometheus, drift_series, predictor_series
 from tests.test_deploy_support import Registry, build_registry
 
 NAMESPACE = "fraud-staging"
@@ -76,7 +78,7 @@ def _connection(kubeconfig: Path, timeout: float = 5.0) -> Connection:
     return Connection(kubeconfig=str(kubeconfig), poll_seconds=0.05, ready_timeout_seconds=timeout)
 
 
-def _deploy(reg: Registry, kubeconfig: Path, version: str, percent: int = 10, timeout: float = 5.0):
+def _deploy(reg: Registry, kubeconfig: Path, version: str, percent: int = 10, timeout: float = 5.0, **options):
     return rollout_mod.deploy(
         DeployRequest(
             MODEL_NAME,
@@ -86,11 +88,12 @@ def _deploy(reg: Registry, kubeconfig: Path, version: str, percent: int = 10, ti
             percent,
             mlflow_tracking_uri=reg.uri,
             connection=_connection(kubeconfig, timeout),
+            **options,
         )
     )
 
 
-def _analyse(reg: Registry, kubeconfig: Path, version: str, prometheus_url: str, backend=None):
+def _analyse(reg: Registry, kubeconfig: Path, version: str, prometheus_url: str, backend=None, policy=None):
     request = AnalyseRequest(
         MODEL_NAME,
         version,
@@ -102,8 +105,14 @@ def _analyse(reg: Registry, kubeconfig: Path, version: str, prometheus_url: str,
         criteria=CanaryCriteria(),
         connection=_connection(kubeconfig),
         wait=False,
+        policy=policy,
     )
     return rollout_mod.analyse(request, backend=backend)
+
+
+def _variant(isvc: dict) -> str:
+    env = {e["name"]: e.get("value") for e in isvc["spec"]["predictor"]["containers"][0]["env"]}
+    return env["FRAUD_MODEL_VARIANT"]
 
 
 def _traffic(api: FakeKServeAPI) -> dict[str, int]:
@@ -192,6 +201,7 @@ def test_healthy_canary_is_promoted(cluster, mlflow_registry):
     assert serving_model(isvc)[0] == v2
     assert sorted(_traffic(api).values()) == [10, 90]
     assert json.loads(isvc["metadata"]["annotations"][ROLLOUT_ANNOTATION])["state"] == "deployed"
+    assert _variant(isvc) == "canary"  # the canary revision's audit records say canary
 
     series = predictor_series(
         v1, requests=900, server_errors=1, latency_seconds=0.01, extra_labels=_labels(v1)
@@ -206,7 +216,12 @@ def test_healthy_canary_is_promoted(cluster, mlflow_registry):
     isvc = api.get(NAMESPACE, MODEL_NAME)
     assert "canaryTrafficPercent" not in isvc["spec"]["predictor"]
     assert list(_traffic(api).values()) == [100]
-    assert isvc["status"]["components"]["predictor"]["latestRolledoutRevision"].endswith("00002")
+    # promotion restarts the same model as `stable` (a new revision taking all traffic when ready)
+    assert isvc["status"]["components"]["predictor"]["latestRolledoutRevision"].endswith("00003")
+    assert _variant(isvc) == "stable" and serving_model(isvc)[0] == v2
+    checks = {c["name"]: c for c in final.checks}
+    assert checks["decision_share.decline"]["verdict"] == "pass" and checks["drift"]["verdict"] == "skip"
+    assert mlflow_registry.decisions(v2)["canary.check.server_error_rate"].startswith("pass value=0")
     # the file mirror of the record agrees with the annotation
     mirrored = StateStore(rollout_mod.state_dir()).load("kubernetes", NAMESPACE, MODEL_NAME)
     assert mirrored is not None and mirrored.state is RolloutState.PROMOTED
@@ -214,7 +229,7 @@ def test_healthy_canary_is_promoted(cluster, mlflow_registry):
 
 @pytest.mark.parametrize(
     ("canary_errors", "canary_latency", "reason"),
-    [(12, 0.01, "error rate"), (0, 0.9, "p99 latency")],
+    [(12, 0.01, "server_error_rate"), (0, 0.9, "p99_latency")],
     ids=["erroring", "slow"],
 )
 def test_bad_canary_is_rolled_back(cluster, mlflow_registry, canary_errors, canary_latency, reason):
@@ -262,14 +277,14 @@ def test_rollout_patches_keep_the_audit_writer(cluster, mlflow_registry):
 
 
 def test_prometheus_outage_rolls_back(cluster, mlflow_registry):
-    api, kubeconfig = cluster
+    _api, kubeconfig = cluster
     v2 = mlflow_registry.versions[1]
     _deploy(mlflow_registry, kubeconfig, v2)
     with FakePrometheus() as prometheus:
         prometheus.down = True
         final = _analyse(mlflow_registry, kubeconfig, v2, prometheus.url)
     assert final.state is RolloutState.ROLLED_BACK
-    assert "metrics unavailable" in final.reason
+    assert "metrics: " in final.reason and "unavailable" in final.reason
     assert mlflow_registry.champion() == mlflow_registry.versions[0]
 
 
@@ -383,14 +398,18 @@ def test_manual_rollback_after_promotion_restores_stable_and_champion(cluster, m
     assert serving_model(isvc)[0] == v1
     assert "canaryTrafficPercent" not in isvc["spec"]["predictor"]
     traffic = isvc["status"]["components"]["predictor"]["traffic"]
-    assert [(t["revisionName"].endswith("00003"), t["percent"]) for t in traffic] == [(True, 100)]
+    assert [(t["revisionName"].endswith("00004"), t["percent"]) for t in traffic] == [(True, 100)]
+    assert mlflow_registry.decisions(v2)["canary"] == "rolled_back"  # tags agree with what serves
 
 
 def test_first_deployment_creates_the_inference_service(validator, tmp_path, data_dir, mlflow_registry):
     mlflow_registry.reset(champion=mlflow_registry.versions[0])
     with FakeKServeAPI(validator) as api:
         kubeconfig = api.kubeconfig(tmp_path / "kubeconfig", NAMESPACE)
-        record = _deploy(mlflow_registry, kubeconfig, mlflow_registry.versions[1], percent=10)
+        with pytest.raises(RolloutError, match="--first-deploy"):
+            _deploy(mlflow_registry, kubeconfig, mlflow_registry.versions[1], percent=10)
+        assert api.requests and {r["method"] for r in api.requests} == {"GET"}  # nothing created
+        record = _deploy(mlflow_registry, kubeconfig, mlflow_registry.versions[1], percent=10, first_deploy=True)
         assert record.state is RolloutState.DEPLOYED
         assert record.previous_version == "" and record.canary_traffic_percent == 100
         isvc = api.get(NAMESPACE, MODEL_NAME)
@@ -398,9 +417,199 @@ def test_first_deployment_creates_the_inference_service(validator, tmp_path, dat
         assert methods.count("POST") == 1 and "PATCH" not in methods[: methods.index("POST")]
         assert "canaryTrafficPercent" not in isvc["spec"]["predictor"]
         assert validator.issues(isvc) == []
+        # nothing to fall back to: a rollback by hand is refused and the version keeps serving
+        with pytest.raises(RolloutError, match="leave nothing serving"):
+            rollout_mod.manual_rollback(
+                "kubernetes",
+                MODEL_NAME,
+                NAMESPACE,
+                "test",
+                mlflow_tracking_uri=mlflow_registry.uri,
+                connection=_connection(kubeconfig),
+            )
+        assert api.get(NAMESPACE, MODEL_NAME) is not None
 
 
 def test_deploy_refuses_unknown_version(cluster, mlflow_registry):
     _, kubeconfig = cluster
     with pytest.raises(RolloutError, match="version 999"):
         _deploy(mlflow_registry, kubeconfig, "999")
+
+
+# ----------------------------------------------------------------------------- the API stand-in itself
+
+
+def _raw(api: FakeKServeAPI, method: str, path: str, body, content_type: str = "application/json"):
+    import httpx
+
+    return httpx.request(
+        method, f"{api.url}{path}", content=json.dumps(body), headers={"Content-Type": content_type}, timeout=5
+    )
+
+
+ISVC_PATH = f"/apis/serving.kserve.io/v1beta1/namespaces/{NAMESPACE}/inferenceservices"
+
+
+def test_api_stand_in_refuses_what_the_api_server_refuses(cluster):
+    api, _ = cluster
+    current = api.get(NAMESPACE, MODEL_NAME)
+    patch = {"spec": {"predictor": {"minReplicas": 2}}}
+    merge = "application/merge-patch+json"
+    # a made-up API version: no such resource
+    made_up = _raw(
+        api,
+        "PATCH",
+        f"/apis/serving.kserve.io/v1gamma9/namespaces/{NAMESPACE}/inferenceservices/{MODEL_NAME}",
+        patch,
+        merge,
+    )
+    assert made_up.status_code == 404 and made_up.json()["reason"] == "NotFound"
+    # strategic merge needs a Go struct: custom resources answer 415
+    strategic = _raw(api, "PATCH", f"{ISVC_PATH}/{MODEL_NAME}", patch, "application/strategic-merge-patch+json")
+    assert strategic.status_code == 415 and strategic.json()["reason"] == "UnsupportedMediaType"
+    # an update carrying a resourceVersion that is no longer current: 409 Conflict
+    stale = json.loads(json.dumps(current))
+    stale["spec"]["predictor"]["minReplicas"] = 3
+    assert _raw(api, "PATCH", f"{ISVC_PATH}/{MODEL_NAME}", patch, merge).status_code == 200  # moves the version on
+    conflict = _raw(api, "PUT", f"{ISVC_PATH}/{MODEL_NAME}", stale)
+    assert conflict.status_code == 409 and conflict.json()["reason"] == "Conflict"
+    fresh = api.get(NAMESPACE, MODEL_NAME)
+    fresh["spec"]["predictor"]["minReplicas"] = 3
+    assert _raw(api, "PUT", f"{ISVC_PATH}/{MODEL_NAME}", fresh).status_code == 200  # the current one is accepted
+    # a body naming another object than the URL: 400
+    renamed = dict(api.get(NAMESPACE, MODEL_NAME), metadata={**fresh["metadata"], "name": "other"})
+    renamed["metadata"].pop("resourceVersion")
+    assert _raw(api, "PUT", f"{ISVC_PATH}/{MODEL_NAME}", renamed).status_code == 400
+    moved = json.loads(json.dumps(current))
+    moved["metadata"] = {"name": "second", "namespace": "elsewhere"}
+    assert _raw(api, "POST", ISVC_PATH, moved).status_code == 400
+    # the accepted requests changed exactly what they said
+    assert api.get(NAMESPACE, MODEL_NAME)["spec"]["predictor"]["minReplicas"] == 3
+    assert api.get(NAMESPACE, "second") is None and api.get("elsewhere", "second") is None
+
+
+# ----------------------------------------------------------------------------- policy, steps, guards
+
+
+def _healthy_series(v1: str, v2: str, **canary) -> list:
+    return predictor_series(v1, requests=1800, extra_labels=_labels(v1)) + predictor_series(
+        v2, requests=400, extra_labels=_labels(v2), **canary
+    )
+
+
+def test_progressive_steps_patch_canary_traffic_percent(cluster, mlflow_registry, validator):
+    api, kubeconfig = cluster
+    v1, v2 = mlflow_registry.versions[:2]
+    policy = RolloutPolicy(steps=(Step(5, 60), Step(25, 60), Step(50, 60)))
+    record = _deploy(mlflow_registry, kubeconfig, v2, percent=5, policy=policy)
+    assert record.canary_traffic_percent == 5 and sorted(_traffic(api).values()) == [5, 95]
+    with FakePrometheus(_healthy_series(v1, v2)) as prometheus:
+        final = _analyse(mlflow_registry, kubeconfig, v2, prometheus.url)
+    assert final.state is RolloutState.PROMOTED, final.reason
+    assert [(r["step"], r["percent"], r["decision"]) for r in final.step_results] == [
+        (1, 5, "promoted"),
+        (2, 25, "promoted"),
+        (3, 50, "promoted"),
+    ]
+    shares = [
+        r["body"]["spec"]["predictor"].get("canaryTrafficPercent", "absent")
+        for r in api.requests
+        if r["method"] == "PATCH" and "predictor" in (r["body"] or {}).get("spec", {})
+    ]
+    assert shares == [5, 25, 50, None]  # None: the merge patch removes it (promotion)
+    assert validator.issues(api.get(NAMESPACE, MODEL_NAME)) == []
+    assert mlflow_registry.champion() == v2
+
+
+def test_a_crash_between_steps_resumes_at_the_step_it_was_in(cluster, mlflow_registry):
+    api, kubeconfig = cluster
+    v1, v2 = mlflow_registry.versions[:2]
+    policy = RolloutPolicy(steps=(Step(5, 60), Step(25, 60), Step(50, 60)))
+    _deploy(mlflow_registry, kubeconfig, v2, percent=5, policy=policy)
+    with FakePrometheus(_healthy_series(v1, v2)) as prometheus:
+        crashing = KubernetesBackend(
+            MODEL_NAME, NAMESPACE, StateStore(rollout_mod.state_dir()), _connection(kubeconfig)
+        )
+        real_set = crashing.set_traffic
+
+        def set_then_crash(record, percent):
+            real_set(record, percent)
+            if percent == 50:
+                raise Crash
+
+        crashing.set_traffic = set_then_crash
+        with pytest.raises(Crash):
+            _analyse(mlflow_registry, kubeconfig, v2, prometheus.url, backend=crashing)
+        persisted = json.loads(api.get(NAMESPACE, MODEL_NAME)["metadata"]["annotations"][ROLLOUT_ANNOTATION])
+        assert (persisted["state"], persisted["step_index"], len(persisted["step_results"])) == ("analysing", 2, 2)
+        assert sorted(_traffic(api).values()) == [50, 50]
+        final = _analyse(mlflow_registry, kubeconfig, v2, prometheus.url)  # the recorded policy is used
+    assert final.state is RolloutState.PROMOTED
+    assert [r["percent"] for r in final.step_results] == [5, 25, 50]  # steps 1 and 2 not redone
+
+
+@pytest.mark.parametrize(
+    ("canary", "check"),
+    [
+        ({"decision_shares": {"decline": 0.997, "approve": 0.003}}, "decision_share.decline"),
+        ({"client_errors": 400}, "client_error_rate"),
+        ({"missing": 200}, "missing_stale"),
+    ],
+    ids=["declines-everything", "answers-400", "missing-features"],
+)
+def test_canary_bad_for_the_business_is_rolled_back(cluster, mlflow_registry, canary, check):
+    api, kubeconfig = cluster
+    v1, v2 = mlflow_registry.versions[:2]
+    _deploy(mlflow_registry, kubeconfig, v2, percent=20)
+    with FakePrometheus(_healthy_series(v1, v2, **canary)) as prometheus:
+        final = _analyse(mlflow_registry, kubeconfig, v2, prometheus.url)
+    assert final.state is RolloutState.ROLLED_BACK
+    assert check in final.reason and "\n" not in final.reason
+    assert {c["name"]: c["verdict"] for c in final.checks}[check] == "fail"
+    assert mlflow_registry.decisions(v2)[f"canary.check.{check}"].startswith("fail ")
+    assert mlflow_registry.champion() == v1 and serving_model(api.get(NAMESPACE, MODEL_NAME))[0] == v1
+
+
+def test_drift_during_the_window_fails_the_drift_check(cluster, mlflow_registry):
+    _api, kubeconfig = cluster
+    v1, v2 = mlflow_registry.versions[:2]
+    _deploy(mlflow_registry, kubeconfig, v2, percent=20)
+    series = _healthy_series(v1, v2) + drift_series(1, age_seconds=100, extra_labels={"namespace": NAMESPACE})
+    old_drift = drift_series(5, age_seconds=900, extra_labels={"namespace": NAMESPACE})  # before the window
+    with FakePrometheus(series + old_drift) as prometheus:
+        final = _analyse(mlflow_registry, kubeconfig, v2, prometheus.url)
+    checks = {c["name"]: c for c in final.checks}
+    assert checks["drift"]["verdict"] == "fail" and checks["drift"]["value"] == 1.0
+    assert final.state is RolloutState.ROLLED_BACK
+
+
+def test_no_canary_against_an_unhealthy_stable(cluster, mlflow_registry):
+    api, kubeconfig = cluster
+    v1, v2 = mlflow_registry.versions[:2]
+    from fraud import registry
+
+    api.never_ready.add(registry.model_version_source(v1, uri=mlflow_registry.uri))  # stable stops being ready
+    with pytest.raises(RolloutError, match=f"stable version {v1} .* is unhealthy"):
+        _deploy(mlflow_registry, kubeconfig, v2)
+    assert serving_model(api.get(NAMESPACE, MODEL_NAME))[0] == v1 and mlflow_registry.champion() == v1
+    forced = _deploy(mlflow_registry, kubeconfig, v2, force=True)
+    assert forced.state is RolloutState.DEPLOYED and forced.canary_traffic_percent == 100
+    assert forced.previous_version == ""
+
+
+def test_retry_of_a_rolled_back_version_and_history(cluster, mlflow_registry):
+    _api, kubeconfig = cluster
+    v1, v2 = mlflow_registry.versions[:2]
+    _deploy(mlflow_registry, kubeconfig, v2)
+    with FakePrometheus(_healthy_series(v1, v2, server_errors=100)) as prometheus:
+        first = _analyse(mlflow_registry, kubeconfig, v2, prometheus.url)
+    assert first.state is RolloutState.ROLLED_BACK
+    with pytest.raises(rollout_mod.AlreadyRolledBack, match="past result.*--retry"):
+        _deploy(mlflow_registry, kubeconfig, v2)
+    again = _deploy(mlflow_registry, kubeconfig, v2, retry=True)
+    assert again.state is RolloutState.DEPLOYED and again.rollout_id != first.rollout_id
+    with FakePrometheus(_healthy_series(v1, v2)) as prometheus:
+        assert _analyse(mlflow_registry, kubeconfig, v2, prometheus.url).state is RolloutState.PROMOTED
+    past = rollout_mod.history("kubernetes", MODEL_NAME, NAMESPACE)
+    assert [(r.model_version, r.state.value) for r in past][-2:] == [(v2, "rolled_back"), (v2, "promoted")]
+    assert "server_error_rate" in past[-2].reason

@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import Self
 
 import httpx
 import pytest
@@ -16,8 +17,8 @@ from typer.testing import CliRunner
 
 from fraud.config import MODEL_NAME, PROJECT_ROOT
 from fraud.deploy import rollout as rollout_mod
-from fraud.deploy.canary import CanaryCriteria
 from fraud.deploy.local import LocalStack, local_dir, process_alive
+from fraud.deploy.policy import CanaryCriteria
 from fraud.deploy.rollout import AnalyseRequest, Connection, DeployRequest
 from fraud.deploy.state import RolloutState
 from tests.test_deploy_support import Registry, build_registry
@@ -69,7 +70,7 @@ class Traffic:
                     self.statuses.append(0)
                 i += 1
 
-    def __enter__(self) -> Traffic:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -78,7 +79,7 @@ class Traffic:
         self._thread.join(15)
 
 
-def _deploy(reg: Registry, version: str, percent: int):
+def _deploy(reg: Registry, version: str, percent: int, **options):
     return rollout_mod.deploy(
         DeployRequest(
             MODEL_NAME,
@@ -88,12 +89,13 @@ def _deploy(reg: Registry, version: str, percent: int):
             percent,
             mlflow_tracking_uri=reg.uri,
             connection=Connection(ready_timeout_seconds=240),
+            **options,
         )
     )
 
 
 def _analyse(reg: Registry, version: str, window: int):
-    criteria = CanaryCriteria(min_requests=20, max_p99_seconds=2.0)
+    criteria = CanaryCriteria(min_successful_scorings=20, min_decision_count=20, max_p99_seconds=2.0)
     return rollout_mod.analyse(
         AnalyseRequest(
             MODEL_NAME,
@@ -117,7 +119,7 @@ def test_local_canary_is_promoted_and_a_broken_one_rolled_back(data_dir, mlflow_
     v1, v2, v3 = reg.versions
     stack = LocalStack(local_dir(), MODEL_NAME)
     try:
-        first = _deploy(reg, v1, 50)
+        first = _deploy(reg, v1, 50, first_deploy=True)
         assert first.state is RolloutState.DEPLOYED and first.previous_version == ""
         router = stack.load().router_url
         with Traffic(router) as traffic:

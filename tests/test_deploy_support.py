@@ -55,3 +55,37 @@ def build_registry(root: Path, count: int, *, same_model: bool = False) -> Regis
         bundles[version] = bundle
     registry.set_alias("champion", versions[0], uri=uri)
     return Registry(uri, tuple(versions), bundles)
+
+
+def register_variant(reg: Registry, root: Path, kind: str) -> str:
+    """Register a bad candidate the way real incidents make them, from the first version's model:
+
+    * `decline-everything` - the same model with thresholds that decline every transaction;
+    * `two-outputs`        - a model that loads but returns two probabilities per row.
+    Returns the new version."""
+    import json
+    import shutil
+
+    import mlflow
+    import xgboost as xgb
+
+    from fraud.bundle import MANIFEST_FILE
+    from tests.factories import synthetic_feature_matrix
+
+    target = root / f"bundle-{kind}"
+    shutil.copytree(reg.bundles[reg.versions[0]], target)
+    if kind == "decline-everything":
+        manifest = json.loads((target / MANIFEST_FILE).read_text())
+        manifest["thresholds"] = {"review": 0.0, "decline": 0.0}
+        (target / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    elif kind == "two-outputs":
+        features, label = synthetic_feature_matrix(500, 0)
+        dtrain = xgb.DMatrix(features, label=label, feature_names=list(features.columns))
+        params = {"objective": "multi:softprob", "num_class": 2, "max_depth": 2, "nthread": 1}
+        xgb.train(params, dtrain, num_boost_round=3).save_model(target / "model.ubj")
+    else:
+        raise ValueError(f"unknown variant {kind!r}")
+    experiment = registry.client(reg.uri).get_experiment_by_name(registry.EXPERIMENT_NAME)
+    with mlflow.start_run(experiment_id=experiment.experiment_id) as run:
+        mlflow.log_param("purpose", f"deploy-test {kind}")
+    return registry.register_bundle(target, run.info.run_id, uri=reg.uri)

@@ -76,7 +76,7 @@ def configmap(overlay: str, name: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def crd_validator():
-    from fraud.deploy.crd import load_validator
+    from tests.support.kserve_crd import load_validator
 
     return load_validator(CRD)
 

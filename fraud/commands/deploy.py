@@ -3,8 +3,13 @@ it back on metrics; `fraud deploy status`; `fraud deploy rollback` by hand.
 
     fraud deploy --target kubernetes --version 7 --namespace fraud-staging --canary-percent 20 \\
                  --window 900 --prometheus-url http://prometheus.monitoring:9090
+    fraud deploy --target kubernetes --version 7 --namespace fraud-prod \\
+                 --policy kustomize/overlays/prod/rollout-policy.yaml --prometheus-url ...
     fraud deploy --target local --version 7 --window 120
+    fraud deploy --target local --version 1 --first-deploy
+    fraud deploy --target local --version 7 --retry          # after an earlier roll back
     fraud deploy status --target kubernetes --namespace fraud-staging
+    fraud deploy history --target kubernetes --namespace fraud-staging
     fraud deploy rollback --target kubernetes --namespace fraud-staging --reason "false declines"
 """
 
@@ -19,7 +24,8 @@ from fraud.config import MODEL_NAME
 from fraud.errors import UserError
 
 TARGET_HELP = (
-    "record (decision in MLflow only), kubernetes (KServe InferenceService) or local (local predictor processes)"
+    "local (local predictor processes), kubernetes (KServe InferenceService) or record "
+    "(a test target: no canary, the decision is recorded in MLflow only)"
 )
 
 # Options shared by `fraud deploy`, `status` and `rollback`: defined once so their help stays the same.
@@ -71,30 +77,62 @@ def _show(record: Any) -> None:
         ("reason", record.reason or "-"),
     ):
         table.add_row(key, str(value))
-    for key, value in sorted(record.analysis.items()):
-        table.add_row(f"  {key}", f"{value:.4g}" if isinstance(value, float) else str(value))
+    for step in record.step_results:
+        early = ", aborted early" if step.get("early") else ""
+        table.add_row(
+            f"step {step['step']}", f"{step['percent']}% for {step['window_seconds']}s: {step['decision']}{early}"
+        )
+    for check in record.checks:
+        table.add_row(f"  {check['name']}", f"{check['verdict']}: {check['detail']}")
     Console().print(table)
 
 
 def _rollout_errors(fn: Any) -> Any:
     from fraud.deploy.canary import AnalysisError
-    from fraud.deploy.crd import CRDError
+    from fraud.deploy.policy import PolicyError
     from fraud.deploy.state import RolloutError
 
     try:
         return fn()
-    except (RolloutError, AnalysisError, CRDError) as exc:
+    except (RolloutError, AnalysisError, PolicyError) as exc:
         raise UserError(str(exc)) from None
+
+
+def _policy(policy_file: str | None, canary_percent: int | None, window: int | None) -> Any:
+    from fraud.deploy.policy import RolloutPolicy, load_policy
+
+    if policy_file:
+        if canary_percent is not None or window is not None:
+            raise UserError("--policy sets the steps and windows: drop --canary-percent / --window")
+        return _rollout_errors(lambda: load_policy(policy_file))
+    percent = 10 if canary_percent is None else canary_percent
+    if percent >= 100:
+        raise UserError("--canary-percent must be within 1..99 (promotion is the 100 %)")
+    return _rollout_errors(lambda: RolloutPolicy.single_step(percent, 600 if window is None else window))
 
 
 @deploy_app.callback()
 def deploy(
     ctx: typer.Context,
-    target: TargetOption = "record",
+    target: TargetOption = "local",
     version: str | None = typer.Option(None, "--version", help="registered model version to roll out"),
     namespace: NamespaceOption = "fraud-dev",
-    canary_percent: int = typer.Option(10, "--canary-percent", min=1, max=100, help="share of traffic for the canary"),
-    window: int = typer.Option(600, "--window", min=1, help="analysis window in seconds"),
+    canary_percent: int | None = typer.Option(
+        None, "--canary-percent", min=1, max=99, help="share of traffic for the canary (one step; default 10)"
+    ),
+    window: int | None = typer.Option(None, "--window", min=1, help="analysis window in seconds (default 600)"),
+    policy_file: str | None = typer.Option(
+        None,
+        "--policy",
+        help="rollout policy file (steps, windows, checks), e.g. kustomize/overlays/prod/rollout-policy.yaml",
+    ),
+    first_deploy: bool = typer.Option(
+        False, "--first-deploy", help="nothing serves yet: deploy straight to 100 % (no comparison)"
+    ),
+    force: bool = typer.Option(
+        False, "--force", help="replace an unhealthy or absent stable version at 100 % (no comparison)"
+    ),
+    retry: bool = typer.Option(False, "--retry", help="roll out again a version whose rollout was rolled back"),
     prometheus_url: str = typer.Option(
         "http://prometheus-operated.monitoring.svc:9090",
         "--prometheus-url",
@@ -115,11 +153,11 @@ def deploy(
     if version is None:
         raise UserError("--version is required (the registered model version to roll out); see `fraud deploy --help`")
     _check_target(target)
-    from fraud.deploy.canary import CanaryCriteria
     from fraud.deploy.rollout import AnalyseRequest, DeployRequest, analyse
     from fraud.deploy.rollout import deploy as run_deploy
 
     connection = _connection(kubeconfig, kube_context, ready_timeout)
+    policy = _policy(policy_file, canary_percent, window)
 
     def run() -> Any:
         record = run_deploy(
@@ -128,14 +166,19 @@ def deploy(
                 version,
                 target,
                 namespace,
-                canary_percent,
+                policy.steps[0].percent,
                 mlflow_tracking_uri=mlflow_tracking_uri,
                 connection=connection,
+                policy=policy,
+                first_deploy=first_deploy,
+                force=force,
+                retry=retry,
             )
         )
         typer.echo(f"version {version}: {record.state.value}")
         if analyse_after and not record.state.final:
-            typer.echo(f"analysing the canary for {window}s ...")
+            plan = ", ".join(f"{s.percent}% for {s.window_seconds}s" for s in policy.steps)
+            typer.echo(f"analysing the canary ({plan if record.previous_version else 'first deployment'}) ...")
             record = analyse(
                 AnalyseRequest(
                     model_name,
@@ -143,10 +186,11 @@ def deploy(
                     target,
                     namespace,
                     prometheus_url,
-                    window,
+                    policy.steps[0].window_seconds,
                     mlflow_tracking_uri=mlflow_tracking_uri,
-                    criteria=CanaryCriteria(),
+                    criteria=policy.criteria,
                     connection=connection,
+                    policy=policy,
                 ),
                 deployed=record,
             )
@@ -160,7 +204,7 @@ def deploy(
 
 @deploy_app.command("status")
 def status(
-    target: TargetOption = "record",
+    target: TargetOption = "local",
     namespace: NamespaceOption = "fraud-dev",
     kube_context: KubeContextOption = None,
     kubeconfig: KubeconfigOption = None,
@@ -188,7 +232,7 @@ def status(
 @deploy_app.command("rollback")
 def rollback(
     reason: str = typer.Option(..., "--reason", help="why (recorded in MLflow and the rollout record)"),
-    target: TargetOption = "record",
+    target: TargetOption = "local",
     namespace: NamespaceOption = "fraud-dev",
     kube_context: KubeContextOption = None,
     kubeconfig: KubeconfigOption = None,
@@ -212,6 +256,41 @@ def rollback(
         )
     )
     _show(record)
+
+
+@deploy_app.command("history")
+def history(
+    target: TargetOption = "local",
+    namespace: NamespaceOption = "fraud-dev",
+    model_name: ModelNameOption = MODEL_NAME,
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+) -> None:
+    """List past rollouts (oldest first) with their decisions and reasons."""
+    _check_target(target)
+    from rich.console import Console
+    from rich.table import Table
+
+    from fraud.deploy.rollout import history as rollout_history
+
+    records = _rollout_errors(lambda: rollout_history(target, model_name, namespace))
+    if as_json:
+        typer.echo(json.dumps([r.to_dict() for r in records], indent=2, default=str))
+        return
+    if not records:
+        typer.echo(f"no rollout of {model_name} recorded for {target}/{namespace}")
+        return
+    table = Table(title=f"rollouts of {model_name} in {target}/{namespace}")
+    for column in ("started", "version", "from", "state", "reason"):
+        table.add_column(column, overflow="fold")
+    for record in records:
+        table.add_row(
+            record.started_at,
+            record.model_version,
+            record.previous_version or "-",
+            record.state.value,
+            record.reason or "-",
+        )
+    Console().print(table)
 
 
 def register(app: typer.Typer) -> None:

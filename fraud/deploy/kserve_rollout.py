@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ PREDICTOR_CONTAINER = "kserve-container"
 TRANSFORMER_CONTAINER = "kserve-container"
 STORAGE_URI_ENV = "STORAGE_URI"
 MODEL_VERSION_ENV = "FRAUD_MODEL_VERSION"
+#: the predictor's `--model-variant`: the audit trail records decisions as stable or canary
+MODEL_VARIANT_ENV = "FRAUD_MODEL_VARIANT"
 MODEL_DIR = "/mnt/models"
 AUDIT_WRITER_CONTAINER = "audit-writer"
 AUDIT_SPOOL_VOLUME = "audit-spool"
@@ -49,6 +52,14 @@ AUDIT_SPOOL = f"{AUDIT_SPOOL_DIR}/spool.db"
 AUDIT_DB_URL = (
     "postgresql+psycopg2://fraud:$(FRAUD_POSTGRES_PASSWORD)@postgres.$(POD_NAMESPACE).svc.cluster.local:5432/fraud"
 )
+
+
+#: the core image a created InferenceService runs (FRAUD_CORE_IMAGE; the pipeline compiles against the same)
+DEFAULT_CORE_IMAGE = "ghcr.io/fraud-platform/fraud-core:0.1.0"
+
+
+def core_image() -> str:
+    return os.environ.get("FRAUD_CORE_IMAGE", DEFAULT_CORE_IMAGE)
 
 
 @dataclass(frozen=True)
@@ -146,6 +157,7 @@ def build_inference_service(
                         "env": [
                             _env(STORAGE_URI_ENV, storage_uri),
                             _env(MODEL_VERSION_ENV, version),
+                            _env(MODEL_VARIANT_ENV, "stable"),
                             *tmp_env,
                             _env("FRAUD_AUDIT_SPOOL", AUDIT_SPOOL),
                             _env("FRAUD_AUDIT_SPOOL_SYNC", "NORMAL"),
@@ -229,7 +241,9 @@ def serving_model(isvc: dict[str, Any]) -> tuple[str, str]:
     return version, _env_value(container, STORAGE_URI_ENV)
 
 
-def _with_model(containers: list[dict[str, Any]], version: str, storage_uri: str) -> list[dict[str, Any]]:
+def _with_model(
+    containers: list[dict[str, Any]], version: str, storage_uri: str, variant: str = "stable"
+) -> list[dict[str, Any]]:
     """The containers list (merge patches replace lists whole) with the model env of the predictor set."""
     updated = copy.deepcopy(containers)
     target = next(
@@ -237,15 +251,27 @@ def _with_model(containers: list[dict[str, Any]], version: str, storage_uri: str
     )
     if target is None:
         raise RolloutError(f"no predictor container named {PREDICTOR_CONTAINER}")
-    env = [e for e in target.get("env") or [] if e.get("name") not in (STORAGE_URI_ENV, MODEL_VERSION_ENV)]
-    target["env"] = [_env(STORAGE_URI_ENV, storage_uri), _env(MODEL_VERSION_ENV, version), *env]
+    model_env = (STORAGE_URI_ENV, MODEL_VERSION_ENV, MODEL_VARIANT_ENV)
+    env = [e for e in target.get("env") or [] if e.get("name") not in model_env]
+    target["env"] = [
+        _env(STORAGE_URI_ENV, storage_uri),
+        _env(MODEL_VERSION_ENV, version),
+        _env(MODEL_VARIANT_ENV, variant),
+        *env,
+    ]
     return updated
 
 
 def model_patch(
-    isvc: dict[str, Any], version: str, storage_uri: str, canary_percent: int | None, record: RolloutRecord
+    isvc: dict[str, Any],
+    version: str,
+    storage_uri: str,
+    canary_percent: int | None,
+    record: RolloutRecord,
+    variant: str = "stable",
 ) -> dict[str, Any]:
-    """Merge patch putting `version` into the predictor; `canary_percent` None removes the canary split."""
+    """Merge patch putting `version` into the predictor as `variant` (stable|canary);
+    `canary_percent` None removes the canary split."""
     predictor = isvc["spec"]["predictor"]
     labels = {**(predictor.get("labels") or {}), VERSION_LABEL: version}
     return {
@@ -254,7 +280,7 @@ def model_patch(
             "predictor": {
                 "canaryTrafficPercent": canary_percent,
                 "labels": labels,
-                "containers": _with_model(predictor["containers"], version, storage_uri),
+                "containers": _with_model(predictor["containers"], version, storage_uri, variant),
             }
         },
     }
@@ -358,19 +384,29 @@ class KServeRollout:
                 self.name, self.namespace, record.model_version, record.storage_uri, spec, record=record
             )
             return int(self.create(body)["metadata"]["generation"])
-        patch = model_patch(isvc, record.model_version, record.storage_uri, record.canary_traffic_percent, record)
+        variant = "canary" if record.previous_version else "stable"
+        patch = model_patch(
+            isvc, record.model_version, record.storage_uri, record.canary_traffic_percent, record, variant
+        )
+        return int(self.patch(patch)["metadata"]["generation"])
+
+    def set_traffic(self, record: RolloutRecord, percent: int) -> int:
+        """The canary revision's share: a traffic-only change (no new revision)."""
+        patch = {
+            "metadata": {"annotations": {ROLLOUT_ANNOTATION: record.to_json()}},
+            "spec": {"predictor": {"canaryTrafficPercent": int(percent)}},
+        }
         return int(self.patch(patch)["metadata"]["generation"])
 
     def promote(self, record: RolloutRecord) -> int:
-        """All traffic to the latest revision (the canary): canaryTrafficPercent removed."""
-        return int(
-            self.patch(
-                {
-                    "metadata": {"annotations": {ROLLOUT_ANNOTATION: record.to_json()}},
-                    "spec": {"predictor": {"canaryTrafficPercent": None}},
-                }
-            )["metadata"]["generation"]
-        )
+        """All traffic to the promoted version: canaryTrafficPercent removed and the predictor's
+        variant set to `stable` (a new revision of the same model, which takes all traffic once
+        ready; the canary revision serves until then)."""
+        isvc = self.get()
+        if isvc is None:
+            raise RolloutError(f"InferenceService {self.namespace}/{self.name} is gone: cannot promote")
+        patch = model_patch(isvc, record.model_version, record.storage_uri, None, record, "stable")
+        return int(self.patch(patch)["metadata"]["generation"])
 
     def roll_back(self, record: RolloutRecord, *, after_promotion: bool = False) -> int:
         """All traffic back to the previously rolled-out revision and the spec back to the stable model.

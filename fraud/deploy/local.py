@@ -31,7 +31,7 @@ import httpx
 from fraud.config import PROJECT_ROOT, DataLayout
 from fraud.deploy.canary import ScrapeSource
 from fraud.deploy.kserve_rollout import ReadinessTimeout
-from fraud.deploy.state import RolloutError, RolloutRecord, RolloutState, StateStore
+from fraud.deploy.state import RolloutError, RolloutRecord, RolloutState, StateStore, one_line
 
 LOOPBACK = "127.0.0.1"
 
@@ -245,7 +245,7 @@ class LocalStack:
         deadline = time.monotonic() + self.startup_timeout_seconds
         while time.monotonic() < deadline:
             if not process_alive(pid):
-                raise ReadinessTimeout(f"predictor for version {version} exited while starting: {_tail(log)}")
+                raise ReadinessTimeout(f"predictor for version {version} exited while starting: {_last_line(log)}")
             try:
                 if httpx.get(ready_url, timeout=2.0).status_code == 200:
                     return served
@@ -254,7 +254,7 @@ class LocalStack:
             time.sleep(0.25)
         stop_process(pid)
         raise ReadinessTimeout(
-            f"predictor for version {version} not ready after {self.startup_timeout_seconds:.0f}s: {_tail(log)}"
+            f"predictor for version {version} not ready after {self.startup_timeout_seconds:.0f}s: {_last_line(log)}"
         )
 
     def healthy(self, served: Served | None) -> bool:
@@ -275,11 +275,14 @@ class LocalStack:
         self.save(StackState())
 
 
-def _tail(log: Path, chars: int = 1500) -> str:
+def _last_line(log: Path) -> str:
+    """The predictor's last log line (its one-line reason, or a traceback's exception line) and
+    where the whole log is: the rollout record keeps one line, the log keeps the traceback."""
     try:
-        return log.read_text(errors="replace")[-chars:].strip()
+        text = log.read_text(errors="replace")[-20000:]
     except OSError:
-        return "(no log)"
+        return f"(no log at {log})"
+    return f"{one_line(text.splitlines()[-1] if text.strip() else '(empty log)', 300)} (log {log})"
 
 
 class LocalBackend:
@@ -318,6 +321,23 @@ class LocalBackend:
         if self.stack.healthy(state.stable):
             return state.stable.version, state.stable.bundle
         return "", ""
+
+    def stable_health(self) -> tuple[str, str, bool, str]:
+        """(version, bundle, healthy, detail) of the stable predictor; ("", "", False, ...) when none."""
+        state = self.stack.load()
+        if state.stable is None:
+            return "", "", False, "no local stable predictor"
+        if self.stack.healthy(state.stable):
+            return state.stable.version, state.stable.bundle, True, "ready"
+        alive = process_alive(state.stable.pid)
+        detail = "not ready" if alive else f"process {state.stable.pid} is not running"
+        return state.stable.version, state.stable.bundle, False, f"{detail} ({state.stable.url})"
+
+    def set_traffic(self, record: RolloutRecord, percent: int) -> None:
+        state = self.stack.load()
+        if state.canary is None or state.canary.version != record.model_version:
+            raise RolloutError(f"version {record.model_version} is not the local canary: cannot give it {percent}%")
+        self.stack.save(replace(state, canary_percent=percent))
 
     def _bundle(self, version: str) -> Path:
         from fraud import registry
@@ -375,11 +395,20 @@ class LocalBackend:
             return
         if state.stable is not None and state.stable.version == record.model_version:
             current = state.stable
-            if record.previous_version:
-                previous = self.stack.start_predictor(record.previous_version, self._bundle(record.previous_version))
-                self.stack.save(replace(state, stable=previous, canary=None, canary_percent=0))
-            else:
+            if not record.previous_version:
+                # a failed first (or forced) deployment: nothing to fall back to. `fraud deploy
+                # rollback` refuses this case before it gets here (rollout.manual_rollback).
                 self.stack.save(replace(state, stable=None, canary=None, canary_percent=0))
+                stop_process(current.pid)
+                return
+            try:
+                previous = self.stack.start_predictor(record.previous_version, self._bundle(record.previous_version))
+            except ReadinessTimeout as exc:
+                raise RolloutError(
+                    f"previous version {record.previous_version} did not start ({exc}); "
+                    f"version {record.model_version} keeps serving"
+                ) from None
+            self.stack.save(replace(state, stable=previous, canary=None, canary_percent=0))
             stop_process(current.pid)
 
     def metrics_source(self, prometheus_url: str, record: RolloutRecord) -> ScrapeSource:

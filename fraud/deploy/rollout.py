@@ -9,12 +9,19 @@ One flow for every target; a `Backend` does the target-specific part:
 
 Every step persists the record before and after touching anything, so re-running `deploy` or
 `analyse` after a crash continues from the persisted state: a pending rollout is re-applied (an
-identical patch does not create a new generation), a decided-but-unapplied verdict is applied
-without a second analysis, a finished rollout is returned unchanged.
+identical patch does not create a new generation), an interrupted traffic step is analysed again
+from the start of its window, a decided-but-unapplied verdict is applied without a second
+analysis, a finished rollout is returned unchanged.
+
+Guards: a canary starts only against a healthy stable version (`first_deploy` / `force` say
+otherwise); a version rolled back before is rolled out again only with `retry`; a rollback never
+leaves nothing serving.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,11 +35,13 @@ from fraud.deploy.canary import (
     PrometheusSource,
     ScrapeSource,
     Verdict,
+    watch,
 )
-from fraud.deploy.canary import (
-    analyse as run_analysis,
-)
-from fraud.deploy.state import TARGETS, RolloutError, RolloutRecord, RolloutState, StateStore
+from fraud.deploy.kserve_rollout import ReadinessTimeout, ServingSpec, core_image, ready_message, serving_model
+from fraud.deploy.policy import RolloutPolicy, Step
+from fraud.deploy.state import TARGETS, RolloutError, RolloutRecord, RolloutState, StateStore, one_line
+
+log = logging.getLogger(__name__)
 
 CHAMPION_ALIAS = "champion"
 DEFAULT_READY_TIMEOUT_SECONDS = 600.0
@@ -67,11 +76,23 @@ class DeployRequest:
     #: storage URI of the version's bundle; "" = ask the MLflow registry
     storage_uri: str = ""
     connection: Connection = field(default_factory=Connection)
+    #: the rollout policy (steps and checks); None = one step at canary_traffic_percent
+    policy: RolloutPolicy | None = None
+    #: nothing serves yet and that is intended: deploy straight to 100 %
+    first_deploy: bool = False
+    #: replace an unhealthy (or absent) stable version without a comparison
+    force: bool = False
+    #: roll out a version whose earlier rollout was rolled back
+    retry: bool = False
 
     def __post_init__(self) -> None:
         _check_common(self.model_name, self.model_version, self.target)
         if not 1 <= self.canary_traffic_percent <= 100:
             raise RolloutError(f"canary_traffic_percent must be within 1..100, got {self.canary_traffic_percent}")
+
+    @property
+    def first_percent(self) -> int:
+        return self.policy.steps[0].percent if self.policy is not None else self.canary_traffic_percent
 
 
 @dataclass(frozen=True)
@@ -85,8 +106,10 @@ class AnalyseRequest:
     mlflow_tracking_uri: str = ""
     criteria: CanaryCriteria = field(default_factory=CanaryCriteria)
     connection: Connection = field(default_factory=Connection)
-    #: sleep through the window before reading metrics (False: the window has already elapsed)
+    #: watch through each window (False: the windows have already elapsed, decide at once)
     wait: bool = True
+    #: the rollout policy; None = the one the deploy step recorded, else one step of window_seconds
+    policy: RolloutPolicy | None = None
 
     def __post_init__(self) -> None:
         _check_common(self.model_name, self.model_version, self.target)
@@ -112,6 +135,8 @@ class Backend(Protocol):
     def load_record(self) -> RolloutRecord | None: ...
     def save_record(self, record: RolloutRecord) -> None: ...
     def serving(self) -> tuple[str, str]: ...
+    def stable_health(self) -> tuple[str, str, bool, str]: ...
+    def set_traffic(self, record: RolloutRecord, percent: int) -> None: ...
     def deploy(self, record: RolloutRecord) -> RolloutRecord: ...
     def promote(self, record: RolloutRecord) -> None: ...
     def roll_back(self, record: RolloutRecord) -> None: ...
@@ -138,6 +163,13 @@ class RecordBackend:
         if not version:
             return "", ""
         return version, registry.model_version_source(version, name=self.model_name, uri=self.tracking_uri)
+
+    def stable_health(self) -> tuple[str, str, bool, str]:
+        version, uri = self.serving()
+        return version, uri, bool(version), "champion alias" if version else "no champion alias"
+
+    def set_traffic(self, record: RolloutRecord, percent: int) -> None:
+        return None
 
     def deploy(self, record: RolloutRecord) -> RolloutRecord:
         return record.advance(RolloutState.DEPLOYED, "record target: decision recorded, no serving stack touched")
@@ -183,15 +215,23 @@ class KubernetesBackend:
             self.rollout.save_record(record)
 
     def serving(self) -> tuple[str, str]:
-        from fraud.deploy.kserve_rollout import serving_model
-
         isvc = self.rollout.get()
         return serving_model(isvc) if isvc is not None else ("", "")
 
-    def deploy(self, record: RolloutRecord) -> RolloutRecord:
-        from fraud.deploy.kserve_rollout import ServingSpec
+    def stable_health(self) -> tuple[str, str, bool, str]:
+        isvc = self.rollout.get()
+        if isvc is None:
+            return "", "", False, f"no InferenceService {self.rollout.namespace}/{self.rollout.name}"
+        version, uri = serving_model(isvc)
+        message = ready_message(isvc)
+        return version, uri, message.startswith("Ready=True"), message
 
-        spec = ServingSpec(core_image=_core_image(), drift_image=_drift_image())
+    def set_traffic(self, record: RolloutRecord, percent: int) -> None:
+        generation = self.rollout.set_traffic(record, percent)
+        self.rollout.wait_ready(generation, self.connection.ready_timeout_seconds)
+
+    def deploy(self, record: RolloutRecord) -> RolloutRecord:
+        spec = ServingSpec(core_image=core_image(), drift_image=_drift_image())
         generation = self.rollout.put_canary(record, spec)
         record = replace(record, generation=generation)
         self.save_record(record)
@@ -211,8 +251,6 @@ class KubernetesBackend:
         return PrometheusSource(prometheus_url, extra_labels=labels)
 
     def describe(self) -> dict[str, Any]:
-        from fraud.deploy.kserve_rollout import ready_message
-
         isvc = self.rollout.get()
         if isvc is None:
             return {"target": "kubernetes", "inferenceservice": None}
@@ -225,12 +263,6 @@ class KubernetesBackend:
             "canaryTrafficPercent": isvc["spec"]["predictor"].get("canaryTrafficPercent"),
             "traffic": isvc.get("status", {}).get("components", {}).get("predictor", {}).get("traffic", []),
         }
-
-
-def _core_image() -> str:
-    from components.base import CORE_IMAGE
-
-    return CORE_IMAGE
 
 
 def _drift_image() -> str:
@@ -278,6 +310,48 @@ def _record_decision(record: RolloutRecord, key: str, value: str, tracking_uri: 
     )
 
 
+class AlreadyRolledBack(RolloutError):
+    """The version's last rollout in this target was rolled back; `retry` starts a new one."""
+
+    def __init__(self, record: RolloutRecord) -> None:
+        self.record = record
+        super().__init__(
+            f"version {record.model_version} was rolled back on {record.finished_at or record.started_at} "
+            f"(this is a past result): {record.reason or '-'}; pass --retry to roll it out again"
+        )
+
+
+def _guard_stable(request: DeployRequest, backend: Backend) -> tuple[str, str]:
+    """(previous version, its storage URI) to canary against; RolloutError when the stable
+    version is absent or unhealthy and the request does not say `first_deploy` / `force`."""
+    version, uri, healthy, detail = backend.stable_health()
+    where = f"{request.target}/{request.namespace}"
+    if request.target == "record":  # a test target: nothing serves, there is nothing to guard
+        if version == str(request.model_version):
+            raise RolloutError(f"version {request.model_version} is already the champion ({where})")
+        return version, uri
+    if version and healthy:
+        if version == str(request.model_version):
+            raise RolloutError(f"version {request.model_version} is already serving in {where}")
+        return version, uri
+    if not version:
+        if request.first_deploy or request.force:
+            return "", ""
+        raise RolloutError(
+            f"nothing serves {request.model_name} in {where} ({detail}): a canary needs a stable version "
+            f"to compare with; pass --first-deploy to deploy version {request.model_version} straight to 100 %"
+        )
+    if request.force:
+        log.warning(
+            "stable version %s in %s is unhealthy (%s): replaced without a canary (--force)", version, where, detail
+        )
+        return "", ""
+    raise RolloutError(
+        f"stable version {version} in {where} is unhealthy ({detail}): a canary would be compared with "
+        f"nothing; bring it back (fraud deploy rollback / restart) or pass --force to replace it at 100 %"
+    )
+
+
 def deploy(request: DeployRequest, backend: Backend | None = None) -> RolloutRecord:
     """Put `request.model_version` live as a canary (state `deployed`), or roll it back (state
     `rolled_back`) if it never becomes ready. Idempotent: see the module docstring."""
@@ -288,9 +362,15 @@ def deploy(request: DeployRequest, backend: Backend | None = None) -> RolloutRec
         request.target, request.model_name, request.namespace, tracking_uri, request.connection
     )
     existing = backend.load_record()
-    if existing is not None and existing.model_version == str(request.model_version):
+    if (
+        existing is not None
+        and existing.model_version == str(request.model_version)
+        and not (existing.state is RolloutState.ROLLED_BACK and request.retry)
+    ):
+        if existing.state is RolloutState.ROLLED_BACK:
+            raise AlreadyRolledBack(existing)
         if existing.state is not RolloutState.PENDING:
-            return existing  # already deployed, analysing or decided: nothing to redo
+            return existing  # already deployed, analysing or promoted: nothing to redo
         record = existing
     else:
         if existing is not None and not existing.state.final:
@@ -305,29 +385,24 @@ def deploy(request: DeployRequest, backend: Backend | None = None) -> RolloutRec
             name=request.model_name,
             uri=tracking_uri,
         )
-        previous_version, previous_uri = backend.serving()
-        if previous_version == str(request.model_version):
-            raise RolloutError(
-                f"version {request.model_version} is already serving in {request.target}/{request.namespace}"
-            )
+        previous_version, previous_uri = _guard_stable(request, backend)
         record = RolloutRecord.start(
             model_name=request.model_name,
             model_version=str(request.model_version),
             target=request.target,
             namespace=request.namespace,
-            canary_traffic_percent=request.canary_traffic_percent if previous_version else 100,
+            canary_traffic_percent=request.first_percent if previous_version else 100,
             previous_version=previous_version,
             storage_uri=storage_uri,
             previous_storage_uri=previous_uri,
+            policy=request.policy.to_dict() if request.policy is not None else {},
         )
         backend.save_record(record)
-    from fraud.deploy.kserve_rollout import ReadinessTimeout
-
     try:
         record = backend.deploy(record)
     except ReadinessTimeout as exc:
-        reason = f"canary never became ready: {exc}"
-        record = replace(record, decision=ROLL_BACK, reason=reason)
+        log.warning("version %s never became ready: %s", record.model_version, exc)
+        record = replace(record, decision=ROLL_BACK, reason=one_line(f"readiness: canary never became ready: {exc}"))
         backend.save_record(record)
         return _apply(backend, record, tracking_uri)
     backend.save_record(record)
@@ -341,10 +416,20 @@ def deploy(request: DeployRequest, backend: Backend | None = None) -> RolloutRec
     return record
 
 
+def _policy_for(request: AnalyseRequest, record: RolloutRecord) -> RolloutPolicy:
+    if request.policy is not None:
+        return request.policy
+    if record.policy:
+        return RolloutPolicy.from_dict(record.policy, f"policy of the rollout of version {record.model_version}")
+    percent = min(99, max(1, record.canary_traffic_percent))
+    return RolloutPolicy(steps=(Step(percent, request.window_seconds),), criteria=request.criteria)
+
+
 def analyse(
     request: AnalyseRequest, deployed: RolloutRecord | None = None, backend: Backend | None = None
 ) -> RolloutRecord:
-    """Analyse the deployed canary over the window and promote or roll it back (final state)."""
+    """Watch the deployed canary through the policy's traffic steps and promote or roll it back
+    (final state). Each step: set the canary's share, watch its window (early abort), decide."""
     tracking_uri = request.mlflow_tracking_uri or None
     backend = backend or make_backend(
         request.target, request.model_name, request.namespace, tracking_uri, request.connection
@@ -361,28 +446,96 @@ def analyse(
         return record
     if record.state is RolloutState.PENDING:
         raise RolloutError(f"version {record.model_version} is not deployed yet (pending): re-run the deploy step")
+    policy = _policy_for(request, record)
     if record.state is RolloutState.DEPLOYED:
-        record = record.advance(RolloutState.ANALYSING, f"analysis window {request.window_seconds}s")
+        plan = " -> ".join(f"{s.percent}% for {s.window_seconds}s" for s in policy.steps)
+        record = record.advance(
+            RolloutState.ANALYSING,
+            f"analysis: {plan} -> 100%"
+            if record.previous_version
+            else f"analysis window {policy.steps[0].window_seconds}s (first deployment)",
+        )
         backend.save_record(record)
-    if not record.decision:
-        verdict = _verdict(backend, request, record)
-        record = replace(record, decision=verdict.decision, reason=verdict.reason, analysis=verdict.numbers)
+    while not record.decision:
+        record = _run_step(backend, request, record, policy)
         backend.save_record(record)
     return _apply(backend, record, tracking_uri)
 
 
-def _verdict(backend: Backend, request: AnalyseRequest, record: RolloutRecord) -> Verdict:
+def _run_step(backend: Backend, request: AnalyseRequest, record: RolloutRecord, policy: RolloutPolicy) -> RolloutRecord:
+    """One traffic step: its share set, its window watched, its verdict recorded."""
+    index = min(record.step_index, len(policy.steps) - 1)
+    step = policy.steps[index]
+    first_deploy = not record.previous_version
+    if not first_deploy and record.canary_traffic_percent != step.percent:
+        record = record.note(
+            f"step {index + 1}/{len(policy.steps)}: canary at {step.percent}%", canary_traffic_percent=step.percent
+        )
+        backend.save_record(record)  # persisted before the change: a crash re-applies the same share
+        try:
+            backend.set_traffic(record, step.percent)
+        except ReadinessTimeout as exc:
+            return replace(record, decision=ROLL_BACK, reason=one_line(f"traffic step {step.percent}%: {exc}"))
+    verdict = _verdict(backend, request, record, step, policy)
+    result = {
+        "step": index + 1,
+        "percent": 100 if first_deploy else step.percent,
+        "window_seconds": step.window_seconds,
+        "decision": verdict.decision,
+        "reason": verdict.reason,
+        "early": verdict.early,
+        "checks": [c.to_dict() for c in verdict.checks],
+    }
+    record = replace(
+        record,
+        step_results=(*record.step_results, result),
+        checks=tuple(_json_safe(c.to_dict()) for c in verdict.checks),
+        analysis=verdict.numbers,
+    )
+    last = first_deploy or index == len(policy.steps) - 1
+    if verdict.decision == ROLL_BACK:
+        where = "" if first_deploy else f"step {index + 1} ({step.percent}%), "
+        early = "aborted early, " if verdict.early else ""
+        return replace(record, decision=ROLL_BACK, reason=one_line(f"{where}{early}{verdict.reason}"))
+    if last:
+        return replace(record, decision=PROMOTE, reason=f"{len(record.step_results)} step(s) passed: {verdict.reason}")
+    return record.note(f"step {index + 1} passed at {step.percent}%", step_index=index + 1)
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    return value
+
+
+def _verdict(
+    backend: Backend, request: AnalyseRequest, record: RolloutRecord, step: Step, policy: RolloutPolicy
+) -> Verdict:
     source = backend.metrics_source(request.prometheus_url, record)
     if source is None:
         return Verdict(PROMOTE, ("record target: no live traffic to analyse; promotion recorded",), {})
-    return run_analysis(
+    return watch(
         source,
         record.model_version,
         record.previous_version or None,
-        request.window_seconds,
-        request.criteria,
+        step.window_seconds,
+        policy.criteria,
+        rules=policy.abort,
+        interval_seconds=policy.evaluation_interval_seconds,
         wait=request.wait,
     )
+
+
+def _record_checks(record: RolloutRecord, tracking_uri: str | None) -> None:
+    """Each check's verdict and value as a tag `decision.canary.check.<name>` on the version."""
+    for check in record.checks:
+        value = check.get("value")
+        shown = "-" if value is None else (f"{value:.6g}" if isinstance(value, float) else str(value))
+        limit = check.get("limit")
+        text = f"{check['verdict']} value={shown} limit={'-' if limit is None else f'{limit:.6g}'}"
+        _record_decision(record, f"canary.check.{check['name']}", text, tracking_uri)
 
 
 def _apply(backend: Backend, record: RolloutRecord, tracking_uri: str | None) -> RolloutRecord:
@@ -405,8 +558,10 @@ def _apply(backend: Backend, record: RolloutRecord, tracking_uri: str | None) ->
         final = RolloutState.ROLLED_BACK
     else:
         raise RolloutError(f"rollout record carries an unknown decision {record.decision!r}")
+    record = replace(record, canary_traffic_percent=100 if final is RolloutState.PROMOTED else 0)
     _record_decision(record, "canary", final.value, tracking_uri)
-    _record_decision(record, "canary.reason", record.reason or "-", tracking_uri)
+    _record_decision(record, "canary.reason", one_line(record.reason or "-"), tracking_uri)
+    _record_checks(record, tracking_uri)
     record = record.advance(final, record.reason)
     backend.save_record(record)
     return record
@@ -423,7 +578,8 @@ def manual_rollback(
     backend: Backend | None = None,
 ) -> RolloutRecord:
     """Roll the current rollout back by hand. After a promotion this also moves `champion` back
-    to the previous version."""
+    to the previous version. Refused when there is no previous version (it would leave nothing
+    serving)."""
     from fraud import registry
 
     tracking_uri = mlflow_tracking_uri or None
@@ -433,11 +589,16 @@ def manual_rollback(
         raise RolloutError(f"no rollout of {model_name} in {target}/{namespace} to roll back")
     if record.state is RolloutState.ROLLED_BACK:
         return record
-    note = f"rolled back by hand: {reason}"
+    if not record.previous_version:
+        raise RolloutError(
+            f"version {record.model_version} was deployed to {target}/{namespace} with nothing before it: "
+            "rolling it back would leave nothing serving; deploy another version instead"
+        )
+    note = one_line(f"rolled back by hand: {reason}")
     was_promoted = record.state is RolloutState.PROMOTED
     record = replace(record, decision=ROLL_BACK, reason=note)
     backend.roll_back(record)
-    if was_promoted and record.previous_version:
+    if was_promoted:
         _registry_call(
             f"moving alias {CHAMPION_ALIAS} back to version {record.previous_version}",
             registry.set_alias,
@@ -447,9 +608,20 @@ def manual_rollback(
             uri=tracking_uri,
         )
     _record_decision(record, "rollback", note, tracking_uri)
-    record = record.advance(RolloutState.ROLLED_BACK, note)
+    _record_decision(record, "canary", RolloutState.ROLLED_BACK.value, tracking_uri)
+    record = record.advance(RolloutState.ROLLED_BACK, note, canary_traffic_percent=0)
     backend.save_record(record)
     return record
+
+
+def history(target: str, model_name: str, namespace: str) -> list[RolloutRecord]:
+    """Finished rollouts of `model_name` in target/namespace, oldest first, plus one still open."""
+    store = StateStore(state_dir())
+    records = store.history(target, namespace, model_name)
+    current = store.load(target, namespace, model_name)
+    if current is not None and not current.state.final:
+        records.append(current)
+    return records
 
 
 def status(
@@ -463,6 +635,7 @@ def status(
 
 __all__ = [
     "MODEL_NAME",
+    "AlreadyRolledBack",
     "AnalyseRequest",
     "Backend",
     "Connection",
@@ -471,6 +644,7 @@ __all__ = [
     "RecordBackend",
     "analyse",
     "deploy",
+    "history",
     "make_backend",
     "manual_rollback",
     "state_dir",

@@ -1,16 +1,20 @@
-"""In-process stand-ins for a cluster, for tests and offline rehearsals of a rollout.
+"""A stand-in for the Kubernetes API of KServe InferenceServices, for the rollout tests.
 
 * `FakeKServeAPI` - a real HTTP server on loopback speaking the Kubernetes REST paths of the
   InferenceService resource (`/apis/serving.kserve.io/v1beta1/namespaces/{ns}/inferenceservices[/{name}]`:
   GET, POST, PUT, PATCH with merge-patch or json-patch bodies, DELETE), so the real `kubernetes`
   and `kserve` clients talk to it through an ordinary kubeconfig. Every object it receives is
-  validated strictly against the KServe CRD schema (`fraud.deploy.crd`) and rejected with a 422
+  validated strictly against the KServe CRD schema (`tests.support.kserve_crd`) and rejected with a 422
   Status like the API server's. It simulates the controller: metadata.generation (bumped only
   when the spec changes), status.observedGeneration, Knative revisions, the Ready conditions,
   and the predictor's traffic split under `canaryTrafficPercent`. Storage URIs listed in
   `never_ready` produce revisions that never become ready.
-* `FakePrometheus` - a real HTTP server answering `/api/v1/query` for the query shapes
-  `fraud.deploy.canary.promql_for` produces, evaluated over scripted per-series increases.
+
+It refuses what the API server refuses: a path of an API version the CRD does not serve (404), a
+strategic-merge patch on a custom resource (415), an update with a stale `resourceVersion` (409),
+a body whose name or namespace differs from the URL (400), an invalid object (422).
+
+The Prometheus stand-in is `tests.support.prometheus_stub`.
 """
 
 from __future__ import annotations
@@ -27,10 +31,10 @@ from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlparse
+from urllib.parse import urlparse
 
-from fraud.deploy.crd import CRDValidator
-from fraud.deploy.kserve_rollout import GROUP, PLURAL, STORAGE_URI_ENV, predictor_container
+from fraud.deploy.kserve_rollout import API_VERSION, GROUP, PLURAL, STORAGE_URI_ENV, predictor_container
+from tests.support.kserve_crd import CRDValidator
 
 _ISVC_PATH = re.compile(
     rf"^/apis/{re.escape(GROUP)}/(?P<version>[^/]+)/namespaces/(?P<ns>[^/]+)/{PLURAL}(?:/(?P<name>[^/]+))?/?$"
@@ -277,9 +281,14 @@ class FakeKServeAPI(_LoopbackServer):
 
     def handle(self, method: str, path: str, content_type: str, body: Any) -> tuple[int, Any]:
         match = _ISVC_PATH.match(urlparse(path).path)
-        if not match:
+        if not match or match["version"] not in SERVED_VERSIONS:
+            # the API server serves only the CRD's versions: any other path is 404 (no such resource)
             return self._status(404, "NotFound", f"the server could not find the requested resource ({path})")
         namespace, name = match["ns"], match["name"]
+        if method in ("POST", "PUT") and isinstance(body, dict):
+            mismatch = _identity_mismatch(body, namespace, name)
+            if mismatch:
+                return self._status(400, "BadRequest", mismatch)
         log: dict[str, Any] = {"method": method, "path": path, "content_type": content_type, "body": body}
         with self._lock:
             self.requests.append(log)
@@ -323,15 +332,36 @@ class FakeKServeAPI(_LoopbackServer):
                 del self.objects[key]
                 return 200, {"kind": "Status", "apiVersion": "v1", "status": "Success", "details": {"name": name}}
             if method in ("PATCH", "PUT"):
+                media = content_type.split(";")[0].strip().lower()
+                if method == "PUT" and isinstance(body, dict):
+                    sent = str(body.get("metadata", {}).get("resourceVersion", ""))
+                    current = stored.obj["metadata"]["resourceVersion"]
+                    if sent and sent != current:
+                        return self._status(
+                            409,
+                            "Conflict",
+                            f'Operation cannot be fulfilled on inferenceservices.{GROUP} "{name}": the object has '
+                            "been modified; please apply your changes to the latest version and try again",
+                        )
                 try:
                     if method == "PUT":
                         updated = copy.deepcopy(body)
-                    elif "json-patch" in content_type:
+                    elif media == "application/json-patch+json":
                         updated = json_patch(stored.obj, body)
-                    elif "merge-patch" in content_type or "strategic-merge-patch" in content_type:
+                    elif media == "application/merge-patch+json":
                         updated = merge_patch(stored.obj, body)
+                    elif media == "application/apply-patch+yaml":
+                        return self._status(415, "UnsupportedMediaType", "server-side apply is not simulated")
                     else:
-                        return self._status(415, "UnsupportedMediaType", f"unsupported patch type {content_type!r}")
+                        # custom resources have no Go struct to drive a strategic merge: the API server
+                        # answers 415 for application/strategic-merge-patch+json
+                        return self._status(
+                            415,
+                            "UnsupportedMediaType",
+                            f"the body of the request was in an unknown format - accepted media types include: "
+                            f"application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml"
+                            f" (got {media!r})",
+                        )
                 except (ValueError, KeyError, IndexError, TypeError) as exc:
                     return self._status(422, "Invalid", f"patch cannot be applied: {exc}")
                 if not isinstance(updated, dict):
@@ -385,133 +415,23 @@ class FakeKServeAPI(_LoopbackServer):
         return Handler
 
 
+#: the versions the KServe CRD serves (a PATCH to any other version is a 404, as on a real cluster)
+SERVED_VERSIONS = (API_VERSION,)
+
+
+def _identity_mismatch(body: dict[str, Any], namespace: str, name: str | None) -> str:
+    """The API server's 400 for a body naming another object than the URL (create and update)."""
+    meta = body.get("metadata") or {}
+    body_ns = meta.get("namespace")
+    if body_ns and body_ns != namespace:
+        return "the namespace of the provided object does not match the namespace sent on the request"
+    if name is not None and meta.get("name") and meta["name"] != name:
+        return f"the name of the object ({meta['name']}) does not match the name on the URL ({name})"
+    return ""
+
+
 def _template(obj: dict[str, Any]) -> Any:
     """The part of the predictor spec that makes a new Knative revision (everything but traffic)."""
     predictor = dict(obj["spec"]["predictor"])
     predictor.pop("canaryTrafficPercent", None)
     return predictor
-
-
-# --------------------------------------------------------------------------------- Prometheus
-
-
-@dataclass(frozen=True)
-class Series:
-    """One time series' increase over the analysis window."""
-
-    metric: str
-    labels: dict[str, str]
-    increase: float
-
-
-_QUERY = re.compile(
-    r"^sum(?: by \((?P<by>\w+)\))? ?"
-    r"\(increase\((?P<metric>[a-zA-Z_:][a-zA-Z0-9_:]*)\{(?P<matchers>[^}]*)\}\[(?P<window>\d+[smh])\]\)\)$"
-)
-_MATCHER = re.compile(r'(?P<label>[a-zA-Z_]\w*)(?P<op>=~|!=|=)"(?P<value>(?:[^"\\]|\\.)*)"')
-
-
-class FakePrometheus(_LoopbackServer):
-    """A Prometheus HTTP API on loopback evaluating `sum [by (le)] (increase(m{...}[w]))` over `series`."""
-
-    def __init__(self, series: Iterable[Series] = ()) -> None:
-        self.series: list[Series] = list(series)
-        self.queries: list[str] = []
-        self.down = False
-        self._start_server()
-
-    def evaluate(self, query: str) -> tuple[int, dict[str, Any]]:
-        match = _QUERY.match(query.strip())
-        if not match:
-            return 400, {"status": "error", "errorType": "bad_data", "error": f"unsupported query {query!r}"}
-        matchers = [(m["label"], m["op"], m["value"].replace('\\"', '"')) for m in _MATCHER.finditer(match["matchers"])]
-
-        def selected(s: Series) -> bool:
-            if s.metric != match["metric"]:
-                return False
-            for label, op, value in matchers:
-                actual = s.labels.get(label, "")
-                if op == "=" and actual != value:
-                    return False
-                if op == "!=" and actual == value:
-                    return False
-                if op == "=~" and not re.fullmatch(value, actual):
-                    return False
-            return True
-
-        chosen = [s for s in self.series if selected(s)]
-        if match["by"]:
-            groups: dict[str, float] = {}
-            for s in chosen:
-                key = s.labels.get(match["by"], "")
-                groups[key] = groups.get(key, 0.0) + s.increase
-            result = [{"metric": {match["by"]: k}, "value": [0, repr(v)]} for k, v in sorted(groups.items())]
-        else:
-            result = [{"metric": {}, "value": [0, repr(sum(s.increase for s in chosen))]}] if chosen else []
-        return 200, {"status": "success", "data": {"resultType": "vector", "result": result}}
-
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        prometheus = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                return None
-
-            def do_GET(self) -> None:
-                parsed = urlparse(self.path)
-                if prometheus.down:
-                    code, payload = 503, {"status": "error", "errorType": "unavailable", "error": "scripted outage"}
-                elif parsed.path != "/api/v1/query":
-                    code, payload = 404, {"status": "error", "errorType": "not_found", "error": parsed.path}
-                else:
-                    query = parse_qs(parsed.query).get("query", [""])[0]
-                    prometheus.queries.append(query)
-                    code, payload = prometheus.evaluate(query)
-                data = json.dumps(payload).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        return Handler
-
-
-def predictor_series(
-    version: str,
-    *,
-    requests: int,
-    server_errors: int = 0,
-    latency_seconds: float = 0.01,
-    score_mean: float = 0.1,
-    extra_labels: dict[str, str] | None = None,
-) -> list[Series]:
-    """The series a predictor serving `version` would produce over a window: `requests` scoring
-    requests (`server_errors` of them failing), all `latency_seconds` long, with fraud scores
-    spread around `score_mean`. Bucket bounds are the predictor's own (`predictor/metrics.py`)."""
-    from fraud.deploy.canary import LATENCY_METRIC, REQUESTS_METRIC, SCORE_METRIC
-
-    latency_bounds = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, float("inf"))
-    score_bounds = (0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0, float("inf"))
-    base = {"model_version": version, **(extra_labels or {})}
-    ok = requests - server_errors
-    out = [
-        Series(REQUESTS_METRIC, {**base, "protocol": "v2", "outcome": "ok"}, float(ok)),
-        Series(REQUESTS_METRIC, {**base, "protocol": "v2", "outcome": "error"}, float(server_errors)),
-    ]
-    for le in latency_bounds:
-        label = "+Inf" if le == float("inf") else repr(le)
-        out.append(
-            Series(
-                f"{LATENCY_METRIC}_bucket",
-                {**base, "protocol": "v2", "outcome": "ok", "le": label},
-                float(ok if latency_seconds <= le else 0),
-            )
-        )
-    # scores: a triangular spread of width 0.2 around score_mean, as cumulative counts
-    for le in score_bounds:
-        label = "+Inf" if le == float("inf") else repr(le)
-        low, high = max(0.0, score_mean - 0.1), min(1.0, score_mean + 0.1)
-        fraction = 1.0 if le >= high else 0.0 if le <= low else (le - low) / (high - low)
-        out.append(Series(f"{SCORE_METRIC}_bucket", {**base, "le": label}, float(round(ok * fraction))))
-    return out
