@@ -64,8 +64,8 @@ def main() -> None:
     except Exception as exc:  # click usage errors and aborts
         click_error, abort = _click_exception_types()
         if isinstance(exc, click_error):
-            exc.show()
-            sys.exit(exc.exit_code)
+            exc.show()  # type: ignore[attr-defined]  # a ClickException: typer's vendored copy or click's
+            sys.exit(exc.exit_code)  # type: ignore[attr-defined]
         if isinstance(exc, abort):
             sys.exit(1)
         raise
