@@ -152,7 +152,9 @@ def build_checker(
         )
         from pipelines.training_pipeline import compile_pipeline
 
-        trigger: RetrainTrigger = KfpTrigger(kfp_host, arguments, pipeline_package, experiment, compile_package=compile_pipeline)
+        trigger: RetrainTrigger = KfpTrigger(
+            kfp_host, arguments, pipeline_package, experiment, compile_package=compile_pipeline
+        )
     else:
         if pipeline_args:
             raise UserError("--pipeline-arg only applies with --kfp-host; put options in --retrain-command")
