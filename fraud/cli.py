@@ -4,6 +4,7 @@ and registers itself here; heavy libraries are imported inside the commands so `
 from __future__ import annotations
 
 import sys
+import warnings
 
 import typer
 
@@ -45,8 +46,25 @@ def _click_exception_types() -> tuple[tuple[type[BaseException], ...], tuple[typ
     return tuple(errors), tuple(aborts)
 
 
+#: (category, message regex, module regex) of library warnings that say nothing to a user of the
+#: command line; each names the library and what it is about
+KNOWN_LIBRARY_WARNINGS = (
+    # Feast marks on-demand feature views experimental on every use; ours are tested end to end
+    (RuntimeWarning, r"On demand feature view is an experimental feature", r"feast\."),
+    # ibis (Feast's offline engine) calls DuckDB APIs that DuckDB deprecated
+    (DeprecationWarning, r"", r"ibis\."),
+    (FutureWarning, r"", r"ibis\."),
+)
+
+
+def filter_known_library_warnings() -> None:
+    for category, message, module in KNOWN_LIBRARY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+
+
 def main() -> None:
     """Console entry point: user errors become a message and exit code, never a traceback."""
+    filter_known_library_warnings()
     try:
         # Without standalone mode click *returns* the code of a typer.Exit / click.exceptions.Exit
         # instead of exiting; commands themselves return None.
