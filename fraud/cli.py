@@ -3,8 +3,10 @@ and registers itself here; heavy libraries are imported inside the commands so `
 
 from __future__ import annotations
 
+import re
 import sys
 import warnings
+from pathlib import Path
 
 import typer
 
@@ -46,20 +48,34 @@ def _click_exception_types() -> tuple[tuple[type[BaseException], ...], tuple[typ
     return tuple(errors), tuple(aborts)
 
 
-#: (category, message regex, module regex) of library warnings that say nothing to a user of the
-#: command line; each names the library and what it is about
+#: (category, message regex, package) of library warnings that say nothing to a user of the command
+#: line. Feast resets the warning filters when it is imported (`warnings.simplefilter("once", ...)`),
+#: so these are dropped where warnings are shown rather than by a filter.
 KNOWN_LIBRARY_WARNINGS = (
     # Feast marks on-demand feature views experimental on every use; ours are tested end to end
-    (RuntimeWarning, r"On demand feature view is an experimental feature", r"feast\."),
+    (RuntimeWarning, r"^On demand feature view is an experimental feature", "feast"),
     # ibis (Feast's offline engine) calls DuckDB APIs that DuckDB deprecated
-    (DeprecationWarning, r"", r"ibis\."),
-    (FutureWarning, r"", r"ibis\."),
+    (DeprecationWarning, r"", "ibis"),
+    (FutureWarning, r"", "ibis"),
 )
+_show_warning = warnings.showwarning
+
+
+def is_known_library_warning(message: Warning | str, category: type[Warning], filename: str) -> bool:
+    parts = Path(filename).parts
+    return any(
+        issubclass(category, known) and re.search(pattern, str(message)) and package in parts
+        for known, pattern, package in KNOWN_LIBRARY_WARNINGS
+    )
+
+
+def _show_unknown_warnings(message, category, filename, lineno, file=None, line=None) -> None:
+    if not is_known_library_warning(message, category, filename):
+        _show_warning(message, category, filename, lineno, file, line)
 
 
 def filter_known_library_warnings() -> None:
-    for category, message, module in KNOWN_LIBRARY_WARNINGS:
-        warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    warnings.showwarning = _show_unknown_warnings
 
 
 def main() -> None:
