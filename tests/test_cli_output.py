@@ -72,3 +72,23 @@ def test_live_quality_table_fits_80_columns(tmp_path):
                               "AP", "CP@100"]  # fmt: skip
     assert any("fraud-detector" in line for line in lines[:3])  # the model, named in the title
     assert "0.6667" in shown.stdout  # precision of version 1 on day 1 (tests/test_labels.py)
+
+
+def test_online_feature_vectors_keep_feature_names_at_80_columns(monkeypatch, capsys):
+    """`fraud features show|all`: the value columns give way, the feature names are not cut."""
+    import pandas as pd
+
+    from fraud.commands.features import _print_vectors
+    from fraud.features.definitions import MODEL_FEATURES
+
+    monkeypatch.setenv("COLUMNS", str(WIDTH))
+    frame = pd.DataFrame(
+        [[f"C{i:07d}", f"T{i:07d}", *[float(i)] * len(MODEL_FEATURES)] for i in range(4)],
+        columns=["customer_id", "terminal_id", *MODEL_FEATURES],
+    )
+    _print_vectors(frame)
+    shown = capsys.readouterr().out
+    assert max(len(line) for line in shown.splitlines()) <= WIDTH
+    assert "…" not in shown
+    for name in MODEL_FEATURES:
+        assert name in shown
