@@ -9,7 +9,7 @@ export UV_PYTHON_DOWNLOADS := never
 CORE := .venv/bin
 DRIFT := drift_transformer/.venv/bin
 
-.PHONY: setup demo test test-slow test-all services lock
+.PHONY: setup demo test test-slow test-all services lint lock
 
 setup:  ## create both locked environments (core + drift transformer) from the lock files
 	@$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet "uv==$(UV_VERSION)"
@@ -21,6 +21,12 @@ services:  ## start PostgreSQL and Redis if they are not running
 
 demo: setup  ## simulate -> feature store -> training pipeline -> serving -> sample scores
 	bash scripts/demo.sh
+
+lint: setup  ## the static gates: ruff (rules + format), import-linter layer contracts, mypy
+	$(CORE)/ruff check .
+	$(CORE)/ruff format --check .
+	PYTHONPATH=.:drift_transformer $(CORE)/lint-imports
+	$(CORE)/mypy
 
 test: setup services  ## the default test suite (core + drift environments)
 	$(CORE)/pytest -m "not slow"

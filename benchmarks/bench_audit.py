@@ -45,7 +45,9 @@ def decision(index: int) -> DecisionRecord:
         model_name="fraud-detector",
         model_version="12",
         variant="stable",
-        features={name: float(value) for name, value in zip(MODEL_FEATURES, rng.random(len(MODEL_FEATURES)))},
+        features={
+            name: float(value) for name, value in zip(MODEL_FEATURES, rng.random(len(MODEL_FEATURES)), strict=True)
+        },
         score=float(rng.random()),
         decision="approve",
         reason_codes=[{"feature": MODEL_FEATURES[i], "contribution": 0.1 * i, "text": "reason"} for i in range(3)],
@@ -139,7 +141,8 @@ def bench_payloads(rows: int = 1000, repeats: int = 15) -> dict:
         started = time.perf_counter()
         payloads = decision_payloads(**batch)
         timings["decision_payloads"].append(time.perf_counter() - started)
-        assert payloads == expected
+        if payloads != expected:
+            raise SystemExit("decision_payloads disagrees with records_then_to_payload")
     return {
         name: {"median_us_per_decision": round(statistics.median(t) * 1e6 / rows, 2)} for name, t in timings.items()
     }

@@ -33,12 +33,20 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "drift_transformer"))
 sys.path.insert(0, str(ROOT / "drift_transformer" / "tests"))
 
-from conftest import sample_vectors, write_bundle
-from drift_transformer.drift import DriftMetrics, DriftMonitor, DriftReference, MonitorConfig
+# after the sys.path lines above: the transformer package and its test helpers live in its own tree
+from conftest import sample_vectors, write_bundle  # noqa: E402
+from drift_transformer.drift import DriftMetrics, DriftMonitor, DriftReference, MonitorConfig  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "drift.json"
 DOC = ROOT / "docs" / "drift.md"
 BEGIN, END = "<!-- bench:drift:begin -->", "<!-- bench:drift:end -->"
+
+
+def timing_row(what: str, timing: dict, unit: str, digits: int) -> str:
+    """One markdown row: median and p90 of a timing in us or ms."""
+    shown = "µs" if unit == "us" else unit
+    median, p90 = timing[f"median_{unit}"], timing[f"p90_{unit}"]
+    return f"| {what} | {median:.{digits}f} {shown} | {p90:.{digits}f} {shown} |"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -124,12 +132,15 @@ def main() -> None:
         [
             "| what | median | p90 |",
             "|---|---|---|",
-            f"| `submit` 1 vector (request path) | {results['submit_batch_1']['median_us']:.1f} µs | {results['submit_batch_1']['p90_us']:.1f} µs |",
-            f"| `submit` 100 vectors (request path) | {results['submit_batch_100']['median_us']:.1f} µs | {results['submit_batch_100']['p90_us']:.1f} µs |",
-            f"| TabularDrift test, window 500 x 16 | {results['window_test_500']['median_ms']:.1f} ms | {results['window_test_500']['p90_ms']:.1f} ms |",
-            f"| TabularDrift test, window 2000 x 16 | {results['window_test_2000']['median_ms']:.1f} ms | {results['window_test_2000']['p90_ms']:.1f} ms |",
-            f"| CVMDriftOnline update (3 features, window 100) | {results['online_update']['median_us']:.0f} µs | {results['online_update']['p90_us']:.0f} µs |",
-            f"| CVMDriftOnline threshold configuration (ert 1000, window 100, 3 features, automatic bootstraps) | {results['online_update']['configure_s']:.1f} s (once) | |",
+            timing_row("`submit` 1 vector (request path)", results["submit_batch_1"], "us", 1),
+            timing_row("`submit` 100 vectors (request path)", results["submit_batch_100"], "us", 1),
+            timing_row("TabularDrift test, window 500 x 16", results["window_test_500"], "ms", 1),
+            timing_row("TabularDrift test, window 2000 x 16", results["window_test_2000"], "ms", 1),
+            timing_row("CVMDriftOnline update (3 features, window 100)", results["online_update"], "us", 0),
+            (
+                "| CVMDriftOnline threshold configuration (ert 1000, window 100, 3 features, automatic bootstraps) "
+                f"| {results['online_update']['configure_s']:.1f} s (once) | |"
+            ),
             f"| worker throughput, both detectors | {results['worker_throughput']['vectors_per_s']:.0f} vectors/s | |",
         ]
     )

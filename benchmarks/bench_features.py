@@ -106,7 +106,10 @@ for batch in (1, 8, 64):
     for _ in range(200):
         c = list(rng.choice(customers, batch)); t = list(rng.choice(terminals, batch))
         t0 = time.perf_counter(); client.batch(c, t); times.append(time.perf_counter() - t0)
-    result[f"batch_{batch}"] = {"median_ms": float(np.median(times) * 1e3), "p95_ms": float(np.percentile(times, 95) * 1e3)}
+    result[f"batch_{batch}"] = {
+        "median_ms": float(np.median(times) * 1e3),
+        "p95_ms": float(np.percentile(times, 95) * 1e3),
+    }
 result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps(result))
 """
@@ -143,7 +146,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"| offline features (DuckDB, {b['repetitions']} runs) | {b['median_s']:.1f} s "
             f"| {b['transactions_per_s']:,.0f} tx/s | {b['peak_rss_mib']:.0f} |"
         ),
-        f"| feast apply | {report['apply']['seconds']:.1f} s | – | {report['apply']['peak_rss_mib']:.0f} |",
+        f"| feast apply | {report['apply']['seconds']:.1f} s | - | {report['apply']['peak_rss_mib']:.0f} |",
         (
             f"| materialise (SQLite, {report['materialize']['entities']:,} entities) "
             f"| {report['materialize']['seconds']:.1f} s | {report['materialize']['entities_per_s']:,.0f} entities/s "

@@ -167,7 +167,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"command: `{report['command']}`. Wall times include the CLI's interpreter start and imports.",
         "",
         (
-            "| dataset | transactions | simulate | features build | feast apply | materialize | pipeline run --local | total "
+            "| dataset | transactions | simulate | features build | feast apply | materialize "
+            "| pipeline run --local | total "
             "| features rows/s | peak RSS | completed |"
         ),
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
@@ -175,7 +176,7 @@ def markdown(report: dict[str, Any]) -> str:
     for run in report["runs"]:
         p = run["phases"]
 
-        def cell(name: str) -> str:
+        def cell(name: str, p: dict = p) -> str:
             phase = p.get(name)
             if phase is None:
                 return "not run"
@@ -185,7 +186,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(
             f"| {run['scale']}x ({run['customers']:,} cust / {run['terminals']:,} term / {run['days']} d) "
             f"| {run['transactions']:,} | {cell('simulate')} | {cell('features_build')} | {cell('feast_apply')} "
-            f"| {cell('materialize')} | {cell('pipeline_run')} | {run['total_wall_s']:.1f} s | {f'{rows_s:,.0f}' if rows_s else '-'} "
+            f"| {cell('materialize')} | {cell('pipeline_run')} | {run['total_wall_s']:.1f} s "
+            f"| {f'{rows_s:,.0f}' if rows_s else '-'} "
             f"| {run['peak_rss_mib'] / 1024:.2f} GiB | {'yes' if run['completed'] else 'NO'} |"
         )
     return "\n".join(lines)

@@ -30,6 +30,7 @@ share (cores) is in every result: on 2 cores it competes with the servers.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -49,14 +50,14 @@ from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import httpx  # noqa: E402
-import numpy as np  # noqa: E402
+import httpx
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_pipeline_scale import save_json, write_docs_section  # noqa: E402
-from loadgen import LoadGenError, machine_load, run_open_loop, run_wrk  # noqa: E402
+from bench_pipeline_scale import save_json, write_docs_section
+from loadgen import LoadGenError, machine_load, run_open_loop, run_wrk
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -231,7 +232,8 @@ def bench_model(args: argparse.Namespace) -> int:
     lines = [
         f"Measured {report['date']}, one XGBoost thread, bundle `{facts['model_version']}` "
         f"({facts['trees']} trees, {facts['features']} features, XGBoost {facts['xgboost']}); 1-min load average "
-        f"{report['machine']['load_average_1m']:.1f} on {report['machine']['cpus']} cores. Command: `{report['command']}`. "
+        f"{report['machine']['load_average_1m']:.1f} on {report['machine']['cpus']} cores. "
+        f"Command: `{report['command']}`. "
         f"Share of the bundle's reference rows the model flags (review/decline): "
         + ", ".join(f"{share:.1%} of {int(b):,}" for b, share in flagged_share.items())
         + ".",
@@ -407,10 +409,8 @@ def wait_idle(url: str, body: bytes, limit_s: float = 90.0, fast_ms: float = 250
     started = time.perf_counter()
     while time.perf_counter() - started < limit_s:
         sent = time.perf_counter()
-        try:
+        with contextlib.suppress(httpx.HTTPError):
             httpx.post(url, content=body, headers={"content-type": "application/json"}, timeout=limit_s)
-        except httpx.HTTPError:
-            pass
         if (time.perf_counter() - sent) * 1000 < fast_ms:
             break
         time.sleep(0.5)
@@ -429,7 +429,7 @@ def wait_online_detector(infer_url: str, limit_s: float) -> float | None:
             text = httpx.get(metrics_url, timeout=5).text
         except httpx.HTTPError:
             text = ""
-        line = next((l for l in text.splitlines() if l.startswith("fraud_drift_online_ready")), None)
+        line = next((ln for ln in text.splitlines() if ln.startswith("fraud_drift_online_ready")), None)
         if line is None or float(line.split()[-1]) >= 1.0:  # no online detector configured, or ready
             return time.perf_counter() - started
         time.sleep(2.0)
@@ -508,7 +508,8 @@ def bench_serving(args: argparse.Namespace) -> int:
                             {**result.to_dict(), "drain_s": wait_idle(servers[name].url, bodies[name][0])}
                         )
                         print(
-                            f"round {round_index} {name} @ {rate:g}/s: p50 {result.p50_ms:.2f} p99 {result.p99_ms:.2f} ms "
+                            f"round {round_index} {name} @ {rate:g}/s: "
+                            f"p50 {result.p50_ms:.2f} p99 {result.p99_ms:.2f} ms "
                             f"errors {result.errors} (client {result.client_cpu_cores:.2f} cores)",
                             file=sys.stderr,
                         )
@@ -550,7 +551,8 @@ def bench_serving(args: argparse.Namespace) -> int:
         f"{report['machine']['cpus']} cores. Bundle `{facts['model_version']}` ({facts['trees']} trees). "
         f"Predictor options: `{' '.join(args.predictor_args) or '(defaults)'}`. Command: `{report['command']}`.",
         "",
-        f"| system | saturation req/s (wrk, {args.connections} conns) | p50 / p99 at saturation (ms) | wrk CPU (cores) | "
+        f"| system | saturation req/s (wrk, {args.connections} conns) | p50 / p99 at saturation (ms) "
+        "| wrk CPU (cores) | "
         + " | ".join(f"p50 / p99 @ {r:g}/s (ms)" for r in rates)
         + " | open-loop client CPU (cores) | errors |",
         "|---|---:|---:|---:|" + "---:|" * len(rates) + "---:|---:|",
@@ -711,7 +713,8 @@ def bench_fullpath(args: argparse.Namespace) -> int:
                     result = run_wrk(url, singles[round_index], connections=args.connections, duration_s=duration)
                     saturation.append({**result.to_dict(), "drain_s": wait_idle(url, singles[0])})
                     print(
-                        f"{store} round {round_index} saturation {result.requests_per_s:,.0f} req/s p99 {result.p99_ms:.1f} ms "
+                        f"{store} round {round_index} saturation {result.requests_per_s:,.0f} req/s "
+                        f"p99 {result.p99_ms:.1f} ms "
                         f"errors {result.errors}",
                         file=sys.stderr,
                     )
@@ -777,7 +780,8 @@ def bench_fullpath(args: argparse.Namespace) -> int:
     )
     lines = [
         f"Measured {report['date']}; transformer -> predictor -> Feast online store, {rounds} rounds x {duration:g} s, "
-        f"medians; 1-min load average at start {report['machine']['load_average_1m']:.1f} on {report['machine']['cpus']} cores. "
+        f"medians; 1-min load average at start {report['machine']['load_average_1m']:.1f} "
+        f"on {report['machine']['cpus']} cores. "
         f"Predictor options: `{' '.join(args.predictor_args) or '(defaults)'}`. Command: `{report['command']}`.",
         "",
         f"| online store | saturation req/s ({args.connections} conns) | p50 / p99 at saturation (ms) | "
@@ -798,14 +802,16 @@ def bench_fullpath(args: argparse.Namespace) -> int:
             [sat["median_client_cpu_cores"]] + [d["median_client_cpu_cores"] for d in data["fixed_rate"].values()]
         )
         lines.append(
-            f"| {store} | {sat['median_requests_per_s']:,.0f} | {sat['median_p50_ms']:.1f} / {sat['median_p99_ms']:.1f} | "
+            f"| {store} | {sat['median_requests_per_s']:,.0f} "
+            f"| {sat['median_p50_ms']:.1f} / {sat['median_p99_ms']:.1f} | "
             + " | ".join(
                 f"{data['fixed_rate'][str(r)]['median_p50_ms']:.1f} / {data['fixed_rate'][str(r)]['median_p99_ms']:.1f}"
                 for r in rates
             )
             + " | "
             + " | ".join(
-                f"{data['batched'][str(b)]['median_transactions_per_s']:,.0f} ({data['batched'][str(b)]['median_p99_ms']:.0f})"
+                f"{data['batched'][str(b)]['median_transactions_per_s']:,.0f} "
+                f"({data['batched'][str(b)]['median_p99_ms']:.0f})"
                 for b in batches
             )
             + f" | {errors} | ≤ {client:.2f} |"
@@ -826,7 +832,7 @@ def bench_fullpath(args: argparse.Namespace) -> int:
             cpu = data["batched"][str(b)]["median_cpu_us_per_transaction"]
             lines.append(
                 f"| {store} | {b:,} | "
-                + " | ".join(f"{cpu[r]:.1f}" if r in cpu else "–" for r in roles)
+                + " | ".join(f"{cpu[r]:.1f}" if r in cpu else "-" for r in roles)
                 + f" | {sum(cpu.values()):.1f} |"
             )
     finish(report, "scoring_fullpath", args.label, "\n".join(lines), args.no_save)
@@ -885,9 +891,11 @@ def bench_lookup(args: argparse.Namespace) -> int:
     report.update({"data_dir": str(args.data_dir), "smoke": args.smoke, "repeats": repeats, "results": rows})
     lines = [
         f"Measured {report['date']}, in-process, {repeats} repeats alternating, medians; 1-min load average at start "
-        f"{report['machine']['load_average_1m']:.1f} on {report['machine']['cpus']} cores. Command: `{report['command']}`.",
+        f"{report['machine']['load_average_1m']:.1f} on {report['machine']['cpus']} cores. "
+        f"Command: `{report['command']}`.",
         "",
-        "| online store | pairs per call | batched reader (ms) | Feast `online_read` per view (ms) | speed-up | batched µs / pair |",
+        "| online store | pairs per call | batched reader (ms) | Feast `online_read` per view (ms) | speed-up "
+        "| batched µs / pair |",
         "|---|---:|---:|---:|---:|---:|",
     ]
     for store in args.stores:

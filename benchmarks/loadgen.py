@@ -154,7 +154,8 @@ def run_wrk(url: str, body: bytes, *, connections: int, duration_s: float, threa
         ]
         started = time.perf_counter()
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        assert process.stdout is not None
+        if process.stdout is None:  # stdout=PIPE above
+            raise LoadGenError("wrk started without an output pipe")
         output = process.stdout.read().decode("utf-8", "replace")
         _, status, usage = os.wait4(process.pid, 0)
         process.returncode = os.waitstatus_to_exitcode(status)
@@ -259,7 +260,8 @@ class _HttpConnection(asyncio.Protocol):
         self._waiter.set_result((status, payload))
 
     async def request(self, raw: bytes) -> tuple[int, bytes]:
-        assert self.transport is not None
+        if self.transport is None:
+            raise ConnectionError("request() before the connection was made")
         self._waiter = asyncio.get_running_loop().create_future()
         self.transport.write(raw)
         try:
@@ -294,7 +296,7 @@ async def _open_loop(
         nonlocal opened
         try:
             await asyncio.wait_for(slots.acquire(), max(0.0, scheduled + timeout_s - time.perf_counter()))
-        except asyncio.TimeoutError:
+        except TimeoutError:
             latencies[index] = timeout_s  # censored: waited the whole timeout for a connection slot
             errors.append(f"no free connection within {timeout_s:g}s (client queue)")
             return
@@ -319,7 +321,7 @@ async def _open_loop(
                     opened += 1
                 remaining = max(0.001, scheduled + timeout_s - time.perf_counter())
                 status, payload = await asyncio.wait_for(connection.request(raws[index % len(raws)]), remaining)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 if connection is not None and connection.transport is not None:
                     connection.transport.close()
                 latencies[index] = timeout_s  # censored at the timeout

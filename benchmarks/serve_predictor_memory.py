@@ -14,14 +14,14 @@ import sys
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import numpy as np
+import pandas as pd
 
-from fraud.features.definitions import CUSTOMER_SPENDING_FEATURES, SNAPSHOT_TIMESTAMP, TERMINAL_RISK_FEATURES  # noqa: E402
-from fraud.schema import CUSTOMER_ID, TERMINAL_ID  # noqa: E402
-from predictor.__main__ import build_parser  # noqa: E402
-from predictor.__main__ import main as predictor_main  # noqa: E402
-from predictor.features import InMemoryFeatureSource  # noqa: E402
+from fraud.features.definitions import CUSTOMER_SPENDING_FEATURES, SNAPSHOT_TIMESTAMP, TERMINAL_RISK_FEATURES
+from fraud.schema import CUSTOMER_ID, TERMINAL_ID
+from predictor.__main__ import build_parser
+from predictor.__main__ import main as predictor_main
+from predictor.features import InMemoryFeatureSource
 
 #: Snapshot date of the in-memory features: the day of the benchmark's requests (nothing stale).
 SNAPSHOT_DAY = pd.Timestamp("2018-09-30")
@@ -56,7 +56,8 @@ def synthetic_feature_source(entities: int, seed: int = 0) -> InMemoryFeatureSou
         for name in (*CUSTOMER_SPENDING_FEATURES, *TERMINAL_RISK_FEATURES)
         if name not in customers.columns and name not in terminals.columns
     ]
-    assert not missing, f"synthetic features lack {missing}"
+    if missing:
+        raise SystemExit(f"synthetic features lack {missing}")
     return InMemoryFeatureSource(customers, terminals)
 
 

@@ -3,7 +3,10 @@ and registers itself here; heavy libraries are imported inside the commands so `
 
 from __future__ import annotations
 
+import re
 import sys
+import warnings
+from pathlib import Path
 
 import typer
 
@@ -45,8 +48,39 @@ def _click_exception_types() -> tuple[tuple[type[BaseException], ...], tuple[typ
     return tuple(errors), tuple(aborts)
 
 
+#: (category, message regex, package) of library warnings that say nothing to a user of the command
+#: line. Feast resets the warning filters when it is imported (`warnings.simplefilter("once", ...)`),
+#: so these are dropped where warnings are shown rather than by a filter.
+KNOWN_LIBRARY_WARNINGS = (
+    # Feast marks on-demand feature views experimental on every use; ours are tested end to end
+    (RuntimeWarning, r"^On demand feature view is an experimental feature", "feast"),
+    # ibis (Feast's offline engine) calls DuckDB APIs that DuckDB deprecated
+    (DeprecationWarning, r"", "ibis"),
+    (FutureWarning, r"", "ibis"),
+)
+_show_warning = warnings.showwarning
+
+
+def is_known_library_warning(message: Warning | str, category: type[Warning], filename: str) -> bool:
+    parts = Path(filename).parts
+    return any(
+        issubclass(category, known) and re.search(pattern, str(message)) and package in parts
+        for known, pattern, package in KNOWN_LIBRARY_WARNINGS
+    )
+
+
+def _show_unknown_warnings(message, category, filename, lineno, file=None, line=None) -> None:
+    if not is_known_library_warning(message, category, filename):
+        _show_warning(message, category, filename, lineno, file, line)
+
+
+def filter_known_library_warnings() -> None:
+    warnings.showwarning = _show_unknown_warnings
+
+
 def main() -> None:
     """Console entry point: user errors become a message and exit code, never a traceback."""
+    filter_known_library_warnings()
     try:
         # Without standalone mode click *returns* the code of a typer.Exit / click.exceptions.Exit
         # instead of exiting; commands themselves return None.
@@ -64,8 +98,8 @@ def main() -> None:
     except Exception as exc:  # click usage errors and aborts
         click_error, abort = _click_exception_types()
         if isinstance(exc, click_error):
-            exc.show()
-            sys.exit(exc.exit_code)
+            exc.show()  # type: ignore[attr-defined]  # a ClickException: typer's vendored copy or click's
+            sys.exit(exc.exit_code)  # type: ignore[attr-defined]
         if isinstance(exc, abort):
             sys.exit(1)
         raise

@@ -112,7 +112,7 @@ def card_precision_top_k(
         compromised.append(int(per_card["label"].sum()))
         # stable order: highest score first, ties broken by card id (sorted by the groupby)
         top = per_card.sort_values("score", ascending=False, kind="mergesort").head(k)
-        hits = [card for card, label in zip(top.index, top["label"]) if label == 1]
+        hits = [card for card, label in zip(top.index, top["label"], strict=True) if label == 1]
         per_day.append(len(hits) / k)
         days.append(pd.Timestamp(day).date().isoformat())
         if remove_detected_cards:

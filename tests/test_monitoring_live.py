@@ -1,16 +1,19 @@
-"""The dashboard and the alert rules against live scrapes: every metric any panel query, variable
-or alert expression reads must be exported by a running endpoint — the real predictor and drift
-transformer (on a real Feast SQLite store, bundle from `make_synthetic_bundle`), `fraud audit writer
---metrics-port` and `fraud labels exporter --port`. A misspelt metric in the dashboard fails here.
+"""The dashboard and the alert rules against live scrapes: a real Prometheus (Debian package
+`prometheus`) scrapes the running endpoints — the real predictor and drift transformer (on a real
+Feast SQLite store, bundle from `make_synthetic_bundle`), `fraud audit writer --metrics-port` and
+`fraud labels exporter --port` — with the alert rules loaded. Every panel and variable query must
+evaluate there and return series, every rule must evaluate without error, every `fraud_*` name a
+query reads must be exported, and the input series of the promtool alert tests (tests/promtool/)
+must name exported metrics with labels the live series carry. A misspelt metric or label fails here.
 
 One stack per module; the Feast store and bundle fixtures are the serving-stack test's own.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -22,14 +25,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from fraud.config import PROJECT_ROOT
-from fraud.monitoring.promql import (
-    exported_names,
-    grafana_variable_metrics,
-    missing_metrics,
-    referenced_metrics,
-    selector_labels,
-)
 from fraud.serving_stack import ServingStack, StackConfig, score_transactions
+from tests.support.prometheus import LocalPrometheus, PrometheusError, names_read
 from tests.test_serving_stack import (  # noqa: F401 - fixtures are used by name
     STORE_TIMEOUT_S,
     bundle,
@@ -44,10 +41,26 @@ RULES = PROJECT_ROOT / "manifests" / "prometheusrule.yaml"
 DRIFT_WINDOW = 50
 #: labels Prometheus adds at scrape time (the endpoints cannot export them)
 TARGET_LABELS = {"namespace", "pod", "instance", "job"}
+NAMESPACE = "fraud-live"
+#: Grafana's $__rate_interval for a 1 s scrape interval is a few seconds; one minute spans all scrapes
+RATE_INTERVAL = "1m"
+#: panel queries that select only failures, empty while the stack serves without errors, and the
+#: live-quality panels, empty until delayed labels mature in the (fresh) audit database
+EMPTY_WITHOUT_FAILURES = {
+    "fraud_live_quality",
+    "fraud_transformer_predictor_errors_total",  # the predictor never failed the transformer
+    'outcome=~"error|unavailable"',  # no request failed
+    "fraud_audit_write_retries_total",  # labelled by reason: no retry, no series
+}
 
 
 def dashboard_queries(dashboard: dict) -> list[str]:
     return [target["expr"] for panel in dashboard["panels"] for target in panel.get("targets", [])]
+
+
+def grafana_to_promql(query: str) -> str:
+    """A panel query as Grafana sends it to Prometheus for the test namespace."""
+    return query.replace("$__rate_interval", RATE_INTERVAL).replace("$namespace", NAMESPACE)
 
 
 def variable_queries(dashboard: dict) -> list[str]:
@@ -95,8 +108,8 @@ def windows_evaluated(exposition: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def scrapes(tmp_path_factory, data_root, bundle) -> dict[str, str]:  # noqa: F811 - fixtures by name
-    """Live expositions of every endpoint, after real traffic went through the stack."""
+def endpoints(tmp_path_factory, data_root, bundle) -> dict[str, str]:  # noqa: F811 - fixtures by name
+    """/metrics URL of every endpoint, after real traffic went through the stack."""
     work = tmp_path_factory.mktemp("monitoring-live")
     audit_db = f"sqlite:///{work / 'audit.db'}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("FRAUD_AUDIT")}
@@ -152,10 +165,10 @@ def scrapes(tmp_path_factory, data_root, bundle) -> dict[str, str]:  # noqa: F81
                 break
             time.sleep(0.2)
         yield {
-            "transformer": text,
-            "predictor": httpx.get(f"{config.predictor_url}/metrics", timeout=5).text,
-            "audit writer": httpx.get(writer_url, timeout=5).text,
-            "labels exporter": httpx.get(exporter_url, timeout=5).text,
+            "transformer": transformer_url,
+            "predictor": f"{config.predictor_url}/metrics",
+            "audit-writer": writer_url,
+            "labels-exporter": exporter_url,
         }
     finally:
         stack.stop()
@@ -169,8 +182,35 @@ def scrapes(tmp_path_factory, data_root, bundle) -> dict[str, str]:  # noqa: F81
 
 
 @pytest.fixture(scope="module")
-def exported(scrapes) -> set[str]:
-    return set().union(*(exported_names(text) for text in scrapes.values()))
+def scrapes(endpoints) -> dict[str, str]:
+    """Live expositions of every endpoint."""
+    return {name: httpx.get(url, timeout=5).text for name, url in endpoints.items()}
+
+
+@pytest.fixture(scope="module")
+def prometheus(endpoints, tmp_path_factory):
+    """A real Prometheus scraping every endpoint each second, the PrometheusRule's groups loaded."""
+    work = tmp_path_factory.mktemp("prometheus")
+    rules = work / "rules.yaml"
+    rules.write_text(yaml.safe_dump({"groups": rule_groups()}, sort_keys=False))
+    targets = {name: httpx.URL(url).netloc.decode() for name, url in endpoints.items()}
+    server = LocalPrometheus(work, targets, {"namespace": NAMESPACE}, rule_files=[rules])
+    with server:
+        # every target scraped at least three times: rate() over the panels' window has two points
+        server.wait_for(f"min(count_over_time(up[{RATE_INTERVAL}])) >= 3 and min(up) == 1")
+        assert len(server.query("up")) == len(endpoints)
+        # traffic while Prometheus watches: the rate panels show it
+        score_transactions(endpoints["transformer"].removesuffix("/metrics"), traffic(20, seed=23, prefix="MONP"), "v1")
+        server.wait_for(
+            f'sum(rate(fraud_predictor_transactions_total{{namespace="{NAMESPACE}"}}[{RATE_INTERVAL}])) > 0'
+        )
+        yield server
+
+
+@pytest.fixture(scope="module")
+def exported(prometheus) -> set[str]:
+    """Series names the endpoints export, as Prometheus scraped them."""
+    return prometheus.series_names()
 
 
 @pytest.fixture(scope="module")
@@ -201,22 +241,56 @@ def test_the_live_endpoints_carry_the_traffic(scrapes, exported):
     assert {"fraud_audit_spool_backlog", "fraud_live_quality", "fraud_live_quality_label_coverage"} <= exported
 
 
-def test_every_dashboard_query_reads_exported_metrics(exported):
+def test_every_dashboard_query_evaluates_on_prometheus(prometheus, exported):
     dashboard = json.loads(DASHBOARD.read_text())
     queries = dashboard_queries(dashboard)
     assert len(queries) >= 12
-    assert missing_metrics(queries, exported) == {}
-    variables = variable_queries(dashboard)
-    assert variables and all(grafana_variable_metrics(q) <= exported for q in variables)
-    read = set().union(*(referenced_metrics(q) for q in queries))
+    empty, unknown = [], {}
+    for query in queries:
+        result = prometheus.query(grafana_to_promql(query))  # PrometheusError: parse or evaluation error
+        if not result and not any(marker in query for marker in EMPTY_WITHOUT_FAILURES):
+            empty.append(query)
+        if names_read(query) - exported:
+            unknown[query] = names_read(query) - exported
+    assert empty == [], f"panel queries without data on a stack that served traffic: {empty}"
+    (rate,) = prometheus.query(grafana_to_promql(queries[0]))  # requests/s by model version: v1 traffic
+    assert float(rate["value"][1]) > 0
+    assert unknown == {}
+    read = set().union(*(names_read(q) for q in queries))
     for family in ("fraud_predictor_", "fraud_drift_", "fraud_transformer_", "fraud_live_quality", "fraud_audit_"):
         assert any(name.startswith(family) for name in read), f"no panel reads {family}*"
 
 
-def test_every_alert_expression_reads_exported_metrics(exported):
-    assert missing_metrics(rule_expressions(), exported, recorded_names()) == {}
-    used_records = set().union(*(referenced_metrics(e) for e in rule_expressions())) & recorded_names()
-    assert used_records, "the alerts read their recording rules"
+def test_the_dashboard_variables_list_the_namespace(prometheus):
+    """`label_values(metric, label)` (Grafana's variable query) is Prometheus's label-values API."""
+    variables = variable_queries(json.loads(DASHBOARD.read_text()))
+    assert variables
+    for query in variables:
+        match = re.fullmatch(r"label_values\((?:(?P<selector>.+),\s*)?(?P<label>\w+)\)", query.strip())
+        assert match, query
+        params = {"match[]": match["selector"]} if match["selector"] else {}
+        assert NAMESPACE in prometheus.api(f"label/{match['label']}/values", **params), query
+
+
+def test_prometheus_evaluates_every_rule(prometheus, exported):
+    """The rule groups loaded into a real Prometheus: every rule evaluated without error, every
+    recording rule produced series from the live scrapes, every `fraud_*` name read is exported."""
+    expected = {rule.get("alert") or rule["record"] for group in rule_groups() for rule in group["rules"]}
+    deadline = time.monotonic() + 60
+    while True:
+        loaded = [rule for group in prometheus.api("rules")["groups"] for rule in group["rules"]]
+        if loaded and not any(rule["lastEvaluation"].startswith("0001") for rule in loaded):  # 0001: never
+            break
+        assert time.monotonic() < deadline, "rules not evaluated within 60 s"
+        time.sleep(0.5)
+    assert {rule["name"] for rule in loaded} == expected
+    assert [(rule["name"], rule.get("lastError")) for rule in loaded if rule["health"] != "ok"] == []
+    for group in rule_groups():
+        for rule in group["rules"]:
+            if "record" in rule and not any(marker in rule["expr"] for marker in EMPTY_WITHOUT_FAILURES):
+                prometheus.wait_for(rule["record"], timeout=30)
+    unknown = {e: names_read(e) - exported - recorded_names() for e in rule_expressions()}
+    assert {e: names for e, names in unknown.items() if names} == {}
     alerts = {rule["alert"] for group in rule_groups() for rule in group["rules"] if "alert" in rule}
     assert {
         "FraudPredictorLatencySLOBurnFast",
@@ -229,32 +303,32 @@ def test_every_alert_expression_reads_exported_metrics(exported):
     } <= alerts
 
 
-def test_label_matchers_name_labels_the_series_really_have(live_labels):
-    """`outcome="ok"`, `decision="decline"`, `le="0.1"`...: a misspelt label selects nothing."""
-    dashboard = json.loads(DASHBOARD.read_text())
-    problems, checked = [], 0
-    for expr in dashboard_queries(dashboard) + rule_expressions():
-        for name, labels in selector_labels(expr).items():
-            if name in live_labels:  # a labelled family with no child yet (no samples) is not checked
-                checked += 1
-                unknown = labels - TARGET_LABELS - live_labels[name]
-                if unknown:
-                    problems.append(f"{name}: {sorted(unknown)} in {expr.strip()[:120]}")
-    assert checked >= 20 and problems == []
+def test_alert_unit_test_series_are_live_series(exported, live_labels):
+    """The promtool tests make every alert fire from their input series; those series must be what
+    the endpoints export (name and label names), so a misspelt metric or label in an alert fails
+    either its unit test or this test."""
+    checked = 0
+    for path in sorted((PROJECT_ROOT / "tests" / "promtool").glob("*.yaml")):
+        for case in yaml.safe_load(path.read_text())["tests"]:
+            for series in case["input_series"]:
+                (family,) = text_string_to_metric_families(f"{series['series']} 0\n")
+                (sample,) = family.samples
+                assert sample.name in exported, f"{path.name}: {sample.name} is not exported"
+                if sample.name in live_labels:  # a labelled family with no child yet is not checked
+                    checked += 1
+                    unknown = set(sample.labels) - TARGET_LABELS - live_labels[sample.name]
+                    assert unknown == set(), f"{path.name}: {series['series']}"
+    assert checked >= 40
 
 
-def test_a_misspelt_metric_or_label_in_the_dashboard_is_caught(exported, live_labels):
+def test_a_misspelt_metric_or_label_in_the_dashboard_is_caught(prometheus, exported):
     dashboard = json.loads(DASHBOARD.read_text())
-    broken = copy.deepcopy(dashboard)
-    target = broken["panels"][0]["targets"][0]
-    target["expr"] = target["expr"].replace("fraud_predictor_requests_total", "fraud_predictor_request_total")
-    missing = missing_metrics(dashboard_queries(broken), exported)
-    assert list(missing.values()) == [{"fraud_predictor_request_total"}]
-    histogram = broken["panels"][1]["targets"][0]
-    histogram["expr"] = histogram["expr"].replace("_seconds_bucket", "_seconds_buckets")
-    assert {"fraud_predictor_request_latency_seconds_buckets"} in missing_metrics(
-        dashboard_queries(broken), exported
-    ).values()
-    mislabelled = 'sum(rate(fraud_predictor_requests_total{outcom="ok"}[5m]))'
-    labels = selector_labels(mislabelled)["fraud_predictor_requests_total"]
-    assert labels - live_labels["fraud_predictor_requests_total"] == {"outcom"}
+    query = dashboard_queries(dashboard)[0]
+    assert "fraud_predictor_requests_total" in query and prometheus.query(grafana_to_promql(query))
+    misspelt = query.replace("fraud_predictor_requests_total", "fraud_predictor_request_total")
+    assert prometheus.query(grafana_to_promql(misspelt)) == []
+    assert names_read(misspelt) - exported == {"fraud_predictor_request_total"}
+    mislabelled = 'sum(rate(fraud_predictor_requests_total{namespace="$namespace", outcom="ok"}[5m]))'
+    assert prometheus.query(grafana_to_promql(mislabelled)) == []
+    with pytest.raises(PrometheusError, match="parse error"):
+        prometheus.query("sum(rate(fraud_predictor_requests_total[5m])")

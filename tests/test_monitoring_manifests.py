@@ -131,13 +131,13 @@ def free_port() -> int:
 
 
 def audit_metrics_read_by_alerts_and_dashboard() -> set[str]:
-    from fraud.monitoring.promql import referenced_metrics
+    from tests.support.prometheus import names_read
 
     rules = yaml.safe_load((PROJECT_ROOT / "manifests" / "prometheusrule.yaml").read_text())
     exprs = [rule["expr"] for group in rules["spec"]["groups"] for rule in group["rules"]]
     dashboard = json.loads((PROJECT_ROOT / "manifests" / "fraud-detector-dashboard.json").read_text())
     exprs += [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
-    return {name for expr in exprs for name in referenced_metrics(expr) if name.startswith("fraud_audit_")}
+    return {name for expr in exprs for name in names_read(expr) if name.startswith("fraud_audit_")}
 
 
 def test_the_audit_migration_and_writer_command_lines_work(prod, tmp_path):
@@ -150,7 +150,7 @@ def test_the_audit_migration_and_writer_command_lines_work(prod, tmp_path):
 
     from fraud.audit import AuditSpool
     from fraud.audit.store import find_decisions
-    from fraud.monitoring.promql import exported_names
+    from tests.support.prometheus import exposition_names
     from tests.test_audit_support import make_decision
 
     (job,) = [d for d in prod if d["kind"] == "Job"]
@@ -190,7 +190,7 @@ def test_the_audit_migration_and_writer_command_lines_work(prod, tmp_path):
         assert samples["fraud_audit_written_total"] == 1.0 and samples["fraud_audit_spool_backlog"] == 0.0
         read = audit_metrics_read_by_alerts_and_dashboard()
         assert {"fraud_audit_spool_backlog", "fraud_audit_written_total", "fraud_audit_spool_appended_total"} <= read
-        assert read - exported_names(exposition) == set()
+        assert read - exposition_names(exposition) == set()
     finally:
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=30)

@@ -53,7 +53,7 @@ def _print_build(result) -> None:
 
     table = Table(title=f"offline feature tables ({result.transactions:,} transactions, {result.seconds:.1f} s)")
     for column in ("table", "rows", "entities", "file"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")  # a long path wraps at 80 columns instead of being cut
     for item in result.tables:
         table.add_row(item.name, f"{item.rows:,}", f"{item.entities:,}", str(item.path))
     Console().print(table)
@@ -131,7 +131,8 @@ def _print_vectors(frame: pd.DataFrame) -> None:
     from fraud.feature_store import CUSTOMER_SNAPSHOT_COLUMN, TERMINAL_SNAPSHOT_COLUMN
 
     table = Table(title="online feature vectors (blank = unknown entity: cold-start defaults apply)")
-    table.add_column("feature")
+    # feature names keep their width at 80 columns; the value columns (short numbers) give way
+    table.add_column("feature", no_wrap=True, min_width=max(len(str(c)) for c in frame.columns[2:]))
     for _, row in frame.iterrows():
         table.add_column(f"{row['customer_id'] or '-'} / {row['terminal_id'] or '-'}", justify="right")
     for column in frame.columns[2:]:

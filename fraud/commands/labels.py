@@ -19,27 +19,27 @@ def _fmt(value: float | None) -> str:
 
 
 def _print_quality(rows, title: str) -> None:
+    """One row per model version and day; fits 80 columns (no borders, the model name in the title
+    when all rows share it)."""
+    from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=title)
-    for column in (
-        "model",
-        "version",
-        "day",
-        "decisions",
-        "labelled",
-        "frauds",
-        "alerts",
-        "precision",
-        "recall",
-        "AP",
-        "CP@100",
-    ):
-        table.add_column(column, justify="right" if column not in ("model", "version", "day") else "left")
+    models = sorted({row.model_name for row in rows})
+    one_model = len(models) == 1
+    table = Table(
+        title=f"{title}: {models[0]}" if one_model else title,
+        caption="scored = decisions, alerts = review or decline, AP = average precision, CP@100 = card precision@100",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        padding=(0, 0),
+    )
+    columns = ["version", "day", "scored", "labelled", "frauds", "alerts", "precision", "recall", "AP", "CP@100"]
+    for column in ([] if one_model else ["model"]) + columns:
+        table.add_column(column, justify="left" if column in ("model", "version", "day") else "right")
     for row in rows:
         table.add_row(
-            row.model_name,
+            *([] if one_model else [row.model_name]),
             row.model_version,
             row.day.isoformat(),
             str(row.n_decisions),

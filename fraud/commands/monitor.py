@@ -118,6 +118,7 @@ def build_checker(
         KfpTrigger,
         RetrainChecker,
         RetrainPolicy,
+        RetrainTrigger,
         default_retrain_command,
         default_train_start,
         monitoring_dir,
@@ -144,12 +145,16 @@ def build_checker(
             "train_start",
             default_train_start(
                 datetime.now(UTC).date(),
-                int(arguments.get("train_days", 7)),
-                int(arguments.get("delay_days", 7)),
-                int(arguments.get("test_days", 7)),
+                int(str(arguments.get("train_days", 7))),
+                int(str(arguments.get("delay_days", 7))),
+                int(str(arguments.get("test_days", 7))),
             ),
         )
-        trigger = KfpTrigger(kfp_host, arguments, pipeline_package, experiment)
+        from pipelines.training_pipeline import compile_pipeline
+
+        trigger: RetrainTrigger = KfpTrigger(
+            kfp_host, arguments, pipeline_package, experiment, compile_package=compile_pipeline
+        )
     else:
         if pipeline_args:
             raise UserError("--pipeline-arg only applies with --kfp-host; put options in --retrain-command")

@@ -1,2 +1,1 @@
-"""Monitoring: the closed retraining loop (`fraud.monitoring.retrain`) and PromQL helpers
-(`fraud.monitoring.promql`) used to keep dashboards and alerts honest."""
+"""Monitoring: the closed retraining loop (`fraud.monitoring.retrain`)."""

@@ -37,11 +37,11 @@ import shlex
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Protocol
+from typing import IO, Protocol
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -241,7 +241,8 @@ def quality_below_floor(days: Sequence[QualityDay], policy: RetrainPolicy) -> st
     if not all(findings):
         return None
     detail = "; ".join(f"{day.day.isoformat()}: {', '.join(f)}" for day, f in zip(recent, findings, strict=True))
-    return f"live quality of version {recent[-1].model_version} below the floor on the last {len(recent)} mature days ({detail})"
+    version = recent[-1].model_version
+    return f"live quality of version {version} below the floor on the last {len(recent)} mature days ({detail})"
 
 
 # --- decision -----------------------------------------------------------------------------------
@@ -317,7 +318,9 @@ class MonitorState:
 
     @classmethod
     def from_json(cls, data: dict) -> MonitorState:
-        parse = lambda v: datetime.fromisoformat(v) if v else None
+        def parse(value: str | None) -> datetime | None:
+            return datetime.fromisoformat(value) if value else None
+
         return cls(
             drift=DriftTracker(**data.get("drift", {})),
             drift_source=data.get("drift_source", ""),
@@ -420,7 +423,7 @@ class CommandTrigger:
 
     def fire(self, reasons: Sequence[str]) -> TriggerResult:
         env = {**os.environ, "FRAUD_RETRAIN_REASON": " | ".join(reasons)}
-        output = subprocess.DEVNULL
+        output: int | IO[bytes] = subprocess.DEVNULL
         handle = None
         if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -451,12 +454,21 @@ def default_train_start(today: date, train_days: int = 7, delay_days: int = 7, t
 @dataclass(frozen=True)
 class KfpTrigger:
     """Submits a run of the compiled training pipeline to Kubeflow Pipelines
-    (`kfp.Client(host).create_run_from_pipeline_package`); returns once it is created."""
+    (`kfp.Client(host).create_run_from_pipeline_package`); returns once it is created.
+
+    The pipeline comes from `package_path` (a compiled package) or, without one, from `compile_package`
+    (writes the package to the path it is given): the caller - `fraud monitor check` - passes
+    `pipelines.training_pipeline.compile_pipeline`, so the library does not import the orchestration layer."""
 
     host: str
     arguments: dict[str, object]
     package_path: Path | None = None
     experiment: str = "fraud"
+    compile_package: Callable[[str], object] | None = None
+
+    def __post_init__(self) -> None:
+        if self.package_path is None and self.compile_package is None:
+            raise ValueError("KfpTrigger needs a package_path or a compile_package function")
 
     def describe(self) -> str:
         return f"KFP run on {self.host} (experiment {self.experiment})"
@@ -466,11 +478,9 @@ class KfpTrigger:
 
         with tempfile.TemporaryDirectory() as tmp:
             package = self.package_path
-            if package is None:
-                from pipelines.training_pipeline import compile_pipeline
-
+            if package is None and self.compile_package is not None:  # one of them is set (__post_init__)
                 package = Path(tmp) / "fraud-training-pipeline.yaml"
-                compile_pipeline(str(package))
+                self.compile_package(str(package))
             stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
             try:
                 client = kfp.Client(host=self.host)
@@ -544,7 +554,7 @@ class RetrainChecker:
     quality_engine: object | None = None
     mlflow_tracking_uri: str | None = None
     model_name: str = MODEL_NAME
-    clock: object = field(default=lambda: datetime.now(UTC).replace(tzinfo=None))
+    clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC).replace(tzinfo=None))
 
     def check(self) -> CheckResult:
         try:
