@@ -157,7 +157,7 @@ def dialect_insert(bind: Connection | Engine, table: Any):
     return factory(table)
 
 
-def insert_decisions(connection: Connection, rows: Sequence[dict[str, Any]]) -> int:
+def insert_decisions(connection: Connection, rows: Sequence[dict[str, Any]], *, skip_existing: bool = True) -> int:
     """Insert decision rows, skipping any (transaction_id, model_version) already present.
 
     `INSERT ... ON CONFLICT DO NOTHING RETURNING` executed as one executemany, which SQLAlchemy
@@ -165,14 +165,18 @@ def insert_decisions(connection: Connection, rows: Sequence[dict[str, Any]]) -> 
     PostgreSQL; on SQLite one prepared statement through sqlite3's executemany. Unlike SQLite's
     `INSERT OR IGNORE` it only skips key conflicts: a row violating NOT NULL or a CHECK fails
     loudly instead of vanishing.
-    Returns the number of rows actually inserted.
+    Returns the number of rows actually inserted. `skip_existing=False` (the audit writer, which
+    checks for existing keys itself): a plain INSERT, so a key conflict raises IntegrityError.
     """
     if not rows:
         return 0
     columns = rows[0].keys()
     if connection.dialect.name == "sqlite" and all(row.keys() == columns for row in rows):
-        return _insert_decisions_sqlite(connection, rows)
+        return _insert_decisions_sqlite(connection, rows, skip_existing)
     table = Decision.__table__
+    if not skip_existing:
+        connection.execute(table.insert(), list(rows))
+        return len(rows)
     statement = (
         dialect_insert(connection, table)
         .on_conflict_do_nothing(index_elements=["transaction_id", "model_version"])
@@ -181,7 +185,7 @@ def insert_decisions(connection: Connection, rows: Sequence[dict[str, Any]]) -> 
     return len(connection.execute(statement, list(rows)).all())
 
 
-def _insert_decisions_sqlite(connection: Connection, rows: Sequence[dict[str, Any]]) -> int:
+def _insert_decisions_sqlite(connection: Connection, rows: Sequence[dict[str, Any]], skip_existing: bool) -> int:
     """`insert_decisions` on SQLite: one prepared `INSERT ... ON CONFLICT DO NOTHING` run by
     sqlite3's executemany, each value converted by its column type's own bind processor (the
     text SQLAlchemy would bind; tested equal). Skips SQLAlchemy's per-row parameter handling,
@@ -195,11 +199,25 @@ def _insert_decisions_sqlite(connection: Connection, rows: Sequence[dict[str, An
         [row[name] for row in rows] if processor is None else [processor(row[name]) for row in rows]
         for name, processor in zip(names, processors)
     ]
-    statement = (
-        f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))}) "
-        "ON CONFLICT (transaction_id, model_version) DO NOTHING"
-    )
+    statement = f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
+    if skip_existing:
+        statement += " ON CONFLICT (transaction_id, model_version) DO NOTHING"
     return connection.exec_driver_sql(statement, list(zip(*columns))).rowcount
+
+
+def existing_decisions(connection: Connection, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], dict]:
+    """The recorded rows among these (transaction_id, model_version) keys, by key."""
+    if not keys:
+        return {}
+    table = Decision.__table__
+    wanted = set(keys)
+    query = select(table).where(table.c.transaction_id.in_(sorted({tx for tx, _ in wanted})))
+    found = {}
+    for row in connection.execute(query):
+        key = (row.transaction_id, row.model_version)
+        if key in wanted:
+            found[key] = dict(row._mapping)
+    return found
 
 
 def find_decisions(engine: Engine, transaction_id: str) -> list[dict[str, Any]]:
