@@ -122,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="decisions the spool holds at most; beyond, requests are refused with 503",
     )
     parser.add_argument(
+        "--bundle-public-key",
+        dest="bundle_public_key",
+        default=os.environ.get("FRAUD_BUNDLE_PUBLIC_KEY") or None,
+        help="Ed25519 public key (PEM) the bundle's bundle.sig must verify with (default FRAUD_BUNDLE_PUBLIC_KEY)",
+    )
+    parser.add_argument(
         "--model-variant",
         dest="model_variant",
         choices=list(MODEL_VARIANTS),
@@ -206,6 +212,7 @@ def settings_from_args(args: argparse.Namespace) -> PredictorSettings:
         audit_spool_max_records=args.audit_spool_max_records,
         thresholds_dir=args.thresholds_dir,
         reason_codes=args.reason_codes,
+        bundle_public_key=args.bundle_public_key,
     )
 
 

@@ -42,7 +42,7 @@ from kserve.errors import InvalidInput, ServerNotReady
 from kserve.model import InferenceVerb
 from kserve.protocol.infer_type import InferRequest
 
-from fraud.bundle import BundleError, read_threshold_overrides
+from fraud.bundle import BundleError, load_public_key, read_threshold_overrides, verify_bundle
 from fraud.features.definitions import MODEL_FEATURES, model_feature_matrix
 from fraud.schema import TransactionRequest
 from predictor import metrics
@@ -146,6 +146,13 @@ class PredictorSettings:
     thresholds_dir: str | None = None
     #: which transactions get SHAP reason codes: "flagged" (review/decline) or "all"
     reason_codes: str = REASON_CODES_FLAGGED
+    #: Ed25519 public key (PEM file) the bundle's bundle.sig must verify with; None: digests only
+    bundle_public_key: str | None = None
+    #: readiness turns false (the pod leaves rotation before the spool refuses requests) when the
+    #: spool holds this fraction of audit_spool_max_records, or its oldest decision waits longer
+    #: than audit_stall_seconds (the writer stalled or the database is down)
+    audit_high_water: float = 0.5
+    audit_stall_seconds: float = 60.0
 
     @property
     def audit_enabled(self) -> bool:
@@ -168,6 +175,8 @@ class PredictorSettings:
             raise ValueError(f"reason_codes must be one of {REASON_CODE_POLICIES}, got {self.reason_codes!r}")
         if self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if not (0.0 < self.audit_high_water <= 1.0) or self.audit_stall_seconds <= 0:
+            raise ValueError("audit_high_water must be in (0, 1] and audit_stall_seconds > 0")
         if self.nthread < 1:
             raise ValueError(f"nthread must be >= 1, got {self.nthread}")
         if self.micro_batch_rows < 1:
@@ -313,6 +322,8 @@ class FraudModel(Model):
     def load(self) -> bool:
         try:
             bundle_dir = resolve_bundle_dir(self.settings.bundle)
+            key = self.settings.bundle_public_key
+            verify_bundle(bundle_dir, load_public_key(Path(key)) if key else None)
             self.scorer = BundleScorer(bundle_dir, nthread=self.settings.nthread)
         except BundleError as exc:
             raise ModelLoadError(f"cannot load model bundle from {self.settings.bundle}: {exc}") from None
@@ -375,6 +386,35 @@ class FraudModel(Model):
                 self.close_audit_trail()
                 raise ModelLoadError(f"cannot use the audit database: {exc}") from None
             self.audit_writer.start()
+
+    async def healthy(self) -> bool:
+        """Readiness: loaded, and (when auditing) the audit spool is draining (`audit_backlog_problem`)."""
+        if not self.ready:
+            return False
+        problem = self.audit_backlog_problem()
+        if problem is not None:
+            logger.warning("not ready: %s", problem)
+            return False
+        return True
+
+    def audit_backlog_problem(self) -> str | None:
+        """Why the pod should leave rotation because of the audit spool, or None."""
+        spool = self.audit_spool
+        if spool is None:
+            return None
+        try:
+            depth, oldest = spool.backlog()
+        except sqlite3.Error as exc:
+            return f"cannot read the audit spool {spool.path}: {exc}"
+        high_water = self.settings.audit_high_water * spool.max_records
+        if depth >= high_water:
+            return f"audit spool holds {depth} decisions, above its high-water mark {high_water:.0f}"
+        if oldest is not None and time.time() - oldest > self.settings.audit_stall_seconds:
+            return (
+                f"the oldest spooled decision waits {time.time() - oldest:.0f} s for the audit writer "
+                f"(limit {self.settings.audit_stall_seconds:.0f} s)"
+            )
+        return None
 
     def audit_description(self) -> str:
         if self.audit_spool is None:
@@ -584,6 +624,7 @@ class FraudModel(Model):
                 variant=self.settings.model_variant,  # type: ignore[arg-type]
                 received_at=received_at,
                 latency_ms=latency_ms,
+                thresholds=self.scorer.manifest.thresholds,
             )
         with self._audit_lock:
             try:
