@@ -49,13 +49,29 @@ def open_audit_database(db_url: str | None, *, require_migrated: bool = True):
 
 
 @audit_app.command("migrate")
-def migrate(db_url: Annotated[str | None, typer.Option("--db-url", help=DB_URL_HELP)] = None) -> None:
-    """Create or upgrade the audit tables (decisions, labels, live_quality) to the latest migration."""
+def migrate(
+    db_url: Annotated[str | None, typer.Option("--db-url", help=DB_URL_HELP)] = None,
+    writer_role: Annotated[
+        str | None, typer.Option("--writer-role", help="Then grant this role INSERT on decisions (PostgreSQL)")
+    ] = None,
+    reader_role: Annotated[
+        str | None, typer.Option("--reader-role", help="Then grant this role reads and label upkeep (PostgreSQL)")
+    ] = None,
+) -> None:
+    """Create or upgrade the audit tables (decisions, labels, live_quality, checkpoints) to the latest
+    migration; with --writer-role and --reader-role, grant them afterwards (`fraud audit grant`)."""
     from fraud.audit.store import upgrade_database
 
+    if (writer_role is None) != (reader_role is None):
+        raise UserError("--writer-role and --reader-role go together")
     engine = open_audit_database(db_url, require_migrated=False)
     revision = upgrade_database(engine)
     typer.echo(f"audit database {engine.url.render_as_string(hide_password=True)} is at migration {revision}")
+    if writer_role is not None and reader_role is not None:
+        from fraud.audit.roles import grant_roles
+
+        grant_roles(engine, writer_role, reader_role)
+        typer.echo(f"granted: {writer_role} may INSERT decisions, {reader_role} may read them and maintain labels")
 
 
 @audit_app.command("show")
