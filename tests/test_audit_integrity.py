@@ -12,7 +12,6 @@ import uuid
 from dataclasses import replace
 from datetime import datetime
 
-import psycopg2
 import pytest
 from prometheus_client import REGISTRY
 from sqlalchemy import bindparam, text
@@ -303,19 +302,7 @@ def _roles(pg_database):  # noqa: F811
     try:
         yield writer, reader
     finally:
-        for role in (writer, reader):
-            pg_database.execute_admin(f"REASSIGN OWNED BY {role} TO postgres")
-            with contextlib.suppress(psycopg2.Error):
-                pg_database.execute_admin(f"DROP OWNED BY {role}")
-        # DROP OWNED only acts in the current database: drop the database's grants first
-        for role in (writer, reader):
-            with contextlib.suppress(psycopg2.Error):
-                with contextlib.closing(
-                    psycopg2.connect(host=PG_HOST, port=PG_PORT, user="postgres", dbname=pg_database.name)
-                ) as connection:
-                    connection.autocommit = True
-                    connection.cursor().execute(f"DROP OWNED BY {role}")
-                pg_database.execute_admin(f"DROP ROLE IF EXISTS {role}")
+        pg_database.drop_roles(writer, reader)
 
 
 def _url_as(pg_database, role: str) -> str:  # noqa: F811
