@@ -122,6 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="decisions the spool holds at most; beyond, requests are refused with 503",
     )
     parser.add_argument(
+        "--stable-version-file",
+        dest="stable_version_file",
+        default=os.environ.get("FRAUD_STABLE_VERSION_FILE") or None,
+        help="file naming the stable model version (a mounted ConfigMap): decisions of other versions are "
+        "recorded as canary (default FRAUD_STABLE_VERSION_FILE)",
+    )
+    parser.add_argument(
         "--bundle-public-key",
         dest="bundle_public_key",
         default=os.environ.get("FRAUD_BUNDLE_PUBLIC_KEY") or None,
@@ -213,6 +220,7 @@ def settings_from_args(args: argparse.Namespace) -> PredictorSettings:
         thresholds_dir=args.thresholds_dir,
         reason_codes=args.reason_codes,
         bundle_public_key=args.bundle_public_key,
+        stable_version_file=args.stable_version_file,
     )
 
 

@@ -85,6 +85,8 @@ MODEL_VARIANTS = ("stable", "canary")
 DEFAULT_AUDIT_SPOOL_SYNC = "NORMAL"
 AUDIT_SPOOL_SYNC_ENV = "FRAUD_AUDIT_SPOOL_SYNC"
 DEFAULT_AUDIT_SPOOL_MAX_RECORDS = 200_000
+#: how often the stable-version file is re-read (a ConfigMap volume itself updates within ~1 min)
+STABLE_VERSION_REFRESH_S = 5.0
 
 #: (UTC wall clock, perf_counter) of the request being handled, set when it reaches the model
 _REQUEST_ARRIVAL: contextvars.ContextVar[tuple[datetime, float] | None] = contextvars.ContextVar(
@@ -136,8 +138,12 @@ class PredictorSettings:
     audit_spool: str | None = None
     #: audit database drained by an in-process AuditWriter thread; None: a sidecar drains the spool
     audit_db_url: str | None = None
-    #: recorded on every audited decision
+    #: recorded on every audited decision (unless stable_version_file says which version is stable)
     model_variant: str = "stable"
+    #: file holding the model version currently promoted to stable (a ConfigMap key the rollout
+    #: updates, mounted as a volume: it changes under running pods); decisions of this version are
+    #: recorded as `stable`, of any other as `canary`. Unset, empty or unreadable: model_variant.
+    stable_version_file: str | None = None
     #: spool fsync policy (NORMAL or FULL); None: FRAUD_AUDIT_SPOOL_SYNC, else NORMAL
     audit_spool_sync: str | None = None
     #: most decisions the spool holds before requests are refused with 503
@@ -314,6 +320,8 @@ class FraudModel(Model):
         self.audit_writer: AuditWriter | None = None
         # serialises the room check and the append of one batch (executor threads when not coalescing)
         self._audit_lock = threading.Lock()
+        # (monotonic time read, content) of stable_version_file, re-read at most every few seconds
+        self._stable_version: tuple[float, str | None] = (-1e9, None)
         self.batcher = MicroBatcher(
             self.score_request, settings.micro_batch_rows, on_scored=self.audit if settings.audit_enabled else None
         )
@@ -621,7 +629,7 @@ class FraudModel(Model):
                 fail_open=result.fail_open,
                 model_name=model_name,
                 model_version=result.model_version,
-                variant=self.settings.model_variant,  # type: ignore[arg-type]
+                variant=self.variant_of(result.model_version),  # type: ignore[arg-type]
                 received_at=received_at,
                 latency_ms=latency_ms,
                 thresholds=self.scorer.manifest.thresholds,
@@ -646,6 +654,23 @@ class FraudModel(Model):
                 appended.accepted,
             )
             self._refuse_audit(f"the audit spool is full ({spool.max_records} decisions waiting for the writer)")
+
+    def variant_of(self, model_version: str) -> str:
+        """`stable` or `canary` for decisions of `model_version` (see PredictorSettings.stable_version_file)."""
+        path = self.settings.stable_version_file
+        if not path:
+            return self.settings.model_variant
+        read_at, stable = self._stable_version
+        now = time.monotonic()
+        if now - read_at > STABLE_VERSION_REFRESH_S:
+            try:
+                stable = Path(path).read_text().strip() or None
+            except OSError:
+                stable = None
+            self._stable_version = (now, stable)
+        if stable is None:
+            return self.settings.model_variant
+        return "stable" if model_version == stable else "canary"
 
     def _refuse_audit(self, detail: str) -> None:
         metrics.ERRORS.labels("audit_unavailable").inc()

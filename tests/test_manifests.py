@@ -1186,3 +1186,18 @@ def test_connections_to_the_stores_are_tls_verified(overlay):
         mount
         and {v["name"]: v for v in _job_volumes(cronjob)}[mount["name"]]["secret"]["secretName"] == "fraud-mlflow-ca"
     )
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_predictor_learns_the_stable_version_from_the_rollout_state(overlay):
+    """A live-updated ConfigMap volume (no subPath), optional so a first deployment starts."""
+    predictor = _predictor(isvc(overlay))
+    path = env_entry(predictor, "FRAUD_STABLE_VERSION_FILE")["value"]
+    mount = mount_holding(predictor, path)
+    assert mount is not None and "subPath" not in mount
+    volume = {v["name"]: v for v in isvc(overlay)["spec"]["predictor"]["volumes"]}[mount["name"]]
+    assert volume["configMap"]["name"] == "fraud-rollout-state" and volume["configMap"]["optional"] is True
+    (item,) = volume["configMap"]["items"]
+    assert f"{mount['mountPath']}/{item['path']}" == path
+    assert "fraud-rollout-state" not in {c["metadata"]["name"] for c in of_kind(overlay, "ConfigMap")}  # the rollout's

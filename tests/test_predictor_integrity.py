@@ -1,7 +1,8 @@
 """Bundle integrity: bundle.json lists the SHA-256 of every file, bundle.sig optionally signs it
 (Ed25519); any changed, added or removed file, a bad signature or a missing one while a public key
 is configured makes the predictor refuse the bundle with one line, in process and as
-`python -m predictor`. Also the predictor's readiness, which follows the audit spool's backlog."""
+`python -m predictor`. Also the predictor's readiness, which follows the audit spool's backlog,
+and the variant and thresholds it records with every decision."""
 
 from __future__ import annotations
 
@@ -188,3 +189,42 @@ def test_readiness_turns_false_before_the_spool_refuses(pristine, tmp_path):
     assert not asyncio.run(stalled.healthy())  # the writer has not taken anything for 31 s
     assert "waits" in stalled.audit_backlog_problem()
     stalled.close_audit_trail()
+
+
+# --- what every decision records ------------------------------------------------------------
+
+
+def test_decisions_record_the_true_variant_and_the_thresholds(pristine, tmp_path):
+    """The stable version comes from a file (the rollout's ConfigMap, updated under running pods):
+    this pod's version is recorded as canary until it is the stable one."""
+    from fraud.audit.records import DecisionRecord
+    from predictor.codec import PROTOCOL_V1, parse_v1
+
+    stable_file = tmp_path / "stable-version"
+    stable_file.write_text("4\n")
+    model = _model(
+        pristine,
+        audit_spool=str(tmp_path / "spool.db"),
+        stable_version_file=str(stable_file),
+        thresholds_dir=str(tmp_path / "thresholds"),
+    )
+    (tmp_path / "thresholds").mkdir()
+    (tmp_path / "thresholds" / "review").write_text("0.2")
+    (tmp_path / "thresholds" / "decline").write_text("0.9")
+    model.load()
+    assert model.model_version == "5"
+    request = {"instances": [{"transaction_id": "TX-variant-1", "customer_id": "C1", "terminal_id": "T1",
+                              "tx_amount": 12.5, "tx_datetime": "2026-11-01T12:00:00"}]}  # fmt: skip
+    parsed = parse_v1(request, 10)
+    assert parsed.protocol == PROTOCOL_V1
+    model.score_and_audit(parsed)
+    stable_file.write_text("5\n")  # promoted
+    model._stable_version = (-1e9, None)  # skip the refresh interval
+    model.score_and_audit(parse_v1({"instances": [{**request["instances"][0], "transaction_id": "TX-variant-2"}]}, 10))
+    records = [DecisionRecord.from_payload(p) for p in model.audit_spool.oldest(10).payloads]
+    assert [r.variant for r in records] == ["canary", "stable"]
+    assert {(r.review_threshold, r.decline_threshold) for r in records} == {(0.2, 0.9)}
+    stable_file.unlink()  # no rollout state: the configured variant
+    model._stable_version = (-1e9, None)
+    assert model.variant_of("5") == "stable"
+    model.close_audit_trail()
