@@ -13,7 +13,7 @@ import gc
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 # One XGBoost/OpenMP thread per server process unless told otherwise (set before xgboost loads).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -201,6 +201,24 @@ async def malformed_request_handler(_: Request, exc: RequestValidationError) -> 
     return JSONResponse(status_code=400, content={"error": "malformed request: " + "; ".join(problems)})
 
 
+#: The readiness probe of the manifests: loaded, and the audit spool draining (FraudModel.not_ready_reason)
+READINESS_PATH = "/ready"
+
+
+def readiness_endpoint(model: FraudModel) -> Callable[[], Awaitable[JSONResponse]]:
+    """GET /ready: 200 while the model may take traffic, 503 (reason logged, not returned) when the
+    pod should leave rotation."""
+
+    async def ready() -> JSONResponse:
+        reason = model.not_ready_reason()
+        if reason is None:
+            return JSONResponse({"ready": True})
+        logger.warning("not ready: %s", reason)
+        return JSONResponse({"ready": False}, status_code=503)
+
+    return ready
+
+
 def settings_from_args(args: argparse.Namespace) -> PredictorSettings:
     """The model's settings from parsed options (ValueError for an invalid combination)."""
     return PredictorSettings(
@@ -267,6 +285,7 @@ def main(
         logger.error("predictor not ready: %s", exc)
         return EXIT_LOAD_FAILED
     model_server.app.add_exception_handler(RequestValidationError, malformed_request_handler)
+    model_server.app.add_api_route(READINESS_PATH, readiness_endpoint(model), methods=["GET"])
     if args.rest_fast_path:
         model_server.app.add_middleware(FastScoringRoutes, model=model)
     quiet_request_path_logging(args.enable_latency_logging, args.access_log)

@@ -395,15 +395,13 @@ class FraudModel(Model):
                 raise ModelLoadError(f"cannot use the audit database: {exc}") from None
             self.audit_writer.start()
 
-    async def healthy(self) -> bool:
-        """Readiness: loaded, and (when auditing) the audit spool is draining (`audit_backlog_problem`)."""
+    def not_ready_reason(self) -> str | None:
+        """Why the pod should be out of rotation (the `/ready` probe of `python -m predictor`), or
+        None. Not KServe's `healthy()`: KServe checks that on every request and reloads the model
+        when it is false, while a growing audit backlog must only stop new traffic from arriving."""
         if not self.ready:
-            return False
-        problem = self.audit_backlog_problem()
-        if problem is not None:
-            logger.warning("not ready: %s", problem)
-            return False
-        return True
+            return "model not loaded"
+        return self.audit_backlog_problem()
 
     def audit_backlog_problem(self) -> str | None:
         """Why the pod should leave rotation because of the audit spool, or None."""

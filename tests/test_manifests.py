@@ -1201,3 +1201,14 @@ def test_the_predictor_learns_the_stable_version_from_the_rollout_state(overlay)
     (item,) = volume["configMap"]["items"]
     assert f"{mount['mountPath']}/{item['path']}" == path
     assert "fraud-rollout-state" not in {c["metadata"]["name"] for c in of_kind(overlay, "ConfigMap")}  # the rollout's
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_predictor_leaves_rotation_on_its_audit_aware_readiness(overlay):
+    from fraud.deploy.kserve_rollout import ServingSpec, build_inference_service
+    from predictor.__main__ import READINESS_PATH
+
+    assert _predictor(isvc(overlay))["readinessProbe"]["httpGet"]["path"] == READINESS_PATH
+    built = build_inference_service("fraud-detector", "ns", "7", "s3://b/7", ServingSpec("r/c:1", "r/d:1"))
+    assert _predictor(built)["readinessProbe"]["httpGet"]["path"] == READINESS_PATH

@@ -168,26 +168,34 @@ def test_python_m_predictor_refuses_a_tampered_bundle_with_one_log_line(bundle, 
 # --- readiness follows the audit spool -------------------------------------------------------
 
 
+def _probe(model: FraudModel) -> int:
+    from predictor.__main__ import readiness_endpoint
+
+    return asyncio.run(readiness_endpoint(model)()).status_code
+
+
 def test_readiness_turns_false_before_the_spool_refuses(pristine, tmp_path):
     model = _model(
         pristine, audit_spool=str(tmp_path / "spool.db"), audit_spool_max_records=10, audit_stall_seconds=30.0
     )
+    assert _probe(model) == 503  # not loaded
     model.load()
-    assert asyncio.run(model.healthy())
+    assert _probe(model) == 200
     spool = model.audit_spool
     spool.append([make_decision(i) for i in range(4)])
-    assert asyncio.run(model.healthy())  # below the high-water mark (5 of 10), fresh
+    assert _probe(model) == 200  # below the high-water mark (5 of 10), fresh
     spool.append([make_decision(4)])
-    assert not asyncio.run(model.healthy())  # at the high-water mark: out of rotation
-    assert "high-water" in model.audit_backlog_problem()
+    assert _probe(model) == 503  # at the high-water mark: out of rotation ...
+    assert "high-water" in model.not_ready_reason()
+    assert asyncio.run(model.healthy())  # ... while KServe still serves it (and never reloads it)
     model.close_audit_trail()
 
     stalled = _model(pristine, audit_spool=str(tmp_path / "stalled.db"), audit_stall_seconds=30.0)
     stalled.load()
     stalled.audit_spool.append([make_decision(1)])
     stalled.audit_spool._conn.execute("UPDATE spool SET enqueued_at = ?", (time.time() - 31.0,))
-    assert not asyncio.run(stalled.healthy())  # the writer has not taken anything for 31 s
-    assert "waits" in stalled.audit_backlog_problem()
+    assert _probe(stalled) == 503  # the writer has not taken anything for 31 s
+    assert "waits" in stalled.not_ready_reason()
     stalled.close_audit_trail()
 
 
@@ -228,3 +236,23 @@ def test_decisions_record_the_true_variant_and_the_thresholds(pristine, tmp_path
     model._stable_version = (-1e9, None)
     assert model.variant_of("5") == "stable"
     model.close_audit_trail()
+
+
+def test_the_drift_transformer_reads_a_signed_bundle(pristine):
+    """The transformer's own environment (no `fraud` package) loads the reference of a bundle that
+    carries digests and a signature: the extra manifest field and file do not break it."""
+    from fraud.serving_stack import DRIFT_PYTHON
+
+    if not DRIFT_PYTHON.is_file():
+        pytest.skip(f"{DRIFT_PYTHON} is absent: run `make setup`")
+    assert (pristine / SIGNATURE_FILE).is_file() and read_manifest(pristine).files
+    script = (
+        "import sys; from drift_transformer.drift import DriftReference; "
+        "r = DriftReference.from_bundle(sys.argv[1]); print(r.model_version, r.reference.shape[1])"
+    )
+    result = subprocess.run(
+        [str(DRIFT_PYTHON), "-c", script, str(pristine)], cwd=PROJECT_ROOT / "drift_transformer",
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["5", str(len(read_manifest(pristine).feature_names))]

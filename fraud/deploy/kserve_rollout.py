@@ -163,7 +163,7 @@ def build_inference_service(
                             "requests": {"cpu": "500m", "memory": "1Gi"},
                             "limits": {"cpu": "1", "memory": "2Gi"},
                         },
-                        "readinessProbe": _probe(f"/v1/models/{name}"),
+                        "readinessProbe": _probe("/ready"),  # the predictor's audit-aware readiness
                         "livenessProbe": _probe("/v2/health/live"),
                         "securityContext": security,
                         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, spool_mount],
