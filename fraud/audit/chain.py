@@ -34,6 +34,7 @@ import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -61,35 +62,35 @@ def new_chain_id() -> str:
     return f"{socket.gethostname()[:40]}-{uuid.uuid4().hex[:16]}"
 
 
-def _canonical_value(value: Any) -> Any:
+def _timestamp(value: Any) -> Any:
     if isinstance(value, datetime):
         if value.tzinfo is not None:
             value = value.astimezone(UTC).replace(tzinfo=None)
         return value.isoformat(timespec="microseconds")
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return value
-    if isinstance(value, int | float):
-        return float(value)
-    if isinstance(value, Mapping):
-        return {str(k): _canonical_value(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_canonical_value(v) for v in value]
     return value
 
 
 def canonical_row(row: Mapping[str, Any]) -> bytes:
-    """The bytes a row's hash covers: its hashed columns as sorted-key JSON, numbers as floats (a
-    value reads back from PostgreSQL and SQLite as the same double, JSON keys in any order)."""
-    data = {name: _canonical_value(row.get(name)) for name in HASHED_COLUMNS}
-    data["chain_seq"] = int(row["chain_seq"]) if row.get("chain_seq") is not None else None
-    return orjson.dumps(data, option=orjson.OPT_SORT_KEYS)
+    """The bytes a row's hash covers: its hashed columns as JSON with every object's keys sorted.
+
+    Values read back from PostgreSQL and SQLite are the ones written: floats as doubles (the JSON
+    columns keep 1 and 1.0 apart on both, JSONB's key order is undone by the sorting), timestamps
+    as naive UTC with microseconds."""
+    data = {name: row.get(name) for name in HASHED_COLUMNS}
+    data["received_at"] = _timestamp(data["received_at"])
+    return orjson.dumps(data, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
 
 
 def row_hash(previous: str, row: Mapping[str, Any], key: bytes | None) -> str:
-    message = previous.encode() + b"\n" + canonical_row(row)
-    if key:
-        return hmac.new(key, message, hashlib.sha256).hexdigest()
-    return hashlib.sha256(message).hexdigest()
+    mac = _keyed(key).copy() if key else hashlib.sha256()
+    mac.update(previous.encode() + b"\n" + canonical_row(row))
+    return mac.hexdigest()
+
+
+@lru_cache(maxsize=8)
+def _keyed(key: bytes) -> hmac.HMAC:
+    """The HMAC state after the key (copied per row: the key schedule is computed once)."""
+    return hmac.new(key, digestmod=hashlib.sha256)
 
 
 @dataclass
