@@ -158,7 +158,7 @@ class PredictorSettings:
     #: spool holds this fraction of audit_spool_max_records, or its oldest decision waits longer
     #: than audit_stall_seconds (the writer stalled or the database is down)
     audit_high_water: float = 0.5
-    audit_stall_seconds: float = 60.0
+    audit_stall_seconds: float = 300.0
 
     @property
     def audit_enabled(self) -> bool:
