@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import duckdb
 import numpy as np
@@ -67,6 +68,8 @@ REDIS_URL_ENV = "FRAUD_REDIS_URL"
 REDIS_HOST_ENV = "FRAUD_REDIS_HOST"
 REDIS_PORT_ENV = "FRAUD_REDIS_PORT"
 REDIS_PASSWORD_ENV = "FRAUD_REDIS_PASSWORD"
+REDIS_TLS_ENV = "FRAUD_REDIS_TLS"
+REDIS_CA_CERT_ENV = "FRAUD_REDIS_CA_CERT"
 REGISTRY_URL_ENV = "FRAUD_FEAST_REGISTRY_URL"
 DEFAULT_REDIS_URL = "127.0.0.1:6379"
 DEFAULT_REGISTRY_URL = "postgresql+psycopg2://postgres@127.0.0.1:5432/feast_registry"
@@ -123,18 +126,43 @@ def store_profile(online: str | None = None, registry: str | None = None) -> Sto
 
 
 def redis_connection_string(env: Mapping[str, str] | None = None) -> str:
-    """Feast's Redis connection string: FRAUD_REDIS_URL if set, else composed from the split
-    settings the Kubernetes manifests provide (FRAUD_REDIS_HOST / FRAUD_REDIS_PORT from the
-    ConfigMap, FRAUD_REDIS_PASSWORD from a Secret), else the local default."""
+    """Feast's Redis connection string: FRAUD_REDIS_URL if set (Feast's `host:port,key=value`
+    form, or a `redis://` / `rediss://` URL: rediss = TLS), else composed from the split
+    settings the Kubernetes manifests provide (FRAUD_REDIS_HOST / FRAUD_REDIS_PORT, FRAUD_REDIS_TLS
+    and FRAUD_REDIS_CA_CERT from the ConfigMap, FRAUD_REDIS_PASSWORD from a Secret), else the
+    local default."""
     env = os.environ if env is None else env
     if env.get(REDIS_URL_ENV):
-        return env[REDIS_URL_ENV]
+        configured = env[REDIS_URL_ENV]
+        return _feast_form(configured) if "://" in configured else configured
     host = env.get(REDIS_HOST_ENV, "").strip()
     if not host:
         return DEFAULT_REDIS_URL
-    connection = f"{host}:{env.get(REDIS_PORT_ENV, '').strip() or '6379'}"
+    parts = [f"{host}:{env.get(REDIS_PORT_ENV, '').strip() or '6379'}"]
     password = env.get(REDIS_PASSWORD_ENV, "")
-    return f"{connection},password={password}" if password else connection
+    if password:
+        parts.append(f"password={password}")
+    if env.get(REDIS_TLS_ENV, "").strip().lower() in ("1", "true", "yes"):
+        parts.append("ssl=true")
+        if env.get(REDIS_CA_CERT_ENV, "").strip():
+            parts.append(f"ssl_ca_certs={env[REDIS_CA_CERT_ENV].strip()}")
+    return ",".join(parts)
+
+
+def _feast_form(url: str) -> str:
+    """`redis[s]://[user:password@]host[:port][?ssl_ca_certs=path]` in Feast's form (decoded)."""
+    parsed = urlsplit(url)
+    if parsed.scheme not in ("redis", "rediss") or not parsed.hostname:
+        raise UserError(f"{REDIS_URL_ENV}: {parsed.scheme}:// URLs are not Redis URLs (use redis:// or rediss://)")
+    parts = [f"{parsed.hostname}:{parsed.port or 6379}"]
+    if parsed.username:
+        parts.append(f"username={unquote(parsed.username)}")
+    if parsed.password:
+        parts.append(f"password={unquote(parsed.password)}")
+    if parsed.scheme == "rediss":
+        parts.append("ssl=true")
+    parts += [f"{key}={value}" for key, value in parse_qsl(parsed.query) if key in ("ssl_ca_certs", "db")]
+    return ",".join(parts)
 
 
 def _placeholder_values() -> dict[str, str]:

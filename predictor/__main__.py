@@ -13,7 +13,7 @@ import gc
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 # One XGBoost/OpenMP thread per server process unless told otherwise (set before xgboost loads).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -122,6 +122,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="decisions the spool holds at most; beyond, requests are refused with 503",
     )
     parser.add_argument(
+        "--stable-version-file",
+        dest="stable_version_file",
+        default=os.environ.get("FRAUD_STABLE_VERSION_FILE") or None,
+        help="file naming the stable model version (a mounted ConfigMap): decisions of other versions are "
+        "recorded as canary (default FRAUD_STABLE_VERSION_FILE)",
+    )
+    parser.add_argument(
+        "--bundle-public-key",
+        dest="bundle_public_key",
+        default=os.environ.get("FRAUD_BUNDLE_PUBLIC_KEY") or None,
+        help="Ed25519 public key (PEM) the bundle's bundle.sig must verify with (default FRAUD_BUNDLE_PUBLIC_KEY)",
+    )
+    parser.add_argument(
         "--model-variant",
         dest="model_variant",
         choices=list(MODEL_VARIANTS),
@@ -188,6 +201,24 @@ async def malformed_request_handler(_: Request, exc: RequestValidationError) -> 
     return JSONResponse(status_code=400, content={"error": "malformed request: " + "; ".join(problems)})
 
 
+#: The readiness probe of the manifests: loaded, and the audit spool draining (FraudModel.not_ready_reason)
+READINESS_PATH = "/ready"
+
+
+def readiness_endpoint(model: FraudModel) -> Callable[[], Awaitable[JSONResponse]]:
+    """GET /ready: 200 while the model may take traffic, 503 (reason logged, not returned) when the
+    pod should leave rotation."""
+
+    async def ready() -> JSONResponse:
+        reason = model.not_ready_reason()
+        if reason is None:
+            return JSONResponse({"ready": True})
+        logger.warning("not ready: %s", reason)
+        return JSONResponse({"ready": False}, status_code=503)
+
+    return ready
+
+
 def settings_from_args(args: argparse.Namespace) -> PredictorSettings:
     """The model's settings from parsed options (ValueError for an invalid combination)."""
     return PredictorSettings(
@@ -206,6 +237,8 @@ def settings_from_args(args: argparse.Namespace) -> PredictorSettings:
         audit_spool_max_records=args.audit_spool_max_records,
         thresholds_dir=args.thresholds_dir,
         reason_codes=args.reason_codes,
+        bundle_public_key=args.bundle_public_key,
+        stable_version_file=args.stable_version_file,
     )
 
 
@@ -252,6 +285,7 @@ def main(
         logger.error("predictor not ready: %s", exc)
         return EXIT_LOAD_FAILED
     model_server.app.add_exception_handler(RequestValidationError, malformed_request_handler)
+    model_server.app.add_api_route(READINESS_PATH, readiness_endpoint(model), methods=["GET"])
     if args.rest_fast_path:
         model_server.app.add_middleware(FastScoringRoutes, model=model)
     quiet_request_path_logging(args.enable_latency_logging, args.access_log)

@@ -42,7 +42,7 @@ from kserve.errors import InvalidInput, ServerNotReady
 from kserve.model import InferenceVerb
 from kserve.protocol.infer_type import InferRequest
 
-from fraud.bundle import BundleError, read_threshold_overrides
+from fraud.bundle import BundleError, load_public_key, read_threshold_overrides, verify_bundle
 from fraud.features.definitions import MODEL_FEATURES, model_feature_matrix
 from fraud.schema import TransactionRequest
 from predictor import metrics
@@ -85,6 +85,8 @@ MODEL_VARIANTS = ("stable", "canary")
 DEFAULT_AUDIT_SPOOL_SYNC = "NORMAL"
 AUDIT_SPOOL_SYNC_ENV = "FRAUD_AUDIT_SPOOL_SYNC"
 DEFAULT_AUDIT_SPOOL_MAX_RECORDS = 200_000
+#: how often the stable-version file is re-read (a ConfigMap volume itself updates within ~1 min)
+STABLE_VERSION_REFRESH_S = 5.0
 
 #: (UTC wall clock, perf_counter) of the request being handled, set when it reaches the model
 _REQUEST_ARRIVAL: contextvars.ContextVar[tuple[datetime, float] | None] = contextvars.ContextVar(
@@ -136,8 +138,12 @@ class PredictorSettings:
     audit_spool: str | None = None
     #: audit database drained by an in-process AuditWriter thread; None: a sidecar drains the spool
     audit_db_url: str | None = None
-    #: recorded on every audited decision
+    #: recorded on every audited decision (unless stable_version_file says which version is stable)
     model_variant: str = "stable"
+    #: file holding the model version currently promoted to stable (a ConfigMap key the rollout
+    #: updates, mounted as a volume: it changes under running pods); decisions of this version are
+    #: recorded as `stable`, of any other as `canary`. Unset, empty or unreadable: model_variant.
+    stable_version_file: str | None = None
     #: spool fsync policy (NORMAL or FULL); None: FRAUD_AUDIT_SPOOL_SYNC, else NORMAL
     audit_spool_sync: str | None = None
     #: most decisions the spool holds before requests are refused with 503
@@ -146,6 +152,13 @@ class PredictorSettings:
     thresholds_dir: str | None = None
     #: which transactions get SHAP reason codes: "flagged" (review/decline) or "all"
     reason_codes: str = REASON_CODES_FLAGGED
+    #: Ed25519 public key (PEM file) the bundle's bundle.sig must verify with; None: digests only
+    bundle_public_key: str | None = None
+    #: readiness turns false (the pod leaves rotation before the spool refuses requests) when the
+    #: spool holds this fraction of audit_spool_max_records, or its oldest decision waits longer
+    #: than audit_stall_seconds (the writer stalled or the database is down)
+    audit_high_water: float = 0.5
+    audit_stall_seconds: float = 300.0
 
     @property
     def audit_enabled(self) -> bool:
@@ -168,6 +181,8 @@ class PredictorSettings:
             raise ValueError(f"reason_codes must be one of {REASON_CODE_POLICIES}, got {self.reason_codes!r}")
         if self.max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if not (0.0 < self.audit_high_water <= 1.0) or self.audit_stall_seconds <= 0:
+            raise ValueError("audit_high_water must be in (0, 1] and audit_stall_seconds > 0")
         if self.nthread < 1:
             raise ValueError(f"nthread must be >= 1, got {self.nthread}")
         if self.micro_batch_rows < 1:
@@ -305,6 +320,8 @@ class FraudModel(Model):
         self.audit_writer: AuditWriter | None = None
         # serialises the room check and the append of one batch (executor threads when not coalescing)
         self._audit_lock = threading.Lock()
+        # (monotonic time read, content) of stable_version_file, re-read at most every few seconds
+        self._stable_version: tuple[float, str | None] = (-1e9, None)
         self.batcher = MicroBatcher(
             self.score_request, settings.micro_batch_rows, on_scored=self.audit if settings.audit_enabled else None
         )
@@ -313,6 +330,8 @@ class FraudModel(Model):
     def load(self) -> bool:
         try:
             bundle_dir = resolve_bundle_dir(self.settings.bundle)
+            key = self.settings.bundle_public_key
+            verify_bundle(bundle_dir, load_public_key(Path(key)) if key else None)
             self.scorer = BundleScorer(bundle_dir, nthread=self.settings.nthread)
         except BundleError as exc:
             raise ModelLoadError(f"cannot load model bundle from {self.settings.bundle}: {exc}") from None
@@ -375,6 +394,33 @@ class FraudModel(Model):
                 self.close_audit_trail()
                 raise ModelLoadError(f"cannot use the audit database: {exc}") from None
             self.audit_writer.start()
+
+    def not_ready_reason(self) -> str | None:
+        """Why the pod should be out of rotation (the `/ready` probe of `python -m predictor`), or
+        None. Not KServe's `healthy()`: KServe checks that on every request and reloads the model
+        when it is false, while a growing audit backlog must only stop new traffic from arriving."""
+        if not self.ready:
+            return "model not loaded"
+        return self.audit_backlog_problem()
+
+    def audit_backlog_problem(self) -> str | None:
+        """Why the pod should leave rotation because of the audit spool, or None."""
+        spool = self.audit_spool
+        if spool is None:
+            return None
+        try:
+            depth, oldest = spool.backlog()
+        except sqlite3.Error as exc:
+            return f"cannot read the audit spool {spool.path}: {exc}"
+        high_water = self.settings.audit_high_water * spool.max_records
+        if depth >= high_water:
+            return f"audit spool holds {depth} decisions, above its high-water mark {high_water:.0f}"
+        if oldest is not None and time.time() - oldest > self.settings.audit_stall_seconds:
+            return (
+                f"the oldest spooled decision waits {time.time() - oldest:.0f} s for the audit writer "
+                f"(limit {self.settings.audit_stall_seconds:.0f} s)"
+            )
+        return None
 
     def audit_description(self) -> str:
         if self.audit_spool is None:
@@ -586,9 +632,10 @@ class FraudModel(Model):
                 fail_open=result.fail_open,
                 model_name=model_name,
                 model_version=result.model_version,
-                variant=self.settings.model_variant,  # type: ignore[arg-type]
+                variant=self.variant_of(result.model_version),  # type: ignore[arg-type]
                 received_at=received_at,
                 latency_ms=latency_ms,
+                thresholds=self.scorer.manifest.thresholds,
             )
         with self._audit_lock:
             try:
@@ -610,6 +657,23 @@ class FraudModel(Model):
                 appended.accepted,
             )
             self._refuse_audit(f"the audit spool is full ({spool.max_records} decisions waiting for the writer)")
+
+    def variant_of(self, model_version: str) -> str:
+        """`stable` or `canary` for decisions of `model_version` (see PredictorSettings.stable_version_file)."""
+        path = self.settings.stable_version_file
+        if not path:
+            return self.settings.model_variant
+        read_at, stable = self._stable_version
+        now = time.monotonic()
+        if now - read_at > STABLE_VERSION_REFRESH_S:
+            try:
+                stable = Path(path).read_text().strip() or None
+            except OSError:
+                stable = None
+            self._stable_version = (now, stable)
+        if stable is None:
+            return self.settings.model_variant
+        return "stable" if model_version == stable else "canary"
 
     def _refuse_audit(self, detail: str) -> None:
         metrics.ERRORS.labels("audit_unavailable").inc()

@@ -10,7 +10,7 @@ import subprocess
 import pyarrow.parquet as pq
 import pytest
 
-from fraud.audit.store import create_audit_engine, insert_decisions
+from fraud.audit.store import create_audit_engine, head_revision, insert_decisions
 from tests.test_audit_support import FRAUD_CLI, make_decision
 
 
@@ -28,7 +28,7 @@ def audit_env(tmp_path_factory):
     env["COLUMNS"] = "200"
     result = fraud("audit", "migrate", env=env)
     assert result.returncode == 0, result.stderr
-    assert "0002_labels_live_quality" in result.stdout
+    assert head_revision() in result.stdout
     assert (data_dir / "audit" / "audit.db").is_file()
     engine = create_audit_engine(f"sqlite:///{data_dir / 'audit' / 'audit.db'}")
     records = [make_decision(i) for i in range(5)] + [make_decision(2, model_version="8", variant="canary")]

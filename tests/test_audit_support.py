@@ -102,6 +102,18 @@ class PgDatabase:
             cursor.execute(sql, params)
             return cursor.fetchall() if cursor.description else []
 
+    def drop_roles(self, *roles: str) -> None:
+        """Drop login roles a test created, after removing their grants in this database."""
+        psycopg2 = pytest.importorskip("psycopg2")
+        self.terminate_backends()
+        connection = psycopg2.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, dbname=self.name, connect_timeout=5)
+        connection.autocommit = True
+        with contextlib.closing(connection), connection.cursor() as cursor:
+            for role in roles:
+                cursor.execute(f"DROP OWNED BY {role}")
+        for role in roles:
+            self.execute_admin(f"DROP ROLE IF EXISTS {role}")
+
     def terminate_backends(self) -> int:
         rows = self.execute_admin(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",

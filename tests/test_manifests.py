@@ -10,6 +10,7 @@ predictor, the drift transformer and the audit trail really export."""
 from __future__ import annotations
 
 import copy
+import ipaddress
 import json
 import re
 import shutil
@@ -39,8 +40,10 @@ CORE_KINDS = {
     "CronJob",
     "Job",
     "PersistentVolumeClaim",
+    "PodDisruptionBudget",
 }
-CUSTOM_KINDS = {"InferenceService", "PrometheusRule", "PodMonitor"}
+ISTIO_KINDS = {"RequestAuthentication", "AuthorizationPolicy", "PeerAuthentication"}
+CUSTOM_KINDS = {"InferenceService", "PrometheusRule", "PodMonitor", *ISTIO_KINDS}
 
 needs_kubectl = pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl (with kustomize) is not installed")
 needs_crd = pytest.mark.skipif(
@@ -96,6 +99,8 @@ def test_overlay_builds_with_every_kind_known(overlay):
         "Namespace",
         "Job",
         "PodMonitor",
+        "PodDisruptionBudget",
+        *ISTIO_KINDS,
     } <= kinds
     assert kinds <= CORE_KINDS | CUSTOM_KINDS, f"unvalidated kinds {kinds - CORE_KINDS - CUSTOM_KINDS}"
     namespace = of_kind(overlay, "Namespace")[0]["metadata"]["name"]
@@ -245,7 +250,7 @@ def test_serving_pods_are_hardened_and_probed(overlay):
     assert annotations["serving.kserve.io/enable-prometheus-scraping"] == "true"
 
 
-PASSWORDISH = re.compile(r"(password|passwd|secret|token|api[_-]?key|credential)", re.IGNORECASE)
+PASSWORDISH = re.compile(r"(password|passwd|secret|token|api[_-]?key|credential|_key$)", re.IGNORECASE)
 
 
 @needs_kubectl
@@ -258,7 +263,7 @@ def test_credentials_only_come_from_secrets(overlay):
             if PASSWORDISH.search(env["name"]):
                 assert "value" not in env, f"{env['name']} carries a literal value"
                 secret_refs.add(env["valueFrom"]["secretKeyRef"]["name"])
-    assert secret_refs == {"fraud-redis", "fraud-mlflow", "fraud-postgres"}
+    assert secret_refs == {"fraud-redis", "fraud-audit-writer", "fraud-audit-chain"}
     for cm in of_kind(overlay, "ConfigMap"):
         for key, value in cm["data"].items():
             assert not PASSWORDISH.search(key), f"ConfigMap {cm['metadata']['name']} has a credential-like key {key}"
@@ -312,7 +317,7 @@ def test_network_policies_isolate_the_predictor():
         p.get("podSelector", {}).get("matchLabels") for p in sources
     ]
     egress_ports = {port["port"] for rule in predictor["egress"] for port in rule.get("ports", [])}
-    assert egress_ports == {53, 6379, 5000, 443, 5432}
+    assert egress_ports == {6379, 5432, 15012}  # Redis, PostgreSQL, istiod; DNS and HTTPS: own policies
     (postgres,) = [rule for rule in predictor["egress"] if any(p["port"] == 5432 for p in rule.get("ports", []))]
     assert [peer["podSelector"]["matchLabels"] for peer in postgres["to"]] == [{"app.kubernetes.io/name": "postgresql"}]
     assert all("namespaceSelector" not in peer for peer in postgres["to"])  # the namespace's own `postgres`
@@ -438,6 +443,7 @@ def test_audit_backlog_is_not_added_up_across_the_two_processes_of_a_pod():
 # ------------------------------------------------------------------------- audit trail wiring
 
 AUDIT_WRITER = "audit-writer"
+AUDIT_DB_CA_FILE = "/etc/fraud/postgres-ca/ca.crt"
 #: Knative's queue-proxy answers the preStop hook (/wait-for-drain) that Knative gives every user
 #: container only after 30 s without a request (knative/serving cmd/queue drainSleepDuration)
 KNATIVE_DRAIN_SECONDS = 30
@@ -479,27 +485,6 @@ def mount_holding(container: dict, path: str) -> dict | None:
     return max(candidates, key=lambda m: len(m["mountPath"]), default=None)
 
 
-def resolved_url(container: dict, name: str) -> tuple[str, dict[str, str]]:
-    """An env value with its `$(VAR)` references replaced by markers naming their source
-    (`secret.<name>.<key>`, `field.<path>`: URL-safe); every reference must be to a variable defined earlier."""
-    env = container.get("env", [])
-    index = next(i for i, e in enumerate(env) if e["name"] == name)
-    sources: dict[str, str] = {}
-    for entry in env[:index]:
-        source = entry.get("valueFrom", {})
-        if "secretKeyRef" in source:
-            sources[entry["name"]] = f"secret.{source['secretKeyRef']['name']}.{source['secretKeyRef']['key']}"
-        elif "fieldRef" in source:
-            sources[entry["name"]] = f"field.{source['fieldRef']['fieldPath']}"
-        elif "value" in entry:
-            sources[entry["name"]] = entry["value"]
-    value = env[index].get("value", "")
-    unknown = [ref for ref in re.findall(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", value) if ref not in sources]
-    return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: sources.get(m.group(1), m.group(0)), value), {
-        "unknown": ",".join(unknown)
-    }
-
-
 def knative_problems(component: dict) -> list[str]:
     """What Knative Serving's webhook (Serverless mode) would reject in a component's pod spec,
     although the KServe CRD schema accepts it."""
@@ -524,6 +509,28 @@ def knative_problems(component: dict) -> list[str]:
                 problems.append(
                     f"container {container.get('name')}: Knative rejects probes {probes} on a non-serving container"
                 )
+    return problems
+
+
+def audit_database_problems(container: dict, role_secret: str, what: str, volumes: list[dict]) -> list[str]:
+    """The audit database of a container: host, name and TLS from the fraud-audit-db ConfigMap
+    (verify-full, CA mounted from the fraud-postgres-ca Secret), user and password from the Secret
+    of its own role, no URL with a password in it."""
+    problems = []
+    if env_entry(container, "FRAUD_AUDIT_DB_URL") is not None:
+        url = env_entry(container, "FRAUD_AUDIT_DB_URL").get("value", "")
+        kind = "SQLite, not PostgreSQL" if url.startswith("sqlite") else "a URL whose password breaks on @ or /"
+        problems.append(f"{what} has FRAUD_AUDIT_DB_URL: {kind}; use the fraud-audit-db settings")
+    if {"configMapRef": {"name": "fraud-audit-db"}} not in container.get("envFrom", []):
+        problems.append(f"{what} does not read the fraud-audit-db ConfigMap")
+    for name, key in (("FRAUD_AUDIT_DB_USER", "username"), ("FRAUD_AUDIT_DB_PASSWORD", "password")):
+        ref = (env_entry(container, name) or {}).get("valueFrom", {}).get("secretKeyRef")
+        if ref != {"name": role_secret, "key": key}:
+            problems.append(f"{what}: {name} does not come from the {role_secret} Secret (the role's password)")
+    mount = mount_holding(container, AUDIT_DB_CA_FILE)
+    source = next((v for v in volumes if mount and v["name"] == mount["name"]), {})
+    if source.get("secret", {}).get("secretName") != "fraud-postgres-ca":
+        problems.append(f"{what} has no fraud-postgres-ca CA certificate at {AUDIT_DB_CA_FILE} (verify-full)")
     return problems
 
 
@@ -586,19 +593,7 @@ def audit_wiring_problems(isvc_doc: dict) -> list[str]:
         problems.append("--migrate in the writer: replicas would migrate concurrently (the Job migrates)")
     if "--db-url" in writer.get("args", []):
         problems.append("--db-url on the writer's command line: the URL carries the password")
-    if env_entry(writer, "FRAUD_AUDIT_DB_URL") is None:
-        problems.append(f"{AUDIT_WRITER} has no FRAUD_AUDIT_DB_URL")
-    else:
-        from sqlalchemy.engine import make_url
-
-        url_text, meta = resolved_url(writer, "FRAUD_AUDIT_DB_URL")
-        url = make_url(url_text)
-        if meta["unknown"]:
-            problems.append(f"FRAUD_AUDIT_DB_URL references undefined variables {meta['unknown']}")
-        if url.get_backend_name() != "postgresql":
-            problems.append(f"audit database backend {url.get_backend_name()}, not PostgreSQL")
-        if url.password != "secret.fraud-postgres.password":
-            problems.append("the audit database password does not come from the fraud-postgres Secret")
+    problems += audit_database_problems(writer, "fraud-audit-writer", AUDIT_WRITER, component.get("volumes", []))
     if arg_value(writer, "--metrics-port") is None:
         problems.append(f"{AUDIT_WRITER} serves no /metrics (--metrics-port)")
     security = writer.get("securityContext", {})
@@ -690,12 +685,24 @@ MISTAKES = {
         "root filesystem",
     ),
     "literal-password": (
-        lambda d: env_entry(_writer(d), "FRAUD_AUDIT_DB_URL").update(value="postgresql://fraud:hunter2@postgres/fraud"),
+        lambda d: _writer(d)["env"].append({"name": "FRAUD_AUDIT_DB_URL", "value": "postgresql://f:hunter2@pg/f"}),
         "password",
     ),
     "sqlite-audit-db": (
-        lambda d: env_entry(_writer(d), "FRAUD_AUDIT_DB_URL").update(value="sqlite:////tmp/audit.db"),
+        lambda d: _writer(d)["env"].append({"name": "FRAUD_AUDIT_DB_URL", "value": "sqlite:////tmp/audit.db"}),
         "not PostgreSQL",
+    ),
+    "writer-as-the-migration-role": (
+        lambda d: env_entry(_writer(d), "FRAUD_AUDIT_DB_PASSWORD")["valueFrom"]["secretKeyRef"].update(
+            name="fraud-audit-migrator"
+        ),
+        "fraud-audit-writer Secret",
+    ),
+    "no-database-ca": (
+        lambda d: _writer(d)["volumeMounts"].remove(
+            next(m for m in _writer(d)["volumeMounts"] if m["name"] == "postgres-ca")
+        ),
+        "fraud-postgres-ca",
     ),
     "writers-migrate": (lambda d: _writer(d)["args"].append("--migrate"), "--migrate"),
     "predictor-drains-in-process": (
@@ -779,18 +786,38 @@ def _job_container(doc: dict) -> dict:
     return container
 
 
+def _job_volumes(doc: dict) -> list[dict]:
+    template = doc["spec"]["jobTemplate"]["spec"]["template"] if doc["kind"] == "CronJob" else doc["spec"]["template"]
+    return template["spec"].get("volumes", [])
+
+
 @needs_kubectl
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_one_audit_database_for_writer_migration_and_retraining(overlay):
+def test_one_audit_database_each_workload_with_its_own_role(overlay):
     (cronjob,) = of_kind(overlay, "CronJob")
     (job,) = of_kind(overlay, "Job")
-    urls = {
-        "writer": resolved_url(_writer(isvc(overlay)), "FRAUD_AUDIT_DB_URL"),
-        "migration": resolved_url(_job_container(job), "FRAUD_AUDIT_DB_URL"),
-        "retraining check": resolved_url(_job_container(cronjob), "FRAUD_AUDIT_DB_URL"),
-    }
-    assert len({url for url, _ in urls.values()}) == 1, urls
-    assert all(meta["unknown"] == "" for _, meta in urls.values())
+    problems = [
+        *audit_database_problems(_job_container(job), "fraud-audit-migrator", "migration", _job_volumes(job)),
+        *audit_database_problems(_job_container(cronjob), "fraud-audit-reader", "retraining", _job_volumes(cronjob)),
+        *audit_database_problems(
+            _writer(isvc(overlay)), "fraud-audit-writer", "writer", isvc(overlay)["spec"]["predictor"]["volumes"]
+        ),
+    ]
+    assert problems == []
+    settings = configmap(overlay, "fraud-audit-db")
+    assert settings["FRAUD_AUDIT_DB_SSLMODE"] == "verify-full"
+    assert settings["FRAUD_AUDIT_DB_SSLROOTCERT"] == AUDIT_DB_CA_FILE
+    assert settings["FRAUD_AUDIT_DB_HOST"] == f"postgres.fraud-{overlay}.svc.cluster.local"
+    # the Job grants exactly the roles whose Secrets the writer and the retraining check log in with
+    migrate = _job_container(job)
+    writer_role = env_entry(migrate, "FRAUD_AUDIT_WRITER_ROLE")["valueFrom"]["secretKeyRef"]
+    reader_role = env_entry(migrate, "FRAUD_AUDIT_READER_ROLE")["valueFrom"]["secretKeyRef"]
+    assert (writer_role, reader_role) == (
+        {"name": "fraud-audit-writer", "key": "username"},
+        {"name": "fraud-audit-reader", "key": "username"},
+    )
+    assert arg_value(migrate, "--writer-role") == "$(FRAUD_AUDIT_WRITER_ROLE)"
+    assert arg_value(migrate, "--reader-role") == "$(FRAUD_AUDIT_READER_ROLE)"
 
 
 @needs_kubectl
@@ -812,7 +839,6 @@ def test_the_schema_is_migrated_by_exactly_one_job(overlay):
     assert container["image"] == _predictor(isvc(overlay))["image"]  # same migrations as the writers
     security = container["securityContext"]
     assert security["runAsNonRoot"] and security["readOnlyRootFilesystem"] and not security["allowPrivilegeEscalation"]
-    assert resolved_url(container, "FRAUD_AUDIT_DB_URL")[0].count("secret.fraud-postgres.password") == 1
     # nobody else migrates
     assert all("--migrate" not in c.get("args", []) for c in isvc(overlay)["spec"]["predictor"]["containers"])
 
@@ -821,10 +847,7 @@ def test_the_schema_is_migrated_by_exactly_one_job(overlay):
 def test_network_policies_let_the_audit_writer_work():
     policy = next(p["spec"] for p in of_kind("prod", "NetworkPolicy") if p["metadata"]["name"] == "fraud-predictor")
     writer = _writer(isvc("prod"))
-    url_text, _ = resolved_url(writer, "FRAUD_AUDIT_DB_URL")
-    from sqlalchemy.engine import make_url
-
-    db_port = make_url(url_text).port
+    db_port = int(configmap("prod", "fraud-audit-db")["FRAUD_AUDIT_DB_PORT"])
     egress = [port["port"] for rule in policy["egress"] for port in rule.get("ports", []) if rule.get("to")]
     assert db_port in egress
     metrics_port = int(arg_value(writer, "--metrics-port"))
@@ -864,3 +887,328 @@ def test_prometheus_scrapes_the_audit_writer(overlay):
     assert address["sourceLabels"] == ["__meta_kubernetes_pod_ip"] and address["targetLabel"] == "__address__"
     port = int(arg_value(_writer(isvc(overlay)), "--metrics-port"))
     assert re.sub(address["regex"], address["replacement"].replace("$1", r"\1"), "10.1.2.3") == f"10.1.2.3:{port}"
+
+
+# ------------------------------------------------------------------------------ security
+
+ISTIO_SCHEMAS = SHARED / "schemas" / "istio"
+ISTIO_SCHEMA_FILES = {
+    "RequestAuthentication": ("requestauthentication_v1.json", "requestauthentications"),
+    "AuthorizationPolicy": ("authorizationpolicy_v1.json", "authorizationpolicies"),
+    "PeerAuthentication": ("peerauthentication_v1.json", "peerauthentications"),
+}
+needs_istio_schemas = pytest.mark.skipif(
+    not ISTIO_SCHEMAS.is_dir(), reason=f"{ISTIO_SCHEMAS} is absent: no Istio schema to validate against"
+)
+SCORING_PATHS = {"/v1/models/fraud-detector:predict", "/v2/models/fraud-detector/infer"}
+
+
+@cache
+def istio_validator(kind: str):
+    """Strict validator of one Istio kind from its published v1 schema (unknown field = error)."""
+    from fraud.deploy.crd import CRDValidator
+
+    file, plural = ISTIO_SCHEMA_FILES[kind]
+    schema = json.loads((ISTIO_SCHEMAS / file).read_text())
+    schema.setdefault("properties", {}).update(apiVersion={"type": "string"}, kind={"type": "string"})
+    crd = {
+        "kind": "CustomResourceDefinition",
+        "spec": {
+            "group": "security.istio.io",
+            "names": {"kind": kind, "plural": plural},
+            "versions": [{"name": "v1", "served": True, "schema": {"openAPIV3Schema": schema}}],
+        },
+    }
+    return CRDValidator(crd)
+
+
+def named_doc(overlay: str, kind: str, name: str) -> dict:
+    (found,) = [d for d in of_kind(overlay, kind) if d["metadata"]["name"] == name]
+    return found
+
+
+@needs_kubectl
+@needs_istio_schemas
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_istio_objects_are_valid_against_their_schemas(overlay):
+    checked = 0
+    for kind in ISTIO_KINDS:
+        for doc in of_kind(overlay, kind):
+            assert istio_validator(kind).issues(doc) == [], doc["metadata"]["name"]
+            checked += 1
+    assert checked == 5
+
+
+@needs_kubectl
+@needs_istio_schemas
+@pytest.mark.parametrize(
+    ("kind", "name", "mutate", "where"),
+    [
+        (
+            "RequestAuthentication",
+            "fraud-jwt",
+            lambda d: d["spec"]["jwtRules"][0].__setitem__("jwks_url", "x"),
+            "jwks_url",
+        ),
+        (
+            "RequestAuthentication",
+            "fraud-jwt",
+            lambda d: d["spec"]["jwtRules"][0]["outputClaimToHeaders"][0].__setitem__("header", "x fraud scopes"),
+            "outputClaimToHeaders",
+        ),
+        ("AuthorizationPolicy", "fraud-scoring", lambda d: d["spec"].__setitem__("action", "PERMIT"), "action"),
+        (
+            "AuthorizationPolicy",
+            "fraud-scoring",
+            lambda d: d["spec"]["rules"][0]["from"][0]["source"].__setitem__("requestPrincipal", ["x"]),
+            "requestPrincipal",
+        ),
+        ("PeerAuthentication", "default", lambda d: d["spec"]["mtls"].__setitem__("mode", "STRICTEST"), "mode"),
+    ],
+    ids=["misspelt-jwks", "bad-header-name", "bad-action", "misspelt-principal", "bad-mtls-mode"],
+)
+def test_istio_schema_validation_rejects_mistakes(kind, name, mutate, where):
+    broken = copy.deepcopy(named_doc("prod", kind, name))
+    mutate(broken)
+    issues = istio_validator(kind).issues(broken)
+    assert any(where in str(issue) for issue in issues), issues
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_mesh_authenticates_and_authorises_every_request(overlay):
+    namespace = f"fraud-{overlay}"
+    serving = {"serving.kserve.io/inferenceservice": "fraud-detector"}
+    (peer,) = of_kind(overlay, "PeerAuthentication")
+    assert peer["spec"] == {"mtls": {"mode": "STRICT"}}  # namespace-wide, no port exceptions
+    (jwt,) = of_kind(overlay, "RequestAuthentication")
+    assert jwt["spec"]["selector"]["matchLabels"] == serving
+    (rule,) = jwt["spec"]["jwtRules"]
+    assert rule["issuer"].startswith("https://") and "invalid" not in rule["issuer"]
+    assert rule["jwksUri"].startswith(rule["issuer"]) and rule["audiences"]
+    assert {"header": "x-fraud-scopes", "claim": "scope"} in rule["outputClaimToHeaders"]
+    policies = {p["metadata"]["name"]: p["spec"] for p in of_kind(overlay, "AuthorizationPolicy")}
+    assert policies["fraud-deny-all"] == {"action": "ALLOW"}  # no rule: matches nothing, denies all
+    scoring = policies["fraud-scoring"]
+    assert scoring["selector"]["matchLabels"] == serving and scoring["action"] == "ALLOW"
+    for allowed in scoring["rules"]:
+        (source,) = [peer["source"] for peer in allowed["from"]]
+        operations = [op["operation"] for op in allowed["to"]]
+        paths = {p for op in operations for p in op["paths"]}
+        assert all(op.get("methods") for op in operations), "every rule names its methods"
+        assert not any("*" in p for p in paths), paths
+        if paths & SCORING_PATHS:
+            assert paths == SCORING_PATHS and all(op["methods"] == ["POST"] for op in operations)
+            named = source.get("requestPrincipals") or source.get("principals")
+            assert named and not any("*" in n for n in named), named  # named callers only
+            assert set(source) <= {"requestPrincipals", "principals"}
+            if "requestPrincipals" in source:
+                assert all(n.startswith(rule["issuer"] + "/") for n in named)
+            else:
+                assert named == [f"cluster.local/ns/{namespace}/sa/fraud-predictor"]
+        elif source == {"namespaces": ["monitoring"]}:
+            assert operations == [{"methods": ["GET"], "paths": ["/metrics"]}]  # /metrics and nothing else
+        else:
+            assert source == {"namespaces": ["knative-serving"]}
+            assert all(op["methods"] == ["GET"] for op in operations)
+    forged = policies["fraud-no-forged-scopes"]
+    assert forged["action"] == "DENY" and forged["selector"]["matchLabels"] == serving
+    keys = [c["key"] for r in forged["rules"] for c in r["when"]]
+    assert keys.count("request.headers[x-fraud-scopes]") == len(forged["rules"]) == 2
+    assert forged["rules"][0]["from"][0]["source"]["notRequestPrincipals"] == ["*"]
+    assert forged["rules"][0]["from"][0]["source"]["notPrincipals"] == [
+        f"cluster.local/ns/{namespace}/sa/fraud-predictor"
+    ]
+
+
+@needs_kubectl
+def test_environments_trust_their_own_issuers_and_callers():
+    issuers = {o: of_kind(o, "RequestAuthentication")[0]["spec"]["jwtRules"][0]["issuer"] for o in OVERLAYS}
+    assert len(set(issuers.values())) == len(OVERLAYS)
+    callers = {
+        o: tuple(
+            named_doc(o, "AuthorizationPolicy", "fraud-scoring")["spec"]["rules"][0]["from"][0]["source"][
+                "requestPrincipals"
+            ]
+        )
+        for o in OVERLAYS
+    }
+    assert len(set(callers.values())) == len(OVERLAYS)
+
+
+def _pod_specs(overlay: str) -> list[tuple[str, dict]]:
+    """(what, pod spec) of every workload of an overlay, the InferenceService's components included."""
+    pods = [(f"isvc/{c}", isvc(overlay)["spec"][c]) for c in ("predictor", "transformer")]
+    for doc in of_kind(overlay, "Job"):
+        pods.append((f"job/{doc['metadata']['name']}", doc["spec"]["template"]["spec"]))
+    for doc in of_kind(overlay, "CronJob"):
+        pods.append((f"cronjob/{doc['metadata']['name']}", doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]))
+    return pods
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_container_runs_under_the_runtime_default_seccomp_profile(overlay):
+    """Pod Security Standard `restricted` (the namespaces enforce it): every container, the
+    InferenceService's included, is RuntimeDefault (set per container: Knative accepts it there)."""
+    unconfined = []
+    for what, pod in _pod_specs(overlay):
+        pod_profile = pod.get("securityContext", {}).get("seccompProfile", {}).get("type")
+        for container in pod["containers"] + pod.get("initContainers", []):
+            profile = container.get("securityContext", {}).get("seccompProfile", {}).get("type", pod_profile)
+            if profile != "RuntimeDefault":
+                unconfined.append(f"{what}/{container['name']}")
+    assert unconfined == []
+    (namespace,) = of_kind(overlay, "Namespace")
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+
+
+def _peers(policy: dict) -> list[dict]:
+    rules = policy["spec"].get("ingress", []) + policy["spec"].get("egress", [])
+    return [peer for rule in rules for peer in rule.get("from", []) + rule.get("to", [])]
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_network_policies_deny_by_default_and_name_every_peer(overlay):
+    policies = {p["metadata"]["name"]: p for p in of_kind(overlay, "NetworkPolicy")}
+    deny = policies["fraud-default-deny"]["spec"]
+    assert deny == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
+    for name, policy in policies.items():
+        for rule in policy["spec"].get("egress", []):
+            assert rule.get("to"), f"{name}: an egress rule without destinations allows every address"
+        for rule in policy["spec"].get("ingress", []):
+            assert rule.get("from"), f"{name}: an ingress rule without sources allows every peer"
+        for peer in _peers(policy):
+            if "namespaceSelector" in peer:
+                labels = peer["namespaceSelector"].get("matchLabels", {})
+                assert list(labels) == ["kubernetes.io/metadata.name"], f"{name}: namespace not named: {peer}"
+            if "ipBlock" in peer:
+                network = ipaddress.ip_network(peer["ipBlock"]["cidr"])
+                assert network.prefixlen >= 8 and not network.is_global, f"{name}: {network} is not a named range"
+                assert network != ipaddress.ip_network("192.0.2.0/24"), f"{name}: the placeholder CIDR"
+    # every workload is covered by a policy of its own (plus the DNS one)
+    selected = [p["spec"]["podSelector"].get("matchLabels", {}) for p in policies.values()]
+    for labels in (
+        {"serving.kserve.io/inferenceservice": "fraud-detector", "component": "predictor"},
+        {"serving.kserve.io/inferenceservice": "fraud-detector", "component": "transformer"},
+        {"app.kubernetes.io/name": "fraud-audit-migrate"},
+        {"app.kubernetes.io/name": "fraud-monitor"},
+    ):
+        assert labels in selected, labels
+
+
+@needs_kubectl
+def test_egress_ranges_and_redis_namespace_are_overlay_parameters():
+    def cidrs(overlay: str) -> tuple[str, ...]:
+        policy = named_doc(overlay, "NetworkPolicy", "fraud-object-store-egress")
+        return tuple(peer["ipBlock"]["cidr"] for peer in policy["spec"]["egress"][0]["to"])
+
+    assert len({cidrs(o) for o in OVERLAYS}) == len(OVERLAYS)
+    for overlay in OVERLAYS:
+        predictor = named_doc(overlay, "NetworkPolicy", "fraud-predictor")
+        (redis,) = [r for r in predictor["spec"]["egress"] if any(p["port"] == 6379 for p in r["ports"])]
+        namespace = redis["to"][0]["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"]
+        host = configmap(overlay, "fraud-serving-config")["FRAUD_REDIS_HOST"]
+        assert host.split(".")[1] == namespace  # the policy lets the predictor reach the Redis it is configured with
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_serving_pods_survive_drains_and_node_loss(overlay):
+    budgets = {p["metadata"]["name"]: p["spec"] for p in of_kind(overlay, "PodDisruptionBudget")}
+    for component in ("predictor", "transformer"):
+        labels = {"serving.kserve.io/inferenceservice": "fraud-detector", "component": component}
+        budget = budgets[f"fraud-{component}"]
+        assert budget["selector"]["matchLabels"] == labels and budget["maxUnavailable"] == 1
+        spread = isvc(overlay)["spec"][component]["topologySpreadConstraints"]
+        assert {c["topologyKey"] for c in spread} == {"kubernetes.io/hostname", "topology.kubernetes.io/zone"}
+        assert all(c["labelSelector"]["matchLabels"] == labels and c["maxSkew"] == 1 for c in spread)
+    assert "kubernetes.podspec-topologyspreadconstraints" in (PROJECT_ROOT / "docs" / "security.md").read_text()
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_only_the_deploy_step_may_create_or_patch_inference_services(overlay):
+    writers = set()
+    for role in of_kind(overlay, "Role"):
+        for rule in role["rules"]:
+            if "inferenceservices" in rule["resources"] and {"create", "patch", "update", "*"} & set(rule["verbs"]):
+                writers.add(role["metadata"]["name"])
+    assert writers == {"fraud-deployer"}
+    subjects = [s for b in of_kind(overlay, "RoleBinding") if b["roleRef"]["name"] in writers for s in b["subjects"]]
+    assert [(s["kind"], s["name"]) for s in subjects] == [("ServiceAccount", "fraud-deployer")]
+    assert not of_kind(overlay, "ClusterRoleBinding") and not of_kind(overlay, "ClusterRole")
+    serving = {isvc(overlay)["spec"][c]["serviceAccountName"] for c in ("predictor", "transformer")}
+    assert "fraud-deployer" not in serving
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_secrets_reach_only_the_containers_that_use_them(overlay):
+    def secrets(container: dict) -> set[str]:
+        refs = {
+            e["valueFrom"]["secretKeyRef"]["name"]
+            for e in container.get("env", [])
+            if "secretKeyRef" in e.get("valueFrom", {})
+        }
+        return refs | {s["secretRef"]["name"] for s in container.get("envFrom", []) if "secretRef" in s}
+
+    spec = isvc(overlay)["spec"]
+    assert secrets(_predictor(isvc(overlay))) == {"fraud-redis"}  # no PostgreSQL, no MLflow password
+    assert secrets(_writer(isvc(overlay))) == {"fraud-audit-writer", "fraud-audit-chain"}
+    assert secrets(spec["transformer"]["containers"][0]) == set()
+    (job,) = of_kind(overlay, "Job")
+    assert secrets(_job_container(job)) == {"fraud-audit-migrator", "fraud-audit-writer", "fraud-audit-reader"}
+    migrate_keys = {e["valueFrom"]["secretKeyRef"]["name"]: e["valueFrom"]["secretKeyRef"]["key"]
+                    for e in _job_container(job)["env"] if "secretKeyRef" in e.get("valueFrom", {})
+                    and e["valueFrom"]["secretKeyRef"]["name"] != "fraud-audit-migrator"}  # fmt: skip
+    assert set(migrate_keys.values()) == {"username"}  # only the other roles' names, never their passwords
+    (cronjob,) = of_kind(overlay, "CronJob")
+    assert secrets(_job_container(cronjob)) == {"fraud-audit-reader", "fraud-mlflow"}
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_connections_to_the_stores_are_tls_verified(overlay):
+    serving = configmap(overlay, "fraud-serving-config")
+    assert serving["MLFLOW_TRACKING_URI"].startswith("https://")
+    assert serving["FRAUD_REDIS_TLS"] == "true"
+    predictor = _predictor(isvc(overlay))
+    mount = mount_holding(predictor, serving["FRAUD_REDIS_CA_CERT"])
+    volumes = {v["name"]: v for v in isvc(overlay)["spec"]["predictor"]["volumes"]}
+    assert mount and volumes[mount["name"]]["secret"]["secretName"] == "fraud-redis-ca"
+    (cronjob,) = of_kind(overlay, "CronJob")
+    monitor = _job_container(cronjob)
+    ca = env_entry(monitor, "MLFLOW_TRACKING_SERVER_CERT_PATH")["value"]
+    mount = mount_holding(monitor, ca)
+    assert (
+        mount
+        and {v["name"]: v for v in _job_volumes(cronjob)}[mount["name"]]["secret"]["secretName"] == "fraud-mlflow-ca"
+    )
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_predictor_learns_the_stable_version_from_the_rollout_state(overlay):
+    """A live-updated ConfigMap volume (no subPath), optional so a first deployment starts."""
+    predictor = _predictor(isvc(overlay))
+    path = env_entry(predictor, "FRAUD_STABLE_VERSION_FILE")["value"]
+    mount = mount_holding(predictor, path)
+    assert mount is not None and "subPath" not in mount
+    volume = {v["name"]: v for v in isvc(overlay)["spec"]["predictor"]["volumes"]}[mount["name"]]
+    assert volume["configMap"]["name"] == "fraud-rollout-state" and volume["configMap"]["optional"] is True
+    (item,) = volume["configMap"]["items"]
+    assert f"{mount['mountPath']}/{item['path']}" == path
+    assert "fraud-rollout-state" not in {c["metadata"]["name"] for c in of_kind(overlay, "ConfigMap")}  # the rollout's
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_predictor_leaves_rotation_on_its_audit_aware_readiness(overlay):
+    from fraud.deploy.kserve_rollout import ServingSpec, build_inference_service
+    from predictor.__main__ import READINESS_PATH
+
+    assert _predictor(isvc(overlay))["readinessProbe"]["httpGet"]["path"] == READINESS_PATH
+    built = build_inference_service("fraud-detector", "ns", "7", "s3://b/7", ServingSpec("r/c:1", "r/d:1"))
+    assert _predictor(built)["readinessProbe"]["httpGet"]["path"] == READINESS_PATH

@@ -22,6 +22,7 @@ import yaml
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from fraud.config import PROJECT_ROOT
+from tests.test_audit_support import pg_database  # noqa: F401 - fixture
 
 KUBERNETES_VERSION = "1.32.0"
 FRAUD = str(Path(sys.executable).with_name("fraud"))
@@ -140,64 +141,120 @@ def audit_metrics_read_by_alerts_and_dashboard() -> set[str]:
     return {name for expr in exprs for name in names_read(expr) if name.startswith("fraud_audit_")}
 
 
-def test_the_audit_migration_and_writer_command_lines_work(prod, tmp_path):
-    """The Job's and the writer container's own command lines, run for real (SQLite stands in for
-    PostgreSQL, a temporary file for the emptyDir): the schema gets migrated, a spooled decision
-    reaches the database, /metrics serves what the alerts read, SIGTERM stops the writer cleanly."""
+def _container_env(container: dict, configmaps: dict[str, dict], secrets: dict[str, dict]) -> dict[str, str]:
+    """A container's environment as the kubelet builds it: envFrom ConfigMaps, then env entries
+    (literal values with `$(VAR)` expanded, Secret keys from `secrets`)."""
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        env.update(configmaps[source["configMapRef"]["name"]])
+    for entry in container.get("env", []):
+        if "value" in entry:
+            env[entry["name"]] = expand(entry["value"], env)
+        elif "secretKeyRef" in entry.get("valueFrom", {}):
+            ref = entry["valueFrom"]["secretKeyRef"]
+            env[entry["name"]] = secrets[ref["name"]][ref["key"]]
+    return env
+
+
+@pytest.mark.postgres
+def test_the_audit_migration_and_writer_command_lines_work(prod, tmp_path, pg_database):  # noqa: F811
+    """The Job's and the writer container's own command lines and environments, run for real on
+    PostgreSQL (a temporary file for the emptyDir): the migration role migrates and grants, the
+    writer connects as the INSERT-only role whose password holds `@`, `/` and `:` (the URL is
+    composed in code), a spooled decision reaches the database, /metrics serves what the alerts
+    read, SIGTERM stops the writer cleanly. Local PostgreSQL has no TLS: sslmode is the only
+    setting replaced (verify-full is tested against it separately)."""
+    import uuid
+
     from httpx import get
     from prometheus_client.parser import text_string_to_metric_families
-    from sqlalchemy import create_engine
+    from sqlalchemy import create_engine, text
 
     from fraud.audit import AuditSpool
+    from fraud.audit.chain import verify_decisions
     from fraud.audit.store import find_decisions
     from tests.support.prometheus import exposition_names
-    from tests.test_audit_support import make_decision
+    from tests.test_audit_support import PG_HOST, PG_PORT, make_decision
 
     (job,) = [d for d in prod if d["kind"] == "Job"]
     migrate = job["spec"]["template"]["spec"]["containers"][0]
     (isvc,) = [d for d in prod if d["kind"] == "InferenceService"]
     (writer,) = [c for c in isvc["spec"]["predictor"]["containers"] if c["name"] == "audit-writer"]
-    audit_db = f"sqlite:///{tmp_path / 'audit.db'}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FRAUD_", "MLFLOW_"))}
-    env.update(FRAUD_DATA_DIR=str(tmp_path / "data"), FRAUD_AUDIT_DB_URL=audit_db)
-
-    assert migrate["command"][:1] == ["fraud"] and writer["command"][:1] == ["fraud"]
-    migrated = subprocess.run([FRAUD, *migrate["command"][1:], *migrate.get("args", [])],
-                              capture_output=True, text=True, env=env, timeout=120, check=False)  # fmt: skip
-    assert migrated.returncode == 0, migrated.stderr
-    assert "is at migration" in migrated.stdout
-
-    args = list(writer["args"])
-    spool_dir = tmp_path / "emptydir"
-    spool = spool_dir / Path(args[args.index("--spool") + 1]).name
-    args[args.index("--spool") + 1] = str(spool)
-    port = free_port()
-    args[args.index("--metrics-port") + 1] = str(port)
-    spooled = AuditSpool(spool)
-    spooled.append([make_decision(1)])
-    spooled.close()
-    process = subprocess.Popen([FRAUD, *writer["command"][1:], *args], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    suffix = uuid.uuid4().hex[:8]
+    writer_role, reader_role = f"fraud_writer_{suffix}", f"fraud_reader_{suffix}"
+    password = "p@ss/w:rd%40"
+    for role in (writer_role, reader_role):
+        pg_database.execute_admin(f"CREATE ROLE {role} LOGIN PASSWORD %s", password)
+    configmaps = {
+        name: dict(data)
+        for name, data in ((d["metadata"]["name"], d.get("data", {})) for d in prod if d["kind"] == "ConfigMap")
+    }
+    audit_db = configmaps["fraud-audit-db"]
+    assert audit_db["FRAUD_AUDIT_DB_SSLMODE"] == "verify-full"
+    audit_db.update(FRAUD_AUDIT_DB_HOST=PG_HOST, FRAUD_AUDIT_DB_PORT=str(PG_PORT),
+                    FRAUD_AUDIT_DB_NAME=pg_database.name, FRAUD_AUDIT_DB_SSLMODE="disable")  # fmt: skip
+    secrets = {
+        "fraud-audit-migrator": {"username": "postgres", "password": "unused"},
+        "fraud-audit-writer": {"username": writer_role, "password": password},
+        "fraud-audit-reader": {"username": reader_role, "password": password},
+        "fraud-audit-chain": {"key": "chain-key"},
+    }
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("FRAUD_", "MLFLOW_"))}
+    base["FRAUD_DATA_DIR"] = str(tmp_path / "data")
     try:
-        engine = create_engine(audit_db)
-        deadline = time.monotonic() + 60
-        while not find_decisions(engine, "TX0000000001") and time.monotonic() < deadline:
-            assert process.poll() is None, process.stdout.read()
-            time.sleep(0.2)
-        assert len(find_decisions(engine, "TX0000000001")) == 1
-        exposition = get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-        samples = {s.name: s.value for f in text_string_to_metric_families(exposition) for s in f.samples}
-        assert samples["fraud_audit_written_total"] == 1.0 and samples["fraud_audit_spool_backlog"] == 0.0
-        read = audit_metrics_read_by_alerts_and_dashboard()
-        assert {"fraud_audit_spool_backlog", "fraud_audit_written_total", "fraud_audit_spool_appended_total"} <= read
-        assert read - exposition_names(exposition) == set()
+        migrate_env = base | _container_env(migrate, configmaps, secrets)
+        assert migrate["command"][:1] == ["fraud"] and writer["command"][:1] == ["fraud"]
+        migrate_args = [expand(a, migrate_env) for a in migrate.get("args", [])]
+        migrated = subprocess.run([FRAUD, *migrate["command"][1:], *migrate_args],
+                                  capture_output=True, text=True, env=migrate_env, timeout=120, check=False)  # fmt: skip
+        assert migrated.returncode == 0, migrated.stderr
+        assert "is at migration" in migrated.stdout and f"granted: {writer_role}" in migrated.stdout
+        env = base | _container_env(writer, configmaps, secrets)
+        assert "FRAUD_AUDIT_DB_URL" not in env and env["FRAUD_AUDIT_DB_PASSWORD"] == password
+        args = list(writer["args"])
+        spool_dir = tmp_path / "emptydir"
+        spool = spool_dir / Path(args[args.index("--spool") + 1]).name
+        args[args.index("--spool") + 1] = str(spool)
+        port = free_port()
+        args[args.index("--metrics-port") + 1] = str(port)
+        spooled = AuditSpool(spool)
+        spooled.append([make_decision(1)])
+        spooled.close()
+        process = subprocess.Popen([FRAUD, *writer["command"][1:], *args], env=env,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+        try:
+            engine = create_engine(pg_database.url)
+            deadline = time.monotonic() + 60
+            while not find_decisions(engine, "TX0000000001") and time.monotonic() < deadline:
+                assert process.poll() is None, process.stdout.read()
+                time.sleep(0.2)
+            assert len(find_decisions(engine, "TX0000000001")) == 1
+            exposition = get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+            samples = {s.name: s.value for f in text_string_to_metric_families(exposition) for s in f.samples}
+            assert samples["fraud_audit_written_total"] == 1.0 and samples["fraud_audit_spool_backlog"] == 0.0
+            read = audit_metrics_read_by_alerts_and_dashboard()
+            assert {
+                "fraud_audit_spool_backlog",
+                "fraud_audit_written_total",
+                "fraud_audit_spool_appended_total",
+            } <= read
+            assert read - exposition_names(exposition) == set()
+        finally:
+            process.send_signal(signal.SIGTERM)
+            output, _ = process.communicate(timeout=30)
+        assert process.returncode == 0, output
+        assert "audit writer draining" in output
+        drained = AuditSpool(spool)
+        try:
+            assert drained.depth() == 0
+        finally:
+            drained.close()
+        assert verify_decisions(engine, b"chain-key").ok  # chained with the key from the Secret
+        owner = create_engine(pg_database.url)
+        with owner.connect() as connection:
+            chained = connection.execute(text("SELECT count(*) FROM decisions WHERE chain_id IS NOT NULL"))
+            assert chained.scalar_one() == 1
+        owner.dispose()
+        engine.dispose()
     finally:
-        process.send_signal(signal.SIGTERM)
-        output, _ = process.communicate(timeout=30)
-    assert process.returncode == 0, output
-    assert "audit writer draining" in output
-    drained = AuditSpool(spool)
-    try:
-        assert drained.depth() == 0
-    finally:
-        drained.close()
+        pg_database.drop_roles(writer_role, reader_role)

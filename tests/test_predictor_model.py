@@ -16,7 +16,7 @@ import xgboost as xgb
 from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferInput, InferRequest, InferResponse
 
-from fraud.bundle import MODEL_FILE, BundleManifest, read_manifest
+from fraud.bundle import MODEL_FILE, BundleManifest, file_sha256, read_manifest
 from fraud.config import MODEL_NAME
 from fraud.features.definitions import (
     BATCH_FEATURE_DEFAULTS,
@@ -374,8 +374,11 @@ def test_bad_bundle_refuses_to_load_with_a_clear_reason(bundle_dir, tmp_path, da
     manifest_path = target / "bundle.json"
     if damage == "missing_dir":
         target = tmp_path / "nowhere"
-    elif damage == "corrupt_model":
+    elif damage == "corrupt_model":  # listed with its digest: passes verification, then fails to parse
         (target / MODEL_FILE).write_bytes(b"\x00not a model")
+        data = json.loads(manifest_path.read_text())
+        data["files"][MODEL_FILE] = file_sha256(target / MODEL_FILE)
+        manifest_path.write_text(json.dumps(data))
     elif damage == "no_manifest":
         manifest_path.unlink()
     elif damage == "wrong_features":

@@ -25,3 +25,7 @@ DEAD_LETTERS = Counter(
 WRITE_LATENCY = Histogram(
     "fraud_audit_write_batch_seconds", "Latency of inserting and committing one batch", buckets=_BATCH_BUCKETS
 )
+CONFLICTS = Counter(
+    "fraud_audit_conflicts",
+    "Spooled decisions whose (transaction_id, model_version) is recorded with other content; kept in the dead_letters",
+)

@@ -22,15 +22,17 @@ from typing import Any, Literal
 import numpy as np
 import orjson
 
-from fraud.bundle import DECISIONS
+from fraud.bundle import DECISIONS, DecisionThresholds
 from fraud.schema import MAX_ID_LENGTH
 
 logger = logging.getLogger(__name__)
 
 #: Environment variable holding the secret key of the customer pseudonyms in logs.
 PSEUDONYM_KEY_ENV = "FRAUD_PSEUDONYM_KEY"
-#: Version of the spool payload layout; bumped when a field changes meaning.
-PAYLOAD_VERSION = 1
+#: Version of the spool payload layout; bumped when a field changes meaning. Version 1 payloads
+#: (no thresholds) still drain: a spool may outlive an upgrade of the predictor.
+PAYLOAD_VERSION = 2
+READABLE_PAYLOAD_VERSIONS = (1, 2)
 
 VARIANTS = ("stable", "canary")
 Variant = Literal["stable", "canary"]
@@ -118,6 +120,9 @@ class DecisionRecord:
     features_missing: bool = False
     features_stale: bool = False
     fail_open: bool = False
+    #: the thresholds that applied to this decision (probability >= review -> review, >= decline -> decline)
+    review_threshold: float | None = None
+    decline_threshold: float | None = None
 
     def __post_init__(self) -> None:
         _check_id("transaction_id", self.transaction_id)
@@ -138,6 +143,13 @@ class DecisionRecord:
         object.__setattr__(self, "received_at", _utc_naive(self.received_at))
         object.__setattr__(self, "latency_ms", float(self.latency_ms))
         object.__setattr__(self, "features", {str(k): _finite_or_none(v) for k, v in self.features.items()})
+        for name in ("review_threshold", "decline_threshold"):
+            value = getattr(self, name)
+            if value is not None:
+                number = float(value)
+                if not (0.0 <= number <= 1.0):
+                    raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
+                object.__setattr__(self, name, number)
 
     # --- spool payload ----------------------------------------------------------------------
     def to_payload(self) -> str:
@@ -159,6 +171,8 @@ class DecisionRecord:
             "features_missing": bool(self.features_missing),
             "features_stale": bool(self.features_stale),
             "fail_open": bool(self.fail_open),
+            "review_threshold": self.review_threshold,
+            "decline_threshold": self.decline_threshold,
         }
         # orjson: ~5x faster than json on the request path; it never writes NaN/Infinity (features are
         # already finite or null, the score is checked), and converts dataclasses and numpy scalars
@@ -171,8 +185,8 @@ class DecisionRecord:
             data = orjson.loads(payload)
         except orjson.JSONDecodeError as exc:
             raise ValueError(f"spool payload is not JSON: {exc}") from None
-        if not isinstance(data, dict) or data.pop("v", None) != PAYLOAD_VERSION:
-            raise ValueError(f"spool payload has no or an unknown version (expected v={PAYLOAD_VERSION})")
+        if not isinstance(data, dict) or data.pop("v", None) not in READABLE_PAYLOAD_VERSIONS:
+            raise ValueError(f"spool payload has no or an unknown version (expected v in {READABLE_PAYLOAD_VERSIONS})")
         try:
             data["received_at"] = datetime.fromisoformat(data["received_at"])
             return cls(**data)
@@ -197,6 +211,8 @@ class DecisionRecord:
             "latency_ms": self.latency_ms,
             "customer_id": self.customer_id,
             "terminal_id": self.terminal_id,
+            "review_threshold": self.review_threshold,
+            "decline_threshold": self.decline_threshold,
         }
 
     # --- logging ----------------------------------------------------------------------------
@@ -232,6 +248,7 @@ def decision_records(
     variant: Variant,
     received_at: datetime,
     latency_ms: float,
+    thresholds: DecisionThresholds | None = None,
 ) -> list[DecisionRecord]:
     """The records of one scored request, row i for transaction i (what postprocess appends).
 
@@ -269,6 +286,8 @@ def decision_records(
             features_missing=bool(features_missing[i]),
             features_stale=bool(features_stale[i]),
             fail_open=fail_open,
+            review_threshold=None if thresholds is None else thresholds.review,
+            decline_threshold=None if thresholds is None else thresholds.decline,
         )
         for i in range(n)
     ]
@@ -298,6 +317,7 @@ def decision_payloads(
     variant: Variant,
     received_at: datetime,
     latency_ms: float,
+    thresholds: DecisionThresholds | None = None,
 ) -> list[str]:
     """The spool payloads of one scored request: exactly `[r.to_payload() for r in
     decision_records(...)]` (same arguments, same checks, same ValueError messages; tested), built
@@ -348,6 +368,8 @@ def decision_payloads(
     if not np.isfinite(matrix).all():  # strict JSON: non-finite features are stored as null
         rows = [[v if math.isfinite(v) else None for v in row] for row in rows]
     received, latency, opened = _utc_naive(received_at).isoformat(), float(latency_ms), bool(fail_open)
+    review = None if thresholds is None else float(thresholds.review)
+    decline = None if thresholds is None else float(thresholds.decline)
     missing = np.asarray(features_missing, dtype=bool).tolist()
     stale = np.asarray(features_stale, dtype=bool).tolist()
     dumps, option = orjson.dumps, orjson.OPT_SERIALIZE_NUMPY
@@ -370,6 +392,8 @@ def decision_payloads(
                 "features_missing": missing[i],
                 "features_stale": stale[i],
                 "fail_open": opened,
+                "review_threshold": review,
+                "decline_threshold": decline,
             },
             default=_json_default,
             option=option,

@@ -173,6 +173,14 @@ class AuditSpool:
         low, high = self._conn.execute("SELECT (SELECT min(seq) FROM spool), (SELECT max(seq) FROM spool)").fetchone()
         return 0 if low is None else high - low + 1
 
+    def backlog(self) -> tuple[int, float | None]:
+        """(decisions waiting, enqueue time of the oldest one as a UNIX time or None): what the
+        predictor's readiness watches."""
+        with self._lock:
+            depth = self._depth_locked()
+            row = self._conn.execute("SELECT enqueued_at FROM spool ORDER BY seq LIMIT 1").fetchone()
+        return depth, None if row is None else float(row[0])
+
     def oldest(self, limit: int) -> SpooledBatch | None:
         """The `limit` oldest spooled decisions, or None when the spool is empty."""
         with self._lock:

@@ -9,7 +9,7 @@ other applications (MLflow keeps its own `alembic_version`).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from sqlalchemy import Engine, create_engine, event, func, inspect, select
 from sqlalchemy import table as table_clause
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.pool import NullPool
 
@@ -28,6 +28,19 @@ from fraud.config import DataLayout
 from fraud.errors import UserError
 
 AUDIT_DB_URL_ENV = "FRAUD_AUDIT_DB_URL"
+#: The audit database as separate settings (what the Kubernetes manifests provide: host, port,
+#: name and TLS from a ConfigMap, user and password from a Secret). Composed into a URL with every
+#: part encoded, so a password holding `@`, `/`, `:` or `%` works.
+AUDIT_DB_HOST_ENV = "FRAUD_AUDIT_DB_HOST"
+AUDIT_DB_PORT_ENV = "FRAUD_AUDIT_DB_PORT"
+AUDIT_DB_NAME_ENV = "FRAUD_AUDIT_DB_NAME"
+AUDIT_DB_USER_ENV = "FRAUD_AUDIT_DB_USER"
+AUDIT_DB_PASSWORD_ENV = "FRAUD_AUDIT_DB_PASSWORD"
+AUDIT_DB_SSLMODE_ENV = "FRAUD_AUDIT_DB_SSLMODE"
+AUDIT_DB_SSLROOTCERT_ENV = "FRAUD_AUDIT_DB_SSLROOTCERT"
+#: libpq's sslmode values; verify-full (certificate and host name checked) is the only one that
+#: stops an impostor server, the manifests use it
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 ALEMBIC_VERSION_TABLE = "fraud_audit_alembic_version"
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 SUPPORTED_DIALECTS = ("postgresql", "sqlite")
@@ -42,13 +55,49 @@ def audit_dir(layout: DataLayout | None = None) -> Path:
 
 
 def audit_db_url(url: str | None = None) -> str:
-    """The audit database URL: explicit, else FRAUD_AUDIT_DB_URL, else the embedded SQLite file."""
+    """The audit database URL: explicit, else FRAUD_AUDIT_DB_URL, else composed from
+    FRAUD_AUDIT_DB_HOST & co. (`compose_db_url`), else the embedded SQLite file."""
     if url:
         return url
     configured = os.environ.get(AUDIT_DB_URL_ENV, "").strip()
     if configured:
         return configured
+    composed = compose_db_url(os.environ)
+    if composed:
+        return composed
     return f"sqlite:///{audit_dir() / 'audit.db'}"
+
+
+def compose_db_url(env: Mapping[str, str]) -> str | None:
+    """A PostgreSQL URL from the split settings (None without FRAUD_AUDIT_DB_HOST); user and
+    password are percent-encoded, sslmode / sslrootcert become libpq query parameters."""
+    host = env.get(AUDIT_DB_HOST_ENV, "").strip()
+    if not host:
+        return None
+    port_text = env.get(AUDIT_DB_PORT_ENV, "").strip() or "5432"
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise UserError(f"{AUDIT_DB_PORT_ENV}={port_text!r} is not a port number") from None
+    query: dict[str, str] = {}
+    sslmode = env.get(AUDIT_DB_SSLMODE_ENV, "").strip()
+    if sslmode:
+        if sslmode not in SSL_MODES:
+            raise UserError(f"{AUDIT_DB_SSLMODE_ENV}={sslmode!r}: must be one of {', '.join(SSL_MODES)}")
+        query["sslmode"] = sslmode
+    root_cert = env.get(AUDIT_DB_SSLROOTCERT_ENV, "").strip()
+    if root_cert:
+        query["sslrootcert"] = root_cert
+    url = URL.create(
+        "postgresql+psycopg2",
+        username=env.get(AUDIT_DB_USER_ENV) or None,
+        password=env.get(AUDIT_DB_PASSWORD_ENV) or None,
+        host=host,
+        port=port,
+        database=env.get(AUDIT_DB_NAME_ENV, "").strip() or "fraud",
+        query=query,
+    )
+    return url.render_as_string(hide_password=False)
 
 
 def _set_sqlite_pragmas(dbapi_connection, _record) -> None:
@@ -157,7 +206,7 @@ def dialect_insert(bind: Connection | Engine, table: Any):
     return factory(table)
 
 
-def insert_decisions(connection: Connection, rows: Sequence[dict[str, Any]]) -> int:
+def insert_decisions(connection: Connection, rows: Sequence[dict[str, Any]], *, skip_existing: bool = True) -> int:
     """Insert decision rows, skipping any (transaction_id, model_version) already present.
 
     `INSERT ... ON CONFLICT DO NOTHING RETURNING` executed as one executemany, which SQLAlchemy
@@ -165,14 +214,18 @@ def insert_decisions(connection: Connection, rows: Sequence[dict[str, Any]]) -> 
     PostgreSQL; on SQLite one prepared statement through sqlite3's executemany. Unlike SQLite's
     `INSERT OR IGNORE` it only skips key conflicts: a row violating NOT NULL or a CHECK fails
     loudly instead of vanishing.
-    Returns the number of rows actually inserted.
+    Returns the number of rows actually inserted. `skip_existing=False` (the audit writer, which
+    checks for existing keys itself): a plain INSERT, so a key conflict raises IntegrityError.
     """
     if not rows:
         return 0
     columns = rows[0].keys()
     if connection.dialect.name == "sqlite" and all(row.keys() == columns for row in rows):
-        return _insert_decisions_sqlite(connection, rows)
+        return _insert_decisions_sqlite(connection, rows, skip_existing)
     table = Decision.__table__
+    if not skip_existing:
+        connection.execute(table.insert(), list(rows))
+        return len(rows)
     statement = (
         dialect_insert(connection, table)
         .on_conflict_do_nothing(index_elements=["transaction_id", "model_version"])
@@ -181,7 +234,7 @@ def insert_decisions(connection: Connection, rows: Sequence[dict[str, Any]]) -> 
     return len(connection.execute(statement, list(rows)).all())
 
 
-def _insert_decisions_sqlite(connection: Connection, rows: Sequence[dict[str, Any]]) -> int:
+def _insert_decisions_sqlite(connection: Connection, rows: Sequence[dict[str, Any]], skip_existing: bool) -> int:
     """`insert_decisions` on SQLite: one prepared `INSERT ... ON CONFLICT DO NOTHING` run by
     sqlite3's executemany, each value converted by its column type's own bind processor (the
     text SQLAlchemy would bind; tested equal). Skips SQLAlchemy's per-row parameter handling,
@@ -195,11 +248,25 @@ def _insert_decisions_sqlite(connection: Connection, rows: Sequence[dict[str, An
         [row[name] for row in rows] if processor is None else [processor(row[name]) for row in rows]
         for name, processor in zip(names, processors)
     ]
-    statement = (
-        f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))}) "
-        "ON CONFLICT (transaction_id, model_version) DO NOTHING"
-    )
+    statement = f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
+    if skip_existing:
+        statement += " ON CONFLICT (transaction_id, model_version) DO NOTHING"
     return connection.exec_driver_sql(statement, list(zip(*columns))).rowcount
+
+
+def existing_decisions(connection: Connection, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], dict]:
+    """The recorded rows among these (transaction_id, model_version) keys, by key."""
+    if not keys:
+        return {}
+    table = Decision.__table__
+    wanted = set(keys)
+    query = select(table).where(table.c.transaction_id.in_(sorted({tx for tx, _ in wanted})))
+    found = {}
+    for row in connection.execute(query):
+        key = (row.transaction_id, row.model_version)
+        if key in wanted:
+            found[key] = dict(row._mapping)
+    return found
 
 
 def find_decisions(engine: Engine, transaction_id: str) -> list[dict[str, Any]]:

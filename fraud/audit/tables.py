@@ -9,7 +9,19 @@ from __future__ import annotations
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, CheckConstraint, Date, DateTime, Float, Index, Integer, SmallInteger, String
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Date,
+    DateTime,
+    Float,
+    Index,
+    Integer,
+    SmallInteger,
+    String,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -41,11 +53,35 @@ class Decision(AuditBase):
     latency_ms: Mapped[float] = mapped_column(Float())
     customer_id: Mapped[str] = mapped_column(String(64))
     terminal_id: Mapped[str] = mapped_column(String(64))
+    #: the decision thresholds that applied (null on decisions recorded before they were kept)
+    review_threshold: Mapped[float | None] = mapped_column(Float(), nullable=True)
+    decline_threshold: Mapped[float | None] = mapped_column(Float(), nullable=True)
+    #: hash chain (fraud.audit.chain): which writer chain the row belongs to, its position in it and
+    #: HMAC/SHA-256 of (previous row's hash, this row); null only on rows older than the chain
+    chain_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    chain_seq: Mapped[int | None] = mapped_column(BigInteger(), nullable=True)
+    row_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
     __table_args__ = (
         Index("ix_decisions_received_at", "received_at"),
         Index("ix_decisions_customer_id", "customer_id"),
+        Index("ux_decisions_chain", "chain_id", "chain_seq", unique=True),
     )
+
+
+class AuditCheckpoint(AuditBase):
+    """The head of a writer's hash chain after each committed batch, in the same transaction.
+
+    Deleting the newest rows of a chain (which no row after them links to) leaves a checkpoint
+    pointing at a missing row; chain `pre-chain` holds one digest of the rows older than chaining.
+    """
+
+    __tablename__ = "audit_checkpoints"
+
+    chain_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    chain_seq: Mapped[int] = mapped_column(BigInteger(), primary_key=True)
+    row_hash: Mapped[str] = mapped_column(String(64))
+    written_at: Mapped[datetime] = mapped_column(DateTime())
 
 
 class Label(AuditBase):

@@ -19,21 +19,82 @@ import os
 import random
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import Engine
-from sqlalchemy.exc import DataError, IntegrityError, SQLAlchemyError
+from sqlalchemy.exc import (
+    DBAPIError,
+    DisconnectionError,
+    InterfaceError,
+    OperationalError,
+    ProgrammingError,
+    SQLAlchemyError,
+)
+from sqlalchemy.exc import (
+    TimeoutError as PoolTimeoutError,
+)
 
 from fraud.audit import metrics
+from fraud.audit.chain import ChainState, checkpoint_row
 from fraud.audit.records import DecisionRecord
 from fraud.audit.spool import AuditSpool, SpooledBatch
-from fraud.audit.store import create_audit_engine, insert_decisions, require_schema
+from fraud.audit.store import create_audit_engine, existing_decisions, insert_decisions, require_schema
+from fraud.audit.tables import AuditCheckpoint
 
 logger = logging.getLogger(__name__)
 
-#: Errors a single row can cause that no retry will fix: the row goes to the dead letters.
-_ROW_ERRORS = (IntegrityError, DataError)
+#: Errors that say the database (not a row) is unusable right now: the batch stays spooled and is
+#: retried. Lost connections and refused logins (OperationalError, InterfaceError), a pool that
+#: is exhausted, and ProgrammingError (a missing table or privilege: the schema or grants are
+#: wrong, which an operator fixes, not the row). Every other error of an INSERT is the row's
+#: fault, whatever the driver calls it: IntegrityError, DataError, InternalError (a trigger's
+#: RAISE EXCEPTION on PostgreSQL), or a plain ValueError (psycopg2 refusing a NUL character).
+_RETRYABLE = (OperationalError, InterfaceError, DisconnectionError, PoolTimeoutError, ProgrammingError)
+
+#: Columns that must agree for a replayed (transaction_id, model_version) to be the same decision;
+#: arrival time and latency may differ between two deliveries of one decision.
+CONTENT_COLUMNS = (
+    "model_name",
+    "variant",
+    "customer_id",
+    "terminal_id",
+    "features",
+    "score",
+    "decision",
+    "reason_codes",
+    "features_missing",
+    "features_stale",
+    "fail_open",
+    "review_threshold",
+    "decline_threshold",
+)
+
+
+def is_retryable(exc: BaseException) -> bool:
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, _RETRYABLE)
+
+
+def differing_fields(recorded: dict, incoming: dict) -> list[str]:
+    """Content columns in which two decisions of one key differ (thresholds only when both have them)."""
+    changed = []
+    for name in CONTENT_COLUMNS:
+        old, new = recorded.get(name), incoming.get(name)
+        if name.endswith("_threshold") and (old is None or new is None):
+            continue
+        if old != new:
+            changed.append(name)
+    return changed
+
+
+@dataclass
+class _InsertOutcome:
+    written: int = 0
+    duplicates: int = 0
+    conflicts: list[tuple[int, str]] = field(default_factory=list)
+    rejected: list[tuple[int, str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -45,6 +106,8 @@ class WriterSettings:
     backoff_max: float = 5.0
     #: how long stop() keeps draining before leaving the rest in the spool for the next start
     flush_timeout: float = 10.0
+    #: HMAC key of the hash chain (FRAUD_AUDIT_CHAIN_KEY); None: plain SHA-256
+    chain_key: bytes | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -109,6 +172,8 @@ class AuditWriter:
         self._lock = _DrainLock(self.spool_path)
         self._spool: AuditSpool | None = None
         self._schema_checked = False
+        #: this writer's hash chain (fraud.audit.chain), started fresh by every writer
+        self.chain = ChainState(key=self.settings.chain_key)
 
     # --- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
@@ -209,34 +274,80 @@ class AuditWriter:
                 row_seqs.append(seq)
             except ValueError as exc:
                 dead.append((seq, f"undecodable payload: {exc}"))
-        rejected: list[tuple[int, str]] = []
         try:
-            with self.engine.begin() as connection:
-                written = insert_decisions(connection, rows)
-        except _ROW_ERRORS:
-            written, rejected = self._write_row_by_row(rows, row_seqs)
-        dead.extend(rejected)
+            outcome = self._insert(rows, row_seqs)
+        except Exception as exc:
+            if is_retryable(exc):
+                raise
+            # some row is refused (constraint, trigger, value the driver cannot send): one by one
+            outcome = self._write_row_by_row(rows, row_seqs)
+        dead.extend(outcome.rejected)
+        dead.extend(outcome.conflicts)
         # Only now, after COMMIT, may the decisions leave the spool.
         self.spool.remove(batch, dead)
         if dead:  # the error texts may quote row values (customer ids): they stay in the spool only
             logger.error(
-                "%d spooled decisions rejected (spool seq %s), kept with the reason in the dead_letters table of %s",
+                "%d spooled decisions rejected (%d conflicting with a recorded decision; spool seq %s), "
+                "kept with the reason in the dead_letters table of %s",
                 len(dead),
+                len(outcome.conflicts),
                 ", ".join(str(seq) for seq, _ in dead[:10]),
                 self.spool_path,
             )
-        return BatchOutcome(written=written, duplicates=len(rows) - len(rejected) - written, dead=len(dead))
+        metrics.CONFLICTS.inc(len(outcome.conflicts))
+        return BatchOutcome(written=outcome.written, duplicates=outcome.duplicates, dead=len(dead))
 
-    def _write_row_by_row(self, rows: list[dict], seqs: list[int]) -> tuple[int, list[tuple[int, str]]]:
-        written = 0
-        rejected: list[tuple[int, str]] = []
+    def _insert(self, rows: list[dict], seqs: list[int]) -> _InsertOutcome:
+        """One transaction: look up which keys are recorded already, insert the new rows linked
+        into this writer's hash chain plus the chain's checkpoint; advance the chain after COMMIT."""
+        outcome = _InsertOutcome()
+        if not rows:
+            return outcome
+        with self.engine.begin() as connection:
+            recorded = existing_decisions(connection, [(r["transaction_id"], r["model_version"]) for r in rows])
+            fresh: list[dict] = []
+            for seq, row in zip(seqs, rows):
+                key = (row["transaction_id"], row["model_version"])
+                prior = recorded.get(key)
+                if prior is None:
+                    fresh.append(row)
+                    recorded[key] = row
+                    continue
+                changed = differing_fields(prior, row)
+                if changed:
+                    outcome.conflicts.append(
+                        (
+                            seq,
+                            f"conflict: transaction {key[0]!r} (model {key[1]}) is recorded with other {', '.join(changed)}",
+                        )
+                    )
+                else:
+                    outcome.duplicates += 1
+            chain_seq, head = self.chain.link(fresh)
+            if fresh:
+                insert_decisions(connection, fresh, skip_existing=False)
+                connection.execute(
+                    AuditCheckpoint.__table__.insert(), [checkpoint_row(self.chain.chain_id, chain_seq, head)]
+                )
+        self.chain.advance(chain_seq, head)
+        outcome.written = len(fresh)
+        return outcome
+
+    def _write_row_by_row(self, rows: list[dict], seqs: list[int]) -> _InsertOutcome:
+        total = _InsertOutcome()
         for seq, row in zip(seqs, rows):
             try:
-                with self.engine.begin() as connection:
-                    written += insert_decisions(connection, [row])
-            except _ROW_ERRORS as exc:
-                rejected.append((seq, f"{type(exc).__name__}: {str(exc.orig)[:500]}"))
-        return written, rejected
+                one = self._insert([row], [seq])
+            except Exception as exc:
+                if is_retryable(exc):
+                    raise
+                detail = str(getattr(exc, "orig", None) or exc)
+                total.rejected.append((seq, f"{type(exc).__name__}: {detail[:500]}"))
+                continue
+            total.written += one.written
+            total.duplicates += one.duplicates
+            total.conflicts.extend(one.conflicts)
+        return total
 
     # --- failure handling -------------------------------------------------------------------
     def _on_failure(self, exc: Exception, attempt: int) -> None:

@@ -12,7 +12,7 @@ from fraud.errors import UserError
 DB_URL_HELP = "Audit database URL (default: FRAUD_AUDIT_DB_URL, else <data dir>/audit/audit.db)"
 
 audit_app = typer.Typer(
-    help="The decision audit trail: migrate, show, export, and the spool writer.", no_args_is_help=True
+    help="The decision audit trail: migrate, grant, show, export, verify, and the spool writer.", no_args_is_help=True
 )
 
 
@@ -49,13 +49,29 @@ def open_audit_database(db_url: str | None, *, require_migrated: bool = True):
 
 
 @audit_app.command("migrate")
-def migrate(db_url: Annotated[str | None, typer.Option("--db-url", help=DB_URL_HELP)] = None) -> None:
-    """Create or upgrade the audit tables (decisions, labels, live_quality) to the latest migration."""
+def migrate(
+    db_url: Annotated[str | None, typer.Option("--db-url", help=DB_URL_HELP)] = None,
+    writer_role: Annotated[
+        str | None, typer.Option("--writer-role", help="Then grant this role INSERT on decisions (PostgreSQL)")
+    ] = None,
+    reader_role: Annotated[
+        str | None, typer.Option("--reader-role", help="Then grant this role reads and label upkeep (PostgreSQL)")
+    ] = None,
+) -> None:
+    """Create or upgrade the audit tables (decisions, labels, live_quality, checkpoints) to the latest
+    migration; with --writer-role and --reader-role, grant them afterwards (`fraud audit grant`)."""
     from fraud.audit.store import upgrade_database
 
+    if (writer_role is None) != (reader_role is None):
+        raise UserError("--writer-role and --reader-role go together")
     engine = open_audit_database(db_url, require_migrated=False)
     revision = upgrade_database(engine)
     typer.echo(f"audit database {engine.url.render_as_string(hide_password=True)} is at migration {revision}")
+    if writer_role is not None and reader_role is not None:
+        from fraud.audit.roles import grant_roles
+
+        grant_roles(engine, writer_role, reader_role)
+        typer.echo(f"granted: {writer_role} may INSERT decisions, {reader_role} may read them and maintain labels")
 
 
 @audit_app.command("show")
@@ -137,6 +153,7 @@ def writer(
     import logging
     import signal
 
+    from fraud.audit.chain import chain_key_from_env
     from fraud.audit.spool import default_spool_path
     from fraud.audit.store import create_audit_engine, upgrade_database
     from fraud.audit.writer import AuditWriter, WriterSettings
@@ -158,6 +175,7 @@ def writer(
         poll_interval=poll_interval,
         backoff_max=backoff_max,
         backoff_initial=min(0.1, backoff_max),
+        chain_key=chain_key_from_env(),
     )
     audit_writer = AuditWriter(spool_path, engine=engine, settings=settings)
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -166,6 +184,41 @@ def writer(
         "audit writer draining %s into %s", spool_path, engine.url.render_as_string(hide_password=True)
     )
     audit_writer.run()
+
+
+@audit_app.command("verify")
+def verify(db_url: Annotated[str | None, typer.Option("--db-url", help=DB_URL_HELP)] = None) -> None:
+    """Check the decisions' hash chains: exit 1 naming every changed, inserted or deleted row.
+
+    Uses the chain key in FRAUD_AUDIT_CHAIN_KEY (the writers' key) when set."""
+    from fraud.audit.chain import chain_key_from_env, verify_decisions
+
+    engine = open_audit_database(db_url)
+    report = verify_decisions(engine, chain_key_from_env())
+    where = engine.url.render_as_string(hide_password=True)
+    if report.ok:
+        typer.echo(f"audit trail intact: {report.rows} decisions in {report.chains} chains ({where})")
+        return
+    for problem in report.problems:
+        typer.echo(problem, err=True)
+    typer.echo(f"audit trail of {where} FAILED verification: {len(report.problems)} problems", err=True)
+    raise typer.Exit(1)
+
+
+@audit_app.command("grant")
+def grant(
+    writer_role: Annotated[str, typer.Option("--writer-role", help="Role of the audit writers (INSERT only)")],
+    reader_role: Annotated[
+        str, typer.Option("--reader-role", help="Role of exports, label ingestion and live quality")
+    ],
+    db_url: Annotated[str | None, typer.Option("--db-url", help=DB_URL_HELP)] = None,
+) -> None:
+    """Grant the audit tables to the writer and reader roles (PostgreSQL; run as the migration role)."""
+    from fraud.audit.roles import grant_roles
+
+    engine = open_audit_database(db_url)
+    grant_roles(engine, writer_role, reader_role)
+    typer.echo(f"granted: {writer_role} may INSERT decisions, {reader_role} may read them and maintain labels")
 
 
 def register(app: typer.Typer) -> None:

@@ -48,9 +48,13 @@ AUDIT_WRITER_CONTAINER = "audit-writer"
 AUDIT_SPOOL_VOLUME = "audit-spool"
 AUDIT_SPOOL_DIR = "/var/lib/fraud-audit"
 AUDIT_SPOOL = f"{AUDIT_SPOOL_DIR}/spool.db"
-#: the audit database, as the manifests build it from the fraud-postgres Secret
-AUDIT_DB_URL = (
-    "postgresql+psycopg2://fraud:$(FRAUD_POSTGRES_PASSWORD)@postgres.$(POD_NAMESPACE).svc.cluster.local:5432/fraud"
+#: the audit database as manifests/inferenceservice.yaml wires the writer: host and TLS from this
+#: ConfigMap, the INSERT-only role and the chain key from Secrets (env name, Secret, key)
+AUDIT_DB_CONFIGMAP = "fraud-audit-db"
+AUDIT_WRITER_SECRETS = (
+    ("FRAUD_AUDIT_DB_USER", "fraud-audit-writer", "username"),
+    ("FRAUD_AUDIT_DB_PASSWORD", "fraud-audit-writer", "password"),
+    ("FRAUD_AUDIT_CHAIN_KEY", "fraud-audit-chain", "key"),
 )
 
 
@@ -93,6 +97,7 @@ def build_inference_service(
         "allowPrivilegeEscalation": False,
         "readOnlyRootFilesystem": True,
         "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
     }
     tmp_env = [_env("HOME", "/tmp"), _env("TMPDIR", "/tmp")]
     predictor_args = ["--model_name", name, "--http_port", "8080", "--bundle", MODEL_DIR]
@@ -104,21 +109,24 @@ def build_inference_service(
         "command": ["fraud", "audit", "writer"],
         "args": ["--spool", AUDIT_SPOOL, "--metrics-port", "9109", "--batch-size", "500"],
         "env": [
-            {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
-            {
-                "name": "FRAUD_POSTGRES_PASSWORD",
-                "valueFrom": {"secretKeyRef": {"name": "fraud-postgres", "key": "password"}},
-            },
-            _env("FRAUD_AUDIT_DB_URL", AUDIT_DB_URL),
+            *(
+                {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
+                for name, secret, key in AUDIT_WRITER_SECRETS
+            ),
             _env("FRAUD_AUDIT_SPOOL", AUDIT_SPOOL),
             *tmp_env,
         ],
+        "envFrom": [{"configMapRef": {"name": AUDIT_DB_CONFIGMAP}}],
         "resources": {
             "requests": {"cpu": "200m", "memory": "192Mi", "ephemeral-storage": "1Gi"},
             "limits": {"cpu": "1", "memory": "512Mi"},
         },
         "securityContext": security,
-        "volumeMounts": [spool_mount, {"name": "audit-writer-tmp", "mountPath": "/tmp"}],
+        "volumeMounts": [
+            spool_mount,
+            {"name": "audit-writer-tmp", "mountPath": "/tmp"},
+            {"name": "postgres-ca", "mountPath": "/etc/fraud/postgres-ca", "readOnly": True},
+        ],
     }
     annotations = {
         "serving.kserve.io/deploymentMode": "Serverless",
@@ -167,7 +175,7 @@ def build_inference_service(
                             "requests": {"cpu": "500m", "memory": "1Gi"},
                             "limits": {"cpu": "1", "memory": "2Gi"},
                         },
-                        "readinessProbe": _probe(f"/v1/models/{name}"),
+                        "readinessProbe": _probe("/ready"),  # the predictor's audit-aware readiness
                         "livenessProbe": _probe("/v2/health/live"),
                         "securityContext": security,
                         "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, spool_mount],
@@ -178,6 +186,10 @@ def build_inference_service(
                     {"name": "tmp", "emptyDir": {"sizeLimit": "256Mi"}},
                     {"name": AUDIT_SPOOL_VOLUME, "emptyDir": {"sizeLimit": "1Gi"}},
                     {"name": "audit-writer-tmp", "emptyDir": {"sizeLimit": "64Mi"}},
+                    {
+                        "name": "postgres-ca",
+                        "secret": {"secretName": "fraud-postgres-ca", "items": [{"key": "ca.crt", "path": "ca.crt"}]},
+                    },
                 ],
             },
             "transformer": {

@@ -5,6 +5,8 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from pathlib import Path
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from fraud.bundle import BundleManifest, write_bundle
 from fraud.config import MODEL_NAME
 from fraud.features.definitions import FEATURE_DESCRIPTIONS, FEATURE_SERVICE, MODEL_FEATURES
@@ -72,8 +74,15 @@ reference sample of {0 if trained.reference_features is None else len(trained.re
 """
 
 
-def build_bundle(bundle_dir: Path, trained: TrainedModel, evaluation: Evaluation, version: str = "candidate") -> Path:
-    """Write the complete bundle; `version` is replaced by the registry version at registration."""
+def build_bundle(
+    bundle_dir: Path,
+    trained: TrainedModel,
+    evaluation: Evaluation,
+    version: str = "candidate",
+    signing_key: Ed25519PrivateKey | None = None,
+) -> Path:
+    """Write the complete bundle (file digests in bundle.json; signed in bundle.sig with
+    `signing_key`); `version` is replaced by the registry version at registration."""
     metrics = {k: float(v) for k, v in evaluation.metrics.items()}
     metrics.update({k: float(v) for k, v in trained.validation_metrics.items()})
     metrics["prediction_cost_us"] = float(trained.prediction_cost_us)
@@ -91,5 +100,10 @@ def build_bundle(bundle_dir: Path, trained: TrainedModel, evaluation: Evaluation
         mlflow_run_id=trained.run_id,
     )
     return write_bundle(
-        bundle_dir, trained.booster, manifest, trained.reference_features, model_card(trained, evaluation, version)
+        bundle_dir,
+        trained.booster,
+        manifest,
+        trained.reference_features,
+        model_card(trained, evaluation, version),
+        signing_key=signing_key,
     )

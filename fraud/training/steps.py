@@ -376,6 +376,7 @@ def register(
     import tempfile
 
     from fraud import registry
+    from fraud.bundle import signing_key_from_env
     from fraud.training.bundle_builder import build_bundle
     from fraud.training.evaluate import Evaluation
     from fraud.training.train import TrainedModel
@@ -384,7 +385,7 @@ def register(
     trained = TrainedModel.load(model_dir)
     trained.run_id = run_id
     evaluation = Evaluation.from_dict(json.loads(Path(evaluation_path).read_text()))
-    build_bundle(Path(bundle_dir), trained, evaluation)
+    build_bundle(Path(bundle_dir), trained, evaluation, signing_key=signing_key_from_env())
     version = registry.register_bundle(Path(bundle_dir), run_id, uri=uri, tags={"gate": "passed"})
     registry.record_decision(version, "gate", gate_reason, uri=uri)
     # the stored bundle carries the registry version: the artifact gets the same manifest
