@@ -46,6 +46,7 @@ from fraud.bundle import BundleError, read_threshold_overrides
 from fraud.features.definitions import MODEL_FEATURES, model_feature_matrix
 from fraud.schema import TransactionRequest
 from predictor import metrics
+from predictor.auth import SCOPE_DEBUG, SCOPE_SCORE, Authorizer
 from predictor.codec import (
     PROTOCOL_V1,
     ParsedRequest,
@@ -58,6 +59,7 @@ from predictor.codec import (
     parse_v2,
     request_protocol,
 )
+from predictor.edge import REQUEST_SCOPES
 from predictor.features import (
     FeastFeatureSource,
     FeatureLookup,
@@ -296,9 +298,17 @@ class MicroBatcher:
 
 
 class FraudModel(Model):
-    def __init__(self, name: str, settings: PredictorSettings, feature_source: OnlineFeatureSource | None = None):
+    def __init__(
+        self,
+        name: str,
+        settings: PredictorSettings,
+        feature_source: OnlineFeatureSource | None = None,
+        authorizer: Authorizer | None = None,
+    ):
         super().__init__(name)
         self.settings = settings
+        #: who may score and who sees feature vectors (gRPC here; REST in predictor.edge.RequestGate)
+        self.authorizer = authorizer or Authorizer()
         self.feature_source = feature_source
         self.scorer: BundleScorer | None = None
         self.audit_spool: AuditSpool | None = None
@@ -423,6 +433,8 @@ class FraudModel(Model):
         self, body: Any, headers: dict[str, str] | None = None, verb: InferenceVerb = InferenceVerb.PREDICT
     ):
         """KServe's request path (V1/V2 REST through FastAPI, V2 gRPC)."""
+        if REQUEST_SCOPES.get() is None:  # gRPC (REST requests were admitted by predictor.edge)
+            REQUEST_SCOPES.set(self.authorizer.authorize(headers or {}, SCOPE_SCORE))
         _REQUEST_ARRIVAL.set((datetime.now(UTC), time.perf_counter()))
         with self.observe_request(request_protocol(body)):
             return await super().__call__(body, headers, verb)
@@ -486,9 +498,10 @@ class FraudModel(Model):
         return result
 
     async def postprocess(self, result: ScoredBatch, headers: dict[str, str] | None = None, response_headers=None):
+        include_features = SCOPE_DEBUG in (REQUEST_SCOPES.get() or ())
         if result.request.protocol == PROTOCOL_V1:
-            return encode_v1(result)
-        return encode_v2(result, self.name)
+            return encode_v1(result, include_features)
+        return encode_v2(result, self.name, include_features)
 
     # --- scoring -----------------------------------------------------------------------------
     def lookup_features(self, customer_ids: list[str], terminal_ids: list[str]) -> FeatureLookup:
@@ -509,7 +522,7 @@ class FraudModel(Model):
                     exc,
                 )
                 raise OnlineStoreUnavailable(
-                    f"online feature store unavailable and the predictor is fail-closed: {exc}"
+                    "online feature store unavailable and the predictor is fail-closed"
                 ) from None
             metrics.DEGRADED.labels("fail_open").inc()
             # one warning per failed attempt, not one per request while the store is marked down
@@ -607,6 +620,8 @@ class FraudModel(Model):
             self._refuse_audit(f"the audit spool is full ({spool.max_records} decisions waiting for the writer)")
 
     def _refuse_audit(self, detail: str) -> None:
+        """Log `detail`; the answer (503) says only whether the spool is full or unwritable."""
         metrics.ERRORS.labels("audit_unavailable").inc()
         logger.error("refusing to answer: %s", detail)
-        raise AuditUnavailable(f"decisions not answered because they cannot be audited: {detail}")
+        public = "the audit spool is full" if "spool is full" in detail else "the audit spool cannot be written"
+        raise AuditUnavailable(f"decisions not answered because they cannot be audited: {public}")

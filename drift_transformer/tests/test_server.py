@@ -27,6 +27,16 @@ from conftest import AMOUNT, FEATURE_NAMES, free_port, sample_vectors
 from prometheus_client.parser import text_string_to_metric_families
 
 MODEL = "fraud-detector"
+#: Bearer tokens of the test transformers (`--token_file`): scoring with the feature vectors, scoring only
+DEBUG_TOKEN = "debug-token-0123456789abcdef"
+SCORE_TOKEN = "score-token-0123456789abcdef"
+TOKEN_LINES = f"{DEBUG_TOKEN} score,debug\n{SCORE_TOKEN} score\n"
+DEBUG_HEADERS = {"authorization": f"Bearer {DEBUG_TOKEN}"}
+
+
+def post(url: str, **kwargs) -> httpx.Response:
+    """httpx.post with the debug token unless the call sets its own Authorization."""
+    return httpx.post(url, headers={**DEBUG_HEADERS, **kwargs.pop("headers", {})}, **kwargs)
 PROJECT_DIR = Path(__file__).resolve().parent.parent
 STARTUP_TIMEOUT_S = 90
 
@@ -197,6 +207,8 @@ class Transformer:
 def spawn_transformer(bundle: Path, predictor_port: int, log: Path, *extra: str) -> Transformer:
     """Start the transformer process without waiting for it (its output unbuffered into `log`)."""
     http_port, grpc_port = free_port(), free_port()
+    token_file = log.parent / "tokens"
+    token_file.write_text(TOKEN_LINES)
     command = [
         sys.executable, "-m", "drift_transformer",
         "--model_name", MODEL,
@@ -206,6 +218,7 @@ def spawn_transformer(bundle: Path, predictor_port: int, log: Path, *extra: str)
         "--grpc_port", str(grpc_port),
         "--bundle", str(bundle),
         "--predictor_request_timeout_seconds", "10",
+        "--token_file", str(token_file),
         *extra,
     ]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # the log file shows every line as it is written
@@ -304,7 +317,7 @@ def v2_body(txs: list[dict]) -> dict:
 # --- tests ------------------------------------------------------------------------------------------
 def test_v1_request_is_forwarded_and_answer_returned_unchanged(transformer, predictor):
     txs = transactions(3, start=1)
-    response = httpx.post(f"{transformer.url}/v1/models/{MODEL}:predict", json={"instances": txs}, timeout=10)
+    response = post(f"{transformer.url}/v1/models/{MODEL}:predict", json={"instances": txs}, timeout=10)
     assert response.status_code == 200, response.text
     predictions = response.json()["predictions"]
     assert [p["transaction_id"] for p in predictions] == [t["transaction_id"] for t in txs]
@@ -316,7 +329,7 @@ def test_v1_request_is_forwarded_and_answer_returned_unchanged(transformer, pred
 
 def test_v2_rest_request_is_forwarded_to_the_v2_endpoint(transformer, predictor):
     txs = transactions(4, start=100)
-    response = httpx.post(f"{transformer.url}/v2/models/{MODEL}/infer", json=v2_body(txs), timeout=10)
+    response = post(f"{transformer.url}/v2/models/{MODEL}/infer", json=v2_body(txs), timeout=10)
     assert response.status_code == 200, response.text
     outputs = {o["name"]: o for o in response.json()["outputs"]}
     assert outputs["transaction_id"]["data"] == [t["transaction_id"] for t in txs]
@@ -345,7 +358,8 @@ def test_v2_grpc_request_from_a_client_is_forwarded(transformer, predictor):
             tensor.set_data_from_numpy(array)
             inputs.append(tensor)
         try:
-            return await client.infer(InferRequest(model_name=MODEL, infer_inputs=inputs, request_id="g1"))
+            request = InferRequest(model_name=MODEL, infer_inputs=inputs, request_id="g1")
+            return await client.infer(request, headers=tuple(DEBUG_HEADERS.items()))
         finally:
             await client.close()
 
@@ -362,13 +376,13 @@ def test_v1_body_without_json_content_type_is_accepted_and_garbage_is_a_400(tran
     url = f"{transformer.url}/v1/models/{MODEL}:predict"
     txs = transactions(1, start=400)
     form = {"content-type": "application/x-www-form-urlencoded"}  # what `curl -d` sends
-    response = httpx.post(url, content=json.dumps({"instances": txs}), headers=form, timeout=10)
+    response = post(url, content=json.dumps({"instances": txs}), headers=form, timeout=10)
     assert response.status_code == 200, response.text
     assert response.json()["predictions"][0]["transaction_id"] == txs[0]["transaction_id"]
-    response = httpx.post(url, content=b"instances=1", headers=form, timeout=10)
+    response = post(url, content=b"instances=1", headers=form, timeout=10)
     assert response.status_code == 400
     assert "not valid JSON" in response.json()["error"]
-    response = httpx.post(url, json=[1, 2], timeout=10)
+    response = post(url, json=[1, 2], timeout=10)
     assert response.status_code == 400
     assert "must be a JSON object" in response.json()["error"]
 
@@ -376,11 +390,11 @@ def test_v1_body_without_json_content_type_is_accepted_and_garbage_is_a_400(tran
 def test_predictor_400_is_passed_through_with_its_body(transformer):
     bad = transactions(2, start=300)
     bad[1]["tx_amount"] = -5
-    response = httpx.post(f"{transformer.url}/v1/models/{MODEL}:predict", json={"instances": bad}, timeout=10)
+    response = post(f"{transformer.url}/v1/models/{MODEL}:predict", json={"instances": bad}, timeout=10)
     assert response.status_code == 400
     assert response.json() == {"error": "instances[1].tx_amount: must be > 0, got -5"}
     v2 = v2_body(bad)
-    response = httpx.post(f"{transformer.url}/v2/models/{MODEL}/infer", json=v2, timeout=10)
+    response = post(f"{transformer.url}/v2/models/{MODEL}/infer", json=v2, timeout=10)
     assert response.status_code == 400
     assert response.json() == {"error": "input 'tx_amount'[0]: must be > 0"}
     assert transformer.metric("fraud_transformer_requests_total", protocol="v1", status="400") >= 1
@@ -394,10 +408,10 @@ def test_drift_metric_rises_under_shifted_traffic(transformer):
     # complete the window the earlier tests started, so the next windows hold only this test's traffic
     fill = int(transformer.metric("fraud_drift_window_fill") or 0)
     if fill:
-        httpx.post(url, json={"instances": transactions(100 - fill, start=5000, seed=9)}, timeout=10)
+        post(url, json={"instances": transactions(100 - fill, start=5000, seed=9)}, timeout=10)
         before += 1
     for batch in range(5):  # reference-like: one window of 100
-        response = httpx.post(
+        response = post(
             url, json={"instances": transactions(20, start=10_000 + 20 * batch, seed=batch)}, timeout=10
         )
         assert response.status_code == 200
@@ -406,7 +420,7 @@ def test_drift_metric_rises_under_shifted_traffic(transformer):
     assert transformer.metric("fraud_drift_feature_drift", feature="tx_amount_feature") == 0
     for batch in range(5):  # amounts x3: one window of 100
         txs = transactions(20, start=20_000 + 20 * batch, amount_factor=3.0, seed=100 + batch)
-        assert httpx.post(url, json={"instances": txs}, timeout=10).status_code == 200
+        assert post(url, json={"instances": txs}, timeout=10).status_code == 200
     transformer.wait_for_metric("fraud_drift_windows_evaluated_total", before + 2)
     assert transformer.metric("fraud_drift_detected") == 1
     assert transformer.metric("fraud_drift_feature_drift", feature="tx_amount_feature") == 1
@@ -427,8 +441,8 @@ def test_request_path_writes_no_log_lines(transformer):
     before = transformer.log.read_text()
     url = f"{transformer.url}/v1/models/{MODEL}:predict"
     for i in range(5):
-        assert httpx.post(url, json={"instances": transactions(2, start=30_000 + 2 * i)}, timeout=10).status_code == 200
-    v2 = httpx.post(f"{transformer.url}/v2/models/{MODEL}/infer", json=v2_body(transactions(2, start=1)), timeout=10)
+        assert post(url, json={"instances": transactions(2, start=30_000 + 2 * i)}, timeout=10).status_code == 200
+    v2 = post(f"{transformer.url}/v2/models/{MODEL}/infer", json=v2_body(transactions(2, start=1)), timeout=10)
     assert v2.status_code == 200
     new_lines = transformer.log.read_text()[len(before) :]
     assert [line for line in new_lines.splitlines() if any(m in line for m in PER_REQUEST_LOG_MARKERS)] == []
@@ -442,7 +456,7 @@ def test_predictor_down_answers_503_fast(module_dir):
     )  # fmt: skip
     try:
         started = time.monotonic()
-        response = httpx.post(
+        response = post(
             f"{down.url}/v1/models/{MODEL}:predict", json={"instances": transactions(1, start=1)}, timeout=10
         )
         elapsed = time.monotonic() - started
@@ -450,7 +464,7 @@ def test_predictor_down_answers_503_fast(module_dir):
         assert "unreachable" in response.json()["error"]
         assert f"127.0.0.1:{dead_port}" in response.json()["error"]
         assert elapsed < 2.0
-        response = httpx.post(f"{down.url}/v2/models/{MODEL}/infer", json=v2_body(transactions(1, start=1)), timeout=10)
+        response = post(f"{down.url}/v2/models/{MODEL}/infer", json=v2_body(transactions(1, start=1)), timeout=10)
         assert response.status_code == 503
         assert down.metric("fraud_transformer_predictor_errors_total", kind="unavailable") == 2
         assert down.metric("fraud_transformer_requests_total", protocol="v1", status="503") == 1
@@ -512,7 +526,7 @@ def test_ready_only_once_the_online_detector_is_configured(module_dir, predictor
                 observed_not_ready.append(time.monotonic())
                 if len(observed_not_ready) == 1:  # the server is up and live, but does not score yet
                     assert httpx.get(f"{running.url}/v2/health/live", timeout=2).status_code == 200
-                    response = httpx.post(
+                    response = post(
                         f"{running.url}/v1/models/{MODEL}:predict",
                         json={"instances": transactions(1, start=1)},
                         timeout=10,
@@ -526,7 +540,7 @@ def test_ready_only_once_the_online_detector_is_configured(module_dir, predictor
         url = f"{running.url}/v1/models/{MODEL}:predict"
         for i in range(5):  # 500 vectors in batches of 100, well above 50 per second
             txs = transactions(100, start=40_000 + 100 * i, seed=i)
-            assert httpx.post(url, json={"instances": txs}, timeout=10).status_code == 200
+            assert post(url, json={"instances": txs}, timeout=10).status_code == 200
         running.wait_idle()
         elapsed = time.monotonic() - started
         updated = running.metric("fraud_drift_online_vectors_updated_total")
@@ -557,7 +571,7 @@ def test_pass_through_returns_the_predictors_answer_byte_for_byte(transformer, p
         (f"{transformer.url}/v1/models/{MODEL}:predict", {"instances": txs}),
         (f"{transformer.url}/v2/models/{MODEL}/infer", v2_body(txs)),
     ]:
-        response = httpx.post(url, json=body, headers={"x-request-id": "pass-1"}, timeout=10)
+        response = post(url, json=body, headers={"x-request-id": "pass-1"}, timeout=10)
         assert response.status_code == 200, response.text
         assert response.content == predictor.answers[-1]
         assert response.headers["content-type"] == "application/json"
@@ -569,9 +583,9 @@ def test_pass_through_and_kserve_path_give_the_same_answer(transformer, kserve_p
     answers = []
     for running in (transformer, kserve_path_transformer):
         if protocol == "v1":
-            response = httpx.post(f"{running.url}/v1/models/{MODEL}:predict", json={"instances": txs}, timeout=10)
+            response = post(f"{running.url}/v1/models/{MODEL}:predict", json={"instances": txs}, timeout=10)
         else:
-            response = httpx.post(f"{running.url}/v2/models/{MODEL}/infer", json=v2_body(txs), timeout=10)
+            response = post(f"{running.url}/v2/models/{MODEL}/infer", json=v2_body(txs), timeout=10)
         assert response.status_code == 200, response.text
         answers.append(response.json())
     fast, reference = answers
@@ -591,14 +605,14 @@ def test_pass_through_times_out_with_504_and_counts_it(module_dir, predictor):
     try:
         slow = [{**transactions(1, start=1)[0], "transaction_id": "SLOW-1"}]
         started = time.monotonic()
-        response = httpx.post(f"{impatient.url}/v1/models/{MODEL}:predict", json={"instances": slow}, timeout=10)
+        response = post(f"{impatient.url}/v1/models/{MODEL}:predict", json={"instances": slow}, timeout=10)
         assert response.status_code == 504, response.text
         assert "did not answer within 1s" in response.json()["error"]
         assert time.monotonic() - started < 2.5
         assert impatient.metric("fraud_transformer_predictor_errors_total", kind="timeout") == 1
         assert impatient.metric("fraud_transformer_requests_total", protocol="v1", status="504") == 1
         # the next request is answered normally (the timed-out connection is not reused)
-        response = httpx.post(
+        response = post(
             f"{impatient.url}/v1/models/{MODEL}:predict", json={"instances": transactions(1, start=2)}, timeout=10
         )
         assert response.status_code == 200, response.text
