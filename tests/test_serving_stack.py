@@ -13,8 +13,8 @@ import json
 import os
 import shutil
 import signal
-import sqlite3
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
