@@ -28,11 +28,13 @@ from predictor.auth import Authorizer, TokenFileError
 from predictor.edge import DEFAULT_MAX_BODY_BYTES, RequestGate
 from predictor.fast_rest import FastScoringRoutes
 from predictor.features import OnlineFeatureSource
+from predictor.idempotency import DEFAULT_KEY_PREFIX, DEFAULT_TTL_S
 from predictor.model import (
     AUDIT_SPOOL_SYNC_ENV,
     DEFAULT_AUDIT_SPOOL_MAX_RECORDS,
     DEFAULT_AUDIT_SPOOL_SYNC,
     DEFAULT_MAX_BATCH_SIZE,
+    IDEMPOTENCY_MODES,
     MODEL_VARIANTS,
     FraudModel,
     ModelLoadError,
@@ -166,6 +168,26 @@ def build_parser() -> argparse.ArgumentParser:
         "prediction) or all (default FRAUD_REASON_CODES, else flagged)",
     )
     parser.add_argument(
+        "--idempotency",
+        choices=list(IDEMPOTENCY_MODES),
+        default="auto",
+        help="one answer per transaction id: a replay gets the recorded answer, other content 409. auto: Redis "
+        "(shared by replicas) with --online-store redis, else in-process",
+    )
+    parser.add_argument(
+        "--idempotency-ttl",
+        dest="idempotency_ttl",
+        type=float,
+        default=DEFAULT_TTL_S,
+        help="seconds a transaction id stays in the idempotency ledger",
+    )
+    parser.add_argument(
+        "--idempotency-prefix",
+        dest="idempotency_prefix",
+        default=DEFAULT_KEY_PREFIX,
+        help="Redis key prefix of the idempotency ledger",
+    )
+    parser.add_argument(
         "--rest-fast-path",
         dest="rest_fast_path",
         type=_boolean,
@@ -235,6 +257,9 @@ def settings_from_args(args: argparse.Namespace) -> PredictorSettings:
         audit_spool_max_records=args.audit_spool_max_records,
         thresholds_dir=args.thresholds_dir,
         reason_codes=args.reason_codes,
+        idempotency=args.idempotency,
+        idempotency_ttl_s=args.idempotency_ttl,
+        idempotency_prefix=args.idempotency_prefix,
     )
 
 

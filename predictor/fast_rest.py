@@ -39,6 +39,7 @@ from predictor.codec import (
     v2_rest_response,
 )
 from predictor.edge import INTERNAL_ERROR, REQUEST_SCOPES
+from predictor.idempotency import TransactionConflict
 
 if TYPE_CHECKING:
     from predictor.model import FraudModel
@@ -99,6 +100,9 @@ class FastScoringRoutes:
             scored = await model.infer_parsed(protocol, parse)
         except InvalidInput as exc:
             await _send_json(send, 400, {"error": str(exc)})
+            return True
+        except TransactionConflict as exc:
+            await _send_json(send, 409, {"error": exc.message})
             return True
         except ServerNotReady as exc:
             await _send_json(send, 503, {"error": str(exc)})

@@ -66,6 +66,18 @@ from predictor.features import (
     FeatureSourceUnavailable,
     OnlineFeatureSource,
 )
+from predictor.idempotency import (
+    DEFAULT_KEY_PREFIX,
+    DEFAULT_TTL_S,
+    LedgerUnavailable,
+    MemoryLedger,
+    RedisLedger,
+    TransactionConflict,
+    check_request,
+    merged_batch,
+    recorded_rows,
+    replayed_batch,
+)
 from predictor.scoring import (
     KSERVE_MODEL_DIR,
     REASON_CODE_POLICIES,
@@ -82,6 +94,7 @@ logger = logging.getLogger("kserve.fraud_predictor")
 
 DEFAULT_MAX_BATCH_SIZE = 512
 MODEL_VARIANTS = ("stable", "canary")
+IDEMPOTENCY_MODES = ("auto", "redis", "memory", "off")
 #: The predictor's spool fsync policy unless FRAUD_AUDIT_SPOOL_SYNC says otherwise: NORMAL survives a
 #: crash of the predictor process without one fsync per request (docs/audit.md, "Guarantees").
 DEFAULT_AUDIT_SPOOL_SYNC = "NORMAL"
@@ -148,6 +161,11 @@ class PredictorSettings:
     thresholds_dir: str | None = None
     #: which transactions get SHAP reason codes: "flagged" (review/decline) or "all"
     reason_codes: str = REASON_CODES_FLAGGED
+    #: one answer per transaction id (predictor.idempotency): "auto" (Redis with the Redis online
+    #: store, else in-process), "redis", "memory" or "off" (`python -m predictor` defaults to auto)
+    idempotency: str = "off"
+    idempotency_ttl_s: float = DEFAULT_TTL_S
+    idempotency_prefix: str = DEFAULT_KEY_PREFIX
 
     @property
     def audit_enabled(self) -> bool:
@@ -166,6 +184,10 @@ class PredictorSettings:
             raise ValueError(f"audit_spool_sync must be NORMAL or FULL, got {self.audit_spool_sync!r}")
         if self.audit_db_url and not self.audit_spool:
             raise ValueError("audit_db_url needs an audit spool (--audit-spool / FRAUD_AUDIT_SPOOL)")
+        if self.idempotency not in IDEMPOTENCY_MODES:
+            raise ValueError(f"idempotency must be one of {IDEMPOTENCY_MODES}, got {self.idempotency!r}")
+        if self.idempotency_ttl_s <= 0:
+            raise ValueError(f"idempotency_ttl_s must be > 0, got {self.idempotency_ttl_s}")
         if self.reason_codes not in REASON_CODE_POLICIES:
             raise ValueError(f"reason_codes must be one of {REASON_CODE_POLICIES}, got {self.reason_codes!r}")
         if self.max_batch_size < 1:
@@ -309,6 +331,8 @@ class FraudModel(Model):
         self.settings = settings
         #: who may score and who sees feature vectors (gRPC here; REST in predictor.edge.RequestGate)
         self.authorizer = authorizer or Authorizer()
+        #: one answer per transaction id (None: off)
+        self.ledger: MemoryLedger | RedisLedger | None = None
         self.feature_source = feature_source
         self.scorer: BundleScorer | None = None
         self.audit_spool: AuditSpool | None = None
@@ -347,6 +371,7 @@ class FraudModel(Model):
             except Exception as exc:  # a broken repo/config is fatal at start, unlike an outage later
                 raise ModelLoadError(f"cannot open the Feast feature store: {type(exc).__name__}: {exc}") from exc
         self.warm_up()
+        self.open_ledger()
         self.open_audit_trail()
         self.ready = True
         logger.info(
@@ -361,6 +386,24 @@ class FraudModel(Model):
             self.audit_description(),
         )
         return self.ready
+
+    def open_ledger(self) -> None:
+        """The idempotency ledger the settings ask for (predictor.idempotency)."""
+        mode = self.settings.idempotency
+        if mode == "auto":
+            mode = "redis" if self.settings.online_store == "redis" else "memory"
+        if mode == "memory":
+            self.ledger = MemoryLedger(self.settings.idempotency_ttl_s)
+        elif mode == "redis":
+            from fraud.feature_store import redis_connection_string
+
+            self.ledger = RedisLedger.from_connection_string(
+                redis_connection_string(),
+                self.settings.idempotency_ttl_s,
+                self.settings.idempotency_prefix,
+                self.settings.store_timeout_s,
+            )
+        logger.info("idempotency ledger: %s", self.ledger.describe() if self.ledger else "off")
 
     def open_audit_trail(self) -> None:
         """Open the audit spool and, with an audit database URL, start the writer thread draining it."""
@@ -459,6 +502,10 @@ class FraudModel(Model):
             outcome = "invalid_input"
             metrics.ERRORS.labels("invalid_input").inc()
             raise
+        except TransactionConflict:
+            outcome = "conflict"
+            metrics.ERRORS.labels("conflict").inc()
+            raise
         except ServerNotReady:
             outcome = "unavailable"
             raise
@@ -484,6 +531,49 @@ class FraudModel(Model):
     async def predict(
         self, payload: ParsedRequest, headers: dict[str, str] | None = None, response_headers: dict | None = None
     ) -> ScoredBatch:
+        """Score `payload`; with a ledger, transactions answered before get their recorded answer and
+        one with different content makes the request a 409 (predictor.idempotency)."""
+        ledger = self.ledger
+        if ledger is None:
+            return await self.score_parsed(payload)
+        ids = [tx.transaction_id for tx in payload.transactions]
+        loop = asyncio.get_running_loop()
+        try:
+            recorded = await loop.run_in_executor(None, ledger.recall, ids) if ledger.blocking else ledger.recall(ids)
+        except LedgerUnavailable as exc:
+            self._ledger_down(exc)
+            return await self.score_parsed(payload)
+        hashes = check_request(payload.transactions, recorded)  # TransactionConflict: 409
+        new = [i for i, row in enumerate(recorded) if row is None]
+        if not new:
+            metrics.REPLAYED.inc(len(ids))
+            return replayed_batch(payload, recorded)  # type: ignore[arg-type]
+        fresh = (
+            payload if len(new) == len(ids) else replace(payload, transactions=[payload.transactions[i] for i in new])
+        )
+        scored = await self.score_parsed(fresh)
+        rows = recorded_rows(scored, [hashes[i] for i in new])
+        new_ids = [ids[i] for i in new]
+        try:
+            if ledger.blocking:
+                await loop.run_in_executor(None, ledger.record, new_ids, rows)
+            else:
+                ledger.record(new_ids, rows)
+        except LedgerUnavailable as exc:
+            self._ledger_down(exc)
+        if len(new) == len(ids):
+            return scored
+        metrics.REPLAYED.inc(len(ids) - len(new))
+        return merged_batch(payload, recorded, scored)
+
+    def _ledger_down(self, exc: LedgerUnavailable) -> None:
+        metrics.ERRORS.labels("idempotency_unavailable").inc()
+        if self.settings.fail_closed:
+            logger.error("idempotency ledger unavailable, refusing to score (fail-closed): %s", exc)
+            raise OnlineStoreUnavailable("the idempotency ledger is unavailable and the predictor is fail-closed")
+        logger.warning("idempotency ledger unavailable, scoring without the replay check: %s", exc)
+
+    async def score_parsed(self, payload: ParsedRequest) -> ScoredBatch:
         # Feature lookup and scoring block (network I/O, XGBoost): off the event loop, in one
         # scoring thread that coalesces concurrent requests (MicroBatcher).
         if self.settings.micro_batch_rows <= 1:

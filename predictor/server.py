@@ -10,8 +10,8 @@ the same two servers (one REST process; the predictor never runs several workers
   hold more than one REST body;
 * gRPC model-repository load/unload refused (PERMISSION_DENIED), as `predictor.edge` refuses them
   over REST;
-* HTTP 500 answers with a generic body (the exception goes to the log) and `AuthError` answered
-  401/403 on the KServe REST path.
+* HTTP 500 answers with a generic body (the exception goes to the log); `AuthError` answered
+  401/403 and `TransactionConflict` 409 on the KServe REST path.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from kserve.protocol.rest.server import RESTServer
 
 from predictor.auth import AuthError
 from predictor.edge import INTERNAL_ERROR
+from predictor.idempotency import TransactionConflict
 
 LOOPBACK = "127.0.0.1"
 _REPOSITORY_METHODS = (
@@ -46,6 +47,11 @@ _REPOSITORY_METHODS = (
 async def generic_error_handler(_: fastapi.Request, exc: Exception) -> JSONResponse:
     logger.error("Exception:", exc_info=exc)
     return JSONResponse(status_code=500, content={"error": INTERNAL_ERROR})
+
+
+async def conflict_handler(_: fastapi.Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, TransactionConflict)
+    return JSONResponse(status_code=409, content={"error": exc.message})
 
 
 async def auth_error_handler(_: fastapi.Request, exc: Exception) -> JSONResponse:
@@ -63,6 +69,7 @@ class EdgeRESTServer(RESTServer):
         super()._add_exception_handlers(app)
         app.add_exception_handler(Exception, generic_error_handler)
         app.add_exception_handler(AuthError, auth_error_handler)
+        app.add_exception_handler(TransactionConflict, conflict_handler)
 
 
 class RepositoryChangesRefused(aio.ServerInterceptor):

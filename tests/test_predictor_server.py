@@ -132,15 +132,23 @@ class PredictorProcess:
 
 
 def start_predictor(
-    tmp_dir: Path, bundle: Path | str, data_root: Path | None, *extra: str, env: dict | None = None, auth: bool = True
+    tmp_dir: Path,
+    bundle: Path | str,
+    data_root: Path | None,
+    *extra: str,
+    env: dict | None = None,
+    auth: bool = True,
+    idempotency: str = "off",
 ) -> PredictorProcess:
-    """`python -m predictor` on free ports; with `auth` it takes the TOKEN_LINES tokens (`--token-file`)."""
+    """`python -m predictor` on free ports; with `auth` it takes the TOKEN_LINES tokens (`--token-file`).
+    Idempotency is off unless asked for: these tests reuse transaction ids for different content."""
     http_port, grpc_port = free_port(), free_port()
     log_path = tmp_dir / f"predictor-{http_port}.log"
     if auth:
         token_file = tmp_dir / "tokens"
         token_file.write_text(TOKEN_LINES)
         extra = ("--token-file", str(token_file), *extra)
+    extra = ("--idempotency", idempotency, *extra)
     process_env = {k: v for k, v in os.environ.items() if not k.startswith("FRAUD_")}
     if data_root is not None:
         process_env["FRAUD_DATA_DIR"] = str(data_root)
