@@ -15,6 +15,8 @@ import grpc
 import httpx
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from kserve import InferenceGRPCClient
 from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferInput, InferRequest
@@ -441,3 +443,107 @@ def test_repository_changes_are_refused(open_server):
     assert ready.status_code == 200
     answer = post_json(open_server, f"/v1/models/{MODEL_NAME}:predict", {"instances": [tx(9)]})
     assert np.isfinite(answer.json()["predictions"][0]["fraud_probability"])  # the model is still served
+
+
+def test_replayed_transaction_gets_its_decision_and_different_content_a_409(open_server):
+    path = f"/v1/models/{MODEL_NAME}:predict"
+    first = post_json(open_server, path, {"instances": [tx(60, amount=1.0)]})
+    assert first.status_code == 200, first.text
+    assert post_json(open_server, path, {"instances": [tx(60, amount=1.0)]}).json() == first.json()
+    conflict = post_json(open_server, path, {"instances": [tx(60, amount=99_999.0)]})
+    assert conflict.status_code == 409 and "'RQ0060' was already scored with different content" in conflict.text
+    kserve_path = httpx.post(f"{open_server.url}{path}", content=json.dumps({"instances": [tx(60, amount=5.0)]}))
+    assert kserve_path.status_code == 409
+    assert post_json(open_server, path, {"instances": [tx(60, amount=1.0)]}).json() == first.json()
+
+    async def call():
+        client = InferenceGRPCClient(open_server.grpc_target, timeout=60, retries=0)
+        try:
+            return await client.infer(grpc_request([tx(60, amount=2.0)]))
+        finally:
+            await client.close()
+
+    with pytest.raises(grpc.RpcError) as error:
+        asyncio.run(call())
+    assert error.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+
+# --- property-based fuzzing of V1 and V2 (hypothesis) --------------------------------------------------
+JSON_SCALARS = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=80)
+    | st.sampled_from(["4111111111111111", "TX\u00001", "\u00e9", "2026-01-21T10:00:00Z", "NaN", "-1", "x" * 300])
+)
+JSON_VALUES = st.recursive(
+    JSON_SCALARS,
+    lambda inner: st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=12), inner, max_size=6),
+    max_leaves=30,
+)
+FIELD_NAMES = st.sampled_from(["transaction_id", "customer_id", "terminal_id", "tx_amount", "tx_datetime"]) | st.text(
+    max_size=20
+)
+TRANSACTION = st.dictionaries(FIELD_NAMES, JSON_VALUES, max_size=7)
+V1_BODIES = st.one_of(
+    st.fixed_dictionaries({"instances": st.lists(TRANSACTION, max_size=20)}),
+    st.fixed_dictionaries({"instances": JSON_VALUES}),
+    st.dictionaries(st.text(max_size=12), JSON_VALUES, max_size=4),
+    JSON_VALUES,
+)
+TENSOR = st.fixed_dictionaries(
+    {
+        "name": FIELD_NAMES,
+        "datatype": st.sampled_from(["BYTES", "FP64", "FP32", "INT64", "BOOL"]) | st.text(max_size=8),
+        "shape": st.lists(st.integers(min_value=-3, max_value=2**40), max_size=4),
+        "data": st.lists(JSON_VALUES, max_size=20),
+    },
+    optional={"parameters": JSON_VALUES},
+)
+V2_BODIES = st.one_of(
+    st.fixed_dictionaries({"inputs": st.lists(TENSOR, max_size=8)}, optional={"id": JSON_SCALARS}),
+    st.dictionaries(st.sampled_from(["inputs", "id", "outputs", "parameters"]), JSON_VALUES, max_size=4),
+)
+RAW_BODIES = st.binary(max_size=2000)
+
+
+def resident_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def fuzz_once(server, route: str, body: bytes, json_type: bool) -> None:
+    headers = {"content-type": "application/json"} if json_type else {}
+    response = httpx.post(f"{server.url}{route}", content=body, headers=headers, timeout=30)  # a hang fails here
+    assert response.status_code < 500, (response.status_code, response.text[:300], body[:300])
+    assert len(response.content) < 20_000  # no amplification
+
+
+def fuzz_server(server, examples: int, derandomize: bool) -> None:
+    routes = {"v1": f"/v1/models/{MODEL_NAME}:predict", "v2": f"/v2/models/{MODEL_NAME}/infer"}
+    before = resident_kib(server.process.pid)
+
+    @settings(max_examples=examples, deadline=None, derandomize=derandomize, database=None)
+    @given(
+        protocol=st.sampled_from(["v1", "v2"]),
+        body=st.one_of(V1_BODIES.map(json.dumps), V2_BODIES.map(json.dumps), RAW_BODIES),
+        json_type=st.booleans(),
+    )
+    def check(protocol, body, json_type):
+        fuzz_once(server, routes[protocol], body if isinstance(body, bytes) else body.encode(), json_type)
+
+    check()
+    assert server.process.poll() is None
+    assert resident_kib(server.process.pid) - before < 200 * 1024  # bounded memory
+
+
+def test_fuzzed_v1_and_v2_bodies_never_get_a_5xx(open_server):
+    fuzz_server(open_server, examples=40, derandomize=True)
+
+
+@pytest.mark.slow
+def test_fuzzed_v1_and_v2_bodies_never_get_a_5xx_long_run(open_server):
+    fuzz_server(open_server, examples=1500, derandomize=False)

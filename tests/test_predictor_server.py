@@ -758,6 +758,8 @@ def kserve_path_server(tmp_path_factory, data_root, bundle):
         "16",
         "--rest-fast-path",
         "false",
+        "--store-timeout",
+        "10",
     )
     try:
         predictor.wait_ready()
