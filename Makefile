@@ -24,10 +24,11 @@ demo: setup  ## simulate -> feature store -> training pipeline -> serving -> sam
 
 test: setup services  ## the default test suite (core + drift environments)
 	$(CORE)/pytest -m "not slow"
-	cd drift_transformer && .venv/bin/pytest
+	cd drift_transformer && .venv/bin/pytest -m "not slow"
 
 test-slow: setup services  ## only the suites marked slow (full pipeline variants, Ctrl-C of the stack, local canary)
 	$(CORE)/pytest -m slow
+	cd drift_transformer && .venv/bin/pytest -m slow
 
 test-all: test test-slow  ## everything
 
