@@ -547,3 +547,49 @@ def test_fuzzed_v1_and_v2_bodies_never_get_a_5xx(open_server):
 @pytest.mark.slow
 def test_fuzzed_v1_and_v2_bodies_never_get_a_5xx_long_run(open_server):
     fuzz_server(open_server, examples=1500, derandomize=False)
+
+
+TRANSFORMER_TOKENS = r"""
+import json, sys
+from drift_transformer.auth import TokenFileError, read_token_file
+out = []
+for path in sys.argv[1:]:
+    try:
+        out.append(sorted([d.hex(), sorted(s)] for d, s in read_token_file(path).items()))
+    except TokenFileError as exc:
+        out.append(str(exc))
+print(json.dumps(out))
+"""
+
+
+def test_transformer_copy_of_the_token_file_reader_agrees_with_the_predictor(tmp_path):
+    if not DRIFT_PYTHON.exists():
+        pytest.skip(f"{DRIFT_PYTHON} missing: run `make setup`")
+    texts = [
+        f"{TOKEN_A} score,debug\n{TOKEN_B} explain # x\n",
+        f"{TOKEN_A} score extra\n",
+        f"{TOKEN_A} admin\n",
+        "short score\n",
+        f"{TOKEN_A} score\n{TOKEN_A} debug\n",
+        "\n# empty\n",
+    ]
+    paths = []
+    for i, text in enumerate(texts):
+        paths.append(tmp_path / f"tokens-{i}")
+        paths[-1].write_text(text)
+    completed = subprocess.run(
+        [str(DRIFT_PYTHON), "-c", TRANSFORMER_TOKENS, *map(str, paths)],
+        cwd=DRIFT_TRANSFORMER_DIR,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    ours = []
+    for path in paths:
+        try:
+            ours.append(sorted([d.hex(), sorted(s)] for d, s in read_token_file(path).items()))
+        except TokenFileError as exc:
+            ours.append(str(exc))
+    assert json.loads(completed.stdout.strip().splitlines()[-1]) == ours

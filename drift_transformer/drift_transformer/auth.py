@@ -1,7 +1,7 @@
 """Who may call the transformer, and what they may see: bearer tokens with scopes.
 
 A copy of the predictor's `predictor/auth.py` (this environment does not import the core packages;
-`tests/test_edge.py` checks both read token files alike).
+the core's `tests/test_predictor_edge.py` checks both read token files alike).
 
 Scopes:
 

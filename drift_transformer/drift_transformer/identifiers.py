@@ -1,8 +1,8 @@
 """Identifier checks the transformer applies before forwarding anything to the predictor.
 
 A copy of the rule in the core's `fraud/schema.py` (`identifier_problem`): this environment does not
-import the core package. `tests/test_identifiers.py` runs both implementations over one table of
-cases (`tests/identifier_cases.json`) so they cannot drift apart.
+import the core package. The core's `tests/test_predictor_edge.py` runs both implementations over one
+table of cases (`drift_transformer/tests/identifier_cases.json`) so they cannot drift apart.
 
 An identifier (transaction_id, customer_id, terminal_id) holds 1..64 characters from
 A-Z a-z 0-9 - _ . : @ / + = and is not shaped like a card number: 13-19 digits (spaces or dashes

@@ -42,7 +42,7 @@ def post(url: str, **kwargs) -> httpx.Response:
 
 
 PROJECT_DIR = Path(__file__).resolve().parent.parent
-STARTUP_TIMEOUT_S = 90
+STARTUP_TIMEOUT_S = 300  # a loaded CI machine imports KServe and Alibi Detect slowly
 
 
 # --- the stand-in predictor ---------------------------------------------------------------------
