@@ -308,6 +308,7 @@ def open_server(tmp_path_factory, data_root, bundle):  # noqa: F811 - the import
         "--max-body-bytes",
         str(CAP),
         auth=False,
+        idempotency="auto",  # the SQLite profile: the in-process ledger
     )
     try:
         predictor.wait_ready()
@@ -333,9 +334,10 @@ def listening_addresses(port: int) -> set[str]:
 
 
 def test_predictor_listens_on_loopback_only(open_server):
-    loopback_v4 = "0100007F"  # 127.0.0.1, little-endian hex
-    assert listening_addresses(open_server.http_port) == {loopback_v4}
-    assert listening_addresses(open_server.grpc_port) == {loopback_v4}
+    # 127.0.0.1 in /proc/net/tcp, and as the v4-mapped ::ffff:127.0.0.1 of gRPC's dual-stack socket
+    loopback = {"0100007F", "0000000000000000FFFF00000100007F"}
+    for port in (open_server.http_port, open_server.grpc_port):
+        assert listening_addresses(port) and listening_addresses(port) <= loopback
 
 
 def post_json(server, path: str, body, **headers) -> httpx.Response:
