@@ -42,7 +42,7 @@ from fraud.schema import TransactionRequest
 from predictor.codec import ParsedRequest, ReasonCode, ScoredBatch
 
 DEFAULT_TTL_S = 3600.0
-DEFAULT_MEMORY_ENTRIES = 200_000
+DEFAULT_MEMORY_ENTRIES = 50_000  # ~1 kB each: ~50 MB at most
 DEFAULT_KEY_PREFIX = "fraud:scored:"
 
 
