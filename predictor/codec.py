@@ -201,9 +201,9 @@ def kserve_tensor(tensor: InferInput) -> Tensor:
         try:
             array = tensor.as_numpy()
         except (ValueError, TypeError) as exc:
+            # shape (at most 2 dimensions) and datatype were checked before: short, like numpy's reason
             raise InvalidInput(
-                f"input '{tensor.name}': data does not match shape {echo(shape)} and datatype "
-                f"{echo(tensor.datatype)}: {echo(str(exc))}"
+                f"input '{tensor.name}': data does not match shape {shape} and datatype {tensor.datatype}: {exc}"
             ) from None
         flat = array.reshape(-1).tolist()
         return _decode_bytes(tensor.name, flat) if tensor.datatype == "BYTES" else flat
