@@ -34,6 +34,8 @@ from fraud.schema import (
 )
 
 PROTOCOL_V1 = "v1"
+#: Longest library error text quoted in a 400 answer
+MAX_REASON_CHARS = 160
 PROTOCOL_V2 = "v2"
 PROTOCOL_GRPC_V2 = "grpc-v2"
 
@@ -201,9 +203,11 @@ def kserve_tensor(tensor: InferInput) -> Tensor:
         try:
             array = tensor.as_numpy()
         except (ValueError, TypeError) as exc:
-            # shape (at most 2 dimensions) and datatype were checked before: short, like numpy's reason
+            # shape (at most 2 dimensions) and datatype were checked before; numpy's reason may quote an
+            # element (`could not convert string to float: '...'`): cut it
+            reason = str(exc) if len(str(exc)) <= MAX_REASON_CHARS else f"{str(exc)[:MAX_REASON_CHARS]}..."
             raise InvalidInput(
-                f"input '{tensor.name}': data does not match shape {shape} and datatype {tensor.datatype}: {exc}"
+                f"input '{tensor.name}': data does not match shape {shape} and datatype {tensor.datatype}: {reason}"
             ) from None
         flat = array.reshape(-1).tolist()
         return _decode_bytes(tensor.name, flat) if tensor.datatype == "BYTES" else flat
