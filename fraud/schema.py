@@ -83,10 +83,10 @@ def identifier_problem(value: Any, max_length: int = MAX_ID_LENGTH) -> str | Non
         return "must not be empty"
     if len(value) > max_length:
         return f"must be at most {max_length} characters, got {len(value)}"
+    if looks_like_card_number(value):  # before the character check: a PAN is never echoed
+        return "looks like a card number (PAN); send a network token or a surrogate id instead"
     if not _ID_PATTERN.fullmatch(value):
         return f"may only hold the characters {ID_CHARACTERS}, got {echo(value)}"
-    if looks_like_card_number(value):
-        return "looks like a card number (PAN); send a network token or a surrogate id instead"
     return None
 
 

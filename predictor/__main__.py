@@ -232,11 +232,11 @@ async def malformed_request_handler(_: Request, exc: RequestValidationError) -> 
     """V2 bodies that are not valid JSON or not an inference request: HTTP 400 (as the Open Inference
     Protocol asks for a bad request) rather than FastAPI's default 422."""
     problems = []
-    for error in exc.errors():
+    for error in exc.errors()[:5]:  # the first few: an answer never grows with the request
         where = ".".join(str(part) for part in error.get("loc", ()))
         detail = (error.get("ctx") or {}).get("error")
         problems.append(f"{where}: {error.get('msg', 'invalid')}" + (f" ({detail})" if detail else ""))
-    return JSONResponse(status_code=400, content={"error": "malformed request: " + "; ".join(problems)})
+    return JSONResponse(status_code=400, content={"error": "malformed request: " + "; ".join(problems)[:500]})
 
 
 def settings_from_args(args: argparse.Namespace) -> PredictorSettings:

@@ -35,6 +35,7 @@ import httpx
 import numpy as np
 import orjson
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from grpc_interceptor.exceptions import GrpcException
 from kserve import Model
@@ -157,9 +158,22 @@ async def predictor_error_handler(_: Request, exc: Exception) -> Response:
     return JSONResponse(status_code=exc.http_status, content={"error": exc.message})
 
 
+async def malformed_request_handler(_: Request, exc: Exception) -> JSONResponse:
+    """A V2 body FastAPI cannot validate: 400 naming where and why, as the predictor answers it -
+    never FastAPI's 422 echoing the whole input (which also fails with a 500 on a non-finite number)."""
+    assert isinstance(exc, RequestValidationError)
+    problems = []
+    for error in exc.errors()[:5]:
+        where = ".".join(str(part) for part in error.get("loc", ()))
+        problems.append(f"{where}: {error.get('msg', 'invalid')}")
+    return JSONResponse(status_code=400, content={"error": "malformed request: " + "; ".join(problems)[:500]})
+
+
 def install_exception_handlers(app: FastAPI) -> None:
-    """Map PredictorError to its HTTP status on KServe's FastAPI app (otherwise it would be a 500)."""
+    """Map PredictorError to its HTTP status on KServe's FastAPI app (otherwise it would be a 500),
+    and a body FastAPI cannot validate to a 400."""
     app.add_exception_handler(PredictorError, predictor_error_handler)
+    app.add_exception_handler(RequestValidationError, malformed_request_handler)
 
 
 class NotReadyAnswerFilter(logging.Filter):
