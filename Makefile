@@ -30,10 +30,11 @@ lint: setup  ## the static gates: ruff (rules + format), import-linter layer con
 
 test: setup services  ## the default test suite (core + drift environments)
 	$(CORE)/pytest -m "not slow"
-	cd drift_transformer && .venv/bin/pytest
+	cd drift_transformer && .venv/bin/pytest -m "not slow"
 
 test-slow: setup services  ## only the suites marked slow (full pipeline variants, Ctrl-C of the stack, local canary)
 	$(CORE)/pytest -m slow
+	cd drift_transformer && .venv/bin/pytest -m slow
 
 test-all: test test-slow  ## everything
 

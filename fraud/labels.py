@@ -32,7 +32,15 @@ from fraud.audit.store import dialect_insert
 from fraud.audit.tables import Decision, Label, LiveQuality
 from fraud.errors import UserError
 from fraud.features.definitions import LABEL_DELAY_DAYS
-from fraud.schema import CUSTOMER_ID, MAX_ID_LENGTH, TRANSACTION_ID, TX_DATETIME, TX_FRAUD
+from fraud.schema import (
+    CUSTOMER_ID,
+    ID_CHARACTERS,
+    MAX_ID_LENGTH,
+    TRANSACTION_ID,
+    TX_DATETIME,
+    TX_FRAUD,
+    identifier_problem,
+)
 
 LABEL_COLUMNS: tuple[str, ...] = ("transaction_id", "label", "reported_at")
 LABEL_FILE_FORMATS = ("csv", "parquet")
@@ -104,11 +112,14 @@ def read_label_file(path: Path | str) -> pd.DataFrame:
     frame = frame[list(LABEL_COLUMNS)].reset_index(drop=True)
 
     ids = frame["transaction_id"].astype("string").str.strip()
-    bad_id = (ids.isna() | (ids == "") | (ids.str.len() > MAX_ID_LENGTH)).to_numpy(dtype=bool)
+    problems = ids.fillna("").map(identifier_problem)
+    bad_id = problems.notna().to_numpy(dtype=bool)
     if bad_id.any():
+        first = problems[bad_id].iloc[0]
         raise UserError(
             f"label file {path}: column transaction_id must be a non-empty id of at most {MAX_ID_LENGTH} "
-            f"characters ({where}s {_row_list(np.flatnonzero(bad_id), offset)})"
+            f"characters from {ID_CHARACTERS}, never a card number ({where}s {_row_list(np.flatnonzero(bad_id), offset)}; "
+            f"first: {first})"
         )
 
     raw_labels = frame["label"]

@@ -8,11 +8,12 @@ serving, the feature store and the tests all import these definitions.
 from __future__ import annotations
 
 import math
+import re
 from datetime import datetime, timezone
 from typing import Any
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator
 
 # --- identifiers ----------------------------------------------------------------------------
 TRANSACTION_ID = "transaction_id"
@@ -27,6 +28,75 @@ TX_FRAUD_SCENARIO = "tx_fraud_scenario"
 MAX_TX_AMOUNT = 1_000_000.0
 #: Longest identifier accepted on the wire.
 MAX_ID_LENGTH = 64
+#: Longest V2 request `id` accepted on the wire.
+MAX_REQUEST_ID_LENGTH = 128
+#: Characters an identifier may hold: ASCII letters, digits and `- _ . : @ / + =` (UUIDs, surrogate
+#: keys, base64/base64url network tokens). No spaces, no control characters (NUL included), nothing
+#: outside ASCII: identifiers are keys in Redis, the audit database and exports.
+ID_CHARACTERS = "A-Z a-z 0-9 - _ . : @ / + ="
+_ID_PATTERN = re.compile(r"[A-Za-z0-9\-_.:@/+=]+")
+#: Separators a card number is commonly written with; stripped before the card-number check.
+_PAN_SEPARATORS = re.compile(r"[\- ]")
+PAN_MIN_DIGITS = 13
+PAN_MAX_DIGITS = 19
+#: Longest invalid value echoed back in an error message (the rest is cut).
+MAX_ECHO_CHARS = 40
+
+
+def echo(value: Any) -> str:
+    """`repr(value)` cut to MAX_ECHO_CHARS characters, for error messages (never echo a whole body)."""
+    text = repr(value)
+    if len(text) <= MAX_ECHO_CHARS:
+        return text
+    return f"{text[:MAX_ECHO_CHARS]}... ({len(text)} characters)"
+
+
+def luhn_valid(digits: str) -> bool:
+    """The Luhn (mod 10) check digit of a string of ASCII digits holds."""
+    total = 0
+    for position, char in enumerate(reversed(digits)):
+        digit = ord(char) - 48
+        if position % 2 == 1:
+            digit *= 2
+            if digit > 9:
+                digit -= 9
+        total += digit
+    return total % 10 == 0
+
+
+def looks_like_card_number(value: str) -> bool:
+    """True for a value shaped like a primary account number (PAN): 13-19 ASCII digits, optionally
+    grouped with spaces or dashes, whose Luhn check digit holds. Callers send network tokens or
+    surrogate ids instead (docs/serving.md); a PAN is never stored."""
+    digits = _PAN_SEPARATORS.sub("", value)
+    return (
+        PAN_MIN_DIGITS <= len(digits) <= PAN_MAX_DIGITS and digits.isascii() and digits.isdigit() and luhn_valid(digits)
+    )
+
+
+def identifier_problem(value: Any, max_length: int = MAX_ID_LENGTH) -> str | None:
+    """Why `value` is not an acceptable identifier (None when it is): a string of 1..max_length
+    characters from ID_CHARACTERS that is not shaped like a card number."""
+    if not isinstance(value, str):
+        return f"must be a string, got {type(value).__name__}"
+    if not value:
+        return "must not be empty"
+    if len(value) > max_length:
+        return f"must be at most {max_length} characters, got {len(value)}"
+    if looks_like_card_number(value):  # before the character check: a PAN is never echoed
+        return "looks like a card number (PAN); send a network token or a surrogate id instead"
+    if not _ID_PATTERN.fullmatch(value):
+        return f"may only hold the characters {ID_CHARACTERS}, got {echo(value)}"
+    return None
+
+
+def check_identifier(value: Any, max_length: int = MAX_ID_LENGTH) -> str:
+    """`value` if it is an acceptable identifier, else ValueError with the reason."""
+    problem = identifier_problem(value, max_length)
+    if problem is not None:
+        raise ValueError(problem)
+    return value
+
 
 #: Columns of a raw transaction record, in storage order, with their Arrow types.
 #: Timestamps are UTC, stored tz-naive with microsecond resolution (whole seconds in practice).
@@ -111,7 +181,7 @@ def parse_timestamp(value: Any) -> datetime:
         try:
             dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
         except ValueError:
-            raise ValueError(f"{text!r} is not an ISO-8601 timestamp") from None
+            raise ValueError(f"{echo(text)} is not an ISO-8601 timestamp") from None
     else:
         raise ValueError(f"must be an ISO-8601 string or integer epoch seconds, got {type(value).__name__}")
     if dt.tzinfo is not None:
@@ -129,11 +199,16 @@ class TransactionRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    transaction_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
-    customer_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
-    terminal_id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
+    transaction_id: str
+    customer_id: str
+    terminal_id: str
     tx_amount: float
     tx_datetime: datetime
+
+    @field_validator("transaction_id", "customer_id", "terminal_id", mode="before")
+    @classmethod
+    def _identifier(cls, value: Any) -> str:
+        return check_identifier(value)
 
     @field_validator("tx_amount", mode="before")
     @classmethod

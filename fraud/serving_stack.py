@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -80,6 +81,11 @@ class StackConfig:
     audit_spool: Path | None = None
     #: audit database (None: FRAUD_AUDIT_DB_URL, else SQLite <data dir>/audit/audit.db)
     audit_db_url: str | None = None
+    #: address the transformer (what clients call) binds; the predictor always binds loopback
+    host: str = LOOPBACK
+    #: bearer tokens with scopes the transformer requires (`<token> <scope>[,<scope>...]` per line);
+    #: None: no authentication (loopback use), and no caller gets the feature vectors
+    token_file: Path | None = None
 
     def __post_init__(self) -> None:
         ports = {"--port": self.port, "--grpc-port": self.grpc_port, "--predictor-port": self.predictor_port}
@@ -92,11 +98,19 @@ class StackConfig:
             raise UserError(f"--store-timeout must be > 0, got {self.store_timeout_s}")
         if self.online_store not in (None, "sqlite", "redis"):
             raise UserError(f"--online-store must be sqlite or redis, got {self.online_store!r}")
+        if self.token_file is not None and not Path(self.token_file).is_file():
+            raise UserError(f"--token-file {self.token_file} does not exist")
 
     @property
     def url(self) -> str:
         """What clients call: the transformer's HTTP endpoint."""
-        return f"http://{LOOPBACK}:{self.port}"
+        host = LOOPBACK if self.host in ("0.0.0.0", "::") else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def credentials_dir(self) -> Path:
+        """Private folder (0700) of the predictor's token file and the transformer's token for it."""
+        return self.log_dir / "credentials"
 
     @property
     def predictor_url(self) -> str:
@@ -114,6 +128,27 @@ class StackConfig:
 
 
 AUDIT_ENV = ("FRAUD_AUDIT_SPOOL", "FRAUD_AUDIT_DB_URL")
+#: Files of StackConfig.credentials_dir: the predictor's token file, the transformer's token for it.
+PREDICTOR_TOKENS = "predictor-tokens"
+TRANSFORMER_TOKEN = "transformer-token"
+
+
+def write_internal_credentials(config: StackConfig) -> None:
+    """A fresh random token for the transformer -> predictor hop (scopes score and debug: the drift
+    monitor needs the feature vectors), written 0600 in a 0700 folder. The predictor's token file
+    also lists the user's tokens (--token-file), so they may call the predictor directly too; without
+    a token file nobody but the transformer can score on the predictor's port."""
+    folder = config.credentials_dir
+    folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o700)
+    token = secrets.token_hex(32)
+    user_tokens = Path(config.token_file).read_text() if config.token_file else ""
+    for name, text in ((TRANSFORMER_TOKEN, f"{token}\n"), (PREDICTOR_TOKENS, f"{user_tokens}\n{token} score,debug\n")):
+        path = folder / name
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(text)
+        path.chmod(0o600)
 
 
 def _without_audit_settings(environ: Mapping[str, str]) -> dict[str, str]:
@@ -257,6 +292,8 @@ class ServingStack:
             "--model_name", self.config.model_name,
             "--http_port", str(self.config.predictor_port),
             "--enable_grpc", "false",
+            "--host", LOOPBACK,
+            "--token-file", str(self.config.credentials_dir / PREDICTOR_TOKENS),
         ]  # fmt: skip
         if self.config.online_store:
             command += ["--online-store", self.config.online_store]
@@ -283,8 +320,12 @@ class ServingStack:
         return {**_without_audit_settings(os.environ), "FRAUD_AUDIT_DB_URL": self.config.resolved_audit_db_url()}
 
     def transformer_command(self) -> list[str]:
+        auth = ["--token_file", str(Path(self.config.token_file).resolve())] if self.config.token_file else []
         return [
             str(DRIFT_PYTHON), "-m", "drift_transformer",
+            "--host", self.config.host,
+            "--predictor_token_file", str(self.config.credentials_dir / TRANSFORMER_TOKEN),
+            *auth,
             "--model_name", self.config.model_name,
             "--predictor_host", f"{LOOPBACK}:{self.config.predictor_port}",
             "--protocol", "v2",
@@ -301,6 +342,7 @@ class ServingStack:
             raise UserError(f"the drift transformer environment is missing ({DRIFT_PYTHON}): run `make setup`")
         check_ports_free(self.config)
         self.config.log_dir.mkdir(parents=True, exist_ok=True)
+        write_internal_credentials(self.config)
         if self.config.audit:
             url = self.config.resolved_audit_db_url()
             self.on_status(f"migrating the audit database {redacted_url(url)}")
@@ -665,7 +707,12 @@ def parse_v2_response(body: dict) -> list[ScoredTransaction]:
 
 
 def score_transactions(
-    url: str, transactions: list[dict], protocol: str = "v1", model_name: str = MODEL_NAME, timeout_s: float = 30.0
+    url: str,
+    transactions: list[dict],
+    protocol: str = "v1",
+    model_name: str = MODEL_NAME,
+    timeout_s: float = 30.0,
+    token: str | None = None,
 ) -> list[ScoredTransaction]:
     """Send transactions through the stack (the transformer) and return the decisions; UserError on failure."""
     if protocol not in ("v1", "v2"):
@@ -676,7 +723,8 @@ def score_transactions(
     else:
         endpoint, body = f"{base}/v2/models/{model_name}/infer", v2_request(transactions)
     try:
-        response = httpx.post(endpoint, json=body, timeout=timeout_s)
+        headers = {"authorization": f"Bearer {token}"} if token else None
+        response = httpx.post(endpoint, json=body, timeout=timeout_s, headers=headers)
     except httpx.InvalidURL as exc:
         raise UserError(f"--url {url!r} is not a valid URL: {exc}") from None
     except httpx.TimeoutException:

@@ -21,22 +21,27 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from kserve import ModelServer, model_server
+from kserve import model_server
 from kserve.logging import KSERVE_TRACE_LOGGER_NAME, logger
 
+from predictor.auth import Authorizer, TokenFileError
+from predictor.edge import DEFAULT_MAX_BODY_BYTES, RequestGate
 from predictor.fast_rest import FastScoringRoutes
 from predictor.features import OnlineFeatureSource
+from predictor.idempotency import DEFAULT_KEY_PREFIX, DEFAULT_TTL_S
 from predictor.model import (
     AUDIT_SPOOL_SYNC_ENV,
     DEFAULT_AUDIT_SPOOL_MAX_RECORDS,
     DEFAULT_AUDIT_SPOOL_SYNC,
     DEFAULT_MAX_BATCH_SIZE,
+    IDEMPOTENCY_MODES,
     MODEL_VARIANTS,
     FraudModel,
     ModelLoadError,
     PredictorSettings,
 )
 from predictor.scoring import KSERVE_MODEL_DIR, REASON_CODE_POLICIES, REASON_CODES_FLAGGED
+from predictor.server import LOOPBACK, EdgeModelServer
 
 EXIT_LOAD_FAILED = 1
 
@@ -51,6 +56,32 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve the fraud detector with KServe (V1 REST, V2 REST and V2 gRPC).",
         parents=[model_server.parser],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--host",
+        default=LOOPBACK,
+        help="address the HTTP and gRPC servers bind (loopback by default; in a pod: 0.0.0.0)",
+    )
+    parser.add_argument(
+        "--token-file",
+        dest="token_file",
+        default=None,
+        help="bearer tokens with their scopes, one `<token> <scope>[,<scope>...]` per line (scopes: score, "
+        "explain, debug); scoring then needs `Authorization: Bearer <token>` (401/403 otherwise)",
+    )
+    parser.add_argument(
+        "--trust-scope-header",
+        dest="trust_scope_header",
+        action="store_true",
+        help="take the caller's scopes from the x-fraud-scopes header set by the mesh from the validated JWT; "
+        "only where nothing but the mesh can reach the server",
+    )
+    parser.add_argument(
+        "--max-body-bytes",
+        dest="max_body_bytes",
+        type=int,
+        default=DEFAULT_MAX_BODY_BYTES,
+        help="largest request body (HTTP 413 above) and gRPC message accepted",
     )
     parser.add_argument(
         "--bundle",
@@ -150,6 +181,26 @@ def build_parser() -> argparse.ArgumentParser:
         "prediction) or all (default FRAUD_REASON_CODES, else flagged)",
     )
     parser.add_argument(
+        "--idempotency",
+        choices=list(IDEMPOTENCY_MODES),
+        default="auto",
+        help="one answer per transaction id: a replay gets the recorded answer, other content 409. auto: Redis "
+        "(shared by replicas) with --online-store redis, else in-process",
+    )
+    parser.add_argument(
+        "--idempotency-ttl",
+        dest="idempotency_ttl",
+        type=float,
+        default=DEFAULT_TTL_S,
+        help="seconds a transaction id stays in the idempotency ledger",
+    )
+    parser.add_argument(
+        "--idempotency-prefix",
+        dest="idempotency_prefix",
+        default=DEFAULT_KEY_PREFIX,
+        help="Redis key prefix of the idempotency ledger",
+    )
+    parser.add_argument(
         "--rest-fast-path",
         dest="rest_fast_path",
         type=_boolean,
@@ -194,11 +245,11 @@ async def malformed_request_handler(_: Request, exc: RequestValidationError) -> 
     """V2 bodies that are not valid JSON or not an inference request: HTTP 400 (as the Open Inference
     Protocol asks for a bad request) rather than FastAPI's default 422."""
     problems = []
-    for error in exc.errors():
+    for error in exc.errors()[:5]:  # the first few: an answer never grows with the request
         where = ".".join(str(part) for part in error.get("loc", ()))
         detail = (error.get("ctx") or {}).get("error")
         problems.append(f"{where}: {error.get('msg', 'invalid')}" + (f" ({detail})" if detail else ""))
-    return JSONResponse(status_code=400, content={"error": "malformed request: " + "; ".join(problems)})
+    return JSONResponse(status_code=400, content={"error": "malformed request: " + "; ".join(problems)[:500]})
 
 
 #: The readiness probe of the manifests: loaded, and the audit spool draining (FraudModel.not_ready_reason)
@@ -239,6 +290,9 @@ def settings_from_args(args: argparse.Namespace) -> PredictorSettings:
         reason_codes=args.reason_codes,
         bundle_public_key=args.bundle_public_key,
         stable_version_file=args.stable_version_file,
+        idempotency=args.idempotency,
+        idempotency_ttl_s=args.idempotency_ttl,
+        idempotency_prefix=args.idempotency_prefix,
     )
 
 
@@ -266,10 +320,16 @@ def main(
         return 2
     try:
         settings = settings_from_args(args)
-    except ValueError as exc:
+        authorizer = Authorizer.from_options(args.token_file, args.trust_scope_header)
+    except (ValueError, TokenFileError) as exc:
         print(f"python -m predictor: {exc}", file=sys.stderr)
         return 2
-    server = ModelServer(
+    if args.max_body_bytes < 1024:
+        print(f"python -m predictor: --max-body-bytes must be >= 1024, got {args.max_body_bytes}", file=sys.stderr)
+        return 2
+    server = EdgeModelServer(
+        host=args.host,
+        max_body_bytes=args.max_body_bytes,
         http_port=args.http_port,
         grpc_port=args.grpc_port,
         max_threads=args.max_threads,
@@ -278,7 +338,7 @@ def main(
         enable_docs_url=args.enable_docs_url,
         enable_latency_logging=args.enable_latency_logging,
     )
-    model = FraudModel(args.model_name, settings, feature_source=feature_source)
+    model = FraudModel(args.model_name, settings, feature_source=feature_source, authorizer=authorizer)
     try:
         model.load()
     except ModelLoadError as exc:
@@ -288,6 +348,11 @@ def main(
     model_server.app.add_api_route(READINESS_PATH, readiness_endpoint(model), methods=["GET"])
     if args.rest_fast_path:
         model_server.app.add_middleware(FastScoringRoutes, model=model)
+    # outermost of this module's middlewares: credentials and the body cap before any other work
+    model_server.app.add_middleware(RequestGate, authorizer=authorizer, max_body_bytes=args.max_body_bytes)
+    logger.info(
+        "authentication: %s; listening on %s; body cap %d bytes", authorizer.describe(), args.host, args.max_body_bytes
+    )
     quiet_request_path_logging(args.enable_latency_logging, args.access_log)
     # Everything loaded so far (KServe, Feast, XGBoost, pandas, the model) lives as long as the
     # process: keep it out of the cyclic garbage collector, whose full collections over those

@@ -22,15 +22,20 @@ from pydantic import ValidationError
 from fraud.features.definitions import MODEL_FEATURES
 from fraud.schema import (
     CUSTOMER_ID,
+    MAX_REQUEST_ID_LENGTH,
     REQUEST_FIELDS,
     TERMINAL_ID,
     TRANSACTION_ID,
     TX_AMOUNT,
     TX_DATETIME,
     TransactionRequest,
+    echo,
+    identifier_problem,
 )
 
 PROTOCOL_V1 = "v1"
+#: Longest library error text quoted in a 400 answer
+MAX_REASON_CHARS = 160
 PROTOCOL_V2 = "v2"
 PROTOCOL_GRPC_V2 = "grpc-v2"
 
@@ -146,7 +151,7 @@ def parse_v1(body: Any, max_batch_size: int) -> ParsedRequest:
         raise InvalidInput("request body must be a JSON object with an 'instances' list")
     unknown = sorted(set(body) - {"instances"})
     if unknown:
-        raise InvalidInput(f"unknown top-level field(s) {unknown}; a V1 request holds only 'instances'")
+        raise InvalidInput(f"unknown top-level field(s) {echo(unknown)}; a V1 request holds only 'instances'")
     if "instances" not in body:
         raise InvalidInput("instances: is required (a list of transactions)")
     instances = body["instances"]
@@ -174,7 +179,7 @@ class Tensor:
 
 def _check_shape(name: str, shape: list[int]) -> None:
     if len(shape) not in (1, 2) or (len(shape) == 2 and shape[1] != 1):
-        raise InvalidInput(f"input '{name}': shape must be [n] or [n, 1], got {shape}")
+        raise InvalidInput(f"input '{name}': shape must be [n] or [n, 1], got {echo(shape)}")
 
 
 def _decode_bytes(name: str, values: list[Any]) -> list[str]:
@@ -198,8 +203,11 @@ def kserve_tensor(tensor: InferInput) -> Tensor:
         try:
             array = tensor.as_numpy()
         except (ValueError, TypeError) as exc:
+            # shape (at most 2 dimensions) and datatype were checked before; numpy's reason may quote an
+            # element (`could not convert string to float: '...'`): cut it
+            reason = str(exc) if len(str(exc)) <= MAX_REASON_CHARS else f"{str(exc)[:MAX_REASON_CHARS]}..."
             raise InvalidInput(
-                f"input '{tensor.name}': data does not match shape {shape} and datatype {tensor.datatype}: {exc}"
+                f"input '{tensor.name}': data does not match shape {shape} and datatype {tensor.datatype}: {reason}"
             ) from None
         flat = array.reshape(-1).tolist()
         return _decode_bytes(tensor.name, flat) if tensor.datatype == "BYTES" else flat
@@ -218,8 +226,8 @@ def json_tensor(item: dict[str, Any]) -> Tensor:
             flat = [element for row in data for element in row]
         if len(flat) != shape[0] or any(isinstance(element, (list, dict)) for element in flat):
             raise InvalidInput(
-                f"input '{name}': data does not match shape {shape} and datatype {datatype}: "
-                f"cannot reshape array of size {len(flat)} into shape {tuple(shape)}"
+                f"input '{name}': data does not match shape {echo(shape)} and datatype {datatype}: "
+                f"cannot reshape array of size {len(flat)} into shape {echo(tuple(shape))}"
             )
         return _decode_bytes(name, flat) if datatype == "BYTES" else flat
 
@@ -237,6 +245,7 @@ def json_v2_tensors(body: Any) -> list[Tensor] | None:
     inputs = body.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         return None
+    check_tensor_count(len(inputs))
     tensors = []
     for item in inputs:
         if not isinstance(item, dict) or set(item) - {"name", "datatype", "shape", "data"} or item.get("parameters"):
@@ -252,21 +261,43 @@ def json_v2_tensors(body: Any) -> list[Tensor] | None:
     return tensors
 
 
+def check_tensor_count(count: int) -> None:
+    """A V2 request names each request field once: more input tensors than fields is refused before
+    any tensor is looked at."""
+    if count > len(REQUEST_FIELDS):
+        raise InvalidInput(f"inputs: {count} input tensors given, a request has exactly {len(REQUEST_FIELDS)}")
+
+
+def check_request_id(request_id: Any) -> None:
+    """The V2 request `id` is echoed in the answer and logged: same character set as the ids."""
+    if request_id is None or request_id == "":
+        return
+    problem = identifier_problem(request_id, MAX_REQUEST_ID_LENGTH)
+    if problem is not None:
+        raise InvalidInput(f"id: {problem}")
+
+
 def parse_v2(request: InferRequest, max_batch_size: int) -> ParsedRequest:
     """One named input tensor per transaction field, each of shape [n] or [n, 1]."""
+    check_tensor_count(len(request.inputs))
+    check_request_id(request.id)
     parsed = parse_v2_tensors([kserve_tensor(tensor) for tensor in request.inputs], max_batch_size)
     return replace(parsed, protocol=request_protocol(request), request_id=request.id, infer_request=request)
 
 
 def parse_v2_tensors(tensors: list[Tensor], max_batch_size: int, request_id: str | None = None) -> ParsedRequest:
-    """Validate V2 input tensors into transactions (V2 REST protocol unless the caller says otherwise)."""
+    """Validate V2 input tensors into transactions (V2 REST protocol unless the caller says otherwise).
+    Linear in the number of tensors, which is checked first."""
+    check_tensor_count(len(tensors))
+    check_request_id(request_id)
     names = [tensor.name for tensor in tensors]
-    duplicates = sorted({name for name in names if names.count(name) > 1})
+    seen: set[str] = set()
+    duplicates = sorted({name for name in names if name in seen or seen.add(name)})
     if duplicates:
-        raise InvalidInput(f"input tensor(s) {duplicates} given more than once")
-    unknown = sorted(set(names) - set(REQUEST_FIELDS))
+        raise InvalidInput(f"input tensor(s) {echo(duplicates)} given more than once")
+    unknown = sorted(seen - set(REQUEST_FIELDS))
     if unknown:
-        raise InvalidInput(f"unknown input tensor(s) {unknown}; expected {list(REQUEST_FIELDS)}")
+        raise InvalidInput(f"unknown input tensor(s) {echo(unknown)}; expected {list(REQUEST_FIELDS)}")
     missing = [name for name in REQUEST_FIELDS if name not in names]
     if missing:
         raise InvalidInput(f"input tensor(s) {missing} missing; expected {list(REQUEST_FIELDS)}")
@@ -274,7 +305,9 @@ def parse_v2_tensors(tensors: list[Tensor], max_batch_size: int, request_id: str
     for tensor in tensors:
         allowed = INPUT_DATATYPES[tensor.name]
         if tensor.datatype not in allowed:
-            raise InvalidInput(f"input '{tensor.name}': datatype must be {' or '.join(allowed)}, got {tensor.datatype}")
+            raise InvalidInput(
+                f"input '{tensor.name}': datatype must be {' or '.join(allowed)}, got {echo(tensor.datatype)}"
+            )
         columns[tensor.name] = tensor.values()
     lengths = {name: len(values) for name, values in columns.items()}
     if len(set(lengths.values())) != 1:
@@ -289,21 +322,23 @@ def parse_v2_tensors(tensors: list[Tensor], max_batch_size: int, request_id: str
 
 
 # --- encoding --------------------------------------------------------------------------------
-def encode_v1(batch: ScoredBatch) -> dict[str, Any]:
+def encode_v1(batch: ScoredBatch, include_features: bool = False) -> dict[str, Any]:
+    """V1 `predictions`; the raw feature vector (`features`) only with `include_features` (the
+    caller's `debug` scope): it is the card's history."""
     predictions = []
     for i, tx in enumerate(batch.request.transactions):
-        predictions.append(
-            {
-                "transaction_id": tx.transaction_id,
-                "fraud_probability": float(batch.probabilities[i]),
-                "decision": batch.decisions[i],
-                "reason_codes": [code.to_dict() for code in batch.reason_codes[i]],
-                "model_version": batch.model_version,
-                "features_missing": bool(batch.features_missing[i]),
-                "features_stale": bool(batch.features_stale[i]),
-                "features": {name: float(v) for name, v in zip(MODEL_FEATURES, batch.feature_matrix[i])},
-            }
-        )
+        prediction = {
+            "transaction_id": tx.transaction_id,
+            "fraud_probability": float(batch.probabilities[i]),
+            "decision": batch.decisions[i],
+            "reason_codes": [code.to_dict() for code in batch.reason_codes[i]],
+            "model_version": batch.model_version,
+            "features_missing": bool(batch.features_missing[i]),
+            "features_stale": bool(batch.features_stale[i]),
+        }
+        if include_features:
+            prediction["features"] = {name: float(v) for name, v in zip(MODEL_FEATURES, batch.feature_matrix[i])}
+        predictions.append(prediction)
     return {"predictions": predictions}
 
 
@@ -312,11 +347,12 @@ def reason_codes_json(codes: list[ReasonCode]) -> str:
     return orjson.dumps([code.to_dict() for code in codes]).decode()
 
 
-def v2_output_values(batch: ScoredBatch) -> dict[str, np.ndarray]:
-    """The V2 output tensors of a scored batch, in OUTPUT_TENSORS order."""
+def v2_output_values(batch: ScoredBatch, include_features: bool = False) -> dict[str, np.ndarray]:
+    """The V2 output tensors of a scored batch, in OUTPUT_TENSORS order; `feature_vector` only with
+    `include_features` (the caller's `debug` scope)."""
     n = len(batch.request.transactions)
     text = lambda values: np.array(values, dtype=np.object_)
-    return {
+    outputs = {
         "transaction_id": text([tx.transaction_id for tx in batch.request.transactions]),
         "fraud_probability": np.asarray(batch.probabilities, dtype=np.float64),
         "decision": text(batch.decisions),
@@ -324,14 +360,16 @@ def v2_output_values(batch: ScoredBatch) -> dict[str, np.ndarray]:
         "model_version": text([batch.model_version] * n),
         "features_missing": np.asarray(batch.features_missing, dtype=np.bool_),
         "features_stale": np.asarray(batch.features_stale, dtype=np.bool_),
-        "feature_vector": np.ascontiguousarray(batch.feature_matrix, dtype=np.float64),
     }
+    if include_features:
+        outputs["feature_vector"] = np.ascontiguousarray(batch.feature_matrix, dtype=np.float64)
+    return outputs
 
 
-def v2_rest_response(batch: ScoredBatch, model_name: str) -> dict[str, Any]:
+def v2_rest_response(batch: ScoredBatch, model_name: str, include_features: bool = False) -> dict[str, Any]:
     """The V2 REST JSON answer, field for field what KServe's own handler sends for `encode_v2`."""
     outputs = []
-    for name, array in v2_output_values(batch).items():
+    for name, array in v2_output_values(batch, include_features).items():
         datatype, _ = OUTPUT_TENSORS[name]
         outputs.append(
             {
@@ -358,8 +396,8 @@ def _output(name: str, array: np.ndarray) -> InferOutput:
     return output
 
 
-def encode_v2(batch: ScoredBatch, model_name: str) -> InferResponse:
-    outputs = [_output(name, array) for name, array in v2_output_values(batch).items()]
+def encode_v2(batch: ScoredBatch, model_name: str, include_features: bool = False) -> InferResponse:
+    outputs = [_output(name, array) for name, array in v2_output_values(batch, include_features).items()]
     request = batch.request.infer_request
     return InferResponse(
         response_id=(request.id if request is not None and request.id else ""),

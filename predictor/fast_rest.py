@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from kserve.errors import InvalidInput, ServerNotReady
 
+from predictor.auth import SCOPE_DEBUG
 from predictor.codec import (
     PROTOCOL_V1,
     PROTOCOL_V2,
@@ -37,6 +38,8 @@ from predictor.codec import (
     parse_v2_tensors,
     v2_rest_response,
 )
+from predictor.edge import INTERNAL_ERROR, REQUEST_SCOPES
+from predictor.idempotency import TransactionConflict
 
 if TYPE_CHECKING:
     from predictor.model import FraudModel
@@ -82,29 +85,36 @@ class FastScoringRoutes:
         except orjson.JSONDecodeError:
             return False
         model = self.model
-        if protocol == PROTOCOL_V1:
-            if not isinstance(payload, dict):
-                return False
-            parse = lambda: parse_v1(payload, model.settings.max_batch_size)
-        else:
-            tensors = json_v2_tensors(payload)
-            if tensors is None:
-                return False
-            request_id = payload.get("id") or None
-            parse = lambda: parse_v2_tensors(tensors, model.settings.max_batch_size, request_id)
+        include_features = SCOPE_DEBUG in (REQUEST_SCOPES.get() or ())
         try:
+            if protocol == PROTOCOL_V1:
+                if not isinstance(payload, dict):
+                    return False
+                parse = lambda: parse_v1(payload, model.settings.max_batch_size)
+            else:
+                tensors = json_v2_tensors(payload)
+                if tensors is None:
+                    return False
+                request_id = payload.get("id") or None
+                parse = lambda: parse_v2_tensors(tensors, model.settings.max_batch_size, request_id)
             scored = await model.infer_parsed(protocol, parse)
         except InvalidInput as exc:
             await _send_json(send, 400, {"error": str(exc)})
             return True
+        except TransactionConflict as exc:
+            await _send_json(send, 409, {"error": exc.message})
+            return True
         except ServerNotReady as exc:
             await _send_json(send, 503, {"error": str(exc)})
             return True
-        except Exception as exc:  # the KServe path answers these 500 too; log like its handler does
+        except Exception as exc:  # details to the log only; the answer says nothing of the internals
             logger.error("Exception:", exc_info=exc)
-            await _send_json(send, 500, {"error": f"{type(exc).__name__} : {exc}"})
+            await _send_json(send, 500, {"error": INTERNAL_ERROR})
             return True
-        answer = encode_v1(scored) if protocol == PROTOCOL_V1 else v2_rest_response(scored, model.name)
+        if protocol == PROTOCOL_V1:
+            answer = encode_v1(scored, include_features)
+        else:
+            answer = v2_rest_response(scored, model.name, include_features)
         await _send_json(send, 200, answer)
         return True
 

@@ -65,8 +65,13 @@ FEATURES_STALE = Counter(
 )
 ERRORS = Counter(
     "fraud_predictor_errors",
-    "Errors by kind (invalid_input, feature_store_unavailable, audit_unavailable, internal)",
+    "Errors by kind (invalid_input, feature_store_unavailable, audit_unavailable, idempotency_unavailable, "
+    "conflict, internal)",
     ["kind"],
+)
+REPLAYED = Counter(
+    "fraud_predictor_replayed_transactions",
+    "Transactions answered from the idempotency ledger (the same transaction id and content again)",
 )
 DEGRADED = Counter(
     "fraud_predictor_degraded_requests",

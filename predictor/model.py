@@ -46,6 +46,7 @@ from fraud.bundle import BundleError, load_public_key, read_threshold_overrides,
 from fraud.features.definitions import MODEL_FEATURES, model_feature_matrix
 from fraud.schema import TransactionRequest
 from predictor import metrics
+from predictor.auth import SCOPE_DEBUG, SCOPE_SCORE, Authorizer
 from predictor.codec import (
     PROTOCOL_V1,
     ParsedRequest,
@@ -58,11 +59,24 @@ from predictor.codec import (
     parse_v2,
     request_protocol,
 )
+from predictor.edge import REQUEST_SCOPES
 from predictor.features import (
     FeastFeatureSource,
     FeatureLookup,
     FeatureSourceUnavailable,
     OnlineFeatureSource,
+)
+from predictor.idempotency import (
+    DEFAULT_KEY_PREFIX,
+    DEFAULT_TTL_S,
+    LedgerUnavailable,
+    MemoryLedger,
+    RedisLedger,
+    TransactionConflict,
+    check_request,
+    merged_batch,
+    recorded_rows,
+    replayed_batch,
 )
 from predictor.scoring import (
     KSERVE_MODEL_DIR,
@@ -80,6 +94,7 @@ logger = logging.getLogger("kserve.fraud_predictor")
 
 DEFAULT_MAX_BATCH_SIZE = 512
 MODEL_VARIANTS = ("stable", "canary")
+IDEMPOTENCY_MODES = ("auto", "redis", "memory", "off")
 #: The predictor's spool fsync policy unless FRAUD_AUDIT_SPOOL_SYNC says otherwise: NORMAL survives a
 #: crash of the predictor process without one fsync per request (docs/audit.md, "Guarantees").
 DEFAULT_AUDIT_SPOOL_SYNC = "NORMAL"
@@ -159,6 +174,11 @@ class PredictorSettings:
     #: than audit_stall_seconds (the writer stalled or the database is down)
     audit_high_water: float = 0.5
     audit_stall_seconds: float = 300.0
+    #: one answer per transaction id (predictor.idempotency): "auto" (Redis with the Redis online
+    #: store, else in-process), "redis", "memory" or "off" (`python -m predictor` defaults to auto)
+    idempotency: str = "off"
+    idempotency_ttl_s: float = DEFAULT_TTL_S
+    idempotency_prefix: str = DEFAULT_KEY_PREFIX
 
     @property
     def audit_enabled(self) -> bool:
@@ -177,6 +197,10 @@ class PredictorSettings:
             raise ValueError(f"audit_spool_sync must be NORMAL or FULL, got {self.audit_spool_sync!r}")
         if self.audit_db_url and not self.audit_spool:
             raise ValueError("audit_db_url needs an audit spool (--audit-spool / FRAUD_AUDIT_SPOOL)")
+        if self.idempotency not in IDEMPOTENCY_MODES:
+            raise ValueError(f"idempotency must be one of {IDEMPOTENCY_MODES}, got {self.idempotency!r}")
+        if self.idempotency_ttl_s <= 0:
+            raise ValueError(f"idempotency_ttl_s must be > 0, got {self.idempotency_ttl_s}")
         if self.reason_codes not in REASON_CODE_POLICIES:
             raise ValueError(f"reason_codes must be one of {REASON_CODE_POLICIES}, got {self.reason_codes!r}")
         if self.max_batch_size < 1:
@@ -311,9 +335,19 @@ class MicroBatcher:
 
 
 class FraudModel(Model):
-    def __init__(self, name: str, settings: PredictorSettings, feature_source: OnlineFeatureSource | None = None):
+    def __init__(
+        self,
+        name: str,
+        settings: PredictorSettings,
+        feature_source: OnlineFeatureSource | None = None,
+        authorizer: Authorizer | None = None,
+    ):
         super().__init__(name)
         self.settings = settings
+        #: who may score and who sees feature vectors (gRPC here; REST in predictor.edge.RequestGate)
+        self.authorizer = authorizer or Authorizer()
+        #: one answer per transaction id (None: off)
+        self.ledger: MemoryLedger | RedisLedger | None = None
         self.feature_source = feature_source
         self.scorer: BundleScorer | None = None
         self.audit_spool: AuditSpool | None = None
@@ -356,6 +390,7 @@ class FraudModel(Model):
             except Exception as exc:  # a broken repo/config is fatal at start, unlike an outage later
                 raise ModelLoadError(f"cannot open the Feast feature store: {type(exc).__name__}: {exc}") from exc
         self.warm_up()
+        self.open_ledger()
         self.open_audit_trail()
         self.ready = True
         logger.info(
@@ -370,6 +405,24 @@ class FraudModel(Model):
             self.audit_description(),
         )
         return self.ready
+
+    def open_ledger(self) -> None:
+        """The idempotency ledger the settings ask for (predictor.idempotency)."""
+        mode = self.settings.idempotency
+        if mode == "auto":
+            mode = "redis" if self.settings.online_store == "redis" else "memory"
+        if mode == "memory":
+            self.ledger = MemoryLedger(self.settings.idempotency_ttl_s)
+        elif mode == "redis":
+            from fraud.feature_store import redis_connection_string
+
+            self.ledger = RedisLedger.from_connection_string(
+                redis_connection_string(),
+                self.settings.idempotency_ttl_s,
+                self.settings.idempotency_prefix,
+                self.settings.store_timeout_s,
+            )
+        logger.info("idempotency ledger: %s", self.ledger.describe() if self.ledger else "off")
 
     def open_audit_trail(self) -> None:
         """Open the audit spool and, with an audit database URL, start the writer thread draining it."""
@@ -469,6 +522,8 @@ class FraudModel(Model):
         self, body: Any, headers: dict[str, str] | None = None, verb: InferenceVerb = InferenceVerb.PREDICT
     ):
         """KServe's request path (V1/V2 REST through FastAPI, V2 gRPC)."""
+        if REQUEST_SCOPES.get() is None:  # gRPC (REST requests were admitted by predictor.edge)
+            REQUEST_SCOPES.set(self.authorizer.authorize(headers or {}, SCOPE_SCORE))
         _REQUEST_ARRIVAL.set((datetime.now(UTC), time.perf_counter()))
         with self.observe_request(request_protocol(body)):
             return await super().__call__(body, headers, verb)
@@ -492,6 +547,10 @@ class FraudModel(Model):
         except InvalidInput:
             outcome = "invalid_input"
             metrics.ERRORS.labels("invalid_input").inc()
+            raise
+        except TransactionConflict:
+            outcome = "conflict"
+            metrics.ERRORS.labels("conflict").inc()
             raise
         except ServerNotReady:
             outcome = "unavailable"
@@ -518,6 +577,49 @@ class FraudModel(Model):
     async def predict(
         self, payload: ParsedRequest, headers: dict[str, str] | None = None, response_headers: dict | None = None
     ) -> ScoredBatch:
+        """Score `payload`; with a ledger, transactions answered before get their recorded answer and
+        one with different content makes the request a 409 (predictor.idempotency)."""
+        ledger = self.ledger
+        if ledger is None:
+            return await self.score_parsed(payload)
+        ids = [tx.transaction_id for tx in payload.transactions]
+        loop = asyncio.get_running_loop()
+        try:
+            recorded = await loop.run_in_executor(None, ledger.recall, ids) if ledger.blocking else ledger.recall(ids)
+        except LedgerUnavailable as exc:
+            self._ledger_down(exc)
+            return await self.score_parsed(payload)
+        hashes = check_request(payload.transactions, recorded)  # TransactionConflict: 409
+        new = [i for i, row in enumerate(recorded) if row is None]
+        if not new:
+            metrics.REPLAYED.inc(len(ids))
+            return replayed_batch(payload, recorded)  # type: ignore[arg-type]
+        fresh = (
+            payload if len(new) == len(ids) else replace(payload, transactions=[payload.transactions[i] for i in new])
+        )
+        scored = await self.score_parsed(fresh)
+        rows = recorded_rows(scored, [hashes[i] for i in new])
+        new_ids = [ids[i] for i in new]
+        try:
+            if ledger.blocking:
+                await loop.run_in_executor(None, ledger.record, new_ids, rows)
+            else:
+                ledger.record(new_ids, rows)
+        except LedgerUnavailable as exc:
+            self._ledger_down(exc)
+        if len(new) == len(ids):
+            return scored
+        metrics.REPLAYED.inc(len(ids) - len(new))
+        return merged_batch(payload, recorded, scored)
+
+    def _ledger_down(self, exc: LedgerUnavailable) -> None:
+        metrics.ERRORS.labels("idempotency_unavailable").inc()
+        if self.settings.fail_closed:
+            logger.error("idempotency ledger unavailable, refusing to score (fail-closed): %s", exc)
+            raise OnlineStoreUnavailable("the idempotency ledger is unavailable and the predictor is fail-closed")
+        logger.warning("idempotency ledger unavailable, scoring without the replay check: %s", exc)
+
+    async def score_parsed(self, payload: ParsedRequest) -> ScoredBatch:
         # Feature lookup and scoring block (network I/O, XGBoost): off the event loop, in one
         # scoring thread that coalesces concurrent requests (MicroBatcher).
         if self.settings.micro_batch_rows <= 1:
@@ -532,9 +634,10 @@ class FraudModel(Model):
         return result
 
     async def postprocess(self, result: ScoredBatch, headers: dict[str, str] | None = None, response_headers=None):
+        include_features = SCOPE_DEBUG in (REQUEST_SCOPES.get() or ())
         if result.request.protocol == PROTOCOL_V1:
-            return encode_v1(result)
-        return encode_v2(result, self.name)
+            return encode_v1(result, include_features)
+        return encode_v2(result, self.name, include_features)
 
     # --- scoring -----------------------------------------------------------------------------
     def lookup_features(self, customer_ids: list[str], terminal_ids: list[str]) -> FeatureLookup:
@@ -555,7 +658,7 @@ class FraudModel(Model):
                     exc,
                 )
                 raise OnlineStoreUnavailable(
-                    f"online feature store unavailable and the predictor is fail-closed: {exc}"
+                    "online feature store unavailable and the predictor is fail-closed"
                 ) from None
             metrics.DEGRADED.labels("fail_open").inc()
             # one warning per failed attempt, not one per request while the store is marked down
@@ -676,6 +779,8 @@ class FraudModel(Model):
         return "stable" if model_version == stable else "canary"
 
     def _refuse_audit(self, detail: str) -> None:
+        """Log `detail`; the answer (503) says only whether the spool is full or unwritable."""
         metrics.ERRORS.labels("audit_unavailable").inc()
         logger.error("refusing to answer: %s", detail)
-        raise AuditUnavailable(f"decisions not answered because they cannot be audited: {detail}")
+        public = "the audit spool is full" if "spool is full" in detail else "the audit spool cannot be written"
+        raise AuditUnavailable(f"decisions not answered because they cannot be audited: {public}")

@@ -44,6 +44,7 @@ class Traffic:
         self.url = url
         self.served: list[str] = []
         self.statuses: list[int] = []
+        self.prefix = f"t{time.time_ns()}-"  # a new transaction per request (the predictors are idempotent)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -54,7 +55,7 @@ class Traffic:
                 body = {
                     "instances": [
                         {
-                            "transaction_id": f"t{i}",
+                            "transaction_id": f"{self.prefix}{i}",
                             "customer_id": f"c{i % 50}",
                             "terminal_id": f"k{i % 30}",
                             "tx_amount": 10.0 + i % 200,

@@ -184,6 +184,11 @@ def test_gauges_publish_the_latest_day_with_enough_labels(engine, tmp_path):
             "column reported_at must be an ISO-8601 timestamp (lines 2",
         ),
         ("transaction_id,label,reported_at\n,1,2026-11-01\n", "column transaction_id must be a non-empty id"),
+        (
+            "transaction_id,label,reported_at\nTX1,1,2026-11-01\n4111111111111111,1,2026-11-01\n",
+            "lines 3; first: looks like a card number",
+        ),
+        ('transaction_id,label,reported_at\n"TX\x01",1,2026-11-01\n', "may only hold the characters"),
         ("transaction_id,label,reported_at\n", "has no rows"),
         ("transaction_id,label,reported_at\nTX1,1,2026-11-01\nTX1,0,2026-11-01\n", "reported as both 0 and 1"),
     ],

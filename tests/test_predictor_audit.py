@@ -73,7 +73,7 @@ def servers(tmp_path_factory, data_root, bundle):  # noqa: F811 - pytest fixture
     engine = migrated_engine(db_url)
     started = {
         "audited": start_predictor(
-            folder, bundle, data_root, "--online-store", "sqlite",
+            folder, bundle, data_root, "--online-store", "sqlite", "--store-timeout", "10",
             "--audit-spool", str(folder / "audited" / "spool.db"), "--audit-db-url", db_url,
             env={"FRAUD_MODEL_VARIANT": "canary"},
         ),

@@ -7,14 +7,17 @@ import asyncio
 import json
 import math
 import shutil
+import socket
+import uuid
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 import xgboost as xgb
-from kserve.errors import InvalidInput
+from kserve.errors import InvalidInput, ServerNotReady
 from kserve.protocol.infer_type import InferInput, InferRequest, InferResponse
+from prometheus_client import REGISTRY
 
 from fraud.bundle import MODEL_FILE, BundleManifest, file_sha256, read_manifest
 from fraud.config import MODEL_NAME
@@ -26,7 +29,9 @@ from fraud.features.definitions import (
     model_feature_frame,
 )
 from fraud.schema import REQUEST_FIELDS
+from predictor.edge import REQUEST_SCOPES
 from predictor.features import InMemoryFeatureSource
+from predictor.idempotency import TransactionConflict
 from predictor.model import FraudModel, ModelLoadError, PredictorSettings
 from predictor.scoring import resolve_bundle_dir
 from tests.factories import make_synthetic_bundle
@@ -83,8 +88,14 @@ def tx(i: int = 0, **overrides) -> dict:
     return base
 
 
-def call(model: FraudModel, body):
-    response, _headers = asyncio.run(model(body))
+def call(model: FraudModel, body, scopes: frozenset[str] = frozenset({"score", "debug"})):
+    """One request through KServe's model call path, as a caller with `scopes` (default: the
+    feature vectors included)."""
+    token = REQUEST_SCOPES.set(scopes)
+    try:
+        response, _headers = asyncio.run(model(body))
+    finally:
+        REQUEST_SCOPES.reset(token)
     return response
 
 
@@ -313,6 +324,12 @@ def _mismatched_lengths():
         ),
         (
             lambda: v2_request({**v2_columns([tx()]), "is_fraud": ("INT64", [1])}),
+            "inputs: 6 input tensors given, a request has exactly 5",
+        ),
+        (
+            lambda: v2_request(
+                {**{k: v for k, v in v2_columns([tx()]).items() if k != "tx_amount"}, "is_fraud": ("INT64", [1])}
+            ),
             "unknown input tensor(s) ['is_fraud']",
         ),
         (_mismatched_lengths, "must all hold the same number of transactions"),
@@ -448,3 +465,85 @@ def test_thresholds_folder_overrides_the_bundle_and_bad_folders_refuse_to_load(b
     (folder / "decline").unlink()
     with pytest.raises(ModelLoadError, match="no 'decline' file"):
         load(str(folder))
+
+
+# --- idempotency (predictor.idempotency) ---------------------------------------------------------------
+def ledger_model(bundle_dir, **settings) -> FraudModel:
+    customers, terminals = feature_tables()
+    fraud_model = FraudModel(
+        "fraud-detector",
+        PredictorSettings(bundle=str(bundle_dir), max_batch_size=8, **settings),
+        InMemoryFeatureSource(customers, terminals),
+    )
+    assert fraud_model.load() is True
+    return fraud_model
+
+
+@pytest.fixture
+def redis_prefix():
+    """A key prefix of this test alone in the shared Redis; its keys are deleted afterwards."""
+    import redis
+
+    client = redis.Redis(host="127.0.0.1", port=6379, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        pytest.skip(f"no Redis on 127.0.0.1:6379 ({exc})")
+    prefix = f"fraud-test-{uuid.uuid4().hex}:"
+    yield prefix
+    for key in client.scan_iter(match=f"{prefix}*"):
+        client.delete(key)
+    client.close()
+
+
+def scored_count() -> float:
+    return sum(sample.value for metric in REGISTRY.collect() if metric.name == "fraud_predictor_transactions"
+               for sample in metric.samples if sample.name.endswith("_total"))  # fmt: skip
+
+
+def test_replay_returns_the_recorded_answer_and_other_content_is_a_409(bundle_dir):
+    model = ledger_model(bundle_dir, idempotency="memory")
+    first = call(model, {"instances": [tx(70), tx(71, customer_id="C2")]})["predictions"]
+    before = scored_count()
+    again = call(model, {"instances": [tx(70), tx(71, customer_id="C2")]})["predictions"]
+    assert again == first and scored_count() == before  # answered from the ledger, not scored again
+    with pytest.raises(TransactionConflict, match="'TX70' was already scored with different content"):
+        call(model, {"instances": [tx(70, tx_amount=99_999.0)]})
+    assert call(model, {"instances": [tx(70)]})["predictions"] == first[:1]  # nothing was overwritten
+    mixed = call(model, {"instances": [tx(72), tx(71, customer_id="C2")]})["predictions"]
+    assert [p["transaction_id"] for p in mixed] == ["TX72", "TX71"] and mixed[1] == first[1]
+    assert scored_count() == before + 1  # only the new transaction was scored
+    with pytest.raises(TransactionConflict, match="appears twice in the request"):
+        call(model, {"instances": [tx(73), tx(73, tx_amount=1.0)]})
+
+
+def test_replicas_share_the_redis_ledger(bundle_dir, redis_prefix):
+    replica_a = ledger_model(bundle_dir, idempotency="redis", idempotency_prefix=redis_prefix)
+    replica_b = ledger_model(bundle_dir, idempotency="redis", idempotency_prefix=redis_prefix)
+    answer = call(replica_a, {"instances": [tx(80)]})
+    assert call(replica_b, {"instances": [tx(80)]}) == answer
+    v2 = call(replica_b, v2_request(v2_columns([tx(80)])))
+    assert {o.name: o.data for o in v2.outputs}["fraud_probability"] == [answer["predictions"][0]["fraud_probability"]]
+    with pytest.raises(TransactionConflict):
+        call(replica_b, {"instances": [tx(80, terminal_id="T2")]})
+    with pytest.raises(TransactionConflict):
+        call(replica_a, {"instances": [tx(80, tx_datetime="2026-03-10T14:31:00Z")]})
+
+
+def test_unreachable_redis_ledger_follows_the_degraded_mode(bundle_dir, monkeypatch):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    monkeypatch.setenv("FRAUD_REDIS_URL", f"127.0.0.1:{closed}")
+    fail_open = ledger_model(bundle_dir, idempotency="redis", store_timeout_s=0.5)
+    assert call(fail_open, {"instances": [tx(90)]})["predictions"][0]["transaction_id"] == "TX90"
+    fail_closed = ledger_model(bundle_dir, idempotency="redis", store_timeout_s=0.5, fail_closed=True)
+    with pytest.raises(ServerNotReady, match="idempotency ledger is unavailable"):
+        call(fail_closed, {"instances": [tx(91)]})
+
+
+def test_answers_without_the_debug_scope_carry_no_feature_vectors(model):
+    plain = call(model, {"instances": [tx(0)]}, scopes=frozenset({"score"}))["predictions"][0]
+    assert "features" not in plain and plain["decision"] in ("approve", "review", "decline")
+    outputs = [o.name for o in call(model, v2_request(v2_columns([tx(0)])), scopes=frozenset({"score"})).outputs]
+    assert "feature_vector" not in outputs and "reason_codes" in outputs

@@ -47,7 +47,16 @@ N_DAYS = 20
 SCORING_DAY = FIRST_DAY + timedelta(days=N_DAYS)
 CUSTOMERS = [f"C{i:07d}" for i in range(6)]
 TERMINALS = [f"T{i:07d}" for i in range(5)]
-STARTUP_TIMEOUT_S = 120.0
+STARTUP_TIMEOUT_S = 300.0  # a loaded CI machine imports KServe, Feast and XGBoost slowly
+#: Bearer tokens of the test servers (`--token-file`): scoring with the feature vectors, scoring only
+DEBUG_TOKEN = "debug-token-0123456789abcdef"
+SCORE_TOKEN = "score-token-0123456789abcdef"
+EXPLAIN_TOKEN = "explain-token-0123456789abcdef"
+TOKEN_LINES = f"{DEBUG_TOKEN} score,debug\n{SCORE_TOKEN} score\n{EXPLAIN_TOKEN} explain\n"
+
+
+def bearer(token: str | None = DEBUG_TOKEN) -> dict[str, str]:
+    return {"authorization": f"Bearer {token}"} if token else {}
 
 
 # --- hand-made raw data and the Feast store ------------------------------------------------------
@@ -123,10 +132,23 @@ class PredictorProcess:
 
 
 def start_predictor(
-    tmp_dir: Path, bundle: Path | str, data_root: Path | None, *extra: str, env: dict | None = None
+    tmp_dir: Path,
+    bundle: Path | str,
+    data_root: Path | None,
+    *extra: str,
+    env: dict | None = None,
+    auth: bool = True,
+    idempotency: str = "off",
 ) -> PredictorProcess:
+    """`python -m predictor` on free ports; with `auth` it takes the TOKEN_LINES tokens (`--token-file`).
+    Idempotency is off unless asked for: these tests reuse transaction ids for different content."""
     http_port, grpc_port = free_port(), free_port()
     log_path = tmp_dir / f"predictor-{http_port}.log"
+    if auth:
+        token_file = tmp_dir / "tokens"
+        token_file.write_text(TOKEN_LINES)
+        extra = ("--token-file", str(token_file), *extra)
+    extra = ("--idempotency", idempotency, *extra)
     process_env = {k: v for k, v in os.environ.items() if not k.startswith("FRAUD_")}
     if data_root is not None:
         process_env["FRAUD_DATA_DIR"] = str(data_root)
@@ -155,7 +177,15 @@ def start_predictor(
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, data_root, bundle):
     predictor = start_predictor(
-        tmp_path_factory.mktemp("server"), bundle, data_root, "--online-store", "sqlite", "--max-batch-size", "16"
+        tmp_path_factory.mktemp("server"),
+        bundle,
+        data_root,
+        "--online-store",
+        "sqlite",
+        "--max-batch-size",
+        "16",
+        "--store-timeout",
+        "10",  # a loaded test machine must not turn the warm-up lookup into an outage
     )
     try:
         predictor.wait_ready()
@@ -185,22 +215,22 @@ def tx(
     return body
 
 
-def predict_v1(server: PredictorProcess, body) -> httpx.Response:
+def predict_v1(server: PredictorProcess, body, token: str | None = DEBUG_TOKEN) -> httpx.Response:
     content = body if isinstance(body, (bytes, str)) else json.dumps(body)
     return httpx.post(
         f"{server.url}/v1/models/{MODEL_NAME}:predict",
         content=content,
-        headers={"content-type": "application/json"},
+        headers={"content-type": "application/json", **bearer(token)},
         timeout=30,
     )
 
 
-def infer_v2(server: PredictorProcess, body) -> httpx.Response:
+def infer_v2(server: PredictorProcess, body, token: str | None = DEBUG_TOKEN) -> httpx.Response:
     content = body if isinstance(body, (bytes, str)) else json.dumps(body)
     return httpx.post(
         f"{server.url}/v2/models/{MODEL_NAME}/infer",
         content=content,
-        headers={"content-type": "application/json"},
+        headers={"content-type": "application/json", **bearer(token)},
         timeout=30,
     )
 
@@ -327,13 +357,13 @@ def grpc_request(rows: list[dict]) -> InferRequest:
     return InferRequest(model_name=MODEL_NAME, infer_inputs=inputs, request_id="grpc-req")
 
 
-def grpc_infer(predictor: PredictorProcess, rows: list[dict]) -> InferResponse:
+def grpc_infer(predictor: PredictorProcess, rows: list[dict], token: str | None = DEBUG_TOKEN) -> InferResponse:
     """ModelInfer over gRPC with KServe's own client (InferenceGRPCClient)."""
 
     async def call() -> InferResponse:
         client = InferenceGRPCClient(predictor.grpc_target, timeout=60, retries=0)  # count each call once
         try:
-            return await client.infer(grpc_request(rows))
+            return await client.infer(grpc_request(rows), headers=tuple(bearer(token).items()))
         finally:
             await client.close()
 
@@ -370,7 +400,8 @@ import numpy as np
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-target, model, rows = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+target, model, rows, token = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
+headers = {"authorization": f"Bearer {token}"}
 client = grpcclient.InferenceServerClient(target)
 arrays = {
     "transaction_id": np.array([r["transaction_id"].encode() for r in rows], dtype=np.object_),
@@ -385,7 +416,7 @@ for name, array in arrays.items():
     tensor.set_data_from_numpy(array.reshape(-1, 1))
     inputs.append(tensor)
 out = {"live": client.is_server_live(), "ready": client.is_model_ready(model)}
-result = client.infer(model, inputs)
+result = client.infer(model, inputs, headers=headers)
 out["fraud_probability"] = result.as_numpy("fraud_probability").tolist()
 out["decision"] = [v.decode() for v in result.as_numpy("decision")]
 out["features_missing"] = result.as_numpy("features_missing").tolist()
@@ -396,7 +427,7 @@ out["outputs"] = [(o["name"], o["datatype"], o["shape"]) for o in metadata["outp
 arrays["tx_amount"][0] = -1.0
 inputs[3].set_data_from_numpy(arrays["tx_amount"].reshape(-1, 1))
 try:
-    client.infer(model, inputs)
+    client.infer(model, inputs, headers=headers)
     out["bad"] = None
 except InferenceServerException as exc:
     out["bad"] = [str(exc.status()), exc.message()]
@@ -407,7 +438,7 @@ print(json.dumps(out))
 def test_v2_grpc_with_tritonclient_in_its_own_process(server):
     rows = [tx(14), tx(15, customer=CUSTOMERS[5], terminal=TERMINALS[1]), tx(16, terminal="T-new")]
     completed = subprocess.run(
-        [PYTHON, "-c", TRITON_GRPC_CLIENT, server.grpc_target, MODEL_NAME, json.dumps(rows)],
+        [PYTHON, "-c", TRITON_GRPC_CLIENT, server.grpc_target, MODEL_NAME, json.dumps(rows), DEBUG_TOKEN],
         capture_output=True,
         text=True,
         timeout=120,
@@ -431,19 +462,20 @@ def test_v2_http_binary_tensors_with_tritonclient(server):
     rows = [tx(11), tx(12, terminal=TERMINALS[2])]
     client = triton_http.InferenceServerClient(f"127.0.0.1:{server.http_port}")
     try:
-        result = client.infer(MODEL_NAME, triton_inputs(triton_http, rows))
+        result = client.infer(MODEL_NAME, triton_inputs(triton_http, rows), headers=bearer())
         assert result.as_numpy("fraud_probability").shape == (2,)
         assert result.as_numpy("features_stale").tolist() == [False, False]
         only = client.infer(
             MODEL_NAME,
             triton_inputs(triton_http, rows),
             outputs=[triton_http.InferRequestedOutput("decision", binary_data=False)],
+            headers=bearer(),
         )
         assert [o["name"] for o in only.get_response()["outputs"]] == ["decision"]
         nan_input = triton_inputs(triton_http, [tx(13)])
         nan_input[3].set_data_from_numpy(np.array([math.nan]))
         with pytest.raises(InferenceServerException) as error:
-            client.infer(MODEL_NAME, nan_input)
+            client.infer(MODEL_NAME, nan_input, headers=bearer())
         assert error.value.status() == "400"
         assert "input 'tx_amount'[0]: must be a finite number" in error.value.message()
     finally:
@@ -491,6 +523,12 @@ V1_BAD_REQUESTS = [
     ({"instances": [tx(i) for i in range(17)]}, "batch of 17 transactions exceeds the maximum batch size 16"),
     ('{"instances": [{"transaction_id": "RQ1", "tx_amount": NaN}]}', "Unrecognized request format"),
     ('{"instances": [', "Unrecognized request format"),
+    ({"instances": [tx(1, transaction_id="RQ\u00001")]}, "instances[0].transaction_id: may only hold the characters"),
+    ({"instances": [tx(1, customer_id="C\u00e9l\u00e8ne")]}, "instances[0].customer_id: may only hold the characters"),
+    ({"instances": [tx(1, terminal_id="T 1\n")]}, "instances[0].terminal_id: may only hold the characters"),
+    ({"instances": [tx(1, customer_id="4111111111111111")]}, "instances[0].customer_id: looks like a card number"),
+    ({"instances": [tx(1, terminal_id="5500-0000-0000-0004")]}, "instances[0].terminal_id: looks like a card number"),
+    ({"instances": [tx(1, transaction_id="X" * 65)]}, "instances[0].transaction_id: must be at most 64 characters"),
 ]
 
 
@@ -517,8 +555,18 @@ V2_BAD_REQUESTS = [
     (_v2_bad(lambda inputs: inputs.pop(1)), "['customer_id'] missing"),
     (
         _v2_bad(lambda inputs: inputs.append({"name": "label", "datatype": "INT64", "shape": [2], "data": [0, 1]})),
+        "inputs: 6 input tensors given, a request has exactly 5",
+    ),
+    (
+        _v2_bad(lambda inputs: inputs[4].update(name="label")),
         "unknown input tensor(s) ['label']",
     ),
+    (_v2_bad(lambda inputs: inputs[1].update(data=["C\u00001", "C2"])), "input 'customer_id'[0]: may only hold"),
+    (
+        _v2_bad(lambda inputs: inputs[1].update(data=["C1", "4111111111111111"])),
+        "input 'customer_id'[1]: looks like a card",
+    ),
+    ({**v2_body([tx(1)]), "id": "req\u0000"}, "id: may only hold the characters"),
     (
         _v2_bad(lambda inputs: inputs[4].update(data=["2026-01-21T10:00:00", "not a time"])),
         "input 'tx_datetime'[1]: 'not a time' is not an ISO-8601 timestamp",
@@ -710,6 +758,8 @@ def kserve_path_server(tmp_path_factory, data_root, bundle):
         "16",
         "--rest-fast-path",
         "false",
+        "--store-timeout",
+        "10",
     )
     try:
         predictor.wait_ready()
@@ -754,7 +804,10 @@ def test_requests_the_fast_path_does_not_take_are_answered_by_kserve(server):
     assert [o["name"] for o in response.json()["outputs"]] == ["fraud_probability", "decision"]
     # no JSON content type: KServe's handler (and its own answer), not the fast path
     response = httpx.post(
-        f"{server.url}/v1/models/{MODEL_NAME}:predict", content=json.dumps({"instances": [tx(1)]}), timeout=30
+        f"{server.url}/v1/models/{MODEL_NAME}:predict",
+        content=json.dumps({"instances": [tx(1)]}),
+        headers=bearer(),
+        timeout=30,
     )
     assert response.status_code == 200 and response.json()["predictions"][0]["transaction_id"] == "RQ0001"
     # other models' routes are not this model's
@@ -765,6 +818,59 @@ def predict_v1_to(server: PredictorProcess, model: str, body: dict) -> httpx.Res
     return httpx.post(
         f"{server.url}/v1/models/{model}:predict",
         content=json.dumps(body),
-        headers={"content-type": "application/json"},
+        headers={"content-type": "application/json", **bearer()},
         timeout=30,
     )
+
+
+# --- tests: authentication and least disclosure --------------------------------------------------------
+def test_scoring_needs_a_token_with_the_score_scope(server):
+    no_token = predict_v1(server, {"instances": [tx(1)]}, token=None)
+    assert no_token.status_code == 401 and no_token.headers["www-authenticate"] == "Bearer"
+    assert infer_v2(server, v2_body([tx(1)]), token="not-a-known-token-at-all").status_code == 401
+    explain_only = predict_v1(server, {"instances": [tx(1)]}, token=EXPLAIN_TOKEN)
+    assert explain_only.status_code == 403 and "`score` scope" in explain_only.json()["error"]
+    # KServe's own handler (no JSON content type) is behind the same gate
+    kserve_path = httpx.post(f"{server.url}/v1/models/{MODEL_NAME}:predict", content=json.dumps({"instances": [tx(1)]}))
+    assert kserve_path.status_code == 401
+    # health, readiness, metadata and metrics stay open
+    for path in ("/v2/health/live", "/v2/health/ready", f"/v2/models/{MODEL_NAME}", "/metrics"):
+        assert httpx.get(f"{server.url}{path}").status_code == 200, path
+    for token, code in ((None, grpc.StatusCode.UNAUTHENTICATED), (EXPLAIN_TOKEN, grpc.StatusCode.PERMISSION_DENIED)):
+        with pytest.raises(grpc.RpcError) as error:
+            grpc_infer(server, [tx(2)], token=token)
+        assert error.value.code() == code
+
+
+def test_feature_vectors_only_for_the_debug_scope(server):
+    rows = [tx(1), tx(2, customer="C-new")]
+    scored = predict_v1(server, {"instances": rows}, token=SCORE_TOKEN)
+    assert scored.status_code == 200
+    assert all("features" not in p for p in scored.json()["predictions"])
+    debug = predict_v1(server, {"instances": rows}).json()["predictions"]
+    assert [p["fraud_probability"] for p in scored.json()["predictions"]] == [p["fraud_probability"] for p in debug]
+    assert all(list(p["features"]) == list(MODEL_FEATURES) for p in debug)
+    v2 = infer_v2(server, v2_body(rows), token=SCORE_TOKEN).json()
+    assert "feature_vector" not in outputs_by_name(v2) and "decision" in outputs_by_name(v2)
+    kserve_v1 = httpx.post(
+        f"{server.url}/v1/models/{MODEL_NAME}:predict",
+        content=json.dumps({"instances": rows}),
+        headers=bearer(SCORE_TOKEN),
+    )
+    assert kserve_v1.status_code == 200 and all("features" not in p for p in kserve_v1.json()["predictions"])
+    names = [output.name for output in grpc_infer(server, rows, token=SCORE_TOKEN).outputs]
+    assert "feature_vector" not in names and "fraud_probability" in names
+
+
+def test_malformed_token_file_stops_the_predictor_at_start(tmp_path, bundle):
+    (tmp_path / "bad-tokens").write_text("only-one-field-here-0123456789\n")
+    completed = subprocess.run(
+        [PYTHON, "-m", "predictor", "--bundle", str(bundle), "--token-file", str(tmp_path / "bad-tokens")],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=STARTUP_TIMEOUT_S,
+        check=False,
+    )
+    assert completed.returncode == 2
+    assert "line 1: expected `<token> <scope>" in completed.stderr and "Traceback" not in completed.stderr

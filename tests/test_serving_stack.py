@@ -13,8 +13,8 @@ import json
 import os
 import shutil
 import signal
-import sqlite3
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -304,7 +304,7 @@ def test_v2_grpc_through_the_transformer_reaches_the_real_predictor(stack):
     text = lambda name: [v.decode() if isinstance(v, bytes) else str(v) for v in outputs[name].as_numpy()]
     assert text("transaction_id") == [r["transaction_id"] for r in rows]
     assert set(text("decision")) <= {"approve", "review", "decline"}
-    assert outputs["feature_vector"].as_numpy().shape == (2, 16)
+    assert "feature_vector" not in outputs  # least disclosure: no caller of the stack has the debug scope
     with pytest.raises(grpc.aio.AioRpcError) as error:
         asyncio.run(call([-1.0, 5.0]))
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -320,6 +320,29 @@ def test_fraud_score_reports_bad_input_and_an_unreachable_server(stack, tmp_path
     result = stack.fraud("score", "--url", f"http://127.0.0.1:{free_port()}", "--sample", "2")
     assert result.returncode == 2
     assert "cannot reach the scoring service" in result.stderr
+
+
+def test_the_predictor_port_answers_only_the_transformer(stack):
+    """The predictor binds loopback and needs the transformer's own token (it alone gets feature vectors)."""
+    body = {"instances": traffic(1, seed=11)}
+    predictor_url = f"http://127.0.0.1:{stack.predictor_port}"
+    response = httpx.post(f"{predictor_url}/v1/models/{MODEL_NAME}:predict", json=body, timeout=30)
+    assert response.status_code == 401
+    credentials = stack.log_dir / "credentials"
+    assert oct(credentials.stat().st_mode & 0o777) == "0o700"
+    assert oct((credentials / "transformer-token").stat().st_mode & 0o777) == "0o600"
+    through = httpx.post(f"{stack.url}/v1/models/{MODEL_NAME}:predict", json=body, timeout=30)
+    assert through.status_code == 200 and "features" not in through.json()["predictions"][0]
+
+
+def test_card_numbers_are_refused_by_the_transformer_before_the_predictor(stack):
+    bad = {**traffic(1, seed=12)[0], "customer_id": "4111 1111 1111 1111"}
+    response = httpx.post(f"{stack.url}/v1/models/{MODEL_NAME}:predict", json={"instances": [bad]}, timeout=30)
+    assert response.status_code == 400
+    assert "instances[0].customer_id" in response.json()["error"] and "4111" not in response.text
+    pan = {**traffic(1, seed=12)[0], "terminal_id": "4111111111111111"}
+    response = httpx.post(f"{stack.url}/v1/models/{MODEL_NAME}:predict", json={"instances": [pan]}, timeout=30)
+    assert response.status_code == 400 and "looks like a card number" in response.json()["error"]
 
 
 def test_a_transaction_the_predictor_rejects_is_a_400_through_the_transformer(stack):

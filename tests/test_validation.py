@@ -54,6 +54,7 @@ def test_each_rejection_reason_is_counted_and_rows_kept(tmp_path):
         "invalid_label": 1,
         "timestamp_out_of_range": 1,
         "duplicate_transaction_id": 1,
+        "invalid_identifier": 0,
     }
     assert result.report.rows_read == 10 and result.report.rows_valid == 3
     assert list(result.valid["transaction_id"]) == [transaction_key(i) for i in (0, 8, 9)]
@@ -128,3 +129,17 @@ def test_remote_scheme_without_its_package_names_it():
         pytest.skip("gcsfs is installed; the missing-package message cannot be shown")
     with pytest.raises(ValidationError, match="gcsfs"):
         validation.validate_uri("gs://some-bucket/raw")
+
+
+def test_identifiers_outside_the_rule_and_card_numbers_are_rejected_and_not_stored(tmp_path):
+    frame = _good_rows(5).astype({"customer_id": object})
+    frame.loc[1, "customer_id"] = "4111111111111111"  # a Luhn-valid card number
+    frame.loc[2, "terminal_id"] = "T\u00e9rminal"
+    frame.loc[3, "transaction_id"] = "TX\x07bell"
+    path = tmp_path / "in.csv"
+    frame.to_csv(path, index=False)
+    result = validation.validate_uri(str(path))
+    assert result.report.rejected["invalid_identifier"] == 3
+    assert list(result.valid["transaction_id"]) == [transaction_key(i) for i in (0, 4)]
+    assert "4111111111111111" not in result.rejected.to_csv()
+    assert validation.CARD_NUMBER_REMOVED in set(result.rejected["customer_id"])

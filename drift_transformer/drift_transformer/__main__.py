@@ -19,11 +19,13 @@ import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 
-from kserve import ModelServer, PredictorConfig, model_server
+from kserve import PredictorConfig, model_server
 from kserve.logging import KSERVE_TRACE_LOGGER_NAME, configure_logging, logger
 from kserve.utils.utils import strtobool
 
+from drift_transformer.auth import Authorizer, TokenFileError
 from drift_transformer.drift import (
     DEFAULT_ONLINE_FEATURES,
     DriftConfigError,
@@ -31,7 +33,9 @@ from drift_transformer.drift import (
     DriftReference,
     MonitorConfig,
 )
+from drift_transformer.edge import DEFAULT_MAX_BODY_BYTES, RequestGate
 from drift_transformer.passthrough import PassThroughRoutes
+from drift_transformer.server import LOOPBACK, EdgeModelServer
 from drift_transformer.transformer import (
     PROTOCOL_GRPC_V2,
     DriftTransformer,
@@ -78,6 +82,35 @@ def build_parser() -> argparse.ArgumentParser:
         type=strtobool,
         default=False,
         help="log one uvicorn access line per HTTP request (INFO)",
+    )
+    parser.add_argument(
+        "--host",
+        default=LOOPBACK,
+        help="address the HTTP and gRPC servers bind (loopback by default; in a pod: 0.0.0.0)",
+    )
+    parser.add_argument(
+        "--token_file",
+        default=None,
+        help="bearer tokens with their scopes, one `<token> <scope>[,<scope>...]` per line (scopes: score, "
+        "explain, debug); scoring then needs `Authorization: Bearer <token>` (401/403 otherwise)",
+    )
+    parser.add_argument(
+        "--trust_scope_header",
+        action="store_true",
+        help="take the caller's scopes from the x-fraud-scopes header set by the mesh from the validated JWT; "
+        "only where nothing but the mesh can reach the server",
+    )
+    parser.add_argument(
+        "--max_body_bytes",
+        type=int,
+        default=DEFAULT_MAX_BODY_BYTES,
+        help="largest request body (HTTP 413 above) and gRPC message accepted",
+    )
+    parser.add_argument(
+        "--predictor_token_file",
+        default=None,
+        help="file holding the bearer token the transformer sends to the predictor (a token the predictor's "
+        "--token-file grants `score,debug`); the client's own Authorization is never forwarded",
     )
     defaults = MonitorConfig()
     parser.add_argument(
@@ -154,6 +187,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def read_predictor_token(path: str | None) -> str | None:
+    """The token in `--predictor_token_file` (its first non-empty line); TokenFileError if unusable."""
+    if not path:
+        return None
+    try:
+        lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TokenFileError(f"--predictor_token_file {path}: cannot read it ({exc})") from None
+    if not lines or " " in lines[0]:
+        raise TokenFileError(f"--predictor_token_file {path}: expected one token on its first line")
+    return lines[0]
+
+
 def predictor_protocol(args: argparse.Namespace, argv: list[str]) -> str:
     """`--predictor_protocol` when given, else the older `--protocol` (both are KServe's)."""
     if any(arg == "--predictor_protocol" or arg.startswith("--predictor_protocol=") for arg in argv):
@@ -199,6 +245,17 @@ def main(argv: list[str] | None = None) -> int:
         print("python -m drift_transformer: --predictor_host HOST:PORT is required", file=sys.stderr)
         return 2
     try:
+        authorizer = Authorizer.from_options(args.token_file, args.trust_scope_header)
+        predictor_token = read_predictor_token(args.predictor_token_file)
+    except TokenFileError as exc:
+        print(f"python -m drift_transformer: {exc}", file=sys.stderr)
+        return 2
+    if args.max_body_bytes < 1024:
+        print(
+            f"python -m drift_transformer: --max_body_bytes must be >= 1024, got {args.max_body_bytes}", file=sys.stderr
+        )
+        return 2
+    try:
         config = MonitorConfig(
             window_size=args.drift_window_size,
             p_val=args.drift_p_val,
@@ -231,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         predictor_protocol=protocol,
         connect_timeout=args.predictor_connect_timeout_seconds,
         request_timeout=float(args.predictor_request_timeout_seconds),
+        authorizer=authorizer,
+        predictor_token=predictor_token,
     )
     transformer.load()
     logger.info(
@@ -252,7 +311,14 @@ def main(argv: list[str] | None = None) -> int:
             request_timeout=float(args.predictor_request_timeout_seconds),
             forward_v2=protocol != PROTOCOL_GRPC_V2,
         )
-    server = ModelServer(
+    # outermost of this module's middlewares: credentials and the body cap before any other work
+    model_server.app.add_middleware(RequestGate, authorizer=authorizer, max_body_bytes=args.max_body_bytes)
+    logger.info(
+        "authentication: %s; listening on %s; body cap %d bytes", authorizer.describe(), args.host, args.max_body_bytes
+    )
+    server = EdgeModelServer(
+        host=args.host,
+        max_body_bytes=args.max_body_bytes,
         http_port=args.http_port,
         grpc_port=args.grpc_port,
         workers=1,  # one process: the drift monitor's windows live in this process

@@ -27,6 +27,11 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import orjson
+from kserve.errors import InvalidInput
+
+from drift_transformer.auth import SCOPE_DEBUG
+from drift_transformer.edge import REQUEST_SCOPES
+from drift_transformer.identifiers import check_v1_ids, check_v2_json_ids
 
 if TYPE_CHECKING:
     from drift_transformer.transformer import DriftTransformer
@@ -45,8 +50,9 @@ MAX_FAST_BODY_BYTES = 16 * 1024 * 1024
 #: keep-alive connections after 5 s, and a request written on a connection being closed would fail.
 KEEPALIVE_SECONDS = 4.0
 #: Request headers sent on to the predictor (KServe's forwardable headers, and tracing)
+#: (not the client's Authorization: the transformer calls the predictor with its own credentials)
 FORWARDED_HEADERS = frozenset(
-    {b"x-request-id", b"x-b3-traceid", b"x-b3-spanid", b"x-b3-sampled", b"traceparent", b"tracestate", b"authorization"}
+    {b"x-request-id", b"x-b3-traceid", b"x-b3-spanid", b"x-b3-sampled", b"traceparent", b"tracestate"}
 )
 
 
@@ -65,7 +71,7 @@ class PassThroughRoutes:
     ) -> None:
         """`forward_v2` False leaves V2 requests to KServe's handlers (the predictor is called over
         gRPC then, `--protocol grpc-v2`)."""
-        from drift_transformer.transformer import PROTOCOL_V1, PROTOCOL_V2
+        from drift_transformer.transformer import PROTOCOL_V1, PROTOCOL_V2, strip_v1_features, strip_v2_json_features
 
         self.app = app
         self.transformer = transformer
@@ -74,6 +80,8 @@ class PassThroughRoutes:
         self.connect_timeout = connect_timeout
         self.request_timeout = request_timeout
         self.max_connections = max_connections
+        self.protocol_v1 = PROTOCOL_V1
+        self.strip = {PROTOCOL_V1: strip_v1_features, PROTOCOL_V2: strip_v2_json_features}
         self.routes = {f"/v1/models/{transformer.name}:predict": PROTOCOL_V1}
         if forward_v2:
             self.routes[f"/v2/models/{transformer.name}/infer"] = PROTOCOL_V2
@@ -97,18 +105,37 @@ class PassThroughRoutes:
         if not complete or not body.lstrip().startswith(b"{"):  # not a JSON object: KServe's 400
             await self.app(scope, _replay(body, complete, receive), send)
             return
+        try:
+            request = orjson.loads(body)
+            (check_v1_ids if protocol == self.protocol_v1 else check_v2_json_ids)(request)
+        except orjson.JSONDecodeError:  # KServe's own 400 for a malformed body
+            await self.app(scope, _replay(body, complete, receive), send)
+            return
+        except InvalidInput as exc:
+            status, content_type, answer = _error(400, str(exc))
+            await _send(send, status, content_type, answer)
+            self.transformer.metrics.requests.labels(protocol=protocol, status="400").inc()
+            return
         headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"] if k in FORWARDED_HEADERS}
+        headers.update(self.transformer.predictor_headers)
         headers["content-type"] = "application/json"
         status, content_type, answer = await self._forward(protocol, path, body, headers)
-        response_headers = [
-            (b"content-type", content_type.encode("latin-1")),
-            (b"content-length", str(len(answer)).encode()),
-        ]
-        await send({"type": "http.response.start", "status": status, "headers": response_headers})
-        await send({"type": "http.response.body", "body": answer})
-        self.transformer.metrics.requests.labels(protocol=protocol, status=str(status)).inc()
+        result = None
         if status == 200:
-            self.transformer.observe_answer(protocol, answer)
+            try:
+                result = orjson.loads(answer)
+            except orjson.JSONDecodeError:
+                logger.error("the predictor's answer is not JSON; not passed on")
+                status, content_type, answer = _error(502, "the predictor's answer could not be read")
+        vectors = None
+        if result is not None:
+            vectors = self.transformer.answer_vectors(protocol, result)  # before the answer is stripped
+            if SCOPE_DEBUG not in (REQUEST_SCOPES.get() or ()):
+                answer = orjson.dumps(self.strip[protocol](result))
+        await _send(send, status, content_type, answer)
+        self.transformer.metrics.requests.labels(protocol=protocol, status=str(status)).inc()
+        if vectors is not None:
+            self.transformer.submit_vectors(*vectors)
 
     async def _forward(self, protocol: str, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, str, bytes]:
         """(status, content type, body) of the predictor's answer, or of the transformer's error answer."""
@@ -127,7 +154,8 @@ class PassThroughRoutes:
         except (aiohttp.ClientError, OSError) as exc:
             metrics.predictor_errors.labels(kind="unavailable").inc()
             detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            return _error(503, f"predictor at {self.host} is unreachable ({detail})")
+            logger.warning("predictor at %s is unreachable (%s)", self.host, detail)
+            return _error(503, "the predictor is unreachable")
         finally:
             metrics.predictor_seconds.labels(protocol=protocol).observe(time.perf_counter() - started)
         if status >= 400:
@@ -155,6 +183,12 @@ class PassThroughRoutes:
             return message
 
         return wrapped
+
+
+async def _send(send: Send, status: int, content_type: str, answer: bytes) -> None:
+    headers = [(b"content-type", content_type.encode("latin-1")), (b"content-length", str(len(answer)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": answer})
 
 
 def _error(status: int, message: str) -> tuple[int, str, bytes]:

@@ -35,6 +35,7 @@ import httpx
 import numpy as np
 import orjson
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from grpc_interceptor.exceptions import GrpcException
 from kserve import Model
@@ -45,7 +46,10 @@ from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.infer_type import InferRequest, InferResponse
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 
+from drift_transformer.auth import SCOPE_DEBUG, SCOPE_HEADER, SCOPE_SCORE, Authorizer
 from drift_transformer.drift import DriftMonitor
+from drift_transformer.edge import REQUEST_SCOPES
+from drift_transformer.identifiers import check_infer_request_ids, check_v1_ids
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +57,43 @@ PROTOCOL_V1 = "v1"
 PROTOCOL_V2 = "v2"
 PROTOCOL_GRPC_V2 = "grpc-v2"
 FEATURE_VECTOR_OUTPUT = "feature_vector"
+#: Scopes the transformer asks of the predictor: it needs the feature vectors for the drift monitor,
+#: and removes them from the answer of a client without the `debug` scope.
+PREDICTOR_SCOPES = f"{SCOPE_SCORE} {SCOPE_DEBUG}"
+
+
+def predictor_credentials(token: str | None) -> dict[str, str]:
+    """Headers of every call to the predictor: the transformer's own credentials, never the client's.
+
+    `x-fraud-scopes` is honoured by a predictor started with `--trust-scope-header` (in a pod, where
+    only the transformer may reach it); a bearer token by a predictor with a `--token-file` listing it."""
+    headers = {SCOPE_HEADER: PREDICTOR_SCOPES}
+    if token:
+        headers["authorization"] = f"Bearer {token}"
+    return headers
+
+
+def client_may_debug() -> bool:
+    return SCOPE_DEBUG in (REQUEST_SCOPES.get() or ())
+
+
+def strip_v1_features(result: Any) -> Any:
+    """A V1 answer without the `features` of each prediction."""
+    predictions = result.get("predictions") if isinstance(result, dict) else None
+    if isinstance(predictions, list):
+        for prediction in predictions:
+            if isinstance(prediction, dict):
+                prediction.pop("features", None)
+    return result
+
+
+def strip_v2_json_features(result: Any) -> Any:
+    """A V2 REST JSON answer without the `feature_vector` output."""
+    outputs = result.get("outputs") if isinstance(result, dict) else None
+    if isinstance(outputs, list):
+        result["outputs"] = [o for o in outputs if not (isinstance(o, dict) and o.get("name") == FEATURE_VECTOR_OUTPUT)]
+    return result
+
 
 _HTTP_TO_GRPC_STATUS: dict[int, grpc.StatusCode] = {
     400: grpc.StatusCode.INVALID_ARGUMENT,
@@ -117,9 +158,22 @@ async def predictor_error_handler(_: Request, exc: Exception) -> Response:
     return JSONResponse(status_code=exc.http_status, content={"error": exc.message})
 
 
+async def malformed_request_handler(_: Request, exc: Exception) -> JSONResponse:
+    """A V2 body FastAPI cannot validate: 400 naming where and why, as the predictor answers it -
+    never FastAPI's 422 echoing the whole input (which also fails with a 500 on a non-finite number)."""
+    assert isinstance(exc, RequestValidationError)
+    problems = []
+    for error in exc.errors()[:5]:
+        where = ".".join(str(part) for part in error.get("loc", ()))
+        problems.append(f"{where}: {error.get('msg', 'invalid')}")
+    return JSONResponse(status_code=400, content={"error": "malformed request: " + "; ".join(problems)[:500]})
+
+
 def install_exception_handlers(app: FastAPI) -> None:
-    """Map PredictorError to its HTTP status on KServe's FastAPI app (otherwise it would be a 500)."""
+    """Map PredictorError to its HTTP status on KServe's FastAPI app (otherwise it would be a 500),
+    and a body FastAPI cannot validate to a 400."""
     app.add_exception_handler(PredictorError, predictor_error_handler)
+    app.add_exception_handler(RequestValidationError, malformed_request_handler)
 
 
 class NotReadyAnswerFilter(logging.Filter):
@@ -307,8 +361,14 @@ class DriftTransformer(Model):
         request_timeout: float = 30.0,
         max_connections: int = 100,
         metrics: TransformerMetrics | None = None,
+        authorizer: Authorizer | None = None,
+        predictor_token: str | None = None,
     ) -> None:
         super().__init__(name)
+        #: who may call the transformer (gRPC here; REST in drift_transformer.edge.RequestGate)
+        self.authorizer = authorizer or Authorizer()
+        #: headers of every call to the predictor (the client's Authorization is never sent on)
+        self.predictor_headers = predictor_credentials(predictor_token)
         if predictor_protocol not in (PROTOCOL_V1, PROTOCOL_V2, PROTOCOL_GRPC_V2):
             raise ValueError(f"predictor protocol must be v1, v2 or grpc-v2, got {predictor_protocol!r}")
         self.monitor = monitor
@@ -352,6 +412,10 @@ class DriftTransformer(Model):
             raise InvalidInput(
                 f'request body must be a JSON object (V1: {{"instances": [...]}}), got {type(payload).__name__}'
             )
+        if isinstance(payload, InferRequest):
+            check_infer_request_ids(payload)
+        else:
+            check_v1_ids(payload)
         return payload
 
     def _rest_client(self, protocol: str) -> InferenceRESTClient:
@@ -370,6 +434,8 @@ class DriftTransformer(Model):
     ):
         protocol = client_protocol(body)
         try:
+            if REQUEST_SCOPES.get() is None:  # gRPC (REST requests were admitted by drift_transformer.edge)
+                REQUEST_SCOPES.set(self.authorizer.authorize(headers or {}, SCOPE_SCORE))
             result = await super().__call__(body, headers, verb)
         except Exception as exc:  # a cancelled request (client gone) is not an answer and is not counted
             self.metrics.requests.labels(protocol=protocol, status=str(status_of(exc))).inc()
@@ -404,7 +470,9 @@ class DriftTransformer(Model):
     ) -> dict | InferResponse:
         config = self.predictor_config
         host = config.predictor_host
-        forward_headers = append_forwardable_headers(headers, {"Content-Type": "application/json"})
+        client_headers = {k: v for k, v in (headers or {}).items() if k.lower() != "authorization"}
+        forward_headers = append_forwardable_headers(client_headers, {"Content-Type": "application/json"})
+        forward_headers.update(self.predictor_headers)
         data = v2_json_body(payload) if isinstance(payload, InferRequest) else payload
         try:
             return await self._rest_client(protocol).infer(
@@ -433,20 +501,24 @@ class DriftTransformer(Model):
             raise PredictorTimeout(f"predictor at {host} did not answer within {self.timeout.read:g}s") from None
         except httpx.TransportError as exc:
             self.metrics.predictor_errors.labels(kind="unavailable").inc()
-            raise PredictorUnavailable(
-                f"predictor at {host} is unreachable ({type(exc).__name__}: {exc or 'connection failed'})"
-            ) from None
+            logger.warning("predictor at %s is unreachable (%s: %s)", host, type(exc).__name__, exc)
+            raise PredictorUnavailable("the predictor is unreachable") from None
 
     async def _grpc_forward(self, payload: InferRequest, headers: dict[str, str] | None) -> InferResponse:
         host = self.predictor_config.predictor_host
+        metadata = [("request_type", "grpc_v2"), ("response_type", "grpc_v2")]
+        metadata += [(k, v) for k, v in (headers or {}).items() if k.lower() in ("x-request-id", "x-b3-traceid")]
+        metadata += list(self.predictor_headers.items())
         try:
-            return await self._grpc_predict(payload, headers)
+            return await self._grpc_client.infer(infer_request=payload, headers=tuple(metadata))
         except grpc.aio.AioRpcError as exc:
             code = exc.code()
             http_status = _GRPC_TO_HTTP_STATUS.get(code, 500)
             kind = "unavailable" if code == grpc.StatusCode.UNAVAILABLE else "grpc"
             self.metrics.predictor_errors.labels(kind=kind).inc()
-            message = f"predictor at {host} answered gRPC {code.name}: {exc.details()}"
+            logger.warning("predictor at %s answered gRPC %s: %s", host, code.name, exc.details())
+            details = exc.details() if http_status < 500 else "see the transformer log"
+            message = f"predictor answered gRPC {code.name}: {details}"
             if http_status == 503:
                 raise PredictorUnavailable(message) from None
             raise PredictorError(http_status, message) from None
@@ -458,7 +530,8 @@ class DriftTransformer(Model):
         headers: dict[str, str] | None = None,
         response_headers: dict[str, str] | None = None,
     ) -> dict | InferResponse:
-        """Queue the answer's feature vectors for drift detection; return the answer unchanged."""
+        """Queue the answer's feature vectors for drift detection; return the answer, without the
+        feature vectors unless the client has the `debug` scope."""
         names = self.monitor.reference.feature_names
         try:
             if isinstance(result, InferResponse):
@@ -468,24 +541,30 @@ class DriftTransformer(Model):
         except Exception:  # never fail a scored request because of monitoring
             logger.exception("could not read feature vectors from the predictor's answer")
             self.metrics.vectors_missing.inc()
-            return result
-        self._submit(vectors, unusable)
+            vectors, unusable = None, 0
+        if vectors is not None:
+            self._submit(vectors, unusable)
+        if not client_may_debug():
+            if isinstance(result, InferResponse):
+                result.outputs = [output for output in result.outputs if output.name != FEATURE_VECTOR_OUTPUT]
+            else:
+                strip_v1_features(result)
         return result
 
-    def observe_answer(self, protocol: str, answer: bytes) -> None:
-        """Queue the feature vectors of a predictor answer the REST pass-through returned as it came
-        (`drift_transformer.passthrough`); called after the answer was sent."""
+    def answer_vectors(self, protocol: str, result: Any) -> tuple[np.ndarray, int] | None:
+        """The feature vectors (and unusable rows) of a predictor answer (parsed JSON) the REST
+        pass-through forwarded (`drift_transformer.passthrough`); None when they cannot be read."""
         names = self.monitor.reference.feature_names
         try:
-            result = orjson.loads(answer)
             if protocol == PROTOCOL_V1:
-                vectors, unusable = v1_feature_vectors(result, names)
-            else:
-                vectors, unusable = v2_json_feature_vectors(result, len(names))
+                return v1_feature_vectors(result, names)
+            return v2_json_feature_vectors(result, len(names))
         except Exception:  # never let monitoring disturb serving
             logger.exception("could not read feature vectors from the predictor's answer")
             self.metrics.vectors_missing.inc()
-            return
+            return None
+
+    def submit_vectors(self, vectors: np.ndarray, unusable: int) -> None:
         self._submit(vectors, unusable)
 
     def _submit(self, vectors: np.ndarray, unusable: int) -> None:

@@ -24,11 +24,25 @@ import httpx
 import numpy as np
 import pytest
 from conftest import AMOUNT, FEATURE_NAMES, free_port, sample_vectors
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 MODEL = "fraud-detector"
+#: Bearer tokens of the test transformers (`--token_file`): scoring with the feature vectors, scoring only
+DEBUG_TOKEN = "debug-token-0123456789abcdef"
+SCORE_TOKEN = "score-token-0123456789abcdef"
+TOKEN_LINES = f"{DEBUG_TOKEN} score,debug\n{SCORE_TOKEN} score\n"
+DEBUG_HEADERS = {"authorization": f"Bearer {DEBUG_TOKEN}"}
+
+
+def post(url: str, **kwargs) -> httpx.Response:
+    """httpx.post with the debug token unless the call sets its own Authorization."""
+    return httpx.post(url, headers={**DEBUG_HEADERS, **kwargs.pop("headers", {})}, **kwargs)
+
+
 PROJECT_DIR = Path(__file__).resolve().parent.parent
-STARTUP_TIMEOUT_S = 90
+STARTUP_TIMEOUT_S = 300  # a loaded CI machine imports KServe and Alibi Detect slowly
 
 
 # --- the stand-in predictor ---------------------------------------------------------------------
@@ -43,6 +57,8 @@ def feature_vector(transaction_id: str, amount: float) -> list[float]:
 class StandInPredictor:
     port: int
     paths: list[str] = field(default_factory=list)
+    #: the request headers of every POST, in order (lower-case names)
+    headers: list[dict[str, str]] = field(default_factory=list)
     #: the bytes of every answer sent, in order
     answers: list[bytes] = field(default_factory=list)
     #: transactions whose id starts with "SLOW" are answered after this many seconds
@@ -72,20 +88,25 @@ class StandInPredictor:
 
             def do_POST(self) -> None:
                 owner.paths.append(self.path)
+                owner.headers.append({k.lower(): v for k, v in self.headers.items()})
                 raw = self.rfile.read(int(self.headers["content-length"]))
                 if self.headers.get("inference-header-content-length"):
                     # like KServe 0.21's model server: the binary tensor extension is not parsed
                     self._send(400, {"detail": "There was an error parsing the body"})
                     return
-                body = json.loads(raw)
                 if b'"SLOW' in raw:
                     time.sleep(owner.slow_seconds)
-                if self.path == f"/v1/models/{MODEL}:predict":
-                    self._v1(body)
-                elif self.path == f"/v2/models/{MODEL}/infer":
-                    self._v2(body)
-                else:
-                    self._send(404, {"error": f"no route {self.path}"})
+                try:
+                    body = json.loads(raw)
+                    if self.path == f"/v1/models/{MODEL}:predict":
+                        self._v1(body)
+                    elif self.path == f"/v2/models/{MODEL}/infer":
+                        self._v2(body)
+                    else:
+                        self._send(404, {"error": f"no route {self.path}"})
+                except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+                    # the real predictor refuses any malformed request with a 400
+                    self._send(400, {"error": "malformed request"})
 
             def _v1(self, body: dict) -> None:
                 predictions = []
@@ -197,6 +218,8 @@ class Transformer:
 def spawn_transformer(bundle: Path, predictor_port: int, log: Path, *extra: str) -> Transformer:
     """Start the transformer process without waiting for it (its output unbuffered into `log`)."""
     http_port, grpc_port = free_port(), free_port()
+    token_file = log.parent / "tokens"
+    token_file.write_text(TOKEN_LINES)
     command = [
         sys.executable, "-m", "drift_transformer",
         "--model_name", MODEL,
@@ -206,6 +229,7 @@ def spawn_transformer(bundle: Path, predictor_port: int, log: Path, *extra: str)
         "--grpc_port", str(grpc_port),
         "--bundle", str(bundle),
         "--predictor_request_timeout_seconds", "10",
+        "--token_file", str(token_file),
         *extra,
     ]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # the log file shows every line as it is written
@@ -304,7 +328,7 @@ def v2_body(txs: list[dict]) -> dict:
 # --- tests ------------------------------------------------------------------------------------------
 def test_v1_request_is_forwarded_and_answer_returned_unchanged(transformer, predictor):
     txs = transactions(3, start=1)
-    response = httpx.post(f"{transformer.url}/v1/models/{MODEL}:predict", json={"instances": txs}, timeout=10)
+    response = post(f"{transformer.url}/v1/models/{MODEL}:predict", json={"instances": txs}, timeout=10)
     assert response.status_code == 200, response.text
     predictions = response.json()["predictions"]
     assert [p["transaction_id"] for p in predictions] == [t["transaction_id"] for t in txs]
@@ -316,7 +340,7 @@ def test_v1_request_is_forwarded_and_answer_returned_unchanged(transformer, pred
 
 def test_v2_rest_request_is_forwarded_to_the_v2_endpoint(transformer, predictor):
     txs = transactions(4, start=100)
-    response = httpx.post(f"{transformer.url}/v2/models/{MODEL}/infer", json=v2_body(txs), timeout=10)
+    response = post(f"{transformer.url}/v2/models/{MODEL}/infer", json=v2_body(txs), timeout=10)
     assert response.status_code == 200, response.text
     outputs = {o["name"]: o for o in response.json()["outputs"]}
     assert outputs["transaction_id"]["data"] == [t["transaction_id"] for t in txs]
@@ -345,7 +369,8 @@ def test_v2_grpc_request_from_a_client_is_forwarded(transformer, predictor):
             tensor.set_data_from_numpy(array)
             inputs.append(tensor)
         try:
-            return await client.infer(InferRequest(model_name=MODEL, infer_inputs=inputs, request_id="g1"))
+            request = InferRequest(model_name=MODEL, infer_inputs=inputs, request_id="g1")
+            return await client.infer(request, headers=tuple(DEBUG_HEADERS.items()))
         finally:
             await client.close()
 
@@ -362,13 +387,13 @@ def test_v1_body_without_json_content_type_is_accepted_and_garbage_is_a_400(tran
     url = f"{transformer.url}/v1/models/{MODEL}:predict"
     txs = transactions(1, start=400)
     form = {"content-type": "application/x-www-form-urlencoded"}  # what `curl -d` sends
-    response = httpx.post(url, content=json.dumps({"instances": txs}), headers=form, timeout=10)
+    response = post(url, content=json.dumps({"instances": txs}), headers=form, timeout=10)
     assert response.status_code == 200, response.text
     assert response.json()["predictions"][0]["transaction_id"] == txs[0]["transaction_id"]
-    response = httpx.post(url, content=b"instances=1", headers=form, timeout=10)
+    response = post(url, content=b"instances=1", headers=form, timeout=10)
     assert response.status_code == 400
     assert "not valid JSON" in response.json()["error"]
-    response = httpx.post(url, json=[1, 2], timeout=10)
+    response = post(url, json=[1, 2], timeout=10)
     assert response.status_code == 400
     assert "must be a JSON object" in response.json()["error"]
 
@@ -376,11 +401,11 @@ def test_v1_body_without_json_content_type_is_accepted_and_garbage_is_a_400(tran
 def test_predictor_400_is_passed_through_with_its_body(transformer):
     bad = transactions(2, start=300)
     bad[1]["tx_amount"] = -5
-    response = httpx.post(f"{transformer.url}/v1/models/{MODEL}:predict", json={"instances": bad}, timeout=10)
+    response = post(f"{transformer.url}/v1/models/{MODEL}:predict", json={"instances": bad}, timeout=10)
     assert response.status_code == 400
     assert response.json() == {"error": "instances[1].tx_amount: must be > 0, got -5"}
     v2 = v2_body(bad)
-    response = httpx.post(f"{transformer.url}/v2/models/{MODEL}/infer", json=v2, timeout=10)
+    response = post(f"{transformer.url}/v2/models/{MODEL}/infer", json=v2, timeout=10)
     assert response.status_code == 400
     assert response.json() == {"error": "input 'tx_amount'[0]: must be > 0"}
     assert transformer.metric("fraud_transformer_requests_total", protocol="v1", status="400") >= 1
@@ -394,19 +419,17 @@ def test_drift_metric_rises_under_shifted_traffic(transformer):
     # complete the window the earlier tests started, so the next windows hold only this test's traffic
     fill = int(transformer.metric("fraud_drift_window_fill") or 0)
     if fill:
-        httpx.post(url, json={"instances": transactions(100 - fill, start=5000, seed=9)}, timeout=10)
+        post(url, json={"instances": transactions(100 - fill, start=5000, seed=9)}, timeout=10)
         before += 1
     for batch in range(5):  # reference-like: one window of 100
-        response = httpx.post(
-            url, json={"instances": transactions(20, start=10_000 + 20 * batch, seed=batch)}, timeout=10
-        )
+        response = post(url, json={"instances": transactions(20, start=10_000 + 20 * batch, seed=batch)}, timeout=10)
         assert response.status_code == 200
     transformer.wait_for_metric("fraud_drift_windows_evaluated_total", before + 1)
     assert transformer.metric("fraud_drift_detected") == 0
     assert transformer.metric("fraud_drift_feature_drift", feature="tx_amount_feature") == 0
     for batch in range(5):  # amounts x3: one window of 100
         txs = transactions(20, start=20_000 + 20 * batch, amount_factor=3.0, seed=100 + batch)
-        assert httpx.post(url, json={"instances": txs}, timeout=10).status_code == 200
+        assert post(url, json={"instances": txs}, timeout=10).status_code == 200
     transformer.wait_for_metric("fraud_drift_windows_evaluated_total", before + 2)
     assert transformer.metric("fraud_drift_detected") == 1
     assert transformer.metric("fraud_drift_feature_drift", feature="tx_amount_feature") == 1
@@ -427,8 +450,8 @@ def test_request_path_writes_no_log_lines(transformer):
     before = transformer.log.read_text()
     url = f"{transformer.url}/v1/models/{MODEL}:predict"
     for i in range(5):
-        assert httpx.post(url, json={"instances": transactions(2, start=30_000 + 2 * i)}, timeout=10).status_code == 200
-    v2 = httpx.post(f"{transformer.url}/v2/models/{MODEL}/infer", json=v2_body(transactions(2, start=1)), timeout=10)
+        assert post(url, json={"instances": transactions(2, start=30_000 + 2 * i)}, timeout=10).status_code == 200
+    v2 = post(f"{transformer.url}/v2/models/{MODEL}/infer", json=v2_body(transactions(2, start=1)), timeout=10)
     assert v2.status_code == 200
     new_lines = transformer.log.read_text()[len(before) :]
     assert [line for line in new_lines.splitlines() if any(m in line for m in PER_REQUEST_LOG_MARKERS)] == []
@@ -441,20 +464,21 @@ def test_predictor_down_answers_503_fast(module_dir):
         "--enable_latency_logging", "true", "--enable_access_log", "true",
     )  # fmt: skip
     try:
-        response = httpx.post(
+        response = post(
             f"{down.url}/v1/models/{MODEL}:predict", json={"instances": transactions(1, start=1)}, timeout=10
         )
         assert response.status_code == 503
         # fast: the refused connection is the answer - no connect or read timeout was waited for
         assert "unreachable" in response.json()["error"]
-        assert f"127.0.0.1:{dead_port}" in response.json()["error"]
+        assert f"127.0.0.1:{dead_port}" not in response.text  # 5xx bodies name no internal address
         assert down.metric("fraud_transformer_predictor_errors_total", kind="timeout") is None
-        response = httpx.post(f"{down.url}/v2/models/{MODEL}/infer", json=v2_body(transactions(1, start=1)), timeout=10)
+        response = post(f"{down.url}/v2/models/{MODEL}/infer", json=v2_body(transactions(1, start=1)), timeout=10)
         assert response.status_code == 503
         assert down.metric("fraud_transformer_predictor_errors_total", kind="unavailable") == 2
         assert down.metric("fraud_transformer_requests_total", protocol="v1", status="503") == 1
         # asked for, the per-request lines are back (so the test above can see them when they are there)
         log = down.log.read_text()
+        assert f"predictor at 127.0.0.1:{dead_port} is unreachable" in log  # the detail goes to the log
         assert f"kserve.trace kserve.io.v1.models.{MODEL}:predict" in log
         assert "uvicorn.access" in log and f"POST /v2/models/{MODEL}/infer" in log
     finally:
@@ -511,7 +535,7 @@ def test_ready_only_once_the_online_detector_is_configured(module_dir, predictor
                 observed_not_ready.append(time.monotonic())
                 if len(observed_not_ready) == 1:  # the server is up and live, but does not score yet
                     assert httpx.get(f"{running.url}/v2/health/live", timeout=2).status_code == 200
-                    response = httpx.post(
+                    response = post(
                         f"{running.url}/v1/models/{MODEL}:predict",
                         json={"instances": transactions(1, start=1)},
                         timeout=10,
@@ -525,7 +549,7 @@ def test_ready_only_once_the_online_detector_is_configured(module_dir, predictor
         url = f"{running.url}/v1/models/{MODEL}:predict"
         for i in range(5):  # 500 vectors in batches of 100, well above 50 per second
             txs = transactions(100, start=40_000 + 100 * i, seed=i)
-            assert httpx.post(url, json={"instances": txs}, timeout=10).status_code == 200
+            assert post(url, json={"instances": txs}, timeout=10).status_code == 200
         running.wait_idle()
         elapsed = time.monotonic() - started
         updated = running.metric("fraud_drift_online_vectors_updated_total")
@@ -556,7 +580,7 @@ def test_pass_through_returns_the_predictors_answer_byte_for_byte(transformer, p
         (f"{transformer.url}/v1/models/{MODEL}:predict", {"instances": txs}),
         (f"{transformer.url}/v2/models/{MODEL}/infer", v2_body(txs)),
     ]:
-        response = httpx.post(url, json=body, headers={"x-request-id": "pass-1"}, timeout=10)
+        response = post(url, json=body, headers={"x-request-id": "pass-1"}, timeout=10)
         assert response.status_code == 200, response.text
         assert response.content == predictor.answers[-1]
         assert response.headers["content-type"] == "application/json"
@@ -568,16 +592,16 @@ def test_pass_through_and_kserve_path_give_the_same_answer(transformer, kserve_p
     answers = []
     for running in (transformer, kserve_path_transformer):
         if protocol == "v1":
-            response = httpx.post(f"{running.url}/v1/models/{MODEL}:predict", json={"instances": txs}, timeout=10)
+            response = post(f"{running.url}/v1/models/{MODEL}:predict", json={"instances": txs}, timeout=10)
         else:
-            response = httpx.post(f"{running.url}/v2/models/{MODEL}/infer", json=v2_body(txs), timeout=10)
+            response = post(f"{running.url}/v2/models/{MODEL}/infer", json=v2_body(txs), timeout=10)
         assert response.status_code == 200, response.text
         answers.append(response.json())
     fast, reference = answers
     if protocol == "v1":
         assert fast == reference
     else:  # KServe re-encodes the answer: same tensors, its own envelope
-        as_tensors = lambda answer: {o["name"]: (o["datatype"], o["shape"], o["data"]) for o in answer["outputs"]}  # noqa: E731
+        as_tensors = lambda answer: {o["name"]: (o["datatype"], o["shape"], o["data"]) for o in answer["outputs"]}
         assert as_tensors(fast) == as_tensors(reference)
         assert fast["id"] == reference["id"] == "req-1"
 
@@ -589,15 +613,162 @@ def test_pass_through_times_out_with_504_and_counts_it(module_dir, predictor):
     )  # fmt: skip
     try:
         slow = [{**transactions(1, start=1)[0], "transaction_id": "SLOW-1"}]
-        response = httpx.post(f"{impatient.url}/v1/models/{MODEL}:predict", json={"instances": slow}, timeout=10)
+        response = post(f"{impatient.url}/v1/models/{MODEL}:predict", json={"instances": slow}, timeout=10)
         assert response.status_code == 504, response.text
         assert "did not answer within 1s" in response.json()["error"]  # the configured timeout ended the wait
         assert impatient.metric("fraud_transformer_predictor_errors_total", kind="timeout") == 1
         assert impatient.metric("fraud_transformer_requests_total", protocol="v1", status="504") == 1
         # the next request is answered normally (the timed-out connection is not reused)
-        response = httpx.post(
+        response = post(
             f"{impatient.url}/v1/models/{MODEL}:predict", json={"instances": transactions(1, start=2)}, timeout=10
         )
         assert response.status_code == 200, response.text
     finally:
         stop_process(impatient.process)
+
+
+# --- the serving edge: tokens, disclosure, identifiers, body cap, binding, fuzzing ---------------------
+def test_scoring_needs_a_token_and_the_client_token_is_not_forwarded(transformer, predictor):
+    url = f"{transformer.url}/v1/models/{MODEL}:predict"
+    body = {"instances": transactions(1, start=900)}
+    calls = len(predictor.paths)
+    missing = httpx.post(url, json=body, timeout=10)
+    assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
+    assert httpx.post(url, json=body, headers={"authorization": "Bearer wrong-token-0123456789"}).status_code == 401
+    assert len(predictor.paths) == calls  # refused before anything reached the predictor
+    assert post(url, json=body, headers={"authorization": f"Bearer {SCORE_TOKEN}"}, timeout=10).status_code == 200
+    sent = predictor.headers[-1]
+    assert "authorization" not in sent and sent["x-fraud-scopes"] == "score debug"
+    for path in ("/v2/health/ready", "/metrics", f"/v2/models/{MODEL}"):
+        assert httpx.get(f"{transformer.url}{path}", timeout=10).status_code == 200, path
+
+
+def test_feature_vectors_only_for_the_debug_scope_while_drift_still_sees_them(transformer):
+    score_only = {"authorization": f"Bearer {SCORE_TOKEN}"}
+    transformer.wait_idle()
+    received = transformer.metric("fraud_drift_vectors_received_total") or 0.0
+    v1 = post(f"{transformer.url}/v1/models/{MODEL}:predict", json={"instances": transactions(3, start=910)},
+              headers=score_only, timeout=10)  # fmt: skip
+    assert v1.status_code == 200 and all("features" not in p for p in v1.json()["predictions"])
+    v2 = post(f"{transformer.url}/v2/models/{MODEL}/infer", json=v2_body(transactions(2, start=920)),
+              headers=score_only, timeout=10)  # fmt: skip
+    assert v2.status_code == 200 and "feature_vector" not in [o["name"] for o in v2.json()["outputs"]]
+    form = {**score_only, "content-type": "application/x-www-form-urlencoded"}  # KServe's handler
+    kserve = post(f"{transformer.url}/v1/models/{MODEL}:predict", content=json.dumps({"instances": transactions(
+        1, start=930)}), headers=form, timeout=10)  # fmt: skip
+    assert kserve.status_code == 200 and "features" not in kserve.json()["predictions"][0]
+    assert transformer.wait_for_metric("fraud_drift_vectors_received_total", received + 6) >= received + 6
+
+
+def test_card_numbers_and_hostile_ids_are_refused_before_forwarding(transformer, predictor):
+    calls = len(predictor.paths)
+    bad_v1 = [{**transactions(1, start=940)[0], "customer_id": "4111111111111111"}]
+    response = post(f"{transformer.url}/v1/models/{MODEL}:predict", json={"instances": bad_v1}, timeout=10)
+    assert response.status_code == 400
+    assert response.json()["error"].startswith("instances[0].customer_id: looks like a card number")
+    bad_v2 = v2_body(transactions(2, start=950))
+    bad_v2["inputs"][2]["data"][1] = "T\u0000"
+    response = post(f"{transformer.url}/v2/models/{MODEL}/infer", json=bad_v2, timeout=10)
+    assert response.status_code == 400 and "input 'terminal_id'[1]: may only hold" in response.json()["error"]
+    flood = {"inputs": [{"name": "x", "datatype": "BYTES", "shape": [1], "data": ["a"]}] * 2000}
+    response = post(f"{transformer.url}/v2/models/{MODEL}/infer", json=flood, timeout=10)
+    assert response.status_code == 400 and "2000 input tensors" in response.json()["error"]
+    assert len(predictor.paths) == calls
+
+
+def test_one_body_cap_on_the_pass_through_and_the_kserve_path(transformer):
+    big = json.dumps({"instances": transactions(1, start=960), "pad": "x" * (3 * 1024 * 1024)})
+    for content_type in ("application/json", "application/x-www-form-urlencoded"):
+        response = post(f"{transformer.url}/v1/models/{MODEL}:predict", content=big,
+                        headers={"content-type": content_type}, timeout=30)  # fmt: skip
+        assert response.status_code == 413, content_type
+    assert transformer.process.poll() is None
+
+
+def test_transformer_listens_on_loopback_only(transformer):
+    def listening(port: int) -> set[str]:
+        found = set()
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                address, port_hex = fields[1].rsplit(":", 1)
+                if int(port_hex, 16) == port and fields[3] == "0A":
+                    found.add(address)
+        return found
+
+    loopback = {"0100007F", "0000000000000000FFFF00000100007F"}  # 127.0.0.1 and its v4-mapped IPv6 form
+    for port in (transformer.http_port, transformer.grpc_port):
+        assert listening(port) and listening(port) <= loopback
+
+
+def test_strip_helpers_leave_everything_but_the_vectors():
+    from drift_transformer.transformer import strip_v1_features, strip_v2_json_features
+
+    v1 = {"predictions": [{"transaction_id": "T1", "decision": "approve", "features": {"a": 1.0}}, "odd"]}
+    assert strip_v1_features(v1) == {"predictions": [{"transaction_id": "T1", "decision": "approve"}, "odd"]}
+    v2 = {"outputs": [{"name": "decision", "data": ["approve"]}, {"name": "feature_vector", "data": [1.0]}]}
+    assert strip_v2_json_features(v2) == {"outputs": [{"name": "decision", "data": ["approve"]}]}
+
+
+def test_malformed_token_file_stops_the_transformer_at_start(tmp_path, bundle_dir):
+    (tmp_path / "tokens").write_text("0123456789abcdef0123 score,root\n")
+    completed = subprocess.run(
+        [sys.executable, "-m", "drift_transformer", "--predictor_host", "127.0.0.1:1", "--bundle", str(bundle_dir),
+         "--token_file", str(tmp_path / "tokens")],
+        cwd=PROJECT_DIR, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert completed.returncode == 2
+    assert "line 1: unknown scope(s) ['root']" in completed.stderr and "Traceback" not in completed.stderr
+
+
+JSON_SCALARS = (
+    st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70) | st.floats(allow_nan=False)
+    | st.text(max_size=60) | st.sampled_from(["4111111111111111", "TX\u00001", "\u00e9", "2026-11-29T10:00:00"])
+)  # fmt: skip
+JSON_VALUES = st.recursive(
+    JSON_SCALARS, lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=10), inner, max_size=5),
+    max_leaves=25,
+)  # fmt: skip
+FIELDS = st.sampled_from(["transaction_id", "customer_id", "terminal_id", "tx_amount", "tx_datetime"]) | st.text(
+    max_size=12
+)
+BODIES = st.one_of(
+    st.fixed_dictionaries({"instances": st.lists(st.dictionaries(FIELDS, JSON_VALUES, max_size=6), max_size=12)}),
+    st.fixed_dictionaries(
+        {"inputs": st.lists(st.fixed_dictionaries({"name": FIELDS, "datatype": st.sampled_from(["BYTES", "FP64", "X"]),
+                                                   "shape": st.lists(st.integers(-2, 2**40), max_size=3),
+                                                   "data": st.lists(JSON_VALUES, max_size=12)}), max_size=7)},
+        optional={"id": JSON_SCALARS},
+    ),
+    JSON_VALUES,
+).map(lambda body: json.dumps(body).encode()) | st.binary(max_size=1500)  # fmt: skip
+
+
+def fuzz_transformer(transformer: Transformer, examples: int, derandomize: bool) -> None:
+    def resident_kib() -> int:
+        status = Path(f"/proc/{transformer.process.pid}/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1])
+
+    before = resident_kib()
+
+    @settings(max_examples=examples, deadline=None, derandomize=derandomize, database=None)
+    @given(route=st.sampled_from([f"/v1/models/{MODEL}:predict", f"/v2/models/{MODEL}/infer"]), body=BODIES,
+           json_type=st.booleans())  # fmt: skip
+    def check(route, body, json_type):
+        headers = {"content-type": "application/json"} if json_type else {}
+        response = post(f"{transformer.url}{route}", content=body, headers=headers, timeout=30)
+        assert response.status_code < 500, (response.status_code, response.text[:300], body[:300])
+        assert len(response.content) < 20_000
+
+    check()
+    assert transformer.process.poll() is None
+    assert resident_kib() - before < 200 * 1024
+
+
+def test_fuzzed_v1_and_v2_bodies_never_get_a_5xx(transformer):
+    fuzz_transformer(transformer, examples=40, derandomize=True)
+
+
+@pytest.mark.slow
+def test_fuzzed_v1_and_v2_bodies_never_get_a_5xx_long_run(transformer):
+    fuzz_transformer(transformer, examples=1500, derandomize=False)

@@ -87,6 +87,20 @@ def serve_command(
             "drained into FRAUD_AUDIT_DB_URL, else SQLite <data dir>/audit/audit.db (migrated at start).",
         ),
     ] = True,
+    host: Annotated[
+        str,
+        typer.Option(
+            "--host", help="Address the transformer binds (clients call it); the predictor stays on loopback."
+        ),
+    ] = "127.0.0.1",
+    token_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--token-file",
+            help="Bearer tokens with scopes, one `<token> <scope>[,<scope>...]` per line (scopes: score, explain, "
+            "debug); scoring then needs `Authorization: Bearer <token>` (401/403 otherwise). docs/serving.md.",
+        ),
+    ] = None,
 ) -> None:
     """Serve the fraud model locally: predictor + drift transformer on loopback ports (Ctrl-C stops both)."""
     from rich.console import Console
@@ -121,6 +135,8 @@ def serve_command(
         pid_file.unlink()
     logs = (log_dir or DataLayout.current().root / "serve").resolve()
     config = StackConfig(
+        host=host,
+        token_file=token_file.resolve() if token_file else None,
         bundle=resolve_bundle(bundle),
         port=port,
         grpc_port=grpc_port,
@@ -184,7 +200,10 @@ def _start_detached(config, pid_file: Path, console) -> None:
         *_online_ert_option(config.transformer_args),
         "--pid-file", str(pid_file),
         "--log-dir", str(config.log_dir),
+        "--host", config.host,
     ]  # fmt: skip
+    if config.token_file:
+        command += ["--token-file", str(config.token_file)]
     if config.online_store:
         command += ["--online-store", config.online_store]
     if config.store_timeout_s is not None:
@@ -233,7 +252,8 @@ def _print_endpoints(config, console) -> None:
     table.add_column("address")
     table.add_row("V1 REST", f"{config.url}/v1/models/{config.model_name}:predict")
     table.add_row("V2 REST", f"{config.url}/v2/models/{config.model_name}/infer")
-    table.add_row("V2 gRPC", f"127.0.0.1:{config.grpc_port}")
+    table.add_row("V2 gRPC", f"{config.host}:{config.grpc_port}")
+    table.add_row("authentication", f"bearer tokens of {config.token_file}" if config.token_file else "off")
     table.add_row("metrics (drift)", f"{config.url}/metrics")
     table.add_row("predictor (internal)", config.predictor_url)
     table.add_row("bundle", str(config.bundle))
@@ -266,6 +286,12 @@ def score_command(
     summary: Annotated[
         bool, typer.Option("--summary", help="Print counts by decision (and label) instead of one row per transaction.")
     ] = False,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            "--token", envvar="FRAUD_API_TOKEN", help="Bearer token for a stack started with --token-file (score)."
+        ),
+    ] = None,
 ) -> None:
     """Send transactions through the serving stack and print the decisions."""
     from rich.console import Console
@@ -284,7 +310,11 @@ def score_command(
         else sample_raw_transactions(DataLayout.current(), sample, seed)
     )
     batches = [transactions[start : start + batch_size] for start in range(0, len(transactions), batch_size)]
-    scored = [row for batch in batches for row in score_transactions(url, batch, protocol=protocol, timeout_s=timeout)]
+    scored = [
+        row
+        for batch in batches
+        for row in score_transactions(url, batch, protocol=protocol, timeout_s=timeout, token=token)
+    ]
     labels = {tx["transaction_id"]: tx.get("tx_fraud") for tx in transactions}
     if summary:
         _print_decision_summary(scored, labels, url, protocol)

@@ -102,6 +102,8 @@ def build_inference_service(
     tmp_env = [_env("HOME", "/tmp"), _env("TMPDIR", "/tmp")]
     predictor_args = ["--model_name", name, "--http_port", "8080", "--bundle", MODEL_DIR]
     predictor_args += ["--audit-spool-max-records", "200000"]
+    # in a pod: every interface; the caller's scopes from the mesh (docs/security.md, "Serving edge")
+    predictor_args += ["--host", "0.0.0.0", "--trust-scope-header"]
     spool_mount = {"name": AUDIT_SPOOL_VOLUME, "mountPath": AUDIT_SPOOL_DIR}
     audit_writer = {
         "name": AUDIT_WRITER_CONTAINER,
@@ -210,6 +212,9 @@ def build_inference_service(
                             "v2",
                             "--http_port",
                             "8080",
+                            "--host",
+                            "0.0.0.0",
+                            "--trust_scope_header",
                         ],
                         "ports": [{"containerPort": 8080, "protocol": "TCP"}],
                         "env": [_env(STORAGE_URI_ENV, storage_uri), *tmp_env],

@@ -15,7 +15,9 @@ the order of `REJECTION_REASONS`):
 * `non_positive_amount` — `tx_amount` <= 0 (or not finite);
 * `invalid_label`  — `tx_fraud` not 0/1 or a negative fraud scenario;
 * `timestamp_out_of_range` — `tx_datetime` outside [min, max] (default 2000-01-01 .. now + 1 day);
-* `duplicate_transaction_id` — a transaction id seen before (the first occurrence is kept).
+* `duplicate_transaction_id` — a transaction id seen before (the first occurrence is kept);
+* `invalid_identifier` — an id outside `fraud.schema`'s identifier rule (characters, length) or
+  shaped like a card number; such a card number is not copied into the rejected rows either.
 
 The valid rows are written in the simulator's layout (Hive partitions `day=YYYY-MM-DD/part-0.parquet`,
 `RAW_TRANSACTION_SCHEMA`) so that the offline feature builder reads them unchanged.
@@ -36,7 +38,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from fraud.errors import UserError
-from fraud.schema import RAW_TRANSACTION_SCHEMA, TRANSACTION_ID, TX_AMOUNT, TX_DATETIME, TX_FRAUD, TX_FRAUD_SCENARIO
+from fraud.schema import (
+    CUSTOMER_ID,
+    RAW_TRANSACTION_SCHEMA,
+    TERMINAL_ID,
+    TRANSACTION_ID,
+    TX_AMOUNT,
+    TX_DATETIME,
+    TX_FRAUD,
+    TX_FRAUD_SCENARIO,
+    identifier_problem,
+    looks_like_card_number,
+)
 
 REJECTION_REASONS: tuple[str, ...] = (
     "invalid_type",
@@ -45,7 +58,10 @@ REJECTION_REASONS: tuple[str, ...] = (
     "invalid_label",
     "timestamp_out_of_range",
     "duplicate_transaction_id",
+    "invalid_identifier",
 )
+ID_COLUMNS = (TRANSACTION_ID, CUSTOMER_ID, TERMINAL_ID)
+CARD_NUMBER_REMOVED = "<card number removed>"
 DEFAULT_MIN_TIMESTAMP = datetime(2000, 1, 1)
 DAY_PARTITION = "day"
 PARTITION_FILE = "part-0.parquet"
@@ -223,6 +239,11 @@ def validate_frame(
         candidate & typed[TRANSACTION_ID].where(candidate).duplicated(keep="first") & typed[TRANSACTION_ID].notna()
     )
     mark(duplicate, "duplicate_transaction_id")
+    card_numbers = pd.Series(False, index=raw.index)
+    for column in ID_COLUMNS:
+        values = typed[column]
+        mark(values.notna() & values.fillna("").map(identifier_problem).notna(), "invalid_identifier")
+        card_numbers |= values.fillna("").map(looks_like_card_number).astype(bool)
 
     ok = reason.isna()
     valid = typed.loc[ok].copy()
@@ -235,6 +256,9 @@ def validate_frame(
             valid[field_.name] = valid[field_.name].astype(field_.type.to_pandas_dtype())
     valid = valid.sort_values([TX_DATETIME, TRANSACTION_ID], kind="mergesort").reset_index(drop=True)
     rejected = raw.loc[~ok].astype(str).assign(rejection_reason=reason.loc[~ok].astype(str))
+    for column in ID_COLUMNS:  # never store a card number, not even among the rejected rows
+        pan = card_numbers.loc[~ok] & typed[column].loc[~ok].fillna("").map(looks_like_card_number).astype(bool)
+        rejected.loc[pan, column] = CARD_NUMBER_REMOVED
     counts = reason.value_counts()
     report = ValidationReport(
         source_uri=source_uri,

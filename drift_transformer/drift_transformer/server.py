@@ -1,0 +1,149 @@
+"""KServe's ModelServer, bound where it is told and with the transformer's limits and error answers.
+
+KServe 0.20's `ModelServer.start` builds a uvicorn server on `0.0.0.0` and a gRPC server on
+`[::]`, with gRPC message limits taken from its own module-level argument parsing, and answers any
+unexpected exception with HTTP 500 carrying the exception's type and text. `EdgeModelServer` runs
+the same two servers (one REST process; the transformer never runs several workers) with
+
+* both servers bound to `host` (`--host`, loopback unless told otherwise; a pod passes 0.0.0.0);
+* gRPC `max_receive_message_length` = the REST body cap (`--max-body-bytes`), so one message cannot
+  hold more than one REST body;
+* gRPC model-repository load/unload refused (PERMISSION_DENIED), as `drift_transformer.edge` refuses them
+  over REST;
+* HTTP 500 answers with a generic body (the exception goes to the log) and `AuthError` answered
+  401/403 on the KServe REST path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from concurrent import futures
+from typing import Any
+
+import fastapi
+from fastapi.responses import JSONResponse
+from grpc import HandlerCallDetails, RpcMethodHandler, StatusCode, aio, unary_unary_rpc_method_handler
+from kserve import ModelServer
+from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING, MAX_GRPC_MESSAGE_LENGTH
+from kserve.logging import logger
+from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
+from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor
+from kserve.protocol.grpc.server import GRPCServer
+from kserve.protocol.grpc.servicer import InferenceServicer
+from kserve.protocol.rest.server import RESTServer
+
+from drift_transformer.auth import AuthError
+from drift_transformer.edge import INTERNAL_ERROR
+
+LOOPBACK = "127.0.0.1"
+_REPOSITORY_METHODS = (
+    "/inference.GRPCInferenceService/RepositoryModelLoad",
+    "/inference.GRPCInferenceService/RepositoryModelUnload",
+)
+
+
+async def generic_error_handler(_: fastapi.Request, exc: Exception) -> JSONResponse:
+    logger.error("Exception:", exc_info=exc)
+    return JSONResponse(status_code=500, content={"error": INTERNAL_ERROR})
+
+
+async def auth_error_handler(_: fastapi.Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, AuthError)
+    headers = {"www-authenticate": "Bearer"} if exc.http_status == 401 else None
+    return JSONResponse(status_code=exc.http_status, content={"error": exc.message}, headers=headers)
+
+
+class EdgeRESTServer(RESTServer):
+    def __init__(self, *args: Any, host: str = LOOPBACK, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.config.host = host  # the uvicorn server reads it when it binds
+
+    def _add_exception_handlers(self, app: fastapi.FastAPI) -> None:
+        super()._add_exception_handlers(app)
+        app.add_exception_handler(Exception, generic_error_handler)
+        app.add_exception_handler(AuthError, auth_error_handler)
+
+
+class RepositoryChangesRefused(aio.ServerInterceptor):
+    """gRPC RepositoryModelLoad / RepositoryModelUnload: PERMISSION_DENIED."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[HandlerCallDetails], Awaitable[RpcMethodHandler]],
+        handler_call_details: HandlerCallDetails,
+    ) -> RpcMethodHandler:
+        if handler_call_details.method in _REPOSITORY_METHODS:
+
+            async def refuse(_request: Any, context: aio.ServicerContext) -> None:
+                await context.abort(StatusCode.PERMISSION_DENIED, "model repository changes are disabled")
+
+            return unary_unary_rpc_method_handler(refuse)
+        return await continuation(handler_call_details)
+
+
+def grpc_listen_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class EdgeGRPCServer(GRPCServer):
+    def __init__(self, *args: Any, host: str = LOOPBACK, max_receive_bytes: int = MAX_GRPC_MESSAGE_LENGTH, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._host = host
+        self._max_receive_bytes = max_receive_bytes
+
+    async def start(self, max_workers: int) -> None:
+        servicer = InferenceServicer(self._data_plane, self._model_repository_extension)
+        self._server = aio.server(
+            futures.ThreadPoolExecutor(max_workers=max_workers),
+            interceptors=(RepositoryChangesRefused(), ExceptionToStatusInterceptor()),
+            options=[
+                ("grpc.max_send_message_length", MAX_GRPC_MESSAGE_LENGTH),
+                ("grpc.max_receive_message_length", self._max_receive_bytes),
+            ],
+        )
+        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
+        address = grpc_listen_address(self._host, self._port)
+        self._server.add_insecure_port(address)
+        logger.info("Starting gRPC server on %s with %d workers", address, max_workers)
+        await self._server.start()
+        await self._server.wait_for_termination()
+
+
+class EdgeModelServer(ModelServer):
+    """`ModelServer` with one REST process and a gRPC server, both bound to `host` (module docstring)."""
+
+    def __init__(self, *args: Any, host: str = LOOPBACK, max_body_bytes: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.host = host
+        self.max_body_bytes = max_body_bytes
+
+    def start(self, models: list) -> None:
+        self._register_and_check_atleast_one_model_is_ready(models)
+        self._rest_server = EdgeRESTServer(
+            FASTAPI_APP_IMPORT_STRING,
+            self.dataplane,
+            self.model_repository_extension,
+            self.http_port,
+            host=self.host,
+            access_log_format=self.access_log_format,
+            workers=1,
+            grace_period=self.grace_period,
+            event_loop=self.event_loop,
+            timeout_keep_alive=self.timeout_keep_alive,
+        )
+        self.servers.append(self._rest_server.start())
+        if self.enable_grpc:
+            self._grpc_server = EdgeGRPCServer(
+                self.grpc_port,
+                self.dataplane,
+                self.model_repository_extension,
+                kwargs={},
+                grace_period=self.grace_period,
+                host=self.host,
+                max_receive_bytes=self.max_body_bytes,
+            )
+            self.servers.append(self._grpc_server.start(self.max_threads))
+        self.setup_event_loop()
+        self.register_signal_handler()
+        asyncio.run(self._serve())
