@@ -906,7 +906,7 @@ SCORING_PATHS = {"/v1/models/fraud-detector:predict", "/v2/models/fraud-detector
 @cache
 def istio_validator(kind: str):
     """Strict validator of one Istio kind from its published v1 schema (unknown field = error)."""
-    from fraud.deploy.crd import CRDValidator
+    from tests.support.kserve_crd import CRDValidator
 
     file, plural = ISTIO_SCHEMA_FILES[kind]
     schema = json.loads((ISTIO_SCHEMAS / file).read_text())
