@@ -255,7 +255,7 @@ def run_command(
         "first_deploy": first_deploy,
         "overlay": overlay,
     }
-    typer.echo(_deploy_plan(deploy_target, rollout_policy_file, canary_percent, canary_window), err=True)
+    plan = _deploy_plan(deploy_target, rollout_policy_file, canary_percent, canary_window)
     if host:
         from pipelines.remote import Endpoint, read_token, submit_run
         from pipelines.training_pipeline import training_pipeline
@@ -265,8 +265,9 @@ def run_command(
         run_id = submit_run(
             endpoint, training_pipeline, arguments, experiment=experiment, service_account=service_account
         )
-        typer.echo(f"submitted run {run_id} to {host} (experiment {experiment})")
+        typer.echo(f"submitted run {run_id} to {host} (experiment {experiment}); {plan}")
         return
+    typer.echo(plan, err=True)
     _run_local(arguments, layout, isolated)
 
 
