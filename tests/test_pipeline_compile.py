@@ -331,3 +331,14 @@ def test_deploy_steps_build_their_kubernetes_client_from_the_mounted_deployer_to
     assert configuration.host == "https://10.96.0.1:443"
     assert configuration.api_key["authorization"] == "Bearer deployer-token"
     assert configuration.ssl_ca_cert == str(tmp_path / "ca.crt")
+
+
+def test_default_core_image_is_defined_once_and_is_the_manifests():
+    """Components, the rollout and manifests/ agree on the core image the project ships."""
+    import components.base
+    from fraud.deploy import kserve_rollout
+
+    assert components.base.DEFAULT_CORE_IMAGE is kserve_rollout.DEFAULT_CORE_IMAGE
+    manifest = yaml.safe_load((PROJECT_ROOT / "manifests" / "inferenceservice.yaml").read_text())
+    images = {c["name"]: c["image"] for c in manifest["spec"]["predictor"]["containers"]}
+    assert images[kserve_rollout.PREDICTOR_CONTAINER] == kserve_rollout.DEFAULT_CORE_IMAGE
