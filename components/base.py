@@ -3,9 +3,8 @@
 import os
 import re
 
-#: Environment variable naming the project's core image (pipeline components and predictor).
-CORE_IMAGE_ENV = "FRAUD_CORE_IMAGE"
-DEFAULT_CORE_IMAGE = "ghcr.io/fraud-platform/fraud-core:0.1.0"
+from fraud.deploy.kserve_rollout import CORE_IMAGE_ENV, DEFAULT_CORE_IMAGE
+
 #: `registry/name:tag`, `registry/name@sha256:<digest>` or `registry/name:tag@sha256:<digest>`.
 _IMAGE_REFERENCE = re.compile(
     r"^(?P<name>[a-z0-9]+(?:[._-][a-z0-9]+)*(?::[0-9]+)?(?:/[a-z0-9]+(?:[._/-][a-z0-9]+)*)*)"

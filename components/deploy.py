@@ -14,6 +14,8 @@ recorded in MLflow + artifact only). The artifact's metadata says whether a cana
 
 `rollout_policy` is the text of a rollout policy file (`kustomize/overlays/<env>/rollout-policy.yaml`);
 "" = one step at `canary_traffic_percent` for `window_seconds` with the default checks.
+`overlay` (kubernetes target): the kustomize overlay a first deployment creates the InferenceService
+from, dev | staging | prod as packaged with `fraud` (see `fraud.deploy.overlay`).
 """
 
 from kfp import dsl
@@ -33,6 +35,7 @@ def deploy_model(
     rollout: Output[Artifact],
     rollout_policy: str = "",
     first_deploy: bool = False,
+    overlay: str = "prod",
     deployer_token_dir: str = "",
 ) -> str:
     """Deploy `model_version` as a canary taking the first step's share of traffic; return the rollout state.
@@ -55,7 +58,7 @@ def deploy_model(
                 mlflow_tracking_uri=mlflow_tracking_uri,
                 policy=policy,
                 first_deploy=first_deploy,
-                connection=Connection(kubeconfig=deployer_kubeconfig(deployer_token_dir)),
+                connection=Connection(kubeconfig=deployer_kubeconfig(deployer_token_dir), overlay=overlay),
             )
         )
     except AlreadyRolledBack as exc:  # a re-run of this step after its rollout was decided
@@ -84,6 +87,7 @@ def analyse_canary(
     window_seconds: int,
     rollout: Input[Artifact],
     rollout_policy: str = "",
+    overlay: str = "prod",
     deployer_token_dir: str = "",
 ) -> str:
     """Analyse the canary over `window_seconds`, then promote or roll back; return "promoted" or "rolled_back"."""
@@ -104,7 +108,7 @@ def analyse_canary(
             prometheus_url=prometheus_url,
             window_seconds=window_seconds,
             mlflow_tracking_uri=mlflow_tracking_uri,
-            connection=Connection(kubeconfig=deployer_kubeconfig(deployer_token_dir)),
+            connection=Connection(kubeconfig=deployer_kubeconfig(deployer_token_dir), overlay=overlay),
             policy=parse_policy(rollout_policy) if rollout_policy.strip() else None,
         ),
         deployed=deployed,

@@ -44,6 +44,9 @@ def training_pipeline(
     canary_traffic_percent: int = 10,
     prometheus_url: str = "",
     canary_window_seconds: int = 600,
+    rollout_policy: str = "",
+    first_deploy: bool = False,
+    overlay: str = "prod",
 ):
     ingest_task = ingest(data_uri=data_uri, max_timestamp=max_timestamp)
     ingest_task.set_display_name("ingest: validate raw transactions")
@@ -122,6 +125,9 @@ def training_pipeline(
             target=deploy_target,
             namespace=namespace,
             canary_traffic_percent=canary_traffic_percent,
+            rollout_policy=rollout_policy,
+            first_deploy=first_deploy,
+            overlay=overlay,
             deployer_token_dir=DEPLOYER_TOKEN_DIR,
         )
         deploy_task.set_display_name("deploy: canary")
@@ -136,6 +142,8 @@ def training_pipeline(
             prometheus_url=prometheus_url,
             window_seconds=canary_window_seconds,
             rollout=deploy_task.outputs["rollout"],
+            rollout_policy=rollout_policy,
+            overlay=overlay,
             deployer_token_dir=DEPLOYER_TOKEN_DIR,
         )
         analyse_task.set_display_name("analyse_canary: promote or roll back")

@@ -25,7 +25,10 @@ step "2/6 feature store: offline tables, feast apply, materialize, a few online 
 "$FRAUD" features all
 
 step "3/6 training pipeline through kfp.local: ingest -> features -> training set -> train -> evaluate -> gate -> register -> deploy"
-"$FRAUD" pipeline run --local
+# Nothing serves yet, so there is no stable version to compare a canary with: the demo's deploy
+# step records the decision only (target record) and step 4 starts serving the champion.
+# On a running stack: `fraud pipeline run --local` (canary through the local router).
+"$FRAUD" pipeline run --local --deploy-target record
 
 step "4/6 local serving stack: predictor + drift transformer, champion model (transformer on port $PORT)"
 "$FRAUD" serve --detach --port "$PORT" --pid-file "$PID_FILE"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from fraud.config import MODEL_NAME, PROJECT_ROOT
-from fraud.deploy.state import ROLLOUT_ANNOTATION, RolloutError, RolloutState
+from fraud.deploy.state import ROLLOUT_ANNOTATION, VERSION_LABEL, RolloutError, RolloutState
 
 SHARED = PROJECT_ROOT.parent / "shared"
 CRD = SHARED / "schemas" / "kserve" / "serving.kserve.io_inferenceservices.yaml"
@@ -26,11 +26,15 @@ from fraud.deploy.canary import CanaryCriteria
 from fraud.deploy.kserve_rollout import (
     AUDIT_SPOOL,
     AUDIT_WRITER_CONTAINER,
+    MODEL_VARIANT_ENV,
+    MODEL_VERSION_ENV,
     PREDICTOR_CONTAINER,
-    ServingSpec,
+    STORAGE_URI_ENV,
+    TRANSFORMER_CONTAINER,
     build_inference_service,
     serving_model,
 )
+from fraud.deploy.overlay import OVERLAYS, load_inference_service, packaged_path, render_kustomization
 from fraud.deploy.policy import RolloutPolicy, Step
 from fraud.deploy.rollout import AnalyseRequest, Connection, DeployRequest, KubernetesBackend
 from fraud.deploy.state import StateStore
@@ -40,7 +44,8 @@ from tests.support.prometheus_stub import FakePrometheus, drift_series, predicto
 from tests.test_deploy_support import Registry, build_registry
 
 NAMESPACE = "fraud-staging"
-SPEC = ServingSpec(core_image="registry.example/fraud-core:1.0.0", drift_image="registry.example/fraud-drift:1.0.0")
+#: the overlay whose namespace is NAMESPACE (what `fraud deploy --namespace fraud-staging` uses)
+STAGING = load_inference_service("staging")
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +71,7 @@ def cluster(validator, tmp_path, data_dir, mlflow_registry):
         from fraud import registry
 
         body = build_inference_service(
-            MODEL_NAME, NAMESPACE, first, registry.model_version_source(first, uri=mlflow_registry.uri), SPEC
+            STAGING, NAMESPACE, first, registry.model_version_source(first, uri=mlflow_registry.uri)
         )
         client.CustomObjectsApi(api_client).create_namespaced_custom_object(
             "serving.kserve.io", "v1beta1", NAMESPACE, "inferenceservices", body
@@ -417,6 +422,9 @@ def test_first_deployment_creates_the_inference_service(validator, tmp_path, dat
         assert methods.count("POST") == 1 and "PATCH" not in methods[: methods.index("POST")]
         assert "canaryTrafficPercent" not in isvc["spec"]["predictor"]
         assert validator.issues(isvc) == []
+        # created from the staging overlay (the one of its namespace): its args, secrets and timeout
+        assert _predictor_of(isvc)["args"] == _predictor_of(STAGING)["args"]
+        assert isvc["spec"]["predictor"].get("timeout") == STAGING["spec"]["predictor"].get("timeout")
         # nothing to fall back to: a rollback by hand is refused and the version keeps serving
         with pytest.raises(RolloutError, match="leave nothing serving"):
             rollout_mod.manual_rollback(
@@ -613,3 +621,121 @@ def test_retry_of_a_rolled_back_version_and_history(cluster, mlflow_registry):
     past = rollout_mod.history("kubernetes", MODEL_NAME, NAMESPACE)
     assert [(r.model_version, r.state.value) for r in past][-2:] == [(v2, "rolled_back"), (v2, "promoted")]
     assert "server_error_rate" in past[-2].reason
+
+
+def _predictor_of(isvc: dict) -> dict:
+    return next(c for c in isvc["spec"]["predictor"]["containers"] if c["name"] == PREDICTOR_CONTAINER)
+
+
+def _flatten(value, path: str = "") -> dict[str, object]:
+    """Leaf path -> value; list items with a `name` are keyed by it (env, containers, volumes),
+    so a path names the field and not its position."""
+    if isinstance(value, dict):
+        if not value:
+            return {path: {}}
+        out: dict[str, object] = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{path}.{key}" if path else str(key)))
+        return out
+    if isinstance(value, list):
+        if not value:
+            return {path: []}
+        named = all(isinstance(item, dict) and "name" in item for item in value)
+        out = {}
+        for index, item in enumerate(value):
+            out.update(_flatten(item, f"{path}[{item['name'] if named else index}]"))
+        return out
+    return {path: value}
+
+
+def _diff(before: dict, after: dict) -> dict[str, tuple[object, object]]:
+    a, b = _flatten(before), _flatten(after)
+    return {path: (a.get(path), b.get(path)) for path in a.keys() | b.keys() if a.get(path) != b.get(path)}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_created_inference_service_is_the_overlay_plus_rollout_fields(overlay, validator):
+    """One InferenceService definition: what the Kubernetes backend creates is the overlay's
+    rendered InferenceService with exactly the rollout fields added, and it is valid."""
+    from fraud.deploy.state import RolloutRecord
+
+    base = load_inference_service(overlay)
+    namespace = base["metadata"]["namespace"]
+    version, uri = "7", "s3://bucket/models/7/bundle"
+    record = RolloutRecord(
+        model_name=MODEL_NAME,
+        model_version=version,
+        target="kubernetes",
+        namespace=namespace,
+        state=RolloutState.PENDING,
+        canary_traffic_percent=100,
+        storage_uri=uri,
+    )
+    built = build_inference_service(base, namespace, version, uri, record=record)
+    predictor = f"spec.predictor.containers[{PREDICTOR_CONTAINER}].env"
+    transformer = f"spec.transformer.containers[{TRANSFORMER_CONTAINER}].env"
+    rollout_fields = {
+        f"metadata.labels.{VERSION_LABEL}": version,
+        f"metadata.annotations.{ROLLOUT_ANNOTATION}": record.to_json(),
+        f"spec.predictor.labels.{VERSION_LABEL}": version,
+        f"{predictor}[{STORAGE_URI_ENV}].value": uri,
+        f"{predictor}[{MODEL_VERSION_ENV}].value": version,
+        f"{predictor}[{MODEL_VARIANT_ENV}].name": MODEL_VARIANT_ENV,
+        f"{predictor}[{MODEL_VARIANT_ENV}].value": "stable",
+        f"{transformer}[{STORAGE_URI_ENV}].value": uri,
+    }
+    overlay_flat = _flatten(base)
+    expected = {path: (overlay_flat.get(path), value) for path, value in rollout_fields.items()}
+    expected = {path: change for path, change in expected.items() if change[0] != change[1]}
+    assert _diff(base, built) == expected
+    # the rollout moves the model, so these always change
+    assert {f"{predictor}[{STORAGE_URI_ENV}].value", f"metadata.annotations.{ROLLOUT_ANNOTATION}"} <= set(expected)
+    assert validator.issues(built) == []
+    assert base == load_inference_service(overlay)  # the overlay itself is not modified
+    # another namespace than the overlay's: the namespace is the only further change
+    moved = build_inference_service(base, "elsewhere", version, uri, record=record)
+    assert _diff(built, moved) == {"metadata.namespace": (namespace, "elsewhere")}
+
+
+@pytest.mark.skipif(not (PROJECT_ROOT / "kustomize").is_dir(), reason="no kustomize/ (installed package)")
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_packaged_overlays_are_the_rendered_kustomize_overlays(overlay):
+    """The wheel ships the overlays rendered; they must be what `kubectl kustomize` renders now
+    (refresh with `python -m fraud.deploy.overlay`)."""
+    import shutil
+
+    import yaml
+
+    if shutil.which("kubectl") is None:
+        pytest.skip("kubectl is not on PATH: cannot render kustomize/overlays")
+    rendered = render_kustomization(PROJECT_ROOT / "kustomize" / "overlays" / overlay)
+    (isvc,) = [d for d in rendered if d["kind"] == "InferenceService" and d["metadata"]["name"] == MODEL_NAME]
+    packaged = yaml.safe_load(packaged_path(overlay).read_text())
+    assert packaged == isvc, f"{packaged_path(overlay)} is stale: run `python -m fraud.deploy.overlay`"
+    assert load_inference_service(str(PROJECT_ROOT / "kustomize" / "overlays" / overlay)) == isvc
+
+
+def test_bad_overlay_is_a_one_line_error(tmp_path):
+    from typer.testing import CliRunner
+
+    from fraud.cli import app
+    from fraud.deploy.overlay import overlay_for_namespace
+    from fraud.errors import UserError
+
+    with pytest.raises(RolloutError, match="neither one of dev, staging, prod"):
+        load_inference_service("qa")
+    with pytest.raises(RolloutError, match="--overlay"):
+        overlay_for_namespace("fraud")
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n")
+    with pytest.raises(RolloutError, match="expected one InferenceService named fraud-detector, found 0"):
+        load_inference_service(str(empty))
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("kind: [\n")
+    with pytest.raises(RolloutError, match="not valid YAML"):
+        load_inference_service(str(broken))
+    assert overlay_for_namespace(NAMESPACE) == "staging"
+    result = CliRunner().invoke(
+        app, ["deploy", "--target", "kubernetes", "--version", "3", "--namespace", "fraud", "--no-analyse"]
+    )
+    assert isinstance(result.exception, UserError) and "--overlay" in str(result.exception)

@@ -152,15 +152,10 @@ def test_strict_validation_rejects_mistakes(crd_validator, mutate, where):
 
 @needs_crd
 def test_python_built_inference_service_is_valid(crd_validator):
-    from fraud.deploy.kserve_rollout import ServingSpec, build_inference_service
+    from fraud.deploy.kserve_rollout import build_inference_service
+    from fraud.deploy.overlay import load_inference_service
 
-    built = build_inference_service(
-        "fraud-detector",
-        "fraud-dev",
-        "7",
-        "s3://bucket/7/bundle",
-        ServingSpec(core_image="r/core:1", drift_image="r/drift:1"),
-    )
+    built = build_inference_service(load_inference_service("dev"), "fraud-dev", "7", "s3://bucket/7/bundle")
     assert crd_validator.issues(built) == []
 
 
@@ -756,21 +751,16 @@ def test_a_native_sidecar_passes_the_kserve_crd_but_not_knative(crd_validator):
 def test_python_built_inference_service_audits_like_the_manifests(crd_validator):
     """`fraud deploy` creates the InferenceService from Python when it is absent: the same audit
     wiring as manifests/inferenceservice.yaml, or a first deployment would not audit."""
-    from fraud.deploy.kserve_rollout import ServingSpec, build_inference_service
+    from fraud.deploy.kserve_rollout import build_inference_service
+    from fraud.deploy.overlay import load_inference_service
 
-    built = build_inference_service(
-        "fraud-detector",
-        "fraud-dev",
-        "7",
-        "s3://bucket/7/bundle",
-        ServingSpec(core_image="r/core:1", drift_image="r/d:1"),
-    )
+    built = build_inference_service(load_inference_service("dev"), "fraud-dev", "7", "s3://bucket/7/bundle")
     assert crd_validator.issues(built) == []
     assert audit_wiring_problems(built) == []
     manifest = yaml.safe_load((PROJECT_ROOT / "manifests" / "inferenceservice.yaml").read_text())
     without_image = lambda c: {k: v for k, v in c.items() if k != "image"}
     assert without_image(_writer(built)) == without_image(_writer(manifest))
-    assert _writer(built)["image"] == _predictor(built)["image"] == "r/core:1"
+    assert _writer(built)["image"] == _predictor(built)["image"]
     audit_env = lambda c: [e for e in c["env"] if e["name"].startswith("FRAUD_AUDIT")]
     assert audit_env(_predictor(built)) == audit_env(_predictor(manifest)) != []
     audit_volumes = lambda d: [v for v in d["spec"]["predictor"]["volumes"] if v["name"].startswith("audit")]

@@ -10,6 +10,7 @@ from kfp.pipeline_spec import pipeline_spec_pb2
 from typer.testing import CliRunner
 
 from components.base import CORE_IMAGE
+from fraud.config import PROJECT_ROOT
 
 COMPONENTS = {
     "ingest",
@@ -44,6 +45,9 @@ PARAMETERS = {
     "canary_traffic_percent",
     "prometheus_url",
     "canary_window_seconds",
+    "rollout_policy",
+    "first_deploy",
+    "overlay",
 }
 
 
@@ -100,6 +104,66 @@ def test_wiring_and_the_gate_condition(tmp_path):
     evaluate_outputs = spec.components["comp-evaluate"].output_definitions
     assert evaluate_outputs.artifacts["classification"].artifact_type.schema_title == "system.ClassificationMetrics"
     assert evaluate_outputs.artifacts["report"].artifact_type.schema_title == "system.Markdown"
+
+
+def test_rollout_policy_and_overlay_reach_both_deploy_steps(tmp_path):
+    """The rollout policy text (and the overlay) are pipeline parameters wired into deploy-model and
+    analyse-canary; deploy-model alone gets first_deploy."""
+    spec = _compile(tmp_path)
+    inner = spec.components["comp-condition-1"].dag.tasks
+    wired = {
+        task: {
+            name: p.component_input_parameter
+            for name, p in inner[task].inputs.parameters.items()
+            if p.component_input_parameter
+        }
+        for task in ("deploy-model", "analyse-canary")
+    }
+    for task in wired:
+        assert wired[task]["rollout_policy"] == "pipelinechannel--rollout_policy"
+        assert wired[task]["overlay"] == "pipelinechannel--overlay"
+        assert wired[task]["target"] == "pipelinechannel--deploy_target"
+    assert wired["deploy-model"]["first_deploy"] == "pipelinechannel--first_deploy"
+    # and the condition group passes the root parameters through
+    condition = spec.root.dag.tasks["condition-1"].inputs.parameters
+    for name in ("rollout_policy", "overlay", "first_deploy"):
+        assert condition[f"pipelinechannel--{name}"].component_input_parameter == name
+    defaults = spec.root.input_definitions.parameters
+    assert defaults["rollout_policy"].default_value.string_value == ""
+    assert defaults["overlay"].default_value.string_value == "prod"
+
+
+def test_run_policy_file_and_default_target(data_dir, tmp_path, monkeypatch):
+    """`fraud pipeline run` reads --rollout-policy (a bad file is a one-line error before anything
+    runs), defaults to a canary target and says which in its output."""
+    from fraud.cli import app
+    from fraud.commands import pipeline as pipeline_command
+    from fraud.errors import UserError
+
+    runner = CliRunner()
+    bad = tmp_path / "policy.yaml"
+    bad.write_text("apiVersion: fraud.platform/v1\nkind: RolloutPolicy\nsteps: [{percent: 150, windowSeconds: 5}]\n")
+    result = runner.invoke(app, ["pipeline", "run", "--local", "--rollout-policy", str(bad)])
+    assert isinstance(result.exception, UserError) and "--rollout-policy" in str(result.exception)
+    result = runner.invoke(app, ["pipeline", "run", "--local", "--rollout-policy", str(tmp_path / "absent.yaml")])
+    assert isinstance(result.exception, UserError) and "cannot read rollout policy" in str(result.exception)
+    result = runner.invoke(app, ["pipeline", "run", "--local", "--deploy-target", "staging"])
+    assert isinstance(result.exception, UserError) and "--deploy-target must be one of" in str(result.exception)
+
+    captured = {}
+    monkeypatch.setattr(pipeline_command, "_raw_days", lambda uri: ["2018-04-01"])
+    monkeypatch.setattr("fraud.training.steps.latest_train_start", lambda days, *a: "2018-04-01", raising=True)
+    monkeypatch.setattr(pipeline_command, "_run_local", lambda arguments, *a: captured.update(arguments))
+    policy = PROJECT_ROOT / "kustomize" / "overlays" / "prod" / "rollout-policy.yaml"
+    result = runner.invoke(app, ["pipeline", "run", "--local", "--rollout-policy", str(policy), "--first-deploy"])
+    assert result.exit_code == 0, result.output
+    assert captured["deploy_target"] == "local" and captured["first_deploy"] is True
+    assert captured["rollout_policy"] == policy.read_text()
+    assert f"deploy step: target local, canary (policy {policy})" in result.output
+    result = runner.invoke(app, ["pipeline", "run", "--local", "--deploy-target", "record"])
+    assert result.exit_code == 0, result.output
+    assert captured["deploy_target"] == "record" and captured["rollout_policy"] == ""
+    assert "target record (no canary" in result.output
 
 
 def test_run_needs_exactly_one_target(data_dir):
@@ -267,3 +331,14 @@ def test_deploy_steps_build_their_kubernetes_client_from_the_mounted_deployer_to
     assert configuration.host == "https://10.96.0.1:443"
     assert configuration.api_key["authorization"] == "Bearer deployer-token"
     assert configuration.ssl_ca_cert == str(tmp_path / "ca.crt")
+
+
+def test_default_core_image_is_defined_once_and_is_the_manifests():
+    """Components, the rollout and manifests/ agree on the core image the project ships."""
+    import components.base
+    from fraud.deploy import kserve_rollout
+
+    assert components.base.DEFAULT_CORE_IMAGE is kserve_rollout.DEFAULT_CORE_IMAGE
+    manifest = yaml.safe_load((PROJECT_ROOT / "manifests" / "inferenceservice.yaml").read_text())
+    images = {c["name"]: c["image"] for c in manifest["spec"]["predictor"]["containers"]}
+    assert images[kserve_rollout.PREDICTOR_CONTAINER] == kserve_rollout.DEFAULT_CORE_IMAGE

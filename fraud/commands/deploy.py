@@ -47,12 +47,14 @@ deploy_app = typer.Typer(
 )
 
 
-def _connection(kubeconfig: str | None, kube_context: str | None, ready_timeout: float) -> Any:
+def _connection(kubeconfig: str | None, kube_context: str | None, ready_timeout: float, overlay: str = "") -> Any:
     from fraud.deploy.rollout import Connection
 
     if ready_timeout <= 0:
         raise UserError(f"--ready-timeout must be > 0 seconds, got {ready_timeout}")
-    return Connection(kubeconfig=kubeconfig, kube_context=kube_context, ready_timeout_seconds=ready_timeout)
+    return Connection(
+        kubeconfig=kubeconfig, kube_context=kube_context, overlay=overlay, ready_timeout_seconds=ready_timeout
+    )
 
 
 def _check_target(target: str) -> str:
@@ -111,6 +113,13 @@ def _policy(policy_file: str | None, canary_percent: int | None, window: int | N
     return _rollout_errors(lambda: RolloutPolicy.single_step(percent, 600 if window is None else window))
 
 
+def _check_overlay(overlay: str, namespace: str) -> None:
+    """Read the overlay before anything moves: a bad --overlay is a one-line error."""
+    from fraud.deploy.overlay import load_inference_service, overlay_for_namespace
+
+    _rollout_errors(lambda: load_inference_service(overlay or overlay_for_namespace(namespace)))
+
+
 @deploy_app.callback()
 def deploy(
     ctx: typer.Context,
@@ -146,6 +155,13 @@ def deploy(
         600.0, "--ready-timeout", help="seconds to wait for the new revision to be ready"
     ),
     analyse_after: bool = typer.Option(True, "--analyse/--no-analyse", help="run the analysis window after deploying"),
+    overlay: str = typer.Option(
+        "",
+        "--overlay",
+        help="kubernetes target: the InferenceService a first deployment creates, from a kustomize overlay: "
+        "dev | staging | prod (packaged) or a kustomization directory / rendered YAML file "
+        "(default: the packaged overlay of --namespace)",
+    ),
 ) -> None:
     """Deploy VERSION as a canary, analyse it over the window, then promote or roll back."""
     if ctx.invoked_subcommand is not None:
@@ -156,7 +172,9 @@ def deploy(
     from fraud.deploy.rollout import AnalyseRequest, DeployRequest, analyse
     from fraud.deploy.rollout import deploy as run_deploy
 
-    connection = _connection(kubeconfig, kube_context, ready_timeout)
+    connection = _connection(kubeconfig, kube_context, ready_timeout, overlay)
+    if target == "kubernetes":
+        _check_overlay(overlay, namespace)
     policy = _policy(policy_file, canary_percent, window)
 
     def run() -> Any:

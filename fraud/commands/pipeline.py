@@ -157,7 +157,31 @@ def run_command(
     max_cost_us: Annotated[
         float, typer.Option("--max-cost-us", help="Gate: per-transaction prediction cost budget (µs).")
     ] = 2000.0,
-    deploy_target: Annotated[str, typer.Option("--deploy-target", help="record | local | kubernetes")] = "record",
+    deploy_target: Annotated[
+        str,
+        typer.Option(
+            "--deploy-target",
+            help="kubernetes (KServe canary; default with --host) | local (canary through the local router; "
+            "default with --local) | record (a test target: no canary, moves champion)",
+        ),
+    ] = "",
+    rollout_policy_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--rollout-policy",
+            help="Rollout policy file (steps, windows, checks), e.g. kustomize/overlays/prod/rollout-policy.yaml. "
+            "Default: one step at --canary-percent for --canary-window.",
+        ),
+    ] = None,
+    first_deploy: Annotated[
+        bool, typer.Option("--first-deploy", help="Nothing serves yet: the deploy step goes straight to 100 %.")
+    ] = False,
+    overlay: Annotated[
+        str,
+        typer.Option(
+            "--overlay", help="Kustomize overlay (dev | staging | prod) a first Kubernetes deployment creates."
+        ),
+    ] = "prod",
     serving_namespace: Annotated[
         str,
         typer.Option(
@@ -188,6 +212,8 @@ def run_command(
         raise UserError(
             "--feature-tables-uri (s3://bucket/prefix) is required with --host and --isolated: tasks share no disk"
         )
+    deploy_target = _deploy_target(deploy_target, local)
+    rollout_policy = _rollout_policy_text(rollout_policy_file)
     from fraud import registry
     from fraud.config import DataLayout
 
@@ -225,7 +251,11 @@ def run_command(
         "canary_traffic_percent": canary_percent,
         "prometheus_url": prometheus_url,
         "canary_window_seconds": canary_window,
+        "rollout_policy": rollout_policy,
+        "first_deploy": first_deploy,
+        "overlay": overlay,
     }
+    plan = _deploy_plan(deploy_target, rollout_policy_file, canary_percent, canary_window)
     if host:
         from pipelines.remote import Endpoint, read_token, submit_run
         from pipelines.training_pipeline import training_pipeline
@@ -235,9 +265,41 @@ def run_command(
         run_id = submit_run(
             endpoint, training_pipeline, arguments, experiment=experiment, service_account=service_account
         )
-        typer.echo(f"submitted run {run_id} to {host} (experiment {experiment})")
+        typer.echo(f"submitted run {run_id} to {host} (experiment {experiment}); {plan}")
         return
+    typer.echo(plan, err=True)
     _run_local(arguments, layout, isolated)
+
+
+def _deploy_target(target: str, local: bool) -> str:
+    """The deploy step goes through a canary unless told otherwise: `local` for --local runs,
+    `kubernetes` for cluster runs."""
+    from fraud.deploy.state import TARGETS
+
+    target = target or ("local" if local else "kubernetes")
+    if target not in TARGETS:
+        raise UserError(f"--deploy-target must be one of {', '.join(TARGETS)}, got {target!r}")
+    return target
+
+
+def _rollout_policy_text(path: Path | None) -> str:
+    """The policy file's text, validated here so a bad file fails before the run starts."""
+    from fraud.deploy.policy import PolicyError, load_policy
+
+    if path is None:
+        return ""
+    try:
+        load_policy(path)
+    except PolicyError as exc:
+        raise UserError(f"--rollout-policy: {exc}") from None
+    return path.read_text()
+
+
+def _deploy_plan(target: str, policy_file: Path | None, canary_percent: int, canary_window: int) -> str:
+    if target == "record":
+        return "deploy step: target record (no canary: a passing version becomes champion directly)"
+    how = f"policy {policy_file}" if policy_file else f"{canary_percent}% for {canary_window}s"
+    return f"deploy step: target {target}, canary ({how})"
 
 
 def _isolation(layout):

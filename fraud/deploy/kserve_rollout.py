@@ -25,10 +25,8 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from fraud.config import MODEL_NAME
@@ -58,178 +56,56 @@ AUDIT_WRITER_SECRETS = (
 )
 
 
-#: the core image a created InferenceService runs (FRAUD_CORE_IMAGE; the pipeline compiles against the same)
+#: Environment variable naming the project's core image (pipeline components, predictor, audit writer).
+CORE_IMAGE_ENV = "FRAUD_CORE_IMAGE"
+#: the core image a created InferenceService runs; the pipeline's components compile against the same
 DEFAULT_CORE_IMAGE = "ghcr.io/fraud-platform/fraud-core:0.1.0"
-
-
-def core_image() -> str:
-    return os.environ.get("FRAUD_CORE_IMAGE", DEFAULT_CORE_IMAGE)
-
-
-@dataclass(frozen=True)
-class ServingSpec:
-    """What a freshly created InferenceService looks like (kustomize overlays own the rest)."""
-
-    core_image: str
-    drift_image: str
-    service_account: str = "fraud-predictor"
-    min_replicas: int = 1
-    max_replicas: int = 3
-    scale_metric: str = "concurrency"
-    scale_target: int = 8
-    thresholds_configmap: str = "fraud-decision-thresholds"
-
-
-def _probe(path: str) -> dict[str, Any]:
-    return {"httpGet": {"path": path, "port": 8080}, "periodSeconds": 10, "timeoutSeconds": 2}
 
 
 def _env(name: str, value: str) -> dict[str, str]:
     return {"name": name, "value": value}
 
 
+def _set_env(container: dict[str, Any], name: str, value: str) -> None:
+    """Set env `name` of `container` in place (kept at its index, so overlay patches by index still
+    apply), appended when absent."""
+    env = container.setdefault("env", [])
+    for item in env:
+        if item.get("name") == name:
+            item.pop("valueFrom", None)
+            item["value"] = value
+            return
+    env.append(_env(name, value))
+
+
+def _named_container(containers: list[dict[str, Any]], name: str) -> dict[str, Any] | None:
+    return next((c for c in containers if c.get("name") == name), containers[0] if len(containers) == 1 else None)
+
+
 def build_inference_service(
-    name: str, namespace: str, version: str, storage_uri: str, spec: ServingSpec, *, record: RolloutRecord | None = None
+    overlay: dict[str, Any], namespace: str, version: str, storage_uri: str, *, record: RolloutRecord | None = None
 ) -> dict[str, Any]:
-    """A complete `fraud-detector` InferenceService serving `version` from `storage_uri`."""
-    security = {
-        "runAsNonRoot": True,
-        "allowPrivilegeEscalation": False,
-        "readOnlyRootFilesystem": True,
-        "capabilities": {"drop": ["ALL"]},
-        "seccompProfile": {"type": "RuntimeDefault"},
-    }
-    tmp_env = [_env("HOME", "/tmp"), _env("TMPDIR", "/tmp")]
-    predictor_args = ["--model_name", name, "--http_port", "8080", "--bundle", MODEL_DIR]
-    predictor_args += ["--audit-spool-max-records", "200000"]
-    # in a pod: every interface; the caller's scopes from the mesh (docs/security.md, "Serving edge")
-    predictor_args += ["--host", "0.0.0.0", "--trust-scope-header"]
-    spool_mount = {"name": AUDIT_SPOOL_VOLUME, "mountPath": AUDIT_SPOOL_DIR}
-    audit_writer = {
-        "name": AUDIT_WRITER_CONTAINER,
-        "image": spec.core_image,
-        "command": ["fraud", "audit", "writer"],
-        "args": ["--spool", AUDIT_SPOOL, "--metrics-port", "9109", "--batch-size", "500"],
-        "env": [
-            *(
-                {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}}
-                for name, secret, key in AUDIT_WRITER_SECRETS
-            ),
-            _env("FRAUD_AUDIT_SPOOL", AUDIT_SPOOL),
-            *tmp_env,
-        ],
-        "envFrom": [{"configMapRef": {"name": AUDIT_DB_CONFIGMAP}}],
-        "resources": {
-            "requests": {"cpu": "200m", "memory": "192Mi", "ephemeral-storage": "1Gi"},
-            "limits": {"cpu": "1", "memory": "512Mi"},
-        },
-        "securityContext": security,
-        "volumeMounts": [
-            spool_mount,
-            {"name": "audit-writer-tmp", "mountPath": "/tmp"},
-            {"name": "postgres-ca", "mountPath": "/etc/fraud/postgres-ca", "readOnly": True},
-        ],
-    }
-    annotations = {
-        "serving.kserve.io/deploymentMode": "Serverless",
-        "serving.kserve.io/enable-prometheus-scraping": "true",
-    }
+    """The overlay's InferenceService (`fraud.deploy.overlay`) serving `version` from `storage_uri`.
+
+    Only rollout fields are added: the namespace, the version label (object and predictor), the
+    rollout annotation, and the predictor's STORAGE_URI / FRAUD_MODEL_VERSION / FRAUD_MODEL_VARIANT
+    env and the transformer's STORAGE_URI (its drift reference comes from the same bundle).
+    Everything else (images, args, secrets, probes, resources, timeouts) is the overlay's."""
+    isvc = copy.deepcopy(overlay)
+    metadata = isvc.setdefault("metadata", {})
+    metadata["namespace"] = namespace
+    metadata.setdefault("labels", {})[VERSION_LABEL] = version
     if record is not None:
-        annotations[ROLLOUT_ANNOTATION] = record.to_json()
-    return {
-        "apiVersion": f"{GROUP}/{API_VERSION}",
-        "kind": "InferenceService",
-        "metadata": {
-            "name": name,
-            "namespace": namespace,
-            "labels": {
-                "app.kubernetes.io/name": name,
-                "app.kubernetes.io/part-of": "fraud-platform",
-                VERSION_LABEL: version,
-            },
-            "annotations": annotations,
-        },
-        "spec": {
-            "predictor": {
-                "serviceAccountName": spec.service_account,
-                "minReplicas": spec.min_replicas,
-                "maxReplicas": spec.max_replicas,
-                "scaleMetric": spec.scale_metric,
-                "scaleTarget": spec.scale_target,
-                "labels": {VERSION_LABEL: version},
-                "containers": [
-                    {
-                        "name": PREDICTOR_CONTAINER,
-                        "image": spec.core_image,
-                        "command": ["python", "-m", "predictor"],
-                        "args": predictor_args,
-                        "ports": [{"containerPort": 8080, "protocol": "TCP"}],
-                        "env": [
-                            _env(STORAGE_URI_ENV, storage_uri),
-                            _env(MODEL_VERSION_ENV, version),
-                            _env(MODEL_VARIANT_ENV, "stable"),
-                            *tmp_env,
-                            _env("FRAUD_AUDIT_SPOOL", AUDIT_SPOOL),
-                            _env("FRAUD_AUDIT_SPOOL_SYNC", "NORMAL"),
-                        ],
-                        "envFrom": [{"configMapRef": {"name": spec.thresholds_configmap}}],
-                        "resources": {
-                            "requests": {"cpu": "500m", "memory": "1Gi"},
-                            "limits": {"cpu": "1", "memory": "2Gi"},
-                        },
-                        "readinessProbe": _probe("/ready"),  # the predictor's audit-aware readiness
-                        "livenessProbe": _probe("/v2/health/live"),
-                        "securityContext": security,
-                        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}, spool_mount],
-                    },
-                    audit_writer,
-                ],
-                "volumes": [
-                    {"name": "tmp", "emptyDir": {"sizeLimit": "256Mi"}},
-                    {"name": AUDIT_SPOOL_VOLUME, "emptyDir": {"sizeLimit": "1Gi"}},
-                    {"name": "audit-writer-tmp", "emptyDir": {"sizeLimit": "64Mi"}},
-                    {
-                        "name": "postgres-ca",
-                        "secret": {"secretName": "fraud-postgres-ca", "items": [{"key": "ca.crt", "path": "ca.crt"}]},
-                    },
-                ],
-            },
-            "transformer": {
-                "serviceAccountName": spec.service_account,
-                "minReplicas": spec.min_replicas,
-                "maxReplicas": spec.max_replicas,
-                "containers": [
-                    {
-                        "name": TRANSFORMER_CONTAINER,
-                        "image": spec.drift_image,
-                        "command": ["python", "-m", "drift_transformer"],
-                        "args": [
-                            "--model_name",
-                            name,
-                            "--predictor_host",
-                            f"{name}-predictor.{namespace}",
-                            "--protocol",
-                            "v2",
-                            "--http_port",
-                            "8080",
-                            "--host",
-                            "0.0.0.0",
-                            "--trust_scope_header",
-                        ],
-                        "ports": [{"containerPort": 8080, "protocol": "TCP"}],
-                        "env": [_env(STORAGE_URI_ENV, storage_uri), *tmp_env],
-                        "resources": {
-                            "requests": {"cpu": "250m", "memory": "512Mi"},
-                            "limits": {"cpu": "1", "memory": "1Gi"},
-                        },
-                        "securityContext": security,
-                        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
-                    }
-                ],
-                "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "256Mi"}}],
-            },
-        },
-    }
+        metadata.setdefault("annotations", {})[ROLLOUT_ANNOTATION] = record.to_json()
+    predictor = isvc["spec"]["predictor"]
+    predictor.setdefault("labels", {})[VERSION_LABEL] = version
+    predictor["containers"] = _with_model(predictor.get("containers") or [], version, storage_uri, "stable")
+    transformer = isvc["spec"].get("transformer")
+    if transformer:
+        container = _named_container(transformer.get("containers") or [], TRANSFORMER_CONTAINER)
+        if container is not None:
+            _set_env(container, STORAGE_URI_ENV, storage_uri)
+    return isvc
 
 
 def predictor_container(isvc: dict[str, Any]) -> dict[str, Any]:
@@ -263,19 +139,12 @@ def _with_model(
 ) -> list[dict[str, Any]]:
     """The containers list (merge patches replace lists whole) with the model env of the predictor set."""
     updated = copy.deepcopy(containers)
-    target = next(
-        (c for c in updated if c.get("name") == PREDICTOR_CONTAINER), updated[0] if len(updated) == 1 else None
-    )
+    target = _named_container(updated, PREDICTOR_CONTAINER)
     if target is None:
         raise RolloutError(f"no predictor container named {PREDICTOR_CONTAINER}")
-    model_env = (STORAGE_URI_ENV, MODEL_VERSION_ENV, MODEL_VARIANT_ENV)
-    env = [e for e in target.get("env") or [] if e.get("name") not in model_env]
-    target["env"] = [
-        _env(STORAGE_URI_ENV, storage_uri),
-        _env(MODEL_VERSION_ENV, version),
-        _env(MODEL_VARIANT_ENV, variant),
-        *env,
-    ]
+    _set_env(target, STORAGE_URI_ENV, storage_uri)
+    _set_env(target, MODEL_VERSION_ENV, version)
+    _set_env(target, MODEL_VARIANT_ENV, variant)
     return updated
 
 
@@ -392,13 +261,14 @@ class KServeRollout:
 
     # -- traffic -----------------------------------------------------------------------------
 
-    def put_canary(self, record: RolloutRecord, spec: ServingSpec) -> int:
-        """Create the InferenceService serving the record's version, or patch it in as a canary.
+    def put_canary(self, record: RolloutRecord, overlay: dict[str, Any]) -> int:
+        """Create the InferenceService serving the record's version from `overlay` (the overlay's
+        rendered InferenceService), or patch it in as a canary.
         Returns the metadata.generation to wait for. Safe to repeat (same spec -> same generation)."""
         isvc = self.get()
         if isvc is None:
             body = build_inference_service(
-                self.name, self.namespace, record.model_version, record.storage_uri, spec, record=record
+                overlay, self.namespace, record.model_version, record.storage_uri, record=record
             )
             return int(self.create(body)["metadata"]["generation"])
         variant = "canary" if record.previous_version else "stable"

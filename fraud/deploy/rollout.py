@@ -37,7 +37,7 @@ from fraud.deploy.canary import (
     Verdict,
     watch,
 )
-from fraud.deploy.kserve_rollout import ReadinessTimeout, ServingSpec, core_image, ready_message, serving_model
+from fraud.deploy.kserve_rollout import ReadinessTimeout, ready_message, serving_model
 from fraud.deploy.policy import RolloutPolicy, Step
 from fraud.deploy.state import TARGETS, RolloutError, RolloutRecord, RolloutState, StateStore, one_line
 
@@ -61,6 +61,10 @@ class Connection:
 
     kubeconfig: str | None = None
     kube_context: str | None = None
+    #: the kustomize overlay a created InferenceService comes from (`fraud.deploy.overlay`):
+    #: dev | staging | prod (packaged), a kustomization directory or a rendered YAML file;
+    #: "" = the packaged overlay whose namespace is the rollout's
+    overlay: str = ""
     poll_seconds: float = 5.0
     ready_timeout_seconds: float = DEFAULT_READY_TIMEOUT_SECONDS
 
@@ -226,13 +230,19 @@ class KubernetesBackend:
         message = ready_message(isvc)
         return version, uri, message.startswith("Ready=True"), message
 
+    def overlay(self) -> dict[str, Any]:
+        """The overlay's rendered InferenceService, the one definition a created object starts from."""
+        from fraud.deploy.overlay import load_inference_service, overlay_for_namespace
+
+        name = self.connection.overlay or overlay_for_namespace(self.rollout.namespace)
+        return load_inference_service(name, self.rollout.name)
+
     def set_traffic(self, record: RolloutRecord, percent: int) -> None:
         generation = self.rollout.set_traffic(record, percent)
         self.rollout.wait_ready(generation, self.connection.ready_timeout_seconds)
 
     def deploy(self, record: RolloutRecord) -> RolloutRecord:
-        spec = ServingSpec(core_image=core_image(), drift_image=_drift_image())
-        generation = self.rollout.put_canary(record, spec)
+        generation = self.rollout.put_canary(record, self.overlay())
         record = replace(record, generation=generation)
         self.save_record(record)
         self.rollout.wait_ready(generation, self.connection.ready_timeout_seconds)
@@ -263,10 +273,6 @@ class KubernetesBackend:
             "canaryTrafficPercent": isvc["spec"]["predictor"].get("canaryTrafficPercent"),
             "traffic": isvc.get("status", {}).get("components", {}).get("predictor", {}).get("traffic", []),
         }
-
-
-def _drift_image() -> str:
-    return os.environ.get("FRAUD_DRIFT_IMAGE", "ghcr.io/fraud-platform/fraud-drift-transformer:0.1.0")
 
 
 def make_backend(
