@@ -43,17 +43,6 @@ MODEL_VERSION_ENV = "FRAUD_MODEL_VERSION"
 MODEL_VARIANT_ENV = "FRAUD_MODEL_VARIANT"
 MODEL_DIR = "/mnt/models"
 AUDIT_WRITER_CONTAINER = "audit-writer"
-AUDIT_SPOOL_VOLUME = "audit-spool"
-AUDIT_SPOOL_DIR = "/var/lib/fraud-audit"
-AUDIT_SPOOL = f"{AUDIT_SPOOL_DIR}/spool.db"
-#: the audit database as manifests/inferenceservice.yaml wires the writer: host and TLS from this
-#: ConfigMap, the INSERT-only role and the chain key from Secrets (env name, Secret, key)
-AUDIT_DB_CONFIGMAP = "fraud-audit-db"
-AUDIT_WRITER_SECRETS = (
-    ("FRAUD_AUDIT_DB_USER", "fraud-audit-writer", "username"),
-    ("FRAUD_AUDIT_DB_PASSWORD", "fraud-audit-writer", "password"),
-    ("FRAUD_AUDIT_CHAIN_KEY", "fraud-audit-chain", "key"),
-)
 
 
 #: Environment variable naming the project's core image (pipeline components, predictor, audit writer).
