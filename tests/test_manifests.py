@@ -1196,9 +1196,10 @@ def test_the_predictor_learns_the_stable_version_from_the_rollout_state(overlay)
 @needs_kubectl
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_the_predictor_leaves_rotation_on_its_audit_aware_readiness(overlay):
-    from fraud.deploy.kserve_rollout import ServingSpec, build_inference_service
+    from fraud.deploy.kserve_rollout import build_inference_service
+    from fraud.deploy.overlay import load_inference_service
     from predictor.__main__ import READINESS_PATH
 
     assert _predictor(isvc(overlay))["readinessProbe"]["httpGet"]["path"] == READINESS_PATH
-    built = build_inference_service("fraud-detector", "ns", "7", "s3://b/7", ServingSpec("r/c:1", "r/d:1"))
+    built = build_inference_service(load_inference_service(overlay), "ns", "7", "s3://b/7")
     assert _predictor(built)["readinessProbe"]["httpGet"]["path"] == READINESS_PATH

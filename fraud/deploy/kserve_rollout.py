@@ -43,6 +43,8 @@ MODEL_VERSION_ENV = "FRAUD_MODEL_VERSION"
 MODEL_VARIANT_ENV = "FRAUD_MODEL_VARIANT"
 MODEL_DIR = "/mnt/models"
 AUDIT_WRITER_CONTAINER = "audit-writer"
+#: where manifests/inferenceservice.yaml mounts the audit spool the predictor and writer share
+AUDIT_SPOOL = "/var/lib/fraud-audit/spool.db"
 
 
 #: Environment variable naming the project's core image (pipeline components, predictor, audit writer).
