@@ -19,6 +19,8 @@ Design (see docs/features.md):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import pandas as pd
 
@@ -179,3 +181,94 @@ def model_feature_frame(frame: pd.DataFrame) -> pd.DataFrame:
     batch = frame.reindex(columns=list(_BATCH_FEATURES)).to_numpy(dtype=np.float64, na_value=np.nan)
     values = model_feature_matrix(frame[TX_AMOUNT].to_numpy(dtype=np.float64), utc_epoch_ns(frame[TX_DATETIME]), batch)
     return pd.DataFrame(values, index=frame.index, columns=list(MODEL_FEATURES))
+
+
+# --- real-time velocity features ----------------------------------------------------------------
+#
+# A velocity value "at transaction t" aggregates the card's (terminal's) transactions strictly
+# before t within the window: event time e with t - w < e < t. Transactions with the same
+# timestamp as t are not counted (neither path can order them). The online store keeps each
+# card's and terminal's recent events within VELOCITY_HORIZON_S (timestamps, amounts, terminal
+# ids, transaction ids), pushed by the stream aggregator (fraud.streaming); `velocity_features`
+# evaluates the windows at the request time from those arrays. The offline computation
+# (fraud.features.velocity_offline, DuckDB window frames) gives every historical transaction the
+# same values, and the tests compare it with this function.
+
+#: Card windows (label, seconds): count and sum of amounts over each.
+CARD_VELOCITY_WINDOWS: tuple[tuple[str, int], ...] = (("10m", 600), ("1h", 3_600), ("24h", 86_400))
+#: Terminal windows (label, seconds): count over each.
+TERMINAL_VELOCITY_WINDOWS: tuple[tuple[str, int], ...] = (("10m", 600), ("1h", 3_600))
+#: Window (label, seconds) of the card's number of distinct terminals.
+CARD_DISTINCT_TERMINALS_WINDOW: tuple[str, int] = ("1h", 3_600)
+#: The largest window: how long the online store keeps an event, and the cap of the time since the
+#: card's previous transaction (no earlier transaction within it: the cap).
+VELOCITY_HORIZON_S = max(s for _, s in CARD_VELOCITY_WINDOWS + TERMINAL_VELOCITY_WINDOWS)
+NS_PER_SECOND = 1_000_000_000
+
+CARD_VELOCITY_FEATURES: tuple[str, ...] = (
+    *(
+        name
+        for label, _ in CARD_VELOCITY_WINDOWS
+        for name in (f"customer_nb_tx_{label}", f"customer_sum_amount_{label}")
+    ),
+    "customer_seconds_since_last_tx",
+    f"customer_nb_terminals_{CARD_DISTINCT_TERMINALS_WINDOW[0]}",
+)
+TERMINAL_VELOCITY_FEATURES: tuple[str, ...] = tuple(f"terminal_nb_tx_{label}" for label, _ in TERMINAL_VELOCITY_WINDOWS)
+VELOCITY_FEATURES: tuple[str, ...] = CARD_VELOCITY_FEATURES + TERMINAL_VELOCITY_FEATURES
+
+VELOCITY_DESCRIPTIONS: dict[str, str] = {
+    **{
+        name: text
+        for label, _ in CARD_VELOCITY_WINDOWS
+        for name, text in (
+            (f"customer_nb_tx_{label}", f"card's number of transactions in the last {label}"),
+            (f"customer_sum_amount_{label}", f"card's total amount in the last {label}"),
+        )
+    },
+    "customer_seconds_since_last_tx": "seconds since the card's previous transaction (capped at 24h)",
+    f"customer_nb_terminals_{CARD_DISTINCT_TERMINALS_WINDOW[0]}": (
+        f"card's number of distinct terminals in the last {CARD_DISTINCT_TERMINALS_WINDOW[0]}"
+    ),
+    **{
+        f"terminal_nb_tx_{label}": f"terminal's number of transactions in the last {label}"
+        for label, _ in TERMINAL_VELOCITY_WINDOWS
+    },
+}
+assert set(VELOCITY_DESCRIPTIONS) == set(VELOCITY_FEATURES)
+
+
+def velocity_features(
+    request_ns: int,
+    card_ts_ns: np.ndarray,
+    card_amounts: np.ndarray,
+    card_terminals: Sequence[str],
+    terminal_ts_ns: np.ndarray,
+) -> np.ndarray:
+    """The velocity features of one transaction at `request_ns` (int UTC ns since the epoch), in
+    VELOCITY_FEATURES order, from the card's recent events (timestamps [k] int64 ns, amounts [k],
+    terminal ids [k]) and the terminal's recent event timestamps [m]. The arrays may hold events at
+    or after `request_ns` and older than any window: only t - w < e < t counts. This is the one
+    implementation; the offline DuckDB computation is tested equal to it."""
+    card_ts = np.asarray(card_ts_ns, dtype=np.int64)
+    amounts = np.asarray(card_amounts, dtype=np.float64)
+    terminal_ts = np.asarray(terminal_ts_ns, dtype=np.int64)
+    t = int(request_ns)
+    out = np.empty(len(VELOCITY_FEATURES), dtype=np.float64)
+    before = card_ts < t
+    k = 0
+    for _, seconds in CARD_VELOCITY_WINDOWS:
+        inside = before & (card_ts > t - seconds * NS_PER_SECOND)
+        out[k] = float(np.count_nonzero(inside))
+        out[k + 1] = float(np.sum(amounts[inside])) if out[k] else 0.0
+        k += 2
+    horizon = before & (card_ts > t - VELOCITY_HORIZON_S * NS_PER_SECOND)
+    out[k] = (t - int(card_ts[horizon].max())) / NS_PER_SECOND if horizon.any() else float(VELOCITY_HORIZON_S)
+    inside = before & (card_ts > t - CARD_DISTINCT_TERMINALS_WINDOW[1] * NS_PER_SECOND)
+    out[k + 1] = float(len({card_terminals[i] for i in np.flatnonzero(inside)}))
+    k += 2
+    terminal_before = terminal_ts < t
+    for _, seconds in TERMINAL_VELOCITY_WINDOWS:
+        out[k] = float(np.count_nonzero(terminal_before & (terminal_ts > t - seconds * NS_PER_SECOND)))
+        k += 1
+    return out

@@ -1,0 +1,147 @@
+"""Offline computation of the real-time velocity features for every historical transaction.
+
+Each transaction gets the values the online path (the stream aggregator's windows read by the
+predictor through `fraud.features.definitions.velocity_features`) had at its timestamp: all
+strictly earlier transactions of its card / terminal with t - w < e < t. DuckDB computes them with
+window frames over the integer nanosecond timestamp:
+
+    RANGE BETWEEN (w - 1 ns) PRECEDING AND CURRENT ROW EXCLUDE GROUP
+
+`(w - 1 ns) PRECEDING` is e >= t - w + 1 ns, i.e. e > t - w; `EXCLUDE GROUP` drops the row itself
+and every row with the same timestamp (strictly earlier only). The time since the previous
+transaction is t minus the frame's maximum over the largest window (capped there, as online).
+
+`tests/test_feature_velocity.py` compares the result with `velocity_features` on every row.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import duckdb
+import pandas as pd
+
+from fraud.config import DataLayout
+from fraud.errors import UserError
+from fraud.features.definitions import (
+    CARD_DISTINCT_TERMINALS_WINDOW,
+    CARD_VELOCITY_WINDOWS,
+    NS_PER_SECOND,
+    TERMINAL_VELOCITY_WINDOWS,
+    VELOCITY_FEATURES,
+    VELOCITY_HORIZON_S,
+)
+from fraud.schema import CUSTOMER_ID, TERMINAL_ID, TRANSACTION_ID, TX_AMOUNT, TX_DATETIME
+
+#: File name (under features/) of the per-transaction velocity table.
+VELOCITY_TABLE = "transaction_velocity_features"
+VELOCITY_COLUMNS: tuple[str, ...] = (TRANSACTION_ID, *VELOCITY_FEATURES)
+
+
+def velocity_features_path(layout: DataLayout) -> Path:
+    """Parquet file of the per-transaction velocity features written by `build_velocity_features`."""
+    return layout.features / f"{VELOCITY_TABLE}.parquet"
+
+
+def _frame(entity: str, seconds: int) -> str:
+    return (
+        f"(PARTITION BY {entity} ORDER BY ts_ns RANGE BETWEEN {seconds * NS_PER_SECOND - 1} PRECEDING "
+        "AND CURRENT ROW EXCLUDE GROUP)"
+    )
+
+
+def velocity_sql(source: str) -> str:
+    """SELECT of transaction_id + VELOCITY_FEATURES (DOUBLE) over `source`, a relation with
+    transaction_id, customer_id, terminal_id, tx_amount and tx_datetime (TIMESTAMP, UTC)."""
+    columns = []
+    for label, seconds in CARD_VELOCITY_WINDOWS:
+        frame = _frame(CUSTOMER_ID, seconds)
+        columns.append(f"(count(*) OVER {frame})::DOUBLE AS customer_nb_tx_{label}")
+        columns.append(f"coalesce(sum({TX_AMOUNT}) OVER {frame}, 0)::DOUBLE AS customer_sum_amount_{label}")
+    columns.append(
+        f"coalesce((ts_ns - max(ts_ns) OVER {_frame(CUSTOMER_ID, VELOCITY_HORIZON_S)})::DOUBLE / {NS_PER_SECOND}, "
+        f"{float(VELOCITY_HORIZON_S)})::DOUBLE AS customer_seconds_since_last_tx"
+    )
+    label, seconds = CARD_DISTINCT_TERMINALS_WINDOW
+    columns.append(
+        f"(count(DISTINCT {TERMINAL_ID}) OVER {_frame(CUSTOMER_ID, seconds)})::DOUBLE AS customer_nb_terminals_{label}"
+    )
+    for label, seconds in TERMINAL_VELOCITY_WINDOWS:
+        columns.append(f"(count(*) OVER {_frame(TERMINAL_ID, seconds)})::DOUBLE AS terminal_nb_tx_{label}")
+    names = [c.rsplit(" AS ", 1)[1] for c in columns]
+    if names != list(VELOCITY_FEATURES):  # the SQL and definitions.py disagree: a programming error
+        raise RuntimeError(f"velocity SQL computes {names}, definitions.py says {list(VELOCITY_FEATURES)}")
+    select = ",\n       ".join(columns)
+    return f"""
+    WITH src AS (
+        SELECT {TRANSACTION_ID}, {CUSTOMER_ID}, {TERMINAL_ID}, {TX_AMOUNT}::DOUBLE AS {TX_AMOUNT},
+               epoch_ns({TX_DATETIME}::TIMESTAMP) AS ts_ns
+        FROM {source}
+    )
+    SELECT {TRANSACTION_ID},
+       {select}
+    FROM src
+    """
+
+
+def velocity_frame(transactions: pd.DataFrame, threads: int = 2) -> pd.DataFrame:
+    """VELOCITY_COLUMNS for each row of `transactions` (same row order; needs transaction_id,
+    customer_id, terminal_id, tx_amount, tx_datetime as tz-naive UTC)."""
+    missing = [c for c in (TRANSACTION_ID, CUSTOMER_ID, TERMINAL_ID, TX_AMOUNT, TX_DATETIME) if c not in transactions]
+    if missing:
+        raise UserError(f"transactions lack column(s) {missing}")
+    con = duckdb.connect(database=":memory:")
+    try:
+        con.execute(f"SET threads = {int(threads)}")
+        source = transactions[[TRANSACTION_ID, CUSTOMER_ID, TERMINAL_ID, TX_AMOUNT, TX_DATETIME]].assign(
+            __row=range(len(transactions))
+        )
+        con.register("velocity_input", source)
+        query = velocity_sql("velocity_input")
+        result = con.execute(
+            f"SELECT v.* FROM ({query}) v JOIN velocity_input i USING ({TRANSACTION_ID}) ORDER BY i.__row"
+        ).df()
+    finally:
+        con.close()
+    if len(result) != len(transactions):
+        raise UserError("transaction ids must be unique to compute velocity features")
+    result.index = transactions.index
+    return result
+
+
+def build_velocity_features(
+    files: Sequence[Path], layout: DataLayout, memory_limit: str = "2GB", threads: int = 2
+) -> Path:
+    """Compute the velocity features of every transaction in the raw Parquet `files` and write
+    them to `velocity_features_path(layout)` (temporary file, then rename)."""
+    target = velocity_features_path(layout)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    quoted = ", ".join("'" + str(path).replace("'", "''") + "'" for path in files)
+    handle, temp_name = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=".parquet.tmp", dir=target.parent)
+    os.close(handle)
+    temp = Path(temp_name)
+    con = duckdb.connect(database=":memory:")
+    try:
+        con.execute(f"SET memory_limit = '{memory_limit}'")
+        con.execute(f"SET threads = {int(threads)}")
+        con.execute("SET preserve_insertion_order = false")
+        query = velocity_sql(f"read_parquet([{quoted}], hive_partitioning = false)")
+        con.execute(f"COPY ({query}) TO '{temp}' (FORMAT parquet, COMPRESSION zstd, OVERWRITE true)")
+        os.replace(temp, target)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    finally:
+        con.close()
+    return target
+
+
+def read_velocity_features(layout: DataLayout) -> pd.DataFrame:
+    """The per-transaction velocity table (VELOCITY_COLUMNS)."""
+    path = velocity_features_path(layout)
+    if not path.is_file():
+        raise UserError(f"velocity feature table {path} does not exist (run `fraud features build` first)")
+    return pd.read_parquet(path)
