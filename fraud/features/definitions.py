@@ -272,3 +272,25 @@ def velocity_features(
         out[k] = float(np.count_nonzero(terminal_before & (terminal_ts > t - seconds * NS_PER_SECOND)))
         k += 1
     return out
+
+
+# --- online window state of the velocity features (Feast push sources, written by the stream
+# aggregator, read by the predictor) --------------------------------------------------------------
+CARD_RECENT_VIEW = "customer_recent_transactions"
+TERMINAL_RECENT_VIEW = "terminal_recent_transactions"
+#: Event timestamp of a window state row: when the aggregator wrote it (strictly increasing per
+#: entity, so Feast's online write never drops a newer state as "older").
+STATE_TIMESTAMP = "state_ts"
+#: Fields of the card's state: its events within VELOCITY_HORIZON_S, sorted by time.
+CARD_RECENT_FIELDS: tuple[str, ...] = (
+    "customer_recent_ts_ns",
+    "customer_recent_amounts",
+    "customer_recent_terminals",
+    "customer_recent_transaction_ids",
+)
+TERMINAL_RECENT_FIELDS: tuple[str, ...] = ("terminal_recent_ts_ns", "terminal_recent_transaction_ids")
+
+
+def push_source_name(view: str) -> str:
+    """Name of the Feast push source feeding a window-state view."""
+    return f"{view}_push"

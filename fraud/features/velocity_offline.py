@@ -28,8 +28,13 @@ from fraud.config import DataLayout
 from fraud.errors import UserError
 from fraud.features.definitions import (
     CARD_DISTINCT_TERMINALS_WINDOW,
+    CARD_RECENT_FIELDS,
+    CARD_RECENT_VIEW,
     CARD_VELOCITY_WINDOWS,
     NS_PER_SECOND,
+    STATE_TIMESTAMP,
+    TERMINAL_RECENT_FIELDS,
+    TERMINAL_RECENT_VIEW,
     TERMINAL_VELOCITY_WINDOWS,
     VELOCITY_FEATURES,
     VELOCITY_HORIZON_S,
@@ -112,28 +117,70 @@ def velocity_frame(transactions: pd.DataFrame, threads: int = 2) -> pd.DataFrame
     return result
 
 
-def build_velocity_features(
-    files: Sequence[Path], layout: DataLayout, memory_limit: str = "2GB", threads: int = 2
-) -> Path:
-    """Compute the velocity features of every transaction in the raw Parquet `files` and write
-    them to `velocity_features_path(layout)` (temporary file, then rename)."""
-    target = velocity_features_path(layout)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    quoted = ", ".join("'" + str(path).replace("'", "''") + "'" for path in files)
+def recent_state_path(layout: DataLayout, view: str) -> Path:
+    """Parquet file of a window-state view's batch source (CARD_RECENT_VIEW / TERMINAL_RECENT_VIEW):
+    each entity's events within the horizon before its last transaction."""
+    return layout.features / f"{view}.parquet"
+
+
+def _recent_state_sql(source: str, entity: str, fields: Sequence[str], values: Sequence[str]) -> str:
+    lists = ", ".join(
+        f"list({value} ORDER BY ts_ns, {TRANSACTION_ID}) AS {name}" for name, value in zip(fields, values)
+    )
+    return f"""
+    WITH src AS (
+        SELECT {TRANSACTION_ID}, {CUSTOMER_ID}, {TERMINAL_ID}, {TX_AMOUNT}::DOUBLE AS {TX_AMOUNT},
+               epoch_ns({TX_DATETIME}::TIMESTAMP) AS ts_ns
+        FROM {source}
+    ), newest AS (SELECT {entity}, max(ts_ns) AS last_ns FROM src GROUP BY {entity})
+    SELECT {entity}, make_timestamp(max(last_ns) // 1000) AS {STATE_TIMESTAMP}, {lists}
+    FROM src JOIN newest USING ({entity})
+    WHERE ts_ns > last_ns - {VELOCITY_HORIZON_S * NS_PER_SECOND}
+    GROUP BY {entity}
+    ORDER BY {entity}
+    """
+
+
+def recent_state_queries(source: str) -> dict[str, str]:
+    """The window-state tables (by view name) as of each entity's last transaction."""
+    return {
+        CARD_RECENT_VIEW: _recent_state_sql(
+            source, CUSTOMER_ID, CARD_RECENT_FIELDS, ("ts_ns", TX_AMOUNT, TERMINAL_ID, TRANSACTION_ID)
+        ),
+        TERMINAL_RECENT_VIEW: _recent_state_sql(source, TERMINAL_ID, TERMINAL_RECENT_FIELDS, ("ts_ns", TRANSACTION_ID)),
+    }
+
+
+def _copy(con: duckdb.DuckDBPyConnection, query: str, target: Path) -> None:
     handle, temp_name = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=".parquet.tmp", dir=target.parent)
     os.close(handle)
     temp = Path(temp_name)
-    con = duckdb.connect(database=":memory:")
     try:
-        con.execute(f"SET memory_limit = '{memory_limit}'")
-        con.execute(f"SET threads = {int(threads)}")
-        con.execute("SET preserve_insertion_order = false")
-        query = velocity_sql(f"read_parquet([{quoted}], hive_partitioning = false)")
         con.execute(f"COPY ({query}) TO '{temp}' (FORMAT parquet, COMPRESSION zstd, OVERWRITE true)")
         os.replace(temp, target)
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
+
+
+def build_velocity_features(
+    files: Sequence[Path], layout: DataLayout, memory_limit: str = "2GB", threads: int = 2
+) -> Path:
+    """Compute the velocity features of every transaction in the raw Parquet `files` and write
+    them to `velocity_features_path(layout)`, and the window-state tables (the batch sources of the
+    push-fed views) to `recent_state_path` (each a temporary file, then renamed)."""
+    target = velocity_features_path(layout)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    quoted = ", ".join("'" + str(path).replace("'", "''") + "'" for path in files)
+    source = f"read_parquet([{quoted}], hive_partitioning = false)"
+    con = duckdb.connect(database=":memory:")
+    try:
+        con.execute(f"SET memory_limit = '{memory_limit}'")
+        con.execute(f"SET threads = {int(threads)}")
+        con.execute("SET preserve_insertion_order = false")
+        _copy(con, velocity_sql(source), target)
+        for view, query in recent_state_queries(source).items():
+            _copy(con, query, recent_state_path(layout, view))
     finally:
         con.close()
     return target
