@@ -157,6 +157,8 @@ def _identifier(fields: Mapping[Any, Any], name: str) -> str:
 
 def decode(fields: Mapping[Any, Any]) -> TransactionEvent:
     """The event of a stream entry's fields; raises BadEvent naming the field."""
+    for name in EVENT_FIELDS:
+        _text(fields, name)  # every field present, else missing_field naming the first absent one
     kind = _text(fields, KIND_FIELD)
     if kind not in KINDS:
         raise BadEvent("invalid_field", f"field {KIND_FIELD!r} must be one of {KINDS}, got {kind!r}")
