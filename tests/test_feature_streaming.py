@@ -210,11 +210,11 @@ def test_two_consumers_share_the_partitions(
     assert first.owned | second.owned == {0, 1, 2} and len(first.owned) == 2 and len(second.owned) == 1
 
 
-def simulated_day() -> pd.DataFrame:
+def simulated_day(n_customers: int) -> pd.DataFrame:
     """One simulated day, plus a card-testing burst (many small purchases at several terminals
     within minutes), a transaction at the same second as another of its card, and events exactly
     one window apart."""
-    data = simulate(SimulationConfig(n_customers=120, n_terminals=200, n_days=2, seed=11))
+    data = simulate(SimulationConfig(n_customers=n_customers, n_terminals=200, n_days=2, seed=11))
     tx = data.transactions
     day = tx[tx["tx_datetime"] >= tx["tx_datetime"].min().normalize() + pd.Timedelta(days=1)]
     frame = day[["transaction_id", "customer_id", "terminal_id", "tx_amount", "tx_datetime"]].copy()
@@ -234,12 +234,13 @@ def simulated_day() -> pd.DataFrame:
     return pd.concat([frame, burst]).sort_values(["tx_datetime", "transaction_id"]).reset_index(drop=True)
 
 
+@pytest.mark.parametrize("n_customers", [30, pytest.param(150, marks=pytest.mark.slow)])
 def test_skew_replayed_day_online_equals_offline(
-    stream: StreamSettings, feast_store: WindowStateStore, redis_client: redis.Redis
+    n_customers: int, stream: StreamSettings, feast_store: WindowStateStore, redis_client: redis.Redis
 ) -> None:
     """Each transaction is scored from the online store (as the predictor does) before it is
     published and applied; every value must equal the offline computation."""
-    day = simulated_day()
+    day = simulated_day(n_customers)
     offline = velocity_frame(day)[list(VELOCITY_FEATURES)].to_numpy()
     publisher = TransactionPublisher(stream, redis_client)
     aggregator = make_aggregator(stream, feast_store)
