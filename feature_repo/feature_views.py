@@ -6,7 +6,8 @@
 * `transaction_request_features`: on-demand view folding the scored transaction into the
   customer windows. Its UDF delegates to fraud.features.definitions.compute_request_features,
   the single implementation also used by the training set builder and the predictor.
-* `fraud_model_features`: the feature service giving exactly MODEL_FEATURES.
+* `fraud_model_features`: the feature service giving FEATURE_SERVICE_FEATURES (MODEL_FEATURES but
+  the velocity features, which come from the window-state views).
 
 Every name comes from fraud.features.definitions / fraud.schema.
 """
@@ -32,7 +33,7 @@ from fraud.features.definitions import (
     CUSTOMER_SPENDING_FEATURES,
     CUSTOMER_SPENDING_VIEW,
     FEATURE_SERVICE,
-    MODEL_FEATURES,
+    FEATURE_SERVICE_FEATURES,
     REQUEST_FEATURES,
     REQUEST_FEATURES_VIEW,
     SNAPSHOT_TTL_DAYS,
@@ -133,7 +134,7 @@ fraud_model_features = FeatureService(
     name=FEATURE_SERVICE,
     features=[
         transaction_request_features,
-        terminal_risk_features[[name for name in MODEL_FEATURES if name in TERMINAL_RISK_FEATURES]],
+        terminal_risk_features[[name for name in FEATURE_SERVICE_FEATURES if name in TERMINAL_RISK_FEATURES]],
     ],
-    description="The fraud model's input vector (fraud.features.definitions.MODEL_FEATURES).",
+    description="The fraud model's input vector but the velocity features (definitions.FEATURE_SERVICE_FEATURES).",
 )

@@ -45,13 +45,21 @@ from fraud.features.definitions import (
     CUSTOMER_SPENDING_FEATURES,
     CUSTOMER_SPENDING_VIEW,
     FEATURE_SERVICE,
+    FEATURE_SERVICE_FEATURES,
     MODEL_FEATURES,
     SNAPSHOT_TIMESTAMP,
     SNAPSHOT_TTL_DAYS,
     TERMINAL_RISK_FEATURES,
     TERMINAL_RISK_VIEW,
+    VELOCITY_HORIZON_S,
 )
-from fraud.features.offline import EVENT_TIMESTAMP, customer_features_path, terminal_features_path
+from fraud.features.offline import (
+    EVENT_TIMESTAMP,
+    customer_features_path,
+    labelled_transactions,
+    terminal_features_path,
+)
+from fraud.features.velocity_offline import velocity_frame
 from fraud.schema import CUSTOMER_ID, TERMINAL_ID, TX_AMOUNT, TX_DATETIME
 
 _logger = logging.getLogger(__name__)
@@ -328,7 +336,8 @@ def historical_features(
     `entity_df` needs `ENTITY_DF_COLUMNS` (event_timestamp is the point in time; tx_amount and
     tx_datetime feed the on-demand features); other columns (labels, ids) are passed through.
     Returns `entity_df`'s columns followed by MODEL_FEATURES (float64, cold-start defaults for
-    entities without a snapshot within the TTL), in the input row order and index.
+    entities without a snapshot within the TTL), in the input row order and index. The velocity
+    features come from `point_in_time_velocity` (the raw transactions before each row).
     """
     missing = [c for c in ENTITY_DF_COLUMNS if c not in entity_df.columns]
     if missing:
@@ -349,10 +358,26 @@ def historical_features(
     joined = joined.sort_values(_ROW_ORDER).set_index(_ROW_ORDER)
     if len(joined) != len(request):
         raise RuntimeError(f"Feast returned {len(joined)} rows for {len(request)} entity rows")
-    features = joined[list(MODEL_FEATURES)].astype("float64")
+    features = joined[list(FEATURE_SERVICE_FEATURES)].astype("float64")
     features = features.fillna({k: v for k, v in BATCH_FEATURE_DEFAULTS.items() if k in features.columns})
     features.index = entity_df.index
+    velocity = point_in_time_velocity(entity_df)
+    features = pd.concat([features, velocity], axis=1)[list(MODEL_FEATURES)]
     return pd.concat([entity_df, features], axis=1)
+
+
+def point_in_time_velocity(entity_df: pd.DataFrame, layout: DataLayout | None = None) -> pd.DataFrame:
+    """VELOCITY_FEATURES of each entity row at its `event_timestamp` from the raw transactions
+    strictly before it (`fraud.features.velocity_offline.velocity_frame`: the values the stream
+    aggregator's windows give the predictor at that instant). Same index as `entity_df`."""
+    when = pd.to_datetime(entity_df[EVENT_TIMESTAMP], utc=True)
+    horizon = timedelta(seconds=VELOCITY_HORIZON_S)
+    history = labelled_transactions(when.min() - horizon, when.max() + timedelta(microseconds=1), layout)
+    requests = pd.DataFrame(
+        {CUSTOMER_ID: entity_df[CUSTOMER_ID], TERMINAL_ID: entity_df[TERMINAL_ID], TX_DATETIME: when},
+        index=entity_df.index,
+    )
+    return velocity_frame(history, requests)
 
 
 def _aware_utc(values: pd.Series) -> pd.Series:
@@ -467,7 +492,7 @@ class OnlineFeatureClient:
                 kind = value.WhichOneof("val") if value is not None else None
                 values.append(getattr(value, kind) if kind is not None else math.nan)
             # Redis answers an absent entity with empty values (and the epoch as timestamp)
-            known = event_ts is not None and any(v == v for v in values)  # v == v: not NaN
+            known = event_ts is not None and any(not math.isnan(v) for v in values)
             table.append(values)
             stamps.append(
                 (event_ts.astimezone(UTC).replace(tzinfo=None) if event_ts.tzinfo else event_ts) if known else None

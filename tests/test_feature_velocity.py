@@ -112,3 +112,38 @@ def test_duckdb_equals_the_definition_on_every_transaction(seed: int) -> None:
 def test_velocity_frame_names_missing_columns() -> None:
     with pytest.raises(UserError, match="tx_amount"):
         velocity_frame(pd.DataFrame({"transaction_id": [], "customer_id": [], "terminal_id": [], "tx_datetime": []}))
+
+
+def test_requests_at_arbitrary_times_count_only_earlier_history() -> None:
+    """Point-in-time for rows that are not transactions themselves (the training-set join and
+    hypothetical requests): each gets `velocity_features` of the history strictly before it."""
+    history = random_velocity_transactions(2, n=600)
+    rng = np.random.default_rng(9)
+    picked = history.sample(n=200, random_state=4)
+    requests = pd.DataFrame(
+        {
+            "customer_id": picked["customer_id"].to_numpy(),
+            "terminal_id": picked["terminal_id"].sample(frac=1.0, random_state=5).to_numpy(),
+            # some at a transaction's exact time, some in between, tz-aware
+            "tx_datetime": (
+                picked["tx_datetime"] + pd.to_timedelta(rng.choice([0, 1, 30, 599, 600], len(picked)), unit="s")
+            )
+            .dt.tz_localize("UTC")
+            .to_numpy(),
+        },
+        index=pd.RangeIndex(500, 700),
+    )
+    got = velocity_frame(history, requests)
+    assert list(got.columns) == list(VELOCITY_FEATURES) and got.index.equals(requests.index)
+    ts = history["tx_datetime"].astype("datetime64[ns]").to_numpy().view("int64")
+    for i, row in enumerate(requests.itertuples()):
+        card = (history["customer_id"] == row.customer_id).to_numpy()
+        term = (history["terminal_id"] == row.terminal_id).to_numpy()
+        expected = velocity_features(
+            pd.Timestamp(row.tx_datetime).value,
+            ts[card],
+            history["tx_amount"].to_numpy()[card],
+            list(history["terminal_id"].to_numpy()[card]),
+            ts[term],
+        )
+        np.testing.assert_allclose(got.iloc[i].to_numpy(), expected, rtol=0, atol=1e-9)

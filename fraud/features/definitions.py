@@ -69,120 +69,6 @@ REQUEST_FEATURES: tuple[str, ...] = (
     "amount_to_customer_avg_30d",
 )
 
-#: The model's input vector, in order. Training, serving, drift detection and reason codes use it.
-MODEL_FEATURES: tuple[str, ...] = (
-    *REQUEST_FEATURES,
-    *(name for w in TERMINAL_WINDOWS_DAYS for name in (f"terminal_nb_tx_{w}d", f"terminal_risk_{w}d")),
-)
-
-#: Human-readable text for each model feature, used in reason codes and the model card.
-FEATURE_DESCRIPTIONS: dict[str, str] = {
-    "tx_amount_feature": "transaction amount",
-    "tx_during_weekend": "transaction on a weekend",
-    "tx_during_night": "transaction at night (00:00-06:59 UTC)",
-    "customer_nb_tx_incl_1d": "card's number of transactions, previous day and this one",
-    "customer_avg_amount_incl_1d": "card's average amount, previous day and this one",
-    "customer_nb_tx_incl_7d": "card's number of transactions, previous 7 days and this one",
-    "customer_avg_amount_incl_7d": "card's average amount, previous 7 days and this one",
-    "customer_nb_tx_incl_30d": "card's number of transactions, previous 30 days and this one",
-    "customer_avg_amount_incl_30d": "card's average amount, previous 30 days and this one",
-    "amount_to_customer_avg_30d": "amount relative to the card's 30-day average",
-    "terminal_nb_tx_1d": "terminal's transactions on 1 day with known labels",
-    "terminal_risk_1d": "terminal's fraud share on 1 day with known labels",
-    "terminal_nb_tx_7d": "terminal's transactions over 7 days with known labels",
-    "terminal_risk_7d": "terminal's fraud share over 7 days with known labels",
-    "terminal_nb_tx_30d": "terminal's transactions over 30 days with known labels",
-    "terminal_risk_30d": "terminal's fraud share over 30 days with known labels",
-}
-assert set(FEATURE_DESCRIPTIONS) == set(MODEL_FEATURES)
-
-
-NS_PER_HOUR = 3_600 * 1_000_000_000
-NS_PER_DAY = 24 * NS_PER_HOUR
-#: 1970-01-01 was a Thursday: (days since the epoch + 3) % 7 is the ISO weekday - 1 (Monday = 0).
-_EPOCH_WEEKDAY = 3
-
-
-def utc_epoch_ns(values: pd.Series | np.ndarray) -> np.ndarray:
-    """Timestamps (tz-naive = UTC, or tz-aware) as int64 nanoseconds since the Unix epoch, UTC."""
-    if isinstance(values, np.ndarray) and values.dtype.kind == "M":
-        return values.astype("datetime64[ns]").view("int64")
-    stamps = pd.to_datetime(pd.Series(values), utc=True).dt.tz_localize(None)
-    return stamps.to_numpy(dtype="datetime64[ns]").view("int64")
-
-
-def request_feature_matrix(amount: np.ndarray, tx_epoch_ns: np.ndarray, customer_batch: np.ndarray) -> np.ndarray:
-    """The request-time features as a float64 matrix [n, len(REQUEST_FEATURES)], columns in
-    REQUEST_FEATURES order.
-
-    `amount` [n] float64; `tx_epoch_ns` [n] int64 UTC nanoseconds since the epoch (`utc_epoch_ns`);
-    `customer_batch` [n, len(CUSTOMER_SPENDING_FEATURES)] in that order, NaN = unknown (cold start,
-    counts as 0). This is the one implementation: `compute_request_features` (Feast on-demand view,
-    training) wraps it and the predictor calls it on arrays.
-    """
-    amount = np.asarray(amount, dtype=np.float64)
-    epoch_ns = np.asarray(tx_epoch_ns, dtype=np.int64)
-    batch = np.nan_to_num(np.asarray(customer_batch, dtype=np.float64), nan=0.0)
-    n = len(amount)
-    out = np.empty((n, len(REQUEST_FEATURES)), dtype=np.float64)
-    days = np.floor_divide(epoch_ns, NS_PER_DAY)
-    out[:, 0] = amount
-    out[:, 1] = ((days + _EPOCH_WEEKDAY) % 7 >= 5).astype(np.float64)
-    out[:, 2] = (np.floor_divide(epoch_ns - days * NS_PER_DAY, NS_PER_HOUR) <= NIGHT_END_HOUR).astype(np.float64)
-    for k, _ in enumerate(CUSTOMER_WINDOWS_DAYS):
-        count, total = batch[:, 2 * k], batch[:, 2 * k + 1]
-        out[:, 3 + 2 * k] = count + 1.0
-        out[:, 4 + 2 * k] = (total + amount) / (count + 1.0)
-    count_30, total_30 = (
-        batch[:, 2 * CUSTOMER_WINDOWS_DAYS.index(30)],
-        batch[:, 2 * CUSTOMER_WINDOWS_DAYS.index(30) + 1],
-    )
-    with np.errstate(divide="ignore", invalid="ignore"):
-        prior_avg = np.where(count_30 > 0, total_30 / np.where(count_30 > 0, count_30, 1.0), np.nan)
-        ratio = amount / prior_avg
-    out[:, -1] = np.where(np.isfinite(ratio), ratio, 1.0)
-    return out
-
-
-#: Where each MODEL_FEATURES column comes from: index into REQUEST_FEATURES + BATCH features.
-_BATCH_FEATURES: tuple[str, ...] = CUSTOMER_SPENDING_FEATURES + TERMINAL_RISK_FEATURES
-_MODEL_COLUMNS = np.array([(REQUEST_FEATURES + _BATCH_FEATURES).index(name) for name in MODEL_FEATURES])
-
-
-def model_feature_matrix(amount: np.ndarray, tx_epoch_ns: np.ndarray, batch: np.ndarray) -> np.ndarray:
-    """The model's input matrix [n, len(MODEL_FEATURES)] (float64, MODEL_FEATURES order) from the
-    request fields and the batch features `batch` [n, len(CUSTOMER_SPENDING_FEATURES +
-    TERMINAL_RISK_FEATURES)] in that order, NaN = unknown entity (cold-start default applies)."""
-    batch = np.asarray(batch, dtype=np.float64)
-    defaults = np.array([BATCH_FEATURE_DEFAULTS[name] for name in _BATCH_FEATURES])
-    batch = np.where(np.isnan(batch), defaults, batch)
-    request = request_feature_matrix(amount, tx_epoch_ns, batch[:, : len(CUSTOMER_SPENDING_FEATURES)])
-    return np.ascontiguousarray(np.concatenate([request, batch], axis=1)[:, _MODEL_COLUMNS])
-
-
-def compute_request_features(frame: pd.DataFrame) -> pd.DataFrame:
-    """Request-time features from the request fields and the customer's batch features.
-
-    `frame` has `tx_amount`, `tx_datetime` (UTC, tz-naive or tz-aware) and the columns of
-    `CUSTOMER_SPENDING_FEATURES` (missing values mean cold start and count as 0). Returns a new
-    frame with exactly the columns of `REQUEST_FEATURES`, as float64, on the same index.
-    """
-    values = request_feature_matrix(
-        frame[TX_AMOUNT].to_numpy(dtype=np.float64),
-        utc_epoch_ns(frame[TX_DATETIME]),
-        frame[list(CUSTOMER_SPENDING_FEATURES)].to_numpy(dtype=np.float64, na_value=np.nan),
-    )
-    return pd.DataFrame(values, index=frame.index, columns=list(REQUEST_FEATURES))
-
-
-def model_feature_frame(frame: pd.DataFrame) -> pd.DataFrame:
-    """The model's input matrix (columns = MODEL_FEATURES, float64) from a frame holding the request
-    fields and every batch feature. Missing batch values (or columns) take their cold-start default."""
-    batch = frame.reindex(columns=list(_BATCH_FEATURES)).to_numpy(dtype=np.float64, na_value=np.nan)
-    values = model_feature_matrix(frame[TX_AMOUNT].to_numpy(dtype=np.float64), utc_epoch_ns(frame[TX_DATETIME]), batch)
-    return pd.DataFrame(values, index=frame.index, columns=list(MODEL_FEATURES))
-
-
 # --- real-time velocity features ----------------------------------------------------------------
 #
 # A velocity value "at transaction t" aggregates the card's (terminal's) transactions strictly
@@ -236,6 +122,145 @@ VELOCITY_DESCRIPTIONS: dict[str, str] = {
     },
 }
 assert set(VELOCITY_DESCRIPTIONS) == set(VELOCITY_FEATURES)
+#: Value of each velocity feature for a card / terminal without earlier transactions in the windows.
+VELOCITY_DEFAULTS: dict[str, float] = {name: 0.0 for name in VELOCITY_FEATURES} | {
+    "customer_seconds_since_last_tx": float(VELOCITY_HORIZON_S)
+}
+
+#: The model's input vector, in order. Training, serving, drift detection and reason codes use it.
+MODEL_FEATURES: tuple[str, ...] = (
+    *REQUEST_FEATURES,
+    *(name for w in TERMINAL_WINDOWS_DAYS for name in (f"terminal_nb_tx_{w}d", f"terminal_risk_{w}d")),
+    *VELOCITY_FEATURES,
+)
+
+#: The model features the Feast feature service serves (the velocity features are evaluated from
+#: the window states at request time, and point-in-time from the raw transactions for training).
+FEATURE_SERVICE_FEATURES: tuple[str, ...] = tuple(name for name in MODEL_FEATURES if name not in VELOCITY_FEATURES)
+
+#: Human-readable text for each model feature, used in reason codes and the model card.
+FEATURE_DESCRIPTIONS: dict[str, str] = {
+    "tx_amount_feature": "transaction amount",
+    "tx_during_weekend": "transaction on a weekend",
+    "tx_during_night": "transaction at night (00:00-06:59 UTC)",
+    "customer_nb_tx_incl_1d": "card's number of transactions, previous day and this one",
+    "customer_avg_amount_incl_1d": "card's average amount, previous day and this one",
+    "customer_nb_tx_incl_7d": "card's number of transactions, previous 7 days and this one",
+    "customer_avg_amount_incl_7d": "card's average amount, previous 7 days and this one",
+    "customer_nb_tx_incl_30d": "card's number of transactions, previous 30 days and this one",
+    "customer_avg_amount_incl_30d": "card's average amount, previous 30 days and this one",
+    "amount_to_customer_avg_30d": "amount relative to the card's 30-day average",
+    "terminal_nb_tx_1d": "terminal's transactions on 1 day with known labels",
+    "terminal_risk_1d": "terminal's fraud share on 1 day with known labels",
+    "terminal_nb_tx_7d": "terminal's transactions over 7 days with known labels",
+    "terminal_risk_7d": "terminal's fraud share over 7 days with known labels",
+    "terminal_nb_tx_30d": "terminal's transactions over 30 days with known labels",
+    "terminal_risk_30d": "terminal's fraud share over 30 days with known labels",
+    **VELOCITY_DESCRIPTIONS,
+}
+assert set(FEATURE_DESCRIPTIONS) == set(MODEL_FEATURES)
+
+
+NS_PER_HOUR = 3_600 * 1_000_000_000
+NS_PER_DAY = 24 * NS_PER_HOUR
+#: 1970-01-01 was a Thursday: (days since the epoch + 3) % 7 is the ISO weekday - 1 (Monday = 0).
+_EPOCH_WEEKDAY = 3
+
+
+def utc_epoch_ns(values: pd.Series | np.ndarray) -> np.ndarray:
+    """Timestamps (tz-naive = UTC, or tz-aware) as int64 nanoseconds since the Unix epoch, UTC."""
+    if isinstance(values, np.ndarray) and values.dtype.kind == "M":
+        return values.astype("datetime64[ns]").view("int64")
+    stamps = pd.to_datetime(pd.Series(values), utc=True).dt.tz_localize(None)
+    return stamps.to_numpy(dtype="datetime64[ns]").view("int64")
+
+
+def request_feature_matrix(amount: np.ndarray, tx_epoch_ns: np.ndarray, customer_batch: np.ndarray) -> np.ndarray:
+    """The request-time features as a float64 matrix [n, len(REQUEST_FEATURES)], columns in
+    REQUEST_FEATURES order.
+
+    `amount` [n] float64; `tx_epoch_ns` [n] int64 UTC nanoseconds since the epoch (`utc_epoch_ns`);
+    `customer_batch` [n, len(CUSTOMER_SPENDING_FEATURES)] in that order, NaN = unknown (cold start,
+    counts as 0). This is the one implementation: `compute_request_features` (Feast on-demand view,
+    training) wraps it and the predictor calls it on arrays.
+    """
+    amount = np.asarray(amount, dtype=np.float64)
+    epoch_ns = np.asarray(tx_epoch_ns, dtype=np.int64)
+    batch = np.nan_to_num(np.asarray(customer_batch, dtype=np.float64), nan=0.0)
+    n = len(amount)
+    out = np.empty((n, len(REQUEST_FEATURES)), dtype=np.float64)
+    days = np.floor_divide(epoch_ns, NS_PER_DAY)
+    out[:, 0] = amount
+    out[:, 1] = ((days + _EPOCH_WEEKDAY) % 7 >= 5).astype(np.float64)
+    out[:, 2] = (np.floor_divide(epoch_ns - days * NS_PER_DAY, NS_PER_HOUR) <= NIGHT_END_HOUR).astype(np.float64)
+    for k, _ in enumerate(CUSTOMER_WINDOWS_DAYS):
+        count, total = batch[:, 2 * k], batch[:, 2 * k + 1]
+        out[:, 3 + 2 * k] = count + 1.0
+        out[:, 4 + 2 * k] = (total + amount) / (count + 1.0)
+    count_30, total_30 = (
+        batch[:, 2 * CUSTOMER_WINDOWS_DAYS.index(30)],
+        batch[:, 2 * CUSTOMER_WINDOWS_DAYS.index(30) + 1],
+    )
+    with np.errstate(divide="ignore", invalid="ignore"):
+        prior_avg = np.where(count_30 > 0, total_30 / np.where(count_30 > 0, count_30, 1.0), np.nan)
+        ratio = amount / prior_avg
+    out[:, -1] = np.where(np.isfinite(ratio), ratio, 1.0)
+    return out
+
+
+#: Where each MODEL_FEATURES column comes from: index into REQUEST_FEATURES + BATCH + VELOCITY features.
+_BATCH_FEATURES: tuple[str, ...] = CUSTOMER_SPENDING_FEATURES + TERMINAL_RISK_FEATURES
+_MODEL_COLUMNS = np.array(
+    [(REQUEST_FEATURES + _BATCH_FEATURES + VELOCITY_FEATURES).index(name) for name in MODEL_FEATURES]
+)
+_VELOCITY_DEFAULTS = np.array([VELOCITY_DEFAULTS[name] for name in VELOCITY_FEATURES])
+
+
+def model_feature_matrix(
+    amount: np.ndarray, tx_epoch_ns: np.ndarray, batch: np.ndarray, velocity: np.ndarray | None = None
+) -> np.ndarray:
+    """The model's input matrix [n, len(MODEL_FEATURES)] (float64, MODEL_FEATURES order) from the
+    request fields, the batch features `batch` [n, len(CUSTOMER_SPENDING_FEATURES +
+    TERMINAL_RISK_FEATURES)] in that order, NaN = unknown entity (cold-start default applies), and
+    the velocity features `velocity` [n, len(VELOCITY_FEATURES)] (`velocity_features` per row;
+    None or NaN: no earlier transaction known, VELOCITY_DEFAULTS)."""
+    batch = np.asarray(batch, dtype=np.float64)
+    defaults = np.array([BATCH_FEATURE_DEFAULTS[name] for name in _BATCH_FEATURES])
+    batch = np.where(np.isnan(batch), defaults, batch)
+    if velocity is None:
+        velocity = np.broadcast_to(_VELOCITY_DEFAULTS, (len(batch), len(VELOCITY_FEATURES)))
+    else:
+        velocity = np.asarray(velocity, dtype=np.float64)
+        velocity = np.where(np.isnan(velocity), _VELOCITY_DEFAULTS, velocity)
+    request = request_feature_matrix(amount, tx_epoch_ns, batch[:, : len(CUSTOMER_SPENDING_FEATURES)])
+    return np.ascontiguousarray(np.concatenate([request, batch, velocity], axis=1)[:, _MODEL_COLUMNS])
+
+
+def compute_request_features(frame: pd.DataFrame) -> pd.DataFrame:
+    """Request-time features from the request fields and the customer's batch features.
+
+    `frame` has `tx_amount`, `tx_datetime` (UTC, tz-naive or tz-aware) and the columns of
+    `CUSTOMER_SPENDING_FEATURES` (missing values mean cold start and count as 0). Returns a new
+    frame with exactly the columns of `REQUEST_FEATURES`, as float64, on the same index.
+    """
+    values = request_feature_matrix(
+        frame[TX_AMOUNT].to_numpy(dtype=np.float64),
+        utc_epoch_ns(frame[TX_DATETIME]),
+        frame[list(CUSTOMER_SPENDING_FEATURES)].to_numpy(dtype=np.float64, na_value=np.nan),
+    )
+    return pd.DataFrame(values, index=frame.index, columns=list(REQUEST_FEATURES))
+
+
+def model_feature_frame(frame: pd.DataFrame) -> pd.DataFrame:
+    """The model's input matrix (columns = MODEL_FEATURES, float64) from a frame holding the request
+    fields, the batch features and the velocity features. Missing values (or columns) take their
+    cold-start defaults."""
+    batch = frame.reindex(columns=list(_BATCH_FEATURES)).to_numpy(dtype=np.float64, na_value=np.nan)
+    velocity = frame.reindex(columns=list(VELOCITY_FEATURES)).to_numpy(dtype=np.float64, na_value=np.nan)
+    values = model_feature_matrix(
+        frame[TX_AMOUNT].to_numpy(dtype=np.float64), utc_epoch_ns(frame[TX_DATETIME]), batch, velocity
+    )
+    return pd.DataFrame(values, index=frame.index, columns=list(MODEL_FEATURES))
 
 
 def velocity_features(

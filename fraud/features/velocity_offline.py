@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pandas as pd
 
 from fraud.config import DataLayout
@@ -58,63 +59,104 @@ def _frame(entity: str, seconds: int) -> str:
     )
 
 
-def velocity_sql(source: str) -> str:
-    """SELECT of transaction_id + VELOCITY_FEATURES (DOUBLE) over `source`, a relation with
-    transaction_id, customer_id, terminal_id, tx_amount and tx_datetime (TIMESTAMP, UTC)."""
+_INPUT_COLUMNS = (TRANSACTION_ID, CUSTOMER_ID, TERMINAL_ID, TX_AMOUNT, TX_DATETIME)
+
+
+def velocity_sql(history: str, requests: str | None = None, key: str = "request_key") -> str:
+    """SELECT of `request_key` + VELOCITY_FEATURES (DOUBLE) for each row of `requests` from the
+    transactions of `history` (both relations with customer_id, terminal_id, tx_amount, tx_datetime
+    as TIMESTAMP UTC; `requests` also `request_key`, `history` also transaction_id). Only history
+    rows count, strictly before each request. Without `requests`, every history row is a request
+    at its own time and `request_key` is its transaction_id. The key column is named `key`."""
+    if requests is None:
+        requests = f"(SELECT {TRANSACTION_ID} AS request_key, * FROM {history})"
+    history_only = "CASE WHEN is_history THEN {} END"
     columns = []
     for label, seconds in CARD_VELOCITY_WINDOWS:
         frame = _frame(CUSTOMER_ID, seconds)
-        columns.append(f"(count(*) OVER {frame})::DOUBLE AS customer_nb_tx_{label}")
-        columns.append(f"coalesce(sum({TX_AMOUNT}) OVER {frame}, 0)::DOUBLE AS customer_sum_amount_{label}")
+        columns.append(f"(count({history_only.format(1)}) OVER {frame})::DOUBLE AS customer_nb_tx_{label}")
+        columns.append(
+            f"coalesce(sum({history_only.format(TX_AMOUNT)}) OVER {frame}, 0)::DOUBLE AS customer_sum_amount_{label}"
+        )
+    last = f"max({history_only.format('ts_ns')}) OVER {_frame(CUSTOMER_ID, VELOCITY_HORIZON_S)}"
     columns.append(
-        f"coalesce((ts_ns - max(ts_ns) OVER {_frame(CUSTOMER_ID, VELOCITY_HORIZON_S)})::DOUBLE / {NS_PER_SECOND}, "
-        f"{float(VELOCITY_HORIZON_S)})::DOUBLE AS customer_seconds_since_last_tx"
+        f"coalesce((ts_ns - {last})::DOUBLE / {NS_PER_SECOND}, {float(VELOCITY_HORIZON_S)})::DOUBLE "
+        "AS customer_seconds_since_last_tx"
     )
     label, seconds = CARD_DISTINCT_TERMINALS_WINDOW
     columns.append(
-        f"(count(DISTINCT {TERMINAL_ID}) OVER {_frame(CUSTOMER_ID, seconds)})::DOUBLE AS customer_nb_terminals_{label}"
+        f"(count(DISTINCT {history_only.format(TERMINAL_ID)}) OVER {_frame(CUSTOMER_ID, seconds)})::DOUBLE "
+        f"AS customer_nb_terminals_{label}"
     )
     for label, seconds in TERMINAL_VELOCITY_WINDOWS:
-        columns.append(f"(count(*) OVER {_frame(TERMINAL_ID, seconds)})::DOUBLE AS terminal_nb_tx_{label}")
+        columns.append(
+            f"(count({history_only.format(1)}) OVER {_frame(TERMINAL_ID, seconds)})::DOUBLE AS terminal_nb_tx_{label}"
+        )
     names = [c.rsplit(" AS ", 1)[1] for c in columns]
     if names != list(VELOCITY_FEATURES):  # the SQL and definitions.py disagree: a programming error
         raise RuntimeError(f"velocity SQL computes {names}, definitions.py says {list(VELOCITY_FEATURES)}")
-    select = ",\n       ".join(columns)
+    select = ",\n           ".join(columns)
     return f"""
     WITH src AS (
-        SELECT {TRANSACTION_ID}, {CUSTOMER_ID}, {TERMINAL_ID}, {TX_AMOUNT}::DOUBLE AS {TX_AMOUNT},
-               epoch_ns({TX_DATETIME}::TIMESTAMP) AS ts_ns
-        FROM {source}
+        SELECT TRUE AS is_history, NULL AS request_key, {CUSTOMER_ID}, {TERMINAL_ID},
+               {TX_AMOUNT}::DOUBLE AS {TX_AMOUNT}, epoch_ns({TX_DATETIME}::TIMESTAMP) AS ts_ns
+        FROM {history}
+        UNION ALL
+        SELECT FALSE, request_key, {CUSTOMER_ID}, {TERMINAL_ID}, NULL, epoch_ns({TX_DATETIME}::TIMESTAMP)
+        FROM {requests}
+    ), windows AS (
+        SELECT is_history, request_key,
+           {select}
+        FROM src
     )
-    SELECT {TRANSACTION_ID},
-       {select}
-    FROM src
+    SELECT request_key AS {key}, {", ".join(VELOCITY_FEATURES)} FROM windows WHERE NOT is_history
     """
 
 
-def velocity_frame(transactions: pd.DataFrame, threads: int = 2) -> pd.DataFrame:
-    """VELOCITY_COLUMNS for each row of `transactions` (same row order; needs transaction_id,
-    customer_id, terminal_id, tx_amount, tx_datetime as tz-naive UTC)."""
-    missing = [c for c in (TRANSACTION_ID, CUSTOMER_ID, TERMINAL_ID, TX_AMOUNT, TX_DATETIME) if c not in transactions]
+def velocity_frame(transactions: pd.DataFrame, requests: pd.DataFrame | None = None, threads: int = 2) -> pd.DataFrame:
+    """VELOCITY_FEATURES for each row of `requests` (same index and order) from `transactions`
+    strictly before it. Without `requests`: for each transaction at its own time, with its
+    transaction_id as first column (VELOCITY_COLUMNS). Both frames need customer_id, terminal_id,
+    tx_amount (transactions only) and tx_datetime (tz-naive or tz-aware UTC)."""
+    needed = (CUSTOMER_ID, TERMINAL_ID, TX_AMOUNT, TX_DATETIME)
+    missing = [c for c in (TRANSACTION_ID, *needed) if c not in transactions]
     if missing:
         raise UserError(f"transactions lack column(s) {missing}")
+    own = requests is None
+    if own:
+        requests = transactions
+    missing = [c for c in (CUSTOMER_ID, TERMINAL_ID, TX_DATETIME) if c not in requests]
+    if missing:
+        raise UserError(f"requests lack column(s) {missing}")
+    history = transactions[list(needed)].assign(**{TX_DATETIME: _naive_utc(transactions[TX_DATETIME])})
+    asked = pd.DataFrame(
+        {
+            "request_key": np.arange(len(requests), dtype=np.int64),
+            CUSTOMER_ID: requests[CUSTOMER_ID].astype(str).to_numpy(),
+            TERMINAL_ID: requests[TERMINAL_ID].astype(str).to_numpy(),
+            TX_DATETIME: _naive_utc(requests[TX_DATETIME]).to_numpy(),
+        }
+    )
     con = duckdb.connect(database=":memory:")
     try:
         con.execute(f"SET threads = {int(threads)}")
-        source = transactions[[TRANSACTION_ID, CUSTOMER_ID, TERMINAL_ID, TX_AMOUNT, TX_DATETIME]].assign(
-            __row=range(len(transactions))
-        )
-        con.register("velocity_input", source)
-        query = velocity_sql("velocity_input")
+        con.register("velocity_history", history)
+        con.register("velocity_requests", asked)
         result = con.execute(
-            f"SELECT v.* FROM ({query}) v JOIN velocity_input i USING ({TRANSACTION_ID}) ORDER BY i.__row"
+            f"SELECT * FROM ({velocity_sql('velocity_history', 'velocity_requests')}) ORDER BY request_key"
         ).df()
     finally:
         con.close()
-    if len(result) != len(transactions):
-        raise UserError("transaction ids must be unique to compute velocity features")
-    result.index = transactions.index
+    result = result.drop(columns=["request_key"])
+    result.index = requests.index
+    if own:
+        result.insert(0, TRANSACTION_ID, transactions[TRANSACTION_ID].to_numpy())
     return result
+
+
+def _naive_utc(values: pd.Series) -> pd.Series:
+    stamps = pd.to_datetime(values, utc=True).dt.tz_localize(None)
+    return stamps.astype("datetime64[us]")
 
 
 def recent_state_path(layout: DataLayout, view: str) -> Path:
@@ -178,7 +220,11 @@ def build_velocity_features(
         con.execute(f"SET memory_limit = '{memory_limit}'")
         con.execute(f"SET threads = {int(threads)}")
         con.execute("SET preserve_insertion_order = false")
-        _copy(con, velocity_sql(source), target)
+        _copy(
+            con,
+            velocity_sql(source, key=TRANSACTION_ID),
+            target,
+        )
         for view, query in recent_state_queries(source).items():
             _copy(con, query, recent_state_path(layout, view))
     finally:
