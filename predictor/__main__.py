@@ -152,6 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="uvicorn's one line per request (off by default: at thousands of requests per second it costs ~10%% of "
         "the CPU; the audit trail records every decision and the mesh/ingress logs access)",
     )
+    parser.add_argument(
+        "--publish-transactions",
+        dest="publish_transactions",
+        type=_boolean,
+        default=_boolean(os.environ.get("FRAUD_STREAM_PUBLISH") or "false"),
+        help="XADD every scored transaction to the velocity stream (FRAUD_STREAM_* settings) that the aggregator "
+        "consumes (default FRAUD_STREAM_PUBLISH, else false)",
+    )
     # KServe logs one INFO line per request with its stage latencies by default; at hundreds of
     # requests per second that logging costs ~10% of the server's CPU (benchmarks/bench_scoring.py,
     # docs/performance.md). The same latencies are in the Prometheus histograms; opt back in with
@@ -206,6 +214,7 @@ def settings_from_args(args: argparse.Namespace) -> PredictorSettings:
         audit_spool_max_records=args.audit_spool_max_records,
         thresholds_dir=args.thresholds_dir,
         reason_codes=args.reason_codes,
+        publish_transactions=args.publish_transactions,
     )
 
 

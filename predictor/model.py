@@ -63,6 +63,7 @@ from predictor.features import (
     FeatureLookup,
     FeatureSourceUnavailable,
     OnlineFeatureSource,
+    VelocitySource,
 )
 from predictor.scoring import (
     KSERVE_MODEL_DIR,
@@ -146,6 +147,8 @@ class PredictorSettings:
     thresholds_dir: str | None = None
     #: which transactions get SHAP reason codes: "flagged" (review/decline) or "all"
     reason_codes: str = REASON_CODES_FLAGGED
+    #: publish every scored transaction to the velocity stream (fraud.streaming)
+    publish_transactions: bool = False
 
     @property
     def audit_enabled(self) -> bool:
@@ -300,6 +303,8 @@ class FraudModel(Model):
         super().__init__(name)
         self.settings = settings
         self.feature_source = feature_source
+        #: window states and stream of the velocity features (only with the Feast feature source)
+        self.velocity: VelocitySource | None = None
         self.scorer: BundleScorer | None = None
         self.audit_spool: AuditSpool | None = None
         self.audit_writer: AuditWriter | None = None
@@ -336,6 +341,12 @@ class FraudModel(Model):
                 )
             except Exception as exc:  # a broken repo/config is fatal at start, unlike an outage later
                 raise ModelLoadError(f"cannot open the Feast feature store: {type(exc).__name__}: {exc}") from exc
+            try:
+                self.velocity = VelocitySource.connect(
+                    self.settings.online_store, self.settings.publish_transactions, self.settings.store_retry_after_s
+                )
+            except Exception as exc:
+                raise ModelLoadError(f"cannot open the velocity window states: {type(exc).__name__}: {exc}") from exc
         self.warm_up()
         self.open_audit_trail()
         self.ready = True
@@ -527,14 +538,23 @@ class FraudModel(Model):
         assert scorer is not None, "load() first"
         transactions = request.transactions
         amount, tx_epoch_ns = request_arrays(transactions)
-        lookup = self.lookup_features([tx.customer_id for tx in transactions], [tx.terminal_id for tx in transactions])
-        features = model_feature_matrix(amount, tx_epoch_ns, lookup.values)
+        customer_ids, terminal_ids = [tx.customer_id for tx in transactions], [tx.terminal_id for tx in transactions]
+        lookup = self.lookup_features(customer_ids, terminal_ids)
+        velocity = self.velocity.features(tx_epoch_ns, customer_ids, terminal_ids) if self.velocity else None
+        features = model_feature_matrix(amount, tx_epoch_ns, lookup.values, velocity)
         missing = lookup.missing
         stale = lookup.stale(tx_epoch_ns)
         result = scorer.score(features, reason_codes=self.settings.reason_codes)
         metrics.record_scores(
             scorer.model_version, result.probabilities, result.decisions, int(missing.sum()), int(stale.sum())
         )
+        if self.velocity is not None:
+            self.velocity.publish(
+                [
+                    (tx.transaction_id, tx.customer_id, tx.terminal_id, float(a), int(t))
+                    for tx, a, t in zip(transactions, amount, tx_epoch_ns)
+                ]
+            )
         return ScoredBatch(
             request=request,
             model_version=scorer.model_version,
