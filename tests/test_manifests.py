@@ -39,6 +39,7 @@ CORE_KINDS = {
     "CronJob",
     "Job",
     "PersistentVolumeClaim",
+    "HorizontalPodAutoscaler",
 }
 CUSTOM_KINDS = {"InferenceService", "PrometheusRule", "PodMonitor"}
 
