@@ -271,3 +271,29 @@ def test_skew_replayed_day_online_equals_offline(
     assert offline[:, VELOCITY_FEATURES.index("customer_nb_tx_10m")].max() >= 3
     assert offline[:, VELOCITY_FEATURES.index("customer_nb_terminals_1h")].max() >= 3
     assert counter(aggregator, CARD, "duplicate") > 0
+
+
+def test_direct_write_stores_what_the_push_api_stores(feast_store: WindowStateStore) -> None:
+    card = RecentEvents()
+    for i in range(4):
+        card.apply(f"W{i}", T + i * NS_PER_SECOND, 1.25 * (i + 1), f"T{i % 2}")
+    terminal = RecentEvents([T, T + 7], ["W0", "W1"])
+    ids = (f"C-push-{uuid.uuid4().hex[:6]}", f"C-direct-{uuid.uuid4().hex[:6]}")
+    feast_store.write(CARD, {ids[0]: RecentEvents(**vars(card))}, via_push=True)
+    feast_store.write(CARD, {ids[1]: RecentEvents(**vars(card))})
+    pushed, direct = (feast_store.read(CARD, [i])[i] for i in ids)
+    assert (
+        (pushed.ts_ns, pushed.amounts, pushed.terminals, pushed.transaction_ids)
+        == (
+            direct.ts_ns,
+            direct.amounts,
+            direct.terminals,
+            direct.transaction_ids,
+        )
+        == (card.ts_ns, card.amounts, card.terminals, card.transaction_ids)
+    )
+    feast_store.write(TERMINAL, {"T-push": RecentEvents(**vars(terminal))}, via_push=True)
+    feast_store.write(TERMINAL, {"T-direct": RecentEvents(**vars(terminal))})
+    read = feast_store.read(TERMINAL, ["T-push", "T-direct"])
+    assert read["T-push"].ts_ns == read["T-direct"].ts_ns == terminal.ts_ns
+    assert read["T-push"].transaction_ids == read["T-direct"].transaction_ids == ["W0", "W1"]
