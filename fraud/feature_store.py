@@ -51,6 +51,7 @@ from fraud.features.definitions import (
     SNAPSHOT_TTL_DAYS,
     TERMINAL_RISK_FEATURES,
     TERMINAL_RISK_VIEW,
+    VELOCITY_FEATURES,
     VELOCITY_HORIZON_S,
 )
 from fraud.features.offline import (
@@ -59,8 +60,8 @@ from fraud.features.offline import (
     labelled_transactions,
     terminal_features_path,
 )
-from fraud.features.velocity_offline import velocity_frame
-from fraud.schema import CUSTOMER_ID, TERMINAL_ID, TX_AMOUNT, TX_DATETIME
+from fraud.features.velocity_offline import velocity_features_path, velocity_frame
+from fraud.schema import CUSTOMER_ID, TERMINAL_ID, TRANSACTION_ID, TX_AMOUNT, TX_DATETIME
 
 _logger = logging.getLogger(__name__)
 
@@ -367,17 +368,45 @@ def historical_features(
 
 
 def point_in_time_velocity(entity_df: pd.DataFrame, layout: DataLayout | None = None) -> pd.DataFrame:
-    """VELOCITY_FEATURES of each entity row at its `event_timestamp` from the raw transactions
-    strictly before it (`fraud.features.velocity_offline.velocity_frame`: the values the stream
-    aggregator's windows give the predictor at that instant). Same index as `entity_df`."""
+    """VELOCITY_FEATURES of each entity row at its `event_timestamp` from the transactions strictly
+    before it: the values the stream aggregator's windows give the predictor at that instant.
+
+    A row that is a historical transaction (its transaction_id and time in the table
+    `fraud features build` wrote, `velocity_features_path`) takes that row; any other row (e.g. a
+    hypothetical request) is computed from the raw transactions of the layout. Both are
+    `fraud.features.velocity_offline.velocity_sql`. Same index as `entity_df`."""
+    layout = layout or DataLayout.current()
     when = pd.to_datetime(entity_df[EVENT_TIMESTAMP], utc=True)
-    horizon = timedelta(seconds=VELOCITY_HORIZON_S)
-    history = labelled_transactions(when.min() - horizon, when.max() + timedelta(microseconds=1), layout)
-    requests = pd.DataFrame(
-        {CUSTOMER_ID: entity_df[CUSTOMER_ID], TERMINAL_ID: entity_df[TERMINAL_ID], TX_DATETIME: when},
-        index=entity_df.index,
-    )
-    return velocity_frame(history, requests)
+    when_ns = when.dt.tz_localize(None).astype("datetime64[ns]").to_numpy().view("int64")
+    result = pd.DataFrame(np.nan, index=entity_df.index, columns=list(VELOCITY_FEATURES))
+    table_path = velocity_features_path(layout)
+    if TRANSACTION_ID in entity_df.columns and table_path.is_file():
+        keys = pd.DataFrame(
+            {
+                "row": np.arange(len(entity_df)),
+                TRANSACTION_ID: entity_df[TRANSACTION_ID].astype(str).to_numpy(),
+                "ts_ns": when_ns,
+            }
+        )
+        with duckdb.connect() as con:
+            con.register("wanted", keys)
+            found = con.execute(
+                f"SELECT w.row, t.* EXCLUDE ({TRANSACTION_ID}, ts_ns) "
+                f"FROM wanted w JOIN read_parquet('{table_path}') t USING ({TRANSACTION_ID}, ts_ns)"
+            ).df()
+        if len(found):
+            result.iloc[found["row"].to_numpy(), :] = found[list(VELOCITY_FEATURES)].to_numpy()
+    missing = result.isna().any(axis=1).to_numpy()
+    if missing.any():
+        rows = entity_df.loc[missing]
+        stamps = when[missing]
+        horizon = timedelta(seconds=VELOCITY_HORIZON_S)
+        history = labelled_transactions(stamps.min() - horizon, stamps.max() + timedelta(microseconds=1), layout)
+        requests = pd.DataFrame(
+            {CUSTOMER_ID: rows[CUSTOMER_ID], TERMINAL_ID: rows[TERMINAL_ID], TX_DATETIME: stamps}, index=rows.index
+        )
+        result.loc[missing] = velocity_frame(history, requests).to_numpy()
+    return result
 
 
 def _aware_utc(values: pd.Series) -> pd.Series:

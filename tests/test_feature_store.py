@@ -562,3 +562,19 @@ def test_redis_connection_string_from_the_manifests_split_settings() -> None:
     assert redis_connection_string({"FRAUD_REDIS_HOST": "r"}) == "r:6379"
     # an explicit connection string wins over the split settings
     assert redis_connection_string({**split, "FRAUD_REDIS_URL": "other:1,db=2"}) == "other:1,db=2"
+
+
+def test_point_in_time_velocity_from_the_table_equals_the_raw_computation(store_dir: Path) -> None:
+    """Historical transactions take the per-transaction table `fraud features build` wrote; other
+    rows are computed from the raw transactions: both give the same values."""
+    from fraud.feature_store import point_in_time_velocity
+
+    entity_df = labelled_transactions("2000-01-01", "2100-01-01").sample(n=400, random_state=2)
+    from_table = point_in_time_velocity(entity_df)
+    from_raw = point_in_time_velocity(entity_df.drop(columns=["transaction_id"]))
+    pd.testing.assert_frame_equal(from_table, from_raw, check_exact=False, rtol=0, atol=1e-9)
+    assert (from_table["customer_nb_tx_24h"] > 0).mean() > 0.3
+    # a row whose time is not its transaction's is not taken from the table
+    shifted = entity_df.assign(event_timestamp=entity_df["event_timestamp"] + pd.Timedelta(hours=1))
+    expected = point_in_time_velocity(shifted.drop(columns=["transaction_id"]))
+    pd.testing.assert_frame_equal(point_in_time_velocity(shifted), expected, check_exact=False, rtol=0, atol=1e-9)

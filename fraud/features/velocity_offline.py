@@ -44,7 +44,8 @@ from fraud.schema import CUSTOMER_ID, TERMINAL_ID, TRANSACTION_ID, TX_AMOUNT, TX
 
 #: File name (under features/) of the per-transaction velocity table.
 VELOCITY_TABLE = "transaction_velocity_features"
-VELOCITY_COLUMNS: tuple[str, ...] = (TRANSACTION_ID, *VELOCITY_FEATURES)
+#: Columns of that table: the transaction, its time (UTC ns since the epoch) and its features.
+VELOCITY_COLUMNS: tuple[str, ...] = (TRANSACTION_ID, "ts_ns", *VELOCITY_FEATURES)
 
 
 def velocity_features_path(layout: DataLayout) -> Path:
@@ -105,11 +106,11 @@ def velocity_sql(history: str, requests: str | None = None, key: str = "request_
         SELECT FALSE, request_key, {CUSTOMER_ID}, {TERMINAL_ID}, NULL, epoch_ns({TX_DATETIME}::TIMESTAMP)
         FROM {requests}
     ), windows AS (
-        SELECT is_history, request_key,
+        SELECT is_history, request_key, ts_ns,
            {select}
         FROM src
     )
-    SELECT request_key AS {key}, {", ".join(VELOCITY_FEATURES)} FROM windows WHERE NOT is_history
+    SELECT request_key AS {key}, ts_ns, {", ".join(VELOCITY_FEATURES)} FROM windows WHERE NOT is_history
     """
 
 
@@ -147,7 +148,7 @@ def velocity_frame(transactions: pd.DataFrame, requests: pd.DataFrame | None = N
         ).df()
     finally:
         con.close()
-    result = result.drop(columns=["request_key"])
+    result = result.drop(columns=["request_key", "ts_ns"])
     result.index = requests.index
     if own:
         result.insert(0, TRANSACTION_ID, transactions[TRANSACTION_ID].to_numpy())
