@@ -5,17 +5,22 @@ The Parquet paths derive from FRAUD_DATA_DIR through fraud.config.DataLayout, th
 feature_store.yaml paths do, so one environment variable moves the whole store.
 """
 
-from feast import Field, FileSource, RequestSource
+from feast import Field, FileSource, PushSource, RequestSource
 from feast.types import Float64, UnixTimestamp
 
 from fraud.config import DataLayout
 from fraud.features.definitions import (
+    CARD_RECENT_VIEW,
     CUSTOMER_SPENDING_VIEW,
     REQUEST_SOURCE,
     SNAPSHOT_TIMESTAMP,
+    STATE_TIMESTAMP,
+    TERMINAL_RECENT_VIEW,
     TERMINAL_RISK_VIEW,
+    push_source_name,
 )
 from fraud.features.offline import customer_features_path, terminal_features_path
+from fraud.features.velocity_offline import recent_state_path
 from fraud.schema import TX_AMOUNT, TX_DATETIME
 
 _layout = DataLayout.current()
@@ -41,4 +46,26 @@ transaction_request = RequestSource(
         Field(name=TX_DATETIME, dtype=UnixTimestamp, description="Transaction time (UTC)."),
     ],
     description="Fields of the transaction being scored.",
+)
+
+
+def _recent_push_source(view: str, description: str) -> PushSource:
+    """Push source of a window-state view; its batch source is the state table `fraud features
+    build` writes (each entity's events within the horizon before its last transaction)."""
+    return PushSource(
+        name=push_source_name(view),
+        batch_source=FileSource(
+            name=f"{view}_source",
+            path=str(recent_state_path(_layout, view)),
+            timestamp_field=STATE_TIMESTAMP,
+        ),
+        description=description,
+    )
+
+
+customer_recent_push = _recent_push_source(
+    CARD_RECENT_VIEW, "Each card's transactions within the largest velocity window, pushed by the stream aggregator."
+)
+terminal_recent_push = _recent_push_source(
+    TERMINAL_RECENT_VIEW, "Each terminal's transactions within the largest velocity window, pushed by the aggregator."
 )

@@ -6,7 +6,8 @@
 * `transaction_request_features`: on-demand view folding the scored transaction into the
   customer windows. Its UDF delegates to fraud.features.definitions.compute_request_features,
   the single implementation also used by the training set builder and the predictor.
-* `fraud_model_features`: the feature service giving exactly MODEL_FEATURES.
+* `fraud_model_features`: the feature service giving FEATURE_SERVICE_FEATURES (MODEL_FEATURES but
+  the velocity features, which come from the window-state views).
 
 Every name comes from fraud.features.definitions / fraud.schema.
 """
@@ -14,20 +15,30 @@ Every name comes from fraud.features.definitions / fraud.schema.
 from datetime import timedelta
 
 import pandas as pd
-from data_sources import customer_spending_source, terminal_risk_source, transaction_request
+from data_sources import (
+    customer_recent_push,
+    customer_spending_source,
+    terminal_recent_push,
+    terminal_risk_source,
+    transaction_request,
+)
 from entities import customer, terminal
 from feast import FeatureService, FeatureView, Field
 from feast.on_demand_feature_view import on_demand_feature_view
-from feast.types import Float64, Int64, PrimitiveFeastType
+from feast.types import Array, Float64, Int64, PrimitiveFeastType, String
 
 from fraud.features.definitions import (
+    CARD_RECENT_FIELDS,
+    CARD_RECENT_VIEW,
     CUSTOMER_SPENDING_FEATURES,
     CUSTOMER_SPENDING_VIEW,
     FEATURE_SERVICE,
-    MODEL_FEATURES,
+    FEATURE_SERVICE_FEATURES,
     REQUEST_FEATURES,
     REQUEST_FEATURES_VIEW,
     SNAPSHOT_TTL_DAYS,
+    TERMINAL_RECENT_FIELDS,
+    TERMINAL_RECENT_VIEW,
     TERMINAL_RISK_FEATURES,
     TERMINAL_RISK_VIEW,
 )
@@ -63,6 +74,38 @@ terminal_risk_features = FeatureView(
 )
 
 
+_RECENT_TYPES = {"ts_ns": Array(Int64), "amounts": Array(Float64), "terminals": Array(String)}
+
+
+def _recent_schema(fields: tuple[str, ...]) -> list[Field]:
+    """Window-state fields: parallel arrays sorted by time (ids are strings)."""
+    return [Field(name=name, dtype=_RECENT_TYPES.get(name.split("_recent_")[1], Array(String))) for name in fields]
+
+
+# Window state of the velocity features: written through the push sources by the stream aggregator
+# (fraud.streaming), evaluated at request time by fraud.features.definitions.velocity_features.
+# No TTL: the function keeps only events inside each window of the request time.
+customer_recent_transactions = FeatureView(
+    name=CARD_RECENT_VIEW,
+    entities=[customer],
+    ttl=timedelta(0),
+    schema=_recent_schema(CARD_RECENT_FIELDS),
+    source=customer_recent_push,
+    online=True,
+    description="Card's transactions within the largest velocity window (timestamps, amounts, terminals, ids).",
+)
+
+terminal_recent_transactions = FeatureView(
+    name=TERMINAL_RECENT_VIEW,
+    entities=[terminal],
+    ttl=timedelta(0),
+    schema=_recent_schema(TERMINAL_RECENT_FIELDS),
+    source=terminal_recent_push,
+    online=True,
+    description="Terminal's transactions within the largest velocity window (timestamps, ids).",
+)
+
+
 @on_demand_feature_view(
     name=REQUEST_FEATURES_VIEW,
     sources=[customer_spending_features, transaction_request],
@@ -91,7 +134,7 @@ fraud_model_features = FeatureService(
     name=FEATURE_SERVICE,
     features=[
         transaction_request_features,
-        terminal_risk_features[[name for name in MODEL_FEATURES if name in TERMINAL_RISK_FEATURES]],
+        terminal_risk_features[[name for name in FEATURE_SERVICE_FEATURES if name in TERMINAL_RISK_FEATURES]],
     ],
-    description="The fraud model's input vector (fraud.features.definitions.MODEL_FEATURES).",
+    description="The fraud model's input vector but the velocity features (definitions.FEATURE_SERVICE_FEATURES).",
 )

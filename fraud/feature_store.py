@@ -46,14 +46,23 @@ from fraud.features.definitions import (
     CUSTOMER_SPENDING_FEATURES,
     CUSTOMER_SPENDING_VIEW,
     FEATURE_SERVICE,
+    FEATURE_SERVICE_FEATURES,
     MODEL_FEATURES,
     SNAPSHOT_TIMESTAMP,
     SNAPSHOT_TTL_DAYS,
     TERMINAL_RISK_FEATURES,
     TERMINAL_RISK_VIEW,
+    VELOCITY_FEATURES,
+    VELOCITY_HORIZON_S,
 )
-from fraud.features.offline import EVENT_TIMESTAMP, customer_features_path, terminal_features_path
-from fraud.schema import CUSTOMER_ID, TERMINAL_ID, TX_AMOUNT, TX_DATETIME
+from fraud.features.offline import (
+    EVENT_TIMESTAMP,
+    customer_features_path,
+    labelled_transactions,
+    terminal_features_path,
+)
+from fraud.features.velocity_offline import velocity_features_path, velocity_frame
+from fraud.schema import CUSTOMER_ID, TERMINAL_ID, TRANSACTION_ID, TX_AMOUNT, TX_DATETIME
 
 _logger = logging.getLogger(__name__)
 
@@ -356,7 +365,8 @@ def historical_features(
     `entity_df` needs `ENTITY_DF_COLUMNS` (event_timestamp is the point in time; tx_amount and
     tx_datetime feed the on-demand features); other columns (labels, ids) are passed through.
     Returns `entity_df`'s columns followed by MODEL_FEATURES (float64, cold-start defaults for
-    entities without a snapshot within the TTL), in the input row order and index.
+    entities without a snapshot within the TTL), in the input row order and index. The velocity
+    features come from `point_in_time_velocity` (the raw transactions before each row).
     """
     missing = [c for c in ENTITY_DF_COLUMNS if c not in entity_df.columns]
     if missing:
@@ -377,10 +387,54 @@ def historical_features(
     joined = joined.sort_values(_ROW_ORDER).set_index(_ROW_ORDER)
     if len(joined) != len(request):
         raise RuntimeError(f"Feast returned {len(joined)} rows for {len(request)} entity rows")
-    features = joined[list(MODEL_FEATURES)].astype("float64")
+    features = joined[list(FEATURE_SERVICE_FEATURES)].astype("float64")
     features = features.fillna({k: v for k, v in BATCH_FEATURE_DEFAULTS.items() if k in features.columns})
     features.index = entity_df.index
+    velocity = point_in_time_velocity(entity_df)
+    features = pd.concat([features, velocity], axis=1)[list(MODEL_FEATURES)]
     return pd.concat([entity_df, features], axis=1)
+
+
+def point_in_time_velocity(entity_df: pd.DataFrame, layout: DataLayout | None = None) -> pd.DataFrame:
+    """VELOCITY_FEATURES of each entity row at its `event_timestamp` from the transactions strictly
+    before it: the values the stream aggregator's windows give the predictor at that instant.
+
+    A row that is a historical transaction (its transaction_id and time in the table
+    `fraud features build` wrote, `velocity_features_path`) takes that row; any other row (e.g. a
+    hypothetical request) is computed from the raw transactions of the layout. Both are
+    `fraud.features.velocity_offline.velocity_sql`. Same index as `entity_df`."""
+    layout = layout or DataLayout.current()
+    when = pd.to_datetime(entity_df[EVENT_TIMESTAMP], utc=True)
+    when_ns = when.dt.tz_localize(None).astype("datetime64[ns]").to_numpy().view("int64")
+    result = pd.DataFrame(np.nan, index=entity_df.index, columns=list(VELOCITY_FEATURES))
+    table_path = velocity_features_path(layout)
+    if TRANSACTION_ID in entity_df.columns and table_path.is_file():
+        keys = pd.DataFrame(
+            {
+                "row": np.arange(len(entity_df)),
+                TRANSACTION_ID: entity_df[TRANSACTION_ID].astype(str).to_numpy(),
+                "ts_ns": when_ns,
+            }
+        )
+        with duckdb.connect() as con:
+            con.register("wanted", keys)
+            found = con.execute(
+                f"SELECT w.row, t.* EXCLUDE ({TRANSACTION_ID}, ts_ns) "
+                f"FROM wanted w JOIN read_parquet('{table_path}') t USING ({TRANSACTION_ID}, ts_ns)"
+            ).df()
+        if len(found):
+            result.iloc[found["row"].to_numpy(), :] = found[list(VELOCITY_FEATURES)].to_numpy()
+    missing = result.isna().any(axis=1).to_numpy()
+    if missing.any():
+        rows = entity_df.loc[missing]
+        stamps = when[missing]
+        horizon = timedelta(seconds=VELOCITY_HORIZON_S)
+        history = labelled_transactions(stamps.min() - horizon, stamps.max() + timedelta(microseconds=1), layout)
+        requests = pd.DataFrame(
+            {CUSTOMER_ID: rows[CUSTOMER_ID], TERMINAL_ID: rows[TERMINAL_ID], TX_DATETIME: stamps}, index=rows.index
+        )
+        result.loc[missing] = velocity_frame(history, requests).to_numpy()
+    return result
 
 
 def _aware_utc(values: pd.Series) -> pd.Series:
@@ -495,7 +549,7 @@ class OnlineFeatureClient:
                 kind = value.WhichOneof("val") if value is not None else None
                 values.append(getattr(value, kind) if kind is not None else math.nan)
             # Redis answers an absent entity with empty values (and the epoch as timestamp)
-            known = event_ts is not None and any(v == v for v in values)  # v == v: not NaN
+            known = event_ts is not None and any(not math.isnan(v) for v in values)
             table.append(values)
             stamps.append(
                 (event_ts.astimezone(UTC).replace(tzinfo=None) if event_ts.tzinfo else event_ts) if known else None

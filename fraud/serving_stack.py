@@ -24,6 +24,7 @@ if this process dies (PR_SET_PDEATHSIG), so a killed supervisor leaves no orphan
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
 import secrets
 import signal
@@ -79,6 +80,9 @@ class StackConfig:
     audit: bool = True
     #: audit spool file (None: FRAUD_AUDIT_SPOOL, else <data dir>/audit/spool.db)
     audit_spool: Path | None = None
+    #: velocity features: the predictor publishes what it scores and a `fraud features aggregate`
+    #: child keeps the window states (stream prefix: FRAUD_STREAM_PREFIX, else one per data dir)
+    velocity: bool = True
     #: audit database (None: FRAUD_AUDIT_DB_URL, else SQLite <data dir>/audit/audit.db)
     audit_db_url: str | None = None
     #: address the transformer (what clients call) binds; the predictor always binds loopback
@@ -282,6 +286,7 @@ class ServingStack:
         self.predictor: ChildProcess | None = None
         self.transformer: ChildProcess | None = None
         self.audit_writer: ChildProcess | None = None
+        self.aggregator: ChildProcess | None = None
         self._lock = threading.Lock()
 
     # --- commands ----------------------------------------------------------------------------
@@ -306,8 +311,23 @@ class ServingStack:
 
     def predictor_env(self) -> dict[str, str]:
         """Environment of the predictor: no audit settings (its spool is on the command line; the
-        sidecar writer, not the predictor, talks to the audit database)."""
-        return _without_audit_settings(os.environ)
+        sidecar writer, not the predictor, talks to the audit database); the velocity stream's."""
+        env = _without_audit_settings(os.environ)
+        return {**env, **self.stream_env(), "FRAUD_STREAM_PUBLISH": "true"} if self.config.velocity else env
+
+    def stream_env(self) -> dict[str, str]:
+        """The stream both the predictor and the aggregator use: FRAUD_STREAM_PREFIX, else one per
+        data directory (stacks on other data dirs sharing a Redis do not consume each other's)."""
+        digest = hashlib.sha256(str(DataLayout.current().root.resolve()).encode()).hexdigest()[:12]
+        return {"FRAUD_STREAM_PREFIX": os.environ.get("FRAUD_STREAM_PREFIX") or f"fraud:{digest}:transactions"}
+
+    def aggregator_command(self) -> list[str]:
+        command = [sys.executable, "-m", "fraud.cli", "features", "aggregate", "--metrics-port", "0"]
+        return command + (["--online", self.config.online_store] if self.config.online_store else [])
+
+    def _spawn_aggregator(self, append: bool = False) -> ChildProcess:
+        env = {**_without_audit_settings(os.environ), **self.stream_env()}
+        return self._spawn("aggregator", self.aggregator_command(), PROJECT_ROOT, append=append, env=env)
 
     def audit_writer_command(self) -> list[str]:
         return [
@@ -353,6 +373,8 @@ class ServingStack:
             self.on_status(
                 f"starting predictor on {self.config.predictor_url} and drift transformer on {self.config.url}"
             )
+            if self.config.velocity:
+                self.aggregator = self._spawn_aggregator()
             self.predictor = self._spawn("predictor", self.predictor_command(), PROJECT_ROOT, env=self.predictor_env())
             self.transformer = self._spawn("transformer", self.transformer_command(), DRIFT_TRANSFORMER_DIR)
             self._wait_ready(self.predictor, self.config.predictor_url)
@@ -367,12 +389,13 @@ class ServingStack:
         """Terminate the transformer, then the predictor, then the audit writer (which first flushes
         what the predictor spooled); idempotent and safe from a signal handler."""
         with self._lock:
-            for child in (self.transformer, self.predictor, self.audit_writer):
+            for child in (self.transformer, self.predictor, self.aggregator, self.audit_writer):
                 if child is not None:
                     child.terminate(self.config.stop_timeout_s)
 
     def children(self) -> list[ChildProcess]:
-        return [child for child in (self.predictor, self.transformer, self.audit_writer) if child is not None]
+        children = (self.predictor, self.transformer, self.audit_writer, self.aggregator)
+        return [child for child in children if child is not None]
 
     def supervise(self, poll_s: float = 0.5) -> None:
         """Run until interrupted, restarting a child that exits (as a pod's container would be).
@@ -380,7 +403,7 @@ class ServingStack:
         While the predictor restarts, the transformer answers 503. A child that exits more than
         `max_restarts` times within `restart_window_s` is given up on: raises UserError with its log.
         """
-        exits: dict[str, list[float]] = {"predictor": [], "transformer": [], "audit-writer": []}
+        exits: dict[str, list[float]] = {"predictor": [], "transformer": [], "audit-writer": [], "aggregator": []}
         while True:
             for child in self.children():
                 if child.alive():
@@ -409,6 +432,8 @@ class ServingStack:
                 )
             elif child is self.audit_writer:
                 self.audit_writer = self._spawn_audit_writer(append=True)
+            elif child is self.aggregator:
+                self.aggregator = self._spawn_aggregator(append=True)
 
     def _spawn_audit_writer(self, append: bool = False) -> ChildProcess:
         return self._spawn(

@@ -83,6 +83,16 @@ SCENARIO_3_DURATION_DAYS = 14
 SCENARIO_3_AMOUNT_FACTOR = 5.0
 #: Smallest amount written; a draw that rounds to 0.00 is raised to it (a request must be > 0).
 MIN_AMOUNT = 0.01
+#: Card testing (scenario 4, not in the book, off by default): a stolen card makes
+#: CARD_TESTING_SMALL_TX small purchases U(CARD_TESTING_SMALL_AMOUNT) at random terminals, each
+#: CARD_TESTING_GAP_SECONDS after the previous one, then one large purchase U(CARD_TESTING_LARGE_AMOUNT).
+SCENARIO_CARD_TESTING = 4
+CARD_TESTING_SMALL_TX = (4, 12)
+CARD_TESTING_SMALL_AMOUNT = (0.5, 5.0)
+CARD_TESTING_GAP_SECONDS = (10, 120)
+CARD_TESTING_LARGE_AMOUNT = (200.0, 1_500.0)
+#: spawn key of the card-testing random stream (independent of the book's five streams)
+_CARD_TESTING_STREAM = 1_000
 
 #: Extra profile attributes (not in the book), from their own random stream.
 CUSTOMER_AGE_RANGE = (18, 90)
@@ -127,6 +137,8 @@ class SimulationConfig:
     start_date: date = date(2018, 4, 1)
     radius: float = 5.0
     seed: int = 0
+    #: stolen cards per day used in a card-testing burst (scenario 4); 0 = the book's process only
+    card_testing_per_day: int = 0
 
     def __post_init__(self) -> None:
         for name in ("n_customers", "n_terminals", "n_days"):
@@ -135,6 +147,12 @@ class SimulationConfig:
                 raise UserError(f"{name} must be an integer, got {value!r}")
             if value <= 0:
                 raise UserError(f"{name} must be a positive integer, got {value}")
+        if (
+            isinstance(self.card_testing_per_day, bool)
+            or not isinstance(self.card_testing_per_day, (int, np.integer))
+            or self.card_testing_per_day < 0
+        ):
+            raise UserError(f"card_testing_per_day must be a non-negative integer, got {self.card_testing_per_day!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
             raise UserError(f"seed must be a non-negative integer, got {self.seed!r}")
         if isinstance(self.radius, bool) or not isinstance(self.radius, (int, float)):
@@ -165,6 +183,8 @@ class SimulationConfig:
             "start_date": self.start_date.isoformat(),
             "radius": float(self.radius),
             "seed": int(self.seed),
+            # only when enabled, so the book's datasets keep their exact manifest
+            **({"card_testing_per_day": int(self.card_testing_per_day)} if self.card_testing_per_day else {}),
         }
 
 
@@ -191,7 +211,10 @@ class SimulatedData:
             "n_transactions": n_rows,
             "n_fraud": n_fraud,
             "fraud_rate": (n_fraud / n_rows) if n_rows else 0.0,
-            "fraud_by_scenario": {str(k): int(scenario_counts.get(k, 0)) for k in (1, 2, 3)},
+            "fraud_by_scenario": {
+                str(k): int(scenario_counts.get(k, 0))
+                for k in ((1, 2, 3, SCENARIO_CARD_TESTING) if self.config.card_testing_per_day else (1, 2, 3))
+            },
             "n_customers": len(self.customers),
             "n_terminals": len(self.terminals),
             "n_customers_without_terminal": int((self.customers["nb_available_terminals"] == 0).sum()),
@@ -445,6 +468,44 @@ def _add_frauds(
     return terminals, customers
 
 
+def _add_card_testing(tx: _TxArrays, config: SimulationConfig, rng: np.random.Generator) -> _TxArrays:
+    """Scenario 4: on each day, `card_testing_per_day` random cards are used by a fraudster in a
+    burst - small purchases at random terminals seconds to minutes apart, then a large one - all
+    labelled fraud (scenario 4). Returns the arrays with the bursts added, in time order."""
+    k = min(config.card_testing_per_day, config.n_customers)
+    parts: list[tuple[np.ndarray, ...]] = []
+    for day in range(config.n_days):
+        for card in rng.choice(config.n_customers, size=k, replace=False):
+            n_small = int(rng.integers(CARD_TESTING_SMALL_TX[0], CARD_TESTING_SMALL_TX[1] + 1))
+            gaps = rng.integers(CARD_TESTING_GAP_SECONDS[0], CARD_TESTING_GAP_SECONDS[1] + 1, size=n_small)
+            start = day * SECONDS_PER_DAY + int(rng.integers(0, SECONDS_PER_DAY - int(gaps.sum()) - 1))
+            times = start + np.concatenate([[0], np.cumsum(gaps)])
+            amounts = np.concatenate(
+                [rng.uniform(*CARD_TESTING_SMALL_AMOUNT, size=n_small), [rng.uniform(*CARD_TESTING_LARGE_AMOUNT)]]
+            )
+            terminals = rng.integers(0, config.n_terminals, size=n_small + 1)
+            parts.append((np.full(n_small + 1, card), terminals, times, _round_amount(amounts)))
+    if not parts:
+        return tx
+    customer = np.concatenate([tx.customer, *(p[0] for p in parts)]).astype(np.int64)
+    terminal = np.concatenate([tx.terminal, *(p[1] for p in parts)]).astype(np.int64)
+    time_seconds = np.concatenate([tx.time_seconds, *(p[2] for p in parts)]).astype(np.int64)
+    amount = np.concatenate([tx.amount, *(p[3] for p in parts)]).astype(np.float64)
+    added = time_seconds.size - tx.time_seconds.size
+    fraud = np.concatenate([tx.fraud, np.ones(added, dtype=np.int8)])
+    scenario = np.concatenate([tx.scenario, np.full(added, SCENARIO_CARD_TESTING, dtype=np.int8)])
+    order = np.argsort(time_seconds, kind="stable")
+    return _TxArrays(
+        customer=customer[order],
+        terminal=terminal[order],
+        time_seconds=time_seconds[order],
+        day=time_seconds[order] // SECONDS_PER_DAY,
+        amount=amount[order],
+        fraud=fraud[order],
+        scenario=scenario[order],
+    )
+
+
 def _schedule_frame(id_column: str, days: Any, ids: Any) -> pd.DataFrame:
     return pd.DataFrame({"tx_time_days": np.asarray(days, dtype=np.int64), id_column: pd.Series(ids, dtype=object)})
 
@@ -538,6 +599,11 @@ def simulate(config: SimulationConfig | None = None, progress: ProgressCallback 
     available = terminals_within_radius(customers.xy, terminal_xy, float(config.radius))
     tx = _generate_transactions(config, customers, available, streams.transactions, report)
     compromised_terminals, compromised_customers = _add_frauds(tx, config, streams.frauds, report)
+    if config.card_testing_per_day:
+        card_testing = np.random.default_rng(
+            np.random.SeedSequence(int(config.seed), spawn_key=(_CARD_TESTING_STREAM,))
+        )
+        tx = _add_card_testing(tx, config, card_testing)
     transactions = _transaction_table(tx, config).to_pandas()
     return SimulatedData(
         transactions=transactions,

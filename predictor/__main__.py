@@ -216,6 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="uvicorn's one line per request (off by default: at thousands of requests per second it costs ~10%% of "
         "the CPU; the audit trail records every decision and the mesh/ingress logs access)",
     )
+    parser.add_argument(
+        "--publish-transactions",
+        dest="publish_transactions",
+        type=_boolean,
+        default=_boolean(os.environ.get("FRAUD_STREAM_PUBLISH") or "false"),
+        help="XADD every scored transaction to the velocity stream (FRAUD_STREAM_* settings) that the aggregator "
+        "consumes (default FRAUD_STREAM_PUBLISH, else false)",
+    )
     # KServe logs one INFO line per request with its stage latencies by default; at hundreds of
     # requests per second that logging costs ~10% of the server's CPU (benchmarks/bench_scoring.py,
     # docs/performance.md). The same latencies are in the Prometheus histograms; opt back in with
@@ -293,6 +301,7 @@ def settings_from_args(args: argparse.Namespace) -> PredictorSettings:
         idempotency=args.idempotency,
         idempotency_ttl_s=args.idempotency_ttl,
         idempotency_prefix=args.idempotency_prefix,
+        publish_transactions=args.publish_transactions,
     )
 
 

@@ -16,6 +16,7 @@ arrays, because the predictor's per-request work must not pay for DataFrame cons
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 from collections.abc import Sequence
@@ -26,6 +27,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
+from feast.errors import FeastError
+from redis import RedisError
 
 from fraud.feature_store import CUSTOMER_SNAPSHOT_COLUMN, TERMINAL_SNAPSHOT_COLUMN
 from fraud.features.definitions import (
@@ -216,3 +219,64 @@ class FeastFeatureSource:
                 f"feature source returned {len(arrays.values)} rows for {len(customer_ids)} requested"
             )
         return FeatureLookup(arrays.values, arrays.customer_snapshot, arrays.terminal_snapshot)
+
+
+class VelocitySource:
+    """The real-time velocity features of a request and the publication of what it scores.
+
+    `features` reads the window states of the request's cards and terminals from the Feast online
+    store (`fraud.streaming.state`, two online reads) and evaluates
+    `fraud.features.definitions.velocity_features` at each transaction's time; `publish` XADDs the
+    scored transactions to the stream the aggregator consumes (`fraud.streaming.events`). Both
+    fail open: an unreachable store gives NaN (the defaults of "no earlier transaction"), an
+    unreachable stream loses the publication (logged), and either is then left alone for
+    `retry_after_s` seconds so that an outage does not add a timeout to every request.
+    """
+
+    def __init__(self, states: Any, publisher: Any | None, retry_after_s: float = 5.0) -> None:
+        self.states = states
+        self.publisher = publisher
+        self.retry_after_s = retry_after_s
+        self._down_until = {"read": 0.0, "publish": 0.0}
+
+    @classmethod
+    def connect(cls, online_store: str | None, publish: bool, retry_after_s: float = 5.0) -> VelocitySource:
+        from fraud.feature_store import online_client
+        from fraud.streaming.events import StreamSettings, TransactionPublisher
+        from fraud.streaming.state import WindowStateStore
+
+        states = WindowStateStore(online_client(online_store).store)
+        publisher = TransactionPublisher(StreamSettings.from_env()) if publish else None
+        return cls(states, publisher, retry_after_s)
+
+    def _available(self, what: str) -> bool:
+        return time.monotonic() >= self._down_until[what]
+
+    def _failed(self, what: str, exc: Exception) -> None:
+        self._down_until[what] = time.monotonic() + self.retry_after_s
+        logger.warning(
+            "velocity %s failed (%s: %s); retrying in %.0fs", what, type(exc).__name__, exc, self.retry_after_s
+        )
+
+    def features(self, tx_epoch_ns: np.ndarray, customer_ids: Sequence[str], terminal_ids: Sequence[str]) -> np.ndarray:
+        """[n, len(VELOCITY_FEATURES)] float64; NaN rows when the states cannot be read."""
+        from fraud.features.definitions import VELOCITY_FEATURES
+        from fraud.streaming.state import read_velocity
+
+        if self._available("read"):
+            try:
+                return read_velocity(self.states, tx_epoch_ns, customer_ids, terminal_ids)
+            except (FeastError, RedisError, sqlite3.Error, OSError) as exc:  # serve without velocity history
+                self._failed("read", exc)
+        return np.full((len(customer_ids), len(VELOCITY_FEATURES)), np.nan)
+
+    def publish(self, transactions: Sequence[tuple[str, str, str, float, int]]) -> bool:
+        """XADD (transaction_id, customer_id, terminal_id, amount, ts_ns) tuples; False if not published."""
+        if self.publisher is None or not self._available("publish"):
+            return False
+        try:
+            self.publisher.publish(transactions)
+            return True
+        except (RedisError, OSError) as exc:  # the stream is best effort for the scoring path
+            self._failed("publish", exc)
+            return False

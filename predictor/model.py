@@ -65,6 +65,7 @@ from predictor.features import (
     FeatureLookup,
     FeatureSourceUnavailable,
     OnlineFeatureSource,
+    VelocitySource,
 )
 from predictor.idempotency import (
     DEFAULT_KEY_PREFIX,
@@ -179,6 +180,8 @@ class PredictorSettings:
     idempotency: str = "off"
     idempotency_ttl_s: float = DEFAULT_TTL_S
     idempotency_prefix: str = DEFAULT_KEY_PREFIX
+    #: publish every scored transaction to the velocity stream (fraud.streaming)
+    publish_transactions: bool = False
 
     @property
     def audit_enabled(self) -> bool:
@@ -349,6 +352,8 @@ class FraudModel(Model):
         #: one answer per transaction id (None: off)
         self.ledger: MemoryLedger | RedisLedger | None = None
         self.feature_source = feature_source
+        #: window states and stream of the velocity features (only with the Feast feature source)
+        self.velocity: VelocitySource | None = None
         self.scorer: BundleScorer | None = None
         self.audit_spool: AuditSpool | None = None
         self.audit_writer: AuditWriter | None = None
@@ -389,6 +394,12 @@ class FraudModel(Model):
                 )
             except Exception as exc:  # a broken repo/config is fatal at start, unlike an outage later
                 raise ModelLoadError(f"cannot open the Feast feature store: {type(exc).__name__}: {exc}") from exc
+            try:
+                self.velocity = VelocitySource.connect(
+                    self.settings.online_store, self.settings.publish_transactions, self.settings.store_retry_after_s
+                )
+            except Exception as exc:
+                raise ModelLoadError(f"cannot open the velocity window states: {type(exc).__name__}: {exc}") from exc
         self.warm_up()
         self.open_ledger()
         self.open_audit_trail()
@@ -676,8 +687,10 @@ class FraudModel(Model):
         assert scorer is not None, "load() first"
         transactions = request.transactions
         amount, tx_epoch_ns = request_arrays(transactions)
-        lookup = self.lookup_features([tx.customer_id for tx in transactions], [tx.terminal_id for tx in transactions])
-        features = model_feature_matrix(amount, tx_epoch_ns, lookup.values)
+        customer_ids, terminal_ids = [tx.customer_id for tx in transactions], [tx.terminal_id for tx in transactions]
+        lookup = self.lookup_features(customer_ids, terminal_ids)
+        velocity = self.velocity.features(tx_epoch_ns, customer_ids, terminal_ids) if self.velocity else None
+        features = model_feature_matrix(amount, tx_epoch_ns, lookup.values, velocity)
         missing = lookup.missing
         stale = lookup.stale(tx_epoch_ns)
         result = scorer.score(features, reason_codes=self.settings.reason_codes)
@@ -689,6 +702,13 @@ class FraudModel(Model):
             int(stale.sum()),
             [codes[0].feature for codes in result.reason_codes if codes],
         )
+        if self.velocity is not None:
+            self.velocity.publish(
+                [
+                    (tx.transaction_id, tx.customer_id, tx.terminal_id, float(a), int(t))
+                    for tx, a, t in zip(transactions, amount, tx_epoch_ns)
+                ]
+            )
         return ScoredBatch(
             request=request,
             model_version=scorer.model_version,

@@ -10,13 +10,21 @@ import pandas as pd
 
 from fraud.bundle import BundleManifest, DecisionThresholds, write_bundle
 from fraud.config import MODEL_NAME
-from fraud.features.definitions import FEATURE_DESCRIPTIONS, FEATURE_SERVICE, MODEL_FEATURES
+from fraud.features.definitions import (
+    FEATURE_DESCRIPTIONS,
+    FEATURE_SERVICE,
+    MODEL_FEATURES,
+    VELOCITY_DEFAULTS,
+    VELOCITY_FEATURES,
+)
 
 
 def synthetic_feature_matrix(n: int, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray]:
     """A feature matrix shaped like MODEL_FEATURES with a label that depends on amount and terminal risk."""
     rng = np.random.default_rng(seed)
-    frame = pd.DataFrame({name: rng.gamma(2.0, 1.0, n) for name in MODEL_FEATURES})
+    frame = pd.DataFrame({name: rng.gamma(2.0, 1.0, n) for name in MODEL_FEATURES if name not in VELOCITY_FEATURES})
+    for name in VELOCITY_FEATURES:  # no history anywhere: the model ignores them (and draws nothing)
+        frame[name] = VELOCITY_DEFAULTS[name]
     frame["tx_amount_feature"] = rng.gamma(2.0, 30.0, n)
     frame["tx_during_weekend"] = rng.integers(0, 2, n).astype(float)
     frame["tx_during_night"] = rng.integers(0, 2, n).astype(float)

@@ -20,6 +20,8 @@ from fraud.features.definitions import (
     NIGHT_END_HOUR,
     REQUEST_FEATURES,
     TERMINAL_RISK_FEATURES,
+    VELOCITY_DEFAULTS,
+    VELOCITY_FEATURES,
     compute_request_features,
     model_feature_frame,
     model_feature_matrix,
@@ -57,7 +59,7 @@ def random_inputs(n: int, seed: int) -> pd.DataFrame:
             "tx_datetime": pd.to_datetime(start + rng.integers(0, 400 * 86_400, n) * 1_000_000_000),
         }
     )
-    for name in BATCH:
+    for name in BATCH + VELOCITY_FEATURES:
         values = rng.integers(0, 6, n).astype("float64") * (50.0 if "amount" in name else 1.0)
         values[rng.random(n) < 0.15] = np.nan  # unknown entity / cold start
         frame[name] = values
@@ -102,6 +104,9 @@ def test_model_feature_frame_equals_a_plain_python_reference(seed: int):
         for name in TERMINAL_RISK_FEATURES:
             value = row[name]
             expected[name] = BATCH_FEATURE_DEFAULTS[name] if math.isnan(value) else value
+        for name in VELOCITY_FEATURES:
+            value = row[name]
+            expected[name] = VELOCITY_DEFAULTS[name] if math.isnan(value) else value
         assert got.iloc[i][list(MODEL_FEATURES)].tolist() == pytest.approx(
             [expected[name] for name in MODEL_FEATURES], rel=1e-12, abs=0
         ), f"row {i}"
@@ -110,7 +115,10 @@ def test_model_feature_frame_equals_a_plain_python_reference(seed: int):
 def test_array_and_frame_interfaces_are_identical_and_timezones_are_utc():
     frame = random_inputs(2_000, 3)
     matrix = model_feature_matrix(
-        frame["tx_amount"].to_numpy(), utc_epoch_ns(frame["tx_datetime"]), frame[list(BATCH)].to_numpy()
+        frame["tx_amount"].to_numpy(),
+        utc_epoch_ns(frame["tx_datetime"]),
+        frame[list(BATCH)].to_numpy(),
+        frame[list(VELOCITY_FEATURES)].to_numpy(),
     )
     assert np.array_equal(matrix, model_feature_frame(frame).to_numpy())  # bit for bit
     # the same instants written with an offset (Feast hands the on-demand view tz-aware values)
@@ -131,3 +139,5 @@ def test_missing_batch_columns_take_cold_start_defaults():
     assert got["customer_nb_tx_incl_30d"] == 1.0 and got["customer_avg_amount_incl_30d"] == 12.5
     assert got["amount_to_customer_avg_30d"] == 1.0
     assert all(got[name] == BATCH_FEATURE_DEFAULTS[name] for name in TERMINAL_RISK_FEATURES if name in MODEL_FEATURES)
+    assert all(got[name] == VELOCITY_DEFAULTS[name] for name in VELOCITY_FEATURES)
+    assert got["customer_seconds_since_last_tx"] == 86_400.0

@@ -41,11 +41,14 @@ from fraud.features.definitions import (
     CUSTOMER_SPENDING_FEATURES,
     CUSTOMER_SPENDING_VIEW,
     FEATURE_SERVICE,
+    FEATURE_SERVICE_FEATURES,
     MODEL_FEATURES,
     SNAPSHOT_TIMESTAMP,
     TERMINAL_RISK_FEATURES,
     TERMINAL_RISK_VIEW,
+    VELOCITY_FEATURES,
     model_feature_frame,
+    velocity_features,
 )
 from fraud.features.offline import (
     EVENT_TIMESTAMP,
@@ -87,7 +90,28 @@ def _expected_model_features(entity_df: pd.DataFrame, layout: DataLayout) -> pd.
     terminals[SNAPSHOT_TIMESTAMP] = terminals[SNAPSHOT_TIMESTAMP].astype("datetime64[us]")
     frame = frame.merge(customers, on=["customer_id", SNAPSHOT_TIMESTAMP], how="left")
     frame = frame.merge(terminals, on=["terminal_id", SNAPSHOT_TIMESTAMP], how="left")
-    return model_feature_frame(frame)
+    return model_feature_frame(frame.join(_expected_velocity(frame)))
+
+
+def _expected_velocity(entity_df: pd.DataFrame) -> pd.DataFrame:
+    """`velocity_features` of each row from all raw transactions of its card and terminal."""
+    raw = labelled_transactions("2000-01-01", "2100-01-01")
+    ts = raw["tx_datetime"].astype("datetime64[ns]").to_numpy().view("int64")
+    cards, terminals = raw.groupby("customer_id").indices, raw.groupby("terminal_id").indices
+    empty = np.array([], dtype=np.intp)
+    rows = []
+    for card, terminal, when in zip(entity_df["customer_id"], entity_df["terminal_id"], entity_df["tx_datetime"]):
+        c, t = cards.get(card, empty), terminals.get(terminal, empty)
+        rows.append(
+            velocity_features(
+                pd.Timestamp(when).value,
+                ts[c],
+                raw["tx_amount"].to_numpy()[c],
+                list(raw["terminal_id"].to_numpy()[c]),
+                ts[t],
+            )
+        )
+    return pd.DataFrame(rows, columns=list(VELOCITY_FEATURES), index=entity_df.index)
 
 
 def test_historical_features_equal_offline_tables_plus_model_feature_frame(store_dir: Path) -> None:
@@ -119,6 +143,7 @@ def test_historical_features_equal_offline_tables_plus_model_feature_frame(store
     # the features are not trivially zero: the windows are populated for most rows
     assert (actual["customer_nb_tx_incl_30d"] > 1).mean() > 0.8
     assert (actual["terminal_nb_tx_30d"] > 0).mean() > 0.5
+    assert (actual["customer_nb_tx_24h"] > 0).mean() > 0.3
     cold_row = result.loc[result["transaction_id"] == "TX-cold"].iloc[0]
     assert cold_row["customer_nb_tx_incl_1d"] == 1.0 and cold_row["terminal_risk_7d"] == 0.0
     assert cold_row["amount_to_customer_avg_30d"] == 1.0
@@ -199,7 +224,9 @@ def test_materialisation_windows_and_online_values(store_dir: Path) -> None:
     direct = model_feature_frame(
         pd.concat([pd.DataFrame(request), online.drop(columns=["customer_id", "terminal_id"])], axis=1)
     )
-    pd.testing.assert_frame_equal(served[list(MODEL_FEATURES)].astype("float64"), direct, rtol=1e-12)
+    pd.testing.assert_frame_equal(
+        served[list(FEATURE_SERVICE_FEATURES)].astype("float64"), direct[list(FEATURE_SERVICE_FEATURES)], rtol=1e-12
+    )
 
 
 def test_profiles_and_configuration(store_dir: Path, monkeypatch) -> None:
@@ -462,7 +489,12 @@ def test_production_profile_with_sql_registry_on_postgres(store_dir: Path, tmp_p
         materialize_incremental(project=project)
         store = get_feature_store(project=project)
         assert sorted(fv.name for fv in store.list_feature_views()) == sorted(
-            ["customer_spending_features", "terminal_risk_features"]
+            [
+                "customer_spending_features",
+                "terminal_risk_features",
+                "customer_recent_transactions",
+                "terminal_recent_transactions",
+            ]
         )
         assert store.get_feature_service(FEATURE_SERVICE).name == FEATURE_SERVICE
         online = online_batch_features(["C0000001"], ["T0000001"], project=project)
@@ -473,7 +505,7 @@ def test_production_profile_with_sql_registry_on_postgres(store_dir: Path, tmp_p
                 sa.text("SELECT count(*) FROM feature_views WHERE project_id = :p"), {"p": project}
             ).scalar_one()
         registry.dispose()
-        assert stored == 2
+        assert stored == 4
         assert not (own / "feast" / "registry.db").exists()  # no file registry in this profile
     finally:
         teardown(project=project)
@@ -530,3 +562,19 @@ def test_redis_connection_string_from_the_manifests_split_settings() -> None:
     assert redis_connection_string({"FRAUD_REDIS_HOST": "r"}) == "r:6379"
     # an explicit connection string wins over the split settings
     assert redis_connection_string({**split, "FRAUD_REDIS_URL": "other:1,db=2"}) == "other:1,db=2"
+
+
+def test_point_in_time_velocity_from_the_table_equals_the_raw_computation(store_dir: Path) -> None:
+    """Historical transactions take the per-transaction table `fraud features build` wrote; other
+    rows are computed from the raw transactions: both give the same values."""
+    from fraud.feature_store import point_in_time_velocity
+
+    entity_df = labelled_transactions("2000-01-01", "2100-01-01").sample(n=400, random_state=2)
+    from_table = point_in_time_velocity(entity_df)
+    from_raw = point_in_time_velocity(entity_df.drop(columns=["transaction_id"]))
+    pd.testing.assert_frame_equal(from_table, from_raw, check_exact=False, rtol=0, atol=1e-9)
+    assert (from_table["customer_nb_tx_24h"] > 0).mean() > 0.3
+    # a row whose time is not its transaction's is not taken from the table
+    shifted = entity_df.assign(event_timestamp=entity_df["event_timestamp"] + pd.Timedelta(hours=1))
+    expected = point_in_time_velocity(shifted.drop(columns=["transaction_id"]))
+    pd.testing.assert_frame_equal(point_in_time_velocity(shifted), expected, check_exact=False, rtol=0, atol=1e-9)

@@ -22,10 +22,12 @@ import pytest
 from fraud.config import DataLayout
 from fraud.errors import UserError
 from fraud.features.definitions import (
+    CARD_RECENT_VIEW,
     CUSTOMER_SPENDING_FEATURES,
     CUSTOMER_WINDOWS_DAYS,
     LABEL_DELAY_DAYS,
     SNAPSHOT_TIMESTAMP,
+    TERMINAL_RECENT_VIEW,
     TERMINAL_RISK_FEATURES,
     TERMINAL_WINDOWS_DAYS,
 )
@@ -38,6 +40,7 @@ from fraud.features.offline import (
     read_feature_table,
     terminal_features_path,
 )
+from fraud.features.velocity_offline import recent_state_path, velocity_features_path
 from fraud.schema import RAW_TRANSACTION_SCHEMA
 
 # --- raw data helpers (also used by test_feature_store.py) ----------------------------------------
@@ -268,18 +271,25 @@ def test_missing_raw_data_is_a_user_error(data_dir: Path) -> None:
 
 def test_failed_rebuild_leaves_previous_tables_intact(hand_made, data_dir: Path) -> None:
     layout = DataLayout.current()
-    before = customer_features_path(layout).read_bytes(), terminal_features_path(layout).read_bytes()
+    before = (
+        customer_features_path(layout).read_bytes(),
+        terminal_features_path(layout).read_bytes(),
+        velocity_features_path(layout).read_bytes(),
+    )
     broken = layout.transactions / "day=2024-01-21"
     broken.mkdir()
     (broken / "part-0.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(UserError, match="cannot read the raw transactions"):
         build_offline_features(layout)
-    after = customer_features_path(layout).read_bytes(), terminal_features_path(layout).read_bytes()
+    after = (
+        customer_features_path(layout).read_bytes(),
+        terminal_features_path(layout).read_bytes(),
+        velocity_features_path(layout).read_bytes(),
+    )
     assert after == before
-    assert sorted(p.name for p in layout.features.iterdir()) == [
-        customer_features_path(layout).name,
-        terminal_features_path(layout).name,
-    ]
+    written = (customer_features_path(layout), terminal_features_path(layout), velocity_features_path(layout))
+    states = tuple(recent_state_path(layout, view) for view in (CARD_RECENT_VIEW, TERMINAL_RECENT_VIEW))
+    assert sorted(p.name for p in layout.features.iterdir()) == sorted(path.name for path in written + states)
 
 
 def _fraud_cli(*args: str, data_dir: Path) -> subprocess.CompletedProcess:

@@ -41,6 +41,7 @@ CORE_KINDS = {
     "Job",
     "PersistentVolumeClaim",
     "PodDisruptionBudget",
+    "HorizontalPodAutoscaler",
 }
 ISTIO_KINDS = {"RequestAuthentication", "AuthorizationPolicy", "PeerAuthentication"}
 CUSTOM_KINDS = {"InferenceService", "PrometheusRule", "PodMonitor", *ISTIO_KINDS}

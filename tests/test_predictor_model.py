@@ -230,7 +230,7 @@ def test_cold_start_scores_with_defaults_and_flags_missing(model):
     assert first["customer_nb_tx_incl_30d"] == 1.0  # zero history + this transaction
     assert first["customer_avg_amount_incl_30d"] == pytest.approx(125.5)
     assert first["amount_to_customer_avg_30d"] == 1.0
-    assert all(first[name] == BATCH_FEATURE_DEFAULTS[name] for name in MODEL_FEATURES if name.startswith("terminal_"))
+    assert all(first[name] == BATCH_FEATURE_DEFAULTS[name] for name in TERMINAL_RISK_FEATURES if name in MODEL_FEATURES)
     assert 0.0 <= predictions[0]["fraud_probability"] <= 1.0
 
 

@@ -416,3 +416,71 @@ def test_cli_help_lists_every_option():
         assert option in result.stdout
     top = subprocess.run([str(FRAUD_CLI), "--help"], check=False, capture_output=True, text=True, timeout=60)
     assert top.returncode == 0 and "simulate" in top.stdout
+
+
+# --- card-testing scenario (off by default) ---------------------------------------------------------
+
+#: sha256 over the relative paths and bytes of `write_dataset(simulate(GOLDEN))`, recorded with the
+#: Handbook-only simulator before the card-testing scenario existed: the default output must not move.
+GOLDEN = SimulationConfig(n_customers=50, n_terminals=100, n_days=5, seed=21)
+GOLDEN_DIGEST = "21cbe61e595c5d5f86dee2952ab3f1a0c18594021e5fa5294f54fbe61bdc2a45"
+
+
+def _combined_digest(root: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            digest.update(str(path.relative_to(root)).encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def test_default_output_is_byte_identical_to_the_handbook_only_simulator(tmp_path):
+    write_dataset(simulate(GOLDEN), tmp_path / "raw")
+    assert _combined_digest(tmp_path / "raw") == GOLDEN_DIGEST
+    assert "card_testing_per_day" not in read_manifest(tmp_path / "raw")["parameters"]
+
+
+def test_card_testing_bursts_are_added_on_top_of_the_books_process(data):
+    burst = simulate(SimulationConfig(n_customers=200, n_terminals=400, n_days=30, seed=3, card_testing_per_day=2))
+    tx = burst.transactions
+    added = tx[tx["tx_fraud_scenario"] == simulator.SCENARIO_CARD_TESTING]
+    assert (added["tx_fraud"] == 1).all()
+    # the book's transactions are untouched (ids are renumbered in time order)
+    columns = ["tx_datetime", "customer_id", "terminal_id", "tx_amount", "tx_fraud", "tx_fraud_scenario"]
+    pd.testing.assert_frame_equal(
+        tx[tx["tx_fraud_scenario"] != simulator.SCENARIO_CARD_TESTING][columns].reset_index(drop=True),
+        data.transactions[columns].reset_index(drop=True),
+    )
+    assert tx["transaction_id"].tolist() == [transaction_key(i) for i in range(len(tx))]
+    assert tx["tx_datetime"].is_monotonic_increasing
+    bursts = 0
+    for (_, day), group in added.groupby(["customer_id", "tx_time_days"]):
+        group = group.sort_values("tx_datetime")
+        # several bursts of one card on one day are possible only across cards: one per card and day here
+        gaps = group["tx_time_seconds"].diff().dropna()
+        if len(group) > simulator.CARD_TESTING_SMALL_TX[1] + 1:
+            continue  # two bursts of the same card on the same day (rare): not checked in detail
+        bursts += 1
+        lo, hi = simulator.CARD_TESTING_SMALL_TX
+        assert lo + 1 <= len(group) <= hi + 1
+        assert gaps.between(*simulator.CARD_TESTING_GAP_SECONDS).all()
+        small, large = group["tx_amount"].iloc[:-1], group["tx_amount"].iloc[-1]
+        assert small.between(*simulator.CARD_TESTING_SMALL_AMOUNT).all()
+        assert simulator.CARD_TESTING_LARGE_AMOUNT[0] <= large <= simulator.CARD_TESTING_LARGE_AMOUNT[1]
+        assert group["terminal_id"].nunique() >= 2
+    assert bursts >= 50  # 2 cards x 30 days
+    summary = burst.summary()["fraud_by_scenario"]
+    assert summary[str(simulator.SCENARIO_CARD_TESTING)] == len(added)
+
+
+def test_card_testing_option_of_the_cli(tmp_path):
+    result = _run_cli(
+        *SMALL_ARGS, "--days", "3", "--card-testing-per-day", "1", "--out", str(tmp_path / "raw"), data_dir=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    manifest = read_manifest(tmp_path / "raw")
+    assert manifest["parameters"]["card_testing_per_day"] == 1
+    assert manifest["fraud_by_scenario"]["4"] >= 3 * (simulator.CARD_TESTING_SMALL_TX[0] + 1)
+    bad = _run_cli(*SMALL_ARGS, "--card-testing-per-day", "-1", "--out", str(tmp_path / "bad"), data_dir=tmp_path)
+    assert bad.returncode == 2 and "card_testing_per_day" in bad.stderr

@@ -169,3 +169,22 @@ def test_train_log_evaluate_bundle(data_dir, tmp_path, monkeypatch):
     assert manifest.metrics["test_average_precision"] == pytest.approx(result.metrics["test_average_precision"])
     assert np.load(bundle / "reference_features.npy").shape == (300, len(MODEL_FEATURES))
     assert "review if p >=" in (bundle / "model_card.md").read_text()
+
+
+@pytest.mark.parametrize("family", ["logistic_regression", "random_forest", "xgboost"])
+def test_snapshots_only_models_ignore_the_velocity_features(family):
+    """The quality ablation's "daily snapshots only" variant: trained with velocity at its constant
+    no-history value, a model's scores do not depend on the velocity columns at all."""
+    from fraud.features.definitions import VELOCITY_FEATURES
+    from fraud.training.quality_bench import without_velocity
+
+    sets = _synthetic_sets(1)
+    rng = np.random.default_rng(5)
+    train = sets.train.assign(**{n: rng.gamma(2.0, 3.0, len(sets.train)) for n in VELOCITY_FEATURES})
+    train["customer_nb_tx_10m"] = train["tx_fraud"] * 5.0  # a velocity column that gives the label away
+    model = fit(candidate_grid(family, small=True)[0], without_velocity(train))
+    test = sets.test.assign(**{n: rng.gamma(2.0, 3.0, len(sets.test)) for n in VELOCITY_FEATURES})
+    test["customer_nb_tx_10m"] = test["tx_fraud"] * 5.0
+    np.testing.assert_allclose(model.predict(test), model.predict(without_velocity(test)), rtol=0, atol=1e-12)
+    with_velocity = fit(candidate_grid(family, small=True)[0], train)
+    assert not np.allclose(with_velocity.predict(test), with_velocity.predict(without_velocity(test)))

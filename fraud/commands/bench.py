@@ -19,8 +19,19 @@ def quality_command(
         typer.Option("--raw", help="Reuse this raw simulation (must be the default sizes with the same seed)."),
     ] = None,
     folds: Annotated[int, typer.Option("--folds", help="Prequential validation folds (earlier weeks).")] = 4,
+    family: Annotated[
+        list[str] | None,
+        typer.Option("--family", help="Model family; repeat. Default: logistic_regression, random_forest, xgboost."),
+    ] = None,
+    ablation: Annotated[
+        bool,
+        typer.Option(
+            "--ablation/--no-ablation", help="Also each family on the daily-snapshot features only (no velocity)."
+        ),
+    ] = True,
 ) -> None:
-    """Model quality with the Handbook's protocol on the full default dataset (LR, RF, XGBoost)."""
+    """Model quality with the Handbook's protocol on the full default dataset (LR, RF, XGBoost), with
+    and without the real-time velocity features."""
     import time
 
     from rich.console import Console
@@ -38,7 +49,15 @@ def quality_command(
     def report(step: str) -> None:
         console.print(f"[dim]{time.perf_counter() - started:7.1f} s[/dim]  {step}")
 
-    result = run_quality_bench(BenchConfig(seed=seed, out_dir=out, raw_dir=raw, n_validation_folds=folds), report)
+    known = ("logistic_regression", "random_forest", "xgboost")
+    families = tuple(family or known)
+    unknown = [f for f in families if f not in known]
+    if unknown:
+        raise UserError(f"--family must be one of {known}, got {unknown}")
+    config = BenchConfig(
+        seed=seed, out_dir=out, raw_dir=raw, n_validation_folds=folds, families=families, ablation=ablation
+    )
+    result = run_quality_bench(config, report)
     console.print(summary_table(result).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     console.print(
         f"wrote {out / 'metrics.json'} and {out / 'predictions.parquet'} in {result['timings']['total_s']:.0f} s"

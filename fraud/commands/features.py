@@ -253,3 +253,63 @@ def all_command(
     if samples:
         customers, terminals = _sample_pairs(samples)
         _run_show(customers, terminals, online)
+
+
+def _run_aggregate(online: str | None, consumer: str | None, metrics_port: int, batch_size: int) -> None:
+    import logging
+    import signal
+    import threading
+
+    from fraud.feature_store import get_feature_store
+    from fraud.streaming.aggregator import Aggregator, AggregatorSettings, default_consumer_name
+    from fraud.streaming.events import StreamSettings
+    from fraud.streaming.state import WindowStateStore
+
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    if not 0 <= metrics_port <= 65535:
+        raise UserError(f"--metrics-port must be in 0..65535, got {metrics_port}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stream = StreamSettings.from_env()
+    try:
+        states = WindowStateStore(get_feature_store(online))
+    except Exception as exc:  # an unapplied or unreadable registry
+        raise UserError(f"cannot open the Feast feature store (run `fraud features apply`): {exc}") from exc
+    settings = AggregatorSettings(
+        consumer=consumer or default_consumer_name(), metrics_port=metrics_port, batch_size=batch_size
+    )
+    aggregator = Aggregator(stream, states, settings)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    port = aggregator.serve_http()
+    logging.getLogger("fraud.streaming.aggregator").info(
+        "aggregating %s (%d partitions, group %s) as %s; metrics on port %s",
+        stream.prefix,
+        stream.partitions,
+        stream.group,
+        settings.consumer,
+        port,
+    )
+    try:
+        aggregator.run(stop)
+    finally:
+        aggregator.close()
+
+
+@features_app.command("aggregate")
+def aggregate_command(
+    data_dir: Annotated[Path | None, typer.Option("--data-dir", help=_DATA_DIR_HELP)] = None,
+    online: Annotated[str | None, typer.Option("--online", help=_ONLINE_HELP)] = None,
+    consumer: Annotated[
+        str | None, typer.Option("--consumer", help="Consumer name in the group. Default: <hostname>-<pid>.")
+    ] = None,
+    metrics_port: Annotated[
+        int, typer.Option("--metrics-port", help="Port of /metrics, /healthz, /readyz (0: any free port).")
+    ] = 9102,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Stream entries per XREADGROUP.")] = 500,
+) -> None:
+    """Run the velocity aggregator: consume the transaction stream (FRAUD_STREAM_*), keep each
+    card's and terminal's recent events in the online store (Feast push). Stops on SIGTERM."""
+    _use_data_dir(data_dir)
+    _run_aggregate(online, consumer, metrics_port, batch_size)

@@ -46,6 +46,14 @@ def simulate_command(
             show_default=False,
         ),
     ] = None,
+    card_testing_per_day: Annotated[
+        int,
+        typer.Option(
+            "--card-testing-per-day",
+            help="Stolen cards per day used in a card-testing burst (small purchases minutes apart, then a large "
+            "one; fraud scenario 4). 0 (default): the Handbook's three scenarios only.",
+        ),
+    ] = 0,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing dataset at the output folder.")
     ] = False,
@@ -64,6 +72,7 @@ def simulate_command(
         start_date=parse_start_date(start_date),
         radius=radius,
         seed=seed,
+        card_testing_per_day=card_testing_per_day,
     )
     out_dir = check_output_dir(out if out is not None else DataLayout.current().raw, overwrite)
 

@@ -42,6 +42,7 @@ from fraud.features.definitions import (
     TERMINAL_RISK_VIEW,
     TERMINAL_WINDOWS_DAYS,
 )
+from fraud.features.velocity_offline import VELOCITY_TABLE, build_velocity_features
 from fraud.schema import (
     CUSTOMER_ID,
     TERMINAL_ID,
@@ -120,6 +121,8 @@ class FeatureBuildResult:
     first_day: date
     last_day: date
     seconds: float
+    #: the per-transaction velocity table (fraud.features.velocity_offline)
+    velocity_path: Path | None = None
 
     @property
     def tables(self) -> tuple[FeatureTable, FeatureTable]:
@@ -333,6 +336,8 @@ def build_offline_features(
             terminal = _table_summary(con, TERMINAL_RISK_VIEW, terminal_path, TERMINAL_ID, TERMINAL_RISK_FEATURES)
         finally:
             con.close()
+        report(f"computing {VELOCITY_TABLE}")
+        velocity_path = build_velocity_features(files, layout, settings.memory_limit, settings.threads)
     epoch = date(1970, 1, 1)
     return FeatureBuildResult(
         customer=customer,
@@ -341,6 +346,7 @@ def build_offline_features(
         first_day=epoch + timedelta(days=int(first_nr)),
         last_day=epoch + timedelta(days=int(last_snapshot_nr) - 1),
         seconds=time.perf_counter() - started,
+        velocity_path=velocity_path,
     )
 
 
