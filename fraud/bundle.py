@@ -45,6 +45,19 @@ BUNDLE_FORMAT_VERSION = 1
 #: Manifest fields the model registry rewrites at registration: not covered by the signature.
 REGISTRY_STAMPED_FIELDS = ("model_name", "model_version", "mlflow_run_id")
 _HASH_CHUNK = 1 << 20
+#: Files an MLflow model directory adds around the bundle when a version is registered
+#: (fraud.registry): MLflow's own metadata, never read by the predictor or the drift transformer,
+#: so not part of the bundle's digests. Everything else in the directory must be listed.
+MLFLOW_MODEL_FILES = frozenset(
+    {
+        "MLmodel",
+        "conda.yaml",
+        "python_env.yaml",
+        "requirements.txt",
+        "input_example.json",
+        "serving_input_example.json",
+    }
+)
 
 DECISIONS = ("approve", "review", "decline")
 
@@ -155,13 +168,14 @@ def file_sha256(path: Path) -> str:
 
 
 def bundle_digests(bundle_dir: Path) -> dict[str, str]:
-    """SHA-256 of every file of a bundle directory except bundle.json and bundle.sig.
+    """SHA-256 of every file of a bundle directory except bundle.json, bundle.sig and MLflow's
+    model metadata (`MLFLOW_MODEL_FILES`).
 
     Subdirectories are not part of the bundle format: their presence is an error."""
     bundle_dir = Path(bundle_dir)
     digests: dict[str, str] = {}
     for path in sorted(bundle_dir.iterdir()):
-        if path.name in (MANIFEST_FILE, SIGNATURE_FILE):
+        if path.name in (MANIFEST_FILE, SIGNATURE_FILE) or path.name in MLFLOW_MODEL_FILES:
             continue
         if not path.is_file() or path.is_symlink():
             raise BundleError(f"bundle {bundle_dir} holds {path.name!r}, which is not a regular file")

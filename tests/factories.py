@@ -56,6 +56,18 @@ def make_synthetic_bundle(bundle_dir: Path, version: str = "1", seed: int = 0) -
     )
 
 
+def restamp_bundle_digests(bundle_dir: Path) -> Path:
+    """Rewrite bundle.json's file digests after a test replaced one of the bundle's files on purpose
+    (an unsigned bundle; a signed one would need re-signing)."""
+    import dataclasses
+
+    from fraud.bundle import MANIFEST_FILE, bundle_digests, read_manifest
+
+    manifest = read_manifest(bundle_dir)
+    (bundle_dir / MANIFEST_FILE).write_text(dataclasses.replace(manifest, files=bundle_digests(bundle_dir)).to_json())
+    return bundle_dir
+
+
 def hand_made_raw_transactions(
     customers: list[str],
     terminals: list[str],

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from fraud.features.definitions import MODEL_FEATURES
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
 sys.path.insert(0, str(BENCH))
@@ -46,7 +48,7 @@ def test_model_benchmark_smoke(tmp_path: Path) -> None:
     bundle = make_synthetic_bundle(tmp_path / "bundle")
     report = run_json(["benchmarks/bench_scoring.py", "model", "--smoke", "--no-save", "--bundle", str(bundle)])
     assert report["benchmark"] == "scoring_model" and report["smoke"] is True
-    assert report["bundle"]["features"] == 16
+    assert report["bundle"]["features"] == len(MODEL_FEATURES)
     cases = {row["case"] for row in report["results"]}
     assert any(case.startswith("pred_contribs exact") for case in cases)
     assert any(case.startswith("BundleScorer.score") for case in cases)

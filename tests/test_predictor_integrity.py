@@ -112,6 +112,19 @@ def test_tampering_is_refused(bundle, keys, case):
     assert expected in str(error.value)
 
 
+def test_mlflow_model_metadata_around_a_registered_bundle_is_not_part_of_it(bundle, keys):
+    """A registered version's directory is an MLflow model too: MLflow's own files sit beside the
+    bundle and are never read by the servers; any other unlisted file is still refused."""
+    from fraud.bundle import MLFLOW_MODEL_FILES
+
+    for name in MLFLOW_MODEL_FILES:
+        (bundle / name).write_text("mlflow metadata")
+    assert verify_bundle(bundle, load_public_key(keys[1])) == read_manifest(bundle)
+    (bundle / "MLmodel.bak").write_text("not MLflow's")
+    with pytest.raises(BundleError, match="not listed in bundle.json: MLmodel.bak"):
+        verify_bundle(bundle, load_public_key(keys[1]))
+
+
 def test_a_signature_by_another_key_is_refused(bundle, tmp_path):
     generate_key_pair(tmp_path / "other.pem", tmp_path / "other.pub")
     with pytest.raises(BundleError, match="not a valid signature"):

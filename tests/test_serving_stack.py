@@ -33,6 +33,7 @@ from tests.factories import (
     hand_made_raw_transactions,
     make_synthetic_bundle,
     materialised_sqlite_store,
+    restamp_bundle_digests,
     write_raw_partitions,
 )
 
@@ -110,7 +111,7 @@ def bundle(tmp_path_factory, data_root) -> Path:
     path = base.parent / "fraud-detector"
     shutil.copytree(base, path)
     np.save(path / REFERENCE_FILE, scored.feature_matrix, allow_pickle=False)
-    return path
+    return restamp_bundle_digests(path)
 
 
 # --- the running stack -----------------------------------------------------------------------------
