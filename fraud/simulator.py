@@ -162,7 +162,7 @@ class SimulationConfig:
         if isinstance(self.start_date, datetime) or not isinstance(self.start_date, date):
             raise UserError(f"start_date must be a date, got {self.start_date!r}")
         end = self.end_date
-        if not (1970 <= self.start_date.year and end.year < 2100):
+        if not (self.start_date.year >= 1970 and end.year < 2100):
             raise UserError(
                 f"simulated period {self.start_date.isoformat()}..{end.isoformat()} must lie within 1970..2099"
             )

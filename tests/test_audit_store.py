@@ -52,7 +52,7 @@ def engine(request, tmp_path, monkeypatch):
 
 
 def test_migrations_create_the_schema_the_models_describe(engine):
-    assert AUDIT_TABLES <= table_names(engine)
+    assert table_names(engine) >= AUDIT_TABLES
     require_schema(engine)
     with engine.connect() as connection:
         context = MigrationContext.configure(
