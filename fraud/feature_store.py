@@ -520,7 +520,7 @@ class OnlineFeatureClient:
                 np.hstack([customer_values, terminal_values]), customer_snapshot, terminal_snapshot
             )
         blocks, snapshots = [], []
-        for (view, join_key, features), ids in zip(self.views(), (customers, terminals)):
+        for (view, join_key, features), ids in zip(self.views(), (customers, terminals), strict=True):
             values, snapshot = self._read_view(view, join_key, features, ids)
             blocks.append(values)
             snapshots.append(snapshot)

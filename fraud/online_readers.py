@@ -225,14 +225,14 @@ class RedisBatchReader:
         plans = []
         client = self._store._get_client(self._config.online_store)
         with client.pipeline(transaction=False) as pipe:
-            for (keys, fields, _), ids in zip(self._views, ids_per_view):
+            for (keys, fields, _), ids in zip(self._views, ids_per_view, strict=True):
                 distinct, rows = _distinct(ids)
                 for entity in distinct:
                     pipe.hmget(keys(entity), fields)
                 plans.append((len(distinct), rows))
             replies = pipe.execute() if any(count for count, _ in plans) else []
         results, start = [], 0
-        for (_, _, width), (count, rows) in zip(self._views, plans):
+        for (_, _, width), (count, rows) in zip(self._views, plans, strict=True):
             block = replies[start : start + count]
             start += count
             # Redis answers an absent key with empty values (and no timestamp): unknown, not 1970
@@ -266,7 +266,7 @@ class SqliteBatchReader:
         """As `RedisBatchReader.read`."""
         connection = self._store._get_conn(self._config)
         results = []
-        for (keys, select, features), ids in zip(self._views, ids_per_view):
+        for (keys, select, features), ids in zip(self._views, ids_per_view, strict=True):
             distinct, rows = _distinct(ids)
             wire = [keys(entity) for entity in distinct]
             found: dict[bytes, tuple[Any, ...]] = {}

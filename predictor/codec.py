@@ -337,7 +337,9 @@ def encode_v1(batch: ScoredBatch, include_features: bool = False) -> dict[str, A
             "features_stale": bool(batch.features_stale[i]),
         }
         if include_features:
-            prediction["features"] = {name: float(v) for name, v in zip(MODEL_FEATURES, batch.feature_matrix[i])}
+            prediction["features"] = {
+                name: float(v) for name, v in zip(MODEL_FEATURES, batch.feature_matrix[i], strict=True)
+            }
         predictions.append(prediction)
     return {"predictions": predictions}
 

@@ -301,7 +301,7 @@ class MicroBatcher:
                     if not item.future.done():
                         item.future.set_exception(exc)
                 continue
-            for item, result in zip(live, results):
+            for item, result in zip(live, results, strict=True):
                 if not item.future.done():
                     item.future.set_result(result)
 
@@ -706,7 +706,7 @@ class FraudModel(Model):
             self.velocity.publish(
                 [
                     (tx.transaction_id, tx.customer_id, tx.terminal_id, float(a), int(t))
-                    for tx, a, t in zip(transactions, amount, tx_epoch_ns)
+                    for tx, a, t in zip(transactions, amount, tx_epoch_ns, strict=True)
                 ]
             )
         return ScoredBatch(

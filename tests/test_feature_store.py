@@ -100,7 +100,9 @@ def _expected_velocity(entity_df: pd.DataFrame) -> pd.DataFrame:
     cards, terminals = raw.groupby("customer_id").indices, raw.groupby("terminal_id").indices
     empty = np.array([], dtype=np.intp)
     rows = []
-    for card, terminal, when in zip(entity_df["customer_id"], entity_df["terminal_id"], entity_df["tx_datetime"]):
+    for card, terminal, when in zip(
+        entity_df["customer_id"], entity_df["terminal_id"], entity_df["tx_datetime"], strict=True
+    ):
         c, t = cards.get(card, empty), terminals.get(terminal, empty)
         rows.append(
             velocity_features(
@@ -455,7 +457,7 @@ def test_batched_redis_reader_equals_feast_online_read(store_dir: Path, tmp_path
         materialize_incremental(online="redis", project=project)
         client = online_client("redis", project=project)
         client.views()
-        fields = dict(zip(CUSTOMER_SPENDING_FEATURES, client._reader._views[0][1]))
+        fields = dict(zip(CUSTOMER_SPENDING_FEATURES, client._reader._views[0][1], strict=True))
         timestamp_field = client._reader._views[0][1][-1]
 
         def write_partial(key: bytes, values: dict[str, bytes], epoch_seconds: int) -> None:

@@ -109,7 +109,7 @@ def test_every_returned_decision_is_audited_exactly_once(servers):
     out = outputs_by_name(v2.json())
     vectors = np.asarray(out["feature_vector"]).reshape(len(v2_rows), -1)
     for i, transaction_id in enumerate(out["transaction_id"]):
-        features = dict(zip(MODEL_FEATURES, vectors[i].tolist()))
+        features = dict(zip(MODEL_FEATURES, vectors[i].tolist(), strict=True))
         returned[transaction_id] = (
             out["fraud_probability"][i], out["decision"][i], out["model_version"][i], features,
             out["features_missing"][i],

@@ -119,7 +119,9 @@ class StandInPredictor:
                             "transaction_id": tx["transaction_id"],
                             "fraud_probability": 0.1,
                             "decision": "approve",
-                            "features": dict(zip(FEATURE_NAMES, feature_vector(tx["transaction_id"], tx["tx_amount"]))),
+                            "features": dict(
+                                zip(FEATURE_NAMES, feature_vector(tx["transaction_id"], tx["tx_amount"]), strict=True)
+                            ),
                         }
                     )
                 self._send(200, {"predictions": predictions})
@@ -130,7 +132,7 @@ class StandInPredictor:
                 if any(a <= 0 for a in amounts):
                     self._send(400, {"error": "input 'tx_amount'[0]: must be > 0"})
                     return
-                vectors = [feature_vector(t, a) for t, a in zip(ids, amounts)]
+                vectors = [feature_vector(t, a) for t, a in zip(ids, amounts, strict=True)]
                 self._send(
                     200,
                     {

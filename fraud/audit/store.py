@@ -246,12 +246,12 @@ def _insert_decisions_sqlite(connection: Connection, rows: Sequence[dict[str, An
     processors = [table.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in names]
     columns = [
         [row[name] for row in rows] if processor is None else [processor(row[name]) for row in rows]
-        for name, processor in zip(names, processors)
+        for name, processor in zip(names, processors, strict=True)
     ]
     statement = f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
     if skip_existing:
         statement += " ON CONFLICT (transaction_id, model_version) DO NOTHING"
-    return connection.exec_driver_sql(statement, list(zip(*columns))).rowcount
+    return connection.exec_driver_sql(statement, list(zip(*columns, strict=True))).rowcount
 
 
 def existing_decisions(connection: Connection, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], dict]:

@@ -268,7 +268,7 @@ class AuditWriter:
         rows: list[dict] = []
         row_seqs: list[int] = []
         dead: list[tuple[int, str]] = []
-        for seq, payload in zip(batch.seqs, batch.payloads):
+        for seq, payload in zip(batch.seqs, batch.payloads, strict=True):
             try:
                 rows.append(DecisionRecord.from_payload(payload).to_row())
                 row_seqs.append(seq)
@@ -306,7 +306,7 @@ class AuditWriter:
         with self.engine.begin() as connection:
             recorded = existing_decisions(connection, [(r["transaction_id"], r["model_version"]) for r in rows])
             fresh: list[dict] = []
-            for seq, row in zip(seqs, rows):
+            for seq, row in zip(seqs, rows, strict=True):
                 key = (row["transaction_id"], row["model_version"])
                 prior = recorded.get(key)
                 if prior is None:
@@ -335,7 +335,7 @@ class AuditWriter:
 
     def _write_row_by_row(self, rows: list[dict], seqs: list[int]) -> _InsertOutcome:
         total = _InsertOutcome()
-        for seq, row in zip(seqs, rows):
+        for seq, row in zip(seqs, rows, strict=True):
             try:
                 one = self._insert([row], [seq])
             except Exception as exc:

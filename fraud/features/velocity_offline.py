@@ -168,7 +168,7 @@ def recent_state_path(layout: DataLayout, view: str) -> Path:
 
 def _recent_state_sql(source: str, entity: str, fields: Sequence[str], values: Sequence[str]) -> str:
     lists = ", ".join(
-        f"list({value} ORDER BY ts_ns, {TRANSACTION_ID}) AS {name}" for name, value in zip(fields, values)
+        f"list({value} ORDER BY ts_ns, {TRANSACTION_ID}) AS {name}" for name, value in zip(fields, values, strict=True)
     )
     return f"""
     WITH src AS (
