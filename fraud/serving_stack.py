@@ -716,7 +716,10 @@ def parse_v2_response(body: dict) -> list[ScoredTransaction]:
 
     outputs = {o["name"]: o["data"] for o in body["outputs"]}
     n = len(outputs["transaction_id"])
-    column = lambda name, default: outputs.get(name, [default] * n)
+
+    def column(name, default):
+        return outputs.get(name, [default] * n)
+
     return [
         ScoredTransaction(
             transaction_id=str(outputs["transaction_id"][i]),

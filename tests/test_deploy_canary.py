@@ -470,7 +470,9 @@ def test_router_splits_traffic_and_follows_the_routing_file(tmp_path):
         tmp.write_text(json.dumps(table))
         tmp.replace(routes)
 
-    url = lambda server: f"http://127.0.0.1:{server.server_address[1]}"
+    def url(server):
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
     publish(
         {
             "stable": {"version": "1", "url": url(stable)},

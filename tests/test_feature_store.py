@@ -194,7 +194,7 @@ def test_materialisation_windows_and_online_values(store_dir: Path) -> None:
         ).astype("float64")
 
     materialize_incremental(midway + timedelta(seconds=1))  # first run: latest snapshots up to `midway`
-    online = online_batch_features(ids + ["C-unknown"], tids + ["T0000000"])
+    online = online_batch_features([*ids, "C-unknown"], [*tids, "T0000000"])
     pd.testing.assert_frame_equal(
         online.iloc[:6][[*CUSTOMER_SPENDING_FEATURES, *TERMINAL_RISK_FEATURES]].reset_index(drop=True),
         expected(midway),
@@ -204,7 +204,7 @@ def test_materialisation_windows_and_online_values(store_dir: Path) -> None:
     unknown = online.iloc[6]
     assert unknown["customer_id"] == "C-unknown" and pd.isna(unknown[CUSTOMER_SNAPSHOT_COLUMN])
     assert unknown[list(CUSTOMER_SPENDING_FEATURES)].isna().all()
-    assert_same_as_feast_get_online_features(get_feature_store(), ids + ["C-unknown"], tids + ["T0000000"], online)
+    assert_same_as_feast_get_online_features(get_feature_store(), [*ids, "C-unknown"], [*tids, "T0000000"], online)
 
     materialize(midway, last + timedelta(seconds=1))  # an explicit window: the latest ("today's") snapshot
     online = online_batch_features(ids, tids)
@@ -313,9 +313,9 @@ def test_redis_online_store_round_trip(store_dir: Path, tmp_path: Path, monkeypa
     try:
         apply_repo("redis", project=project)
         materialize_incremental(online="redis", project=project)
-        online = online_batch_features(ids + ["C-unknown"], tids + ["T-unknown"], "redis", project=project)
+        online = online_batch_features([*ids, "C-unknown"], [*tids, "T-unknown"], "redis", project=project)
         assert_same_as_feast_get_online_features(
-            get_feature_store("redis", project=project), ids + ["C-unknown"], tids + ["T-unknown"], online
+            get_feature_store("redis", project=project), [*ids, "C-unknown"], [*tids, "T-unknown"], online
         )
         online, unknown = online.iloc[:-1], online.iloc[-1]
         keys = [k for k in client.scan_iter(count=1000) if project.encode() in k]
@@ -361,7 +361,7 @@ def _check_batched_reader(
         {names[0]: Value(int64_val=3).SerializeToString(), names[1]: Value(double_val=-12.5).SerializeToString()},
         1_700_000_000,
     )
-    ids = sorted(customers["customer_id"].unique()) + ["C-unknown", "C-partial"]
+    ids = [*sorted(customers["customer_id"].unique()), "C-unknown", "C-partial"]
     tids = sorted(terminals["terminal_id"].unique())
     n = 90  # above the threshold of the vectorised decoding, with repeated entities
     cust = [ids[i % len(ids)] for i in range(n)]

@@ -603,7 +603,10 @@ def test_pass_through_and_kserve_path_give_the_same_answer(transformer, kserve_p
     if protocol == "v1":
         assert fast == reference
     else:  # KServe re-encodes the answer: same tensors, its own envelope
-        as_tensors = lambda answer: {o["name"]: (o["datatype"], o["shape"], o["data"]) for o in answer["outputs"]}
+
+        def as_tensors(answer):
+            return {o["name"]: (o["datatype"], o["shape"], o["data"]) for o in answer["outputs"]}
+
         assert as_tensors(fast) == as_tensors(reference)
         assert fast["id"] == reference["id"] == "req-1"
 
