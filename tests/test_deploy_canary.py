@@ -415,7 +415,7 @@ def test_state_machine_allows_only_its_transitions():
         rolled.advance(RolloutState.DEPLOYED)
     with pytest.raises(RolloutError, match="target"):
         _record(target="cloud")
-    with pytest.raises(RolloutError, match="0..100"):
+    with pytest.raises(RolloutError, match=r"0..100"):
         _record(canary_traffic_percent=101)
 
 

@@ -53,7 +53,7 @@ def _round_trip(tmp_path, uri: str | None) -> None:
         registry.download_bundle(f"models:/{MODEL_NAME}@nosuchalias", tmp_path / "x", uri=uri)
     with pytest.raises(UserError, match="must look like"):
         registry.download_bundle("models:/", tmp_path / "x", uri=uri)
-    with pytest.raises(UserError, match="not a valid alias|valid name"):
+    with pytest.raises(UserError, match=r"not a valid alias|valid name"):
         registry.set_alias("bad alias!", first, uri=uri)
 
 
