@@ -105,7 +105,8 @@ def read_label_file(path: Path | str) -> pd.DataFrame:
     missing = [column for column in LABEL_COLUMNS if column not in frame.columns]
     if missing:
         raise UserError(
-            f"label file {path}: missing column(s) {missing}; expected {list(LABEL_COLUMNS)}, found {list(frame.columns)}"
+            f"label file {path}: missing column(s) {missing}; "
+            f"expected {list(LABEL_COLUMNS)}, found {list(frame.columns)}"
         )
     if frame.empty:
         raise UserError(f"label file {path} has no rows")
@@ -118,7 +119,8 @@ def read_label_file(path: Path | str) -> pd.DataFrame:
         first = problems[bad_id].iloc[0]
         raise UserError(
             f"label file {path}: column transaction_id must be a non-empty id of at most {MAX_ID_LENGTH} "
-            f"characters from {ID_CHARACTERS}, never a card number ({where}s {_row_list(np.flatnonzero(bad_id), offset)}; "
+            f"characters from {ID_CHARACTERS}, never a card number "
+            f"({where}s {_row_list(np.flatnonzero(bad_id), offset)}; "
             f"first: {first})"
         )
 

@@ -259,7 +259,10 @@ class SqliteBatchReader:
             # one row per entity: MAX(event_ts) (no declared type: the stored value as is, not
             # sqlite3's converted datetime) and each feature's value in `features` order
             pivot = ", ".join("MAX(CASE feature_name WHEN ? THEN value END)" for _ in features)
-            select = f'SELECT entity_key, MAX(event_ts), {pivot} FROM "{table}" WHERE entity_key IN ({{marks}}) GROUP BY entity_key'
+            select = (
+                f'SELECT entity_key, MAX(event_ts), {pivot} FROM "{table}" '
+                "WHERE entity_key IN ({marks}) GROUP BY entity_key"
+            )
             self._views.append((keys, select, list(features)))
 
     def read(self, ids_per_view: Sequence[Sequence[str]]) -> list[tuple[np.ndarray, np.ndarray]]:

@@ -11,8 +11,8 @@ Auditing is on by default (`StackConfig.audit`): before the children start, the 
 every decision to the spool `<data dir>/audit/spool.db` (FRAUD_AUDIT_SPOOL overrides it) and a third
 child, the sidecar `fraud audit writer`, drains it into that database - as a writer container
 beside the predictor in a pod would, and with no writer work in the predictor's process (its
-batches held the GIL long enough to show in the request latency tail, docs/performance.md). On stop the writer goes last and
-flushes what the predictor spooled (docs/audit.md).
+batches held the GIL long enough to show in the request latency tail, docs/performance.md). On stop
+the writer goes last and flushes what the predictor spooled (docs/audit.md).
 
 Predictor and transformer read the same local bundle directory. `ServingStack.start()` checks that
 every port is free, starts the children and waits until both servers are ready; any failure stops
@@ -759,7 +759,8 @@ def score_transactions(
         raise UserError(f"the scoring service at {url} did not answer within {timeout_s:g}s") from None
     except httpx.TransportError as exc:
         raise UserError(
-            f"cannot reach the scoring service at {url} ({type(exc).__name__}): is it running? start it with `fraud serve`"
+            f"cannot reach the scoring service at {url} ({type(exc).__name__}): "
+            "is it running? start it with `fraud serve`"
         ) from None
     if response.status_code != 200:
         try:

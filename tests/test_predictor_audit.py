@@ -171,7 +171,8 @@ DAY = pd.Timestamp("2026-03-09")
 def memory_source() -> InMemoryFeatureSource:
     ids = [f"C{i}" for i in range(5)]
     customers = pd.DataFrame({"customer_id": ids, "snapshot_ts": DAY,
-                              **{name: np.arange(5, dtype=float) * (j + 1) for j, name in enumerate(CUSTOMER_SPENDING_FEATURES)}})  # fmt: skip
+                              **{name: np.arange(5, dtype=float) * (j + 1)
+                                 for j, name in enumerate(CUSTOMER_SPENDING_FEATURES)}})  # fmt: skip
     terminals = pd.DataFrame({"terminal_id": [f"T{i}" for i in range(5)], "snapshot_ts": DAY,
                               **{name: np.linspace(0.0, 0.4, 5) for name in TERMINAL_RISK_FEATURES}})  # fmt: skip
     return InMemoryFeatureSource(customers, terminals)

@@ -117,7 +117,8 @@ def test_postgres_round_trip(data_dir, tmp_path, monkeypatch):
         with admin.connect() as conn:
             conn.execute(
                 sqlalchemy.text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d AND pid <> pg_backend_pid()"
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = :d AND pid <> pg_backend_pid()"
                 ),
                 {"d": database},
             )

@@ -195,7 +195,8 @@ def verify_decisions(
             if (count, digest) != (expected_count, expected_digest):
                 problem(
                     f"rows without a hash chain changed, inserted or deleted: {count} now, "
-                    f"{expected_count} when chaining began, digest {'matches' if digest == expected_digest else 'differs'}"
+                    f"{expected_count} when chaining began, "
+                    f"digest {'matches' if digest == expected_digest else 'differs'}"
                 )
         elif count:
             problem(f"{count} rows have no hash chain (inserted outside the audit writer)")

@@ -318,7 +318,8 @@ class AuditWriter:
                     outcome.conflicts.append(
                         (
                             seq,
-                            f"conflict: transaction {key[0]!r} (model {key[1]}) is recorded with other {', '.join(changed)}",
+                            f"conflict: transaction {key[0]!r} (model {key[1]}) "
+                            f"is recorded with other {', '.join(changed)}",
                         )
                     )
                 else:

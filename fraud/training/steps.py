@@ -300,7 +300,10 @@ def evaluate(
         },
     )
     if baselines:
-        report += "\n## Baselines (selected on the same folds, scored on the same test window)\n\n| model | test AP | test AUC | CP@100 |\n|---|---|---|---|\n"
+        report += (
+            "\n## Baselines (selected on the same folds, scored on the same test window)\n\n"
+            "| model | test AP | test AUC | CP@100 |\n|---|---|---|---|\n"
+        )
         report += "".join(
             f"| {name} | {b['test_ap']:.4f} | {b['test_auc']:.4f} | {b['test_cp100']:.4f} |\n"
             for name, b in baselines.items()
