@@ -108,7 +108,7 @@ class StackConfig:
     @property
     def url(self) -> str:
         """What clients call: the transformer's HTTP endpoint."""
-        host = LOOPBACK if self.host in ("0.0.0.0", "::") else self.host
+        host = LOOPBACK if self.host in ("0.0.0.0", "::") else self.host  # noqa: S104 - compares against the wildcard to map it to loopback, binds nothing
         return f"http://{host}:{self.port}"
 
     @property
@@ -134,7 +134,7 @@ class StackConfig:
 AUDIT_ENV = ("FRAUD_AUDIT_SPOOL", "FRAUD_AUDIT_DB_URL")
 #: Files of StackConfig.credentials_dir: the predictor's token file, the transformer's token for it.
 PREDICTOR_TOKENS = "predictor-tokens"
-TRANSFORMER_TOKEN = "transformer-token"
+TRANSFORMER_TOKEN = "transformer-token"  # noqa: S105 - a file name, not a password
 
 
 def write_internal_credentials(config: StackConfig) -> None:

@@ -35,7 +35,7 @@ AUDIT_DB_HOST_ENV = "FRAUD_AUDIT_DB_HOST"
 AUDIT_DB_PORT_ENV = "FRAUD_AUDIT_DB_PORT"
 AUDIT_DB_NAME_ENV = "FRAUD_AUDIT_DB_NAME"
 AUDIT_DB_USER_ENV = "FRAUD_AUDIT_DB_USER"
-AUDIT_DB_PASSWORD_ENV = "FRAUD_AUDIT_DB_PASSWORD"
+AUDIT_DB_PASSWORD_ENV = "FRAUD_AUDIT_DB_PASSWORD"  # noqa: S105 - name of an environment variable, not a password
 AUDIT_DB_SSLMODE_ENV = "FRAUD_AUDIT_DB_SSLMODE"
 AUDIT_DB_SSLROOTCERT_ENV = "FRAUD_AUDIT_DB_SSLROOTCERT"
 #: libpq's sslmode values; verify-full (certificate and host name checked) is the only one that
@@ -185,7 +185,8 @@ def head_revision() -> str:
 
     with create_engine("sqlite://").connect() as connection:
         head = ScriptDirectory.from_config(_alembic_config(connection)).get_current_head()
-    assert head is not None, f"no migrations in {MIGRATIONS_DIR}"
+    if head is None:  # a broken installation, not user input
+        raise RuntimeError(f"no migrations in {MIGRATIONS_DIR}")
     return head
 
 

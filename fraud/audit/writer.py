@@ -362,7 +362,7 @@ class AuditWriter:
 
     def _backoff(self, attempt: int) -> float:
         ceiling = min(self.settings.backoff_max, self.settings.backoff_initial * 2 ** min(attempt - 1, 30))
-        return ceiling * random.uniform(0.5, 1.0)
+        return ceiling * random.uniform(0.5, 1.0)  # noqa: S311 - retry back-off jitter, not security
 
     def _flush(self) -> None:
         deadline = time.monotonic() + self.settings.flush_timeout

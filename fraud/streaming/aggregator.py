@@ -58,7 +58,7 @@ class AggregatorSettings:
     tick_s: float = 1.0
     #: port of /metrics, /healthz and /readyz (0: any free port; None: no server)
     metrics_port: int | None = 9102
-    metrics_host: str = "0.0.0.0"
+    metrics_host: str = "0.0.0.0"  # noqa: S104 - metrics endpoint of a pod, scraped by Prometheus from outside
     #: /healthz fails when the loop has not completed an iteration for this long
     stall_s: float = 30.0
     #: window states kept in memory per kind (beyond: cleared, re-read from the store on a miss)
