@@ -122,7 +122,7 @@ VELOCITY_DESCRIPTIONS: dict[str, str] = {
     },
 }
 if set(VELOCITY_DESCRIPTIONS) != set(VELOCITY_FEATURES):  # a programming error in this module, checked on import
-    raise RuntimeError(f"VELOCITY_DESCRIPTIONS and VELOCITY_FEATURES name different features")
+    raise RuntimeError("VELOCITY_DESCRIPTIONS and VELOCITY_FEATURES name different features")
 #: Value of each velocity feature for a card / terminal without earlier transactions in the windows.
 VELOCITY_DEFAULTS: dict[str, float] = {name: 0.0 for name in VELOCITY_FEATURES} | {
     "customer_seconds_since_last_tx": float(VELOCITY_HORIZON_S)
@@ -160,7 +160,7 @@ FEATURE_DESCRIPTIONS: dict[str, str] = {
     **VELOCITY_DESCRIPTIONS,
 }
 if set(FEATURE_DESCRIPTIONS) != set(MODEL_FEATURES):  # a programming error in this module, checked on import
-    raise RuntimeError(f"FEATURE_DESCRIPTIONS and MODEL_FEATURES name different features")
+    raise RuntimeError("FEATURE_DESCRIPTIONS and MODEL_FEATURES name different features")
 
 
 NS_PER_HOUR = 3_600 * 1_000_000_000
