@@ -57,6 +57,7 @@ from fraud.features.definitions import (
 )
 from fraud.features.offline import (
     EVENT_TIMESTAMP,
+    _sql_file_list,
     customer_features_path,
     labelled_transactions,
     terminal_features_path,
@@ -276,10 +277,10 @@ def snapshot_span(layout: DataLayout | None = None) -> tuple[datetime, datetime]
     """Earliest and latest snapshot timestamp over both offline tables (UTC, tz-aware)."""
     layout = layout or DataLayout.current()
     _require_offline_tables(layout)
-    paths = ", ".join(f"'{p}'" for p in (customer_features_path(layout), terminal_features_path(layout)))
+    paths = _sql_file_list([customer_features_path(layout), terminal_features_path(layout)])
     with duckdb.connect() as con:
         first, last = con.execute(
-            f"SELECT min({SNAPSHOT_TIMESTAMP}), max({SNAPSHOT_TIMESTAMP}) FROM read_parquet([{paths}])"
+            f"SELECT min({SNAPSHOT_TIMESTAMP}), max({SNAPSHOT_TIMESTAMP}) FROM read_parquet({paths})"  # noqa: S608 - column-name constants, paths quoted by _sql_file_list
         ).fetchone()
     return _as_utc(first), _as_utc(last)
 
@@ -419,8 +420,8 @@ def point_in_time_velocity(entity_df: pd.DataFrame, layout: DataLayout | None = 
         with duckdb.connect() as con:
             con.register("wanted", keys)
             found = con.execute(
-                f"SELECT w.row, t.* EXCLUDE ({TRANSACTION_ID}, ts_ns) "
-                f"FROM wanted w JOIN read_parquet('{table_path}') t USING ({TRANSACTION_ID}, ts_ns)"
+                f"SELECT w.row, t.* EXCLUDE ({TRANSACTION_ID}, ts_ns) "  # noqa: S608 - column-name constants, paths quoted by _sql_file_list
+                f"FROM wanted w JOIN read_parquet({_sql_file_list([table_path])}) t USING ({TRANSACTION_ID}, ts_ns)"
             ).df()
         if len(found):
             result.iloc[found["row"].to_numpy(), :] = found[list(VELOCITY_FEATURES)].to_numpy()

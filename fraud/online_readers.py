@@ -260,7 +260,7 @@ class SqliteBatchReader:
             # sqlite3's converted datetime) and each feature's value in `features` order
             pivot = ", ".join("MAX(CASE feature_name WHEN ? THEN value END)" for _ in features)
             select = (
-                f'SELECT entity_key, MAX(event_ts), {pivot} FROM "{table}" '
+                f'SELECT entity_key, MAX(event_ts), {pivot} FROM "{table}" '  # noqa: S608 - table name from Feast's compute_table_id, quotes escaped; values bound
                 "WHERE entity_key IN ({marks}) GROUP BY entity_key"
             )
             self._views.append((keys, select, list(features)))

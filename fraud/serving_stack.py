@@ -653,7 +653,7 @@ def sample_raw_transactions(layout: DataLayout, n: int, seed: int = 0) -> list[d
     connection = duckdb.connect()
     try:
         frame = connection.execute(
-            "SELECT transaction_id, customer_id, terminal_id, tx_amount, tx_datetime, tx_fraud "
+            "SELECT transaction_id, customer_id, terminal_id, tx_amount, tx_datetime, tx_fraud "  # noqa: S608 - only int() sample size and seed formatted in; the file list is bound
             f"FROM read_parquet(?, hive_partitioning = false) USING SAMPLE reservoir({int(n)} ROWS) "
             f"REPEATABLE ({int(seed)})",
             [[str(f) for f in files]],

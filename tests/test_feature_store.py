@@ -422,7 +422,7 @@ def test_batched_sqlite_reader_equals_feast_online_read(store_dir: Path, monkeyp
     def write_partial(key: bytes, values: dict[str, bytes], epoch_seconds: int) -> None:
         with connection:
             connection.executemany(
-                f'INSERT OR REPLACE INTO "{table}" (entity_key, feature_name, value, event_ts) VALUES (?, ?, ?, ?)',
+                f'INSERT OR REPLACE INTO "{table}" (entity_key, feature_name, value, event_ts) VALUES (?, ?, ?, ?)',  # noqa: S608 - Feast's table name of the test project; values bound
                 [(key, name, value, epoch_seconds) for name, value in values.items()],
             )
 
@@ -431,7 +431,7 @@ def test_batched_sqlite_reader_equals_feast_online_read(store_dir: Path, monkeyp
     finally:
         with connection:
             connection.execute(
-                f'DELETE FROM "{table}" WHERE feature_name IN (?, ?) AND event_ts = ?',
+                f'DELETE FROM "{table}" WHERE feature_name IN (?, ?) AND event_ts = ?',  # noqa: S608 - Feast's table name of the test project; values bound
                 (*CUSTOMER_SPENDING_FEATURES[:2], 1_700_000_000),
             )
         client._views = None  # the cached client gets its batched reader back

@@ -249,7 +249,7 @@ def _insert_decisions_sqlite(connection: Connection, rows: Sequence[dict[str, An
         [row[name] for row in rows] if processor is None else [processor(row[name]) for row in rows]
         for name, processor in zip(names, processors, strict=True)
     ]
-    statement = f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
+    statement = f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"  # noqa: S608 - table and column names from the SQLAlchemy Table, values bound
     if skip_existing:
         statement += " ON CONFLICT (transaction_id, model_version) DO NOTHING"
     return connection.exec_driver_sql(statement, list(zip(*columns, strict=True))).rowcount
