@@ -94,10 +94,7 @@ def read_label_file(path: Path | str) -> pd.DataFrame:
         raise UserError(f"label file {path} does not exist")
     fmt = _file_format(path)
     try:
-        if fmt == "csv":
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-        else:
-            frame = pd.read_parquet(path)
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False) if fmt == "csv" else pd.read_parquet(path)
     except Exception as exc:  # noqa: BLE001 - pandas/pyarrow raise many parser error types
         raise UserError(f"label file {path} is not a readable {fmt.upper()} file: {exc}") from None
     where = "line" if fmt == "csv" else "row"

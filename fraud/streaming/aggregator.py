@@ -20,6 +20,7 @@ registry) and the probes are served on `metrics_port` (/metrics, /healthz, /read
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -337,10 +338,8 @@ class Aggregator:
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
             self.last_loop = time.monotonic()
-        try:
+        with contextlib.suppress(redis.RedisError):
             self.release_all()
-        except redis.RedisError:
-            pass
 
     def serve_http(self) -> int | None:
         """Start /metrics, /healthz, /readyz in a thread; returns the bound port."""
