@@ -21,8 +21,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, Table
 from sqlalchemy.exc import (
     DBAPIError,
     DisconnectionError,
@@ -328,7 +329,8 @@ class AuditWriter:
             if fresh:
                 insert_decisions(connection, fresh, skip_existing=False)
                 connection.execute(
-                    AuditCheckpoint.__table__.insert(), [checkpoint_row(self.chain.chain_id, chain_seq, head)]
+                    cast(Table, AuditCheckpoint.__table__).insert(),
+                    [checkpoint_row(self.chain.chain_id, chain_seq, head)],
                 )
         self.chain.advance(chain_seq, head)
         outcome.written = len(fresh)

@@ -292,7 +292,7 @@ def velocity_features(
     horizon = before & (card_ts > t - VELOCITY_HORIZON_S * NS_PER_SECOND)
     out[k] = (t - int(card_ts[horizon].max())) / NS_PER_SECOND if horizon.any() else float(VELOCITY_HORIZON_S)
     inside = before & (card_ts > t - CARD_DISTINCT_TERMINALS_WINDOW[1] * NS_PER_SECOND)
-    out[k + 1] = float(len({card_terminals[i] for i in np.flatnonzero(inside)}))
+    out[k + 1] = float(len({card_terminals[i] for i in np.flatnonzero(inside).tolist()}))
     k += 2
     terminal_before = terminal_ts < t
     for _, seconds in TERMINAL_VELOCITY_WINDOWS:

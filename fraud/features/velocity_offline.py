@@ -124,7 +124,7 @@ def velocity_frame(transactions: pd.DataFrame, requests: pd.DataFrame | None = N
     if missing:
         raise UserError(f"transactions lack column(s) {missing}")
     own = requests is None
-    if own:
+    if requests is None:
         requests = transactions
     missing = [c for c in (CUSTOMER_ID, TERMINAL_ID, TX_DATETIME) if c not in requests]
     if missing:

@@ -34,6 +34,7 @@ from typing import Any
 
 import redis
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from redis.typing import KeyT, StreamIdT
 
 from fraud.streaming.events import CARD, KINDS, BadEvent, StreamSettings, TransactionEvent, decode, encode
 from fraud.streaming.state import WindowStateStore
@@ -209,7 +210,7 @@ class Aggregator:
         if self._recover:
             partition = min(self._recover)
             name = self.stream.stream(partition)
-            _, entries, _ = self.client.xautoclaim(
+            claimed: Any = self.client.xautoclaim(
                 name,
                 self.stream.group,
                 self.settings.consumer,
@@ -217,6 +218,7 @@ class Aggregator:
                 start_id="0-0",
                 count=self.settings.batch_size,
             )
+            _, entries, _ = claimed
             if len(entries) < self.settings.batch_size:
                 self._recover.discard(partition)
             if entries:
@@ -226,8 +228,8 @@ class Aggregator:
         if not self.owned:
             time.sleep(self.settings.block_ms / 1000)
             return 0
-        streams = {self.stream.stream(p): ">" for p in sorted(self.owned)}
-        reply = self.client.xreadgroup(
+        streams: dict[KeyT, StreamIdT] = {self.stream.stream(p): ">" for p in sorted(self.owned)}
+        reply: Any = self.client.xreadgroup(
             self.stream.group,
             self.settings.consumer,
             streams,

@@ -36,6 +36,8 @@ from fraud.streaming.windows import RecentEvents
 
 if TYPE_CHECKING:
     from feast import FeatureStore
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
+    from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 
 #: (view, join key, fields) of each kind of state
 STATE_VIEWS: dict[str, tuple[str, str, tuple[str, ...]]] = {
@@ -126,6 +128,7 @@ class WindowStateStore:
                 STATE_TIMESTAMP: pd.to_datetime(stamps, unit="ns", utc=True),
             }
         )
+        columns: tuple[list[Any], ...]
         if kind == CARD:
             columns = (
                 [s.ts_ns for s in states.values()],
@@ -144,9 +147,9 @@ class WindowStateStore:
     def _write_batch(self, kind: str, states: Mapping[str, RecentEvents], stamps: list[int]) -> None:
         _, join_key, fields = STATE_VIEWS[kind]
         kinds = _field_kinds(kind)
-        rows = []
+        rows: list[tuple[EntityKeyProto, dict[str, ValueProto], datetime, datetime | None]] = []
         for (entity, state), stamp in zip(states.items(), stamps, strict=True):
-            columns = (
+            columns: tuple[Sequence[Any], ...] = (
                 (state.ts_ns, state.amounts, state.terminals, state.transaction_ids)
                 if kind == CARD
                 else (state.ts_ns, state.transaction_ids)

@@ -218,12 +218,12 @@ def train(
 
 def log_training_dataset(run_id: str, train: object, uri: str | None) -> None:
     """Record the training set as the run's dataset input (schema, profile, digest; context "training")."""
-    import mlflow.data
+    from mlflow.data.pandas_dataset import from_pandas
     from mlflow.entities import DatasetInput, InputTag
 
     from fraud import registry
 
-    dataset = mlflow.data.from_pandas(train, name="train_set", targets=TX_FRAUD)
+    dataset = from_pandas(train, name="train_set", targets=TX_FRAUD)
     registry.client(uri).log_inputs(
         run_id,
         datasets=[
