@@ -287,7 +287,8 @@ def verify_bundle(bundle_dir: Path, public_key: Ed25519PublicKey | None = None) 
         public_key.verify(signature, signed_bytes(manifest))
     except (InvalidSignature, ValueError) as exc:
         raise BundleError(
-            f"bundle {bundle_dir}: {SIGNATURE_FILE} is not a valid signature of its {MANIFEST_FILE} ({type(exc).__name__})"
+            f"bundle {bundle_dir}: {SIGNATURE_FILE} is not a valid signature of its {MANIFEST_FILE} "
+            f"({type(exc).__name__})"
         ) from None
     return manifest
 

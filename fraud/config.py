@@ -29,7 +29,7 @@ class DataLayout:
     root: Path
 
     @classmethod
-    def current(cls) -> "DataLayout":
+    def current(cls) -> DataLayout:
         return cls(data_dir())
 
     @property

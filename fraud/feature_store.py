@@ -57,6 +57,7 @@ from fraud.features.definitions import (
 )
 from fraud.features.offline import (
     EVENT_TIMESTAMP,
+    _sql_file_list,
     customer_features_path,
     labelled_transactions,
     terminal_features_path,
@@ -76,7 +77,7 @@ PROJECT_ENV = "FRAUD_FEAST_PROJECT"
 REDIS_URL_ENV = "FRAUD_REDIS_URL"
 REDIS_HOST_ENV = "FRAUD_REDIS_HOST"
 REDIS_PORT_ENV = "FRAUD_REDIS_PORT"
-REDIS_PASSWORD_ENV = "FRAUD_REDIS_PASSWORD"
+REDIS_PASSWORD_ENV = "FRAUD_REDIS_PASSWORD"  # noqa: S105 - name of an environment variable, not a password
 REDIS_TLS_ENV = "FRAUD_REDIS_TLS"
 REDIS_CA_CERT_ENV = "FRAUD_REDIS_CA_CERT"
 REGISTRY_URL_ENV = "FRAUD_FEAST_REGISTRY_URL"
@@ -276,10 +277,10 @@ def snapshot_span(layout: DataLayout | None = None) -> tuple[datetime, datetime]
     """Earliest and latest snapshot timestamp over both offline tables (UTC, tz-aware)."""
     layout = layout or DataLayout.current()
     _require_offline_tables(layout)
-    paths = ", ".join(f"'{p}'" for p in (customer_features_path(layout), terminal_features_path(layout)))
+    paths = _sql_file_list([customer_features_path(layout), terminal_features_path(layout)])
     with duckdb.connect() as con:
         first, last = con.execute(
-            f"SELECT min({SNAPSHOT_TIMESTAMP}), max({SNAPSHOT_TIMESTAMP}) FROM read_parquet([{paths}])"
+            f"SELECT min({SNAPSHOT_TIMESTAMP}), max({SNAPSHOT_TIMESTAMP}) FROM read_parquet({paths})"  # noqa: S608 - column-name constants, paths quoted by _sql_file_list
         ).fetchone()
     return _as_utc(first), _as_utc(last)
 
@@ -419,8 +420,8 @@ def point_in_time_velocity(entity_df: pd.DataFrame, layout: DataLayout | None = 
         with duckdb.connect() as con:
             con.register("wanted", keys)
             found = con.execute(
-                f"SELECT w.row, t.* EXCLUDE ({TRANSACTION_ID}, ts_ns) "
-                f"FROM wanted w JOIN read_parquet('{table_path}') t USING ({TRANSACTION_ID}, ts_ns)"
+                f"SELECT w.row, t.* EXCLUDE ({TRANSACTION_ID}, ts_ns) "  # noqa: S608 - column-name constants, paths quoted by _sql_file_list
+                f"FROM wanted w JOIN read_parquet({_sql_file_list([table_path])}) t USING ({TRANSACTION_ID}, ts_ns)"
             ).df()
         if len(found):
             result.iloc[found["row"].to_numpy(), :] = found[list(VELOCITY_FEATURES)].to_numpy()
@@ -520,7 +521,7 @@ class OnlineFeatureClient:
                 np.hstack([customer_values, terminal_values]), customer_snapshot, terminal_snapshot
             )
         blocks, snapshots = [], []
-        for (view, join_key, features), ids in zip(self.views(), (customers, terminals)):
+        for (view, join_key, features), ids in zip(self.views(), (customers, terminals), strict=True):
             values, snapshot = self._read_view(view, join_key, features, ids)
             blocks.append(values)
             snapshots.append(snapshot)

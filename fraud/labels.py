@@ -94,10 +94,7 @@ def read_label_file(path: Path | str) -> pd.DataFrame:
         raise UserError(f"label file {path} does not exist")
     fmt = _file_format(path)
     try:
-        if fmt == "csv":
-            frame = pd.read_csv(path, dtype=str, keep_default_na=False)
-        else:
-            frame = pd.read_parquet(path)
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False) if fmt == "csv" else pd.read_parquet(path)
     except Exception as exc:  # noqa: BLE001 - pandas/pyarrow raise many parser error types
         raise UserError(f"label file {path} is not a readable {fmt.upper()} file: {exc}") from None
     where = "line" if fmt == "csv" else "row"
@@ -105,7 +102,8 @@ def read_label_file(path: Path | str) -> pd.DataFrame:
     missing = [column for column in LABEL_COLUMNS if column not in frame.columns]
     if missing:
         raise UserError(
-            f"label file {path}: missing column(s) {missing}; expected {list(LABEL_COLUMNS)}, found {list(frame.columns)}"
+            f"label file {path}: missing column(s) {missing}; "
+            f"expected {list(LABEL_COLUMNS)}, found {list(frame.columns)}"
         )
     if frame.empty:
         raise UserError(f"label file {path} has no rows")
@@ -118,7 +116,8 @@ def read_label_file(path: Path | str) -> pd.DataFrame:
         first = problems[bad_id].iloc[0]
         raise UserError(
             f"label file {path}: column transaction_id must be a non-empty id of at most {MAX_ID_LENGTH} "
-            f"characters from {ID_CHARACTERS}, never a card number ({where}s {_row_list(np.flatnonzero(bad_id), offset)}; "
+            f"characters from {ID_CHARACTERS}, never a card number "
+            f"({where}s {_row_list(np.flatnonzero(bad_id), offset)}; "
             f"first: {first})"
         )
 

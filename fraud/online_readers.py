@@ -225,14 +225,14 @@ class RedisBatchReader:
         plans = []
         client = self._store._get_client(self._config.online_store)
         with client.pipeline(transaction=False) as pipe:
-            for (keys, fields, _), ids in zip(self._views, ids_per_view):
+            for (keys, fields, _), ids in zip(self._views, ids_per_view, strict=True):
                 distinct, rows = _distinct(ids)
                 for entity in distinct:
                     pipe.hmget(keys(entity), fields)
                 plans.append((len(distinct), rows))
             replies = pipe.execute() if any(count for count, _ in plans) else []
         results, start = [], 0
-        for (_, _, width), (count, rows) in zip(self._views, plans):
+        for (_, _, width), (count, rows) in zip(self._views, plans, strict=True):
             block = replies[start : start + count]
             start += count
             # Redis answers an absent key with empty values (and no timestamp): unknown, not 1970
@@ -259,14 +259,17 @@ class SqliteBatchReader:
             # one row per entity: MAX(event_ts) (no declared type: the stored value as is, not
             # sqlite3's converted datetime) and each feature's value in `features` order
             pivot = ", ".join("MAX(CASE feature_name WHEN ? THEN value END)" for _ in features)
-            select = f'SELECT entity_key, MAX(event_ts), {pivot} FROM "{table}" WHERE entity_key IN ({{marks}}) GROUP BY entity_key'
+            select = (
+                f'SELECT entity_key, MAX(event_ts), {pivot} FROM "{table}" '  # noqa: S608 - table name from Feast's compute_table_id, quotes escaped; values bound
+                "WHERE entity_key IN ({marks}) GROUP BY entity_key"
+            )
             self._views.append((keys, select, list(features)))
 
     def read(self, ids_per_view: Sequence[Sequence[str]]) -> list[tuple[np.ndarray, np.ndarray]]:
         """As `RedisBatchReader.read`."""
         connection = self._store._get_conn(self._config)
         results = []
-        for (keys, select, features), ids in zip(self._views, ids_per_view):
+        for (keys, select, features), ids in zip(self._views, ids_per_view, strict=True):
             distinct, rows = _distinct(ids)
             wire = [keys(entity) for entity in distinct]
             found: dict[bytes, tuple[Any, ...]] = {}

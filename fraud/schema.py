@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import pyarrow as pa
@@ -172,7 +172,7 @@ def parse_timestamp(value: Any) -> datetime:
         seconds = int(value)
         if not (0 <= seconds < 4_102_444_800):  # 1970 .. 2100
             raise ValueError(f"epoch seconds {seconds} out of range [0, 4102444800)")
-        dt = datetime.fromtimestamp(seconds, tz=timezone.utc)
+        dt = datetime.fromtimestamp(seconds, tz=UTC)
     elif isinstance(value, (str, bytes)):
         text = value.decode() if isinstance(value, bytes) else value
         text = text.strip()
@@ -185,7 +185,7 @@ def parse_timestamp(value: Any) -> datetime:
     else:
         raise ValueError(f"must be an ISO-8601 string or integer epoch seconds, got {type(value).__name__}")
     if dt.tzinfo is not None:
-        dt = dt.astimezone(timezone.utc).replace(tzinfo=None)
+        dt = dt.astimezone(UTC).replace(tzinfo=None)
     if not (1970 <= dt.year < 2100):
         raise ValueError(f"{dt.isoformat()} is out of range (1970..2099)")
     return dt

@@ -11,8 +11,8 @@ Auditing is on by default (`StackConfig.audit`): before the children start, the 
 every decision to the spool `<data dir>/audit/spool.db` (FRAUD_AUDIT_SPOOL overrides it) and a third
 child, the sidecar `fraud audit writer`, drains it into that database - as a writer container
 beside the predictor in a pod would, and with no writer work in the predictor's process (its
-batches held the GIL long enough to show in the request latency tail, docs/performance.md). On stop the writer goes last and
-flushes what the predictor spooled (docs/audit.md).
+batches held the GIL long enough to show in the request latency tail, docs/performance.md). On stop
+the writer goes last and flushes what the predictor spooled (docs/audit.md).
 
 Predictor and transformer read the same local bundle directory. `ServingStack.start()` checks that
 every port is free, starts the children and waits until both servers are ready; any failure stops
@@ -108,7 +108,7 @@ class StackConfig:
     @property
     def url(self) -> str:
         """What clients call: the transformer's HTTP endpoint."""
-        host = LOOPBACK if self.host in ("0.0.0.0", "::") else self.host
+        host = LOOPBACK if self.host in ("0.0.0.0", "::") else self.host  # noqa: S104 - compares against the wildcard to map it to loopback, binds nothing
         return f"http://{host}:{self.port}"
 
     @property
@@ -134,7 +134,7 @@ class StackConfig:
 AUDIT_ENV = ("FRAUD_AUDIT_SPOOL", "FRAUD_AUDIT_DB_URL")
 #: Files of StackConfig.credentials_dir: the predictor's token file, the transformer's token for it.
 PREDICTOR_TOKENS = "predictor-tokens"
-TRANSFORMER_TOKEN = "transformer-token"
+TRANSFORMER_TOKEN = "transformer-token"  # noqa: S105 - a file name, not a password
 
 
 def write_internal_credentials(config: StackConfig) -> None:
@@ -653,7 +653,7 @@ def sample_raw_transactions(layout: DataLayout, n: int, seed: int = 0) -> list[d
     connection = duckdb.connect()
     try:
         frame = connection.execute(
-            "SELECT transaction_id, customer_id, terminal_id, tx_amount, tx_datetime, tx_fraud "
+            "SELECT transaction_id, customer_id, terminal_id, tx_amount, tx_datetime, tx_fraud "  # noqa: S608 - only int() sample size and seed formatted in; the file list is bound
             f"FROM read_parquet(?, hive_partitioning = false) USING SAMPLE reservoir({int(n)} ROWS) "
             f"REPEATABLE ({int(seed)})",
             [[str(f) for f in files]],
@@ -716,7 +716,10 @@ def parse_v2_response(body: dict) -> list[ScoredTransaction]:
 
     outputs = {o["name"]: o["data"] for o in body["outputs"]}
     n = len(outputs["transaction_id"])
-    column = lambda name, default: outputs.get(name, [default] * n)
+
+    def column(name, default):
+        return outputs.get(name, [default] * n)
+
     return [
         ScoredTransaction(
             transaction_id=str(outputs["transaction_id"][i]),
@@ -756,7 +759,8 @@ def score_transactions(
         raise UserError(f"the scoring service at {url} did not answer within {timeout_s:g}s") from None
     except httpx.TransportError as exc:
         raise UserError(
-            f"cannot reach the scoring service at {url} ({type(exc).__name__}): is it running? start it with `fraud serve`"
+            f"cannot reach the scoring service at {url} ({type(exc).__name__}): "
+            "is it running? start it with `fraud serve`"
         ) from None
     if response.status_code != 200:
         try:

@@ -1,6 +1,6 @@
 """Card-transaction simulator: the generative process of the Fraud Detection Handbook.
 
-Reproduces *Reproducible Machine Learning for Credit Card Fraud Detection – Practical Handbook*
+Reproduces *Reproducible Machine Learning for Credit Card Fraud Detection - Practical Handbook*
 (Le Borgne et al.), chapter 3.2 "Transaction data simulator", vectorised with numpy so the default
 dataset (5,000 customers, 10,000 terminals, 183 days, ~1.75 M transactions) takes seconds.
 
@@ -162,7 +162,7 @@ class SimulationConfig:
         if isinstance(self.start_date, datetime) or not isinstance(self.start_date, date):
             raise UserError(f"start_date must be a date, got {self.start_date!r}")
         end = self.end_date
-        if not (1970 <= self.start_date.year and end.year < 2100):
+        if not (self.start_date.year >= 1970 and end.year < 2100):
             raise UserError(
                 f"simulated period {self.start_date.isoformat()}..{end.isoformat()} must lie within 1970..2099"
             )
@@ -410,7 +410,7 @@ def _apply_scenario_2(tx: _TxArrays, compromised: np.ndarray, horizon_days: int)
 
 def _apply_scenario_3(tx: _TxArrays, compromised: np.ndarray, horizon_days: int, rng: np.random.Generator) -> None:
     """On day d, ⌊n/3⌋ of the n transactions of that day's compromised customers on days
-    [d, d+14) get amount × 5 and are fraud. A transaction picked on several days is multiplied
+    [d, d+14) get amount x 5 and are fraud. A transaction picked on several days is multiplied
     each time, as in the book's loop."""
     n_start_days, k = compromised.shape
     if n_start_days == 0 or tx.day.size == 0:

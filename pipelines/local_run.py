@@ -147,7 +147,7 @@ def isolated_subprocess(isolation: Isolation):
             (sandbox / name).mkdir(parents=True)
         env = {**isolation.task_env(sandbox), **(env_vars or {})}
         try:
-            with subprocess.Popen(
+            with subprocess.Popen(  # noqa: S603 - the pipeline's own component command, an argument list, no shell
                 full_command,
                 cwd=sandbox / "work",
                 env=env,
@@ -156,7 +156,7 @@ def isolated_subprocess(isolation: Isolation):
                 text=True,
                 bufsize=1,
             ) as process:
-                assert process.stdout is not None
+                assert process.stdout is not None  # noqa: S101 - narrows the type: stdout=PIPE always sets it
                 for line in iter(process.stdout.readline, ""):
                     print(line, end="")
                 print("\n")

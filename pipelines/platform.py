@@ -30,8 +30,8 @@ CONFIG_MAP = "fraud-pipeline-config"
 SCRATCH_MOUNT = "/scratch"
 SCRATCH_VOLUME = "scratch"
 #: Secret holding the `fraud-deployer` ServiceAccount token (type kubernetes.io/service-account-token).
-DEPLOYER_SECRET = "fraud-deployer-token"
-DEPLOYER_TOKEN_DIR = "/var/run/secrets/fraud-deployer"
+DEPLOYER_SECRET = "fraud-deployer-token"  # noqa: S105 - name of a Kubernetes Secret, not its value
+DEPLOYER_TOKEN_DIR = "/var/run/secrets/fraud-deployer"  # noqa: S105 - mount path of the Secret, not a password
 
 #: Secret name -> {secret key: environment variable}.
 SECRETS: dict[str, dict[str, str]] = {

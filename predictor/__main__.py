@@ -86,7 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--bundle",
         default=os.environ.get("FRAUD_BUNDLE", str(KSERVE_MODEL_DIR)),
-        help="serving bundle: a local directory, KServe's /mnt/models, or an MLflow URI (models:/fraud-detector@champion)",
+        help=(
+            "serving bundle: a local directory, KServe's /mnt/models, "
+            "or an MLflow URI (models:/fraud-detector@champion)"
+        ),
     )
     parser.add_argument(
         "--online-store",

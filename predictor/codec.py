@@ -337,7 +337,9 @@ def encode_v1(batch: ScoredBatch, include_features: bool = False) -> dict[str, A
             "features_stale": bool(batch.features_stale[i]),
         }
         if include_features:
-            prediction["features"] = {name: float(v) for name, v in zip(MODEL_FEATURES, batch.feature_matrix[i])}
+            prediction["features"] = {
+                name: float(v) for name, v in zip(MODEL_FEATURES, batch.feature_matrix[i], strict=True)
+            }
         predictions.append(prediction)
     return {"predictions": predictions}
 
@@ -351,7 +353,10 @@ def v2_output_values(batch: ScoredBatch, include_features: bool = False) -> dict
     """The V2 output tensors of a scored batch, in OUTPUT_TENSORS order; `feature_vector` only with
     `include_features` (the caller's `debug` scope)."""
     n = len(batch.request.transactions)
-    text = lambda values: np.array(values, dtype=np.object_)
+
+    def text(values):
+        return np.array(values, dtype=np.object_)
+
     outputs = {
         "transaction_id": text([tx.transaction_id for tx in batch.request.transactions]),
         "fraud_probability": np.asarray(batch.probabilities, dtype=np.float64),

@@ -90,13 +90,18 @@ class FastScoringRoutes:
             if protocol == PROTOCOL_V1:
                 if not isinstance(payload, dict):
                     return False
-                parse = lambda: parse_v1(payload, model.settings.max_batch_size)
+
+                def parse():
+                    return parse_v1(payload, model.settings.max_batch_size)
             else:
                 tensors = json_v2_tensors(payload)
                 if tensors is None:
                     return False
                 request_id = payload.get("id") or None
-                parse = lambda: parse_v2_tensors(tensors, model.settings.max_batch_size, request_id)
+
+                def parse():
+                    return parse_v2_tensors(tensors, model.settings.max_batch_size, request_id)
+
             scored = await model.infer_parsed(protocol, parse)
         except InvalidInput as exc:
             await _send_json(send, 400, {"error": str(exc)})

@@ -156,7 +156,7 @@ def check_request(transactions: Sequence[TransactionRequest], recorded: Sequence
     request) with other content."""
     hashes = [content_hash(tx) for tx in transactions]
     seen: dict[str, str] = {}
-    for index, (tx, digest, row) in enumerate(zip(transactions, hashes, recorded)):
+    for index, (tx, digest, row) in enumerate(zip(transactions, hashes, recorded, strict=True)):
         earlier = seen.setdefault(tx.transaction_id, digest)
         if earlier != digest:
             raise TransactionConflict(
@@ -201,7 +201,7 @@ class MemoryLedger:
         expires = time.monotonic() + self.ttl_s
         stored = []
         with self._lock:
-            for tx_id, row in zip(transaction_ids, rows):
+            for tx_id, row in zip(transaction_ids, rows, strict=True):
                 entry = self._entries.get(tx_id)
                 if entry is not None and entry[0] >= time.monotonic():
                     stored.append(False)
@@ -261,7 +261,7 @@ class RedisLedger:
 
         try:
             with self.client.pipeline(transaction=False) as pipe:
-                for tx_id, row in zip(transaction_ids, rows):
+                for tx_id, row in zip(transaction_ids, rows, strict=True):
                     pipe.set(self.prefix + tx_id, row.dumps(), nx=True, px=self.ttl_ms)
                 return [bool(reply) for reply in pipe.execute()]
         except redis.RedisError as exc:

@@ -274,7 +274,7 @@ class MicroBatcher:
         return await future
 
     async def _run(self) -> None:
-        assert self._queue is not None
+        assert self._queue is not None  # noqa: S101 - narrows the type: _ensure_started() set the queue
         queue = self._queue
         loop = asyncio.get_running_loop()
         carry: _PendingRequest | None = None
@@ -296,12 +296,12 @@ class MicroBatcher:
             self.batches += 1
             try:
                 results = await loop.run_in_executor(None, self._score_together, [item.request for item in live])
-            except Exception as exc:  # every request of the batch gets the same error
+            except Exception as exc:  # noqa: BLE001 - every request of the batch gets the same error
                 for item in live:
                     if not item.future.done():
                         item.future.set_exception(exc)
                 continue
-            for item, result in zip(live, results):
+            for item, result in zip(live, results, strict=True):
                 if not item.future.done():
                     item.future.set_result(result)
 
@@ -442,7 +442,7 @@ class FraudModel(Model):
         from fraud.audit import AuditSpool, AuditWriter
         from fraud.errors import UserError
 
-        assert self.settings.audit_spool is not None
+        assert self.settings.audit_spool is not None  # noqa: S101 - narrows the type: audit_enabled implies a spool path
         try:
             self.audit_spool = AuditSpool(
                 self.settings.audit_spool,
@@ -509,7 +509,7 @@ class FraudModel(Model):
     def warm_up(self) -> None:
         """One lookup and one scoring before the first request, so that it does not pay for lazy
         imports and connection set-up. An unreachable store is only logged (it may come back)."""
-        assert self.scorer is not None and self.feature_source is not None
+        assert self.scorer is not None and self.feature_source is not None  # noqa: S101 - narrows the type: called after load()
         try:
             self.feature_source.lookup(["__warm_up__"], ["__warm_up__"])
         except FeatureSourceUnavailable as exc:
@@ -654,7 +654,7 @@ class FraudModel(Model):
     def lookup_features(self, customer_ids: list[str], terminal_ids: list[str]) -> FeatureLookup:
         """One batched lookup for every row; the configured degraded mode on an outage."""
         source = self.feature_source
-        assert source is not None, "load() first"
+        assert source is not None, "load() first"  # noqa: S101 - narrows the type: set by load()
         started = time.perf_counter()
         try:
             lookup = source.lookup(customer_ids, terminal_ids)
@@ -684,7 +684,7 @@ class FraudModel(Model):
 
     def score_request(self, request: ParsedRequest) -> ScoredBatch:
         scorer = self.scorer
-        assert scorer is not None, "load() first"
+        assert scorer is not None, "load() first"  # noqa: S101 - narrows the type: set by load()
         transactions = request.transactions
         amount, tx_epoch_ns = request_arrays(transactions)
         customer_ids, terminal_ids = [tx.customer_id for tx in transactions], [tx.terminal_id for tx in transactions]
@@ -706,7 +706,7 @@ class FraudModel(Model):
             self.velocity.publish(
                 [
                     (tx.transaction_id, tx.customer_id, tx.terminal_id, float(a), int(t))
-                    for tx, a, t in zip(transactions, amount, tx_epoch_ns)
+                    for tx, a, t in zip(transactions, amount, tx_epoch_ns, strict=True)
                 ]
             )
         return ScoredBatch(
@@ -733,7 +733,7 @@ class FraudModel(Model):
             raise AuditUnavailable("the audit trail is enabled but its spool is not open (model stopped?)")
         from fraud.audit import decision_payloads
 
-        assert self.scorer is not None, "load() first"
+        assert self.scorer is not None, "load() first"  # noqa: S101 - narrows the type: set by load()
         model_name = self.scorer.manifest.model_name
         now = time.perf_counter()
         payloads: list[str] = []

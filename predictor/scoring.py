@@ -163,7 +163,7 @@ class BundleScorer:
         if len(explained):
             explained_contributions = self.contributions(values[explained])
             contributions[explained] = explained_contributions
-            for row, row_codes in zip(explained.tolist(), self.reason_codes(explained_contributions)):
+            for row, row_codes in zip(explained.tolist(), self.reason_codes(explained_contributions), strict=True):
                 codes[row] = row_codes
         return ScoreResult(
             probabilities=probabilities,

@@ -87,7 +87,8 @@ def test_rows_postgres_refuses_are_dead_lettered_whatever_the_driver_raises(tmp_
         )
         connection.execute(
             text(
-                "CREATE TRIGGER refuse_blocked BEFORE INSERT ON decisions FOR EACH ROW EXECUTE FUNCTION refuse_blocked()"
+                "CREATE TRIGGER refuse_blocked BEFORE INSERT ON decisions "
+                "FOR EACH ROW EXECUTE FUNCTION refuse_blocked()"
             )
         )
     blocked = replace(make_decision(2), terminal_id="T-blocked")

@@ -36,6 +36,7 @@ def run_json(args: list[str], env: dict[str, str] | None = None, timeout: int = 
         text=True,
         timeout=timeout,
         env={**os.environ, **(env or {})},
+        check=False,
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     start = completed.stdout.index("{")

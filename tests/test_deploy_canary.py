@@ -415,7 +415,7 @@ def test_state_machine_allows_only_its_transitions():
         rolled.advance(RolloutState.DEPLOYED)
     with pytest.raises(RolloutError, match="target"):
         _record(target="cloud")
-    with pytest.raises(RolloutError, match="0..100"):
+    with pytest.raises(RolloutError, match=r"0..100"):
         _record(canary_traffic_percent=101)
 
 
@@ -470,7 +470,9 @@ def test_router_splits_traffic_and_follows_the_routing_file(tmp_path):
         tmp.write_text(json.dumps(table))
         tmp.replace(routes)
 
-    url = lambda server: f"http://127.0.0.1:{server.server_address[1]}"
+    def url(server):
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
     publish(
         {
             "stable": {"version": "1", "url": url(stable)},

@@ -11,16 +11,6 @@ from pathlib import Path
 import pytest
 
 from fraud.config import MODEL_NAME, PROJECT_ROOT
-from fraud.deploy.state import ROLLOUT_ANNOTATION, VERSION_LABEL, RolloutError, RolloutState
-
-SHARED = PROJECT_ROOT.parent / "shared"
-CRD = SHARED / "schemas" / "kserve" / "serving.kserve.io_inferenceservices.yaml"
-if not SHARED.is_dir():
-    pytest.skip(
-        f"{SHARED} is absent: the KServe CRD schema the fake API validates against is not available",
-        allow_module_level=True,
-    )
-
 from fraud.deploy import rollout as rollout_mod
 from fraud.deploy.canary import CanaryCriteria
 from fraud.deploy.kserve_rollout import (
@@ -37,11 +27,19 @@ from fraud.deploy.kserve_rollout import (
 from fraud.deploy.overlay import OVERLAYS, load_inference_service, packaged_path, render_kustomization
 from fraud.deploy.policy import RolloutPolicy, Step
 from fraud.deploy.rollout import AnalyseRequest, Connection, DeployRequest, KubernetesBackend
-from fraud.deploy.state import StateStore
+from fraud.deploy.state import ROLLOUT_ANNOTATION, VERSION_LABEL, RolloutError, RolloutState, StateStore
 from tests.support.kserve_crd import load_validator
 from tests.support.kube_api import FakeKServeAPI
 from tests.support.prometheus_stub import FakePrometheus, drift_series, predictor_series
 from tests.test_deploy_support import Registry, build_registry
+
+SHARED = PROJECT_ROOT.parent / "shared"
+CRD = SHARED / "schemas" / "kserve" / "serving.kserve.io_inferenceservices.yaml"
+if not SHARED.is_dir():
+    pytest.skip(
+        f"{SHARED} is absent: the KServe CRD schema the fake API validates against is not available",
+        allow_module_level=True,
+    )
 
 NAMESPACE = "fraud-staging"
 #: the overlay whose namespace is NAMESPACE (what `fraud deploy --namespace fraud-staging` uses)
@@ -612,7 +610,7 @@ def test_retry_of_a_rolled_back_version_and_history(cluster, mlflow_registry):
     with FakePrometheus(_healthy_series(v1, v2, server_errors=100)) as prometheus:
         first = _analyse(mlflow_registry, kubeconfig, v2, prometheus.url)
     assert first.state is RolloutState.ROLLED_BACK
-    with pytest.raises(rollout_mod.AlreadyRolledBack, match="past result.*--retry"):
+    with pytest.raises(rollout_mod.AlreadyRolledBack, match=r"past result.*--retry"):
         _deploy(mlflow_registry, kubeconfig, v2)
     again = _deploy(mlflow_registry, kubeconfig, v2, retry=True)
     assert again.state is RolloutState.DEPLOYED and again.rollout_id != first.rollout_id

@@ -100,7 +100,9 @@ def _expected_velocity(entity_df: pd.DataFrame) -> pd.DataFrame:
     cards, terminals = raw.groupby("customer_id").indices, raw.groupby("terminal_id").indices
     empty = np.array([], dtype=np.intp)
     rows = []
-    for card, terminal, when in zip(entity_df["customer_id"], entity_df["terminal_id"], entity_df["tx_datetime"]):
+    for card, terminal, when in zip(
+        entity_df["customer_id"], entity_df["terminal_id"], entity_df["tx_datetime"], strict=True
+    ):
         c, t = cards.get(card, empty), terminals.get(terminal, empty)
         rows.append(
             velocity_features(
@@ -192,7 +194,7 @@ def test_materialisation_windows_and_online_values(store_dir: Path) -> None:
         ).astype("float64")
 
     materialize_incremental(midway + timedelta(seconds=1))  # first run: latest snapshots up to `midway`
-    online = online_batch_features(ids + ["C-unknown"], tids + ["T0000000"])
+    online = online_batch_features([*ids, "C-unknown"], [*tids, "T0000000"])
     pd.testing.assert_frame_equal(
         online.iloc[:6][[*CUSTOMER_SPENDING_FEATURES, *TERMINAL_RISK_FEATURES]].reset_index(drop=True),
         expected(midway),
@@ -202,7 +204,7 @@ def test_materialisation_windows_and_online_values(store_dir: Path) -> None:
     unknown = online.iloc[6]
     assert unknown["customer_id"] == "C-unknown" and pd.isna(unknown[CUSTOMER_SNAPSHOT_COLUMN])
     assert unknown[list(CUSTOMER_SPENDING_FEATURES)].isna().all()
-    assert_same_as_feast_get_online_features(get_feature_store(), ids + ["C-unknown"], tids + ["T0000000"], online)
+    assert_same_as_feast_get_online_features(get_feature_store(), [*ids, "C-unknown"], [*tids, "T0000000"], online)
 
     materialize(midway, last + timedelta(seconds=1))  # an explicit window: the latest ("today's") snapshot
     online = online_batch_features(ids, tids)
@@ -311,9 +313,9 @@ def test_redis_online_store_round_trip(store_dir: Path, tmp_path: Path, monkeypa
     try:
         apply_repo("redis", project=project)
         materialize_incremental(online="redis", project=project)
-        online = online_batch_features(ids + ["C-unknown"], tids + ["T-unknown"], "redis", project=project)
+        online = online_batch_features([*ids, "C-unknown"], [*tids, "T-unknown"], "redis", project=project)
         assert_same_as_feast_get_online_features(
-            get_feature_store("redis", project=project), ids + ["C-unknown"], tids + ["T-unknown"], online
+            get_feature_store("redis", project=project), [*ids, "C-unknown"], [*tids, "T-unknown"], online
         )
         online, unknown = online.iloc[:-1], online.iloc[-1]
         keys = [k for k in client.scan_iter(count=1000) if project.encode() in k]
@@ -359,7 +361,7 @@ def _check_batched_reader(
         {names[0]: Value(int64_val=3).SerializeToString(), names[1]: Value(double_val=-12.5).SerializeToString()},
         1_700_000_000,
     )
-    ids = sorted(customers["customer_id"].unique()) + ["C-unknown", "C-partial"]
+    ids = [*sorted(customers["customer_id"].unique()), "C-unknown", "C-partial"]
     tids = sorted(terminals["terminal_id"].unique())
     n = 90  # above the threshold of the vectorised decoding, with repeated entities
     cust = [ids[i % len(ids)] for i in range(n)]
@@ -420,7 +422,7 @@ def test_batched_sqlite_reader_equals_feast_online_read(store_dir: Path, monkeyp
     def write_partial(key: bytes, values: dict[str, bytes], epoch_seconds: int) -> None:
         with connection:
             connection.executemany(
-                f'INSERT OR REPLACE INTO "{table}" (entity_key, feature_name, value, event_ts) VALUES (?, ?, ?, ?)',
+                f'INSERT OR REPLACE INTO "{table}" (entity_key, feature_name, value, event_ts) VALUES (?, ?, ?, ?)',  # noqa: S608 - Feast's table name of the test project; values bound
                 [(key, name, value, epoch_seconds) for name, value in values.items()],
             )
 
@@ -429,7 +431,7 @@ def test_batched_sqlite_reader_equals_feast_online_read(store_dir: Path, monkeyp
     finally:
         with connection:
             connection.execute(
-                f'DELETE FROM "{table}" WHERE feature_name IN (?, ?) AND event_ts = ?',
+                f'DELETE FROM "{table}" WHERE feature_name IN (?, ?) AND event_ts = ?',  # noqa: S608 - Feast's table name of the test project; values bound
                 (*CUSTOMER_SPENDING_FEATURES[:2], 1_700_000_000),
             )
         client._views = None  # the cached client gets its batched reader back
@@ -455,7 +457,7 @@ def test_batched_redis_reader_equals_feast_online_read(store_dir: Path, tmp_path
         materialize_incremental(online="redis", project=project)
         client = online_client("redis", project=project)
         client.views()
-        fields = dict(zip(CUSTOMER_SPENDING_FEATURES, client._reader._views[0][1]))
+        fields = dict(zip(CUSTOMER_SPENDING_FEATURES, client._reader._views[0][1], strict=True))
         timestamp_field = client._reader._views[0][1][-1]
 
         def write_partial(key: bytes, values: dict[str, bytes], epoch_seconds: int) -> None:

@@ -258,11 +258,17 @@ def test_skew_replayed_day_online_equals_offline(
             feast_store, ts[i:j], [r.customer_id for r in batch], [r.terminal_id for r in batch]
         )
         publisher.publish(
-            [(r.transaction_id, r.customer_id, r.terminal_id, r.tx_amount, int(t)) for r, t in zip(batch, ts[i:j])]
+            [
+                (r.transaction_id, r.customer_id, r.terminal_id, r.tx_amount, int(t))
+                for r, t in zip(batch, ts[i:j], strict=True)
+            ]
         )
         if i % 7 == 0:  # some replays
             publisher.publish(
-                [(r.transaction_id, r.customer_id, r.terminal_id, r.tx_amount, int(t)) for r, t in zip(batch, ts[i:j])]
+                [
+                    (r.transaction_id, r.customer_id, r.terminal_id, r.tx_amount, int(t))
+                    for r, t in zip(batch, ts[i:j], strict=True)
+                ]
             )
         drain(aggregator)
         i = j

@@ -58,7 +58,7 @@ def test_no_history_gives_zero_counts_and_the_capped_gap() -> None:
     empty = np.array([], dtype=np.int64)
     v = velocity_features(_ns(T0), empty, np.array([]), [], empty)
     expected = dict.fromkeys(VELOCITY_FEATURES, 0.0) | {"customer_seconds_since_last_tx": float(VELOCITY_HORIZON_S)}
-    assert dict(zip(VELOCITY_FEATURES, v.tolist())) == expected
+    assert dict(zip(VELOCITY_FEATURES, v.tolist(), strict=True)) == expected
 
 
 def random_velocity_transactions(seed: int, n: int = 1_500) -> pd.DataFrame:
@@ -90,7 +90,7 @@ def reference(frame: pd.DataFrame) -> np.ndarray:
     out = np.empty((len(frame), len(VELOCITY_FEATURES)))
     terminals = frame["terminal_id"].to_numpy()
     amounts = frame["tx_amount"].to_numpy()
-    for i, (card, terminal) in enumerate(zip(frame["customer_id"], frame["terminal_id"])):
+    for i, (card, terminal) in enumerate(zip(frame["customer_id"], frame["terminal_id"], strict=True)):
         rows, trows = by_card[card], by_terminal[terminal]
         out[i] = velocity_features(ts[i], ts[rows], amounts[rows], list(terminals[rows]), ts[trows])
     return out

@@ -94,11 +94,11 @@ def ignored(relative: str, patterns: list[str]) -> bool:
         negate = pattern.startswith("!")
         body = pattern.lstrip("!")
         regex = fnmatch.translate(body).replace(".*.*/", "(.*/)?").replace(".*.*", ".*")
-        if any(re.match(regex, c) for c in candidates) or (
-            body.startswith("**/") and any(fnmatch.fnmatch(p, body[3:]) for p in parts)
-        ):
-            if not negate:
-                return True
+        if (
+            any(re.match(regex, c) for c in candidates)
+            or (body.startswith("**/") and any(fnmatch.fnmatch(p, body[3:]) for p in parts))
+        ) and not negate:
+            return True
     return False
 
 

@@ -759,12 +759,21 @@ def test_python_built_inference_service_audits_like_the_manifests(crd_validator)
     assert crd_validator.issues(built) == []
     assert audit_wiring_problems(built) == []
     manifest = yaml.safe_load((PROJECT_ROOT / "manifests" / "inferenceservice.yaml").read_text())
-    without_image = lambda c: {k: v for k, v in c.items() if k != "image"}
+
+    def without_image(c):
+        return {k: v for k, v in c.items() if k != "image"}
+
     assert without_image(_writer(built)) == without_image(_writer(manifest))
     assert _writer(built)["image"] == _predictor(built)["image"]
-    audit_env = lambda c: [e for e in c["env"] if e["name"].startswith("FRAUD_AUDIT")]
+
+    def audit_env(c):
+        return [e for e in c["env"] if e["name"].startswith("FRAUD_AUDIT")]
+
     assert audit_env(_predictor(built)) == audit_env(_predictor(manifest)) != []
-    audit_volumes = lambda d: [v for v in d["spec"]["predictor"]["volumes"] if v["name"].startswith("audit")]
+
+    def audit_volumes(d):
+        return [v for v in d["spec"]["predictor"]["volumes"] if v["name"].startswith("audit")]
+
     assert audit_volumes(built) == audit_volumes(manifest) != []
     assert arg_value(_predictor(built), "--audit-spool-max-records") == arg_value(
         _predictor(manifest), "--audit-spool-max-records"

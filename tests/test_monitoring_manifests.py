@@ -206,7 +206,8 @@ def test_the_audit_migration_and_writer_command_lines_work(prod, tmp_path, pg_da
         assert migrate["command"][:1] == ["fraud"] and writer["command"][:1] == ["fraud"]
         migrate_args = [expand(a, migrate_env) for a in migrate.get("args", [])]
         migrated = subprocess.run([FRAUD, *migrate["command"][1:], *migrate_args],
-                                  capture_output=True, text=True, env=migrate_env, timeout=120, check=False)  # fmt: skip
+                                  capture_output=True, text=True, env=migrate_env, timeout=120,
+                                  check=False)  # fmt: skip
         assert migrated.returncode == 0, migrated.stderr
         assert "is at migration" in migrated.stdout and f"granted: {writer_role}" in migrated.stdout
         env = base | _container_env(writer, configmaps, secrets)

@@ -191,7 +191,7 @@ def test_object_store_helpers_copy_folders_and_name_what_is_missing(tmp_path):
     assert storage.put_folder(source, f"file://{tmp_path / 'store'}") == ["a.parquet", "b.parquet"]
     fetched = storage.get_folder(str(tmp_path / "store"), tmp_path / "task", ["a.parquet", "b.parquet"])
     assert (fetched / "b.parquet").read_bytes() == b"b"
-    with pytest.raises(UserError, match="c.parquet does not exist"):
+    with pytest.raises(UserError, match=r"c.parquet does not exist"):
         storage.get_folder(str(tmp_path / "store"), tmp_path / "task2", ["c.parquet"])
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="has no files"):

@@ -109,7 +109,7 @@ def test_every_returned_decision_is_audited_exactly_once(servers):
     out = outputs_by_name(v2.json())
     vectors = np.asarray(out["feature_vector"]).reshape(len(v2_rows), -1)
     for i, transaction_id in enumerate(out["transaction_id"]):
-        features = dict(zip(MODEL_FEATURES, vectors[i].tolist()))
+        features = dict(zip(MODEL_FEATURES, vectors[i].tolist(), strict=True))
         returned[transaction_id] = (
             out["fraud_probability"][i], out["decision"][i], out["model_version"][i], features,
             out["features_missing"][i],
@@ -171,7 +171,8 @@ DAY = pd.Timestamp("2026-03-09")
 def memory_source() -> InMemoryFeatureSource:
     ids = [f"C{i}" for i in range(5)]
     customers = pd.DataFrame({"customer_id": ids, "snapshot_ts": DAY,
-                              **{name: np.arange(5, dtype=float) * (j + 1) for j, name in enumerate(CUSTOMER_SPENDING_FEATURES)}})  # fmt: skip
+                              **{name: np.arange(5, dtype=float) * (j + 1)
+                                 for j, name in enumerate(CUSTOMER_SPENDING_FEATURES)}})  # fmt: skip
     terminals = pd.DataFrame({"terminal_id": [f"T{i}" for i in range(5)], "snapshot_ts": DAY,
                               **{name: np.linspace(0.0, 0.4, 5) for name in TERMINAL_RISK_FEATURES}})  # fmt: skip
     return InMemoryFeatureSource(customers, terminals)

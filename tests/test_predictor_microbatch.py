@@ -79,7 +79,7 @@ def test_concurrent_requests_are_coalesced_and_each_gets_its_own_rows(bundle_dir
 
     results = asyncio.run(concurrently())
     assert model.batcher.batches < len(requests)  # some requests were scored together
-    for req, got, want in zip(requests, results, expected):
+    for req, got, want in zip(requests, results, expected, strict=True):
         assert got.request is req
         assert [tx.transaction_id for tx in got.request.transactions] == [tx.transaction_id for tx in req.transactions]
         np.testing.assert_allclose(got.probabilities, want.probabilities, rtol=1e-6)

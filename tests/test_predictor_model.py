@@ -197,7 +197,7 @@ def test_reason_codes_all_are_the_top_positive_shap_contributors(explain_all_mod
     predictions = call(explain_all_model, {"instances": rows})["predictions"]
     manifest = read_manifest(bundle_dir)
     assert any(len(p["reason_codes"]) == manifest.max_reason_codes for p in predictions)
-    for prediction, positive in zip(predictions, expected_reason_codes(bundle_dir, predictions)):
+    for prediction, positive in zip(predictions, expected_reason_codes(bundle_dir, predictions), strict=True):
         assert_reason_codes(prediction["reason_codes"], positive, manifest)
 
 
@@ -207,7 +207,7 @@ def test_reason_codes_by_default_only_for_transactions_that_are_not_approved(mod
     decisions = [p["decision"] for p in predictions]
     assert "approve" in decisions and set(decisions) - {"approve"}, f"need both kinds of decision, got {decisions}"
     manifest = read_manifest(bundle_dir)
-    for prediction, positive in zip(predictions, expected_reason_codes(bundle_dir, predictions)):
+    for prediction, positive in zip(predictions, expected_reason_codes(bundle_dir, predictions), strict=True):
         if prediction["decision"] == "approve":
             assert prediction["reason_codes"] == []
         else:

@@ -742,7 +742,7 @@ def test_concurrent_requests_get_consistent_answers(server):
         responses = list(pool.map(lambda body: predict_v1(server, body), bodies))
     assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
     by_input: dict[str, set[float]] = {}
-    for body, response in zip(bodies, responses):
+    for body, response in zip(bodies, responses, strict=True):
         (prediction,) = response.json()["predictions"]
         assert prediction["features_missing"] is False
         by_input.setdefault(json.dumps(body, sort_keys=True), set()).add(prediction["fraud_probability"])

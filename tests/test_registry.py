@@ -53,7 +53,7 @@ def _round_trip(tmp_path, uri: str | None) -> None:
         registry.download_bundle(f"models:/{MODEL_NAME}@nosuchalias", tmp_path / "x", uri=uri)
     with pytest.raises(UserError, match="must look like"):
         registry.download_bundle("models:/", tmp_path / "x", uri=uri)
-    with pytest.raises(UserError, match="not a valid alias|valid name"):
+    with pytest.raises(UserError, match=r"not a valid alias|valid name"):
         registry.set_alias("bad alias!", first, uri=uri)
 
 
@@ -117,7 +117,8 @@ def test_postgres_round_trip(data_dir, tmp_path, monkeypatch):
         with admin.connect() as conn:
             conn.execute(
                 sqlalchemy.text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = :d AND pid <> pg_backend_pid()"
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                    "WHERE datname = :d AND pid <> pg_backend_pid()"
                 ),
                 {"d": database},
             )

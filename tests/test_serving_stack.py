@@ -302,7 +302,10 @@ def test_v2_grpc_through_the_transformer_reaches_the_real_predictor(stack):
 
     response = asyncio.run(call([r["tx_amount"] for r in rows]))
     outputs = {o.name: o for o in response.outputs}
-    text = lambda name: [v.decode() if isinstance(v, bytes) else str(v) for v in outputs[name].as_numpy()]
+
+    def text(name):
+        return [v.decode() if isinstance(v, bytes) else str(v) for v in outputs[name].as_numpy()]
+
     assert text("transaction_id") == [r["transaction_id"] for r in rows]
     assert set(text("decision")) <= {"approve", "review", "decline"}
     assert "feature_vector" not in outputs  # least disclosure: no caller of the stack has the debug scope

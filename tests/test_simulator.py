@@ -455,7 +455,7 @@ def test_card_testing_bursts_are_added_on_top_of_the_books_process(data):
     assert tx["transaction_id"].tolist() == [transaction_key(i) for i in range(len(tx))]
     assert tx["tx_datetime"].is_monotonic_increasing
     bursts = 0
-    for (_, day), group in added.groupby(["customer_id", "tx_time_days"]):
+    for (_, _day), group in added.groupby(["customer_id", "tx_time_days"]):
         group = group.sort_values("tx_datetime")
         # several bursts of one card on one day are possible only across cards: one per card and day here
         gaps = group["tx_time_seconds"].diff().dropna()

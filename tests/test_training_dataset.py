@@ -129,5 +129,5 @@ def test_empty_windows_are_reported():
     plan = SplitPlan.create(T, n_validation_folds=3)
     frame = _featured(_daily_transactions(T - timedelta(days=14), 35))
     frame.loc[frame["customer_id"].eq("C0"), "tx_fraud"] = 1
-    with pytest.raises(UserError, match="validation fold 1 .* must start by 2018-06-27"):
+    with pytest.raises(UserError, match=r"validation fold 1 .* must start by 2018-06-27"):
         split_featured(frame, plan)

@@ -99,14 +99,14 @@ def test_partitioned_directory_round_trip(tmp_path):
 
 def test_missing_column_is_fatal_and_named(tmp_path):
     _write(_good_rows(2).drop(columns=["tx_amount"]), tmp_path / "a.parquet")
-    with pytest.raises(ValidationError, match="missing required column.*tx_amount"):
+    with pytest.raises(ValidationError, match=r"missing required column.*tx_amount"):
         validation.validate_uri(str(tmp_path / "a.parquet"))
 
 
 def test_unreadable_file_is_fatal_and_named(tmp_path):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "broken.parquet").write_bytes(b"this is not parquet")
-    with pytest.raises(ValidationError, match="cannot read .*broken.parquet"):
+    with pytest.raises(ValidationError, match=r"cannot read .*broken.parquet"):
         validation.validate_uri(str(tmp_path / "d"))
 
 
@@ -118,7 +118,7 @@ def test_nothing_to_read_and_all_rejected_are_fatal(tmp_path):
         validation.validate_uri(str(tmp_path / "empty"))
     bad = _good_rows(2).assign(tx_amount=-1.0)
     _write(bad, tmp_path / "bad.parquet")
-    with pytest.raises(ValidationError, match="all 2 rows rejected.*non_positive_amount=2"):
+    with pytest.raises(ValidationError, match=r"all 2 rows rejected.*non_positive_amount=2"):
         validation.validate_uri(str(tmp_path / "bad.parquet"))
 
 

@@ -349,12 +349,12 @@ class WindowDriftDetector:
         threshold = float(data["threshold"])
         p_values = np.asarray(data["p_val"], dtype=np.float64)
         distances = np.asarray(data["distance"], dtype=np.float64)
-        drifted = tuple(name for name, p in zip(self.feature_names, p_values) if p < threshold)
+        drifted = tuple(name for name, p in zip(self.feature_names, p_values, strict=True) if p < threshold)
         return WindowResult(
             is_drift=bool(data["is_drift"]),
             threshold=threshold,
-            p_values=dict(zip(self.feature_names, p_values.tolist())),
-            distances=dict(zip(self.feature_names, distances.tolist())),
+            p_values=dict(zip(self.feature_names, p_values.tolist(), strict=True)),
+            distances=dict(zip(self.feature_names, distances.tolist(), strict=True)),
             drifted_features=drifted,
         )
 

@@ -19,7 +19,6 @@ non-JSON content types, the binary tensor extension, a transformer not yet ready
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -148,7 +147,7 @@ class PassThroughRoutes:
         except aiohttp.ConnectionTimeoutError:
             metrics.predictor_errors.labels(kind="unavailable").inc()
             return _error(503, f"predictor at {self.host} did not accept a connection in time")
-        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+        except (TimeoutError, aiohttp.ServerTimeoutError):
             metrics.predictor_errors.labels(kind="timeout").inc()
             return _error(504, f"predictor at {self.host} did not answer within {self.request_timeout:g}s")
         except (aiohttp.ClientError, OSError) as exc:

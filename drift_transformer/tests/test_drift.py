@@ -171,7 +171,7 @@ def test_automatic_online_bootstraps_configure_the_detector(bundle_dir):
 
 
 def test_bundle_errors_name_the_problem(tmp_path):
-    with pytest.raises(DriftConfigError, match="no bundle.json"):
+    with pytest.raises(DriftConfigError, match=r"no bundle.json"):
         DriftReference.from_bundle(tmp_path)
     narrow = write_bundle(tmp_path / "narrow", reference=np.ones((50, 3)))
     with pytest.raises(DriftConfigError, match=r"shape \[n, 16\]"):

@@ -119,7 +119,9 @@ class StandInPredictor:
                             "transaction_id": tx["transaction_id"],
                             "fraud_probability": 0.1,
                             "decision": "approve",
-                            "features": dict(zip(FEATURE_NAMES, feature_vector(tx["transaction_id"], tx["tx_amount"]))),
+                            "features": dict(
+                                zip(FEATURE_NAMES, feature_vector(tx["transaction_id"], tx["tx_amount"]), strict=True)
+                            ),
                         }
                     )
                 self._send(200, {"predictions": predictions})
@@ -130,7 +132,7 @@ class StandInPredictor:
                 if any(a <= 0 for a in amounts):
                     self._send(400, {"error": "input 'tx_amount'[0]: must be > 0"})
                     return
-                vectors = [feature_vector(t, a) for t, a in zip(ids, amounts)]
+                vectors = [feature_vector(t, a) for t, a in zip(ids, amounts, strict=True)]
                 self._send(
                     200,
                     {
@@ -601,7 +603,10 @@ def test_pass_through_and_kserve_path_give_the_same_answer(transformer, kserve_p
     if protocol == "v1":
         assert fast == reference
     else:  # KServe re-encodes the answer: same tensors, its own envelope
-        as_tensors = lambda answer: {o["name"]: (o["datatype"], o["shape"], o["data"]) for o in answer["outputs"]}
+
+        def as_tensors(answer):
+            return {o["name"]: (o["datatype"], o["shape"], o["data"]) for o in answer["outputs"]}
+
         assert as_tensors(fast) == as_tensors(reference)
         assert fast["id"] == reference["id"] == "req-1"
 

@@ -35,10 +35,10 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, cast
 
 import orjson
-from sqlalchemy import Connection, Engine, select
+from sqlalchemy import Connection, Engine, Table, select
 
 from fraud.audit.tables import AuditCheckpoint, Decision
 
@@ -152,7 +152,9 @@ def record_pre_chain_digest(connection: Connection) -> None:
     """Checkpoint the rows older than the chain (run once, by the migration adding the chain)."""
     count, digest = pre_chain_digest(_unchained_rows(connection, 10_000))
     if count:
-        connection.execute(AuditCheckpoint.__table__.insert(), [checkpoint_row(PRE_CHAIN_ID, count, digest)])
+        connection.execute(
+            cast(Table, AuditCheckpoint.__table__).insert(), [checkpoint_row(PRE_CHAIN_ID, count, digest)]
+        )
 
 
 @dataclass
@@ -181,10 +183,10 @@ def verify_decisions(
 
     with engine.connect() as connection:
         checkpoints: dict[str, dict[int, str]] = {}
-        for chain_id, seq, head in connection.execute(
+        for checkpoint_chain, checkpoint_seq, checkpoint_hash in connection.execute(
             select(AuditCheckpoint.chain_id, AuditCheckpoint.chain_seq, AuditCheckpoint.row_hash)
         ):
-            checkpoints.setdefault(chain_id, {})[int(seq)] = head
+            checkpoints.setdefault(checkpoint_chain, {})[int(checkpoint_seq)] = checkpoint_hash
 
         # rows older than the chain: one digest, recorded by the migration
         count, digest = pre_chain_digest(_unchained_rows(connection, chunk_size))
@@ -195,7 +197,8 @@ def verify_decisions(
             if (count, digest) != (expected_count, expected_digest):
                 problem(
                     f"rows without a hash chain changed, inserted or deleted: {count} now, "
-                    f"{expected_count} when chaining began, digest {'matches' if digest == expected_digest else 'differs'}"
+                    f"{expected_count} when chaining began, "
+                    f"digest {'matches' if digest == expected_digest else 'differs'}"
                 )
         elif count:
             problem(f"{count} rows have no hash chain (inserted outside the audit writer)")
@@ -235,7 +238,7 @@ def verify_decisions(
             expected = row_hash(head, data, key)
             if expected != data["row_hash"]:
                 problem(f"{where}: content or link does not match its hash (changed, or inserted before it)")
-            mark = checkpoints.get(chain_id, {}).get(int(data["chain_seq"]))
+            mark = checkpoints.get(data["chain_id"], {}).get(int(data["chain_seq"]))
             if mark is not None and mark != data["row_hash"]:
                 problem(f"{where}: differs from the checkpoint recorded when it was written")
             seq, head = int(data["chain_seq"]), data["row_hash"] or ""

@@ -382,7 +382,7 @@ def decision_payloads(
                 "model_name": model_name,
                 "model_version": model_version,
                 "variant": variant,
-                "features": dict(zip(names, rows[i])),
+                "features": dict(zip(names, rows[i], strict=True)),
                 "score": score,
                 "decision": decision_column[i],
                 "reason_codes": list(reason_codes[i]),

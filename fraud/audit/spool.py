@@ -189,13 +189,13 @@ class AuditSpool:
             ).fetchall()
         if not rows:
             return None
-        seqs, enqueued, payloads = (list(column) for column in zip(*rows))
+        seqs, enqueued, payloads = (list(column) for column in zip(*rows, strict=True))
         return SpooledBatch(seqs, enqueued, payloads)
 
     def remove(self, batch: SpooledBatch, dead: Sequence[tuple[int, str]] = ()) -> None:
         """Delete a batch once the database committed it; `dead` (seq, error) pairs are kept in
         `dead_letters` for an operator instead of being retried forever."""
-        by_seq = dict(zip(batch.seqs, zip(batch.enqueued_at, batch.payloads)))
+        by_seq = dict(zip(batch.seqs, zip(batch.enqueued_at, batch.payloads, strict=True), strict=True))
         failed_at = time.time()
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")

@@ -35,7 +35,7 @@ AUDIT_DB_HOST_ENV = "FRAUD_AUDIT_DB_HOST"
 AUDIT_DB_PORT_ENV = "FRAUD_AUDIT_DB_PORT"
 AUDIT_DB_NAME_ENV = "FRAUD_AUDIT_DB_NAME"
 AUDIT_DB_USER_ENV = "FRAUD_AUDIT_DB_USER"
-AUDIT_DB_PASSWORD_ENV = "FRAUD_AUDIT_DB_PASSWORD"
+AUDIT_DB_PASSWORD_ENV = "FRAUD_AUDIT_DB_PASSWORD"  # noqa: S105 - name of an environment variable, not a password
 AUDIT_DB_SSLMODE_ENV = "FRAUD_AUDIT_DB_SSLMODE"
 AUDIT_DB_SSLROOTCERT_ENV = "FRAUD_AUDIT_DB_SSLROOTCERT"
 #: libpq's sslmode values; verify-full (certificate and host name checked) is the only one that
@@ -185,7 +185,8 @@ def head_revision() -> str:
 
     with create_engine("sqlite://").connect() as connection:
         head = ScriptDirectory.from_config(_alembic_config(connection)).get_current_head()
-    assert head is not None, f"no migrations in {MIGRATIONS_DIR}"
+    if head is None:  # a broken installation, not user input
+        raise RuntimeError(f"no migrations in {MIGRATIONS_DIR}")
     return head
 
 
@@ -246,12 +247,12 @@ def _insert_decisions_sqlite(connection: Connection, rows: Sequence[dict[str, An
     processors = [table.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in names]
     columns = [
         [row[name] for row in rows] if processor is None else [processor(row[name]) for row in rows]
-        for name, processor in zip(names, processors)
+        for name, processor in zip(names, processors, strict=True)
     ]
-    statement = f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"
+    statement = f"INSERT INTO {table.name} ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})"  # noqa: S608 - table and column names from the SQLAlchemy Table, values bound
     if skip_existing:
         statement += " ON CONFLICT (transaction_id, model_version) DO NOTHING"
-    return connection.exec_driver_sql(statement, list(zip(*columns))).rowcount
+    return connection.exec_driver_sql(statement, list(zip(*columns, strict=True))).rowcount
 
 
 def existing_decisions(connection: Connection, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], dict]:

@@ -21,8 +21,9 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
-from sqlalchemy import Engine
+from sqlalchemy import Engine, Table
 from sqlalchemy.exc import (
     DBAPIError,
     DisconnectionError,
@@ -268,7 +269,7 @@ class AuditWriter:
         rows: list[dict] = []
         row_seqs: list[int] = []
         dead: list[tuple[int, str]] = []
-        for seq, payload in zip(batch.seqs, batch.payloads):
+        for seq, payload in zip(batch.seqs, batch.payloads, strict=True):
             try:
                 rows.append(DecisionRecord.from_payload(payload).to_row())
                 row_seqs.append(seq)
@@ -306,7 +307,7 @@ class AuditWriter:
         with self.engine.begin() as connection:
             recorded = existing_decisions(connection, [(r["transaction_id"], r["model_version"]) for r in rows])
             fresh: list[dict] = []
-            for seq, row in zip(seqs, rows):
+            for seq, row in zip(seqs, rows, strict=True):
                 key = (row["transaction_id"], row["model_version"])
                 prior = recorded.get(key)
                 if prior is None:
@@ -318,7 +319,8 @@ class AuditWriter:
                     outcome.conflicts.append(
                         (
                             seq,
-                            f"conflict: transaction {key[0]!r} (model {key[1]}) is recorded with other {', '.join(changed)}",
+                            f"conflict: transaction {key[0]!r} (model {key[1]}) "
+                            f"is recorded with other {', '.join(changed)}",
                         )
                     )
                 else:
@@ -327,7 +329,8 @@ class AuditWriter:
             if fresh:
                 insert_decisions(connection, fresh, skip_existing=False)
                 connection.execute(
-                    AuditCheckpoint.__table__.insert(), [checkpoint_row(self.chain.chain_id, chain_seq, head)]
+                    cast(Table, AuditCheckpoint.__table__).insert(),
+                    [checkpoint_row(self.chain.chain_id, chain_seq, head)],
                 )
         self.chain.advance(chain_seq, head)
         outcome.written = len(fresh)
@@ -335,7 +338,7 @@ class AuditWriter:
 
     def _write_row_by_row(self, rows: list[dict], seqs: list[int]) -> _InsertOutcome:
         total = _InsertOutcome()
-        for seq, row in zip(seqs, rows):
+        for seq, row in zip(seqs, rows, strict=True):
             try:
                 one = self._insert([row], [seq])
             except Exception as exc:
@@ -361,7 +364,7 @@ class AuditWriter:
 
     def _backoff(self, attempt: int) -> float:
         ceiling = min(self.settings.backoff_max, self.settings.backoff_initial * 2 ** min(attempt - 1, 30))
-        return ceiling * random.uniform(0.5, 1.0)
+        return ceiling * random.uniform(0.5, 1.0)  # noqa: S311 - retry back-off jitter, not security
 
     def _flush(self) -> None:
         deadline = time.monotonic() + self.settings.flush_timeout

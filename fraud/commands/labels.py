@@ -118,7 +118,8 @@ def emit(
     labels = simulated_labels(transactions, seed=seed, as_of=cutoff, include_genuine=not frauds_only)
     write_label_file(labels, out)
     typer.echo(
-        f"wrote {len(labels)} labels ({int(labels['label'].sum())} frauds) for {len(transactions)} transactions to {out}"
+        f"wrote {len(labels)} labels ({int(labels['label'].sum())} frauds) "
+        f"for {len(transactions)} transactions to {out}"
     )
 
 

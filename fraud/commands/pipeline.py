@@ -457,7 +457,7 @@ def schedule_command(
         Schedule("fraud-retrain-weekly", retrain_cron, uploaded[TRAINING], training_arguments),
     ]
     ids = create_recurring_runs(endpoint, schedules, experiment=experiment, service_account=service_account)
-    for schedule, recurring_id in zip(schedules, ids):
+    for schedule, recurring_id in zip(schedules, ids, strict=True):
         typer.echo(
             f"{schedule.name}: cron '{schedule.cron}' -> {schedule.pipeline.name} (recurring run {recurring_id})"
         )

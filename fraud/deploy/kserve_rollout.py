@@ -23,6 +23,7 @@ SDK's `KServeClient` wraps); readiness uses `KServeClient.is_isvc_ready(expected
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import time
@@ -201,10 +202,8 @@ class KServeRollout:
             return fn(GROUP, API_VERSION, self.namespace, PLURAL, *args)
         except ApiException as exc:
             detail = exc.body if isinstance(exc.body, str) else ""
-            try:
+            with contextlib.suppress(ValueError, AttributeError):
                 detail = json.loads(detail).get("message", detail)
-            except (ValueError, AttributeError):
-                pass
             raise RolloutError(
                 f"{what} InferenceService {self.namespace}/{self.name} failed: HTTP {exc.status} {detail}"
             ) from None

@@ -251,7 +251,7 @@ def serve(
     client = httpx.Client(timeout=httpx.Timeout(30.0, connect=2.0), limits=httpx.Limits(max_connections=64))
     table = RouteTable(routes_file)
     health = HealthChecker(table, health_interval).start()
-    server = ThreadingHTTPServer((host, port), make_handler(table, client, random.Random(seed), health))
+    server = ThreadingHTTPServer((host, port), make_handler(table, client, random.Random(seed), health))  # noqa: S311 - seeded canary traffic split, not security
     server.daemon_threads = True
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
@@ -274,7 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     health = HealthChecker(table, args.health_interval)
     try:
         server = ThreadingHTTPServer(
-            (args.host, args.port), make_handler(table, client, random.Random(args.seed), health)
+            (args.host, args.port),
+            make_handler(table, client, random.Random(args.seed), health),  # noqa: S311 - seeded canary traffic split, not security
         )
     except OSError as exc:
         print(f"router: cannot listen on {args.host}:{args.port}: {exc}", file=sys.stderr)

@@ -37,7 +37,7 @@ class RolloutError(Exception):
     """A rollout step could not be carried out (API error, illegal transition, missing model)."""
 
 
-class RolloutState(str, Enum):
+class RolloutState(str, Enum):  # noqa: UP042 - StrEnum would change str() and f-string output of members
     PENDING = "pending"
     DEPLOYED = "deployed"
     ANALYSING = "analysing"

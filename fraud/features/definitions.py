@@ -121,7 +121,8 @@ VELOCITY_DESCRIPTIONS: dict[str, str] = {
         for label, _ in TERMINAL_VELOCITY_WINDOWS
     },
 }
-assert set(VELOCITY_DESCRIPTIONS) == set(VELOCITY_FEATURES)
+if set(VELOCITY_DESCRIPTIONS) != set(VELOCITY_FEATURES):  # a programming error in this module, checked on import
+    raise RuntimeError("VELOCITY_DESCRIPTIONS and VELOCITY_FEATURES name different features")
 #: Value of each velocity feature for a card / terminal without earlier transactions in the windows.
 VELOCITY_DEFAULTS: dict[str, float] = {name: 0.0 for name in VELOCITY_FEATURES} | {
     "customer_seconds_since_last_tx": float(VELOCITY_HORIZON_S)
@@ -158,7 +159,8 @@ FEATURE_DESCRIPTIONS: dict[str, str] = {
     "terminal_risk_30d": "terminal's fraud share over 30 days with known labels",
     **VELOCITY_DESCRIPTIONS,
 }
-assert set(FEATURE_DESCRIPTIONS) == set(MODEL_FEATURES)
+if set(FEATURE_DESCRIPTIONS) != set(MODEL_FEATURES):  # a programming error in this module, checked on import
+    raise RuntimeError("FEATURE_DESCRIPTIONS and MODEL_FEATURES name different features")
 
 
 NS_PER_HOUR = 3_600 * 1_000_000_000
@@ -290,7 +292,7 @@ def velocity_features(
     horizon = before & (card_ts > t - VELOCITY_HORIZON_S * NS_PER_SECOND)
     out[k] = (t - int(card_ts[horizon].max())) / NS_PER_SECOND if horizon.any() else float(VELOCITY_HORIZON_S)
     inside = before & (card_ts > t - CARD_DISTINCT_TERMINALS_WINDOW[1] * NS_PER_SECOND)
-    out[k + 1] = float(len({card_terminals[i] for i in np.flatnonzero(inside)}))
+    out[k + 1] = float(len({card_terminals[i] for i in np.flatnonzero(inside).tolist()}))
     k += 2
     terminal_before = terminal_ts < t
     for _, seconds in TERMINAL_VELOCITY_WINDOWS:

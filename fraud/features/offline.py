@@ -191,7 +191,7 @@ def _dense_daily_grid_sql(entity: str, measures: Sequence[str]) -> str:
             GROUP BY {entity}
         ) AS g
         LEFT JOIN daily_{entity} AS a USING ({entity}, day_nr)
-    )"""
+    )"""  # noqa: S608 - column-name constants and paths quoted by _sql_file_list, no user values
 
 
 def _customer_select_sql() -> str:
@@ -230,7 +230,7 @@ def _feature_tables_sql(files: Sequence[Path]) -> tuple[str, str, str]:
     FROM read_parquet({_sql_file_list(files)}, hive_partitioning = false);
     CREATE TEMP TABLE bounds AS
     SELECT min(day_nr) AS first_nr, max(day_nr) + 1 AS last_snapshot_nr, count(*) AS nb_tx FROM tx;
-    """
+    """  # noqa: S608 - column-name constants and paths quoted by _sql_file_list, no user values
     customer_query = f"""
     WITH daily_{CUSTOMER_ID} AS (
         SELECT {CUSTOMER_ID}, day_nr, count(*) AS nb_tx, sum({TX_AMOUNT}) AS sum_amount
@@ -242,7 +242,7 @@ def _feature_tables_sql(files: Sequence[Path]) -> tuple[str, str, str]:
             {_customer_select_sql()}
     FROM grid_{CUSTOMER_ID}
     ORDER BY {SNAPSHOT_TIMESTAMP}, {CUSTOMER_ID}
-    """
+    """  # noqa: S608 - column-name constants and paths quoted by _sql_file_list, no user values
     terminal_inner, terminal_outer = _terminal_select_sql()
     terminal_query = f"""
     WITH daily_{TERMINAL_ID} AS (
@@ -260,7 +260,7 @@ def _feature_tables_sql(files: Sequence[Path]) -> tuple[str, str, str]:
         {terminal_outer}
     FROM windows
     ORDER BY {SNAPSHOT_TIMESTAMP}, {TERMINAL_ID}
-    """
+    """  # noqa: S608 - column-name constants and paths quoted by _sql_file_list, no user values
     return prelude, customer_query, terminal_query
 
 
@@ -286,11 +286,14 @@ def _copy_atomically(con: duckdb.DuckDBPyConnection, query: str, target: Path) -
 def _table_summary(
     con: duckdb.DuckDBPyConnection, name: str, path: Path, entity: str, features: Sequence[str]
 ) -> FeatureTable:
-    written = [row[0] for row in con.execute(f"DESCRIBE SELECT * FROM read_parquet('{path}')").fetchall()]
+    describe = f"DESCRIBE SELECT * FROM read_parquet({_sql_file_list([path])})"  # noqa: S608 - path quoted by _sql_file_list
+    written = [row[0] for row in con.execute(describe).fetchall()]
     expected = [entity, SNAPSHOT_TIMESTAMP, *features]
     if written != expected:  # the SQL and definitions.py disagree: a programming error, never user input
         raise RuntimeError(f"{path} has columns {written}, definitions.py says {expected}")
-    rows, entities = con.execute(f"SELECT count(*), count(DISTINCT {entity}) FROM read_parquet('{path}')").fetchone()
+    rows, entities = con.execute(
+        f"SELECT count(*), count(DISTINCT {entity}) FROM read_parquet({_sql_file_list([path])})"  # noqa: S608 - column-name constants and paths quoted by _sql_file_list, no user values
+    ).fetchone()
     return FeatureTable(name=name, path=path, rows=int(rows), entities=int(entities))
 
 
@@ -404,7 +407,7 @@ def labelled_transactions(
             FROM read_parquet({_sql_file_list(files)}, hive_partitioning = false)
             WHERE {TX_DATETIME} >= ? AND {TX_DATETIME} < ?
             ORDER BY {TX_DATETIME}, {TRANSACTION_ID}
-            """,
+            """,  # noqa: S608 - column-name constants and paths quoted by _sql_file_list, no user values
             [lower, upper],
         ).df()
     finally:

@@ -70,7 +70,7 @@ def velocity_sql(history: str, requests: str | None = None, key: str = "request_
     rows count, strictly before each request. Without `requests`, every history row is a request
     at its own time and `request_key` is its transaction_id. The key column is named `key`."""
     if requests is None:
-        requests = f"(SELECT {TRANSACTION_ID} AS request_key, * FROM {history})"
+        requests = f"(SELECT {TRANSACTION_ID} AS request_key, * FROM {history})"  # noqa: S608 - relation and column names from this module's constants, no user values
     history_only = "CASE WHEN is_history THEN {} END"
     columns = []
     for label, seconds in CARD_VELOCITY_WINDOWS:
@@ -111,7 +111,7 @@ def velocity_sql(history: str, requests: str | None = None, key: str = "request_
         FROM src
     )
     SELECT request_key AS {key}, ts_ns, {", ".join(VELOCITY_FEATURES)} FROM windows WHERE NOT is_history
-    """
+    """  # noqa: S608 - relation and column names from this module's constants, no user values
 
 
 def velocity_frame(transactions: pd.DataFrame, requests: pd.DataFrame | None = None, threads: int = 2) -> pd.DataFrame:
@@ -124,7 +124,7 @@ def velocity_frame(transactions: pd.DataFrame, requests: pd.DataFrame | None = N
     if missing:
         raise UserError(f"transactions lack column(s) {missing}")
     own = requests is None
-    if own:
+    if requests is None:
         requests = transactions
     missing = [c for c in (CUSTOMER_ID, TERMINAL_ID, TX_DATETIME) if c not in requests]
     if missing:
@@ -144,7 +144,7 @@ def velocity_frame(transactions: pd.DataFrame, requests: pd.DataFrame | None = N
         con.register("velocity_history", history)
         con.register("velocity_requests", asked)
         result = con.execute(
-            f"SELECT * FROM ({velocity_sql('velocity_history', 'velocity_requests')}) ORDER BY request_key"
+            f"SELECT * FROM ({velocity_sql('velocity_history', 'velocity_requests')}) ORDER BY request_key"  # noqa: S608 - relation and column names from this module's constants, no user values
         ).df()
     finally:
         con.close()
@@ -168,7 +168,7 @@ def recent_state_path(layout: DataLayout, view: str) -> Path:
 
 def _recent_state_sql(source: str, entity: str, fields: Sequence[str], values: Sequence[str]) -> str:
     lists = ", ".join(
-        f"list({value} ORDER BY ts_ns, {TRANSACTION_ID}) AS {name}" for name, value in zip(fields, values)
+        f"list({value} ORDER BY ts_ns, {TRANSACTION_ID}) AS {name}" for name, value in zip(fields, values, strict=True)
     )
     return f"""
     WITH src AS (
@@ -181,7 +181,7 @@ def _recent_state_sql(source: str, entity: str, fields: Sequence[str], values: S
     WHERE ts_ns > last_ns - {VELOCITY_HORIZON_S * NS_PER_SECOND}
     GROUP BY {entity}
     ORDER BY {entity}
-    """
+    """  # noqa: S608 - relation and column names from this module's constants, no user values
 
 
 def recent_state_queries(source: str) -> dict[str, str]:

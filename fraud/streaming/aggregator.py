@@ -20,6 +20,7 @@ registry) and the probes are served on `metrics_port` (/metrics, /healthz, /read
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -33,6 +34,7 @@ from typing import Any
 
 import redis
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from redis.typing import KeyT, StreamIdT
 
 from fraud.streaming.events import CARD, KINDS, BadEvent, StreamSettings, TransactionEvent, decode, encode
 from fraud.streaming.state import WindowStateStore
@@ -58,7 +60,7 @@ class AggregatorSettings:
     tick_s: float = 1.0
     #: port of /metrics, /healthz and /readyz (0: any free port; None: no server)
     metrics_port: int | None = 9102
-    metrics_host: str = "0.0.0.0"
+    metrics_host: str = "0.0.0.0"  # noqa: S104 - metrics endpoint of a pod, scraped by Prometheus from outside
     #: /healthz fails when the loop has not completed an iteration for this long
     stall_s: float = 30.0
     #: window states kept in memory per kind (beyond: cleared, re-read from the store on a miss)
@@ -208,7 +210,7 @@ class Aggregator:
         if self._recover:
             partition = min(self._recover)
             name = self.stream.stream(partition)
-            _, entries, _ = self.client.xautoclaim(
+            claimed: Any = self.client.xautoclaim(
                 name,
                 self.stream.group,
                 self.settings.consumer,
@@ -216,6 +218,7 @@ class Aggregator:
                 start_id="0-0",
                 count=self.settings.batch_size,
             )
+            _, entries, _ = claimed
             if len(entries) < self.settings.batch_size:
                 self._recover.discard(partition)
             if entries:
@@ -225,8 +228,8 @@ class Aggregator:
         if not self.owned:
             time.sleep(self.settings.block_ms / 1000)
             return 0
-        streams = {self.stream.stream(p): ">" for p in sorted(self.owned)}
-        reply = self.client.xreadgroup(
+        streams: dict[KeyT, StreamIdT] = {self.stream.stream(p): ">" for p in sorted(self.owned)}
+        reply: Any = self.client.xreadgroup(
             self.stream.group,
             self.settings.consumer,
             streams,
@@ -337,10 +340,8 @@ class Aggregator:
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
             self.last_loop = time.monotonic()
-        try:
+        with contextlib.suppress(redis.RedisError):
             self.release_all()
-        except redis.RedisError:
-            pass
 
     def serve_http(self) -> int | None:
         """Start /metrics, /healthz, /readyz in a thread; returns the bound port."""

@@ -17,9 +17,10 @@ import time
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis
+from redis.typing import EncodableT, FieldT
 
 from fraud.errors import UserError
 from fraud.schema import CUSTOMER_ID, MAX_ID_LENGTH, MAX_TX_AMOUNT, TERMINAL_ID, TRANSACTION_ID, TX_AMOUNT
@@ -202,7 +203,7 @@ class TransactionPublisher:
                     fields = encode(transaction_id, customer_id, terminal_id, amount, ts_ns, kind, published_ns)
                     pipe.xadd(
                         settings.stream(settings.partition_of(str(entity))),
-                        fields,
+                        cast("dict[FieldT, EncodableT]", fields),
                         maxlen=settings.maxlen,
                         approximate=True,
                     )

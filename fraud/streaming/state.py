@@ -36,6 +36,8 @@ from fraud.streaming.windows import RecentEvents
 
 if TYPE_CHECKING:
     from feast import FeatureStore
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
+    from feast.protos.feast.types.Value_pb2 import Value as ValueProto
 
 #: (view, join key, fields) of each kind of state
 STATE_VIEWS: dict[str, tuple[str, str, tuple[str, ...]]] = {
@@ -81,7 +83,7 @@ class WindowStateStore:
             self.store.config, self._view(kind), [self._key(join_key, i) for i in unique], list(fields)
         )
         states: dict[str, RecentEvents] = {}
-        for entity, (event_ts, row) in zip(unique, rows):
+        for entity, (event_ts, row) in zip(unique, rows, strict=True):
             if not row:
                 states[entity] = RecentEvents()
                 continue
@@ -126,6 +128,7 @@ class WindowStateStore:
                 STATE_TIMESTAMP: pd.to_datetime(stamps, unit="ns", utc=True),
             }
         )
+        columns: tuple[list[Any], ...]
         if kind == CARD:
             columns = (
                 [s.ts_ns for s in states.values()],
@@ -135,7 +138,7 @@ class WindowStateStore:
             )
         else:
             columns = ([s.ts_ns for s in states.values()], [s.transaction_ids for s in states.values()])
-        for name, values in zip(fields, columns):
+        for name, values in zip(fields, columns, strict=True):
             frame[name] = values
         from feast.data_source import PushMode
 
@@ -144,14 +147,14 @@ class WindowStateStore:
     def _write_batch(self, kind: str, states: Mapping[str, RecentEvents], stamps: list[int]) -> None:
         _, join_key, fields = STATE_VIEWS[kind]
         kinds = _field_kinds(kind)
-        rows = []
-        for (entity, state), stamp in zip(states.items(), stamps):
-            columns = (
+        rows: list[tuple[EntityKeyProto, dict[str, ValueProto], datetime, datetime | None]] = []
+        for (entity, state), stamp in zip(states.items(), stamps, strict=True):
+            columns: tuple[Sequence[Any], ...] = (
                 (state.ts_ns, state.amounts, state.terminals, state.transaction_ids)
                 if kind == CARD
                 else (state.ts_ns, state.transaction_ids)
             )
-            values = {name: _list_value(k, list(c)) for name, k, c in zip(fields, kinds, columns)}
+            values = {name: _list_value(k, list(c)) for name, k, c in zip(fields, kinds, columns, strict=True)}
             when = datetime.fromtimestamp(stamp // 1_000 / 1e6, tz=UTC).replace(
                 microsecond=(stamp // 1_000) % 1_000_000
             )
@@ -184,7 +187,7 @@ def velocity_matrix(
     request_ns[i]) from the state of customer_ids[i] and terminal_ids[i] (unknown: empty)."""
     empty = RecentEvents()
     out = np.empty((len(customer_ids), len(VELOCITY_FEATURES)), dtype=np.float64)
-    for i, (t, card, terminal) in enumerate(zip(request_ns, customer_ids, terminal_ids)):
+    for i, (t, card, terminal) in enumerate(zip(request_ns, customer_ids, terminal_ids, strict=True)):
         c = cards.get(card, empty)
         m = terminals.get(terminal, empty)
         out[i] = velocity_features(

@@ -52,7 +52,7 @@ class RecentEvents:
         if newest is not None and ts_ns <= newest - HORIZON_NS:
             return LATE
         outcome = OUT_OF_ORDER if newest is not None and ts_ns < newest else APPLIED
-        keys = list(zip(self.ts_ns, self.transaction_ids))
+        keys = list(zip(self.ts_ns, self.transaction_ids, strict=True))
         at = bisect.bisect_right(keys, (ts_ns, transaction_id))
         self.ts_ns.insert(at, ts_ns)
         self.transaction_ids.insert(at, transaction_id)

@@ -30,6 +30,7 @@ def model_card(trained: TrainedModel, evaluation: Evaluation, version: str) -> s
     m = evaluation.metrics
     t = trained.thresholds
     features = "\n".join(f"| `{name}` | {FEATURE_DESCRIPTIONS[name]} |" for name in MODEL_FEATURES)
+    reference_rows = 0 if trained.reference_features is None else len(trained.reference_features)
     return f"""# Model card: {MODEL_NAME}
 
 Registered version and MLflow run: see `bundle.json` (`model_version`, `mlflow_run_id`).
@@ -70,7 +71,7 @@ Median single-row `inplace_predict`: {trained.prediction_cost_us:.1f} µs (one t
 ## Limits
 Trained on simulated transactions (Fraud Detection Handbook generator). Frauds whose labels arrive
 later than {trained.windows.get("delay_days", 7)} days are not learned from. Drift is watched against a
-reference sample of {0 if trained.reference_features is None else len(trained.reference_features)} validation feature vectors.
+reference sample of {reference_rows} validation feature vectors.
 """
 
 

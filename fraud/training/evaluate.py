@@ -151,7 +151,8 @@ def gate(
         passes.append("no comparable champion")
     elif challenger_ap < champion_ap - config.max_drop_vs_champion:
         failures.append(
-            f"test AP {challenger_ap:.4f} is more than {config.max_drop_vs_champion:.4f} below the champion's {champion_ap:.4f}"
+            f"test AP {challenger_ap:.4f} is more than {config.max_drop_vs_champion:.4f} "
+            f"below the champion's {champion_ap:.4f}"
         )
     else:
         passes.append(f"within {config.max_drop_vs_champion:.4f} of the champion's AP {champion_ap:.4f}")
@@ -195,7 +196,8 @@ def markdown_report(evaluation: Evaluation, trained_summary: dict, decision: Gat
         f"Champion: {evaluation.champion_version or 'none registered'}.",
         f"Test rows: {int(m.get('test_n_transactions', 0))}, frauds: {int(m.get('test_n_frauds', 0))}.",
         f"Decisions on the test window: {evaluation.decisions}.",
-        f"Confusion matrix at the decline threshold (rows actual genuine/fraud, columns predicted): {evaluation.confusion_decline}.",
+        "Confusion matrix at the decline threshold (rows actual genuine/fraud, columns predicted): "
+        f"{evaluation.confusion_decline}.",
         "",
         (
             f"Model: {trained_summary.get('spec')}; thresholds: {trained_summary.get('thresholds')}; "

@@ -268,7 +268,8 @@ def choose_thresholds(
     review = min(review, decline)
     review_recall = float(labels[scores >= review].sum() / total_frauds)
     rule = (
-        f"decline: lowest validation score with precision >= {decline_precision:.2f} over >= {min_decline_alerts} alerts "
+        f"decline: lowest validation score with precision >= {decline_precision:.2f} "
+        f"over >= {min_decline_alerts} alerts "
         f"(1.0 if none); review: top {review_alerts_per_day} validation transactions per day, capped at decline"
     )
     return ThresholdChoice(

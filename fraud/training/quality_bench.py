@@ -190,7 +190,9 @@ def run_quality_bench(config: BenchConfig, report: Callable[[str], None] = lambd
     timings["total_s"] = time.perf_counter() - started
     result = {
         "seed": config.seed,
-        "protocol": "Fraud Detection Handbook: train 7 days, delay 7 days, test 7 days; prequential selection on earlier weeks",
+        "protocol": (
+            "Fraud Detection Handbook: train 7 days, delay 7 days, test 7 days; prequential selection on earlier weeks"
+        ),
         "windows": plan.describe(),
         "sets": sets.summary(),
         "models": models,

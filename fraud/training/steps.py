@@ -218,12 +218,12 @@ def train(
 
 def log_training_dataset(run_id: str, train: object, uri: str | None) -> None:
     """Record the training set as the run's dataset input (schema, profile, digest; context "training")."""
-    import mlflow.data
+    from mlflow.data.pandas_dataset import from_pandas
     from mlflow.entities import DatasetInput, InputTag
 
     from fraud import registry
 
-    dataset = mlflow.data.from_pandas(train, name="train_set", targets=TX_FRAUD)
+    dataset = from_pandas(train, name="train_set", targets=TX_FRAUD)
     registry.client(uri).log_inputs(
         run_id,
         datasets=[
@@ -300,7 +300,10 @@ def evaluate(
         },
     )
     if baselines:
-        report += "\n## Baselines (selected on the same folds, scored on the same test window)\n\n| model | test AP | test AUC | CP@100 |\n|---|---|---|---|\n"
+        report += (
+            "\n## Baselines (selected on the same folds, scored on the same test window)\n\n"
+            "| model | test AP | test AUC | CP@100 |\n|---|---|---|---|\n"
+        )
         report += "".join(
             f"| {name} | {b['test_ap']:.4f} | {b['test_auc']:.4f} | {b['test_cp100']:.4f} |\n"
             for name, b in baselines.items()

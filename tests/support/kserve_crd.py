@@ -100,7 +100,7 @@ def _load_yaml(path: Path) -> Any:
 
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     with open(path, "rb") as handle:
-        return yaml.load(handle, Loader=loader)
+        return yaml.load(handle, Loader=loader)  # noqa: S506 - loader is a (C)SafeLoader
 
 
 class CRDValidator:
