@@ -121,7 +121,7 @@ def test_mlflow_model_metadata_around_a_registered_bundle_is_not_part_of_it(bund
         (bundle / name).write_text("mlflow metadata")
     assert verify_bundle(bundle, load_public_key(keys[1])) == read_manifest(bundle)
     (bundle / "MLmodel.bak").write_text("not MLflow's")
-    with pytest.raises(BundleError, match="not listed in bundle.json: MLmodel.bak"):
+    with pytest.raises(BundleError, match=r"not listed in bundle\.json: MLmodel\.bak"):
         verify_bundle(bundle, load_public_key(keys[1]))
 
 
