@@ -40,7 +40,7 @@ def wait_applied(states: WindowStateStore, card: str, count: int, timeout: float
 
 
 def test_burst_of_one_card_counts_every_earlier_transaction(data_root, bundle, tmp_path):  # noqa: F811
-    stack = Stack(data_root, bundle, tmp_path)
+    stack = Stack(data_root, bundle, tmp_path, velocity=True)
     started = stack.fraud(
         "serve", "--detach", "--pid-file", str(stack.pid_file), *stack.serve_args(), timeout=STARTUP_TIMEOUT_S + 60
     )

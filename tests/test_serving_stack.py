@@ -122,9 +122,11 @@ def process_env(data_root: Path) -> dict:
 
 
 class Stack:
-    def __init__(self, data_root: Path, bundle: Path, work: Path) -> None:
+    def __init__(self, data_root: Path, bundle: Path, work: Path, velocity: bool = False) -> None:
         self.data_root = data_root
         self.bundle = bundle
+        # off by default: the drift reference holds no velocity history, live windows would drift from it
+        self.velocity = velocity
         self.port, self.grpc_port, self.predictor_port = free_port(), free_port(), free_port()
         self.pid_file = work / "serve.pid"
         self.log_dir = work / "logs"
@@ -144,6 +146,7 @@ class Stack:
             "--drift-window", str(DRIFT_WINDOW),
             "--drift-online-ert", "0",
             "--log-dir", str(self.log_dir),
+            "--velocity" if self.velocity else "--no-velocity",
         ]  # fmt: skip
 
     def fraud(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -87,6 +87,15 @@ def serve_command(
             "drained into FRAUD_AUDIT_DB_URL, else SQLite <data dir>/audit/audit.db (migrated at start).",
         ),
     ] = True,
+    velocity: Annotated[
+        bool,
+        typer.Option(
+            "--velocity/--no-velocity",
+            help="Keep the velocity features live: the predictor publishes every scored transaction to "
+            "the transaction stream and an aggregator child updates the card and terminal windows. "
+            "--no-velocity scores them from whatever window state the online store already holds.",
+        ),
+    ] = True,
     host: Annotated[
         str,
         typer.Option(
@@ -147,6 +156,7 @@ def serve_command(
         drift_window_size=drift_window,
         transformer_args=() if drift_online_ert is None else ("--online_ert", f"{drift_online_ert:g}"),
         audit=audit,
+        velocity=velocity,
     )
     if detach:
         _start_detached(config, pid_file.resolve(), console)
@@ -210,6 +220,8 @@ def _start_detached(config, pid_file: Path, console) -> None:
         command += ["--store-timeout", f"{config.store_timeout_s:g}"]
     if not config.audit:
         command.append("--no-audit")
+    if not config.velocity:
+        command.append("--no-velocity")
     with log_path.open("wb") as log:
         supervisor = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
