@@ -308,7 +308,13 @@ def v2_json_body(request: InferRequest) -> dict[str, Any]:
     """
     inputs = []
     for tensor in request.inputs:
-        array = tensor.as_numpy()
+        try:
+            array = tensor.as_numpy()
+        except (ValueError, TypeError):  # data that does not fill the declared shape or datatype
+            raise InvalidInput(
+                f"input '{tensor.name[:40]}': data does not match shape {list(tensor.shape)[:8]} "
+                f"and datatype {tensor.datatype[:16]!r}"
+            ) from None
         values = array.reshape(-1).tolist()
         if tensor.datatype == "BYTES":
             try:

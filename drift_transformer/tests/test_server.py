@@ -770,6 +770,23 @@ def fuzz_transformer(transformer: Transformer, examples: int, derandomize: bool)
     assert resident_kib() - before < 200 * 1024
 
 
+def test_v2_data_that_does_not_fill_its_shape_is_a_400(transformer):
+    """Found by the long fuzz run: a body the fast path cannot parse (Infinity) falls back to KServe's
+    parser, whose tensors then failed to reshape into a 500."""
+    body = (
+        b'{"inputs":[{"name":"a","datatype":"BYTES","shape":[],"data":[]},'
+        b'{"name":"b","datatype":"FP64","shape":[0],"data":[Infinity]}]}'
+    )
+    response = post(
+        f"{transformer.url}/v2/models/{MODEL}/infer",
+        content=body,
+        headers={"content-type": "application/json"},
+        timeout=10,
+    )
+    assert response.status_code == 400, response.text
+    assert "does not match shape" in response.json()["error"]
+
+
 def test_fuzzed_v1_and_v2_bodies_never_get_a_5xx(transformer):
     fuzz_transformer(transformer, examples=40, derandomize=True)
 
