@@ -31,9 +31,11 @@ def mlflow_registry(tmp_path_factory) -> Registry:
     reg = build_registry(tmp_path_factory.mktemp("mlflow-local"), 3, same_model=True)
     # version 3's model file is corrupt: its predictor exits at load, it never becomes ready
     from fraud import registry
+    from tests.factories import restamp_bundle_digests
 
     source = Path(registry.model_version_source(reg.versions[2], uri=reg.uri).removeprefix("file://"))
     (source / "model.ubj").write_bytes(b"not an xgboost model")
+    restamp_bundle_digests(source)  # listed digests match: the load itself must fail
     return reg
 
 

@@ -17,7 +17,7 @@ from fraud import registry
 from fraud.bundle import MANIFEST_FILE, MODEL_CARD_FILE
 from fraud.commands.registry import check_bundle
 from fraud.errors import UserError
-from tests.factories import make_synthetic_bundle, synthetic_feature_matrix
+from tests.factories import make_synthetic_bundle, restamp_bundle_digests, synthetic_feature_matrix
 
 
 @pytest.mark.slow  # three `fraud` processes, each importing MLflow: ~30 s on an idle 2-core machine
@@ -59,12 +59,14 @@ def test_register_a_bundle_and_refuse_broken_ones(tmp_path, data_dir):
         num_boost_round=2,
     )
     booster.save_model(two / "model.ubj")
+    restamp_bundle_digests(two)
     code, output = run(two)
     assert code == 2 and "one fraud probability per row" in output
     assert "Traceback" not in output
 
     # a file that is not a model, a directory that does not exist (the same check, in-process)
     (two / "model.ubj").write_bytes(b"not a model")
+    restamp_bundle_digests(two)
     with pytest.raises(UserError, match="does not load as an XGBoost model"):
         check_bundle(two)
     with pytest.raises(UserError, match="does not exist"):

@@ -70,7 +70,7 @@ def register_variant(reg: Registry, root: Path, kind: str) -> str:
     import xgboost as xgb
 
     from fraud.bundle import MANIFEST_FILE
-    from tests.factories import synthetic_feature_matrix
+    from tests.factories import restamp_bundle_digests, synthetic_feature_matrix
 
     target = root / f"bundle-{kind}"
     shutil.copytree(reg.bundles[reg.versions[0]], target)
@@ -83,6 +83,7 @@ def register_variant(reg: Registry, root: Path, kind: str) -> str:
         dtrain = xgb.DMatrix(features, label=label, feature_names=list(features.columns))
         params = {"objective": "multi:softprob", "num_class": 2, "max_depth": 2, "nthread": 1}
         xgb.train(params, dtrain, num_boost_round=3).save_model(target / "model.ubj")
+        restamp_bundle_digests(target)
     else:
         raise ValueError(f"unknown variant {kind!r}")
     experiment = registry.client(reg.uri).get_experiment_by_name(registry.EXPERIMENT_NAME)
