@@ -41,8 +41,18 @@ def wait_applied(states: WindowStateStore, card: str, count: int, timeout: float
 
 def test_burst_of_one_card_counts_every_earlier_transaction(data_root, bundle, tmp_path):  # noqa: F811
     stack = Stack(data_root, bundle, tmp_path, velocity=True)
+    tokens = tmp_path / "tokens"  # feature vectors are answered only to a caller with the debug scope
+    tokens.write_text("burst-test-token score,debug\n")
+    tokens.chmod(0o600)
     started = stack.fraud(
-        "serve", "--detach", "--pid-file", str(stack.pid_file), *stack.serve_args(), timeout=STARTUP_TIMEOUT_S + 60
+        "serve",
+        "--detach",
+        "--pid-file",
+        str(stack.pid_file),
+        *stack.serve_args(),
+        "--token-file",
+        str(tokens),
+        timeout=STARTUP_TIMEOUT_S + 60,
     )
     assert started.returncode == 0, started.stdout + started.stderr
     states = WindowStateStore(get_feature_store("sqlite"))
@@ -60,7 +70,10 @@ def test_burst_of_one_card_counts_every_earlier_transaction(data_root, bundle, t
                 "tx_datetime": when.isoformat(),
             }
             response = httpx.post(
-                f"{stack.url}/v1/models/{MODEL_NAME}:predict", json={"instances": [transaction]}, timeout=30
+                f"{stack.url}/v1/models/{MODEL_NAME}:predict",
+                json={"instances": [transaction]},
+                headers={"Authorization": "Bearer burst-test-token"},
+                timeout=30,
             )
             assert response.status_code == 200, response.text
             features = response.json()["predictions"][0]["features"]

@@ -457,7 +457,7 @@ def test_batched_redis_reader_equals_feast_online_read(store_dir: Path, tmp_path
         materialize_incremental(online="redis", project=project)
         client = online_client("redis", project=project)
         client.views()
-        fields = dict(zip(CUSTOMER_SPENDING_FEATURES, client._reader._views[0][1], strict=True))
+        fields = dict(zip(CUSTOMER_SPENDING_FEATURES, client._reader._views[0][1][:-1], strict=True))
         timestamp_field = client._reader._views[0][1][-1]
 
         def write_partial(key: bytes, values: dict[str, bytes], epoch_seconds: int) -> None:
