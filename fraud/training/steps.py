@@ -41,11 +41,20 @@ def task_layout() -> DataLayout:
 
 
 def feature_table_names() -> tuple[str, ...]:
-    """File names of the offline feature tables (the same in every layout)."""
+    """File names of the offline feature tables (the same in every layout): the daily snapshots,
+    the per-transaction velocity table and the window-state views' batch sources."""
+    from fraud.features.definitions import CARD_RECENT_VIEW, TERMINAL_RECENT_VIEW
     from fraud.features.offline import customer_features_path, terminal_features_path
+    from fraud.features.velocity_offline import recent_state_path, velocity_features_path
 
     probe = DataLayout(Path("."))
-    return (customer_features_path(probe).name, terminal_features_path(probe).name)
+    return (
+        customer_features_path(probe).name,
+        terminal_features_path(probe).name,
+        velocity_features_path(probe).name,
+        recent_state_path(probe, CARD_RECENT_VIEW).name,
+        recent_state_path(probe, TERMINAL_RECENT_VIEW).name,
+    )
 
 
 def tracking(uri: str) -> str | None:
