@@ -10,6 +10,7 @@ import fsspec
 import pytest
 from kfp import dsl, local
 
+from fraud.training.steps import feature_table_names
 from pipelines.local_run import TASKS, Isolation, isolated_tasks, run_local
 from tests.support.pipeline_services import running_services
 
@@ -130,7 +131,7 @@ def test_whole_pipeline_passes_isolated_on_loopback_services(tmp_path, monkeypat
         assert not host_data.exists()  # no task wrote to the host's data directory
         # the offline tables are in the object store
         stored = sorted(Path(p).name for p in s3.ls(f"{services.bucket}/features"))
-        assert stored == ["customer_spending_features.parquet", "terminal_risk_features.parquet"]
+        assert stored == sorted(feature_table_names())  # snapshots, velocity table, window-state sources
 
         # the registry on the tracking server has the version, alias challenger
         from fraud import registry
