@@ -23,6 +23,7 @@ import pandas as pd
 from fraud.errors import UserError
 from fraud.metrics import quality_report
 from fraud.schema import CUSTOMER_ID, TRANSACTION_ID, TX_DATETIME, TX_FRAUD
+from fraud.training.models import Selection
 
 BOOK_TRAIN_START = "2018-07-25"
 #: The Handbook's chapter-5 "test performance" is prequential too: four blocks whose training
@@ -53,7 +54,7 @@ def without_velocity(frame: pd.DataFrame) -> pd.DataFrame:
     return frame.assign(**VELOCITY_DEFAULTS)
 
 
-def _select_fit_score(sets, family: str, test: pd.DataFrame) -> tuple[dict, np.ndarray, object]:
+def _select_fit_score(sets, family: str, test: pd.DataFrame) -> tuple[dict, np.ndarray, Selection]:
     from fraud.training.models import candidate_grid, fit, prequential_select
 
     selection = prequential_select(sets, family, candidate_grid(family))
@@ -88,7 +89,7 @@ def run_quality_bench(config: BenchConfig, report: Callable[[str], None] = lambd
     from fraud.config import DataLayout
     from fraud.features.offline import build_offline_features, labelled_transactions
     from fraud.training.dataset import SplitPlan, build_training_sets
-    from fraud.training.models import candidate_grid, fit, prequential_select
+    from fraud.training.models import fit
     from fraud.training.steps import IngestedLayout
 
     out_dir = Path(config.out_dir).resolve()
@@ -143,22 +144,13 @@ def run_quality_bench(config: BenchConfig, report: Callable[[str], None] = lambd
     models: dict[str, dict] = {}
     for family in config.families:
         step = time.perf_counter()
-        report(f"{family}: prequential selection over {config.n_validation_folds} folds")
-        selection = prequential_select(sets, family, candidate_grid(family))
-        report(f"{family}: fit on the training week, score the test week")
-        model = fit(selection.best, sets.train)
-        scores = model.predict(sets.test)
+        report(
+            f"{family}: prequential selection over {config.n_validation_folds} folds, "
+            "fit on the training week, score the test week"
+        )
+        summary, scores, selection = _select_fit_score(sets, family, sets.test)
         predictions[f"score_{family}"] = scores
-        quality = quality_report(sets.test.assign(score=scores))
-        models[family] = {
-            "auc": quality.roc_auc,
-            "average_precision": quality.average_precision,
-            "card_precision_at_100": quality.card_precision_at_k,
-            "selected_params": selection.best.params,
-            "validation_average_precision": selection.best_result.mean_ap,
-            "selection": [c.as_dict() for c in selection.candidates],
-            "seconds": time.perf_counter() - step,
-        }
+        models[family] = {**summary, "seconds": time.perf_counter() - step}
         if book_sets is not None:
             block_metrics = []
             for block_train, block_test in book_sets.folds:
