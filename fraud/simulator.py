@@ -354,18 +354,29 @@ def _generate_transactions(
     terminal = np.concatenate([p[1] for p in parts]).astype(np.int64)
     time_seconds = np.concatenate([p[2] for p in parts]).astype(np.int64)
     amount = np.concatenate([p[3] for p in parts]).astype(np.float64)
-    # Chronological order; a stable sort keeps ties in generation order (customer index) so the
-    # result is deterministic.
+    no_fraud = np.zeros(time_seconds.size, dtype=np.int8)
+    return _chronological(customer, terminal, time_seconds, amount, no_fraud, no_fraud)
+
+
+def _chronological(
+    customer: np.ndarray,
+    terminal: np.ndarray,
+    time_seconds: np.ndarray,
+    amount: np.ndarray,
+    fraud: np.ndarray,
+    scenario: np.ndarray,
+) -> _TxArrays:
+    """The transactions in chronological order; a stable sort keeps ties in generation order
+    (customer index, then anything appended later) so the result is deterministic."""
     order = np.argsort(time_seconds, kind="stable")
-    n = order.size
     return _TxArrays(
         customer=customer[order],
         terminal=terminal[order],
         time_seconds=time_seconds[order],
         day=time_seconds[order] // SECONDS_PER_DAY,
         amount=amount[order],
-        fraud=np.zeros(n, dtype=np.int8),
-        scenario=np.zeros(n, dtype=np.int8),
+        fraud=fraud[order],
+        scenario=scenario[order],
     )
 
 
@@ -494,16 +505,7 @@ def _add_card_testing(tx: _TxArrays, config: SimulationConfig, rng: np.random.Ge
     added = time_seconds.size - tx.time_seconds.size
     fraud = np.concatenate([tx.fraud, np.ones(added, dtype=np.int8)])
     scenario = np.concatenate([tx.scenario, np.full(added, SCENARIO_CARD_TESTING, dtype=np.int8)])
-    order = np.argsort(time_seconds, kind="stable")
-    return _TxArrays(
-        customer=customer[order],
-        terminal=terminal[order],
-        time_seconds=time_seconds[order],
-        day=time_seconds[order] // SECONDS_PER_DAY,
-        amount=amount[order],
-        fraud=fraud[order],
-        scenario=scenario[order],
-    )
+    return _chronological(customer, terminal, time_seconds, amount, fraud, scenario)
 
 
 def _schedule_frame(id_column: str, days: Any, ids: Any) -> pd.DataFrame:
