@@ -5,7 +5,7 @@ loads a label file (CSV or Parquet: transaction_id, label 0/1, reported_at) into
 table of the audit database (idempotent; the latest report of a transaction wins), then
 `refresh_live_quality` joins labels to the recorded decisions and stores, per model version and
 decision day (UTC), precision and recall of the alerts (decision review or decline), average
-precision of the scores and Card Precision@100, all from `fraud.metrics`, in `live_quality`.
+precision of the scores and Card Precision@100, all from `fraud.quality_metrics`, in `live_quality`.
 `export_live_quality_gauges` publishes the latest mature day as Prometheus gauges.
 
 Only labelled decisions are evaluated; the coverage (`n_labelled / n_decisions`) is stored so a
@@ -27,7 +27,7 @@ import pandas as pd
 from prometheus_client import Gauge
 from sqlalchemy import Engine, and_, select
 
-from fraud import metrics as quality_metrics
+from fraud import quality_metrics
 from fraud.audit.store import dialect_insert
 from fraud.audit.tables import Decision, Label, LiveQuality
 from fraud.errors import UserError

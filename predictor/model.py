@@ -45,7 +45,7 @@ from kserve.protocol.infer_type import InferRequest
 from fraud.bundle import BundleError, load_public_key, read_threshold_overrides, verify_bundle
 from fraud.features.definitions import MODEL_FEATURES, model_feature_matrix
 from fraud.schema import TransactionRequest
-from predictor import metrics
+from predictor import prometheus
 from predictor.auth import SCOPE_DEBUG, SCOPE_SCORE, Authorizer
 from predictor.codec import (
     PROTOCOL_V1,
@@ -557,20 +557,20 @@ class FraudModel(Model):
             outcome = "ok"
         except InvalidInput:
             outcome = "invalid_input"
-            metrics.ERRORS.labels("invalid_input").inc()
+            prometheus.ERRORS.labels("invalid_input").inc()
             raise
         except TransactionConflict:
             outcome = "conflict"
-            metrics.ERRORS.labels("conflict").inc()
+            prometheus.ERRORS.labels("conflict").inc()
             raise
         except ServerNotReady:
             outcome = "unavailable"
             raise
         except Exception:
-            metrics.ERRORS.labels("internal").inc()
+            prometheus.ERRORS.labels("internal").inc()
             raise
         finally:
-            metrics.record_request(protocol, self.model_version, outcome, time.perf_counter() - started)
+            prometheus.record_request(protocol, self.model_version, outcome, time.perf_counter() - started)
 
     def validate(self, payload: Any) -> Any:
         if isinstance(payload, ParsedRequest):
@@ -603,7 +603,7 @@ class FraudModel(Model):
         hashes = check_request(payload.transactions, recorded)  # TransactionConflict: 409
         new = [i for i, row in enumerate(recorded) if row is None]
         if not new:
-            metrics.REPLAYED.inc(len(ids))
+            prometheus.REPLAYED.inc(len(ids))
             return replayed_batch(payload, recorded)  # type: ignore[arg-type]
         fresh = (
             payload if len(new) == len(ids) else replace(payload, transactions=[payload.transactions[i] for i in new])
@@ -620,11 +620,11 @@ class FraudModel(Model):
             self._ledger_down(exc)
         if len(new) == len(ids):
             return scored
-        metrics.REPLAYED.inc(len(ids) - len(new))
+        prometheus.REPLAYED.inc(len(ids) - len(new))
         return merged_batch(payload, recorded, scored)
 
     def _ledger_down(self, exc: LedgerUnavailable) -> None:
-        metrics.ERRORS.labels("idempotency_unavailable").inc()
+        prometheus.ERRORS.labels("idempotency_unavailable").inc()
         if self.settings.fail_closed:
             logger.error("idempotency ledger unavailable, refusing to score (fail-closed): %s", exc)
             raise OnlineStoreUnavailable("the idempotency ledger is unavailable and the predictor is fail-closed")
@@ -659,10 +659,10 @@ class FraudModel(Model):
         try:
             lookup = source.lookup(customer_ids, terminal_ids)
         except FeatureSourceUnavailable as exc:
-            metrics.FEATURE_LOOKUP_LATENCY.labels(source.name, "unavailable").observe(time.perf_counter() - started)
-            metrics.ERRORS.labels("feature_store_unavailable").inc()
+            prometheus.FEATURE_LOOKUP_LATENCY.labels(source.name, "unavailable").observe(time.perf_counter() - started)
+            prometheus.ERRORS.labels("feature_store_unavailable").inc()
             if self.settings.fail_closed:
-                metrics.DEGRADED.labels("fail_closed").inc()
+                prometheus.DEGRADED.labels("fail_closed").inc()
                 logger.log(
                     logging.ERROR if exc.fresh else logging.DEBUG,
                     "online feature store unavailable, refusing to score (fail-closed): %s",
@@ -671,7 +671,7 @@ class FraudModel(Model):
                 raise OnlineStoreUnavailable(
                     "online feature store unavailable and the predictor is fail-closed"
                 ) from None
-            metrics.DEGRADED.labels("fail_open").inc()
+            prometheus.DEGRADED.labels("fail_open").inc()
             # one warning per failed attempt, not one per request while the store is marked down
             logger.log(
                 logging.WARNING if exc.fresh else logging.DEBUG,
@@ -679,7 +679,7 @@ class FraudModel(Model):
                 exc,
             )
             return replace(FeatureLookup.empty(len(customer_ids)), fail_open=True)
-        metrics.FEATURE_LOOKUP_LATENCY.labels(source.name, "ok").observe(time.perf_counter() - started)
+        prometheus.FEATURE_LOOKUP_LATENCY.labels(source.name, "ok").observe(time.perf_counter() - started)
         return lookup
 
     def score_request(self, request: ParsedRequest) -> ScoredBatch:
@@ -694,7 +694,7 @@ class FraudModel(Model):
         missing = lookup.missing
         stale = lookup.stale(tx_epoch_ns)
         result = scorer.score(features, reason_codes=self.settings.reason_codes)
-        metrics.record_scores(
+        prometheus.record_scores(
             scorer.model_version,
             result.probabilities,
             result.decisions,
@@ -800,7 +800,7 @@ class FraudModel(Model):
 
     def _refuse_audit(self, detail: str) -> None:
         """Log `detail`; the answer (503) says only whether the spool is full or unwritable."""
-        metrics.ERRORS.labels("audit_unavailable").inc()
+        prometheus.ERRORS.labels("audit_unavailable").inc()
         logger.error("refusing to answer: %s", detail)
         public = "the audit spool is full" if "spool is full" in detail else "the audit spool cannot be written"
         raise AuditUnavailable(f"decisions not answered because they cannot be audited: {public}")

@@ -572,15 +572,15 @@ def test_local_backend_steps_the_routers_canary_share(tmp_path):
 
 
 def test_the_predictors_own_metrics_feed_every_check():
-    """What `predictor.metrics.record_scores` exports is what the analysis parses: decisions,
+    """What `predictor.prometheus.record_scores` exports is what the analysis parses: decisions,
     top reason codes, missing/stale counts, per version (exact deltas of a version no one else uses)."""
     from prometheus_client import REGISTRY
 
-    from predictor import metrics
+    from predictor import prometheus
 
     version = "canary-metrics-test"
     before = parse_metrics(generate_latest(REGISTRY).decode())
-    metrics.record_scores(
+    prometheus.record_scores(
         version,
         [0.1, 0.8, 0.95],
         ["approve", "decline", "decline"],
@@ -588,8 +588,8 @@ def test_the_predictors_own_metrics_feed_every_check():
         stale=2,
         top_reasons=["tx_amount", "tx_amount"],
     )
-    metrics.record_request("v1", version, "ok", 0.004)
-    metrics.record_request("v1", version, "invalid_input", 0.001)
+    prometheus.record_request("v1", version, "ok", 0.004)
+    prometheus.record_request("v1", version, "invalid_input", 0.001)
     got = stats_between(version, before, parse_metrics(generate_latest(REGISTRY).decode()))
     assert got.transactions == 3.0 and (got.missing, got.stale) == (1.0, 2.0)
     assert got.decisions == {"approve": 1.0, "decline": 2.0}

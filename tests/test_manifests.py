@@ -324,14 +324,14 @@ def test_network_policies_isolate_the_predictor():
 
 def _predictor_metric_names() -> set[str]:
     """Sample names the predictor exports, from its real prometheus_client registry."""
-    import predictor.metrics  # noqa: F401  (registers the metrics)
+    import predictor.prometheus  # noqa: F401  (registers the metrics)
 
     return _registered_names("fraud_predictor_")
 
 
 def _audit_metric_names() -> set[str]:
     """Sample names of the audit trail (spool side in the predictor, drain side in the writer)."""
-    import fraud.audit.metrics  # noqa: F401  (registers the metrics)
+    import fraud.audit.prometheus  # noqa: F401  (registers the metrics)
 
     return _registered_names("fraud_audit_")
 

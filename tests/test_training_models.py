@@ -100,7 +100,7 @@ def test_prequential_selection_picks_the_best_mean_ap_and_uses_folds_only():
 def test_every_family_learns_the_synthetic_signal(family):
     sets = _synthetic_sets(1)
     model = fit(candidate_grid(family, small=True)[0], sets.train)
-    from fraud.metrics import roc_auc
+    from fraud.quality_metrics import roc_auc
 
     assert roc_auc(sets.test["tx_fraud"], model.predict(sets.test)) > 0.7
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
-from fraud.audit import metrics
+from fraud.audit import prometheus
 from fraud.audit.records import DecisionRecord
 from fraud.audit.store import audit_dir
 from fraud.config import DataLayout
@@ -153,11 +153,11 @@ class AuditSpool:
                 self._conn.execute("ROLLBACK")
                 raise
         dropped = len(payloads) - len(accepted)
-        metrics.SPOOL_APPENDED.inc(len(accepted))
+        prometheus.SPOOL_APPENDED.inc(len(accepted))
         if dropped:
-            metrics.SPOOL_DROPPED.inc(dropped)
-        metrics.SPOOL_BACKLOG.set(depth + len(accepted))
-        metrics.SPOOL_APPEND_LATENCY.observe(time.perf_counter() - started)
+            prometheus.SPOOL_DROPPED.inc(dropped)
+        prometheus.SPOOL_BACKLOG.set(depth + len(accepted))
+        prometheus.SPOOL_APPEND_LATENCY.observe(time.perf_counter() - started)
         return AppendResult(len(accepted), dropped)
 
     # --- drain side -------------------------------------------------------------------------
@@ -211,7 +211,7 @@ class AuditSpool:
                 self._conn.execute("ROLLBACK")
                 raise
             depth = self._depth_locked()
-        metrics.SPOOL_BACKLOG.set(depth)
+        prometheus.SPOOL_BACKLOG.set(depth)
 
     def dead_letter_count(self) -> int:
         with self._lock:

@@ -36,7 +36,7 @@ from sqlalchemy.exc import (
     TimeoutError as PoolTimeoutError,
 )
 
-from fraud.audit import metrics
+from fraud.audit import prometheus
 from fraud.audit.chain import ChainState, checkpoint_row
 from fraud.audit.records import DecisionRecord
 from fraud.audit.spool import AuditSpool, SpooledBatch
@@ -248,14 +248,14 @@ class AuditWriter:
             self._schema_checked = True
         batch = self.spool.oldest(self.settings.batch_size)
         if batch is None:
-            metrics.SPOOL_BACKLOG.set(0)
+            prometheus.SPOOL_BACKLOG.set(0)
             return 0
         started = time.perf_counter()
         outcome = self._write(batch)
-        metrics.WRITE_LATENCY.observe(time.perf_counter() - started)
-        metrics.WRITTEN.inc(outcome.written)
-        metrics.DUPLICATES.inc(outcome.duplicates)
-        metrics.DEAD_LETTERS.inc(outcome.dead)
+        prometheus.WRITE_LATENCY.observe(time.perf_counter() - started)
+        prometheus.WRITTEN.inc(outcome.written)
+        prometheus.DUPLICATES.inc(outcome.duplicates)
+        prometheus.DEAD_LETTERS.inc(outcome.dead)
         return len(batch)
 
     def drain_all(self) -> int:
@@ -295,7 +295,7 @@ class AuditWriter:
                 ", ".join(str(seq) for seq, _ in dead[:10]),
                 self.spool_path,
             )
-        metrics.CONFLICTS.inc(len(outcome.conflicts))
+        prometheus.CONFLICTS.inc(len(outcome.conflicts))
         return BatchOutcome(written=outcome.written, duplicates=outcome.duplicates, dead=len(dead))
 
     def _insert(self, rows: list[dict], seqs: list[int]) -> _InsertOutcome:
@@ -355,7 +355,7 @@ class AuditWriter:
     # --- failure handling -------------------------------------------------------------------
     def _on_failure(self, exc: Exception, attempt: int) -> None:
         reason = "database" if isinstance(exc, SQLAlchemyError) else type(exc).__name__
-        metrics.RETRIES.labels(reason).inc()
+        prometheus.RETRIES.labels(reason).inc()
         if isinstance(exc, SQLAlchemyError):
             self.engine.dispose()  # drop pooled connections to a restarted server
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

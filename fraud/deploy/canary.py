@@ -1,6 +1,6 @@
 """Canary analysis: compare the canary's and the stable version's live metrics and decide.
 
-The numbers come from the predictor's own Prometheus metrics (`predictor/metrics.py`), which
+The numbers come from the predictor's own Prometheus metrics (`predictor/prometheus.py`), which
 carry a `model_version` label, so canary and stable are told apart by version whatever revision
 or pod serves them:
 

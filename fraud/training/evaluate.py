@@ -12,7 +12,7 @@ import pandas as pd
 
 from fraud.bundle import DecisionThresholds
 from fraud.features.definitions import MODEL_FEATURES
-from fraud.metrics import confusion_at_threshold, quality_report
+from fraud.quality_metrics import confusion_at_threshold, quality_report
 from fraud.schema import TX_FRAUD
 
 #: Points kept of the ROC curve for the KFP ClassificationMetrics artifact.

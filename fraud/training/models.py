@@ -31,7 +31,7 @@ import pandas as pd
 
 from fraud.bundle import DecisionThresholds
 from fraud.features.definitions import MODEL_FEATURES
-from fraud.metrics import average_precision, card_precision_top_k, roc_auc
+from fraud.quality_metrics import average_precision, card_precision_top_k, roc_auc
 from fraud.schema import TX_DATETIME, TX_FRAUD
 from fraud.training.dataset import TrainingSets
 

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from fraud.errors import UserError
-from fraud.metrics import quality_report
+from fraud.quality_metrics import quality_report
 from fraud.schema import CUSTOMER_ID, TRANSACTION_ID, TX_DATETIME, TX_FRAUD
 from fraud.training.models import Selection
 

@@ -17,7 +17,7 @@ import pandas as pd
 
 from fraud.config import PROJECT_ROOT
 from fraud.features.definitions import FEATURE_SERVICE, MODEL_FEATURES
-from fraud.metrics import quality_report
+from fraud.quality_metrics import quality_report
 from fraud.schema import TX_FRAUD
 from fraud.training.dataset import TrainingSets
 from fraud.training.models import (

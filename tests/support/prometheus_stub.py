@@ -137,7 +137,7 @@ def predictor_series(
     requests (`server_errors` of them 5xx, `client_errors` 4xx), the successful ones
     `latency_seconds` long, one transaction each, with fraud scores spread around `score_mean` and
     decisions split by `decision_shares` (default 95 % approve, 4 % review, 1 % decline). Bucket
-    bounds are the predictor's own (`predictor/metrics.py`)."""
+    bounds are the predictor's own (`predictor/prometheus.py`)."""
     latency_bounds = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, float("inf"))
     score_bounds = (0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0, float("inf"))
     base = {"model_version": version, **(extra_labels or {})}

@@ -7,7 +7,7 @@ import math
 import pandas as pd
 import pytest
 
-from fraud import metrics
+from fraud import quality_metrics
 
 
 def _frame(rows):
@@ -21,14 +21,14 @@ def test_auc_and_average_precision_by_hand():
     # AUC: positive pairs (0.9>0.8, 0.9>0.1, 0.7<0.8, 0.7>0.1) -> 3/4
     # AP: precision at each positive: 1/1, 2/3 -> (1 + 2/3)/2
     y, s = [1, 0, 1, 0], [0.9, 0.8, 0.7, 0.1]
-    assert metrics.roc_auc(y, s) == pytest.approx(0.75)
-    assert metrics.average_precision(y, s) == pytest.approx((1 + 2 / 3) / 2)
-    assert math.isnan(metrics.roc_auc([0, 0], [0.1, 0.2]))
-    assert math.isnan(metrics.average_precision([0, 0], [0.1, 0.2]))
+    assert quality_metrics.roc_auc(y, s) == pytest.approx(0.75)
+    assert quality_metrics.average_precision(y, s) == pytest.approx((1 + 2 / 3) / 2)
+    assert math.isnan(quality_metrics.roc_auc([0, 0], [0.1, 0.2]))
+    assert math.isnan(quality_metrics.average_precision([0, 0], [0.1, 0.2]))
     with pytest.raises(ValueError, match="length"):
-        metrics.roc_auc([1, 0], [0.5])
+        quality_metrics.roc_auc([1, 0], [0.5])
     with pytest.raises(ValueError, match="0 or 1"):
-        metrics.average_precision([2, 0], [0.5, 0.1])
+        quality_metrics.average_precision([2, 0], [0.5, 0.1])
 
 
 def test_card_precision_top_k_by_hand():
@@ -47,7 +47,7 @@ def test_card_precision_top_k_by_hand():
             ("C", "2018-08-09 12:00", 1, 0.5),
         ]
     )
-    result = metrics.card_precision_top_k(frame, k=2)
+    result = quality_metrics.card_precision_top_k(frame, k=2)
     # day 1 top-2 cards: A (fraud), B (genuine) -> 1/2; detected: A
     # day 2 without A: D 0.7 (fraud), E 0.6 (genuine) -> 1/2
     assert result.per_day == [0.5, 0.5]
@@ -57,23 +57,23 @@ def test_card_precision_top_k_by_hand():
     assert result.detected_cards == ["A", "D"]
 
     # without removal, A (0.99, fraud) and D top day 2 -> 2/2
-    kept = metrics.card_precision_top_k(frame, k=2, remove_detected_cards=False)
+    kept = quality_metrics.card_precision_top_k(frame, k=2, remove_detected_cards=False)
     assert kept.per_day == [0.5, 1.0]
     # k larger than the number of cards still divides by k: day 1 has 3 cards, 2 compromised -> 2/4
-    assert metrics.card_precision_top_k(frame, k=4).per_day[0] == pytest.approx(0.5)
+    assert quality_metrics.card_precision_top_k(frame, k=4).per_day[0] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="positive"):
-        metrics.card_precision_top_k(frame, k=0)
+        quality_metrics.card_precision_top_k(frame, k=0)
     with pytest.raises(ValueError, match="missing columns"):
-        metrics.card_precision_top_k(frame.drop(columns=["score"]), k=1)
+        quality_metrics.card_precision_top_k(frame.drop(columns=["score"]), k=1)
 
 
 def test_recall_at_budget_and_confusion_matrix():
     y = [1, 0, 1, 0, 1]
     s = [0.9, 0.8, 0.7, 0.2, 0.1]
-    assert metrics.recall_at_alert_budget(y, s, 1) == pytest.approx(1 / 3)
-    assert metrics.recall_at_alert_budget(y, s, 3) == pytest.approx(2 / 3)
-    assert metrics.recall_at_alert_budget(y, s, 10) == pytest.approx(1.0)
-    cm = metrics.confusion_at_threshold(y, s, 0.7)
+    assert quality_metrics.recall_at_alert_budget(y, s, 1) == pytest.approx(1 / 3)
+    assert quality_metrics.recall_at_alert_budget(y, s, 3) == pytest.approx(2 / 3)
+    assert quality_metrics.recall_at_alert_budget(y, s, 10) == pytest.approx(1.0)
+    cm = quality_metrics.confusion_at_threshold(y, s, 0.7)
     assert (cm.true_positives, cm.false_positives, cm.false_negatives, cm.true_negatives) == (2, 1, 1, 1)
     assert cm.precision == pytest.approx(2 / 3)
     assert cm.recall == pytest.approx(2 / 3)
@@ -89,7 +89,7 @@ def test_quality_report_combines_the_metrics():
             ("D", "2018-08-09 11:00", 1, 0.5),
         ]
     )
-    report = metrics.quality_report(frame, k=1)
+    report = quality_metrics.quality_report(frame, k=1)
     assert report.roc_auc == pytest.approx(0.75)
     # ranking 0.9(1) 0.6(0) 0.5(1) 0.4(0): AP = (1 + 2/3)/2
     assert report.average_precision == pytest.approx((1 + 2 / 3) / 2)
