@@ -147,7 +147,10 @@ def write_internal_credentials(config: StackConfig) -> None:
     folder.chmod(0o700)
     token = secrets.token_hex(32)
     user_tokens = Path(config.token_file).read_text() if config.token_file else ""
-    for name, text in ((TRANSFORMER_TOKEN, f"{token}\n"), (PREDICTOR_TOKENS, f"{user_tokens}\n{token} score,debug\n")):
+    for name, text in (
+        (TRANSFORMER_TOKEN, f"{token}\n"),
+        (PREDICTOR_TOKENS, f"{user_tokens}\n{token} score,debug,explain\n"),
+    ):
         path = folder / name
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(descriptor, "w") as handle:

@@ -302,15 +302,15 @@ def main(argv: list[str] | None = None) -> int:
         config.window_size,
     )
     install_exception_handlers(model_server.app)
-    if args.rest_fast_path:
-        model_server.app.add_middleware(
-            PassThroughRoutes,
-            transformer=transformer,
-            predictor_base_url=predictor_config.predictor_base_url,
-            connect_timeout=args.predictor_connect_timeout_seconds,
-            request_timeout=float(args.predictor_request_timeout_seconds),
-            forward_v2=protocol != PROTOCOL_GRPC_V2,
-        )
+    model_server.app.add_middleware(
+        PassThroughRoutes,
+        transformer=transformer,
+        predictor_base_url=predictor_config.predictor_base_url,
+        connect_timeout=args.predictor_connect_timeout_seconds,
+        request_timeout=float(args.predictor_request_timeout_seconds),
+        forward_v2=protocol != PROTOCOL_GRPC_V2,
+        forward_scoring=bool(args.rest_fast_path),
+    )
     # outermost of this module's middlewares: credentials and the body cap before any other work
     model_server.app.add_middleware(RequestGate, authorizer=authorizer, max_body_bytes=args.max_body_bytes)
     logger.info(
