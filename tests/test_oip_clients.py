@@ -30,7 +30,7 @@ import pytest
 from fraud.bundle import MODEL_FILE
 from fraud.config import MODEL_NAME
 from fraud.features.definitions import FEATURE_DESCRIPTIONS, MODEL_FEATURES
-from tests.test_serving_stack import STARTUP_TIMEOUT_S, Stack, alive, traffic
+from tests.test_serving_stack import STARTUP_TIMEOUT_S, Stack, alive, child_pids, cmdline, free_port, traffic
 from tests.test_serving_stack import bundle as bundle
 from tests.test_serving_stack import data_root as data_root
 
@@ -433,3 +433,91 @@ def test_explanations_are_audited_as_explanations_not_decisions(stack):
     assert set(json.loads(found[0][1])) == set(MODEL_FEATURES)
     verify = stack.fraud("audit", "verify")
     assert verify.returncode == 0, verify.stdout + verify.stderr
+
+
+# --- the transformer calling the predictor over gRPC (`--protocol grpc-v2`) ------------------------
+class GrpcUpstreamStack(AuthenticatedStack):
+    def __init__(self, data_root: Path, bundle: Path, work: Path) -> None:
+        super().__init__(data_root, bundle, work)
+        self.predictor_grpc_port = free_port()
+
+    def serve_args(self) -> list[str]:
+        return [*super().serve_args(), "--predictor-grpc-port", str(self.predictor_grpc_port)]
+
+
+@pytest.mark.slow
+def test_grpc_v2_between_transformer_and_predictor_end_to_end(tmp_path_factory, data_root, bundle):
+    """`fraud serve --predictor-grpc-port`: the transformer runs with `--protocol grpc-v2`; every client
+    protocol still works through it, with the predictor's metadata, ids echoed, explanations served."""
+    from kserve import InferenceGRPCClient
+
+    running = GrpcUpstreamStack(data_root, bundle, tmp_path_factory.mktemp("grpc-upstream"))
+    result = running.fraud(
+        "serve", "--detach", "--pid-file", str(running.pid_file), *running.serve_args(), timeout=STARTUP_TIMEOUT_S + 60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    try:
+        assert "--protocol grpc-v2" in " ".join(cmdline(pid) for pid in descendants(running.supervisor_pid()))
+        rows = traffic(2, seed=30, prefix="UPG")
+        metadata = metadata_of(running.url)
+        assert metadata == metadata_of(running.predictor_url)
+        assert httpx.get(f"{running.url}/v2", timeout=30).json() == httpx.get(f"{running.predictor_url}/v2").json()
+
+        async def grpc_call():
+            client = InferenceGRPCClient(f"127.0.0.1:{running.grpc_port}", timeout=60, retries=0)
+            try:
+                return await client.infer(
+                    kserve_request(metadata, rows, "upstream-grpc-1"), headers=tuple(bearer(SCORE_TOKEN).items())
+                )
+            finally:
+                await client.close()
+
+        response = asyncio.run(grpc_call())
+        assert response.id == "upstream-grpc-1"
+        ids = [v.decode() if isinstance(v, bytes) else str(v) for v in response.outputs[0].as_numpy()]
+        assert ids == [r["transaction_id"] for r in rows]
+        body = {
+            "id": "upstream-rest-1",
+            "inputs": [
+                {
+                    "name": n,
+                    "datatype": "FP64" if n == "tx_amount" else "BYTES",
+                    "shape": [2],
+                    "data": [r[n] for r in rows],
+                }
+                for n in ("transaction_id", "customer_id", "terminal_id", "tx_amount", "tx_datetime")
+            ],
+        }
+        v2 = httpx.post(
+            f"{running.url}/v2/models/{MODEL_NAME}/infer", json=body, headers=bearer(SCORE_TOKEN), timeout=60
+        )
+        assert v2.status_code == 200, v2.text + running.logs()
+        assert v2.json()["id"] == "upstream-rest-1"
+        v1 = httpx.post(
+            f"{running.url}/v1/models/{MODEL_NAME}:predict",
+            json={"instances": rows},
+            headers=bearer(SCORE_TOKEN),
+            timeout=60,
+        )
+        assert v1.status_code == 200, v1.text
+        explained = httpx.post(
+            f"{running.url}/v1/models/{MODEL_NAME}:explain",
+            json={"instances": rows},
+            headers=bearer(EXPLAIN_TOKEN),
+            timeout=60,
+        )
+        assert explained.status_code == 200, explained.text
+        assert len(explained.json()["explanations"]) == 2
+        assert running.metric("fraud_transformer_predictor_seconds_count", protocol="grpc-v2") >= 1
+    finally:
+        stopped = running.fraud("serve", "--stop", "--pid-file", str(running.pid_file))
+        assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+
+
+def descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        children = child_pids(todo.pop())
+        found += children
+        todo += children
+    return found

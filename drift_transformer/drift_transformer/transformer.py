@@ -364,10 +364,12 @@ def v2_json_body(request: InferRequest) -> dict[str, Any]:
 
 
 def binary_as_requested(request: InferRequest, result: InferResponse) -> InferResponse:
-    """The predictor's answer, encoded for a REST client as the client asked: the binary tensor
-    extension's `binary_data_output` / per-output `binary_data` (the predictor itself is always
-    asked for JSON, `v2_json_body`)."""
-    if not request.use_binary_outputs and not request.request_outputs:
+    """The predictor's answer, encoded for the client as it asked, as the predictor (and Triton)
+    would answer it: over REST the binary tensor extension's `binary_data_output` / per-output
+    `binary_data`; over gRPC `raw_output_contents` when the inputs came as `raw_input_contents`
+    (what tritonclient sends). The predictor itself is asked for JSON (`v2_json_body`)."""
+    requested = None if request.from_grpc else request.request_outputs
+    if not request.use_binary_outputs and not requested:
         return result
     return InferResponse(
         response_id=result.id,
@@ -376,7 +378,7 @@ def binary_as_requested(request: InferRequest, result: InferResponse) -> InferRe
         infer_outputs=result.outputs,
         parameters=result.parameters,
         use_binary_outputs=request.use_binary_outputs,
-        requested_outputs=request.request_outputs,
+        requested_outputs=requested,
     )
 
 
@@ -405,8 +407,12 @@ class DriftTransformer(Model):
         metrics: TransformerMetrics | None = None,
         authorizer: Authorizer | None = None,
         predictor_token: str | None = None,
+        predictor_rest_url: str | None = None,
     ) -> None:
+        """`predictor_rest_url`: the predictor's REST base URL for V1 requests and explanations when
+        V2 requests go to it over gRPC (None: the URL of `--predictor_host`)."""
         super().__init__(name)
+        self.predictor_rest_url = predictor_rest_url
         #: who may call the transformer (gRPC here; REST in drift_transformer.edge.RequestGate)
         self.authorizer = authorizer or Authorizer()
         #: headers of every call to the predictor (the client's Authorization is never sent on)
@@ -574,7 +580,7 @@ class DriftTransformer(Model):
                 result = await self._grpc_forward(payload, headers)
             else:
                 result = await self._rest_forward(protocol, payload, headers, response_headers)
-            if isinstance(payload, InferRequest) and isinstance(result, InferResponse) and not payload.from_grpc:
+            if isinstance(payload, InferRequest) and isinstance(result, InferResponse):
                 result = binary_as_requested(payload, result)
             return result
         finally:
@@ -595,7 +601,7 @@ class DriftTransformer(Model):
         data = v2_json_body(payload) if isinstance(payload, InferRequest) else payload
         try:
             return await self._rest_client(protocol).infer(
-                config.predictor_base_url,
+                self.predictor_rest_url or config.predictor_base_url,
                 data=data,
                 model_name=self.name,
                 headers=forward_headers,
