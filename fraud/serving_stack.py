@@ -87,17 +87,22 @@ class StackConfig:
     audit_db_url: str | None = None
     #: address the transformer (what clients call) binds; the predictor always binds loopback
     host: str = LOOPBACK
+    #: the predictor's V2 gRPC port: the transformer then calls it over gRPC for V2 requests
+    #: (`--protocol grpc-v2`; V1 requests and explanations over REST); None: V2 REST
+    predictor_grpc_port: int | None = None
     #: bearer tokens with scopes the transformer requires (`<token> <scope>[,<scope>...]` per line);
     #: None: no authentication (loopback use), and no caller gets the feature vectors
     token_file: Path | None = None
 
     def __post_init__(self) -> None:
         ports = {"--port": self.port, "--grpc-port": self.grpc_port, "--predictor-port": self.predictor_port}
+        if self.predictor_grpc_port is not None:
+            ports["--predictor-grpc-port"] = self.predictor_grpc_port
         for option, port in ports.items():
             if not (1 <= port <= 65535):
                 raise UserError(f"{option} must be a TCP port in 1..65535, got {port}")
         if len(set(ports.values())) != len(ports):
-            raise UserError(f"--port, --grpc-port and --predictor-port must differ, got {ports}")
+            raise UserError(f"{', '.join(ports)} must differ, got {ports}")
         if self.store_timeout_s is not None and self.store_timeout_s <= 0:
             raise UserError(f"--store-timeout must be > 0, got {self.store_timeout_s}")
         if self.online_store not in (None, "sqlite", "redis"):
@@ -147,7 +152,10 @@ def write_internal_credentials(config: StackConfig) -> None:
     folder.chmod(0o700)
     token = secrets.token_hex(32)
     user_tokens = Path(config.token_file).read_text() if config.token_file else ""
-    for name, text in ((TRANSFORMER_TOKEN, f"{token}\n"), (PREDICTOR_TOKENS, f"{user_tokens}\n{token} score,debug\n")):
+    for name, text in (
+        (TRANSFORMER_TOKEN, f"{token}\n"),
+        (PREDICTOR_TOKENS, f"{user_tokens}\n{token} score,debug,explain\n"),
+    ):
         path = folder / name
         descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(descriptor, "w") as handle:
@@ -201,11 +209,10 @@ def port_in_use(port: int) -> bool:
 
 
 def check_ports_free(config: StackConfig) -> None:
-    for option, port in (
-        ("--port", config.port),
-        ("--grpc-port", config.grpc_port),
-        ("--predictor-port", config.predictor_port),
-    ):
+    ports = [("--port", config.port), ("--grpc-port", config.grpc_port), ("--predictor-port", config.predictor_port)]
+    if config.predictor_grpc_port is not None:
+        ports.append(("--predictor-grpc-port", config.predictor_grpc_port))
+    for option, port in ports:
         if port_in_use(port):
             raise UserError(
                 f"port {port} ({option}) is already in use: stop what listens there "
@@ -296,10 +303,13 @@ class ServingStack:
             "--bundle", str(self.config.bundle),
             "--model_name", self.config.model_name,
             "--http_port", str(self.config.predictor_port),
-            "--enable_grpc", "false",
             "--host", LOOPBACK,
             "--token-file", str(self.config.credentials_dir / PREDICTOR_TOKENS),
         ]  # fmt: skip
+        if self.config.predictor_grpc_port is None:
+            command += ["--enable_grpc", "false"]
+        else:
+            command += ["--enable_grpc", "true", "--grpc_port", str(self.config.predictor_grpc_port)]
         if self.config.online_store:
             command += ["--online-store", self.config.online_store]
         if self.config.store_timeout_s is not None:
@@ -341,14 +351,22 @@ class ServingStack:
 
     def transformer_command(self) -> list[str]:
         auth = ["--token_file", str(Path(self.config.token_file).resolve())] if self.config.token_file else []
+        rest_host = f"{LOOPBACK}:{self.config.predictor_port}"
+        if self.config.predictor_grpc_port is None:
+            upstream = ["--predictor_host", rest_host, "--protocol", "v2"]
+        else:
+            upstream = [
+                "--predictor_host", f"{LOOPBACK}:{self.config.predictor_grpc_port}",
+                "--protocol", "grpc-v2",
+                "--predictor_rest_host", rest_host,
+            ]  # fmt: skip
         return [
             str(DRIFT_PYTHON), "-m", "drift_transformer",
             "--host", self.config.host,
             "--predictor_token_file", str(self.config.credentials_dir / TRANSFORMER_TOKEN),
             *auth,
             "--model_name", self.config.model_name,
-            "--predictor_host", f"{LOOPBACK}:{self.config.predictor_port}",
-            "--protocol", "v2",
+            *upstream,
             "--http_port", str(self.config.port),
             "--grpc_port", str(self.config.grpc_port),
             "--bundle", str(self.config.bundle),

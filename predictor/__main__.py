@@ -26,6 +26,7 @@ from kserve.logging import KSERVE_TRACE_LOGGER_NAME, logger
 
 from predictor.auth import Authorizer, TokenFileError
 from predictor.edge import DEFAULT_MAX_BODY_BYTES, RequestGate
+from predictor.explain import ExplainRoutes
 from predictor.fast_rest import FastScoringRoutes
 from predictor.features import OnlineFeatureSource
 from predictor.idempotency import DEFAULT_KEY_PREFIX, DEFAULT_TTL_S
@@ -360,6 +361,8 @@ def main(
     model_server.app.add_api_route(READINESS_PATH, readiness_endpoint(model), methods=["GET"])
     if args.rest_fast_path:
         model_server.app.add_middleware(FastScoringRoutes, model=model)
+    # V1 :explain and V2 /explain (predictor.explain), behind the gate that checks the explain scope
+    model_server.app.add_middleware(ExplainRoutes, model=model)
     # outermost of this module's middlewares: credentials and the body cap before any other work
     model_server.app.add_middleware(RequestGate, authorizer=authorizer, max_body_bytes=args.max_body_bytes)
     logger.info(

@@ -109,6 +109,71 @@ class ScoredBatch:
     fail_open: bool = False
 
 
+@dataclass(frozen=True)
+class Explanation:
+    """The `explain` answer for one request: the scored batch and, row i for transaction i, the
+    TreeSHAP contributions in log-odds, one column per MODEL_FEATURES feature and the bias last."""
+
+    batch: ScoredBatch
+    contributions: np.ndarray  # [n, len(MODEL_FEATURES) + 1], float64
+    descriptions: list[str]  # human-readable name of each MODEL_FEATURES feature
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One explanation per transaction: score, decision, bias and every feature's contribution."""
+        batch = self.batch
+        explained = []
+        for i, tx in enumerate(batch.request.transactions):
+            row = self.contributions[i]
+            explained.append(
+                {
+                    "transaction_id": tx.transaction_id,
+                    "model_version": batch.model_version,
+                    "fraud_probability": float(batch.probabilities[i]),
+                    "decision": batch.decisions[i],
+                    "bias": float(row[-1]),
+                    "contributions": [
+                        {"feature": name, "description": description, "contribution": float(value)}
+                        for name, description, value in zip(MODEL_FEATURES, self.descriptions, row[:-1], strict=True)
+                    ],
+                    "features_missing": bool(batch.features_missing[i]),
+                    "features_stale": bool(batch.features_stale[i]),
+                }
+            )
+        return explained
+
+
+def encode_v1_explanation(explanation: Explanation) -> dict[str, Any]:
+    """`{"explanations": [...]}`, one entry per transaction (`Explanation.rows`)."""
+    return {"explanations": explanation.rows()}
+
+
+def encode_v2_explanation(explanation: Explanation, model_name: str) -> dict[str, Any]:
+    """The V2 REST JSON answer of `/explain`: output tensors `transaction_id`, `fraud_probability`,
+    `decision`, `contributions` [n, k] (log-odds, MODEL_FEATURES order), `bias` [n], and the
+    feature order itself as `feature_names` [k] and `feature_descriptions` [k]."""
+    batch = explanation.batch
+    n, k = len(batch.request.transactions), len(MODEL_FEATURES)
+    tensors: list[tuple[str, str, list[int], list[Any]]] = [
+        ("transaction_id", "BYTES", [n], [tx.transaction_id for tx in batch.request.transactions]),
+        ("fraud_probability", "FP64", [n], [float(p) for p in batch.probabilities]),
+        ("decision", "BYTES", [n], list(batch.decisions)),
+        ("contributions", "FP64", [n, k], explanation.contributions[:, :-1].reshape(-1).tolist()),
+        ("bias", "FP64", [n], explanation.contributions[:, -1].tolist()),
+        ("feature_names", "BYTES", [k], list(MODEL_FEATURES)),
+        ("feature_descriptions", "BYTES", [k], list(explanation.descriptions)),
+    ]
+    return {
+        "model_name": model_name,
+        "model_version": batch.model_version,
+        "id": batch.request.request_id or "",
+        "parameters": None,
+        "outputs": [
+            {"name": name, "shape": shape, "datatype": datatype, "parameters": None, "data": data}
+            for name, datatype, shape, data in tensors
+        ],
+    }
+
+
 def request_protocol(body: Any) -> str:
     if isinstance(body, InferRequest):
         return PROTOCOL_GRPC_V2 if body.from_grpc else PROTOCOL_V2

@@ -7,6 +7,9 @@ For every request, before any other work:
   kept in `REQUEST_SCOPES` for the handlers (which decide what the answer discloses).
 * `POST` to the model repository (`/v2/repository/...`: load / unload) is refused with 403: the
   predictor serves the one model it loaded at start.
+* a `POST` with neither a Content-Type nor the binary tensor extension's
+  `inference-header-content-length` header is JSON, as Triton (the Open Inference Protocol's
+  reference server) reads it: the request goes on with `content-type: application/json`.
 * a body larger than `max_body_bytes` is answered 413 - from its Content-Length without reading it,
   or as soon as the bytes read pass the cap - on every route, so the fast path and KServe's
   handlers behind it see at most that many bytes.
@@ -43,8 +46,22 @@ REQUEST_SCOPES: contextvars.ContextVar[frozenset[str] | None] = contextvars.Cont
 def route_scope(path: str) -> str | None:
     """The scope a POST to `path` needs (None: not a model route)."""
     if path.startswith(("/v1/models/", "/v2/models/")):
-        return SCOPE_EXPLAIN if path.endswith(":explain") else SCOPE_SCORE
+        return SCOPE_EXPLAIN if path.endswith((":explain", "/explain")) else SCOPE_SCORE
     return None
+
+
+#: Request headers whose presence says how the body is encoded (lower-case, as ASGI gives them)
+_CONTENT_TYPE = b"content-type"
+_BINARY_HEADER = b"inference-header-content-length"
+
+
+def json_by_default(scope: Scope) -> Scope:
+    """`scope` with `content-type: application/json` when the request names no encoding at all
+    (no Content-Type, no binary tensor extension header): Triton's reading of such a body."""
+    headers = scope.get("headers", ())
+    if any(key in (_CONTENT_TYPE, _BINARY_HEADER) for key, _ in headers):
+        return scope
+    return {**scope, "headers": [*headers, (_CONTENT_TYPE, b"application/json")]}
 
 
 def header_map(scope: Scope) -> dict[str, str]:
@@ -91,7 +108,7 @@ class RequestGate:
             return
         token = REQUEST_SCOPES.set(scopes)
         try:
-            await self.app(scope, replay(body, receive), send)
+            await self.app(json_by_default(scope), replay(body, receive), send)
         finally:
             REQUEST_SCOPES.reset(token)
 

@@ -49,6 +49,7 @@ from predictor import prometheus
 from predictor.auth import SCOPE_DEBUG, SCOPE_SCORE, Authorizer
 from predictor.codec import (
     PROTOCOL_V1,
+    Explanation,
     ParsedRequest,
     ScoredBatch,
     encode_v1,
@@ -721,6 +722,48 @@ class FraudModel(Model):
             fail_open=lookup.fail_open,
         )
 
+    # --- explanations ------------------------------------------------------------------------
+    async def explain_parsed(self, protocol: str, parse: Callable[[], ParsedRequest]) -> Explanation:
+        """`:explain` / `/explain` (predictor.explain): validate with `parse` (InvalidInput -> 400),
+        compute the features as scoring does and explain every transaction; nothing is published to
+        the velocity stream nor recorded in the idempotency ledger (an explanation is not a decision)."""
+        if not self.ready:
+            raise ServerNotReady("the model is not loaded")
+        received_at, arrival = datetime.now(UTC), time.perf_counter()
+        with self.observe_request(f"{protocol}-explain"):
+            parsed = replace(parse(), received_at=received_at, arrival=arrival)
+            return await asyncio.get_running_loop().run_in_executor(None, self.explain_request, parsed)
+
+    def explain_request(self, request: ParsedRequest) -> Explanation:
+        """Full TreeSHAP contributions (and bias) of every transaction of `request` (blocking)."""
+        scorer = self.scorer
+        assert scorer is not None, "load() first"  # noqa: S101 - narrows the type: set by load()
+        transactions = request.transactions
+        amount, tx_epoch_ns = request_arrays(transactions)
+        customer_ids, terminal_ids = [tx.customer_id for tx in transactions], [tx.terminal_id for tx in transactions]
+        lookup = self.lookup_features(customer_ids, terminal_ids)
+        velocity = self.velocity.features(tx_epoch_ns, customer_ids, terminal_ids) if self.velocity else None
+        features = model_feature_matrix(amount, tx_epoch_ns, lookup.values, velocity)
+        result = scorer.score(features, reason_codes=REASON_CODES_FLAGGED)
+        explanation = Explanation(
+            batch=ScoredBatch(
+                request=request,
+                model_version=scorer.model_version,
+                probabilities=result.probabilities,
+                decisions=result.decisions,
+                reason_codes=result.reason_codes,
+                features_missing=lookup.missing,
+                features_stale=lookup.stale(tx_epoch_ns),
+                feature_matrix=features,
+                fail_open=lookup.fail_open,
+            ),
+            contributions=scorer.contributions_with_bias(features),
+            descriptions=[scorer.descriptions[name] for name in MODEL_FEATURES],
+        )
+        if self.settings.audit_enabled:
+            self.audit_explanation(explanation)
+        return explanation
+
     # --- audit trail -------------------------------------------------------------------------
     def audit(self, results: list[ScoredBatch]) -> None:
         """Spool every decision of `results` in one transaction, before any of them is answered.
@@ -780,6 +823,43 @@ class FraudModel(Model):
                 appended.accepted,
             )
             self._refuse_audit(f"the audit spool is full ({spool.max_records} decisions waiting for the writer)")
+
+    def audit_explanation(self, explanation: Explanation) -> None:
+        """Spool one explanation record per explained transaction (an explanation, not a decision),
+        before the explanation is answered; AuditUnavailable (503) when the spool cannot take them."""
+        spool = self.audit_spool
+        if spool is None:
+            raise AuditUnavailable("the audit trail is enabled but its spool is not open (model stopped?)")
+        from fraud.audit import explanation_payloads
+
+        assert self.scorer is not None, "load() first"  # noqa: S101 - narrows the type: set by load()
+        batch = explanation.batch
+        transactions = batch.request.transactions
+        payloads = explanation_payloads(
+            transaction_ids=[tx.transaction_id for tx in transactions],
+            customer_ids=[tx.customer_id for tx in transactions],
+            terminal_ids=[tx.terminal_id for tx in transactions],
+            feature_names=MODEL_FEATURES,
+            contributions=explanation.contributions,
+            scores=batch.probabilities,
+            decisions=batch.decisions,
+            features_missing=batch.features_missing,
+            features_stale=batch.features_stale,
+            fail_open=batch.fail_open,
+            model_name=self.scorer.manifest.model_name,
+            model_version=batch.model_version,
+            variant=self.variant_of(batch.model_version),  # type: ignore[arg-type]
+            received_at=batch.request.received_at or datetime.now(UTC),
+        )
+        with self._audit_lock:
+            try:
+                if len(payloads) > spool.max_records - spool.depth():
+                    self._refuse_audit(f"the audit spool is full ({spool.max_records} records waiting for the writer)")
+                appended = spool.append_payloads(payloads)
+            except sqlite3.Error as exc:
+                self._refuse_audit(f"cannot write the audit spool {spool.path}: {type(exc).__name__}: {exc}")
+        if appended.dropped:
+            self._refuse_audit(f"the audit spool is full ({spool.max_records} records waiting for the writer)")
 
     def variant_of(self, model_version: str) -> str:
         """`stable` or `canary` for decisions of `model_version` (see PredictorSettings.stable_version_file)."""

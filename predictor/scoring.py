@@ -114,11 +114,16 @@ class BundleScorer:
 
     def contributions(self, features: pd.DataFrame | np.ndarray) -> np.ndarray:
         """SHAP contributions [n, k] (XGBoost TreeSHAP, `pred_contribs=True`), bias dropped."""
+        return self.contributions_with_bias(features)[:, :-1]
+
+    def contributions_with_bias(self, features: pd.DataFrame | np.ndarray) -> np.ndarray:
+        """SHAP contributions [n, k + 1] in log-odds (XGBoost TreeSHAP, `pred_contribs=True`): one
+        column per feature in MODEL_FEATURES order, then the bias; each row sums to the margin."""
         import xgboost as xgb
 
         values = features.to_numpy(dtype=np.float64) if isinstance(features, pd.DataFrame) else features
         matrix = xgb.DMatrix(values, nthread=1)
-        return np.asarray(self.booster.predict(matrix, pred_contribs=True, validate_features=False))[:, :-1]
+        return np.asarray(self.booster.predict(matrix, pred_contribs=True, validate_features=False))
 
     def reason_codes(self, contributions: np.ndarray) -> list[list[ReasonCode]]:
         """Per row, the `max_reason_codes` features with the largest positive contribution."""

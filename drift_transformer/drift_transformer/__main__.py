@@ -119,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="serving bundle directory (bundle.json + reference_features.npy)",
     )
     parser.add_argument(
+        "--predictor_rest_host",
+        default=None,
+        help="HOST:PORT of the predictor's REST server, for V1 requests and explanations when V2 requests go "
+        "to it over gRPC (--protocol grpc-v2: --predictor_host is then its gRPC port); default: --predictor_host",
+    )
+    parser.add_argument(
         "--predictor_connect_timeout_seconds",
         type=float,
         default=2.0,
@@ -282,6 +288,10 @@ def main(argv: list[str] | None = None) -> int:
         predictor_request_retries=0,
         predictor_health_check=args.enable_predictor_health_check,
     )
+    predictor_rest_url = predictor_config.predictor_base_url
+    if args.predictor_rest_host:
+        scheme = "https" if args.predictor_use_ssl else "http"
+        predictor_rest_url = f"{scheme}://{args.predictor_rest_host}"
     transformer = DriftTransformer(
         args.model_name,
         monitor,
@@ -290,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         request_timeout=float(args.predictor_request_timeout_seconds),
         authorizer=authorizer,
         predictor_token=predictor_token,
+        predictor_rest_url=predictor_rest_url,
     )
     transformer.load()
     logger.info(
@@ -302,15 +313,15 @@ def main(argv: list[str] | None = None) -> int:
         config.window_size,
     )
     install_exception_handlers(model_server.app)
-    if args.rest_fast_path:
-        model_server.app.add_middleware(
-            PassThroughRoutes,
-            transformer=transformer,
-            predictor_base_url=predictor_config.predictor_base_url,
-            connect_timeout=args.predictor_connect_timeout_seconds,
-            request_timeout=float(args.predictor_request_timeout_seconds),
-            forward_v2=protocol != PROTOCOL_GRPC_V2,
-        )
+    model_server.app.add_middleware(
+        PassThroughRoutes,
+        transformer=transformer,
+        predictor_base_url=predictor_rest_url,
+        connect_timeout=args.predictor_connect_timeout_seconds,
+        request_timeout=float(args.predictor_request_timeout_seconds),
+        forward_v2=protocol != PROTOCOL_GRPC_V2,
+        forward_scoring=bool(args.rest_fast_path),
+    )
     # outermost of this module's middlewares: credentials and the body cap before any other work
     model_server.app.add_middleware(RequestGate, authorizer=authorizer, max_body_bytes=args.max_body_bytes)
     logger.info(

@@ -10,6 +10,10 @@ pooled keep-alive connections (aiohttp) and returns the predictor's answer - sta
 and body - unchanged. Only after the answer is sent are its feature vectors read (one `orjson`
 parse) and queued for the drift monitor (`DriftTransformer.observe_answer`).
 
+The explanation routes (`POST /v1/models/{name}:explain`, `POST /v2/models/{name}/explain`) are
+forwarded the same way whatever `--rest_fast_path` says (KServe's transformer has no V2 explain
+route); the answer is passed back unchanged.
+
 Same contract as the KServe path (`tests/test_server.py` runs both): predictor unreachable -> 503,
 no connection in time -> 503, no answer in time -> 504, the predictor's error answers passed
 through with status and body; the same Prometheus metrics. Everything else - gRPC, other routes,
@@ -67,9 +71,12 @@ class PassThroughRoutes:
         request_timeout: float = 30.0,
         max_connections: int = 100,
         forward_v2: bool = True,
+        forward_scoring: bool = True,
     ) -> None:
         """`forward_v2` False leaves V2 requests to KServe's handlers (the predictor is called over
-        gRPC then, `--protocol grpc-v2`)."""
+        gRPC then, `--protocol grpc-v2`); `forward_scoring` False leaves every scoring request to
+        them (`--rest_fast_path false`). The explanation routes are always forwarded: the
+        predictor serves them over REST only."""
         from drift_transformer.transformer import PROTOCOL_V1, PROTOCOL_V2, strip_v1_features, strip_v2_json_features
 
         self.app = app
@@ -81,9 +88,15 @@ class PassThroughRoutes:
         self.max_connections = max_connections
         self.protocol_v1 = PROTOCOL_V1
         self.strip = {PROTOCOL_V1: strip_v1_features, PROTOCOL_V2: strip_v2_json_features}
-        self.routes = {f"/v1/models/{transformer.name}:predict": PROTOCOL_V1}
-        if forward_v2:
+        self.routes: dict[str, str] = {}
+        if forward_scoring:
+            self.routes[f"/v1/models/{transformer.name}:predict"] = PROTOCOL_V1
+        if forward_scoring and forward_v2:
             self.routes[f"/v2/models/{transformer.name}/infer"] = PROTOCOL_V2
+        self.explain_routes = {
+            f"/v1/models/{transformer.name}:explain": PROTOCOL_V1,
+            f"/v2/models/{transformer.name}/explain": PROTOCOL_V2,
+        }
         self._session: aiohttp.ClientSession | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -91,6 +104,9 @@ class PassThroughRoutes:
             await self.app(scope, self._closing_on_shutdown(receive), send)
             return
         path = scope.get("path", "")
+        if scope["type"] == "http" and path in self.explain_routes:
+            await self._explain(scope, receive, send)
+            return
         protocol = self.routes.get(path) if scope["type"] == "http" else None
         if (
             protocol is None
@@ -135,6 +151,28 @@ class PassThroughRoutes:
         self.transformer.metrics.requests.labels(protocol=protocol, status=str(status)).inc()
         if vectors is not None:
             self.transformer.submit_vectors(*vectors)
+
+    async def _explain(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """An explanation request (`:explain`, `/explain`): the body to the predictor's same route as
+        it arrived, the predictor's answer back unchanged (an explanation holds no feature vector)."""
+        path = scope.get("path", "")
+        if scope.get("method") != "POST":
+            await _send(send, *_error(405, f"{path} takes POST"))
+            return
+        if not await self.transformer.healthy():
+            await _send(send, *_error(503, f"model {self.transformer.name} is not ready"))
+            return
+        body, complete = await _read_body(receive)
+        if not complete:
+            return  # the client went away (the body cap is enforced before, by drift_transformer.edge)
+        headers = {
+            k.decode("latin-1"): v.decode("latin-1")
+            for k, v in scope["headers"]
+            if k in FORWARDED_HEADERS or k in (b"content-type", b"inference-header-content-length")
+        }
+        headers.update(self.transformer.predictor_headers)
+        status, content_type, answer = await self._forward(self.explain_routes[path] + "-explain", path, body, headers)
+        await _send(send, status, content_type, answer)
 
     async def _forward(self, protocol: str, path: str, body: bytes, headers: dict[str, str]) -> tuple[int, str, bytes]:
         """(status, content type, body) of the predictor's answer, or of the transformer's error answer."""

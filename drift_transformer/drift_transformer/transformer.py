@@ -46,7 +46,7 @@ from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.infer_type import InferRequest, InferResponse
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 
-from drift_transformer.auth import SCOPE_DEBUG, SCOPE_HEADER, SCOPE_SCORE, Authorizer
+from drift_transformer.auth import SCOPE_DEBUG, SCOPE_EXPLAIN, SCOPE_HEADER, SCOPE_SCORE, Authorizer
 from drift_transformer.drift import DriftMonitor
 from drift_transformer.edge import REQUEST_SCOPES
 from drift_transformer.identifiers import check_infer_request_ids, check_v1_ids
@@ -59,7 +59,8 @@ PROTOCOL_GRPC_V2 = "grpc-v2"
 FEATURE_VECTOR_OUTPUT = "feature_vector"
 #: Scopes the transformer asks of the predictor: it needs the feature vectors for the drift monitor,
 #: and removes them from the answer of a client without the `debug` scope.
-PREDICTOR_SCOPES = f"{SCOPE_SCORE} {SCOPE_DEBUG}"
+#: Explanations are forwarded too (the client's own `explain` scope was checked here first).
+PREDICTOR_SCOPES = f"{SCOPE_SCORE} {SCOPE_DEBUG} {SCOPE_EXPLAIN}"
 
 
 def predictor_credentials(token: str | None) -> dict[str, str]:
@@ -222,7 +223,25 @@ class ModelReadyDataPlane(DataPlane):
 
     KServe 0.20's `DataPlane.ready()` only checks the predictor (and only with its health check on),
     so a transformer still configuring its drift monitor would otherwise report a ready server.
+
+    Metadata is the predictor's, REST and gRPC alike: the model's (`GET /v2/models/{name}`, gRPC
+    ModelMetadata) is asked of the predictor on every call (the transformer has no tensors of its
+    own; clients build their requests from it), the server's (`GET /v2`, gRPC ServerMetadata) as
+    last read from the predictor (read when the transformer turns ready and with every model
+    metadata call; this server's own until then).
     """
+
+    async def model_metadata(self, model_name: str) -> dict:
+        model = await self.get_model(model_name)
+        if isinstance(model, DriftTransformer):
+            return await model.predictor_model_metadata()
+        return await super().model_metadata(model_name)
+
+    def metadata(self) -> dict:
+        for model in self.model_registry.get_models().values():
+            if isinstance(model, DriftTransformer) and model.predictor_server_metadata is not None:
+                return dict(model.predictor_server_metadata)
+        return super().metadata()
 
     async def ready(self) -> bool:
         models = self.model_registry.get_models()
@@ -344,6 +363,25 @@ def v2_json_body(request: InferRequest) -> dict[str, Any]:
     return body
 
 
+def binary_as_requested(request: InferRequest, result: InferResponse) -> InferResponse:
+    """The predictor's answer, encoded for the client as it asked, as the predictor (and Triton)
+    would answer it: over REST the binary tensor extension's `binary_data_output` / per-output
+    `binary_data`; over gRPC `raw_output_contents` when the inputs came as `raw_input_contents`
+    (what tritonclient sends). The predictor itself is asked for JSON (`v2_json_body`)."""
+    requested = None if request.from_grpc else request.request_outputs
+    if not request.use_binary_outputs and not requested:
+        return result
+    return InferResponse(
+        response_id=result.id,
+        model_name=result.model_name,
+        model_version=result.model_version,
+        infer_outputs=result.outputs,
+        parameters=result.parameters,
+        use_binary_outputs=request.use_binary_outputs,
+        requested_outputs=requested,
+    )
+
+
 def _plain_parameters(parameters: dict[str, Any]) -> dict[str, Any]:
     """gRPC InferParameter messages -> JSON values."""
     plain = {}
@@ -369,8 +407,12 @@ class DriftTransformer(Model):
         metrics: TransformerMetrics | None = None,
         authorizer: Authorizer | None = None,
         predictor_token: str | None = None,
+        predictor_rest_url: str | None = None,
     ) -> None:
+        """`predictor_rest_url`: the predictor's REST base URL for V1 requests and explanations when
+        V2 requests go to it over gRPC (None: the URL of `--predictor_host`)."""
         super().__init__(name)
+        self.predictor_rest_url = predictor_rest_url
         #: who may call the transformer (gRPC here; REST in drift_transformer.edge.RequestGate)
         self.authorizer = authorizer or Authorizer()
         #: headers of every call to the predictor (the client's Authorization is never sent on)
@@ -384,6 +426,9 @@ class DriftTransformer(Model):
         self.limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         self.metrics = metrics or TransformerMetrics()
         self._rest_clients: dict[str, InferenceRESTClient] = {}
+        self._metadata_client: httpx.AsyncClient | None = None
+        #: the predictor's server metadata as last read (None: not read yet)
+        self.predictor_server_metadata: dict[str, Any] | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------
     def load(self) -> bool:
@@ -400,7 +445,77 @@ class DriftTransformer(Model):
 
     async def healthy(self) -> bool:
         """Ready: loaded, and the drift monitor fully configured (online thresholds computed)."""
-        return self.ready and self.monitor.configured
+        ready = self.ready and self.monitor.configured
+        if ready and self.predictor_server_metadata is None:
+            try:  # best effort: the server metadata is this server's own until the predictor answers
+                await self.predictor_model_metadata()
+            except PredictorError as exc:
+                logger.debug("predictor metadata not read yet: %s", exc)
+        return ready
+
+    # --- metadata -------------------------------------------------------------------------------
+    async def predictor_model_metadata(self) -> dict[str, Any]:
+        """The predictor's model metadata (and, kept for `/v2`, its server metadata); PredictorError
+        (503/504/the predictor's status) when it cannot be read."""
+        config = self.predictor_config
+        if config is None or not config.predictor_host:
+            raise PredictorUnavailable("the transformer has no --predictor_host configured")
+        if self.v2_protocol == PROTOCOL_GRPC_V2:
+            server, model = await self._grpc_metadata()
+        else:
+            server, model = await self._rest_metadata(config.predictor_base_url)
+        self.predictor_server_metadata = server
+        return model
+
+    async def _rest_metadata(self, base_url: str) -> tuple[dict[str, Any], dict[str, Any]]:
+        client = self._metadata_client
+        if client is None:
+            client = self._metadata_client = httpx.AsyncClient(timeout=self.timeout, headers=self.predictor_headers)
+        answers = []
+        for path in ("/v2", f"/v2/models/{self.name}"):
+            try:
+                response = await client.get(base_url.rstrip("/") + path)
+            except httpx.TimeoutException:
+                raise PredictorTimeout(f"predictor did not answer {path} within {self.timeout.read:g}s") from None
+            except httpx.TransportError:
+                raise PredictorUnavailable("the predictor is unreachable") from None
+            if response.status_code != 200:
+                raise PredictorError(
+                    response.status_code,
+                    f"predictor answered {response.status_code} to {path}",
+                    body=response.content,
+                    content_type=response.headers.get("content-type"),
+                )
+            answers.append(response.json())
+        return answers[0], answers[1]
+
+    async def _grpc_metadata(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+
+        stub = self._grpc_client._client_stub
+        metadata = tuple(self.predictor_headers.items())
+        try:
+            server = await stub.ServerMetadata(pb.ServerMetadataRequest(), metadata=metadata, timeout=self.timeout.read)
+            model = await stub.ModelMetadata(
+                pb.ModelMetadataRequest(name=self.name), metadata=metadata, timeout=self.timeout.read
+            )
+        except grpc.aio.AioRpcError as exc:
+            http_status = _GRPC_TO_HTTP_STATUS.get(exc.code(), 500)
+            raise PredictorError(http_status, f"predictor answered gRPC {exc.code().name}: {exc.details()}") from None
+
+        def tensors(items) -> list[dict[str, Any]]:
+            return [{"name": t.name, "datatype": t.datatype, "shape": [int(d) for d in t.shape]} for t in items]
+
+        return (
+            {"name": server.name, "version": server.version, "extensions": list(server.extensions)},
+            {
+                "name": model.name,
+                "versions": list(model.versions) or None,
+                "platform": model.platform,
+                "inputs": tensors(model.inputs),
+                "outputs": tensors(model.outputs),
+            },
+        )
 
     def stop(self) -> None:
         self.monitor.stop()
@@ -462,8 +577,12 @@ class DriftTransformer(Model):
         started = time.perf_counter()
         try:
             if protocol == PROTOCOL_GRPC_V2:
-                return await self._grpc_forward(payload, headers)
-            return await self._rest_forward(protocol, payload, headers, response_headers)
+                result = await self._grpc_forward(payload, headers)
+            else:
+                result = await self._rest_forward(protocol, payload, headers, response_headers)
+            if isinstance(payload, InferRequest) and isinstance(result, InferResponse):
+                result = binary_as_requested(payload, result)
+            return result
         finally:
             self.metrics.predictor_seconds.labels(protocol=protocol).observe(time.perf_counter() - started)
 
@@ -482,7 +601,7 @@ class DriftTransformer(Model):
         data = v2_json_body(payload) if isinstance(payload, InferRequest) else payload
         try:
             return await self._rest_client(protocol).infer(
-                config.predictor_base_url,
+                self.predictor_rest_url or config.predictor_base_url,
                 data=data,
                 model_name=self.name,
                 headers=forward_headers,

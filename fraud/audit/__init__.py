@@ -9,7 +9,14 @@ Predictor-facing API (see docs/audit.md):
     writer.stop(); spool.close()                        # at stop()
 """
 
-from fraud.audit.records import DecisionRecord, decision_payloads, decision_records, pseudonymise
+from fraud.audit.records import (
+    DecisionRecord,
+    ExplanationRecord,
+    decision_payloads,
+    decision_records,
+    explanation_payloads,
+    pseudonymise,
+)
 from fraud.audit.spool import AppendResult, AuditSpool, default_spool_path
 from fraud.audit.store import audit_db_url, create_audit_engine, upgrade_database
 from fraud.audit.writer import AuditWriter, WriterSettings
@@ -19,12 +26,14 @@ __all__ = [
     "AuditSpool",
     "AuditWriter",
     "DecisionRecord",
+    "ExplanationRecord",
     "WriterSettings",
     "audit_db_url",
     "create_audit_engine",
     "decision_payloads",
     "decision_records",
     "default_spool_path",
+    "explanation_payloads",
     "pseudonymise",
     "upgrade_database",
 ]

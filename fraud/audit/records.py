@@ -400,3 +400,142 @@ def decision_payloads(
         ).decode()
         for i, score in enumerate(score_column.tolist())
     ]
+
+
+#: Payloads of explanation records start with this (`ExplanationRecord.to_payload` writes `kind` second)
+EXPLANATION_KIND = "explanation"
+_EXPLANATION_PREFIX = f'{{"v":{PAYLOAD_VERSION},"kind":"{EXPLANATION_KIND}"'
+
+
+@dataclass(frozen=True, slots=True)
+class ExplanationRecord:
+    """One explanation given on request (`:explain`): what the model's TreeSHAP said about one
+    transaction, to whom it was disclosed being the caller of the explain route. Not a decision:
+    it lands in the `explanations` table, never in `decisions` (no decision is made or changed).
+
+    `contributions` maps feature name -> log-odds contribution; `bias` is the expected log-odds.
+    `explanation_id` is unique per explained transaction (a spool replay is a no-op)."""
+
+    explanation_id: str
+    transaction_id: str
+    received_at: datetime
+    model_name: str
+    model_version: str
+    variant: Variant
+    customer_id: str
+    terminal_id: str
+    score: float
+    decision: str
+    bias: float
+    contributions: dict[str, float | None]
+    features_missing: bool = False
+    features_stale: bool = False
+    fail_open: bool = False
+
+    def __post_init__(self) -> None:
+        _check_id("explanation_id", self.explanation_id)
+        _check_id("transaction_id", self.transaction_id)
+        _check_id("customer_id", self.customer_id)
+        _check_id("terminal_id", self.terminal_id)
+        _check_id("model_name", self.model_name, 128)
+        _check_id("model_version", self.model_version, 128)
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.decision not in DECISIONS:
+            raise ValueError(f"decision must be one of {DECISIONS}, got {self.decision!r}")
+        score = float(self.score)
+        if not (0.0 <= score <= 1.0):
+            raise ValueError(f"score must be a probability in [0, 1], got {self.score!r}")
+        if not isinstance(self.received_at, datetime):
+            raise TypeError(f"received_at must be a datetime, got {type(self.received_at).__name__}")
+        object.__setattr__(self, "score", score)
+        object.__setattr__(self, "bias", float(self.bias))
+        object.__setattr__(self, "received_at", _utc_naive(self.received_at))
+        object.__setattr__(self, "contributions", {str(k): _finite_or_none(v) for k, v in self.contributions.items()})
+
+    def to_payload(self) -> str:
+        data = {"v": PAYLOAD_VERSION, "kind": EXPLANATION_KIND}
+        data.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+        data["received_at"] = self.received_at.isoformat()
+        return orjson.dumps(data, default=_json_default, option=orjson.OPT_SERIALIZE_NUMPY).decode()
+
+    @classmethod
+    def from_payload(cls, payload: str) -> ExplanationRecord:
+        try:
+            data = orjson.loads(payload)
+        except orjson.JSONDecodeError as exc:
+            raise ValueError(f"spool payload is not JSON: {exc}") from None
+        if not isinstance(data, dict) or data.pop("v", None) not in READABLE_PAYLOAD_VERSIONS:
+            raise ValueError(f"spool payload has no or an unknown version (expected v in {READABLE_PAYLOAD_VERSIONS})")
+        if data.pop("kind", None) != EXPLANATION_KIND:
+            raise ValueError("spool payload is not an explanation record")
+        try:
+            data["received_at"] = datetime.fromisoformat(data["received_at"])
+            return cls(**data)
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"spool payload is not an explanation record: {exc}") from None
+
+    def to_row(self) -> dict[str, Any]:
+        """Column values of the `explanations` table."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def is_explanation_payload(payload: str) -> bool:
+    """Whether a spool payload is an explanation record (decision payloads never start so)."""
+    return payload.startswith(_EXPLANATION_PREFIX)
+
+
+def explanation_payloads(
+    *,
+    transaction_ids: Sequence[str],
+    customer_ids: Sequence[str],
+    terminal_ids: Sequence[str],
+    feature_names: Sequence[str],
+    contributions: Any,
+    scores: Sequence[float],
+    decisions: Sequence[str],
+    features_missing: Sequence[bool],
+    features_stale: Sequence[bool],
+    fail_open: bool,
+    model_name: str,
+    model_version: str,
+    variant: Variant,
+    received_at: datetime,
+) -> list[str]:
+    """The spool payloads of one explain request; `contributions` is [n, len(feature_names) + 1]
+    (XGBoost `pred_contribs`: the bias last)."""
+    matrix = np.asarray(contributions, dtype=np.float64)
+    names = [str(name) for name in feature_names]
+    n = len(transaction_ids)
+    _check_lengths(
+        n,
+        customer_ids=customer_ids,
+        terminal_ids=terminal_ids,
+        contributions=matrix,
+        scores=scores,
+        decisions=decisions,
+        features_missing=features_missing,
+        features_stale=features_stale,
+    )
+    if matrix.ndim != 2 or matrix.shape[1] != len(names) + 1:
+        raise ValueError(f"contributions must be [n, {len(names) + 1}], got shape {matrix.shape}")
+    return [
+        ExplanationRecord(
+            explanation_id=secrets.token_hex(16),
+            transaction_id=str(transaction_ids[i]),
+            received_at=received_at,
+            model_name=model_name,
+            model_version=model_version,
+            variant=variant,
+            customer_id=str(customer_ids[i]),
+            terminal_id=str(terminal_ids[i]),
+            score=float(scores[i]),
+            decision=str(decisions[i]),
+            bias=float(matrix[i, -1]),
+            contributions=dict(zip(names, matrix[i, :-1].tolist(), strict=True)),
+            features_missing=bool(features_missing[i]),
+            features_stale=bool(features_stale[i]),
+            fail_open=fail_open,
+        ).to_payload()
+        for i in range(n)
+    ]

@@ -23,7 +23,7 @@ from sqlalchemy import Engine, text
 from fraud.audit.store import ALEMBIC_VERSION_TABLE
 from fraud.errors import UserError
 
-APPEND_ONLY = ("decisions", "audit_checkpoints")
+APPEND_ONLY = ("decisions", "explanations", "audit_checkpoints")
 MAINTAINED = ("labels", "live_quality")
 _ROLE_NAME = re.compile(r"^[a-z_][a-z0-9_$-]{0,62}$")
 

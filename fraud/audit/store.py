@@ -23,7 +23,7 @@ from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.pool import NullPool
 
-from fraud.audit.tables import Decision
+from fraud.audit.tables import Decision, Explanation
 from fraud.config import DataLayout
 from fraud.errors import UserError
 
@@ -253,6 +253,19 @@ def _insert_decisions_sqlite(connection: Connection, rows: Sequence[dict[str, An
     if skip_existing:
         statement += " ON CONFLICT (transaction_id, model_version) DO NOTHING"
     return connection.exec_driver_sql(statement, list(zip(*columns, strict=True))).rowcount
+
+
+def insert_explanations(connection: Connection, rows: Sequence[dict[str, Any]]) -> int:
+    """Insert explanation rows, skipping any explanation_id already present (a spool replay)."""
+    if not rows:
+        return 0
+    table = Explanation.__table__
+    statement = (
+        dialect_insert(connection, table)
+        .on_conflict_do_nothing(index_elements=["explanation_id"])
+        .returning(table.c.explanation_id)
+    )
+    return len(connection.execute(statement, list(rows)).all())
 
 
 def existing_decisions(connection: Connection, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], dict]:

@@ -69,6 +69,36 @@ class Decision(AuditBase):
     )
 
 
+class Explanation(AuditBase):
+    """Every explanation given on request (`:explain`): the TreeSHAP contributions disclosed for one
+    transaction. Not a decision (no decision is made or changed by an explanation); append-only."""
+
+    __tablename__ = "explanations"
+
+    explanation_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    transaction_id: Mapped[str] = mapped_column(String(64))
+    received_at: Mapped[datetime] = mapped_column(DateTime())
+    model_name: Mapped[str] = mapped_column(String(128))
+    model_version: Mapped[str] = mapped_column(String(128))
+    variant: Mapped[str] = mapped_column(String(16))
+    customer_id: Mapped[str] = mapped_column(String(64))
+    terminal_id: Mapped[str] = mapped_column(String(64))
+    score: Mapped[float] = mapped_column(Float())
+    decision: Mapped[str] = mapped_column(String(16))
+    #: expected log-odds; bias + sum(contributions) is the model's log-odds for the transaction
+    bias: Mapped[float] = mapped_column(Float())
+    #: feature name -> log-odds contribution (XGBoost TreeSHAP)
+    contributions: Mapped[dict[str, Any]] = mapped_column(JsonColumn)
+    features_missing: Mapped[bool] = mapped_column(Boolean())
+    features_stale: Mapped[bool] = mapped_column(Boolean())
+    fail_open: Mapped[bool] = mapped_column(Boolean())
+
+    __table_args__ = (
+        Index("ix_explanations_transaction_id", "transaction_id"),
+        Index("ix_explanations_received_at", "received_at"),
+    )
+
+
 class AuditCheckpoint(AuditBase):
     """The head of a writer's hash chain after each committed batch, in the same transaction.
 

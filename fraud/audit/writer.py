@@ -38,9 +38,15 @@ from sqlalchemy.exc import (
 
 from fraud.audit import prometheus
 from fraud.audit.chain import ChainState, checkpoint_row
-from fraud.audit.records import DecisionRecord
+from fraud.audit.records import DecisionRecord, ExplanationRecord, is_explanation_payload
 from fraud.audit.spool import AuditSpool, SpooledBatch
-from fraud.audit.store import create_audit_engine, existing_decisions, insert_decisions, require_schema
+from fraud.audit.store import (
+    create_audit_engine,
+    existing_decisions,
+    insert_decisions,
+    insert_explanations,
+    require_schema,
+)
 from fraud.audit.tables import AuditCheckpoint
 
 logger = logging.getLogger(__name__)
@@ -269,12 +275,19 @@ class AuditWriter:
         rows: list[dict] = []
         row_seqs: list[int] = []
         dead: list[tuple[int, str]] = []
+        explanations: list[dict] = []
+        explanation_seqs: list[int] = []
         for seq, payload in zip(batch.seqs, batch.payloads, strict=True):
             try:
+                if is_explanation_payload(payload):
+                    explanations.append(ExplanationRecord.from_payload(payload).to_row())
+                    explanation_seqs.append(seq)
+                    continue
                 rows.append(DecisionRecord.from_payload(payload).to_row())
                 row_seqs.append(seq)
             except ValueError as exc:
                 dead.append((seq, f"undecodable payload: {exc}"))
+        dead.extend(self._insert_explanations(explanations, explanation_seqs))
         try:
             outcome = self._insert(rows, row_seqs)
         except Exception as exc:
@@ -297,6 +310,26 @@ class AuditWriter:
             )
         prometheus.CONFLICTS.inc(len(outcome.conflicts))
         return BatchOutcome(written=outcome.written, duplicates=outcome.duplicates, dead=len(dead))
+
+    def _insert_explanations(self, rows: list[dict], seqs: list[int]) -> list[tuple[int, str]]:
+        """Explanation records into the `explanations` table (a replayed one is skipped by its id);
+        the rejected ones (seq, reason). Retryable database errors propagate: the batch stays spooled."""
+        if not rows:
+            return []
+        try:
+            with self.engine.begin() as connection:
+                insert_explanations(connection, rows)
+            return []
+        except Exception as exc:
+            if is_retryable(exc) or len(rows) == 1:
+                if is_retryable(exc):
+                    raise
+                detail = str(getattr(exc, "orig", None) or exc)
+                return [(seqs[0], f"{type(exc).__name__}: {detail[:500]}")]
+        rejected: list[tuple[int, str]] = []
+        for seq, row in zip(seqs, rows, strict=True):
+            rejected.extend(self._insert_explanations([row], [seq]))
+        return rejected
 
     def _insert(self, rows: list[dict], seqs: list[int]) -> _InsertOutcome:
         """One transaction: look up which keys are recorded already, insert the new rows linked

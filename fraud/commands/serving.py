@@ -42,6 +42,15 @@ def serve_command(
     port: Annotated[int, typer.Option("--port", help="HTTP port of the transformer (what clients call).")] = 8080,
     grpc_port: Annotated[int, typer.Option("--grpc-port", help="V2 gRPC port of the transformer.")] = 8081,
     predictor_port: Annotated[int, typer.Option("--predictor-port", help="HTTP port of the predictor.")] = 8082,
+    predictor_grpc_port: Annotated[
+        int | None,
+        typer.Option(
+            "--predictor-grpc-port",
+            help="Serve V2 gRPC on the predictor at this loopback port and have the transformer call it over gRPC "
+            "for V2 requests (KServe's --protocol grpc-v2); V1 requests and explanations still use its HTTP port. "
+            "Default: V2 REST.",
+        ),
+    ] = None,
     online_store: Annotated[
         str | None,
         typer.Option("--online-store", help="Feast online store of the predictor: sqlite or redis (default: repo's)."),
@@ -150,6 +159,7 @@ def serve_command(
         port=port,
         grpc_port=grpc_port,
         predictor_port=predictor_port,
+        predictor_grpc_port=predictor_grpc_port,
         online_store=online_store,
         store_timeout_s=store_timeout,
         log_dir=logs,
@@ -214,6 +224,8 @@ def _start_detached(config, pid_file: Path, console) -> None:
     ]  # fmt: skip
     if config.token_file:
         command += ["--token-file", str(config.token_file)]
+    if config.predictor_grpc_port is not None:
+        command += ["--predictor-grpc-port", str(config.predictor_grpc_port)]
     if config.online_store:
         command += ["--online-store", config.online_store]
     if config.store_timeout_s is not None:
