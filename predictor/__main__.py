@@ -25,6 +25,7 @@ from kserve import model_server
 from kserve.logging import KSERVE_TRACE_LOGGER_NAME, logger
 
 from predictor.auth import Authorizer, TokenFileError
+from predictor.compiled import COMPILED_AUTO, COMPILED_POLICIES, DEFAULT_CACHE_DIR
 from predictor.edge import DEFAULT_MAX_BODY_BYTES, RequestGate
 from predictor.explain import ExplainRoutes
 from predictor.fast_rest import FastScoringRoutes
@@ -114,6 +115,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="most transactions scored together when concurrent requests are coalesced (1 disables coalescing)",
     )
     parser.add_argument("--nthread", type=int, default=1, help="XGBoost threads per server process")
+    parser.add_argument(
+        "--compiled-model",
+        dest="compiled_model",
+        choices=list(COMPILED_POLICIES),
+        default=COMPILED_AUTO,
+        help="auto: probabilities from the model compiled to native code at load (checked equal to XGBoost's; "
+        "XGBoost if it cannot be built); off: XGBoost",
+    )
+    parser.add_argument(
+        "--compiled-model-cache",
+        dest="compiled_model_cache",
+        default=str(DEFAULT_CACHE_DIR),
+        help="private directory the compiled model is cached in ('' builds it at every load)",
+    )
     parser.add_argument(
         "--store-retry-after",
         dest="store_retry_after",
@@ -306,6 +321,8 @@ def settings_from_args(args: argparse.Namespace) -> PredictorSettings:
         idempotency_ttl_s=args.idempotency_ttl,
         idempotency_prefix=args.idempotency_prefix,
         publish_transactions=args.publish_transactions,
+        compiled_model=args.compiled_model,
+        compiled_model_cache=args.compiled_model_cache or None,
     )
 
 

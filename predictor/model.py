@@ -60,6 +60,7 @@ from predictor.codec import (
     parse_v2,
     request_protocol,
 )
+from predictor.compiled import COMPILED_POLICIES
 from predictor.edge import REQUEST_SCOPES
 from predictor.features import (
     FeastFeatureSource,
@@ -183,6 +184,11 @@ class PredictorSettings:
     idempotency_prefix: str = DEFAULT_KEY_PREFIX
     #: publish every scored transaction to the velocity stream (fraud.streaming)
     publish_transactions: bool = False
+    #: probabilities from the model compiled to native code ("auto", predictor.compiled; XGBoost
+    #: when it cannot be built) or from XGBoost ("off"); `python -m predictor` defaults to auto
+    compiled_model: str = "off"
+    #: private directory the compiled library is cached in (None: built at every load)
+    compiled_model_cache: str | None = None
 
     @property
     def audit_enabled(self) -> bool:
@@ -211,6 +217,8 @@ class PredictorSettings:
             raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
         if not (0.0 < self.audit_high_water <= 1.0) or self.audit_stall_seconds <= 0:
             raise ValueError("audit_high_water must be in (0, 1] and audit_stall_seconds > 0")
+        if self.compiled_model not in COMPILED_POLICIES:
+            raise ValueError(f"compiled_model must be one of {COMPILED_POLICIES}, got {self.compiled_model!r}")
         if self.nthread < 1:
             raise ValueError(f"nthread must be >= 1, got {self.nthread}")
         if self.micro_batch_rows < 1:
@@ -372,7 +380,12 @@ class FraudModel(Model):
             bundle_dir = resolve_bundle_dir(self.settings.bundle)
             key = self.settings.bundle_public_key
             verify_bundle(bundle_dir, load_public_key(Path(key)) if key else None)
-            self.scorer = BundleScorer(bundle_dir, nthread=self.settings.nthread)
+            self.scorer = BundleScorer(
+                bundle_dir,
+                nthread=self.settings.nthread,
+                compiled=self.settings.compiled_model,
+                compiled_cache=Path(self.settings.compiled_model_cache) if self.settings.compiled_model_cache else None,
+            )
         except BundleError as exc:
             raise ModelLoadError(f"cannot load model bundle from {self.settings.bundle}: {exc}") from None
         if self.settings.thresholds_dir:

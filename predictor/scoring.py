@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from fraud.bundle import MANIFEST_FILE, MODEL_FILE, BundleError, BundleManifest, validate_bundle
+from fraud.bundle import MANIFEST_FILE, MODEL_FILE, REFERENCE_FILE, BundleError, BundleManifest, validate_bundle
 from fraud.features.definitions import FEATURE_DESCRIPTIONS, MODEL_FEATURES
 from predictor.codec import ReasonCode
+from predictor.compiled import COMPILED_OFF, CompiledModel, load_compiled_model
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +82,11 @@ class ScoreResult:
 class BundleScorer:
     """A loaded, validated bundle. Thread-safe for concurrent `score` calls."""
 
-    def __init__(self, bundle_dir: Path, nthread: int = 1) -> None:
+    def __init__(
+        self, bundle_dir: Path, nthread: int = 1, compiled: str = "off", compiled_cache: Path | None = None
+    ) -> None:
+        """`compiled`: "auto" scores the probabilities with the model compiled to native code
+        (predictor.compiled; XGBoost when it cannot be built or does not match), "off" with XGBoost."""
         import xgboost as xgb
 
         self.bundle_dir = Path(bundle_dir)
@@ -104,6 +110,18 @@ class BundleScorer:
         booster.set_param({"nthread": nthread})
         booster.feature_names = list(MODEL_FEATURES)
         self.booster = booster
+        self._predict: Callable[[np.ndarray], np.ndarray] = lambda values: booster.inplace_predict(
+            values, validate_features=False
+        )
+        self.compiled: CompiledModel | None = None
+        if compiled != COMPILED_OFF:
+            reference_file = self.bundle_dir / REFERENCE_FILE
+            reference = np.load(reference_file) if reference_file.is_file() else None
+            self.compiled = load_compiled_model(
+                self.bundle_dir / MODEL_FILE, self._predict, len(MODEL_FEATURES), reference, compiled_cache
+            )
+            if self.compiled is not None:
+                self._predict = self.compiled.predict
         self.descriptions = {
             name: self.manifest.reason_codes.get(name, FEATURE_DESCRIPTIONS[name]) for name in MODEL_FEATURES
         }
@@ -157,7 +175,7 @@ class BundleScorer:
         values = np.ascontiguousarray(features, dtype=np.float64)
         if values.ndim != 2 or values.shape[1] != len(MODEL_FEATURES):
             raise ValueError(f"expected a [n, {len(MODEL_FEATURES)}] feature matrix, got shape {values.shape}")
-        probabilities = np.asarray(self.booster.inplace_predict(values, validate_features=False), dtype=np.float64)
+        probabilities = np.asarray(self._predict(values), dtype=np.float64)
         decisions = self.decisions(probabilities)
         if reason_codes == REASON_CODES_ALL:
             explained = np.arange(len(values))
