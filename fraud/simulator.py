@@ -809,7 +809,12 @@ def _draw_tx_day(
     time_seconds = (time_of_day + index * SECONDS_PER_DAY).astype(np.int64)
     no_fraud = np.zeros(time_seconds.size, dtype=np.int8)
     return _chronological(
-        customer.astype(np.int64), terminal.astype(np.int64), time_seconds, amount.astype(np.float64), no_fraud, no_fraud
+        customer.astype(np.int64),
+        terminal.astype(np.int64),
+        time_seconds,
+        amount.astype(np.float64),
+        no_fraud,
+        no_fraud,
     )
 
 

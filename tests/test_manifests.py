@@ -906,20 +906,12 @@ SCORING_PATHS = {"/v1/models/fraud-detector:predict", "/v2/models/fraud-detector
 @cache
 def istio_validator(kind: str):
     """Strict validator of one Istio kind from its published v1 schema (unknown field = error)."""
-    from tests.support.kserve_crd import CRDValidator
+    from tests.support.kserve_crd import json_schema_validator
 
     file, plural = ISTIO_SCHEMA_FILES[kind]
-    schema = json.loads((ISTIO_SCHEMAS / file).read_text())
-    schema.setdefault("properties", {}).update(apiVersion={"type": "string"}, kind={"type": "string"})
-    crd = {
-        "kind": "CustomResourceDefinition",
-        "spec": {
-            "group": "security.istio.io",
-            "names": {"kind": kind, "plural": plural},
-            "versions": [{"name": "v1", "served": True, "schema": {"openAPIV3Schema": schema}}],
-        },
-    }
-    return CRDValidator(crd)
+    return json_schema_validator(
+        ISTIO_SCHEMAS / file, group="security.istio.io", version="v1", kind=kind, plural=plural
+    )
 
 
 def named_doc(overlay: str, kind: str, name: str) -> dict:
