@@ -45,6 +45,8 @@ OBJECT_STORE_SECRET = "fraud-object-store"  # noqa: S105 - name of a Kubernetes 
 #: non-secret settings of the pipeline's tasks (AWS_ENDPOINT_URL, FRAUD_* ...)
 CONFIG_MAP = "fraud-pipeline-config"
 RUN_AS_USER = 10001
+DRIVER_PORT = 7078
+BLOCK_MANAGER_PORT = 7079
 
 COMPLETED = "COMPLETED"
 FAILED_STATES = frozenset({"FAILED", "SUBMISSION_FAILED", "INVALIDATING", "UNKNOWN"})
@@ -161,6 +163,11 @@ def spark_application(job: SparkFeatureJob) -> dict[str, Any]:
                 "spark.sql.session.timeZone": "UTC",
                 "spark.kubernetes.executor.deleteOnTermination": "true",
                 "spark.local.dir": f"{DATA_MOUNT}/spark-scratch",
+                # fixed ports, so the NetworkPolicy `fraud-spark` can name them
+                "spark.driver.port": str(DRIVER_PORT),
+                "spark.driver.blockManager.port": str(BLOCK_MANAGER_PORT),
+                "spark.blockManager.port": str(BLOCK_MANAGER_PORT),
+                "spark.ui.enabled": "false",
             },
             "restartPolicy": {"type": "Never"},
             "timeToLiveSeconds": 86_400,
