@@ -37,26 +37,30 @@ def build_features_spark(
     import uuid
 
     from components.base import CORE_IMAGE, deployer_kubeconfig
-    from fraud.deploy.spark import SparkApplicationRunner, SparkFeatureJob
+    from fraud.deploy.spark import SparkApplicationError, SparkApplicationRunner, SparkFeatureJob
 
-    job = SparkFeatureJob(
-        name=f"fraud-features-{uuid.uuid4().hex[:10]}",
-        namespace=namespace,
-        image=core_image or CORE_IMAGE,
-        feature_tables_uri=feature_tables_uri,
-        executor_instances=executor_instances,
-        executor_cores=executor_cores,
-        executor_memory=executor_memory,
-        driver_memory=driver_memory,
-        data_claim=data_claim,
-    )
     started = time.perf_counter()
-    runner = SparkApplicationRunner(namespace, kubeconfig=deployer_kubeconfig(submitter_token_dir))
-    runner.run(job, timeout_seconds)
+    name = f"fraud-features-{uuid.uuid4().hex[:10]}"
+    try:
+        job = SparkFeatureJob(
+            name=name,
+            namespace=namespace,
+            image=core_image or CORE_IMAGE,
+            feature_tables_uri=feature_tables_uri,
+            executor_instances=executor_instances,
+            executor_cores=executor_cores,
+            executor_memory=executor_memory,
+            driver_memory=driver_memory,
+            data_claim=data_claim,
+        )
+        runner = SparkApplicationRunner(namespace, kubeconfig=deployer_kubeconfig(submitter_token_dir))
+        runner.run(job, timeout_seconds)
+    except SparkApplicationError as exc:  # one line in the step's log: the driver's reason
+        raise SystemExit(f"error: {exc}") from None
     report.log_metric("seconds", round(time.perf_counter() - started, 3))
     report.log_metric("executors", executor_instances)
-    report.metadata.update({"spark_application": job.name, "namespace": namespace})
-    return job.name
+    report.metadata.update({"spark_application": name, "namespace": namespace})
+    return name
 
 
 @dsl.component(base_image=CORE_IMAGE, install_kfp_package=False)

@@ -10,7 +10,19 @@ from pathlib import Path
 
 import typer
 
-from fraud.commands import audit, bench, deploy, features, labels, monitor, pipeline, registry, serving, simulate
+from fraud.commands import (
+    audit,
+    bench,
+    deploy,
+    features,
+    labels,
+    monitor,
+    pipeline,
+    registry,
+    serving,
+    simulate,
+    spark,
+)
 from fraud.errors import UserError
 
 app = typer.Typer(
@@ -29,7 +41,7 @@ def _root() -> None:
     # registered; typer would otherwise run a lone command as the root and reject its name.
 
 
-for module in (simulate, features, pipeline, serving, deploy, registry, bench, audit, labels, monitor):
+for module in (simulate, features, pipeline, serving, deploy, registry, bench, audit, labels, monitor, spark):
     module.register(app)
 
 

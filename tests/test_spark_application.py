@@ -5,6 +5,8 @@ stand-in that refuses what the API server refuses), the manifests and the pipeli
 from __future__ import annotations
 
 import copy
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -328,3 +330,32 @@ def test_the_spark_feature_pipeline_submits_then_materialises(tmp_path):
         "fraud-feast-registry",
         "fraud-redis",
     }
+
+
+# --- the command line ----------------------------------------------------------------------------
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    fraud = Path(sys.executable).with_name("fraud")
+    return subprocess.run(
+        [str(fraud), "spark", "submit", *args], check=False, capture_output=True, text=True, timeout=120
+    )
+
+
+@needs_schemas
+def test_cli_reports_completion_and_a_failed_application_in_one_line(operator_api, tmp_path):
+    kubeconfig = str(operator_api.kubeconfig(tmp_path / "kubeconfig", "fraud-dev"))
+    common = ["--namespace", "fraud-dev", "--kubeconfig", kubeconfig, "--poll", "0.01"]
+    done = _cli(*common, "--name", "fraud-features-ok", "--feature-tables-uri", "s3://b/f")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "SparkApplication fraud-dev/fraud-features-ok COMPLETED"
+    failed = _cli(*common, "--name", "fraud-features-oom")
+    assert failed.returncode == 1
+    assert failed.stderr.strip().splitlines() == [
+        "error: SparkApplication fraud-dev/fraud-features-oom FAILED: Executor lost: Container killed on request. "
+        "Exit code is 137 (OOMKilled)"
+    ]
+    bad = _cli(*common, "--executor-memory", "lots")
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "error: executor_memory must be like 4g or 512m, got 'lots'"
+    ]
