@@ -10,7 +10,19 @@ from pathlib import Path
 
 import typer
 
-from fraud.commands import audit, bench, deploy, features, labels, monitor, pipeline, registry, serving, simulate
+from fraud.commands import (
+    audit,
+    bench,
+    deploy,
+    features,
+    labels,
+    monitor,
+    pipeline,
+    registry,
+    serving,
+    simulate,
+    spark,
+)
 from fraud.errors import UserError
 
 app = typer.Typer(
@@ -29,7 +41,7 @@ def _root() -> None:
     # registered; typer would otherwise run a lone command as the root and reject its name.
 
 
-for module in (simulate, features, pipeline, serving, deploy, registry, bench, audit, labels, monitor):
+for module in (simulate, features, pipeline, serving, deploy, registry, bench, audit, labels, monitor, spark):
     module.register(app)
 
 
@@ -78,13 +90,14 @@ def filter_known_library_warnings() -> None:
     warnings.showwarning = _show_unknown_warnings
 
 
-def main() -> None:
-    """Console entry point: user errors become a message and exit code, never a traceback."""
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: user errors become a message and exit code, never a traceback.
+    `argv` (default: the process's arguments) lets another entry point run one command in-process."""
     filter_known_library_warnings()
     try:
         # Without standalone mode click *returns* the code of a typer.Exit / click.exceptions.Exit
         # instead of exiting; commands themselves return None.
-        exit_code = app(standalone_mode=False)
+        exit_code = app(args=argv, standalone_mode=False)
         if isinstance(exit_code, int) and exit_code != 0:
             sys.exit(exit_code)
     except UserError as exc:

@@ -37,6 +37,7 @@ import json
 import os
 import shutil
 import uuid
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
@@ -93,6 +94,9 @@ CARD_TESTING_GAP_SECONDS = (10, 120)
 CARD_TESTING_LARGE_AMOUNT = (200.0, 1_500.0)
 #: spawn key of the card-testing random stream (independent of the book's five streams)
 _CARD_TESTING_STREAM = 1_000
+
+#: Customers per chunk when finding the terminals within the radius (bounds that step's memory).
+_RADIUS_CHUNK = 20_000
 
 #: Extra profile attributes (not in the book), from their own random stream.
 CUSTOMER_AGE_RANGE = (18, 90)
@@ -282,14 +286,23 @@ def terminals_within_radius(customer_xy: np.ndarray, terminal_xy: np.ndarray, ra
     from scipy.spatial import cKDTree
 
     n_customers = len(customer_xy)
-    pairs = cKDTree(customer_xy).sparse_distance_matrix(cKDTree(terminal_xy), radius, output_type="ndarray")
-    # sparse_distance_matrix includes the boundary (<= r); the book uses a strict "< r".
-    pairs = pairs[pairs["v"] < radius]
-    order = np.lexsort((pairs["j"], pairs["i"]))
-    owner = pairs["i"][order].astype(np.int64)
-    flat = pairs["j"][order].astype(np.int64)
-    counts = np.bincount(owner, minlength=n_customers).astype(np.int64)
-    offsets = np.concatenate([[0], np.cumsum(counts)])
+    terminal_tree = cKDTree(terminal_xy)
+    # Terminal indices fit int32 for any realistic size: half the memory of the largest array here.
+    index_type = np.int32 if len(terminal_xy) < np.iinfo(np.int32).max else np.int64
+    flats: list[np.ndarray] = []
+    counts: list[np.ndarray] = []
+    # Customers in chunks: the (i, j, distance) pairs of one chunk at a time stay within memory.
+    for lo in range(0, n_customers, _RADIUS_CHUNK):
+        chunk = customer_xy[lo : lo + _RADIUS_CHUNK]
+        pairs = cKDTree(chunk).sparse_distance_matrix(terminal_tree, radius, output_type="ndarray")
+        # sparse_distance_matrix includes the boundary (<= r); the book uses a strict "< r".
+        pairs = pairs[pairs["v"] < radius]
+        order = np.lexsort((pairs["j"], pairs["i"]))
+        flats.append(pairs["j"][order].astype(index_type))
+        counts.append(np.bincount(pairs["i"][order].astype(np.int64), minlength=len(chunk)).astype(np.int64))
+        del pairs, order
+    flat = np.concatenate(flats) if flats else np.empty(0, dtype=index_type)
+    offsets = np.concatenate([[0], np.cumsum(np.concatenate(counts) if counts else [])]).astype(np.int64)
     return _TerminalLists(flat=flat, offsets=offsets)
 
 
@@ -483,19 +496,34 @@ def _add_card_testing(tx: _TxArrays, config: SimulationConfig, rng: np.random.Ge
     """Scenario 4: on each day, `card_testing_per_day` random cards are used by a fraudster in a
     burst - small purchases at random terminals seconds to minutes apart, then a large one - all
     labelled fraud (scenario 4). Returns the arrays with the bursts added, in time order."""
-    k = min(config.card_testing_per_day, config.n_customers)
     parts: list[tuple[np.ndarray, ...]] = []
     for day in range(config.n_days):
-        for card in rng.choice(config.n_customers, size=k, replace=False):
-            n_small = int(rng.integers(CARD_TESTING_SMALL_TX[0], CARD_TESTING_SMALL_TX[1] + 1))
-            gaps = rng.integers(CARD_TESTING_GAP_SECONDS[0], CARD_TESTING_GAP_SECONDS[1] + 1, size=n_small)
-            start = day * SECONDS_PER_DAY + int(rng.integers(0, SECONDS_PER_DAY - int(gaps.sum()) - 1))
-            times = start + np.concatenate([[0], np.cumsum(gaps)])
-            amounts = np.concatenate(
-                [rng.uniform(*CARD_TESTING_SMALL_AMOUNT, size=n_small), [rng.uniform(*CARD_TESTING_LARGE_AMOUNT)]]
-            )
-            terminals = rng.integers(0, config.n_terminals, size=n_small + 1)
-            parts.append((np.full(n_small + 1, card), terminals, times, _round_amount(amounts)))
+        parts.extend(_card_testing_day(day, config, rng))
+    return _with_card_testing(tx, parts)
+
+
+def _card_testing_rng(config: SimulationConfig) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence(int(config.seed), spawn_key=(_CARD_TESTING_STREAM,)))
+
+
+def _card_testing_day(day: int, config: SimulationConfig, rng: np.random.Generator) -> list[tuple[np.ndarray, ...]]:
+    """The bursts of one day, (customer, terminal, time, amount) per stolen card, in draw order."""
+    k = min(config.card_testing_per_day, config.n_customers)
+    parts: list[tuple[np.ndarray, ...]] = []
+    for card in rng.choice(config.n_customers, size=k, replace=False):
+        n_small = int(rng.integers(CARD_TESTING_SMALL_TX[0], CARD_TESTING_SMALL_TX[1] + 1))
+        gaps = rng.integers(CARD_TESTING_GAP_SECONDS[0], CARD_TESTING_GAP_SECONDS[1] + 1, size=n_small)
+        start = day * SECONDS_PER_DAY + int(rng.integers(0, SECONDS_PER_DAY - int(gaps.sum()) - 1))
+        times = start + np.concatenate([[0], np.cumsum(gaps)])
+        amounts = np.concatenate(
+            [rng.uniform(*CARD_TESTING_SMALL_AMOUNT, size=n_small), [rng.uniform(*CARD_TESTING_LARGE_AMOUNT)]]
+        )
+        terminals = rng.integers(0, config.n_terminals, size=n_small + 1)
+        parts.append((np.full(n_small + 1, card), terminals, times, _round_amount(amounts)))
+    return parts
+
+
+def _with_card_testing(tx: _TxArrays, parts: list[tuple[np.ndarray, ...]]) -> _TxArrays:
     if not parts:
         return tx
     customer = np.concatenate([tx.customer, *(p[0] for p in parts)]).astype(np.int64)
@@ -529,20 +557,42 @@ def _prefixed_keys(prefix: str, width: int, index: np.ndarray) -> pa.Array:
     return pc.binary_join_element_wise(pa.scalar(prefix), digits, "")
 
 
-def _transaction_table(tx: _TxArrays, config: SimulationConfig) -> pa.Table:
+@dataclass(frozen=True)
+class _EntityKeys:
+    """The string keys of every customer and terminal, built once per simulation."""
+
+    customers: pa.Array
+    terminals: pa.Array
+
+    @classmethod
+    def of(cls, config: SimulationConfig) -> _EntityKeys:
+        return cls(
+            customers=_prefixed_keys("C", 7, np.arange(config.n_customers)),
+            terminals=_prefixed_keys("T", 7, np.arange(config.n_terminals)),
+        )
+
+
+def _transaction_table(
+    tx: _TxArrays, config: SimulationConfig, keys: _EntityKeys | None = None, first_id: int = 0
+) -> pa.Table:
+    """The transactions as an Arrow table; ids count from ``first_id`` (the rows of earlier days)."""
     n = tx.day.size
-    ids = _prefixed_keys("TX", 10, np.arange(n))
-    if n and (ids[0].as_py() != transaction_key(0) or ids[n - 1].as_py() != transaction_key(n - 1)):
+    keys = keys or _EntityKeys.of(config)
+    ids = _prefixed_keys("TX", 10, np.arange(first_id, first_id + n))
+    last = first_id + n - 1
+    if n and (ids[0].as_py() != transaction_key(first_id) or ids[n - 1].as_py() != transaction_key(last)):
         raise RuntimeError("vectorised transaction ids disagree with fraud.schema.transaction_key")
-    customer_ids = np.array([customer_key(i) for i in range(config.n_customers)], dtype=object)
-    terminal_ids = np.array([terminal_key(i) for i in range(config.n_terminals)], dtype=object)
+    if keys.customers[-1].as_py() != customer_key(len(keys.customers) - 1) or keys.terminals[
+        -1
+    ].as_py() != terminal_key(len(keys.terminals) - 1):
+        raise RuntimeError("vectorised entity keys disagree with fraud.schema")
     start = np.datetime64(config.start_date.isoformat(), "us")
     datetimes = start + tx.time_seconds.astype("timedelta64[s]").astype("timedelta64[us]")
     columns = {
         TRANSACTION_ID: ids,
         TX_DATETIME: pa.array(datetimes, type=pa.timestamp("us")),
-        CUSTOMER_ID: pa.array(customer_ids, type=pa.string()).take(pa.array(tx.customer)),
-        TERMINAL_ID: pa.array(terminal_ids, type=pa.string()).take(pa.array(tx.terminal)),
+        CUSTOMER_ID: keys.customers.take(pa.array(tx.customer)),
+        TERMINAL_ID: keys.terminals.take(pa.array(tx.terminal)),
         TX_AMOUNT: pa.array(tx.amount, type=pa.float64()),
         "tx_time_seconds": pa.array(tx.time_seconds, type=pa.int64()),
         "tx_time_days": pa.array(tx.day, type=pa.int64()),
@@ -602,10 +652,7 @@ def simulate(config: SimulationConfig | None = None, progress: ProgressCallback 
     tx = _generate_transactions(config, customers, available, streams.transactions, report)
     compromised_terminals, compromised_customers = _add_frauds(tx, config, streams.frauds, report)
     if config.card_testing_per_day:
-        card_testing = np.random.default_rng(
-            np.random.SeedSequence(int(config.seed), spawn_key=(_CARD_TESTING_STREAM,))
-        )
-        tx = _add_card_testing(tx, config, card_testing)
+        tx = _add_card_testing(tx, config, _card_testing_rng(config))
     transactions = _transaction_table(tx, config).to_pandas()
     return SimulatedData(
         transactions=transactions,
@@ -615,6 +662,201 @@ def simulate(config: SimulationConfig | None = None, progress: ProgressCallback 
         compromised_terminals=_schedule(compromised_terminals, TERMINAL_ID, terminal_key),
         compromised_customers=_schedule(compromised_customers, CUSTOMER_ID, customer_key),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# streaming: simulate and write day by day
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _PendingDay:
+    """One generated day, held until every scenario-3 compromise that reaches it has been drawn."""
+
+    index: int
+    tx: _TxArrays
+    times_picked: np.ndarray
+
+
+@dataclass
+class _StreamCounts:
+    n_transactions: int = 0
+    n_fraud: int = 0
+    by_scenario: dict[int, int] = field(default_factory=dict)
+    last_day_with_transactions: int = -1
+
+
+def simulate_to(
+    config: SimulationConfig | None = None,
+    out_dir: Path | str | None = None,
+    overwrite: bool = False,
+    progress: ProgressCallback | None = None,
+) -> dict[str, Any]:
+    """Simulate and write the dataset day by day; returns the manifest's summary.
+
+    The files are byte-identical to ``write_dataset(simulate(config), out_dir)``, but only a
+    window of ``SCENARIO_3_DURATION_DAYS`` days of transactions is in memory at any time (a
+    day's final amounts depend on the compromised customers of the 13 days before and the
+    scenario-3 draws of the 13 days after), so the memory does not grow with the number of days.
+    Written atomically like :func:`write_dataset`.
+    """
+    config = config or SimulationConfig()
+    report = progress or _no_progress
+    if out_dir is None:
+        raise UserError("simulate_to needs an output folder")
+    out_dir = check_output_dir(Path(out_dir), overwrite)
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create {out_dir.parent}: {exc.strerror or exc}") from None
+    # The book draws compromises for range(last day with a transaction); that is the last
+    # simulated day unless it is empty (tiny populations only): then run again with the right count.
+    n_start_days = int(config.n_days) - 1
+    while True:
+        tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex}"
+        try:
+            summary, last_day = _stream_into(config, tmp_dir, n_start_days, report)
+            if max(last_day, 0) != n_start_days:
+                n_start_days = max(last_day, 0)
+                shutil.rmtree(tmp_dir, ignore_errors=True)
+                continue
+            _swap_into_place(tmp_dir, out_dir, overwrite)
+        except BaseException:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            raise
+        return summary
+
+
+def _stream_into(
+    config: SimulationConfig, tmp_dir: Path, n_start_days: int, report: ProgressCallback
+) -> tuple[dict[str, Any], int]:
+    streams = _Streams.from_seed(int(config.seed))
+    customers = _draw_customers(config.n_customers, streams.customers)
+    terminal_xy = _draw_terminals(config.n_terminals, streams.terminals)
+    available = terminals_within_radius(customers.xy, terminal_xy, float(config.radius))
+    n_days = int(config.n_days)
+    compromised_terminals = _compromised_per_day(
+        n_start_days, config.n_terminals, SCENARIO_2_TERMINALS_PER_DAY, streams.frauds
+    )
+    compromised_customers = _compromised_per_day(
+        n_start_days, config.n_customers, SCENARIO_3_CUSTOMERS_PER_DAY, streams.frauds
+    )
+    card_testing = _card_testing_rng(config) if config.card_testing_per_day else None
+    keys = _EntityKeys.of(config)
+    tx_root = tmp_dir / "transactions"
+    tx_root.mkdir(parents=True)
+    counts = _StreamCounts()
+    pending: deque[_PendingDay] = deque()
+    resolved = 0  # scenario-3 compromise days whose picks are drawn
+
+    def flush(day: _PendingDay) -> None:
+        tx = day.tx
+        hit = day.times_picked > 0
+        tx.amount[hit] = np.round(tx.amount[hit] * SCENARIO_3_AMOUNT_FACTOR ** day.times_picked[hit], 2)
+        tx.fraud[hit] = 1
+        tx.scenario[hit] = 3
+        if card_testing is not None:
+            tx = _with_card_testing(tx, _card_testing_day(day.index, config, card_testing))
+        table = _transaction_table(tx, config, keys, first_id=counts.n_transactions)
+        day_dir = tx_root / f"{DAY_PARTITION}={(config.start_date + timedelta(days=day.index)).isoformat()}"
+        day_dir.mkdir()
+        _write_parquet(table, day_dir / PART_FILE_NAME)
+        counts.n_transactions += tx.day.size
+        counts.n_fraud += int(tx.fraud.sum())
+        for scenario, n in zip(*np.unique(tx.scenario, return_counts=True), strict=True):
+            counts.by_scenario[int(scenario)] = counts.by_scenario.get(int(scenario), 0) + int(n)
+        report("write", day.index + 1, n_days)
+
+    for index in range(n_days):
+        tx = _draw_tx_day(index, customers, available, streams.transactions)
+        _label_scenarios_1_2(tx, index, compromised_terminals)
+        if tx.day.size:
+            counts.last_day_with_transactions = index
+        pending.append(_PendingDay(index, tx, np.zeros(tx.day.size, dtype=np.int64)))
+        report("transactions", index + 1, n_days)
+        while resolved < n_start_days and min(resolved + SCENARIO_3_DURATION_DAYS, n_days) - 1 <= index:
+            _pick_scenario_3(resolved, compromised_customers[resolved], pending, n_days, streams.frauds)
+            resolved += 1
+        while pending and resolved >= min(pending[0].index + 1, n_start_days):
+            flush(pending.popleft())
+    while pending:
+        flush(pending.popleft())
+
+    n_rows = counts.n_transactions
+    scenarios = (1, 2, 3, SCENARIO_CARD_TESTING) if config.card_testing_per_day else (1, 2, 3)
+    summary = {
+        "n_transactions": n_rows,
+        "n_fraud": counts.n_fraud,
+        "fraud_rate": (counts.n_fraud / n_rows) if n_rows else 0.0,
+        "fraud_by_scenario": {str(k): counts.by_scenario.get(k, 0) for k in scenarios},
+        "n_customers": int(config.n_customers),
+        "n_terminals": int(config.n_terminals),
+        "n_customers_without_terminal": int((available.counts == 0).sum()),
+        "first_day": config.start_date.isoformat(),
+        "last_day": config.end_date.isoformat(),
+    }
+    customer_frame = _customer_frame(config, customers, available, streams.attributes)
+    terminal_frame = _terminal_frame(config, terminal_xy, streams.attributes)
+    _write_profiles_and_manifest(tmp_dir, config, customer_frame, terminal_frame, summary)
+    return summary, counts.last_day_with_transactions
+
+
+def _draw_tx_day(
+    index: int, customers: _CustomerArrays, terminals: _TerminalLists, rng: np.random.Generator
+) -> _TxArrays:
+    """Day ``index`` of the book's process, chronological (as :func:`_generate_transactions` sorts it)."""
+    customer, terminal, time_of_day, amount = _draw_day(customers, terminals, rng)
+    time_seconds = (time_of_day + index * SECONDS_PER_DAY).astype(np.int64)
+    no_fraud = np.zeros(time_seconds.size, dtype=np.int8)
+    return _chronological(
+        customer.astype(np.int64),
+        terminal.astype(np.int64),
+        time_seconds,
+        amount.astype(np.float64),
+        no_fraud,
+        no_fraud,
+    )
+
+
+def _label_scenarios_1_2(tx: _TxArrays, index: int, compromised_terminals: np.ndarray) -> None:
+    """Scenarios 1 and 2 on one day: terminals compromised on days (index - 28, index] are active."""
+    _apply_scenario_1(tx)
+    first = max(0, index - SCENARIO_2_DURATION_DAYS + 1)
+    active = compromised_terminals[first : index + 1].reshape(-1)
+    if active.size and tx.day.size:
+        hit = np.isin(tx.terminal, active)
+        tx.fraud[hit] = 1
+        tx.scenario[hit] = 2
+
+
+def _pick_scenario_3(
+    start_day: int,
+    customers: np.ndarray,
+    pending: deque[_PendingDay],
+    n_days: int,
+    rng: np.random.Generator,
+) -> None:
+    """The picks of the customers compromised on ``start_day``, in the order of
+    :func:`_apply_scenario_3` (customer, then day, then time), with the same random draws."""
+    end_day = min(start_day + SCENARIO_3_DURATION_DAYS, n_days)
+    window = [day for day in pending if start_day <= day.index < end_day]
+    owners: list[np.ndarray] = []
+    rows: list[np.ndarray] = []
+    for customer in customers:
+        for position, day in enumerate(window):
+            found = np.flatnonzero(day.tx.customer == customer)
+            owners.append(np.full(found.size, position, dtype=np.int64))
+            rows.append(found)
+    owner = np.concatenate(owners) if owners else np.empty(0, dtype=np.int64)
+    row = np.concatenate(rows) if rows else np.empty(0, dtype=np.int64)
+    total = row.size
+    if total == 0:
+        return
+    priority = rng.random(total)
+    picked = np.argsort(priority, kind="stable")[: total // 3]
+    for position, day in enumerate(window):
+        chosen = row[picked[owner[picked] == position]]
+        day.times_picked[chosen] += 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -692,13 +934,19 @@ def _write_into(data: SimulatedData, tmp_dir: Path, report: ProgressCallback) ->
         lo, hi = int(bounds[day]), int(bounds[day + 1])
         _write_parquet(table.slice(lo, hi - lo), day_dir / PART_FILE_NAME)
         report("write", day + 1, config.n_days)
-    _write_parquet(_to_arrow(data.customers, CUSTOMER_PROFILE_SCHEMA), tmp_dir / "customers.parquet")
-    _write_parquet(_to_arrow(data.terminals, TERMINAL_PROFILE_SCHEMA), tmp_dir / "terminals.parquet")
+    _write_profiles_and_manifest(tmp_dir, config, data.customers, data.terminals, data.summary())
+
+
+def _write_profiles_and_manifest(
+    tmp_dir: Path, config: SimulationConfig, customers: pd.DataFrame, terminals: pd.DataFrame, summary: dict[str, Any]
+) -> None:
+    _write_parquet(_to_arrow(customers, CUSTOMER_PROFILE_SCHEMA), tmp_dir / "customers.parquet")
+    _write_parquet(_to_arrow(terminals, TERMINAL_PROFILE_SCHEMA), tmp_dir / "terminals.parquet")
     manifest = {
         "format_version": FORMAT_VERSION,
         "generator": "fraud.simulator (Fraud Detection Handbook ch. 3.2)",
         "parameters": config.to_json_dict(),
-        **data.summary(),
+        **summary,
         "partitioning": {"column": DAY_PARTITION, "flavor": "hive", "file": PART_FILE_NAME},
     }
     (tmp_dir / SUCCESS_FILE_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")

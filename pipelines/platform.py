@@ -32,6 +32,9 @@ SCRATCH_VOLUME = "scratch"
 #: Secret holding the `fraud-deployer` ServiceAccount token (type kubernetes.io/service-account-token).
 DEPLOYER_SECRET = "fraud-deployer-token"  # noqa: S105 - name of a Kubernetes Secret, not its value
 DEPLOYER_TOKEN_DIR = "/var/run/secrets/fraud-deployer"  # noqa: S105 - mount path of the Secret, not a password
+#: Secret holding the `fraud-spark-submitter` ServiceAccount token: may create SparkApplications.
+SPARK_SUBMITTER_SECRET = "fraud-spark-submitter-token"  # noqa: S105 - name of a Kubernetes Secret, not its value
+SPARK_SUBMITTER_TOKEN_DIR = "/var/run/secrets/fraud-spark-submitter"  # noqa: S105 - mount path, not a password
 
 #: Secret name -> {secret key: environment variable}.
 SECRETS: dict[str, dict[str, str]] = {
@@ -55,6 +58,9 @@ TASK_SERVICES: dict[str, tuple[str, ...]] = {
     "register": (MLFLOW,),
     "deploy-model": (MLFLOW,),
     "analyse-canary": (MLFLOW,),
+    # the feature build on the Spark Operator: the driver gets the object store's secret itself
+    "build-features-spark": (),
+    "materialize-features": (OBJECT_STORE, FEAST_REGISTRY, REDIS),
 }
 
 
@@ -76,12 +82,16 @@ TASK_RESOURCES: dict[str, Resources] = {
     "register": Resources("250m", "1", "512M", "2G"),
     "deploy-model": Resources("100m", "500m", "256M", "1G"),
     "analyse-canary": Resources("100m", "500m", "256M", "1G"),
+    "build-features-spark": Resources("100m", "500m", "256M", "512M"),
+    "materialize-features": Resources("1", "2", "2G", "8G"),
 }
 
 #: Steps that only read inputs and write their own outputs (or idempotent service state: the
 #: object store, a re-materialisation, MLflow tags): a network hiccup is retried. Not retried:
 #: `train` (a second MLflow run), `register` (a second model version) and the deploy steps.
-RETRIED_TASKS: frozenset[str] = frozenset({"ingest", "engineer-features", "build-training-set", "evaluate", "gate"})
+RETRIED_TASKS: frozenset[str] = frozenset(
+    {"ingest", "engineer-features", "build-training-set", "evaluate", "gate", "materialize-features"}
+)
 RETRIES = 3
 BACKOFF_DURATION = "30s"
 BACKOFF_FACTOR = 2.0
@@ -89,9 +99,21 @@ BACKOFF_MAX_DURATION = "10m"
 
 #: Steps whose effect is outside their outputs (Redis / object store, MLflow registry, serving):
 #: a cached result would skip the effect.
-UNCACHED_TASKS: frozenset[str] = frozenset({"engineer-features", "gate", "register", "deploy-model", "analyse-canary"})
+UNCACHED_TASKS: frozenset[str] = frozenset(
+    {
+        "engineer-features",
+        "gate",
+        "register",
+        "deploy-model",
+        "analyse-canary",
+        "build-features-spark",
+        "materialize-features",
+    }
+)
 #: Steps that talk to the Kubernetes API as `fraud-deployer`.
 DEPLOY_TASKS: frozenset[str] = frozenset({"deploy-model", "analyse-canary"})
+#: Steps that create SparkApplications as `fraud-spark-submitter`.
+SPARK_SUBMIT_TASKS: frozenset[str] = frozenset({"build-features-spark"})
 
 
 def configure_task(task: PipelineTask, name: str) -> PipelineTask:
@@ -117,6 +139,8 @@ def configure_task(task: PipelineTask, name: str) -> PipelineTask:
         task.set_caching_options(False)
     if name in DEPLOY_TASKS:
         kubernetes.use_secret_as_volume(task, secret_name=DEPLOYER_SECRET, mount_path=DEPLOYER_TOKEN_DIR)
+    if name in SPARK_SUBMIT_TASKS:
+        kubernetes.use_secret_as_volume(task, secret_name=SPARK_SUBMITTER_SECRET, mount_path=SPARK_SUBMITTER_TOKEN_DIR)
     return task
 
 

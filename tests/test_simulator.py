@@ -484,3 +484,61 @@ def test_card_testing_option_of_the_cli(tmp_path):
     assert manifest["fraud_by_scenario"]["4"] >= 3 * (simulator.CARD_TESTING_SMALL_TX[0] + 1)
     bad = _run_cli(*SMALL_ARGS, "--card-testing-per-day", "-1", "--out", str(tmp_path / "bad"), data_dir=tmp_path)
     assert bad.returncode == 2 and "card_testing_per_day" in bad.stderr
+
+
+# --- streaming writer (`fraud simulate`) -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        GOLDEN,
+        SimulationConfig(n_customers=200, n_terminals=400, n_days=40, seed=3),
+        SimulationConfig(n_customers=200, n_terminals=400, n_days=30, seed=3, card_testing_per_day=2),
+        # three cards: the last day has no transaction, so the book draws one compromise day fewer
+        SimulationConfig(n_customers=3, n_terminals=4, n_days=20, seed=28),
+    ],
+    ids=["golden", "40-days", "card-testing", "sparse-days"],
+)
+def test_streaming_writer_is_byte_identical_to_the_in_memory_one(tmp_path, config):
+    write_dataset(simulate(config), tmp_path / "memory")
+    summary = simulator.simulate_to(config, tmp_path / "streamed")
+    assert _tree_digest(tmp_path / "streamed") == _tree_digest(tmp_path / "memory")
+    assert summary == {k: v for k, v in read_manifest(tmp_path / "memory").items() if k in summary}
+    if config == GOLDEN:
+        assert _combined_digest(tmp_path / "streamed") == GOLDEN_DIGEST
+
+
+def test_streaming_writer_holds_at_most_the_scenario_3_window_of_days(tmp_path):
+    generated: list[int] = []
+    held: list[int] = []
+
+    def progress(stage: str, completed: int, total: int) -> None:
+        if stage == "transactions":
+            generated.append(completed)
+        elif stage == "write":
+            held.append(generated[-1] - (completed - 1))
+
+    config = SimulationConfig(n_customers=100, n_terminals=200, n_days=60, seed=2)
+    simulator.simulate_to(config, tmp_path / "raw", progress=progress)
+    assert len(held) == config.n_days
+    # a day is written as soon as the last scenario-3 draw that can touch it is known
+    assert max(held) == simulator.SCENARIO_3_DURATION_DAYS
+
+
+def test_streaming_writer_refuses_an_existing_dataset_and_leaves_no_temporary_folder(tmp_path):
+    simulator.simulate_to(GOLDEN, tmp_path / "raw")
+    before = _tree_digest(tmp_path / "raw")
+    with pytest.raises(UserError, match="--overwrite"):
+        simulator.simulate_to(GOLDEN, tmp_path / "raw")
+    simulator.simulate_to(SimulationConfig(n_customers=50, n_terminals=100, n_days=5, seed=22), tmp_path / "raw", True)
+    assert _tree_digest(tmp_path / "raw") != before
+    assert [p.name for p in tmp_path.iterdir()] == ["raw"]
+
+
+@pytest.mark.slow
+def test_streaming_writer_matches_the_in_memory_one_at_the_default_sizes(tmp_path):
+    """The default dataset (~1.75 M transactions): streamed files == the in-memory simulator's."""
+    write_dataset(simulate(SimulationConfig()), tmp_path / "memory")
+    simulator.simulate_to(SimulationConfig(), tmp_path / "streamed")
+    assert _tree_digest(tmp_path / "streamed") == _tree_digest(tmp_path / "memory")

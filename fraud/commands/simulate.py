@@ -63,7 +63,7 @@ def simulate_command(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from fraud.config import DataLayout
-    from fraud.simulator import SimulationConfig, check_output_dir, simulate, write_dataset
+    from fraud.simulator import SimulationConfig, check_output_dir, simulate_to
 
     config = SimulationConfig(
         n_customers=customers,
@@ -77,7 +77,7 @@ def simulate_command(
     out_dir = check_output_dir(out if out is not None else DataLayout.current().raw, overwrite)
 
     console = Console(stderr=True)
-    labels = {"transactions": "Simulating days", "frauds": "Adding fraud scenarios", "write": "Writing Parquet"}
+    labels = {"transactions": "Simulating days", "write": "Writing days (frauds labelled)"}
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -93,17 +93,15 @@ def simulate_command(
                 tasks[stage] = progress.add_task(labels.get(stage, stage), total=total)
             progress.update(tasks[stage], completed=completed)
 
-        data = simulate(config, progress=report)
-        written = write_dataset(data, out_dir, overwrite=overwrite, progress=report)
+        summary = simulate_to(config, out_dir, overwrite=overwrite, progress=report)
 
-    summary = data.summary()
     by_scenario = summary["fraud_by_scenario"]
     console.print(
         f"wrote {summary['n_transactions']:,} transactions "
         f"({summary['n_fraud']:,} fraud = {summary['fraud_rate']:.3%}; "
         f"scenario 1: {by_scenario['1']:,}, 2: {by_scenario['2']:,}, 3: {by_scenario['3']:,}), "
         f"{summary['n_customers']:,} customers, {summary['n_terminals']:,} terminals "
-        f"over {config.n_days} days from {config.start_date.isoformat()} to {written}"
+        f"over {config.n_days} days from {config.start_date.isoformat()} to {out_dir}"
     )
 
 

@@ -146,6 +146,50 @@ def engineer_features(
     )
 
 
+def materialize_feature_tables(
+    feature_tables_uri: str, layout: DataLayout, incremental: bool = False
+) -> FeatureStepResult:
+    """The second half of :func:`engineer_features` for tables built elsewhere (the Spark
+    Operator's SparkApplication, `fraud.deploy.spark`): fetch them from `feature_tables_uri`,
+    `feast apply`, materialise as :func:`engineer_features` does."""
+    import time
+
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from fraud import feature_store, storage
+    from fraud.features.offline import SNAPSHOT_TIMESTAMP, customer_features_path, terminal_features_path
+
+    started = time.perf_counter()
+    storage.get_folder(feature_tables_uri, layout.features, feature_table_names())
+    customers = pq.read_table(customer_features_path(layout), columns=[SNAPSHOT_TIMESTAMP])
+    terminal_rows = pq.ParquetFile(terminal_features_path(layout)).metadata.num_rows
+    if customers.num_rows == 0:
+        from fraud.errors import UserError
+
+        raise UserError(f"the customer feature table at {feature_tables_uri} is empty")
+    # the last snapshot is taken at midnight after the last transaction day
+    end = pc.max(customers.column(SNAPSHOT_TIMESTAMP)).as_py()
+    first = pc.min(customers.column(SNAPSHOT_TIMESTAMP)).as_py()
+    feature_store.apply_repo()
+    start = end - timedelta(days=SNAPSHOT_TTL_DAYS + 1)
+    if incremental:
+        done = feature_store.materialize_incremental(end)
+        start = done.start or start
+    else:
+        feature_store.materialize(start, end)
+    return FeatureStepResult(
+        transactions=0,
+        customer_rows=customers.num_rows,
+        terminal_rows=terminal_rows,
+        first_day=first.date().isoformat(),
+        last_day=(end - timedelta(days=1)).date().isoformat(),
+        materialized_start=start.isoformat(),
+        materialized_end=end.isoformat(),
+        seconds=time.perf_counter() - started,
+    )
+
+
 # --- 3. training sets -----------------------------------------------------------------------------
 
 

@@ -1,4 +1,5 @@
-"""Strict validation of custom resources against a CustomResourceDefinition's openAPIV3Schema.
+"""Strict validation of custom resources against a CustomResourceDefinition's openAPIV3Schema
+(or a published JSON Schema of one kind, `json_schema_validator`: Istio, Spark Operator).
 
 The API server *prunes* unknown fields of a structural CRD schema silently; `kubectl
 --validate=strict` (server-side field validation "Strict") turns them into errors instead. This
@@ -187,3 +188,25 @@ def _load(path: str) -> CRDValidator:
 def load_validator(path: Path | str | None = None) -> CRDValidator:
     """The strict validator for the CRD at `path` (default: FRAUD_KSERVE_CRD or ../shared/...). Cached."""
     return _load(str(Path(path) if path is not None else default_crd_path()))
+
+
+def json_schema_validator(path: Path | str, *, group: str, version: str, kind: str, plural: str) -> CRDValidator:
+    """The strict validator of one kind from its published JSON Schema of a whole object (the
+    datreeio CRDs-catalog files under ../shared/schemas/: Istio, Spark Operator, Prometheus
+    Operator), by wrapping it in a one-version CRD."""
+    import json
+
+    file = Path(path)
+    if not file.is_file():
+        raise CRDError(f"schema file {file} does not exist")
+    schema = json.loads(file.read_text())
+    schema.setdefault("properties", {}).update(apiVersion={"type": "string"}, kind={"type": "string"})
+    crd = {
+        "kind": "CustomResourceDefinition",
+        "spec": {
+            "group": group,
+            "names": {"kind": kind, "plural": plural},
+            "versions": [{"name": version, "served": True, "schema": {"openAPIV3Schema": schema}}],
+        },
+    }
+    return CRDValidator(crd)

@@ -14,6 +14,11 @@ It refuses what the API server refuses: a path of an API version the CRD does no
 strategic-merge patch on a custom resource (415), an update with a stale `resourceVersion` (409),
 a body whose name or namespace differs from the URL (400), an invalid object (422).
 
+`FakeSparkOperatorAPI` - the same for the Kubeflow Spark Operator's SparkApplications
+(`/apis/sparkoperator.k8s.io/v1beta2/namespaces/{ns}/sparkapplications[/{name}]`: GET, POST,
+DELETE), validated against the operator's published schema; it simulates the operator's
+state machine (SUBMITTED -> RUNNING -> COMPLETED, or FAILED with the driver's errorMessage).
+
 The Prometheus stand-in is `tests.support.prometheus_stub`.
 """
 
@@ -34,6 +39,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 from fraud.deploy.kserve_rollout import API_VERSION, GROUP, PLURAL, STORAGE_URI_ENV, predictor_container
+from fraud.deploy.spark import GROUP as SPARK_GROUP
+from fraud.deploy.spark import PLURAL as SPARK_PLURAL
 from tests.support.kserve_crd import CRDValidator
 
 _ISVC_PATH = re.compile(
@@ -104,9 +111,27 @@ def _now() -> str:
     return datetime.now(UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def kube_status(
+    code: int, reason: str, message: str, causes: list[dict[str, str]] | None = None, *, group: str = "", kind: str = ""
+) -> tuple[int, dict]:
+    """(code, body) of the API server's `Status` answer to a refused request."""
+    body: dict[str, Any] = {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "code": code,
+    }
+    if causes:
+        body["details"] = {"group": group, "kind": kind, "causes": causes}
+    return code, body
+
+
 class _LoopbackServer(ABC):
     """An HTTP server on a free loopback port, served from a daemon thread while used as a context
-    manager. Subclasses provide `_handler()` (the request handler class)."""
+    manager. Subclasses answer requests in `handle(method, path, content_type, body)`; JSON in and out."""
 
     def _start_server(self) -> None:
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -114,8 +139,47 @@ class _LoopbackServer(ABC):
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     @abstractmethod
+    def handle(self, method: str, path: str, content_type: str, body: Any) -> tuple[int, Any]:
+        """(HTTP status, JSON body) of one request."""
+
+    def kubeconfig(self, path: Path, namespace: str = "default") -> Path:
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
+            "users": [{"name": "fake", "user": {"token": "fake-token"}}],
+            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake", "namespace": namespace}}],
+            "current-context": "fake",
+        }
+        Path(path).write_text(json.dumps(config))
+        return Path(path)
+
     def _handler(self) -> type[BaseHTTPRequestHandler]:
-        """The request handler class serving this fake."""
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                return None
+
+            def _serve(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                try:
+                    body = json.loads(raw) if raw else None
+                except json.JSONDecodeError:
+                    code, payload = kube_status(400, "BadRequest", "body is not JSON")
+                else:
+                    code, payload = api.handle(self.command, self.path, self.headers.get("Content-Type", ""), body)
+                data = json.dumps(payload).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _serve
+
+        return Handler
 
     @property
     def url(self) -> str:
@@ -158,18 +222,6 @@ class FakeKServeAPI(_LoopbackServer):
         self._lock = threading.Lock()
         self._resource_version = 0
         self._start_server()
-
-    def kubeconfig(self, path: Path, namespace: str = "default") -> Path:
-        config = {
-            "apiVersion": "v1",
-            "kind": "Config",
-            "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
-            "users": [{"name": "fake", "user": {"token": "fake-token"}}],
-            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake", "namespace": namespace}}],
-            "current-context": "fake",
-        }
-        Path(path).write_text(json.dumps(config))
-        return Path(path)
 
     def get(self, namespace: str, name: str) -> dict[str, Any] | None:
         with self._lock:
@@ -258,18 +310,7 @@ class FakeKServeAPI(_LoopbackServer):
     def _status(
         self, code: int, reason: str, message: str, causes: list[dict[str, str]] | None = None
     ) -> tuple[int, dict]:
-        body: dict[str, Any] = {
-            "kind": "Status",
-            "apiVersion": "v1",
-            "metadata": {},
-            "status": "Failure",
-            "message": message,
-            "reason": reason,
-            "code": code,
-        }
-        if causes:
-            body["details"] = {"group": GROUP, "kind": PLURAL, "causes": causes}
-        return code, body
+        return kube_status(code, reason, message, causes, group=GROUP, kind=PLURAL)
 
     def _invalid(self, name: str, obj: Any) -> tuple[int, dict] | None:
         issues = self.validator.issues(obj)
@@ -387,33 +428,6 @@ class FakeKServeAPI(_LoopbackServer):
                 return 200, copy.deepcopy(stored.obj)
         return self._status(405, "MethodNotAllowed", f"{method} is not supported on {path}")
 
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        api = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                return None
-
-            def _serve(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                raw = self.rfile.read(length) if length else b""
-                try:
-                    body = json.loads(raw) if raw else None
-                except json.JSONDecodeError:
-                    code, payload = api._status(400, "BadRequest", "body is not JSON")
-                else:
-                    code, payload = api.handle(self.command, self.path, self.headers.get("Content-Type", ""), body)
-                data = json.dumps(payload).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _serve
-
-        return Handler
-
 
 #: the versions the KServe CRD serves (a PATCH to any other version is a 404, as on a real cluster)
 SERVED_VERSIONS = (API_VERSION,)
@@ -435,3 +449,120 @@ def _template(obj: dict[str, Any]) -> Any:
     predictor = dict(obj["spec"]["predictor"])
     predictor.pop("canaryTrafficPercent", None)
     return predictor
+
+
+# -- Spark Operator ------------------------------------------------------------------------------
+
+_SPARK_PATH = re.compile(
+    rf"^/apis/{re.escape(SPARK_GROUP)}/(?P<version>[^/]+)/namespaces/(?P<ns>[^/]+)/{SPARK_PLURAL}"
+    r"(?:/(?P<name>[^/]+))?/?$"
+)
+
+
+class FakeSparkOperatorAPI(_LoopbackServer):
+    """The SparkApplication API of a cluster running the Kubeflow Spark Operator (module docstring).
+
+    `outcomes` maps an application name to its final (state, errorMessage); by default an
+    application COMPLETES. Every GET of an application moves the simulated operator one state on
+    (SUBMITTED, RUNNING, then the outcome). `namespaces`: where the caller may create applications
+    (its Role); any other namespace is 403 Forbidden, as RBAC answers."""
+
+    def __init__(
+        self,
+        validator: CRDValidator,
+        *,
+        namespaces: Iterable[str] = ("default",),
+        outcomes: dict[str, tuple[str, str]] | None = None,
+    ) -> None:
+        self.validator = validator
+        self.namespaces = set(namespaces)
+        self.outcomes = dict(outcomes or {})
+        self.objects: dict[tuple[str, str], dict[str, Any]] = {}
+        self.requests: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self._resource_version = 0
+        self._start_server()
+
+    def _advance(self, obj: dict[str, Any]) -> None:
+        state = (obj.get("status") or {}).get("applicationState", {}).get("state", "")
+        name = obj["metadata"]["name"]
+        final, message = self.outcomes.get(name, ("COMPLETED", ""))
+        following = {"": "SUBMITTED", "SUBMITTED": "RUNNING", "RUNNING": final}.get(state, state)
+        if following == "SUBMISSION_FAILED" and state == "":
+            following = final
+        application_state: dict[str, Any] = {"state": following}
+        if following in ("FAILED", "SUBMISSION_FAILED") and message:
+            application_state["errorMessage"] = message
+        status: dict[str, Any] = {
+            "applicationState": application_state,
+            "driverInfo": {"podName": f"{name}-driver"},
+            "submissionAttempts": 1,
+            "lastSubmissionAttemptTime": _now(),
+        }
+        if following in ("COMPLETED", "FAILED"):
+            status["terminationTime"] = _now()
+            status["executionAttempts"] = 1
+        obj["status"] = status
+        self.validator.validate(obj)  # the operator only ever writes a valid status
+
+    def handle(self, method: str, path: str, content_type: str, body: Any) -> tuple[int, Any]:
+        match = _SPARK_PATH.match(urlparse(path).path)
+        if not match or match["version"] not in self.validator.versions:
+            return kube_status(404, "NotFound", f"the server could not find the requested resource ({path})")
+        namespace, name = match["ns"], match["name"]
+        self.requests.append({"method": method, "path": path, "body": body})
+        if namespace not in self.namespaces:
+            return kube_status(
+                403,
+                "Forbidden",
+                f'sparkapplications.{SPARK_GROUP} is forbidden: User "fake" cannot {method.lower()} resource '
+                f'"sparkapplications" in API group "{SPARK_GROUP}" in the namespace "{namespace}"',
+            )
+        with self._lock:
+            if method == "POST" and not name:
+                if not isinstance(body, dict):
+                    return kube_status(400, "BadRequest", "body must be an object")
+                mismatch = _identity_mismatch(body, namespace, None)
+                if mismatch:
+                    return kube_status(400, "BadRequest", mismatch)
+                body = copy.deepcopy(body)
+                body.setdefault("metadata", {})["namespace"] = namespace
+                obj_name = str(body["metadata"].get("name", ""))
+                issues = self.validator.issues(body)
+                if issues:
+                    causes = [{"reason": "FieldValueInvalid", "field": i.path, "message": i.message} for i in issues]
+                    text = "; ".join(str(i) for i in issues)
+                    return kube_status(
+                        422,
+                        "Invalid",
+                        f'SparkApplication.{SPARK_GROUP} "{obj_name}" is invalid: {text}',
+                        causes,
+                        group=SPARK_GROUP,
+                        kind=SPARK_PLURAL,
+                    )
+                if (namespace, obj_name) in self.objects:
+                    return kube_status(
+                        409, "AlreadyExists", f'sparkapplications.{SPARK_GROUP} "{obj_name}" already exists'
+                    )
+                body.pop("status", None)
+                self._resource_version += 1
+                body["metadata"].update(
+                    uid=str(uuid.uuid4()),
+                    generation=1,
+                    resourceVersion=str(self._resource_version),
+                    creationTimestamp=_now(),
+                )
+                self.objects[(namespace, obj_name)] = body
+                return 201, copy.deepcopy(body)
+            stored = self.objects.get((namespace, name or ""))
+            if method == "GET" and name:
+                if stored is None:
+                    return kube_status(404, "NotFound", f'sparkapplications.{SPARK_GROUP} "{name}" not found')
+                self._advance(stored)
+                return 200, copy.deepcopy(stored)
+            if method == "DELETE" and name:
+                if stored is None:
+                    return kube_status(404, "NotFound", f'sparkapplications.{SPARK_GROUP} "{name}" not found')
+                del self.objects[(namespace, name)]
+                return 200, {"kind": "Status", "apiVersion": "v1", "status": "Success", "details": {"name": name}}
+        return kube_status(405, "MethodNotAllowed", f"{method} {path} is not simulated by this stand-in")
