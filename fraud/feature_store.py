@@ -19,6 +19,7 @@ overrides the Feast project name, which also namespaces the Redis keys.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -253,6 +254,7 @@ def apply_repo(online: str | None = None, *, registry: str | None = None, projec
 
     _require_offline_tables(DataLayout.current())
     config = repo_config(online, registry, project)
+    adopt_copied_registry(config)
     with _inside_feature_repo():
         apply_total(config, FEATURE_REPO_DIR, skip_source_validation=False)
 
@@ -262,6 +264,217 @@ def teardown(online: str | None = None, *, registry: str | None = None, project:
     cached online client of that configuration."""
     get_feature_store(online, registry=registry, project=project).teardown()
     _CLIENTS.pop(_client_key(store_profile(online, registry), project), None)
+
+
+# --- ownership: a command touches only the stores of its own data directory ----------------------
+
+
+def _own_sqlite_path(config: RepoConfig) -> Path:
+    """The SQLite online store of this data directory (the profile's path, or the embedded
+    profile's when the profile stores online data elsewhere)."""
+    if config.online_store.type == "sqlite":
+        return Path(config.online_store.path)
+    return DataLayout.current().feast / "online_store.db"
+
+
+def _file_registry_path(config: RepoConfig) -> Path | None:
+    if config.registry.registry_type != "file":
+        return None
+    return Path(config.registry.path)
+
+
+def foreign_online_tables(config: RepoConfig) -> list[str]:
+    """SQLite files outside this data directory in which the registry records online tables.
+
+    Feast records each SQLite online table with its absolute path in the registry and, when it
+    applies, drops the recorded tables that the new plan lacks - at the recorded path. A registry
+    copied with its data directory (`cp -r A C`) therefore names A's store, and applying it in C
+    would empty A's. The registry file is read as a protobuf: nothing is opened at those paths."""
+    from feast.protos.feast.core.Registry_pb2 import Registry as RegistryProto
+
+    registry_file = _file_registry_path(config)
+    if registry_file is None or not registry_file.is_file():
+        return []
+    proto = RegistryProto.FromString(registry_file.read_bytes())
+    own = str(_own_sqlite_path(config))
+    return sorted(
+        {
+            item.sqlite_table.path
+            for item in proto.infra.infra_objects
+            if item.WhichOneof("infra_object") == "sqlite_table" and item.sqlite_table.path != own
+        }
+    )
+
+
+def adopt_copied_registry(config: RepoConfig) -> list[str]:
+    """Re-root the online tables a copied registry records elsewhere onto this data directory's
+    SQLite file (the copy's own store), so that Feast's apply never drops another directory's
+    tables. Returns the foreign paths it replaced (logged); the file is replaced atomically."""
+    from feast.protos.feast.core.Registry_pb2 import Registry as RegistryProto
+
+    foreign = foreign_online_tables(config)
+    if not foreign:
+        return []
+    registry_file = _file_registry_path(config)
+    assert registry_file is not None  # noqa: S101 - narrows the type: foreign tables come from a file registry
+    proto = RegistryProto.FromString(registry_file.read_bytes())
+    own = str(_own_sqlite_path(config))
+    for item in proto.infra.infra_objects:
+        if item.WhichOneof("infra_object") == "sqlite_table":
+            item.sqlite_table.path = own
+    partial = registry_file.with_name(registry_file.name + ".adopting")
+    partial.write_bytes(proto.SerializeToString())
+    os.replace(partial, registry_file)
+    _logger.warning(
+        "the Feast registry %s was copied from another data directory (online tables in %s): "
+        "its online tables are now this directory's %s; the other store is left untouched",
+        registry_file,
+        ", ".join(foreign),
+        own,
+    )
+    return foreign
+
+
+def require_own_registry(config: RepoConfig) -> None:
+    """Refuse to work on a registry copied from another data directory (see
+    `foreign_online_tables`) until `fraud features apply` has adopted it."""
+    foreign = foreign_online_tables(config)
+    if foreign:
+        raise UserError(
+            f"the Feast registry {_file_registry_path(config)} records online tables in {foreign[0]}, "
+            f"outside this data directory (a copied data directory?): run `fraud features apply` here "
+            f"to adopt it; nothing was changed"
+        )
+
+
+# --- health and rebuild of the online store --------------------------------------------------------
+
+#: the batch feature views the online store must hold for the predictor
+BATCH_VIEWS: tuple[str, ...] = (CUSTOMER_SPENDING_VIEW, TERMINAL_RISK_VIEW)
+_REDIS_SCAN_CALLS = 50
+
+
+def online_store_problem(store: FeatureStore) -> str | None:
+    """Why the online store cannot serve the batch features, or None: a view not registered or
+    never materialised, or one the registry says is materialised but whose online data are gone
+    (SQLite file or table missing or empty; no Redis key of the project holding the view). One
+    line, naming the command that repairs it."""
+    from feast.errors import FeastObjectNotFoundException
+
+    repair = "run `fraud features rebuild-online`"
+    for name in BATCH_VIEWS:
+        try:
+            view = store.get_feature_view(name)
+        except FeastObjectNotFoundException:
+            return f"feature view {name} is not registered (run `fraud features apply`, then materialise)"
+        if not view.materialization_intervals:
+            return f"feature view {name} was never materialised (run `fraud features materialize`)"
+    config = store.config
+    if config.online_store.type == "sqlite":
+        return _sqlite_problem(config, repair)
+    if config.online_store.type == "redis":
+        return _redis_problem(store, repair)
+    return None
+
+
+def _sqlite_problem(config: RepoConfig, repair: str) -> str | None:
+    import sqlite3
+
+    from feast.infra.online_stores.helpers import compute_table_id
+
+    path = Path(config.online_store.path)
+    if not path.is_file():
+        return f"the online store {path} is missing though the registry says it is materialised: {repair}"
+    versioning = config.registry.enable_online_feature_view_versioning
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as con:
+        for name in BATCH_VIEWS:
+            table = compute_table_id(config.project, _ViewName(name), versioning).replace('"', '""')
+            try:
+                row = con.execute(f'SELECT 1 FROM "{table}" LIMIT 1').fetchone()  # noqa: S608 - Feast's table id, quotes escaped
+            except sqlite3.OperationalError:
+                return f"the online store {path} has no table for {name} (materialised per the registry): {repair}"
+            if row is None:
+                return f"the online store {path} holds no {name} rows (materialised per the registry): {repair}"
+    return None
+
+
+@dataclass(frozen=True)
+class _ViewName:
+    """What compute_table_id reads of a feature view."""
+
+    name: str
+    current_version_number: int | None = None
+
+
+def _redis_problem(store: FeatureStore, repair: str) -> str | None:
+    """Scan the project's keys (bounded: a few SCAN calls) for one holding each view's timestamp."""
+    online = store._get_provider().online_store
+    client = online._get_client(store.config.online_store)
+    pattern = b"*" + re.sub(rb"([*?\[\]\\])", rb"\\\1", store.config.project.encode())
+    wanted = {f"_ts:{name}".encode(): name for name in BATCH_VIEWS}
+    found: set[str] = set()
+    cursor = 0
+    for _ in range(_REDIS_SCAN_CALLS):
+        cursor, keys = client.scan(cursor=cursor, match=pattern, count=1000)
+        for key in keys:
+            for field, name in wanted.items():
+                if name not in found and client.hexists(key, field):
+                    found.add(name)
+        if len(found) == len(wanted):
+            return None
+        if cursor == 0:
+            lost = sorted(set(wanted.values()) - found)
+            return f"the Redis online store holds no {', '.join(lost)} key of project {store.config.project}: {repair}"
+    return None  # a large keyspace not scanned to the end: not evidence of a loss
+
+
+@dataclass(frozen=True)
+class RebuildResult:
+    tables: tuple[str, ...]
+    materialized: MaterializationResult
+
+
+def rebuild_online(
+    end: datetime | date | str | None = None,
+    online: str | None = None,
+    *,
+    registry: str | None = None,
+    project: str | None = None,
+) -> RebuildResult:
+    """Recreate the online tables of every registered feature view (a lost or emptied store) and
+    fully re-materialise the batch views: each entity's latest snapshot up to `end`, whatever the
+    registry says was materialised before. Velocity window states come back as the aggregator
+    pushes new transactions."""
+    from feast.errors import FeastObjectNotFoundException
+
+    upper = _as_utc(end) if end is not None else default_materialization_end()
+    config = repo_config(online, registry, project)
+    adopt_copied_registry(config)
+    store = get_feature_store(online, registry=registry, project=project)
+    try:
+        for name in BATCH_VIEWS:
+            store.get_feature_view(name)
+    except FeastObjectNotFoundException:
+        raise UserError("the feature repository is not applied here (run `fraud features apply` first)") from None
+    views = store.list_feature_views()
+    provider = store._get_provider()
+    provider.update_infra(
+        project=config.project,
+        tables_to_delete=[],
+        tables_to_keep=views,
+        entities_to_delete=[],
+        entities_to_keep=store.list_entities(),
+        partial=True,
+    )
+    first, last = snapshot_span()
+    if upper < first:
+        raise UserError(f"--end ({upper.isoformat()}) is before the first snapshot ({first.isoformat()})")
+    start = max(first, min(upper, last) - timedelta(days=SNAPSHOT_TTL_DAYS))
+    started = time.perf_counter()
+    store.materialize(start_date=start, end_date=upper, feature_views=list(BATCH_VIEWS))
+    _CLIENTS.clear()
+    result = MaterializationResult(start=start, end=upper, views=BATCH_VIEWS, seconds=time.perf_counter() - started)
+    return RebuildResult(tables=tuple(view.name for view in views), materialized=result)
 
 
 # --- materialisation --------------------------------------------------------------------------------
@@ -305,11 +518,21 @@ def materialize(
     lower, upper = _as_utc(start), _as_utc(end)
     if upper <= lower:
         raise UserError(f"--end ({upper.isoformat()}) must be after --start ({lower.isoformat()})")
+    require_own_registry(repo_config(online, registry, project))
     store = get_feature_store(online, registry=registry, project=project)
-    views = (CUSTOMER_SPENDING_VIEW, TERMINAL_RISK_VIEW)
+    views = BATCH_VIEWS
     started = time.perf_counter()
     store.materialize(start_date=lower, end_date=upper, feature_views=list(views))
     return MaterializationResult(start=lower, end=upper, views=views, seconds=time.perf_counter() - started)
+
+
+def _lost_store_problem(store: FeatureStore) -> str | None:
+    """The online store's problem when it is a loss (not merely a view never materialised, which
+    an incremental materialisation fills)."""
+    problem = online_store_problem(store)
+    if problem is None or "never materialised" in problem or "not registered" in problem:
+        return None
+    return problem
 
 
 def default_materialization_end(layout: DataLayout | None = None) -> datetime:
@@ -331,8 +554,12 @@ def materialize_incremental(
     reads from one TTL before min(end, last snapshot), as every entity has a snapshot each day
     through the last one."""
     upper = _as_utc(end) if end is not None else default_materialization_end()
+    require_own_registry(repo_config(online, registry, project))
     store = get_feature_store(online, registry=registry, project=project)
-    views = (CUSTOMER_SPENDING_VIEW, TERMINAL_RISK_VIEW)
+    problem = _lost_store_problem(store)
+    if problem:
+        raise UserError(problem)
+    views = BATCH_VIEWS
     started = time.perf_counter()
     never = [name for name in views if not store.get_feature_view(name).materialization_intervals]
     first_start: datetime | None = None

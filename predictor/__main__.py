@@ -9,11 +9,13 @@ InferenceService never becomes ready (no traceback loop).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
 import logging
 import os
 import sys
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 # One XGBoost/OpenMP thread per server process unless told otherwise (set before xgboost loads).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -288,13 +290,24 @@ def readiness_endpoint(model: FraudModel) -> Callable[[], Awaitable[JSONResponse
     pod should leave rotation."""
 
     async def ready() -> JSONResponse:
-        reason = model.not_ready_reason()
+        reason = await asyncio.to_thread(model.not_ready_reason)
         if reason is None:
             return JSONResponse({"ready": True})
         logger.warning("not ready: %s", reason)
         return JSONResponse({"ready": False}, status_code=503)
 
     return ready
+
+
+#: KServe's server readiness route (the Open Inference Protocol's), answered by `readiness_endpoint` too
+SERVER_READINESS_PATH = "/v2/health/ready"
+
+
+def replace_server_readiness(app: Any, model: FraudModel) -> None:
+    """Answer `/v2/health/ready` like `/ready`: KServe's own answer is always true, even when the
+    online store has lost its data."""
+    app.router.routes[:] = [r for r in app.router.routes if getattr(r, "path", None) != SERVER_READINESS_PATH]
+    app.add_api_route(SERVER_READINESS_PATH, readiness_endpoint(model), methods=["GET"])
 
 
 def settings_from_args(args: argparse.Namespace) -> PredictorSettings:
@@ -376,6 +389,7 @@ def main(
         return EXIT_LOAD_FAILED
     model_server.app.add_exception_handler(RequestValidationError, malformed_request_handler)
     model_server.app.add_api_route(READINESS_PATH, readiness_endpoint(model), methods=["GET"])
+    replace_server_readiness(model_server.app, model)
     if args.rest_fast_path:
         model_server.app.add_middleware(FastScoringRoutes, model=model)
     # V1 :explain and V2 /explain (predictor.explain), behind the gate that checks the explain scope

@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -33,15 +33,24 @@ from redis import RedisError
 from fraud.feature_store import CUSTOMER_SNAPSHOT_COLUMN, TERMINAL_SNAPSHOT_COLUMN
 from fraud.features.definitions import (
     CUSTOMER_SPENDING_FEATURES,
+    CUSTOMER_SPENDING_VIEW,
     NS_PER_DAY,
     SNAPSHOT_TIMESTAMP,
+    SNAPSHOT_TTL_DAYS,
     TERMINAL_RISK_FEATURES,
+    TERMINAL_RISK_VIEW,
 )
 from fraud.schema import CUSTOMER_ID, TERMINAL_ID
 
 logger = logging.getLogger("kserve.fraud_predictor")
 
 BATCH_FEATURES: tuple[str, ...] = CUSTOMER_SPENDING_FEATURES + TERMINAL_RISK_FEATURES
+#: Time to live of each batch view's snapshots (the views' `ttl` in feature_repo/feature_views.py):
+#: a snapshot older than this before the transaction is not served, as Feast's point-in-time join
+#: gives training no value for it either.
+SNAPSHOT_TTL_NS: int = SNAPSHOT_TTL_DAYS * NS_PER_DAY
+_CUSTOMER_COLUMNS = slice(0, len(CUSTOMER_SPENDING_FEATURES))
+_TERMINAL_COLUMNS = slice(len(CUSTOMER_SPENDING_FEATURES), len(BATCH_FEATURES))
 LOOKUP_COLUMNS: tuple[str, ...] = (*BATCH_FEATURES, CUSTOMER_SNAPSHOT_COLUMN, TERMINAL_SNAPSHOT_COLUMN)
 
 
@@ -77,6 +86,41 @@ class FeatureLookup:
     def missing(self) -> np.ndarray:
         """[n] bool: some batch feature of the row is unknown (cold-start default used)."""
         return np.isnan(self.values).any(axis=1)
+
+    def expire(self, tx_epoch_ns: np.ndarray, ttl_ns: int = SNAPSHOT_TTL_NS) -> tuple[FeatureLookup, np.ndarray]:
+        """The lookup with every snapshot older than `ttl_ns` before its transaction treated as
+        unknown (values NaN: cold-start defaults; snapshot NaT), and [n] bool: the rows that had one.
+        The boundary is Feast's: a snapshot exactly `ttl_ns` before the transaction is served."""
+        tx_ns = np.asarray(tx_epoch_ns, dtype=np.int64)
+        oldest = tx_ns - ttl_ns
+        values = self.values
+        snapshots = []
+        expired = np.zeros(len(values), dtype=bool)
+        blocks = ((self.customer_snapshot, _CUSTOMER_COLUMNS), (self.terminal_snapshot, _TERMINAL_COLUMNS))
+        for snapshot, columns in blocks:
+            too_old = ~np.isnat(snapshot) & (snapshot.view("int64") < oldest)
+            if too_old.any():
+                if values is self.values:
+                    values = values.copy()
+                values[too_old, columns] = np.nan
+                snapshot = snapshot.copy()
+                snapshot[too_old] = np.datetime64("NaT")
+                expired |= too_old
+            snapshots.append(snapshot)
+        if not expired.any():
+            return self, expired
+        return replace(self, values=values, customer_snapshot=snapshots[0], terminal_snapshot=snapshots[1]), expired
+
+    def newest_snapshots(self) -> dict[str, int | None]:
+        """Epoch nanoseconds of the newest customer and terminal snapshot in the lookup, per view
+        (None: the lookup served none of that view)."""
+        newest: dict[str, int | None] = {}
+        views = ((CUSTOMER_SPENDING_VIEW, self.customer_snapshot), (TERMINAL_RISK_VIEW, self.terminal_snapshot))
+        for view, snapshot in views:
+            stamps = snapshot.view("int64")  # NaT is the smallest int64
+            best = int(stamps.max()) if len(stamps) else None
+            newest[view] = None if best is None or np.isnat(snapshot).all() else best
+        return newest
 
     def stale(self, tx_epoch_ns: np.ndarray) -> np.ndarray:
         """[n] bool: a known entity's snapshot is older than the transaction's (UTC) day."""
@@ -166,6 +210,8 @@ class FeastFeatureSource:
     """
 
     name = "feast"
+    #: seconds a health check of the online store (`problem`) is reused (readiness probes)
+    PROBLEM_CHECK_S = 10.0
 
     def __init__(self, online_store: str | None = None, retry_after_s: float = 5.0, timeout_s: float = 1.0) -> None:
         self.online_store = online_store
@@ -175,6 +221,8 @@ class FeastFeatureSource:
         self._down_until = 0.0
         self._last_error = ""
         self._lock = threading.Lock()
+        self._problem: str | None = None
+        self._problem_checked_until = 0.0
 
     @classmethod
     def connect(
@@ -186,6 +234,27 @@ class FeastFeatureSource:
 
         online_client(online_store)
         return cls(online_store, retry_after_s, timeout_s)
+
+    def problem(self) -> str | None:
+        """Why the online store cannot serve (lost or emptied, never materialised: see
+        `fraud.feature_store.online_store_problem`), checked at most every `PROBLEM_CHECK_S`
+        seconds. An unreachable store is an outage, not a problem: the degraded mode answers."""
+        now = time.monotonic()
+        with self._lock:
+            if now < self._problem_checked_until:
+                return self._problem
+        from fraud.feature_store import online_client, online_store_problem
+
+        try:
+            problem = online_store_problem(online_client(self.online_store).store)
+        except (RedisError, OSError) as exc:
+            logger.debug("online store health not checked (unreachable): %s", exc)
+            problem = None
+        except Exception as exc:  # noqa: BLE001 - any failure to read a store that answers makes it unusable
+            problem = f"cannot check the online store: {type(exc).__name__}: {exc}"
+        with self._lock:
+            self._problem, self._problem_checked_until = problem, now + self.PROBLEM_CHECK_S
+        return problem
 
     def _mark_down(self, error: str) -> None:
         with self._lock:

@@ -415,6 +415,9 @@ class FraudModel(Model):
             except Exception as exc:
                 raise ModelLoadError(f"cannot open the velocity window states: {type(exc).__name__}: {exc}") from exc
         self.warm_up()
+        problem = self.online_store_problem()
+        if problem:
+            logger.error("online feature store not usable, not ready until it is repaired: %s", problem)
         self.open_ledger()
         self.open_audit_trail()
         self.ready = True
@@ -479,7 +482,13 @@ class FraudModel(Model):
         when it is false, while a growing audit backlog must only stop new traffic from arriving."""
         if not self.ready:
             return "model not loaded"
-        return self.audit_backlog_problem()
+        return self.online_store_problem() or self.audit_backlog_problem()
+
+    def online_store_problem(self) -> str | None:
+        """Why the online store cannot serve the batch features (lost, emptied, never materialised),
+        or None; sources without a health check (in-memory) have none."""
+        check = getattr(self.feature_source, "problem", None)
+        return check() if callable(check) else None
 
     def audit_backlog_problem(self) -> str | None:
         """Why the pod should leave rotation because of the audit spool, or None."""
@@ -702,7 +711,8 @@ class FraudModel(Model):
         transactions = request.transactions
         amount, tx_epoch_ns = request_arrays(transactions)
         customer_ids, terminal_ids = [tx.customer_id for tx in transactions], [tx.terminal_id for tx in transactions]
-        lookup = self.lookup_features(customer_ids, terminal_ids)
+        lookup, expired = self.lookup_features(customer_ids, terminal_ids).expire(tx_epoch_ns)
+        metrics.record_snapshots(scorer.model_version, lookup.newest_snapshots(), int(expired.sum()))
         velocity = self.velocity.features(tx_epoch_ns, customer_ids, terminal_ids) if self.velocity else None
         features = model_feature_matrix(amount, tx_epoch_ns, lookup.values, velocity)
         missing = lookup.missing

@@ -223,6 +223,29 @@ def materialize_command(
     _run_materialize(start, end, incremental, online)
 
 
+@features_app.command("rebuild-online")
+def rebuild_online_command(
+    end: Annotated[
+        str | None,
+        typer.Option("--end", help="Window end (ISO-8601, UTC). Default: now, or after the last snapshot if later."),
+    ] = None,
+    data_dir: Annotated[Path | None, typer.Option("--data-dir", help=_DATA_DIR_HELP)] = None,
+    online: Annotated[str | None, typer.Option("--online", help=_ONLINE_HELP)] = None,
+) -> None:
+    """Recreate a lost or emptied online store: its tables, then a full re-materialisation of each
+    entity's latest snapshot (the registry's earlier materialisations are ignored)."""
+    from fraud.feature_store import rebuild_online
+
+    _use_data_dir(data_dir)
+    result = rebuild_online(_parse_time(end, "--end"), online)
+    done = result.materialized
+    typer.echo(
+        f"online tables of {len(result.tables)} feature views in place; re-materialised "
+        f"{', '.join(done.views)} from {done.start.isoformat() if done.start else '-'} "
+        f"to {done.end.isoformat()} in {done.seconds:.1f} s"
+    )
+
+
 @features_app.command("show")
 def show_command(
     customer: Annotated[list[str] | None, typer.Option("--customer", "-c", help="Customer (card) id; repeat.")] = None,

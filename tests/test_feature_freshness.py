@@ -1,0 +1,400 @@
+"""Operating the online store, on real Feast stores (SQLite files, Redis on 127.0.0.1:6379):
+
+* a copied data directory never touches the original's store (Feast's registry records the
+  online tables' absolute paths; `fraud features apply` in the copy adopts its own);
+* a lost or emptied online store is detected (materialisation, predictor start, readiness) and
+  rebuilt by `fraud features rebuild-online`;
+* the views' TTL applied online, the freshness gauge and the expired counter;
+* the plain Feast CLI without any exported variable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from prometheus_client import REGISTRY
+from test_features_offline import random_transactions, write_raw_transactions
+
+from fraud.config import FEATURE_REPO_DIR, DataLayout
+from fraud.errors import UserError
+from fraud.feature_store import (
+    DEFAULT_REDIS_URL,
+    apply_repo,
+    foreign_online_tables,
+    get_feature_store,
+    materialize,
+    materialize_incremental,
+    online_batch_features,
+    online_store_problem,
+    rebuild_online,
+    repo_config,
+    snapshot_span,
+    teardown,
+)
+from fraud.features.definitions import (
+    CUSTOMER_SPENDING_VIEW,
+    NS_PER_DAY,
+    SNAPSHOT_TTL_DAYS,
+    TERMINAL_RISK_VIEW,
+)
+from fraud.features.offline import build_offline_features
+from predictor.edge import REQUEST_SCOPES
+from predictor.features import BATCH_FEATURES, FeastFeatureSource, FeatureLookup
+from predictor.model import FraudModel, PredictorSettings
+from tests.factories import make_synthetic_bundle
+
+FEAST_CLI = Path(sys.executable).parent / "feast"
+BATCH_TABLES = (f"fraud_detection_{CUSTOMER_SPENDING_VIEW}", f"fraud_detection_{TERMINAL_RISK_VIEW}")
+
+
+def _raw() -> pd.DataFrame:
+    return random_transactions(seed=11, n_customers=12, n_terminals=10, n_days=12)
+
+
+@pytest.fixture(scope="module")
+def store_a(tmp_path_factory) -> Path:
+    """Data dir A: raw data, offline tables, an applied and fully materialised SQLite store."""
+    root = tmp_path_factory.mktemp("fresh") / "A"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FRAUD_DATA_DIR", str(root))
+        for name in ("FRAUD_FEAST_ONLINE", "FRAUD_FEAST_REGISTRY", "FRAUD_FEAST_PROJECT"):
+            patch.delenv(name, raising=False)
+        layout = DataLayout(root)
+        write_raw_transactions(layout, _raw())
+        build_offline_features(layout)
+        apply_repo("sqlite")
+        first, last = snapshot_span(layout)
+        materialize(first, last + timedelta(seconds=1), "sqlite")
+        yield root
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    return make_synthetic_bundle(tmp_path_factory.mktemp("bundle") / "fraud-detector", version="5")
+
+
+@pytest.fixture(autouse=True)
+def _store_selection(monkeypatch):
+    for name in ("FRAUD_FEAST_ONLINE", "FRAUD_FEAST_REGISTRY", "FRAUD_FEAST_PROJECT"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def _use(monkeypatch, root: Path) -> Path:
+    monkeypatch.setenv("FRAUD_DATA_DIR", str(root))
+    return root
+
+
+def _copy(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    return target
+
+
+def _tables(db: Path) -> set[str]:
+    with sqlite3.connect(db) as con:
+        return {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+
+def _drop_batch_tables(root: Path) -> None:
+    with sqlite3.connect(root / "feast" / "online_store.db") as con:
+        for table in BATCH_TABLES:
+            con.execute(f'DROP TABLE "{table}"')
+
+
+def _fraud(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """The `fraud` CLI in-process: (exit code, stdout, stderr). FRAUD_DATA_DIR, which --data-dir
+    sets, is restored by the caller's monkeypatch."""
+    from fraud.cli import main
+
+    monkeypatch.setenv("FRAUD_DATA_DIR", os.environ.get("FRAUD_DATA_DIR", "/nonexistent"))
+    monkeypatch.setattr(sys, "argv", ["fraud", *args])
+    monkeypatch.setenv("COLUMNS", "200")
+    code = 0
+    try:
+        main()
+    except SystemExit as exited:
+        code = int(exited.code or 0)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _entities(root: Path) -> tuple[list[str], list[str]]:
+    raw = _raw()
+    return sorted(raw["customer_id"].unique())[:4], sorted(raw["terminal_id"].unique())[:4]
+
+
+# --- a copied data directory ----------------------------------------------------------------------
+
+
+def test_apply_in_a_copy_adopts_its_registry_and_leaves_the_original(store_a, tmp_path, monkeypatch) -> None:
+    original = store_a / "feast" / "online_store.db"
+    before = _tables(original)
+    assert set(BATCH_TABLES) <= before
+    customers, terminals = _entities(store_a)
+    expected = online_batch_features(customers, terminals, "sqlite")
+    copy = _use(monkeypatch, _copy(store_a, tmp_path / "C"))
+    assert foreign_online_tables(repo_config("sqlite")) == [str(original)]
+    with pytest.raises(UserError, match=r"outside this data directory .* run `fraud features apply` here"):
+        materialize_incremental(online="sqlite")
+    apply_repo("sqlite")
+    assert foreign_online_tables(repo_config("sqlite")) == []
+    assert _tables(original) == before, "applying the copy changed the original's online store"
+    pd.testing.assert_frame_equal(online_batch_features(customers, terminals, "sqlite"), expected)
+    _drop_batch_tables(copy)  # the copy's store is its own: the original keeps its tables
+    assert _tables(original) == before
+
+
+@pytest.mark.slow
+def test_fraud_features_all_in_a_copy_never_touches_the_original(tmp_path, monkeypatch, capsys) -> None:
+    """The reported scenario, through the CLI: build A, `cp -r A C`, build C, rebuild A (~60 s)."""
+    a = tmp_path / "A"
+    write_raw_transactions(DataLayout(a), _raw())
+    code, _, err = _fraud(monkeypatch, capsys, "features", "all", "--data-dir", str(a), "--samples", "1")
+    assert code == 0, err
+    original = a / "feast" / "online_store.db"
+    before = _tables(original)
+    assert set(BATCH_TABLES) <= before
+    c = _copy(a, tmp_path / "C")
+    code, _, err = _fraud(monkeypatch, capsys, "features", "all", "--data-dir", str(c), "--samples", "1")
+    assert code == 0, err
+    assert "was copied from another data directory" in err
+    assert _tables(original) == before, "building the copy changed the original's online store"
+    code, out, err = _fraud(monkeypatch, capsys, "features", "all", "--data-dir", str(a), "--samples", "1")
+    assert code == 0, err
+    assert "Traceback" not in out + err
+    assert _tables(original) == before
+
+
+# --- a lost or emptied online store ---------------------------------------------------------------
+
+
+def test_lost_sqlite_store_is_detected_and_rebuilt_by_one_command(store_a, tmp_path, monkeypatch, capsys) -> None:
+    customers, terminals = _entities(store_a)
+    expected = online_batch_features(customers, terminals, "sqlite")
+    own = _use(monkeypatch, _copy(store_a, tmp_path / "D"))
+    apply_repo("sqlite")  # adopts the copied registry
+    assert online_store_problem(get_feature_store("sqlite")) is None
+
+    _drop_batch_tables(own)
+    problem = online_store_problem(get_feature_store("sqlite"))
+    assert problem is not None and "has no table" in problem and "fraud features rebuild-online" in problem
+    code, out, err = _fraud(monkeypatch, capsys, "features", "materialize", "--data-dir", str(own))
+    assert code != 0 and "fraud features rebuild-online" in err and "Traceback" not in out + err
+    assert len(err.strip().splitlines()) == 1, err
+
+    code, out, err = _fraud(monkeypatch, capsys, "features", "rebuild-online", "--data-dir", str(own))
+    assert code == 0, err
+    assert "re-materialised" in out
+    assert online_store_problem(get_feature_store("sqlite")) is None
+    pd.testing.assert_frame_equal(online_batch_features(customers, terminals, "sqlite"), expected)
+
+    with sqlite3.connect(own / "feast" / "online_store.db") as con:  # emptied, tables kept
+        for table in BATCH_TABLES:
+            con.execute(f'DELETE FROM "{table}"')  # noqa: S608 - the test's own table-name constants
+    assert "holds no" in (online_store_problem(get_feature_store("sqlite")) or "")
+    (own / "feast" / "online_store.db").unlink()  # lost altogether
+    assert "is missing" in (online_store_problem(get_feature_store("sqlite")) or "")
+    rebuild_online(online="sqlite")
+    assert online_store_problem(get_feature_store("sqlite")) is None
+    pd.testing.assert_frame_equal(online_batch_features(customers, terminals, "sqlite"), expected)
+
+
+def test_rebuild_without_an_applied_repository_is_a_user_error(store_a, tmp_path, monkeypatch, capsys) -> None:
+    own = _use(monkeypatch, tmp_path / "E")
+    shutil.copytree(store_a / "features", own / "features")
+    code, out, err = _fraud(monkeypatch, capsys, "features", "rebuild-online", "--data-dir", str(own))
+    assert code != 0 and "fraud features apply" in err and "Traceback" not in out + err
+
+
+@pytest.mark.redis
+def test_lost_redis_store_is_detected_and_rebuilt(store_a, tmp_path, monkeypatch) -> None:
+    import redis
+
+    client = redis.Redis.from_url(f"redis://{DEFAULT_REDIS_URL}")
+    try:
+        client.ping()
+    except redis.exceptions.ConnectionError:
+        pytest.fail(f"the Redis server on {DEFAULT_REDIS_URL} is not reachable (run `make services`)")
+    own = _use(monkeypatch, tmp_path / "R")
+    shutil.copytree(store_a / "features", own / "features")
+    project = f"fraud_test_{uuid.uuid4().hex[:12]}"
+    customers, terminals = _entities(store_a)
+    try:
+        apply_repo("redis", project=project)
+        store = get_feature_store("redis", project=project)
+        assert "never materialised" in (online_store_problem(store) or "")
+        materialize_incremental(online="redis", project=project)
+        expected = online_batch_features(customers, terminals, "redis", project=project)
+        assert online_store_problem(get_feature_store("redis", project=project)) is None
+        lost = [key for key in client.scan_iter(count=1000) if key.endswith(project.encode())]
+        assert lost
+        client.delete(*lost)
+        problem = online_store_problem(get_feature_store("redis", project=project))
+        assert problem is not None and "Redis" in problem and "rebuild-online" in problem
+        with pytest.raises(UserError, match="rebuild-online"):
+            materialize_incremental(online="redis", project=project)
+        rebuild_online(online="redis", project=project)
+        assert online_store_problem(get_feature_store("redis", project=project)) is None
+        pd.testing.assert_frame_equal(online_batch_features(customers, terminals, "redis", project=project), expected)
+    finally:
+        teardown("redis", project=project)
+
+
+# --- the predictor: TTL online, freshness, readiness -----------------------------------------------
+
+
+def _score(model: FraudModel, rows: list[dict]) -> list[dict]:
+    token = REQUEST_SCOPES.set(frozenset({"score", "debug"}))
+    try:
+        response, _headers = asyncio.run(model({"instances": rows}))
+    finally:
+        REQUEST_SCOPES.reset(token)
+    return response["predictions"]
+
+
+def _sample(name: str, **labels: str) -> float | None:
+    return REGISTRY.get_sample_value(name, labels)
+
+
+def test_lookup_expire_treats_snapshots_beyond_the_ttl_as_unknown() -> None:
+    day = np.datetime64("2024-03-10T00:00:00", "ns")
+    ttl = SNAPSHOT_TTL_DAYS * NS_PER_DAY
+    values = np.arange(2 * len(BATCH_FEATURES), dtype=np.float64).reshape(2, -1)
+    lookup = FeatureLookup(values, np.array([day, day], dtype="datetime64[ns]"), np.array([day, day]))
+    at_ttl = day.astype("int64") + ttl  # exactly the TTL: still served (Feast's boundary)
+    tx = np.array([at_ttl, at_ttl + 1], dtype=np.int64)
+    expired_lookup, expired = lookup.expire(tx, ttl)
+    assert expired.tolist() == [False, True]
+    assert expired_lookup.missing.tolist() == [False, True]
+    np.testing.assert_array_equal(expired_lookup.values[0], values[0])
+    assert np.isnat(expired_lookup.customer_snapshot[1]) and np.isnat(expired_lookup.terminal_snapshot[1])
+    assert lookup.expire(tx[:1], ttl)[0] is lookup  # nothing expired: no copy
+    assert lookup.newest_snapshots() == {CUSTOMER_SPENDING_VIEW: int(day.astype("int64"))} | {
+        TERMINAL_RISK_VIEW: int(day.astype("int64"))
+    }
+    assert FeatureLookup.empty(3).newest_snapshots() == {CUSTOMER_SPENDING_VIEW: None, TERMINAL_RISK_VIEW: None}
+
+
+def test_predictor_applies_the_ttl_and_exports_freshness_on_a_feast_store(store_a, bundle, monkeypatch) -> None:
+    _use(monkeypatch, store_a)
+    model = FraudModel(
+        "fraud-detector",
+        PredictorSettings(bundle=str(bundle), online_store="sqlite"),
+        FeastFeatureSource.connect("sqlite", timeout_s=30.0),
+    )
+    assert model.load() is True
+    assert model.not_ready_reason() is None
+    _, last = snapshot_span(DataLayout(store_a))
+    customers, terminals = _entities(store_a)
+    fresh_at = last + pd.Timedelta(hours=1)
+    expired_at = last + pd.Timedelta(days=SNAPSHOT_TTL_DAYS, hours=1)
+    rows = [
+        {
+            "transaction_id": f"TTL{i}",
+            "customer_id": customers[0],
+            "terminal_id": terminals[0],
+            "tx_amount": 42.0,
+            "tx_datetime": when.isoformat(),
+        }
+        for i, when in enumerate((fresh_at, expired_at))
+    ]
+    expired_before = _sample("fraud_predictor_features_expired_total", model_version="5") or 0.0
+    missing_before = _sample("fraud_predictor_features_missing_total", model_version="5") or 0.0
+    fresh, expired = _score(model, rows)
+    assert fresh["features_missing"] is False
+    assert fresh["features"]["customer_nb_tx_incl_30d"] > 1.0  # served from the online store
+    assert expired["features_missing"] is True  # older than the TTL: cold-start defaults
+    cold = _score(model, [{**rows[1], "transaction_id": "COLD", "customer_id": "C-nobody", "terminal_id": "T-nobody"}])
+    assert expired["features"] == cold[0]["features"]  # every model feature as for an unknown entity
+    assert _sample("fraud_predictor_features_expired_total", model_version="5") == expired_before + 1
+    assert _sample("fraud_predictor_features_missing_total", model_version="5") == missing_before + 2
+    now = time.time()
+    for view in (CUSTOMER_SPENDING_VIEW, TERMINAL_RISK_VIEW):
+        age = _sample("fraud_predictor_feature_snapshot_age_seconds", view=view)
+        assert age is not None and abs(age - (now - last.timestamp())) < 120, (view, age)
+
+
+def test_predictor_readiness_reports_a_lost_store_until_it_is_rebuilt(
+    store_a, bundle, tmp_path, monkeypatch, caplog
+) -> None:
+    own = _use(monkeypatch, _copy(store_a, tmp_path / "P"))
+    apply_repo("sqlite")
+    _drop_batch_tables(own)
+    monkeypatch.setattr(FeastFeatureSource, "PROBLEM_CHECK_S", 0.0)
+    model = FraudModel(
+        "fraud-detector",
+        PredictorSettings(bundle=str(bundle), online_store="sqlite"),
+        FeastFeatureSource.connect("sqlite", timeout_s=30.0),
+    )
+    with caplog.at_level("ERROR", logger="kserve.fraud_predictor"):
+        assert model.load() is True  # up (the degraded mode answers), but out of rotation
+    started = [r.getMessage() for r in caplog.records if "online feature store not usable" in r.getMessage()]
+    assert len(started) == 1 and "rebuild-online" in started[0]
+    reason = model.not_ready_reason()
+    assert reason is not None and "has no table" in reason
+    rebuild_online(online="sqlite")
+    assert model.not_ready_reason() is None
+
+
+def test_readiness_routes_answer_false_with_the_reason_logged(store_a, bundle, tmp_path, monkeypatch, caplog) -> None:
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from predictor.__main__ import READINESS_PATH, SERVER_READINESS_PATH, replace_server_readiness
+
+    app = FastAPI()
+
+    @app.get(SERVER_READINESS_PATH)
+    def kserve_ready() -> dict:  # what KServe answers: always ready
+        return {"ready": True}
+
+    class _Model:
+        reason: str | None = "the online store /x holds no customer_spending_features rows: run rebuild"
+
+        def not_ready_reason(self) -> str | None:
+            return self.reason
+
+    model = _Model()
+    replace_server_readiness(app, model)  # type: ignore[arg-type]
+    client = TestClient(app)
+    with caplog.at_level("WARNING", logger="kserve"):
+        answer = client.get(SERVER_READINESS_PATH)
+    assert answer.status_code == 503 and answer.json() == {"ready": False}
+    assert any("not ready: the online store /x holds no" in r.getMessage() for r in caplog.records)
+    model.reason = None
+    assert client.get(SERVER_READINESS_PATH).json() == {"ready": True}
+    assert READINESS_PATH != SERVER_READINESS_PATH
+
+
+# --- the plain Feast CLI ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_plain_feast_apply_needs_no_exported_variable(store_a, tmp_path) -> None:
+    """`feast -c feature_repo apply` as a Feast user types it, in a clean environment, on a copy of
+    the repository (feature_repo/ next to its own data/): nothing is written to the real data dir."""
+    project = tmp_path / "project"
+    shutil.copytree(FEATURE_REPO_DIR, project / "feature_repo", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(store_a / "features", project / "data" / "features")
+    real_feast = FEATURE_REPO_DIR.parent / "data" / "feast"
+    before = sorted(p.stat().st_mtime_ns for p in real_feast.glob("*")) if real_feast.exists() else None
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "LANG": "C.UTF-8"}
+    run = {"cwd": project, "env": env, "capture_output": True, "text": True, "timeout": 300}
+    applied = subprocess.run([str(FEAST_CLI), "-c", "feature_repo", "apply"], check=False, **run)
+    assert applied.returncode == 0, applied.stdout[-2000:] + applied.stderr[-2000:]
+    assert "${FRAUD_DATA_DIR}" not in applied.stdout + applied.stderr
+    assert (project / "data" / "feast" / "registry.db").is_file()
+    assert set(BATCH_TABLES) <= _tables(project / "data" / "feast" / "online_store.db")
+    after = sorted(p.stat().st_mtime_ns for p in real_feast.glob("*")) if real_feast.exists() else None
+    assert after == before, "the plain Feast CLI wrote into the repository's own data directory"
