@@ -98,6 +98,26 @@ def feast_store(tmp_path_factory) -> Iterator[WindowStateStore]:
             teardown("sqlite", project=project)
 
 
+@pytest.fixture(scope="module")
+def redis_feast_store(tmp_path_factory, redis_client: redis.Redis) -> Iterator[WindowStateStore]:
+    """An applied Feast store on the Redis online store (own project) over a small random dataset."""
+    path = tmp_path_factory.mktemp("velocity-stream-redis") / "data"
+    path.mkdir()
+    project = f"fraud_stream_r_{uuid.uuid4().hex[:10]}"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FRAUD_DATA_DIR", str(path))
+        for name in ("FRAUD_FEAST_ONLINE", "FRAUD_FEAST_REGISTRY", "FRAUD_FEAST_PROJECT"):
+            patch.delenv(name, raising=False)
+        layout = DataLayout.current()
+        write_raw_transactions(layout, random_transactions(seed=5, n_customers=5, n_terminals=5, n_days=3))
+        build_offline_features(layout)
+        apply_repo("redis", project=project)
+        try:
+            yield WindowStateStore(get_feature_store("redis", project=project))
+        finally:
+            teardown("redis", project=project)
+
+
 @pytest.fixture
 def stream(redis_client: redis.Redis) -> Iterator[StreamSettings]:
     settings = StreamSettings(redis_url=REDIS_URL, prefix=f"test:velocity:{uuid.uuid4().hex[:12]}", partitions=3)
@@ -218,10 +238,14 @@ def simulated_day(n_customers: int) -> pd.DataFrame:
     tx = data.transactions
     day = tx[tx["tx_datetime"] >= tx["tx_datetime"].min().normalize() + pd.Timedelta(days=1)]
     frame = day[["transaction_id", "customer_id", "terminal_id", "tx_amount", "tx_datetime"]].copy()
+    # ids of their own: the module's store keeps the states other tests (and parameters) wrote
+    tag = uuid.uuid4().hex[:6]
+    for column in ("transaction_id", "customer_id", "terminal_id"):
+        frame[column] = f"{tag}-" + frame[column].astype(str)
     card, start = frame["customer_id"].iloc[0], frame["tx_datetime"].iloc[len(frame) // 2]
     burst = pd.DataFrame(
         {
-            "transaction_id": [f"BURST{i:03d}" for i in range(14)],
+            "transaction_id": [f"{tag}-BURST{i:03d}" for i in range(14)],
             "customer_id": card,
             "terminal_id": [frame["terminal_id"].iloc[i % 4] for i in range(14)],
             "tx_amount": [1.5 + 0.25 * i for i in range(13)] + [950.0],
@@ -285,7 +309,7 @@ def test_direct_write_stores_what_the_push_api_stores(feast_store: WindowStateSt
         card.apply(f"W{i}", T + i * NS_PER_SECOND, 1.25 * (i + 1), f"T{i % 2}")
     terminal = RecentEvents([T, T + 7], ["W0", "W1"])
     ids = (f"C-push-{uuid.uuid4().hex[:6]}", f"C-direct-{uuid.uuid4().hex[:6]}")
-    feast_store.write(CARD, {ids[0]: RecentEvents(**vars(card))}, via_push=True)
+    feast_store.write(CARD, {ids[0]: RecentEvents(**vars(card))}, via="push")
     feast_store.write(CARD, {ids[1]: RecentEvents(**vars(card))})
     pushed, direct = (feast_store.read(CARD, [i])[i] for i in ids)
     assert (
@@ -298,8 +322,80 @@ def test_direct_write_stores_what_the_push_api_stores(feast_store: WindowStateSt
         )
         == (card.ts_ns, card.amounts, card.terminals, card.transaction_ids)
     )
-    feast_store.write(TERMINAL, {"T-push": RecentEvents(**vars(terminal))}, via_push=True)
+    feast_store.write(TERMINAL, {"T-push": RecentEvents(**vars(terminal))}, via="push")
     feast_store.write(TERMINAL, {"T-direct": RecentEvents(**vars(terminal))})
     read = feast_store.read(TERMINAL, ["T-push", "T-direct"])
     assert read["T-push"].ts_ns == read["T-direct"].ts_ns == terminal.ts_ns
     assert read["T-push"].transaction_ids == read["T-direct"].transaction_ids == ["W0", "W1"]
+
+
+def _as_tuple(state: RecentEvents) -> tuple:
+    return (state.ts_ns, state.amounts, state.terminals, state.transaction_ids)
+
+
+def test_redis_direct_path_writes_and_reads_what_feast_reads_and_writes(redis_feast_store: WindowStateStore) -> None:
+    """On Redis the states bypass Feast's write (one pipeline, no timestamp read-back): Feast's own
+    `online_read` must read back exactly what the direct path wrote (values and event time), and the
+    direct read must read what Feast's push API and `online_write_batch` wrote."""
+    store = redis_feast_store
+    assert store._redis is not None  # the direct path is the one under test
+    card = RecentEvents()
+    for i in range(5):
+        card.apply(f"R{i}", T + i * NS_PER_SECOND + 123, 0.1 + 1.37 * i, f"T-\u00e9{i % 2}")
+    terminal = RecentEvents([T, T + 7, T + 9], ["R0", "R1", "R2"])
+    tag = uuid.uuid4().hex[:6]
+    ways = ("default", "push", "online_write_batch")
+    cards = {way: f"C-{way}-{tag}" for way in ways}
+    terminals = {way: f"T-{way}-{tag}" for way in ways}
+    written = {}
+    for way in ways:
+        state = RecentEvents(**vars(card))
+        store.write(CARD, {cards[way]: state}, via=way)
+        store.write(TERMINAL, {terminals[way]: RecentEvents(**vars(terminal))}, via=way)
+        written[way] = state.written_ns
+    for way in ways:
+        by_feast = store.read_via_feast(CARD, [cards[way]])[cards[way]]
+        direct = store.read(CARD, [cards[way]])[cards[way]]
+        assert _as_tuple(by_feast) == _as_tuple(direct) == _as_tuple(card), way
+        assert by_feast.written_ns == direct.written_ns == written[way], way
+        by_feast_t = store.read_via_feast(TERMINAL, [terminals[way]])[terminals[way]]
+        direct_t = store.read(TERMINAL, [terminals[way]])[terminals[way]]
+        assert by_feast_t.ts_ns == direct_t.ts_ns == terminal.ts_ns, way
+        assert by_feast_t.transaction_ids == direct_t.transaction_ids == terminal.transaction_ids, way
+    # both kinds in one call, unknown ids empty; a later write replaces the state (newer timestamp)
+    unknown = f"C-unknown-{tag}"
+    both = store.read_many({CARD: [cards["default"], unknown], TERMINAL: [terminals["push"]]})
+    assert _as_tuple(both[CARD][cards["default"]]) == _as_tuple(card)
+    assert both[CARD][unknown].ts_ns == [] and both[CARD][unknown].written_ns == 0
+    assert both[TERMINAL][terminals["push"]].transaction_ids == terminal.transaction_ids
+    later = both[CARD][cards["default"]]
+    later.apply("R9", T + 60 * NS_PER_SECOND, 9.5, "T9")
+    store.write_many({CARD: {cards["default"]: later}, TERMINAL: {}})
+    again = store.read_via_feast(CARD, [cards["default"]])[cards["default"]]
+    assert again.transaction_ids == [*card.transaction_ids, "R9"] and again.written_ns == later.written_ns
+    with pytest.raises(ValueError, match="write path"):
+        store.write(CARD, {cards["default"]: later}, via="sideways")
+
+
+def test_sqlite_store_has_no_direct_path(feast_store: WindowStateStore) -> None:
+    assert feast_store._redis is None
+
+
+def test_aggregator_on_redis_writes_states_feast_reads(
+    stream: StreamSettings, redis_feast_store: WindowStateStore, redis_client: redis.Redis
+) -> None:
+    """The aggregator's one-pipeline writes on the Redis store: Feast's online_read sees every
+    event of the card and the terminal, the replayed one once."""
+    tag = uuid.uuid4().hex[:6]
+    card_id, terminal_id = f"C-agg-{tag}", f"T-agg-{tag}"
+    events = [(f"{tag}-{i}", card_id, terminal_id, 2.0 + i, T + i * NS_PER_SECOND) for i in range(6)]
+    publisher = TransactionPublisher(stream, redis_client)
+    publisher.publish(events)
+    publisher.publish(events[:2])  # a replay
+    aggregator = make_aggregator(stream, redis_feast_store)
+    drain(aggregator)
+    card = redis_feast_store.read_via_feast(CARD, [card_id])[card_id]
+    terminal = redis_feast_store.read_via_feast(TERMINAL, [terminal_id])[terminal_id]
+    assert card.transaction_ids == terminal.transaction_ids == [e[0] for e in events]
+    assert card.amounts == [e[3] for e in events]
+    assert counter(aggregator, CARD, "duplicate") == 2

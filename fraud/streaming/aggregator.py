@@ -2,17 +2,22 @@
 
 Per loop iteration:
 
-1. every `tick_s`: heartbeat in the members set, renew its partition leases, release those above
-   its fair share (ceil(partitions / live members)) and take free ones up to it; a partition it
-   takes is *recovered* first: XAUTOCLAIM of every pending entry of the group on it (entries a
-   crashed or restarted consumer read but never acknowledged). Lag gauges from XINFO GROUPS.
-2. XREADGROUP on the partitions it holds (COUNT batch_size, BLOCK block_ms);
+1. every `tick_s`: heartbeat in the members set and renew its partition leases (one pipeline),
+   release those above its fair share (ceil(partitions / live members)) and take free ones up to
+   it; a partition it takes is *recovered* first: XAUTOCLAIM of every pending entry of the group
+   on it (entries a crashed or restarted consumer read but never acknowledged). Lag gauges from
+   XINFO GROUPS.
+2. XREADGROUP on the partitions it holds (COUNT batch_size, BLOCK block_ms): everything that
+   arrived since the last batch, or the first entry within block_ms;
 3. each entry: decode (bad: counted, logged, dead-lettered), apply to the entity's state (read
-   from the online store on a cache miss; duplicates ignored, late events dead-lettered);
-4. push the changed states through Feast (one push per kind), then XACK the entries. A failed
-   push acknowledges nothing and forgets the cached states, so the entries are re-claimed and
-   re-applied onto the stored states; a crash between push and XACK re-delivers entries whose
-   transaction ids are already in the states (duplicates: no double count).
+   from the online store on a cache miss, cards and terminals in one pipeline; duplicates
+   ignored, late events dead-lettered);
+4. write the changed states of cards and terminals to the online store in one pipeline
+   (`WindowStateStore.write_many`: on Redis the hashes Feast's store keeps, one round trip), then
+   XACK the entries. A failed write acknowledges nothing and forgets the cached states, so the
+   entries are re-claimed and re-applied onto the stored states; a crash between write and XACK
+   re-delivers entries whose transaction ids are already in the states (duplicates: no double
+   count).
 
 A partition has one lease holder, so each state has a single writer. Metrics (Prometheus, own
 registry) and the probes are served on `metrics_port` (/metrics, /healthz, /readyz).
@@ -153,10 +158,14 @@ class Aggregator:
         pipe.zadd(self._members_key, {me: now_ms + lease_ms})
         pipe.zremrangebyscore(self._members_key, "-inf", now_ms)
         pipe.zcard(self._members_key)
-        members = max(1, int(pipe.execute()[-1]))
+        held = sorted(self.owned)
+        for partition in held:
+            self._renew(keys=[self._lease_key(partition)], args=[me, lease_ms], client=pipe)
+        replies = pipe.execute()
+        members = max(1, int(replies[2]))
         target = math.ceil(self.stream.partitions / members)
-        for partition in sorted(self.owned):
-            if not self._renew(keys=[self._lease_key(partition)], args=[me, lease_ms]):
+        for partition, renewed in zip(held, replies[3:], strict=True):
+            if not renewed:
                 logger.warning("lost the lease of partition %d", partition)
                 self._drop(partition)
         for partition in sorted(self.owned, reverse=True)[: max(0, len(self.owned) - target)]:
@@ -257,13 +266,17 @@ class Aggregator:
                     self.metrics.events.labels("unknown", exc.reason).inc()
                     dead.append((name, entry_id, fields, exc.reason, str(exc)))
         changed: dict[str, dict[str, RecentEvents]] = {kind: {} for kind in KINDS}
+        missing: dict[str, list[str]] = {}
         for kind in KINDS:
             cache = self._cache[kind]
             if len(cache) > self.settings.cache_entries:  # the store keeps them; reloaded on a miss
                 cache.clear()
-            missing = [e.entity_id for e, _, _ in events if e.kind == kind and e.entity_id not in cache]
-            if missing:
-                cache.update(self.states.read(kind, missing))
+            absent = [e.entity_id for e, _, _ in events if e.kind == kind and e.entity_id not in cache]
+            if absent:
+                missing[kind] = absent
+        if missing:
+            for kind, states in self.states.read_many(missing).items():
+                self._cache[kind].update(states)
         applied: list[TransactionEvent] = []
         for event, name, entry_id in events:
             state = self._cache[event.kind][event.entity_id]
@@ -287,8 +300,7 @@ class Aggregator:
                 )
                 dead.append((name, entry_id, _fields(event), LATE, "older than the largest window"))
         try:
-            for kind in KINDS:
-                self.states.write(kind, changed[kind])
+            self.states.write_many(changed)
         except Exception:
             self.metrics.write_failures.inc()
             logger.exception("pushing window states failed; the entries stay pending and are re-claimed")
