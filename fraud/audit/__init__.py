@@ -4,12 +4,12 @@ Predictor-facing API (see docs/audit.md):
 
     spool = AuditSpool(default_spool_path())            # at load()
     writer = AuditWriter(spool.path); writer.start()    # at load(), unless a sidecar runs `fraud audit writer`
-    spool.append_payloads(decision_payloads(...))       # before answering (column-wise;
-                                                        # = spool.append(decision_records(...)))
+    spool.append_payloads(decision_payloads(columns))   # before answering (column-wise;
+                                                        # = spool.append(decision_records(columns)))
     writer.stop(); spool.close()                        # at stop()
 """
 
-from fraud.audit.records import DecisionRecord, decision_payloads, decision_records, pseudonymise
+from fraud.audit.records import DecisionRecord, ScoredColumns, decision_payloads, decision_records, pseudonymise
 from fraud.audit.spool import AppendResult, AuditSpool, default_spool_path
 from fraud.audit.store import audit_db_url, create_audit_engine, upgrade_database
 from fraud.audit.writer import AuditWriter, WriterSettings
@@ -19,6 +19,7 @@ __all__ = [
     "AuditSpool",
     "AuditWriter",
     "DecisionRecord",
+    "ScoredColumns",
     "WriterSettings",
     "audit_db_url",
     "create_audit_engine",

@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 
+from fraud import atomic
 from fraud.errors import UserError
 
 pipeline_app = typer.Typer(help="The training pipeline (Kubeflow Pipelines v2).", no_args_is_help=True)
@@ -31,10 +32,8 @@ def compile_command(
     out = out.resolve()
     if out.suffix not in (".yaml", ".yml"):
         raise UserError(f"--out must end with .yaml or .yml, got {out.name}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
-    compile_pipeline(str(tmp))
-    os.replace(tmp, out)
+    with atomic.replacing(out, suffix=out.suffix) as tmp:
+        compile_pipeline(str(tmp))
     typer.echo(f"wrote {out}")
 
 

@@ -17,10 +17,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -28,22 +26,16 @@ from typing import Any
 
 import httpx
 
+from fraud import atomic
 from fraud.config import PROJECT_ROOT, DataLayout
 from fraud.deploy.canary import ScrapeSource
 from fraud.deploy.kserve_rollout import ReadinessTimeout
 from fraud.deploy.state import RolloutError, RolloutRecord, RolloutState, StateStore, one_line
-
-LOOPBACK = "127.0.0.1"
+from fraud.net import LOOPBACK, free_port
 
 
 def local_dir() -> Path:
     return DataLayout.current().root / "serving" / "local-canary"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
 
 
 def process_alive(pid: int) -> bool:
@@ -131,14 +123,6 @@ class StackState:
         )
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-
-
 class LocalStack:
     """The processes of the local canary stack and their bookkeeping files."""
 
@@ -173,8 +157,8 @@ class LocalStack:
             "canary": {"version": state.canary.version, "url": state.canary.url} if state.canary else None,
             "canary_percent": state.canary_percent if state.canary else 0,
         }
-        _write_atomically(self.routes_file, json.dumps(routes, indent=2))
-        _write_atomically(self.stack_file, json.dumps(state.to_dict(), indent=2))
+        atomic.write_json(self.routes_file, routes, indent=2)
+        atomic.write_json(self.stack_file, state.to_dict(), indent=2)
         return state
 
     # -- processes ---------------------------------------------------------------------------

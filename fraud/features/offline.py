@@ -30,6 +30,7 @@ from pathlib import Path
 import duckdb
 import pandas as pd
 
+from fraud import atomic
 from fraud.config import DataLayout
 from fraud.errors import UserError
 from fraud.features.definitions import (
@@ -269,18 +270,10 @@ def _feature_tables_sql(files: Sequence[Path]) -> tuple[str, str, str]:
 
 def _copy_atomically(con: duckdb.DuckDBPyConnection, query: str, target: Path) -> None:
     """COPY the query result into a temporary Parquet file next to `target`, then rename it."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=".parquet.tmp", dir=target.parent)
-    os.close(handle)
-    temp = Path(temp_name)
-    try:
+    with atomic.replacing(target, suffix=".parquet.tmp") as temp:
         con.execute(
             f"COPY ({query}) TO '{temp}' (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 122880, OVERWRITE true)"
         )
-        os.replace(temp, target)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
 
 
 def _table_summary(

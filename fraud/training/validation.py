@@ -25,7 +25,6 @@ The valid rows are written in the simulator's layout (Hive partitions `day=YYYY-
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -37,6 +36,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from fraud import atomic
 from fraud.errors import UserError
 from fraud.schema import (
     CUSTOMER_ID,
@@ -303,14 +303,7 @@ def write_partitioned(valid: pd.DataFrame, out_dir: Path) -> Path:
                 part.reset_index(drop=True), schema=RAW_TRANSACTION_SCHEMA, preserve_index=False
             )
             pq.write_table(table, folder / PARTITION_FILE)
-        if out_dir.exists():
-            trash = Path(tempfile.mkdtemp(prefix=".old-", dir=out_dir.parent))
-            os.replace(out_dir, trash / out_dir.name)
-            os.replace(staging, out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(staging, out_dir)
-        return out_dir
+        return atomic.replace_dir(staging, out_dir)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
