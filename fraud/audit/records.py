@@ -244,11 +244,11 @@ class ScoredColumns:
     terminal_ids: Sequence[str]
     feature_names: Sequence[str]
     feature_matrix: Any
-    scores: Sequence[float]
+    scores: Sequence[float] | np.ndarray
     decisions: Sequence[str]
     reason_codes: Sequence[list[Any]]
-    features_missing: Sequence[bool]
-    features_stale: Sequence[bool]
+    features_missing: Sequence[bool] | np.ndarray
+    features_stale: Sequence[bool] | np.ndarray
     fail_open: bool
     model_name: str
     model_version: str

@@ -340,7 +340,7 @@ def _run_local(arguments: dict, layout, isolated: bool = False) -> None:
                 stop.set()
                 watcher.join(timeout=5)
     seconds = time.perf_counter() - started
-    if failure is not None:
+    if failure is not None or result is None:
         raise UserError(f"the pipeline failed after {seconds:.0f} s: {failure} (task logs: {log_path})")
     console = Console(stderr=True)
     console.print(f"run directory {result.run_dir} ({seconds:.0f} s)")

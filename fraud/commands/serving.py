@@ -176,7 +176,7 @@ def serve_command(
         prometheus_port=prometheus_port if prometheus else None,
     )
     if detach:
-        _start_detached(config, pid_file.resolve(), console)
+        _start_detached(config, (pid_file or _default_pid_file()).resolve(), console)
     else:
         _run_foreground(config, pid_file.resolve() if pid_file else None, console)
 

@@ -301,9 +301,9 @@ class LocalBackend:
         self.store.save(record)
 
     def serving(self) -> tuple[str, str]:
-        state = self.stack.load()
-        if self.stack.healthy(state.stable):
-            return state.stable.version, state.stable.bundle
+        stable = self.stack.load().stable
+        if stable is not None and self.stack.healthy(stable):
+            return stable.version, stable.bundle
         return "", ""
 
     def stable_health(self) -> tuple[str, str, bool, str]:

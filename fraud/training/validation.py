@@ -139,8 +139,10 @@ def _list_files(uri: str) -> tuple[object, list[str]]:
             if fs.isfile(path):
                 files = [path]
             else:
-                root = f"{path.rstrip('/')}/transactions" if fs.isdir(f"{path.rstrip('/')}/transactions") else path
-                files = sorted(f for f in fs.find(root) if f.endswith(_SUPPORTED_SUFFIXES))
+                nested = f"{path.rstrip('/')}/transactions"
+                files = sorted(
+                    f for f in fs.find(nested if fs.isdir(nested) else path) if f.endswith(_SUPPORTED_SUFFIXES)
+                )
         except OSError as exc:
             raise ValidationError(f"cannot list {uri}: {exc}") from None
     files = [f for f in files if not Path(f).name.startswith((".", "_"))]
