@@ -28,7 +28,7 @@ import httpx
 
 from fraud import atomic
 from fraud.config import PROJECT_ROOT, DataLayout
-from fraud.deploy.canary import ScrapeSource
+from fraud.deploy.canary import PrometheusSource, ScrapeSource
 from fraud.deploy.kserve_rollout import ReadinessTimeout
 from fraud.deploy.state import RolloutError, RolloutRecord, RolloutState, StateStore, one_line
 from fraud.net import LOOPBACK, free_port
@@ -142,6 +142,12 @@ class LocalStack:
     def routes_file(self) -> Path:
         return self.root / "routes.json"
 
+    @property
+    def prometheus_targets_file(self) -> Path:
+        """The predictors being served, in Prometheus's file-based discovery format (`file_sd_configs`):
+        a Prometheus on loopback that watches it scrapes every version the router serves."""
+        return self.root / "prometheus-targets.json"
+
     def load(self) -> StackState:
         if not self.stack_file.is_file():
             return StackState()
@@ -158,6 +164,12 @@ class LocalStack:
             "canary_percent": state.canary_percent if state.canary else 0,
         }
         atomic.write_json(self.routes_file, routes, indent=2)
+        targets = [
+            {"targets": [httpx.URL(served.url).netloc.decode()], "labels": {"variant": variant}}
+            for variant, served in (("stable", state.stable), ("canary", state.canary))
+            if served is not None
+        ]
+        atomic.write_json(self.prometheus_targets_file, targets, indent=2)
         atomic.write_json(self.stack_file, state.to_dict(), indent=2)
         return state
 
@@ -395,7 +407,11 @@ class LocalBackend:
             self.stack.save(replace(state, stable=previous, canary=None, canary_percent=0))
             stop_process(current.pid)
 
-    def metrics_source(self, prometheus_url: str, record: RolloutRecord) -> ScrapeSource:
+    def metrics_source(self, prometheus_url: str, record: RolloutRecord) -> PrometheusSource | ScrapeSource:
+        """The analysis reads a Prometheus that scrapes `prometheus_targets_file` when given its URL,
+        else it scrapes the predictors' /metrics itself at the start and at each look."""
+        if prometheus_url:
+            return PrometheusSource(prometheus_url, drift=False)  # no drift transformer in the local canary
         state = self.stack.load()
         urls = {}
         for served in (state.canary, state.stable):

@@ -74,8 +74,11 @@ class LocalPrometheus:
         rule_files: Sequence[Path] = (),
         interval: str = "1s",
         port: int = 0,
+        file_sd: Mapping[str, Path] | None = None,
     ) -> None:
-        """`targets`: scrape job name -> "host:port" (path /metrics); every target gets `target_labels`."""
+        """`targets`: scrape job name -> "host:port" (path /metrics); every target gets `target_labels`.
+        `file_sd`: scrape job name -> a targets file Prometheus watches (`file_sd_configs`, e.g. the
+        local canary's `LocalStack.prometheus_targets_file`), its targets also get `target_labels`."""
         self.workdir = Path(workdir)
         self.port = port
         self.config = {
@@ -84,6 +87,16 @@ class LocalPrometheus:
             "scrape_configs": [
                 {"job_name": job, "static_configs": [{"targets": [address], "labels": dict(target_labels)}]}
                 for job, address in targets.items()
+            ]
+            + [
+                {
+                    "job_name": job,
+                    "file_sd_configs": [{"files": [str(path)], "refresh_interval": interval}],
+                    "relabel_configs": [
+                        {"target_label": name, "replacement": value} for name, value in target_labels.items()
+                    ],
+                }
+                for job, path in (file_sd or {}).items()
             ],
         }
         self.process: subprocess.Popen[bytes] | None = None
