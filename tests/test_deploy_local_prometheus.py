@@ -12,31 +12,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fraud.config import MODEL_NAME
-from fraud.deploy import rollout as rollout_mod
 from fraud.deploy.local import LocalStack, local_dir
-from fraud.deploy.rollout import AnalyseRequest, Connection
 from fraud.deploy.state import RolloutState
 from tests.support.prometheus import LocalPrometheus
 from tests.test_deploy_local import Traffic
-from tests.test_deploy_local_scenarios import _deploy, _policy, mlflow_registry  # noqa: F401 - fixture by name
+from tests.test_deploy_local_scenarios import _analyse, _deploy, mlflow_registry  # noqa: F401 - fixture by name
 
 pytestmark = pytest.mark.slow  # two predictor start-ups and Prometheus: minutes on a busy 2-core machine
-
-
-def _analyse(reg, version: str, window: int, prometheus_url: str):
-    return rollout_mod.analyse(
-        AnalyseRequest(
-            MODEL_NAME,
-            version,
-            "local",
-            "local",
-            prometheus_url,
-            window,
-            mlflow_tracking_uri=reg.uri,
-            connection=Connection(ready_timeout_seconds=240),
-            policy=_policy(window),
-        )
-    )
 
 
 def _queries_answered(prometheus: LocalPrometheus) -> float:
