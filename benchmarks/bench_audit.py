@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fraud.audit.records import DecisionRecord, decision_payloads, decision_records
+from fraud.audit.records import DecisionRecord, ScoredColumns, decision_payloads, decision_records
 from fraud.audit.spool import AuditSpool
 from fraud.audit.store import create_audit_engine, upgrade_database
 from fraud.audit.writer import AuditWriter, WriterSettings
@@ -136,10 +136,10 @@ def bench_payloads(rows: int = 1000, repeats: int = 15) -> dict:
     timings: dict[str, list[float]] = {"records_then_to_payload": [], "decision_payloads": []}
     for _ in range(repeats):
         started = time.perf_counter()
-        expected = [record.to_payload() for record in decision_records(**batch)]
+        expected = [record.to_payload() for record in decision_records(ScoredColumns(**batch))]
         timings["records_then_to_payload"].append(time.perf_counter() - started)
         started = time.perf_counter()
-        payloads = decision_payloads(**batch)
+        payloads = decision_payloads(ScoredColumns(**batch))
         timings["decision_payloads"].append(time.perf_counter() - started)
         if payloads != expected:
             raise SystemExit("decision_payloads disagrees with records_then_to_payload")

@@ -35,7 +35,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -59,6 +58,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench_pipeline_scale import save_json, write_docs_section
 from loadgen import LoadGenError, machine_load, run_open_loop, run_wrk
 
+from fraud.net import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MLSERVER_ENV = Path(__file__).resolve().parent / "mlserver" / ".venv"
@@ -74,10 +75,6 @@ class BenchError(RuntimeError):
 
 
 # --- helpers ------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def median(values: Sequence[float]) -> float:

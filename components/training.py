@@ -153,8 +153,8 @@ def train(
     model.metadata.update(
         {"framework": "xgboost", "mlflow_run_id": result["run_id"], **{k: str(v) for k, v in result["spec"].items()}}
     )
-    outputs = namedtuple("TrainOutputs", ["run_id", "prediction_cost_us"])
-    return outputs(result["run_id"], float(result["prediction_cost_us"]))
+    TrainOutputs = namedtuple("TrainOutputs", ["run_id", "prediction_cost_us"])
+    return TrainOutputs(result["run_id"], float(result["prediction_cost_us"]))
 
 
 @dsl.component(base_image=CORE_IMAGE, install_kfp_package=False)
@@ -200,10 +200,11 @@ def evaluate(
     champion_ap = result.champion_metrics.get("test_average_precision", -1.0)
     if champion_ap is None or not math.isfinite(champion_ap):
         champion_ap = -1.0
-    outputs = namedtuple(
+    EvaluateOutputs = namedtuple(
         "EvaluateOutputs", ["test_average_precision", "champion_average_precision", "champion_version"]
     )
-    return outputs(float(result.metrics["test_average_precision"]), float(champion_ap), result.champion_version or "")
+    challenger_ap = float(result.metrics["test_average_precision"])
+    return EvaluateOutputs(challenger_ap, float(champion_ap), result.champion_version or "")
 
 
 @dsl.component(base_image=CORE_IMAGE, install_kfp_package=False)

@@ -36,6 +36,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from fraud import atomic
+
 MANIFEST_FILE = "bundle.json"
 MODEL_FILE = "model.ubj"
 REFERENCE_FILE = "reference_features.npy"
@@ -296,16 +298,7 @@ def verify_bundle(bundle_dir: Path, public_key: Ed25519PublicKey | None = None) 
 def write_bundle_atomically(staging_dir: Path, final_dir: Path) -> Path:
     """Move a completely written staging directory into place; never leaves a half bundle at final_dir."""
     validate_bundle(staging_dir)
-    final_dir = Path(final_dir)
-    final_dir.parent.mkdir(parents=True, exist_ok=True)
-    if final_dir.exists():
-        trash = Path(tempfile.mkdtemp(prefix=".old-", dir=final_dir.parent))
-        os.replace(final_dir, trash / final_dir.name)
-        os.replace(staging_dir, final_dir)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(staging_dir, final_dir)
-    return final_dir
+    return atomic.replace_dir(staging_dir, final_dir)
 
 
 def write_bundle(

@@ -58,6 +58,7 @@ from fraud.features.definitions import (
 )
 from fraud.features.offline import (
     EVENT_TIMESTAMP,
+    _one_row,
     _sql_file_list,
     customer_features_path,
     labelled_transactions,
@@ -492,9 +493,10 @@ def snapshot_span(layout: DataLayout | None = None) -> tuple[datetime, datetime]
     _require_offline_tables(layout)
     paths = _sql_file_list([customer_features_path(layout), terminal_features_path(layout)])
     with duckdb.connect() as con:
-        first, last = con.execute(
-            f"SELECT min({SNAPSHOT_TIMESTAMP}), max({SNAPSHOT_TIMESTAMP}) FROM read_parquet({paths})"  # noqa: S608 - column-name constants, paths quoted by _sql_file_list
-        ).fetchone()
+        first, last = _one_row(
+            con,
+            f"SELECT min({SNAPSHOT_TIMESTAMP}), max({SNAPSHOT_TIMESTAMP}) FROM read_parquet({paths})",  # noqa: S608 - column-name constants, paths quoted by _sql_file_list
+        )
     return _as_utc(first), _as_utc(last)
 
 
@@ -779,9 +781,10 @@ class OnlineFeatureClient:
             # Redis answers an absent entity with empty values (and the epoch as timestamp)
             known = event_ts is not None and any(not math.isnan(v) for v in values)
             table.append(values)
-            stamps.append(
-                (event_ts.astimezone(UTC).replace(tzinfo=None) if event_ts.tzinfo else event_ts) if known else None
-            )
+            if event_ts is not None and known:
+                stamps.append(event_ts.astimezone(UTC).replace(tzinfo=None) if event_ts.tzinfo else event_ts)
+            else:
+                stamps.append(None)
         return np.array(table, dtype=np.float64), np.array(stamps, dtype="datetime64[ns]")
 
     def batch(self, customer_ids: Sequence[str], terminal_ids: Sequence[str]) -> pd.DataFrame:

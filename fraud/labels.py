@@ -15,8 +15,6 @@ day whose labels are still coming in is recognisable.
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -27,7 +25,7 @@ import pandas as pd
 from prometheus_client import Gauge
 from sqlalchemy import Engine, and_, select
 
-from fraud import quality_metrics
+from fraud import atomic, quality_metrics
 from fraud.audit.store import dialect_insert
 from fraud.audit.tables import Decision, Label, LiveQuality
 from fraud.errors import UserError
@@ -449,17 +447,10 @@ def write_label_file(labels: pd.DataFrame, out: Path | str) -> Path:
     fmt = _file_format(out)
     if not out.parent.is_dir():
         raise UserError(f"--out {out}: directory {out.parent} does not exist")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        frame = labels[list(LABEL_COLUMNS)]
+    frame = labels[list(LABEL_COLUMNS)]
+    with atomic.replacing(out) as tmp:
         if fmt == "csv":
             frame.assign(reported_at=frame["reported_at"].dt.strftime("%Y-%m-%dT%H:%M:%S")).to_csv(tmp, index=False)
         else:
             frame.to_parquet(tmp, index=False)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return out

@@ -91,7 +91,7 @@ def decode_value_column(raw: Sequence[bytes | None]) -> np.ndarray:
     present = [i for i, value in enumerate(raw) if value]
     if not present:
         return out
-    values = [raw[i] for i in present]
+    values = [value for value in raw if value]
     if len(values) < _VECTOR_MIN:  # a few values: numpy's per-call overhead exceeds the parsing
         from feast.protos.feast.types.Value_pb2 import Value
 

@@ -31,7 +31,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -41,8 +40,11 @@ from typing import Self
 
 import httpx
 
+from fraud import atomic
 from fraud.config import DRIFT_TRANSFORMER_DIR, MODEL_NAME, PROJECT_ROOT, DataLayout
 from fraud.errors import UserError
+from fraud.monitoring.local_prometheus import LocalPrometheus, stack_prometheus
+from fraud.net import free_port
 
 CHAMPION_URI = f"models:/{MODEL_NAME}@champion"
 DEFAULT_PORT = 8080
@@ -93,11 +95,15 @@ class StackConfig:
     #: bearer tokens with scopes the transformer requires (`<token> <scope>[,<scope>...]` per line);
     #: None: no authentication (loopback use), and no caller gets the feature vectors
     token_file: Path | None = None
+    #: port of a local Prometheus that scrapes the stack with the alert rules loaded (None: none)
+    prometheus_port: int | None = None
 
     def __post_init__(self) -> None:
         ports = {"--port": self.port, "--grpc-port": self.grpc_port, "--predictor-port": self.predictor_port}
         if self.predictor_grpc_port is not None:
             ports["--predictor-grpc-port"] = self.predictor_grpc_port
+        if self.prometheus_port is not None:
+            ports["--prometheus-port"] = self.prometheus_port
         for option, port in ports.items():
             if not (1 <= port <= 65535):
                 raise UserError(f"{option} must be a TCP port in 1..65535, got {port}")
@@ -120,6 +126,10 @@ class StackConfig:
     def credentials_dir(self) -> Path:
         """Private folder (0700) of the predictor's token file and the transformer's token for it."""
         return self.log_dir / "credentials"
+
+    @property
+    def prometheus_url(self) -> str | None:
+        return None if self.prometheus_port is None else f"http://{LOOPBACK}:{self.prometheus_port}"
 
     @property
     def predictor_url(self) -> str:
@@ -212,6 +222,8 @@ def check_ports_free(config: StackConfig) -> None:
     ports = [("--port", config.port), ("--grpc-port", config.grpc_port), ("--predictor-port", config.predictor_port)]
     if config.predictor_grpc_port is not None:
         ports.append(("--predictor-grpc-port", config.predictor_grpc_port))
+    if config.prometheus_port is not None:
+        ports.append(("--prometheus-port", config.prometheus_port))
     for option, port in ports:
         if port_in_use(port):
             raise UserError(
@@ -294,6 +306,9 @@ class ServingStack:
         self.transformer: ChildProcess | None = None
         self.audit_writer: ChildProcess | None = None
         self.aggregator: ChildProcess | None = None
+        self.prometheus: LocalPrometheus | None = None
+        #: /metrics ports of the sidecars, for the local Prometheus (0: the aggregator picks one)
+        self.sidecar_metrics_ports = {"aggregator": 0, "audit-writer": 0}
         self._lock = threading.Lock()
 
     # --- commands ----------------------------------------------------------------------------
@@ -332,7 +347,8 @@ class ServingStack:
         return {"FRAUD_STREAM_PREFIX": os.environ.get("FRAUD_STREAM_PREFIX") or f"fraud:{digest}:transactions"}
 
     def aggregator_command(self) -> list[str]:
-        command = [sys.executable, "-m", "fraud.cli", "features", "aggregate", "--metrics-port", "0"]
+        port = self.sidecar_metrics_ports["aggregator"]
+        command = [sys.executable, "-m", "fraud.cli", "features", "aggregate", "--metrics-port", str(port)]
         return command + (["--online", self.config.online_store] if self.config.online_store else [])
 
     def _spawn_aggregator(self, append: bool = False) -> ChildProcess:
@@ -343,6 +359,7 @@ class ServingStack:
         return [
             sys.executable, "-m", "fraud.cli", "audit", "writer",
             "--spool", str(self.config.resolved_audit_spool()),
+            *(["--metrics-port", str(port)] if (port := self.sidecar_metrics_ports["audit-writer"]) else []),
         ]  # fmt: skip
 
     def audit_writer_env(self) -> dict[str, str]:
@@ -381,6 +398,8 @@ class ServingStack:
         check_ports_free(self.config)
         self.config.log_dir.mkdir(parents=True, exist_ok=True)
         write_internal_credentials(self.config)
+        if self.config.prometheus_port is not None:
+            self.sidecar_metrics_ports = {"aggregator": free_port(), "audit-writer": free_port()}
         if self.config.audit:
             url = self.config.resolved_audit_db_url()
             self.on_status(f"migrating the audit database {redacted_url(url)}")
@@ -399,6 +418,9 @@ class ServingStack:
             if self.config.audit:  # the predictor has created the spool by now
                 self.audit_writer = self._spawn_audit_writer()
             self._wait_ready(self.transformer, self.config.url)
+            if self.config.prometheus_port is not None:
+                self.on_status(f"starting Prometheus on {self.config.prometheus_url}")
+                self.prometheus = stack_prometheus(self).start()
         except BaseException:
             self.stop()
             raise
@@ -407,6 +429,8 @@ class ServingStack:
         """Terminate the transformer, then the predictor, then the audit writer (which first flushes
         what the predictor spooled); idempotent and safe from a signal handler."""
         with self._lock:
+            if self.prometheus is not None:
+                self.prometheus.stop()
             for child in (self.transformer, self.predictor, self.aggregator, self.audit_writer):
                 if child is not None:
                     child.terminate(self.config.stop_timeout_s)
@@ -508,11 +532,7 @@ class ServingStack:
 
 # --- pid file of a detached stack ---------------------------------------------------------------
 def write_pid_file(path: Path, pid: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(f"{pid}\n")
-    os.replace(tmp, path)
+    atomic.write_text(path, f"{pid}\n")
 
 
 def read_pid_file(path: Path) -> int:

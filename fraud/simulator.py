@@ -51,6 +51,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
+from fraud import atomic
 from fraud.errors import UserError
 from fraud.schema import (
     CUSTOMER_ID,
@@ -953,19 +954,9 @@ def _write_profiles_and_manifest(
 
 
 def _swap_into_place(tmp_dir: Path, out_dir: Path, overwrite: bool) -> None:
-    if out_dir.is_dir() and any(out_dir.iterdir()):
-        if not overwrite:  # somebody wrote it while we were simulating
-            raise UserError(f"output {out_dir} already exists and is not empty; pass --overwrite to replace it")
-        old_dir = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex}"
-        os.replace(out_dir, old_dir)
-        try:
-            os.replace(tmp_dir, out_dir)
-        except BaseException:
-            os.replace(old_dir, out_dir)
-            raise
-        shutil.rmtree(old_dir, ignore_errors=True)
-    else:
-        os.replace(tmp_dir, out_dir)  # also replaces an empty directory
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:  # written while we were simulating
+        raise UserError(f"output {out_dir} already exists and is not empty; pass --overwrite to replace it")
+    atomic.replace_dir(tmp_dir, out_dir)
 
 
 def _as_datetime(value: date | datetime | str, name: str) -> datetime:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import fsspec
 
+from fraud import atomic
 from fraud.errors import UserError
 
 
@@ -47,9 +48,8 @@ def put_folder(local_dir: Path, uri: str) -> list[str]:
             return names
         target.mkdir(parents=True, exist_ok=True)
         for name in names:
-            staged = target / f".{name}.tmp"
-            shutil.copy2(Path(local_dir) / name, staged)
-            staged.replace(target / name)
+            with atomic.replacing(target / name) as staged:
+                shutil.copy2(Path(local_dir) / name, staged)
         return names
     fs, root = _filesystem(uri)
     try:

@@ -8,7 +8,8 @@ reason. Nothing here touches the model or the feature store.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
@@ -181,7 +182,7 @@ def request_protocol(body: Any) -> str:
 
 
 # --- validation ------------------------------------------------------------------------------
-def _reason(error: dict[str, Any]) -> str:
+def _reason(error: Mapping[str, object]) -> str:
     kind = error.get("type", "")
     if kind == "missing":
         return "is required"
@@ -356,11 +357,10 @@ def parse_v2_tensors(tensors: list[Tensor], max_batch_size: int, request_id: str
     check_tensor_count(len(tensors))
     check_request_id(request_id)
     names = [tensor.name for tensor in tensors]
-    seen: set[str] = set()
-    duplicates = sorted({name for name in names if name in seen or seen.add(name)})
+    duplicates = sorted(name for name, count in Counter(names).items() if count > 1)
     if duplicates:
         raise InvalidInput(f"input tensor(s) {echo(duplicates)} given more than once")
-    unknown = sorted(seen - set(REQUEST_FIELDS))
+    unknown = sorted(set(names) - set(REQUEST_FIELDS))
     if unknown:
         raise InvalidInput(f"unknown input tensor(s) {echo(unknown)}; expected {list(REQUEST_FIELDS)}")
     missing = [name for name in REQUEST_FIELDS if name not in names]

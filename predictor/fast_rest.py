@@ -22,12 +22,12 @@ parameters, and bodies that are not well-formed JSON requests (KServe's own erro
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
 from kserve.errors import InvalidInput, ServerNotReady
 
+from predictor.asgi import ASGIApp, Receive, Scope, Send, plain_json, read_body, replay
 from predictor.auth import SCOPE_DEBUG
 from predictor.codec import (
     PROTOCOL_V1,
@@ -45,12 +45,6 @@ if TYPE_CHECKING:
     from predictor.model import FraudModel
 
 logger = logging.getLogger("kserve.fraud_predictor")
-
-Scope = dict[str, Any]
-Message = dict[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 #: Bodies above this size are left to KServe (its own body limit applies there).
 MAX_FAST_BODY_BYTES = 8 * 1024 * 1024
@@ -70,13 +64,13 @@ class FastScoringRoutes:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         protocol = self.routes.get(scope.get("path", "")) if scope["type"] == "http" else None
-        if protocol is None or scope.get("method") != "POST" or not self.model.ready or not _plain_json(scope):
+        if protocol is None or scope.get("method") != "POST" or not self.model.ready or not plain_json(scope):
             await self.app(scope, receive, send)
             return
-        body, complete = await _read_body(receive)
+        body, complete = await read_body(receive, MAX_FAST_BODY_BYTES)
         handled = complete and await self._answer(protocol, body, send)
         if not handled:
-            await self.app(scope, _replay(body, complete, receive), send)
+            await self.app(scope, replay(body, complete, receive), send)
 
     async def _answer(self, protocol: str, body: bytes, send: Send) -> bool:
         """Answer the request; False (nothing sent) when KServe's handler should take it."""
@@ -122,48 +116,6 @@ class FastScoringRoutes:
             answer = v2_rest_response(scored, model.name, include_features)
         await _send_json(send, 200, answer)
         return True
-
-
-def _plain_json(scope: Scope) -> bool:
-    """A JSON body without the binary tensor extension (header `inference-header-content-length`)."""
-    content_type = b""
-    for key, value in scope.get("headers", ()):
-        if key == b"inference-header-content-length":
-            return False
-        if key == b"content-type":
-            content_type = value
-    return content_type.split(b";")[0].strip().lower() == b"application/json"
-
-
-async def _read_body(receive: Receive) -> tuple[bytes, bool]:
-    """The request body; `complete` is False when it was cut short (disconnect) or is too large."""
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            return b"".join(chunks), False
-        chunk = message.get("body", b"")
-        chunks.append(chunk)
-        size += len(chunk)
-        if size > MAX_FAST_BODY_BYTES:
-            return b"".join(chunks), False
-        if not message.get("more_body", False):
-            return b"".join(chunks), True
-
-
-def _replay(body: bytes, complete: bool, receive: Receive) -> Receive:
-    """A `receive` that first hands the downstream app what was already read."""
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": not complete}
-        return await receive()
-
-    return replay
 
 
 async def _send_json(send: Send, status: int, content: Any) -> None:

@@ -797,7 +797,7 @@ class FraudModel(Model):
         spool = self.audit_spool
         if spool is None:
             raise AuditUnavailable("the audit trail is enabled but its spool is not open (model stopped?)")
-        from fraud.audit import decision_payloads
+        from fraud.audit import ScoredColumns, decision_payloads
 
         assert self.scorer is not None, "load() first"  # noqa: S101 - narrows the type: set by load()
         model_name = self.scorer.manifest.model_name
@@ -807,7 +807,7 @@ class FraudModel(Model):
             request = result.request
             received_at = request.received_at or datetime.now(UTC)
             latency_ms = (now - request.arrival) * 1000.0 if request.arrival is not None else 0.0
-            payloads += decision_payloads(
+            columns = ScoredColumns(
                 transaction_ids=[tx.transaction_id for tx in request.transactions],
                 customer_ids=[tx.customer_id for tx in request.transactions],
                 terminal_ids=[tx.terminal_id for tx in request.transactions],
@@ -826,6 +826,7 @@ class FraudModel(Model):
                 latency_ms=latency_ms,
                 thresholds=self.scorer.manifest.thresholds,
             )
+            payloads += decision_payloads(columns)
         with self._audit_lock:
             try:
                 room = spool.max_records - spool.depth()

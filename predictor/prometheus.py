@@ -102,7 +102,7 @@ def record_request(protocol: str, model_version: str, outcome: str, seconds: flo
 
 def record_scores(
     model_version: str,
-    probabilities: Sequence[float],
+    probabilities: Sequence[float] | np.ndarray,
     decisions: Sequence[str],
     missing: int,
     stale: int,

@@ -10,6 +10,7 @@ cd "$(dirname "$0")/.."
 export FRAUD_DATA_DIR="${FRAUD_DATA_DIR:-$PWD/data}"
 FRAUD=.venv/bin/fraud
 PORT="${DEMO_PORT:-8080}"
+PROMETHEUS_PORT="${DEMO_PROMETHEUS_PORT:-9090}"
 PID_FILE="$FRAUD_DATA_DIR/serve.pid"
 
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
@@ -30,8 +31,9 @@ step "3/6 training pipeline through kfp.local: ingest -> features -> training se
 # On a running stack: `fraud pipeline run --local` (canary through the local router).
 "$FRAUD" pipeline run --local --deploy-target record
 
-step "4/6 local serving stack: predictor + drift transformer, champion model (transformer on port $PORT)"
-"$FRAUD" serve --detach --port "$PORT" --pid-file "$PID_FILE"
+step "4/6 local serving stack: predictor + drift transformer, champion model (transformer on port $PORT), local Prometheus"
+"$FRAUD" serve --detach --port "$PORT" --pid-file "$PID_FILE" --prometheus --prometheus-port "$PROMETHEUS_PORT"
+echo "Prometheus web UI (scoring, drift, audit and feature-freshness metrics, alert rules): http://127.0.0.1:$PROMETHEUS_PORT"
 trap '"$FRAUD" serve --stop --pid-file "$PID_FILE" >/dev/null 2>&1 || true' EXIT
 
 step "5/6 score sample transactions through the transformer"

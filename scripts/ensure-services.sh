@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install the Prometheus tooling and start the local PostgreSQL and Redis the integration tests use,
+# Install the Prometheus tooling and the headless browser, and start the local PostgreSQL and Redis the integration tests use,
 # each only when missing. These are the machine's own start commands (see the environment notes in README.md).
 set -euo pipefail
 
@@ -31,6 +31,23 @@ if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2
   rm -f "$log"
 fi
 promtool --version >/dev/null
+
+# Debian's chromium renders the local Prometheus web UI headless in a test (a screenshot).
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "installing chromium (headless browser for the Prometheus UI test) from Debian"
+  log=$(mktemp)
+  status=0
+  apt_opts=(-q -y -o DPkg::Lock::Timeout=600 -o Dpkg::Use-Pty=0)
+  { DEBIAN_FRONTEND=noninteractive apt-get "${apt_opts[@]}" update &&
+    DEBIAN_FRONTEND=noninteractive apt-get "${apt_opts[@]}" install --no-install-recommends chromium; } \
+    >"$log" 2>&1 || status=$?
+  if [ "$status" -ne 0 ]; then
+    cat "$log" >&2
+    echo "installing chromium failed (apt-get exit $status)" >&2
+    exit "$status"
+  fi
+  rm -f "$log"
+fi
 
 if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
   echo "starting redis on 127.0.0.1:6379"

@@ -19,7 +19,8 @@ from sqlalchemy import text
 
 from fraud.audit.spool import AuditSpool
 from fraud.audit.store import create_audit_engine, upgrade_database
-from tests.test_audit_support import FRAUD_CLI, free_port, make_decision, pg_database, scrape  # noqa: F401
+from fraud.net import free_port
+from tests.test_audit_support import FRAUD_CLI, make_decision, pg_database, scrape  # noqa: F401
 
 #: Also restart the PostgreSQL server under load (disruptive to anything else using it, so opt-in;
 #: .ci/run turns it on).

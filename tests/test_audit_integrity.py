@@ -18,7 +18,7 @@ from sqlalchemy import bindparam, text
 from sqlalchemy.exc import DBAPIError
 
 from fraud.audit.chain import CHAIN_KEY_ENV, verify_decisions
-from fraud.audit.records import DecisionRecord, decision_payloads, decision_records
+from fraud.audit.records import DecisionRecord, ScoredColumns, decision_payloads, decision_records
 from fraud.audit.roles import grant_roles
 from fraud.audit.spool import AuditSpool
 from fraud.audit.store import count_rows, create_audit_engine, find_decisions, insert_decisions, upgrade_database
@@ -376,8 +376,10 @@ def test_every_decision_records_the_thresholds_that_applied(tmp_path, backend):
         "latency_ms": 1.0,
         "thresholds": thresholds,
     }
-    payloads = decision_payloads(transaction_ids=["TXA", "TXB"], **batch)
-    assert payloads == [r.to_payload() for r in decision_records(transaction_ids=["TXA", "TXB"], **batch)]
+    payloads = decision_payloads(ScoredColumns(transaction_ids=["TXA", "TXB"], **batch))
+    assert payloads == [
+        r.to_payload() for r in decision_records(ScoredColumns(transaction_ids=["TXA", "TXB"], **batch))
+    ]
     spool = AuditSpool(tmp_path / "spool.db")
     spool.append_payloads(payloads)
     AuditWriter(spool.path, engine=engine, settings=FAST).drain_all()

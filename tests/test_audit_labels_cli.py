@@ -9,7 +9,8 @@ import subprocess
 import pytest
 
 from fraud.audit.store import create_audit_engine, upgrade_database
-from tests.test_audit_support import FRAUD_CLI, free_port, scrape
+from fraud.net import free_port
+from tests.test_audit_support import FRAUD_CLI, scrape
 from tests.test_labels import _label_frame, _seed_decisions
 
 

@@ -12,7 +12,7 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from fraud.audit.records import DecisionRecord, decision_payloads, decision_records, pseudonymise
+from fraud.audit.records import DecisionRecord, ScoredColumns, decision_payloads, decision_records, pseudonymise
 from fraud.audit.store import (
     ALEMBIC_VERSION_TABLE,
     audit_db_url,
@@ -202,13 +202,13 @@ def test_decision_records_of_a_scored_batch():
         "received_at": datetime(2026, 11, 1, 8),
         "latency_ms": 2.0,
     }
-    first, second = decision_records(transaction_ids=["TX1", "TX2"], **common)
+    first, second = decision_records(ScoredColumns(transaction_ids=["TX1", "TX2"], **common))
     assert first.features == {"tx_amount": 1.0, "terminal_risk_7d": None}
     assert (first.features_missing, first.features_stale, first.fail_open) == (True, False, True)
     assert (second.decision, second.score, second.customer_id, second.variant) == ("decline", 0.9, "C2", "canary")
     assert isinstance(second.features_stale, bool)
     with pytest.raises(ValueError, match="one entry per transaction"):
-        decision_records(transaction_ids=["TX1"], **common)
+        decision_records(ScoredColumns(transaction_ids=["TX1"], **common))
 
 
 def _scored_batch(n: int, seed: int = 0) -> dict:
@@ -246,8 +246,8 @@ def _scored_batch(n: int, seed: int = 0) -> dict:
 
 def test_decision_payloads_equal_the_records_payloads_byte_for_byte():
     batch = _scored_batch(50)
-    expected = [record.to_payload() for record in decision_records(**batch)]
-    assert decision_payloads(**batch) == expected
+    expected = [record.to_payload() for record in decision_records(ScoredColumns(**batch))]
+    assert decision_payloads(ScoredColumns(**batch)) == expected
     decoded = DecisionRecord.from_payload(expected[1])
     assert decoded.features[batch["feature_names"][2]] is None and decoded.variant == "canary"
 
@@ -270,6 +270,6 @@ def test_decision_payloads_equal_the_records_payloads_byte_for_byte():
 def test_decision_payloads_refuse_what_decision_records_refuse(change: dict):
     batch = {**_scored_batch(3), **change}
     with pytest.raises((ValueError, TypeError)) as expected:
-        decision_records(**batch)
+        decision_records(ScoredColumns(**batch))
     with pytest.raises(type(expected.value), match=re.escape(str(expected.value))):
-        decision_payloads(**batch)
+        decision_payloads(ScoredColumns(**batch))

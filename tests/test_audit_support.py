@@ -4,7 +4,6 @@ PostgreSQL database per test, dropped afterwards, plus a real outage of that dat
 from __future__ import annotations
 
 import contextlib
-import socket
 import sys
 import time
 import uuid
@@ -53,12 +52,6 @@ def make_decision(
         features_stale=index % 7 == 0,
         fail_open=False,
     )
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def scrape(port: int, metric_line_prefix: str, timeout: float = 60.0) -> float:

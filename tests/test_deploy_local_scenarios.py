@@ -75,14 +75,15 @@ def _deploy(reg: Registry, version: str, **options):
     )
 
 
-def _analyse(reg: Registry, version: str, window: int):
+def _analyse(reg: Registry, version: str, window: int, prometheus_url: str = ""):
+    """The analysis of the local canary: it scrapes the predictors itself, or reads `prometheus_url`."""
     return rollout_mod.analyse(
         AnalyseRequest(
             MODEL_NAME,
             version,
             "local",
             "local",
-            "",
+            prometheus_url,
             window,
             mlflow_tracking_uri=reg.uri,
             connection=Connection(ready_timeout_seconds=240),

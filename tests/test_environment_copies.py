@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 COPIES = [
     ("predictor/auth.py", "drift_transformer/drift_transformer/auth.py"),
     ("predictor/edge.py", "drift_transformer/drift_transformer/edge.py"),
+    ("predictor/asgi.py", "drift_transformer/drift_transformer/asgi.py"),
 ]
 
 

@@ -20,7 +20,7 @@ from fraud.labels import (
     read_live_quality,
     simulated_labels,
 )
-from tests.test_audit_support import FRAUD_CLI, free_port, make_decision, pg_database, scrape  # noqa: F401
+from tests.test_audit_support import FRAUD_CLI, make_decision, pg_database, scrape  # noqa: F401
 
 DAY1 = datetime(2026, 11, 1)
 DAY2 = datetime(2026, 11, 2)

@@ -25,19 +25,19 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from fraud.config import PROJECT_ROOT
+from fraud.monitoring.local_prometheus import rule_groups, write_rule_file
+from fraud.net import free_port
 from fraud.serving_stack import ServingStack, StackConfig, score_transactions
 from tests.support.prometheus import LocalPrometheus, PrometheusError, names_read
 from tests.test_serving_stack import (  # noqa: F401 - fixtures are used by name
     STORE_TIMEOUT_S,
     bundle,
     data_root,
-    free_port,
     traffic,
 )
 
 FRAUD = str(Path(sys.executable).with_name("fraud"))
 DASHBOARD = PROJECT_ROOT / "manifests" / "fraud-detector-dashboard.json"
-RULES = PROJECT_ROOT / "manifests" / "prometheusrule.yaml"
 DRIFT_WINDOW = 50
 #: labels Prometheus adds at scrape time (the endpoints cannot export them)
 TARGET_LABELS = {"namespace", "pod", "instance", "job"}
@@ -70,10 +70,6 @@ def variable_queries(dashboard: dict) -> list[str]:
             query = variable["query"]
             queries.append(query["query"] if isinstance(query, dict) else query)
     return queries
-
-
-def rule_groups() -> list[dict]:
-    return yaml.safe_load(RULES.read_text())["spec"]["groups"]
 
 
 def recorded_names() -> set[str]:
@@ -191,8 +187,7 @@ def scrapes(endpoints) -> dict[str, str]:
 def prometheus(endpoints, tmp_path_factory):
     """A real Prometheus scraping every endpoint each second, the PrometheusRule's groups loaded."""
     work = tmp_path_factory.mktemp("prometheus")
-    rules = work / "rules.yaml"
-    rules.write_text(yaml.safe_dump({"groups": rule_groups()}, sort_keys=False))
+    rules = write_rule_file(work / "rules.yaml")
     targets = {name: httpx.URL(url).netloc.decode() for name, url in endpoints.items()}
     server = LocalPrometheus(work, targets, {"namespace": NAMESPACE}, rule_files=[rules])
     with server:

@@ -22,6 +22,7 @@ import yaml
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 
 from fraud.config import PROJECT_ROOT
+from fraud.net import free_port
 from tests.test_audit_support import pg_database  # noqa: F401 - fixture
 
 KUBERNETES_VERSION = "1.32.0"
@@ -121,14 +122,6 @@ def test_the_cronjob_command_line_is_accepted_by_fraud_monitor_check(prod, tmp_p
     assert result.stdout.strip() == "no retrain: no sustained drift or quality loss"
     state = yaml.safe_load((tmp_path / "state" / "state.json").read_text())
     assert state["drift"] == {"windows_evaluated": 4.0, "windows_drifted": 1.0, "streak": 0}
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def audit_metrics_read_by_alerts_and_dashboard() -> set[str]:

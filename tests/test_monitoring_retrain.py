@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -36,16 +35,11 @@ from fraud.monitoring.retrain import (
     read_trigger_log,
     retrain_lock,
 )
+from fraud.net import free_port
 
 FRAUD = str(Path(sys.executable).with_name("fraud"))
 NOW = datetime(2026, 3, 10, 12, 0, 0)
 POLICY = RetrainPolicy(drift_windows=3, precision_floor=0.5, ap_floor=0.3, quality_days=3, cooldown=timedelta(hours=24))
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class DriftExporter:

@@ -23,6 +23,7 @@ from fraud.audit import AuditSpool, AuditWriter, create_audit_engine, upgrade_da
 from fraud.audit.store import table_names
 from fraud.audit.tables import Decision
 from fraud.features.definitions import CUSTOMER_SPENDING_FEATURES, MODEL_FEATURES, TERMINAL_RISK_FEATURES
+from fraud.net import free_port
 from predictor.__main__ import build_parser, settings_from_args
 from predictor.features import InMemoryFeatureSource
 from predictor.model import AuditUnavailable, FraudModel, PredictorSettings
@@ -31,7 +32,6 @@ from tests.test_predictor_server import (
     TERMINALS,
     bundle,  # noqa: F401 - module fixture (synthetic bundle, version "3")
     data_root,  # noqa: F401 - module fixture (materialised Feast SQLite store)
-    free_port,
     infer_v2,
     outputs_by_name,
     predict_v1,

@@ -11,7 +11,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +31,7 @@ from tritonclient.utils import InferenceServerException
 from fraud.config import MODEL_NAME, PROJECT_ROOT, DataLayout
 from fraud.features.definitions import MODEL_FEATURES, VELOCITY_FEATURES
 from fraud.features.offline import EVENT_TIMESTAMP
+from fraud.net import free_port
 from fraud.schema import REQUEST_FIELDS
 from tests.factories import (
     hand_made_raw_transactions,
@@ -85,10 +85,6 @@ def bundle(tmp_path_factory) -> Path:
 
 
 # --- server processes ----------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from fraud.bundle import REFERENCE_FILE
 from fraud.config import MODEL_NAME, PROJECT_ROOT, DataLayout
+from fraud.net import free_port
 from tests.factories import (
     hand_made_raw_transactions,
     make_synthetic_bundle,
@@ -46,12 +46,6 @@ TERMINALS = [f"T{i:07d}" for i in range(8)]
 DRIFT_WINDOW = 100
 STARTUP_TIMEOUT_S = 240
 STORE_TIMEOUT_S = 20.0
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # --- data: raw history -> offline tables -> Feast SQLite online store ------------------------------

@@ -20,18 +20,11 @@ Health, readiness, metadata and `/metrics` (GET) pass untouched.
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Awaitable, Callable
-from typing import Any
 
 import orjson
 
+from drift_transformer.asgi import ASGIApp, Message, Receive, Scope, Send
 from drift_transformer.auth import SCOPE_EXPLAIN, SCOPE_SCORE, AuthError, Authorizer
-
-Scope = dict[str, Any]
-Message = dict[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 #: Largest request body accepted (HTTP 413 above; gRPC messages are capped to the same size).
 DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024

@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import aiohttp
 import orjson
 from kserve.errors import InvalidInput
 
+from drift_transformer.asgi import ASGIApp, Message, Receive, Scope, Send, plain_json, read_body, replay
 from drift_transformer.auth import SCOPE_DEBUG
 from drift_transformer.edge import REQUEST_SCOPES
 from drift_transformer.identifiers import check_v1_ids, check_v2_json_ids
@@ -40,12 +40,6 @@ if TYPE_CHECKING:
     from drift_transformer.transformer import DriftTransformer
 
 logger = logging.getLogger(__name__)
-
-Scope = dict[str, Any]
-Message = dict[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 #: Bodies above this size go through KServe's handlers (its own body limit applies there).
 MAX_FAST_BODY_BYTES = 16 * 1024 * 1024
@@ -111,20 +105,20 @@ class PassThroughRoutes:
         if (
             protocol is None
             or scope.get("method") != "POST"
-            or not _plain_json(scope)
+            or not plain_json(scope)
             or not await self.transformer.healthy()
         ):
             await self.app(scope, receive, send)
             return
-        body, complete = await _read_body(receive)
+        body, complete = await read_body(receive, MAX_FAST_BODY_BYTES)
         if not complete or not body.lstrip().startswith(b"{"):  # not a JSON object: KServe's 400
-            await self.app(scope, _replay(body, complete, receive), send)
+            await self.app(scope, replay(body, complete, receive), send)
             return
         try:
             request = orjson.loads(body)
             (check_v1_ids if protocol == self.protocol_v1 else check_v2_json_ids)(request)
         except orjson.JSONDecodeError:  # KServe's own 400 for a malformed body
-            await self.app(scope, _replay(body, complete, receive), send)
+            await self.app(scope, replay(body, complete, receive), send)
             return
         except InvalidInput as exc:
             status, content_type, answer = _error(400, str(exc))
@@ -230,45 +224,3 @@ async def _send(send: Send, status: int, content_type: str, answer: bytes) -> No
 
 def _error(status: int, message: str) -> tuple[int, str, bytes]:
     return status, "application/json", orjson.dumps({"error": message})
-
-
-def _plain_json(scope: Scope) -> bool:
-    """A JSON body without the binary tensor extension (header `inference-header-content-length`)."""
-    content_type = b""
-    for key, value in scope.get("headers", ()):
-        if key == b"inference-header-content-length":
-            return False
-        if key == b"content-type":
-            content_type = value
-    return content_type.split(b";")[0].strip().lower() == b"application/json"
-
-
-async def _read_body(receive: Receive) -> tuple[bytes, bool]:
-    """The request body; `complete` is False when it was cut short (disconnect) or is too large."""
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            return b"".join(chunks), False
-        chunk = message.get("body", b"")
-        chunks.append(chunk)
-        size += len(chunk)
-        if size > MAX_FAST_BODY_BYTES:
-            return b"".join(chunks), False
-        if not message.get("more_body", False):
-            return b"".join(chunks), True
-
-
-def _replay(body: bytes, complete: bool, receive: Receive) -> Receive:
-    """A `receive` that first hands the downstream app what was already read."""
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": not complete}
-        return await receive()
-
-    return replay

@@ -4,14 +4,15 @@ Predictor-facing API (see docs/audit.md):
 
     spool = AuditSpool(default_spool_path())            # at load()
     writer = AuditWriter(spool.path); writer.start()    # at load(), unless a sidecar runs `fraud audit writer`
-    spool.append_payloads(decision_payloads(...))       # before answering (column-wise;
-                                                        # = spool.append(decision_records(...)))
+    spool.append_payloads(decision_payloads(columns))   # before answering (column-wise;
+                                                        # = spool.append(decision_records(columns)))
     writer.stop(); spool.close()                        # at stop()
 """
 
 from fraud.audit.records import (
     DecisionRecord,
     ExplanationRecord,
+    ScoredColumns,
     decision_payloads,
     decision_records,
     explanation_payloads,
@@ -27,6 +28,7 @@ __all__ = [
     "AuditWriter",
     "DecisionRecord",
     "ExplanationRecord",
+    "ScoredColumns",
     "WriterSettings",
     "audit_db_url",
     "create_audit_engine",

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
+from fraud import atomic
 from fraud.audit.store import iter_decisions
 from fraud.errors import UserError
 
@@ -82,11 +81,8 @@ def export_decisions(engine, start: datetime | None, end: datetime | None, fmt: 
         raise UserError(f"--out {out} is a directory; give a file name")
     if not out.parent.is_dir():
         raise UserError(f"--out {out}: directory {out.parent} does not exist")
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
     count = 0
-    try:
+    with atomic.replacing(out) as tmp:
         sink = _Sink(fmt, tmp)
         try:
             for rows in iter_decisions(engine, start, end):
@@ -94,10 +90,4 @@ def export_decisions(engine, start: datetime | None, end: datetime | None, fmt: 
                 count += len(rows)
         finally:
             sink.close()
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return count

@@ -230,135 +230,115 @@ class DecisionRecord:
         }
 
 
-def decision_records(
-    *,
-    transaction_ids: Sequence[str],
-    customer_ids: Sequence[str],
-    terminal_ids: Sequence[str],
-    feature_names: Sequence[str],
-    feature_matrix: Any,
-    scores: Sequence[float],
-    decisions: Sequence[str],
-    reason_codes: Sequence[list[Any]],
-    features_missing: Sequence[bool],
-    features_stale: Sequence[bool],
-    fail_open: bool,
-    model_name: str,
-    model_version: str,
-    variant: Variant,
-    received_at: datetime,
-    latency_ms: float,
-    thresholds: DecisionThresholds | None = None,
-) -> list[DecisionRecord]:
-    """The records of one scored request, row i for transaction i (what postprocess appends).
+@dataclass(frozen=True, slots=True)
+class ScoredColumns:
+    """The decisions of one scored request, column by column: entry i of each sequence is
+    transaction i (the predictor's `ScoredBatch` with the request's ids, model and timing).
 
     `feature_matrix` is the [n, len(feature_names)] model input; `fail_open` and the timing are
     per request.
     """
-    rows = feature_matrix.tolist() if hasattr(feature_matrix, "tolist") else [list(r) for r in feature_matrix]
-    n = len(transaction_ids)
-    _check_lengths(
-        n,
-        customer_ids=customer_ids,
-        terminal_ids=terminal_ids,
-        feature_matrix=rows,
-        scores=scores,
-        decisions=decisions,
-        reason_codes=reason_codes,
-        features_missing=features_missing,
-        features_stale=features_stale,
-    )
-    names = list(feature_names)
+
+    transaction_ids: Sequence[str]
+    customer_ids: Sequence[str]
+    terminal_ids: Sequence[str]
+    feature_names: Sequence[str]
+    feature_matrix: Any
+    scores: Sequence[float] | np.ndarray
+    decisions: Sequence[str]
+    reason_codes: Sequence[list[Any]]
+    features_missing: Sequence[bool] | np.ndarray
+    features_stale: Sequence[bool] | np.ndarray
+    fail_open: bool
+    model_name: str
+    model_version: str
+    variant: Variant
+    received_at: datetime
+    latency_ms: float
+    thresholds: DecisionThresholds | None = None
+
+    def check_lengths(self, feature_matrix: Sized) -> None:
+        n = len(self.transaction_ids)
+        columns: dict[str, Sized] = {
+            "customer_ids": self.customer_ids,
+            "terminal_ids": self.terminal_ids,
+            "feature_matrix": feature_matrix,
+            "scores": self.scores,
+            "decisions": self.decisions,
+            "reason_codes": self.reason_codes,
+            "features_missing": self.features_missing,
+            "features_stale": self.features_stale,
+        }
+        wrong = {name: len(column) for name, column in columns.items() if len(column) != n}
+        if wrong:
+            raise ValueError(f"every column must have one entry per transaction ({n}); got {wrong}")
+
+
+def decision_records(columns: ScoredColumns) -> list[DecisionRecord]:
+    """The records of one scored request, row i for transaction i."""
+    c = columns
+    matrix = c.feature_matrix
+    rows = matrix.tolist() if hasattr(matrix, "tolist") else [list(r) for r in matrix]
+    c.check_lengths(rows)
+    names = list(c.feature_names)
+    thresholds = c.thresholds
     return [
         DecisionRecord(
-            transaction_id=str(transaction_ids[i]),
-            received_at=received_at,
-            model_name=model_name,
-            model_version=model_version,
-            variant=variant,
+            transaction_id=str(c.transaction_ids[i]),
+            received_at=c.received_at,
+            model_name=c.model_name,
+            model_version=c.model_version,
+            variant=c.variant,
             features=dict(zip(names, rows[i], strict=True)),
-            score=float(scores[i]),
-            decision=str(decisions[i]),
-            reason_codes=list(reason_codes[i]),
-            customer_id=str(customer_ids[i]),
-            terminal_id=str(terminal_ids[i]),
-            latency_ms=latency_ms,
-            features_missing=bool(features_missing[i]),
-            features_stale=bool(features_stale[i]),
-            fail_open=fail_open,
+            score=float(c.scores[i]),
+            decision=str(c.decisions[i]),
+            reason_codes=list(c.reason_codes[i]),
+            customer_id=str(c.customer_ids[i]),
+            terminal_id=str(c.terminal_ids[i]),
+            latency_ms=c.latency_ms,
+            features_missing=bool(c.features_missing[i]),
+            features_stale=bool(c.features_stale[i]),
+            fail_open=c.fail_open,
             review_threshold=None if thresholds is None else thresholds.review,
             decline_threshold=None if thresholds is None else thresholds.decline,
         )
-        for i in range(n)
+        for i in range(len(c.transaction_ids))
     ]
 
 
-def _check_lengths(n: int, **columns: Sized) -> None:
-    wrong = {name: len(column) for name, column in columns.items() if len(column) != n}
-    if wrong:
-        raise ValueError(f"every column must have one entry per transaction ({n}); got {wrong}")
-
-
-def decision_payloads(
-    *,
-    transaction_ids: Sequence[str],
-    customer_ids: Sequence[str],
-    terminal_ids: Sequence[str],
-    feature_names: Sequence[str],
-    feature_matrix: Any,
-    scores: Sequence[float],
-    decisions: Sequence[str],
-    reason_codes: Sequence[list[Any]],
-    features_missing: Sequence[bool],
-    features_stale: Sequence[bool],
-    fail_open: bool,
-    model_name: str,
-    model_version: str,
-    variant: Variant,
-    received_at: datetime,
-    latency_ms: float,
-    thresholds: DecisionThresholds | None = None,
-) -> list[str]:
+def decision_payloads(columns: ScoredColumns) -> list[str]:
     """The spool payloads of one scored request: exactly `[r.to_payload() for r in
-    decision_records(...)]` (same arguments, same checks, same ValueError messages; tested), built
-    column by column without a `DecisionRecord` per transaction - the predictor's request path
-    (~3x cheaper at 1,000 transactions, docs/performance.md)."""
-    matrix = np.asarray(feature_matrix, dtype=np.float64)
-    n = len(transaction_ids)
-    _check_lengths(
-        n,
-        customer_ids=customer_ids,
-        terminal_ids=terminal_ids,
-        feature_matrix=matrix,
-        scores=scores,
-        decisions=decisions,
-        reason_codes=reason_codes,
-        features_missing=features_missing,
-        features_stale=features_stale,
-    )
-    names = [str(name) for name in feature_names]
+    decision_records(columns)]` (same checks, same ValueError messages; tested), built column by
+    column without a `DecisionRecord` per transaction - the predictor's request path (~3x cheaper at
+    1,000 transactions, docs/performance.md)."""
+    c = columns
+    matrix = np.asarray(c.feature_matrix, dtype=np.float64)
+    c.check_lengths(matrix)
+    names = [str(name) for name in c.feature_names]
+    model_name, model_version, variant, received_at = c.model_name, c.model_version, c.variant, c.received_at
+    reason_codes, thresholds = c.reason_codes, c.thresholds
     if matrix.ndim != 2 or matrix.shape[1] != len(names):
         raise ValueError(f"feature_matrix must be [n, {len(names)}], got shape {matrix.shape}")
-    columns = {}
+    ids = {}
     for name, values in (
-        ("transaction_id", transaction_ids),
-        ("customer_id", customer_ids),
-        ("terminal_id", terminal_ids),
+        ("transaction_id", c.transaction_ids),
+        ("customer_id", c.customer_ids),
+        ("terminal_id", c.terminal_ids),
     ):
         column = [str(value) for value in values]
         for value in column:
             if not value or len(value) > MAX_ID_LENGTH:
                 _check_id(name, value)
-        columns[name] = column
+        ids[name] = column
     _check_id("model_name", model_name, 128)
     _check_id("model_version", model_version, 128)
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
-    decision_column = [str(d) for d in decisions]
+    decision_column = [str(d) for d in c.decisions]
     unknown = set(decision_column).difference(DECISIONS)
     if unknown:
         raise ValueError(f"decision must be one of {DECISIONS}, got {min(unknown)!r}")
-    score_column = np.asarray(scores, dtype=np.float64)
+    score_column = np.asarray(c.scores, dtype=np.float64)
     bad = ~((score_column >= 0.0) & (score_column <= 1.0))
     if bad.any():
         raise ValueError(f"score must be a probability in [0, 1], got {float(score_column[int(np.argmax(bad))])!r}")
@@ -367,17 +347,17 @@ def decision_payloads(
     rows = matrix.tolist()
     if not np.isfinite(matrix).all():  # strict JSON: non-finite features are stored as null
         rows = [[v if math.isfinite(v) else None for v in row] for row in rows]
-    received, latency, opened = _utc_naive(received_at).isoformat(), float(latency_ms), bool(fail_open)
+    received, latency, opened = _utc_naive(received_at).isoformat(), float(c.latency_ms), bool(c.fail_open)
     review = None if thresholds is None else float(thresholds.review)
     decline = None if thresholds is None else float(thresholds.decline)
-    missing = np.asarray(features_missing, dtype=bool).tolist()
-    stale = np.asarray(features_stale, dtype=bool).tolist()
+    missing = np.asarray(c.features_missing, dtype=bool).tolist()
+    stale = np.asarray(c.features_stale, dtype=bool).tolist()
     dumps, option = orjson.dumps, orjson.OPT_SERIALIZE_NUMPY
     return [
         dumps(
             {
                 "v": PAYLOAD_VERSION,
-                "transaction_id": columns["transaction_id"][i],
+                "transaction_id": ids["transaction_id"][i],
                 "received_at": received,
                 "model_name": model_name,
                 "model_version": model_version,
@@ -386,8 +366,8 @@ def decision_payloads(
                 "score": score,
                 "decision": decision_column[i],
                 "reason_codes": list(reason_codes[i]),
-                "customer_id": columns["customer_id"][i],
-                "terminal_id": columns["terminal_id"][i],
+                "customer_id": ids["customer_id"][i],
+                "terminal_id": ids["terminal_id"][i],
                 "latency_ms": latency,
                 "features_missing": missing[i],
                 "features_stale": stale[i],

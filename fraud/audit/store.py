@@ -12,10 +12,10 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import orjson
-from sqlalchemy import Engine, create_engine, event, func, inspect, select
+from sqlalchemy import Engine, Table, create_engine, event, func, inspect, select
 from sqlalchemy import table as table_clause
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
@@ -46,7 +46,9 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 SUPPORTED_DIALECTS = ("postgresql", "sqlite")
 
 #: Columns of the decisions table in export order.
-DECISION_COLUMNS: tuple[str, ...] = tuple(column.name for column in Decision.__table__.columns)
+#: the decisions table (declarative mapping types `__table__` as a FromClause)
+DECISION_TABLE = cast(Table, Decision.__table__)
+DECISION_COLUMNS: tuple[str, ...] = tuple(column.name for column in DECISION_TABLE.columns)
 
 
 def audit_dir(layout: DataLayout | None = None) -> Path:
@@ -223,7 +225,7 @@ def insert_decisions(connection: Connection, rows: Sequence[dict[str, Any]], *, 
     columns = rows[0].keys()
     if connection.dialect.name == "sqlite" and all(row.keys() == columns for row in rows):
         return _insert_decisions_sqlite(connection, rows, skip_existing)
-    table = Decision.__table__
+    table = DECISION_TABLE
     if not skip_existing:
         connection.execute(table.insert(), list(rows))
         return len(rows)
@@ -241,7 +243,7 @@ def _insert_decisions_sqlite(connection: Connection, rows: Sequence[dict[str, An
     text SQLAlchemy would bind; tested equal). Skips SQLAlchemy's per-row parameter handling,
     ~60 % of the writer's insert time (docs/performance.md). The inserted count is sqlite3's
     rowcount, which sums the changes of all rows."""
-    table = Decision.__table__
+    table = DECISION_TABLE
     names = list(rows[0])  # every row has these keys (checked by the caller)
     dialect = connection.dialect
     processors = [table.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in names]
@@ -272,7 +274,7 @@ def existing_decisions(connection: Connection, keys: Sequence[tuple[str, str]]) 
     """The recorded rows among these (transaction_id, model_version) keys, by key."""
     if not keys:
         return {}
-    table = Decision.__table__
+    table = DECISION_TABLE
     wanted = set(keys)
     query = select(table).where(table.c.transaction_id.in_(sorted({tx for tx, _ in wanted})))
     found = {}

@@ -47,6 +47,10 @@ deploy_app = typer.Typer(
 )
 
 
+#: the Prometheus of the kube-prometheus stack (`prometheus-operated` service)
+CLUSTER_PROMETHEUS_URL = "http://prometheus-operated.monitoring.svc:9090"
+
+
 def _connection(kubeconfig: str | None, kube_context: str | None, ready_timeout: float, overlay: str = "") -> Any:
     from fraud.deploy.rollout import Connection
 
@@ -143,9 +147,11 @@ def deploy(
     ),
     retry: bool = typer.Option(False, "--retry", help="roll out again a version whose rollout was rolled back"),
     prometheus_url: str = typer.Option(
-        "http://prometheus-operated.monitoring.svc:9090",
+        "",
         "--prometheus-url",
-        help="Prometheus HTTP API (kubernetes target)",
+        help="Prometheus HTTP API the canary analysis reads. kubernetes target: default "
+        f"{CLUSTER_PROMETHEUS_URL}; local target: a Prometheus scraping the predictors listed in "
+        "<data dir>/serving/local-canary/prometheus-targets.json (file_sd), else the analysis scrapes them itself",
     ),
     kube_context: KubeContextOption = None,
     kubeconfig: KubeconfigOption = None,
@@ -175,6 +181,7 @@ def deploy(
     connection = _connection(kubeconfig, kube_context, ready_timeout, overlay)
     if target == "kubernetes":
         _check_overlay(overlay, namespace)
+        prometheus_url = prometheus_url or CLUSTER_PROMETHEUS_URL
     policy = _policy(policy_file, canary_percent, window)
 
     def run() -> Any:

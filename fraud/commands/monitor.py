@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, get_type_hints
 
 import typer
 
@@ -88,27 +92,57 @@ def parse_pipeline_args(pairs: list[str]) -> dict[str, object]:
     return arguments
 
 
-def build_checker(
-    *,
-    metrics_url: str,
-    use_drift: bool,
-    use_quality: bool,
-    db_url: str | None,
-    drift_windows: int,
-    precision_floor: float,
-    ap_floor: float,
-    quality_days: int,
-    min_coverage: float,
-    cooldown_hours: float,
-    kfp_host: str,
-    pipeline_package: Path | None,
-    pipeline_args: list[str],
-    experiment: str,
-    retrain_command: str,
-    retrain_timeout: float,
-    mlflow_tracking_uri: str,
-    state_dir: Path | None,
-):
+@dataclass(frozen=True)
+class CheckerOptions:
+    """The options `fraud monitor check` and `fraud monitor watch` share (one definition: the
+    commands get them through `with_checker_options`)."""
+
+    metrics_url: MetricsUrl = DEFAULT_METRICS_URL
+    use_drift: UseDrift = True
+    use_quality: UseQuality = True
+    db_url: DbUrl = None
+    drift_windows: DriftWindows = 3
+    precision_floor: PrecisionFloor = 0.5
+    ap_floor: ApFloor = 0.3
+    quality_days: QualityDays = 3
+    min_coverage: MinCoverage = 0.9
+    cooldown_hours: CooldownHours = 24.0
+    kfp_host: KfpHost = ""
+    pipeline_package: PipelinePackage = None
+    pipeline_arg: PipelineArg = None
+    experiment: Experiment = "fraud"
+    retrain_command: RetrainCommand = ""
+    retrain_timeout: RetrainTimeout = 0.0
+    mlflow_tracking_uri: MlflowUri = ""
+    state_dir: StateDir = None
+
+
+def with_checker_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Give a command every `CheckerOptions` field as a command-line option after its own; the
+    command receives them as one `options: CheckerOptions` argument."""
+    hints = get_type_hints(CheckerOptions, include_extras=True)
+    shared = [
+        inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, annotation=hints[f.name], default=f.default)
+        for f in fields(CheckerOptions)
+    ]
+    own_hints = get_type_hints(command, include_extras=True)
+    own = [
+        p.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=own_hints[name])
+        for name, p in inspect.signature(command).parameters.items()
+        if name != "options"
+    ]
+
+    @functools.wraps(command)
+    def wrapper(**kwargs: Any) -> None:
+        options = CheckerOptions(**{p.name: kwargs.pop(p.name) for p in shared})
+        command(options=options, **kwargs)
+
+    wrapper.__signature__ = inspect.Signature([*own, *shared])  # type: ignore[attr-defined]
+    return wrapper
+
+
+def build_checker(o: CheckerOptions):
+    """The retrain checker the options describe (a clear UserError for inconsistent ones)."""
     import shlex
     from datetime import UTC, datetime
 
@@ -124,23 +158,24 @@ def build_checker(
         monitoring_dir,
     )
 
-    if not (use_drift or use_quality):
+    pipeline_args = o.pipeline_arg or []
+    if not (o.use_drift or o.use_quality):
         raise UserError("--no-drift and --no-quality together leave nothing to check")
     policy = RetrainPolicy(
-        drift_windows=drift_windows,
-        precision_floor=precision_floor,
-        ap_floor=ap_floor,
-        quality_days=quality_days,
-        min_label_coverage=min_coverage,
-        cooldown=timedelta(hours=cooldown_hours),
+        drift_windows=o.drift_windows,
+        precision_floor=o.precision_floor,
+        ap_floor=o.ap_floor,
+        quality_days=o.quality_days,
+        min_label_coverage=o.min_coverage,
+        cooldown=timedelta(hours=o.cooldown_hours),
     )
-    folder = (state_dir or monitoring_dir(DataLayout.current())).resolve()
-    if kfp_host:
+    folder = (o.state_dir or monitoring_dir(DataLayout.current())).resolve()
+    if o.kfp_host:
         arguments = parse_pipeline_args(pipeline_args)
         if "data_uri" not in arguments:
             raise UserError("--kfp-host needs --pipeline-arg data_uri=URI (where the cluster reads raw transactions)")
-        if pipeline_package is not None and not pipeline_package.is_file():
-            raise UserError(f"--pipeline-package {pipeline_package} does not exist")
+        if o.pipeline_package is not None and not o.pipeline_package.is_file():
+            raise UserError(f"--pipeline-package {o.pipeline_package} does not exist")
         arguments.setdefault(
             "train_start",
             default_train_start(
@@ -153,54 +188,35 @@ def build_checker(
         from pipelines.training_pipeline import compile_pipeline
 
         trigger: RetrainTrigger = KfpTrigger(
-            kfp_host, arguments, pipeline_package, experiment, compile_package=compile_pipeline
+            o.kfp_host, arguments, o.pipeline_package, o.experiment, compile_package=compile_pipeline
         )
     else:
         if pipeline_args:
             raise UserError("--pipeline-arg only applies with --kfp-host; put options in --retrain-command")
-        command = shlex.split(retrain_command) if retrain_command.strip() else default_retrain_command()
+        command = shlex.split(o.retrain_command) if o.retrain_command.strip() else default_retrain_command()
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        trigger = CommandTrigger(tuple(command), retrain_timeout or None, folder / f"retrain-{stamp}.log")
+        trigger = CommandTrigger(tuple(command), o.retrain_timeout or None, folder / f"retrain-{stamp}.log")
     engine = None
-    if use_quality:
+    if o.use_quality:
         from fraud.commands.audit import open_audit_database
 
-        engine = open_audit_database(db_url)
+        engine = open_audit_database(o.db_url)
     return RetrainChecker(
         policy=policy,
         trigger=trigger,
         folder=folder,
-        drift_url=metrics_url if use_drift else None,
+        drift_url=o.metrics_url if o.use_drift else None,
         quality_engine=engine,
-        mlflow_tracking_uri=mlflow_tracking_uri.strip() or None,
+        mlflow_tracking_uri=o.mlflow_tracking_uri.strip() or None,
     )
 
 
 @monitor_app.command("check")
-def check(
-    metrics_url: MetricsUrl = DEFAULT_METRICS_URL,
-    use_drift: UseDrift = True,
-    use_quality: UseQuality = True,
-    db_url: DbUrl = None,
-    drift_windows: DriftWindows = 3,
-    precision_floor: PrecisionFloor = 0.5,
-    ap_floor: ApFloor = 0.3,
-    quality_days: QualityDays = 3,
-    min_coverage: MinCoverage = 0.9,
-    cooldown_hours: CooldownHours = 24.0,
-    kfp_host: KfpHost = "",
-    pipeline_package: PipelinePackage = None,
-    pipeline_arg: PipelineArg = None,
-    experiment: Experiment = "fraud",
-    retrain_command: RetrainCommand = "",
-    retrain_timeout: RetrainTimeout = 0.0,
-    mlflow_tracking_uri: MlflowUri = "",
-    state_dir: StateDir = None,
-) -> None:
+@with_checker_options
+def check(options: CheckerOptions) -> None:
     """Read drift and live quality once; trigger the training pipeline if either is sustained
     and the cool-down is over. Exit 0 whether or not it triggered, 1 if the trigger failed."""
-    options = {k: v for k, v in locals().items() if k != "pipeline_arg"}
-    checker = build_checker(**options, pipeline_args=pipeline_arg or [])
+    checker = build_checker(options)
     result = checker.check()
     typer.echo(result.summary)
     if result.trigger is not None and not result.trigger.ok:
@@ -208,31 +224,14 @@ def check(
 
 
 @monitor_app.command("watch")
+@with_checker_options
 def watch(
     interval: Annotated[float, typer.Option("--interval", min=1.0, help="Seconds between checks")] = 300.0,
     iterations: Annotated[int, typer.Option("--iterations", min=0, help="Stop after this many checks (0: never)")] = 0,
-    metrics_url: MetricsUrl = DEFAULT_METRICS_URL,
-    use_drift: UseDrift = True,
-    use_quality: UseQuality = True,
-    db_url: DbUrl = None,
-    drift_windows: DriftWindows = 3,
-    precision_floor: PrecisionFloor = 0.5,
-    ap_floor: ApFloor = 0.3,
-    quality_days: QualityDays = 3,
-    min_coverage: MinCoverage = 0.9,
-    cooldown_hours: CooldownHours = 24.0,
-    kfp_host: KfpHost = "",
-    pipeline_package: PipelinePackage = None,
-    pipeline_arg: PipelineArg = None,
-    experiment: Experiment = "fraud",
-    retrain_command: RetrainCommand = "",
-    retrain_timeout: RetrainTimeout = 0.0,
-    mlflow_tracking_uri: MlflowUri = "",
-    state_dir: StateDir = None,
+    *,
+    options: CheckerOptions,
 ) -> None:
     """Run `check` every --interval seconds until SIGINT/SIGTERM (a failing check is reported and retried)."""
-    options = {k: v for k, v in locals().items() if k not in ("interval", "iterations", "pipeline_arg")}
-    options["pipeline_args"] = pipeline_arg or []
     import signal
     import threading
     from datetime import UTC, datetime
@@ -244,7 +243,7 @@ def watch(
     while not stop.is_set():
         stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         try:
-            result = build_checker(**options).check()
+            result = build_checker(options).check()
             typer.echo(f"{stamp} {result.summary}")
         except UserError as exc:
             typer.echo(f"{stamp} check failed: {exc}", err=True)

@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 
+from fraud import atomic
 from fraud.errors import UserError
 
 pipeline_app = typer.Typer(help="The training pipeline (Kubeflow Pipelines v2).", no_args_is_help=True)
@@ -31,10 +32,8 @@ def compile_command(
     out = out.resolve()
     if out.suffix not in (".yaml", ".yml"):
         raise UserError(f"--out must end with .yaml or .yml, got {out.name}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
-    compile_pipeline(str(tmp))
-    os.replace(tmp, out)
+    with atomic.replacing(out, suffix=out.suffix) as tmp:
+        compile_pipeline(str(tmp))
     typer.echo(f"wrote {out}")
 
 
@@ -341,7 +340,7 @@ def _run_local(arguments: dict, layout, isolated: bool = False) -> None:
                 stop.set()
                 watcher.join(timeout=5)
     seconds = time.perf_counter() - started
-    if failure is not None:
+    if failure is not None or result is None:
         raise UserError(f"the pipeline failed after {seconds:.0f} s: {failure} (task logs: {log_path})")
     console = Console(stderr=True)
     console.print(f"run directory {result.run_dir} ({seconds:.0f} s)")

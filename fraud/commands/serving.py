@@ -119,6 +119,17 @@ def serve_command(
             "debug); scoring then needs `Authorization: Bearer <token>` (401/403 otherwise). docs/serving.md.",
         ),
     ] = None,
+    prometheus: Annotated[
+        bool,
+        typer.Option(
+            "--prometheus/--no-prometheus",
+            help="Also run a local Prometheus (Debian package prometheus) that scrapes the stack's metrics with "
+            "the alert rules of manifests/prometheusrule.yaml loaded; its web UI graphs them.",
+        ),
+    ] = False,
+    prometheus_port: Annotated[
+        int, typer.Option("--prometheus-port", help="Loopback port of the local Prometheus (with --prometheus).")
+    ] = 9090,
 ) -> None:
     """Serve the fraud model locally: predictor + drift transformer on loopback ports (Ctrl-C stops both)."""
     from rich.console import Console
@@ -134,6 +145,11 @@ def serve_command(
         return
     if online_store is not None and online_store not in ("sqlite", "redis"):
         raise UserError(f"--online-store must be sqlite or redis, got {online_store!r}")
+    if prometheus:
+        from fraud.monitoring.local_prometheus import INSTALL_HINT, prometheus_binary
+
+        if prometheus_binary() is None:
+            raise UserError(f"--prometheus needs the prometheus binary: {INSTALL_HINT}")
     if drift_window < 2:
         raise UserError(f"--drift-window must be >= 2, got {drift_window}")
     if drift_online_ert is not None and drift_online_ert < 0:
@@ -167,9 +183,10 @@ def serve_command(
         transformer_args=() if drift_online_ert is None else ("--online_ert", f"{drift_online_ert:g}"),
         audit=audit,
         velocity=velocity,
+        prometheus_port=prometheus_port if prometheus else None,
     )
     if detach:
-        _start_detached(config, pid_file.resolve(), console)
+        _start_detached(config, (pid_file or _default_pid_file()).resolve(), console)
     else:
         _run_foreground(config, pid_file.resolve() if pid_file else None, console)
 
@@ -234,6 +251,8 @@ def _start_detached(config, pid_file: Path, console) -> None:
         command.append("--no-audit")
     if not config.velocity:
         command.append("--no-velocity")
+    if config.prometheus_port is not None:
+        command += ["--prometheus", "--prometheus-port", str(config.prometheus_port)]
     with log_path.open("wb") as log:
         supervisor = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -280,6 +299,8 @@ def _print_endpoints(config, console) -> None:
     table.add_row("authentication", f"bearer tokens of {config.token_file}" if config.token_file else "off")
     table.add_row("metrics (drift)", f"{config.url}/metrics")
     table.add_row("predictor (internal)", config.predictor_url)
+    if config.prometheus_url:
+        table.add_row("Prometheus (web UI)", config.prometheus_url)
     table.add_row("bundle", str(config.bundle))
     table.add_row("logs", str(config.log_dir))
     if config.audit:

@@ -60,7 +60,7 @@ def simulate_command(
 ) -> None:
     """Simulate card transactions with the Fraud Detection Handbook's process and write them as Parquet."""
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
     from fraud.config import DataLayout
     from fraud.simulator import SimulationConfig, check_output_dir, simulate_to
@@ -86,7 +86,7 @@ def simulate_command(
         console=console,
         transient=False,
     ) as progress:
-        tasks: dict[str, int] = {}
+        tasks: dict[str, TaskID] = {}
 
         def report(stage: str, completed: int, total: int) -> None:
             if stage not in tasks:

@@ -17,10 +17,8 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -28,22 +26,16 @@ from typing import Any
 
 import httpx
 
+from fraud import atomic
 from fraud.config import PROJECT_ROOT, DataLayout
-from fraud.deploy.canary import ScrapeSource
+from fraud.deploy.canary import PrometheusSource, ScrapeSource
 from fraud.deploy.kserve_rollout import ReadinessTimeout
 from fraud.deploy.state import RolloutError, RolloutRecord, RolloutState, StateStore, one_line
-
-LOOPBACK = "127.0.0.1"
+from fraud.net import LOOPBACK, free_port
 
 
 def local_dir() -> Path:
     return DataLayout.current().root / "serving" / "local-canary"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        return int(sock.getsockname()[1])
 
 
 def process_alive(pid: int) -> bool:
@@ -131,14 +123,6 @@ class StackState:
         )
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
-
-
 class LocalStack:
     """The processes of the local canary stack and their bookkeeping files."""
 
@@ -158,6 +142,12 @@ class LocalStack:
     def routes_file(self) -> Path:
         return self.root / "routes.json"
 
+    @property
+    def prometheus_targets_file(self) -> Path:
+        """The predictors being served, in Prometheus's file-based discovery format (`file_sd_configs`):
+        a Prometheus on loopback that watches it scrapes every version the router serves."""
+        return self.root / "prometheus-targets.json"
+
     def load(self) -> StackState:
         if not self.stack_file.is_file():
             return StackState()
@@ -173,8 +163,14 @@ class LocalStack:
             "canary": {"version": state.canary.version, "url": state.canary.url} if state.canary else None,
             "canary_percent": state.canary_percent if state.canary else 0,
         }
-        _write_atomically(self.routes_file, json.dumps(routes, indent=2))
-        _write_atomically(self.stack_file, json.dumps(state.to_dict(), indent=2))
+        atomic.write_json(self.routes_file, routes, indent=2)
+        targets = [
+            {"targets": [httpx.URL(served.url).netloc.decode()], "labels": {"variant": variant}}
+            for variant, served in (("stable", state.stable), ("canary", state.canary))
+            if served is not None
+        ]
+        atomic.write_json(self.prometheus_targets_file, targets, indent=2)
+        atomic.write_json(self.stack_file, state.to_dict(), indent=2)
         return state
 
     # -- processes ---------------------------------------------------------------------------
@@ -317,9 +313,9 @@ class LocalBackend:
         self.store.save(record)
 
     def serving(self) -> tuple[str, str]:
-        state = self.stack.load()
-        if self.stack.healthy(state.stable):
-            return state.stable.version, state.stable.bundle
+        stable = self.stack.load().stable
+        if stable is not None and self.stack.healthy(stable):
+            return stable.version, stable.bundle
         return "", ""
 
     def stable_health(self) -> tuple[str, str, bool, str]:
@@ -411,7 +407,11 @@ class LocalBackend:
             self.stack.save(replace(state, stable=previous, canary=None, canary_percent=0))
             stop_process(current.pid)
 
-    def metrics_source(self, prometheus_url: str, record: RolloutRecord) -> ScrapeSource:
+    def metrics_source(self, prometheus_url: str, record: RolloutRecord) -> PrometheusSource | ScrapeSource:
+        """The analysis reads a Prometheus that scrapes `prometheus_targets_file` when given its URL,
+        else it scrapes the predictors' /metrics itself at the start and at each look."""
+        if prometheus_url:
+            return PrometheusSource(prometheus_url, drift=False)  # no drift transformer in the local canary
         state = self.stack.load()
         urls = {}
         for served in (state.canary, state.stable):

@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import uuid
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from enum import Enum
 from pathlib import Path
 from typing import Any
+
+from fraud import atomic
 
 #: Annotation on the InferenceService that carries the rollout record (JSON).
 ROLLOUT_ANNOTATION = "fraud.platform/rollout"
@@ -204,15 +205,7 @@ class StateStore:
 
     def save(self, record: RolloutRecord) -> Path:
         path = self.path(record.target, record.namespace, record.model_name)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(record.to_json())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic.write_text(path, record.to_json())
         if record.state.final:
             self.archive(record)
         return path

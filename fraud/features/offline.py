@@ -26,10 +26,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import pandas as pd
 
+from fraud import atomic
 from fraud.config import DataLayout
 from fraud.errors import UserError
 from fraud.features.definitions import (
@@ -152,6 +154,14 @@ def transaction_partitions(layout: DataLayout) -> dict[date, list[Path]]:
     return dict(sorted(partitions.items()))
 
 
+def _one_row(con: duckdb.DuckDBPyConnection, query: str) -> tuple[Any, ...]:
+    """The single row an aggregate query returns."""
+    row = con.execute(query).fetchone()
+    if row is None:  # an aggregate without GROUP BY always returns one row
+        raise RuntimeError(f"no row from {query}")
+    return row
+
+
 def _sql_file_list(files: Sequence[Path]) -> str:
     quoted = ", ".join("'" + str(path).replace("'", "''") + "'" for path in files)
     return f"[{quoted}]"
@@ -202,8 +212,9 @@ def _customer_select_sql() -> str:
     return ",\n            ".join(columns)
 
 
-def _terminal_select_sql() -> str:
-    inner, outer = [], []
+def _terminal_select_sql() -> tuple[str, str]:
+    inner: list[str] = []
+    outer: list[str] = []
     for w in TERMINAL_WINDOWS_DAYS:
         lower, upper = LABEL_DELAY_DAYS + w, LABEL_DELAY_DAYS + 1
         inner.append(f"{_window_sum('nb_tx', lower, upper, TERMINAL_ID)}::BIGINT AS terminal_nb_tx_{w}d")
@@ -269,18 +280,10 @@ def _feature_tables_sql(files: Sequence[Path]) -> tuple[str, str, str]:
 
 def _copy_atomically(con: duckdb.DuckDBPyConnection, query: str, target: Path) -> None:
     """COPY the query result into a temporary Parquet file next to `target`, then rename it."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=".parquet.tmp", dir=target.parent)
-    os.close(handle)
-    temp = Path(temp_name)
-    try:
+    with atomic.replacing(target, suffix=".parquet.tmp") as temp:
         con.execute(
             f"COPY ({query}) TO '{temp}' (FORMAT parquet, COMPRESSION zstd, ROW_GROUP_SIZE 122880, OVERWRITE true)"
         )
-        os.replace(temp, target)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
 
 
 def _table_summary(
@@ -291,9 +294,10 @@ def _table_summary(
     expected = [entity, SNAPSHOT_TIMESTAMP, *features]
     if written != expected:  # the SQL and definitions.py disagree: a programming error, never user input
         raise RuntimeError(f"{path} has columns {written}, definitions.py says {expected}")
-    rows, entities = con.execute(
-        f"SELECT count(*), count(DISTINCT {entity}) FROM read_parquet({_sql_file_list([path])})"  # noqa: S608 - column-name constants and paths quoted by _sql_file_list, no user values
-    ).fetchone()
+    rows, entities = _one_row(
+        con,
+        f"SELECT count(*), count(DISTINCT {entity}) FROM read_parquet({_sql_file_list([path])})",  # noqa: S608 - column-name constants and paths quoted by _sql_file_list, no user values
+    )
     return FeatureTable(name=name, path=path, rows=int(rows), entities=int(entities))
 
 
@@ -322,9 +326,7 @@ def build_offline_features(
                 con.execute(prelude)
             except duckdb.Error as exc:
                 raise UserError(f"cannot read the raw transactions under {layout.transactions}: {exc}") from exc
-            first_nr, last_snapshot_nr, nb_tx = con.execute(
-                "SELECT first_nr, last_snapshot_nr, nb_tx FROM bounds"
-            ).fetchone()
+            first_nr, last_snapshot_nr, nb_tx = _one_row(con, "SELECT first_nr, last_snapshot_nr, nb_tx FROM bounds")
             if not nb_tx:
                 raise UserError(f"no raw transactions: the partitions under {layout.transactions} are empty")
             report(f"computing {CUSTOMER_SPENDING_VIEW}")

@@ -16,8 +16,6 @@ transaction is t minus the frame's maximum over the largest window (capped there
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import duckdb
 import numpy as np
 import pandas as pd
 
+from fraud import atomic
 from fraud.config import DataLayout
 from fraud.errors import UserError
 from fraud.features.definitions import (
@@ -195,15 +194,8 @@ def recent_state_queries(source: str) -> dict[str, str]:
 
 
 def _copy(con: duckdb.DuckDBPyConnection, query: str, target: Path) -> None:
-    handle, temp_name = tempfile.mkstemp(prefix=f".{target.stem}.", suffix=".parquet.tmp", dir=target.parent)
-    os.close(handle)
-    temp = Path(temp_name)
-    try:
+    with atomic.replacing(target, suffix=".parquet.tmp") as temp:
         con.execute(f"COPY ({query}) TO '{temp}' (FORMAT parquet, COMPRESSION zstd, OVERWRITE true)")
-        os.replace(temp, target)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
 
 
 def build_velocity_features(

@@ -46,6 +46,7 @@ from typing import IO, Protocol
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from fraud import atomic
 from fraud.config import MODEL_NAME, DataLayout
 from fraud.errors import UserError
 
@@ -329,21 +330,6 @@ class MonitorState:
         )
 
 
-def _write_json_atomically(path: Path, payload) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=2)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _read_json(path: Path, default):
     try:
         return json.loads(path.read_text())
@@ -362,7 +348,7 @@ def load_state(folder: Path) -> MonitorState:
 
 
 def save_state(folder: Path, state: MonitorState) -> None:
-    _write_json_atomically(folder / STATE_FILE, state.to_json())
+    atomic.write_json(folder / STATE_FILE, state.to_json(), indent=2)
 
 
 def read_trigger_log(folder: Path) -> list[dict]:
@@ -370,7 +356,7 @@ def read_trigger_log(folder: Path) -> list[dict]:
 
 
 def append_trigger_log(folder: Path, entry: dict) -> None:
-    _write_json_atomically(folder / TRIGGER_LOG, [*read_trigger_log(folder), entry])
+    atomic.write_json(folder / TRIGGER_LOG, [*read_trigger_log(folder), entry], indent=2)
 
 
 class LockHeld(Exception):

@@ -25,6 +25,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Protocol, cast
 
 import numpy as np
 import pandas as pd
@@ -34,6 +35,9 @@ from fraud.features.definitions import MODEL_FEATURES
 from fraud.quality_metrics import average_precision, card_precision_top_k, roc_auc
 from fraud.schema import TX_DATETIME, TX_FRAUD
 from fraud.training.dataset import TrainingSets
+
+if TYPE_CHECKING:
+    from xgboost import XGBClassifier
 
 FAMILIES: tuple[str, ...] = ("logistic_regression", "random_forest", "xgboost")
 SERVED_FAMILY = "xgboost"
@@ -78,10 +82,16 @@ def candidate_grid(family: str, small: bool = False) -> list[ModelSpec]:
     return [ModelSpec(family, params) for params in grid]
 
 
+class Classifier(Protocol):
+    """What the model families share (scikit-learn's estimator API; they have no common base type)."""
+
+    def predict_proba(self, features: pd.DataFrame) -> np.ndarray: ...
+
+
 @dataclass
 class FittedModel:
     spec: ModelSpec
-    estimator: object
+    estimator: Classifier
     fit_seconds: float
 
     def predict(self, frame: pd.DataFrame) -> np.ndarray:
@@ -93,7 +103,7 @@ class FittedModel:
         """The xgboost.Booster of an XGBoost model (feature names = MODEL_FEATURES)."""
         if self.spec.family != "xgboost":
             raise TypeError(f"{self.spec.family} has no XGBoost booster")
-        booster = self.estimator.get_booster()
+        booster = cast("XGBClassifier", self.estimator).get_booster()
         booster.feature_names = list(MODEL_FEATURES)
         return booster
 

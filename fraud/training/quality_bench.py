@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from fraud import atomic
 from fraud.errors import UserError
 from fraud.quality_metrics import quality_report
 from fraud.schema import CUSTOMER_ID, TRANSACTION_ID, TX_DATETIME, TX_FRAUD
@@ -192,12 +193,9 @@ def run_quality_bench(config: BenchConfig, report: Callable[[str], None] = lambd
         "timings": timings,
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count()},
     }
-    tmp = out_dir / ".metrics.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2, default=float))
-    os.replace(tmp, out_dir / "metrics.json")
-    tmp_pred = out_dir / ".predictions.parquet.tmp"
-    predictions.to_parquet(tmp_pred, index=False)
-    os.replace(tmp_pred, out_dir / "predictions.parquet")
+    atomic.write_json(out_dir / "metrics.json", result, indent=2, default=float)
+    with atomic.replacing(out_dir / "predictions.parquet") as tmp_pred:
+        predictions.to_parquet(tmp_pred, index=False)
     return result
 
 

@@ -16,10 +16,14 @@ import json
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fraud.config import DataLayout
 from fraud.features.definitions import SNAPSHOT_TTL_DAYS
 from fraud.schema import TX_FRAUD
+
+if TYPE_CHECKING:  # the step functions import their libraries when they run (KFP task start-up)
+    from fraud.training.evaluate import Evaluation, GateDecision
 
 
 @dataclass(frozen=True)
@@ -321,7 +325,7 @@ def evaluate(
     train_path: Path | None = None,
     folds_dir: Path | None = None,
     compare_baselines: bool = False,
-) -> tuple[object, str]:
+) -> tuple[Evaluation, str]:
     """Score the challenger (and the champion, if any) on the test window, log the test metrics
     to the training run; optionally select, fit and score the baselines for comparison.
     Returns (Evaluation, Markdown report)."""
@@ -395,7 +399,7 @@ def gate(
     max_prediction_cost_us: float,
     run_id: str,
     mlflow_tracking_uri: str,
-) -> object:
+) -> GateDecision:
     """Decide; record the decision and its reasons as tags on the training run. A negative
     champion AP means "no champion"."""
     from fraud import registry

@@ -11,6 +11,7 @@ import json
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -33,6 +34,9 @@ from fraud.training.models import (
     validation_days,
 )
 
+if TYPE_CHECKING:
+    import xgboost as xgb
+
 MODEL_FILE = "model.ubj"
 TRAINING_FILE = "training.json"
 REFERENCE_FILE = "reference_features.npy"
@@ -50,7 +54,7 @@ class TrainConfig:
 
 @dataclass
 class TrainedModel:
-    booster: object
+    booster: xgb.Booster
     spec: dict
     thresholds: ThresholdChoice
     prediction_cost_us: float

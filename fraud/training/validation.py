@@ -25,7 +25,6 @@ The valid rows are written in the simulator's layout (Hive partitions `day=YYYY-
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -37,6 +36,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from fraud import atomic
 from fraud.errors import UserError
 from fraud.schema import (
     CUSTOMER_ID,
@@ -139,8 +139,10 @@ def _list_files(uri: str) -> tuple[object, list[str]]:
             if fs.isfile(path):
                 files = [path]
             else:
-                root = f"{path.rstrip('/')}/transactions" if fs.isdir(f"{path.rstrip('/')}/transactions") else path
-                files = sorted(f for f in fs.find(root) if f.endswith(_SUPPORTED_SUFFIXES))
+                nested = f"{path.rstrip('/')}/transactions"
+                files = sorted(
+                    f for f in fs.find(nested if fs.isdir(nested) else path) if f.endswith(_SUPPORTED_SUFFIXES)
+                )
         except OSError as exc:
             raise ValidationError(f"cannot list {uri}: {exc}") from None
     files = [f for f in files if not Path(f).name.startswith((".", "_"))]
@@ -303,14 +305,7 @@ def write_partitioned(valid: pd.DataFrame, out_dir: Path) -> Path:
                 part.reset_index(drop=True), schema=RAW_TRANSACTION_SCHEMA, preserve_index=False
             )
             pq.write_table(table, folder / PARTITION_FILE)
-        if out_dir.exists():
-            trash = Path(tempfile.mkdtemp(prefix=".old-", dir=out_dir.parent))
-            os.replace(out_dir, trash / out_dir.name)
-            os.replace(staging, out_dir)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(staging, out_dir)
-        return out_dir
+        return atomic.replace_dir(staging, out_dir)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

@@ -1,26 +1,19 @@
-"""A real Prometheus server (Debian package `prometheus`) on a loopback port for tests: scrapes
-static targets, optionally loads rule files, answers PromQL over its HTTP API.
-
-Prometheus cannot listen on port 0, so a free port is picked and the start retried if another
-process took it in between.
-"""
+"""A real Prometheus server (Debian package `prometheus`) on a loopback port for tests: the
+product's `LocalPrometheus`, plus what only tests ask of it (the series names the targets export,
+the names a query reads)."""
 
 from __future__ import annotations
 
 import re
-import shutil
-import socket
-import subprocess
-import time
-from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import Any, Self
+from typing import Self
 
-import httpx
-import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from fraud.monitoring.local_prometheus import INSTALL_HINT, PrometheusError, prometheus_binary
+from fraud.monitoring.local_prometheus import LocalPrometheus as ProductPrometheus
 from tests.conftest import require
+
+__all__ = ["LocalPrometheus", "PrometheusError", "exposition_names", "names_read"]
 
 #: metric type (Prometheus metadata API) -> series names a family exports once it has a child
 SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "summary": ("_count", "_sum")}
@@ -28,10 +21,6 @@ SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), 
 
 #: our series and recording-rule names (`fraud_...`, `fraud:...`) as they appear in a query
 OUR_NAMES = re.compile(r"(?<![\w:-])fraud[_:][A-Za-z0-9_:]*")
-
-
-class PrometheusError(AssertionError):
-    pass
 
 
 def names_read(expr: str) -> set[str]:
@@ -51,115 +40,13 @@ def exposition_names(exposition: str) -> set[str]:
     return names
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class LocalPrometheus:
-    def __init__(
-        self,
-        workdir: Path,
-        targets: Mapping[str, str],
-        target_labels: Mapping[str, str],
-        rule_files: Sequence[Path] = (),
-        interval: str = "1s",
-    ) -> None:
-        """`targets`: scrape job name -> "host:port" (path /metrics); every target gets `target_labels`."""
-        self.workdir = workdir
-        self.config = {
-            "global": {"scrape_interval": interval, "scrape_timeout": interval, "evaluation_interval": interval},
-            "rule_files": [str(path) for path in rule_files],
-            "scrape_configs": [
-                {"job_name": job, "static_configs": [{"targets": [address], "labels": dict(target_labels)}]}
-                for job, address in targets.items()
-            ],
-        }
-        self.process: subprocess.Popen | None = None
-        self.url = ""
-        self._client = httpx.Client(timeout=30)
+class LocalPrometheus(ProductPrometheus):
+    """The product's local Prometheus (`fraud.monitoring.local_prometheus`); a missing binary fails
+    the run in CI (`require`), and the test-only view of what the targets export."""
 
     def start(self, timeout: float = 120.0) -> Self:
-        binary = shutil.which("prometheus")
-        require(binary, "prometheus (Debian package prometheus; `make services` installs it)")
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        config = self.workdir / "prometheus.yml"
-        config.write_text(yaml.safe_dump(self.config, sort_keys=False))
-        log = self.workdir / "prometheus.log"
-        for _attempt in range(3):
-            port = _free_port()
-            self.url = f"http://127.0.0.1:{port}"
-            with log.open("w") as output:
-                self.process = subprocess.Popen(
-                    [binary, f"--config.file={config}", f"--storage.tsdb.path={self.workdir / 'tsdb'}",
-                     f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
-                    stdout=output, stderr=subprocess.STDOUT,
-                )  # fmt: skip
-            if self._wait_ready(timeout):
-                return self
-            if "address already in use" not in log.read_text():
-                break
-        raise PrometheusError(f"prometheus did not become ready: {log.read_text()[-2000:]}")
-
-    def _wait_ready(self, timeout: float) -> bool:
-        assert self.process is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                return False
-            try:
-                if self._client.get(f"{self.url}/-/ready").status_code == 200:
-                    return True
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        self.stop()
-        return False
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        self._client.close()
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def api(self, path: str, **params: Any) -> Any:
-        """`data` of a successful API answer; PrometheusError with Prometheus's message otherwise."""
-        response = self._client.get(f"{self.url}/api/v1/{path}", params=params)
-        body = response.json()
-        if body.get("status") != "success":
-            raise PrometheusError(f"{path} {params}: {body.get('errorType')}: {body.get('error')}")
-        if body.get("warnings"):
-            raise PrometheusError(f"{path} {params}: warnings {body['warnings']}")
-        return body["data"]
-
-    def query(self, expr: str) -> list[dict]:
-        """Instant query; the result samples (a vector) or the single scalar as a one-item list."""
-        data = self.api("query", query=expr)
-        if data["resultType"] in ("scalar", "string"):
-            return [{"metric": {}, "value": data["result"]}]
-        return data["result"]
-
-    def wait_for(self, expr: str, timeout: float = 90.0) -> list[dict]:
-        """Poll until `expr` returns a non-empty result (e.g. once targets were scraped twice)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            result = self.query(expr)
-            if result:
-                return result
-            if time.monotonic() > deadline:
-                raise PrometheusError(f"{expr!r} stayed empty for {timeout:.0f}s")
-            time.sleep(0.5)
+        require(prometheus_binary(), f"prometheus ({INSTALL_HINT})")
+        return super().start(timeout)
 
     def series_names(self) -> set[str]:
         """Every series name the targets export: names with samples, plus those a declared family
