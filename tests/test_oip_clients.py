@@ -521,3 +521,21 @@ def descendants(pid: int) -> list[int]:
         found += children
         todo += children
     return found
+
+
+def test_fraud_serve_commands_for_a_grpc_upstream(tmp_path, monkeypatch):
+    from fraud.errors import UserError
+    from fraud.serving_stack import ServingStack, StackConfig
+
+    monkeypatch.setenv("FRAUD_DATA_DIR", str(tmp_path / "data"))
+    rest = ServingStack(StackConfig(bundle=tmp_path / "bundle", predictor_port=9002))
+    assert rest.predictor_command()[-2:] != ["--grpc_port", "9003"]
+    assert " --enable_grpc false" in " " + " ".join(rest.predictor_command())
+    transformer = " ".join(rest.transformer_command())
+    assert "--predictor_host 127.0.0.1:9002 --protocol v2" in transformer and "--predictor_rest_host" not in transformer
+    grpc = ServingStack(StackConfig(bundle=tmp_path / "bundle", predictor_port=9002, predictor_grpc_port=9003))
+    assert "--enable_grpc true --grpc_port 9003" in " ".join(grpc.predictor_command())
+    transformer = " ".join(grpc.transformer_command())
+    assert "--predictor_host 127.0.0.1:9003 --protocol grpc-v2 --predictor_rest_host 127.0.0.1:9002" in transformer
+    with pytest.raises(UserError, match="must differ"):
+        StackConfig(bundle=tmp_path / "bundle", predictor_port=9002, predictor_grpc_port=9002)
