@@ -264,7 +264,10 @@ def test_rows_from_before_the_chain_are_covered_by_the_migrations_digest(tmp_pat
     else:
         with engine.begin() as connection:
             connection.execute(
-                text("DROP TABLE decisions, labels, live_quality, audit_checkpoints, fraud_audit_alembic_version")
+                text(
+                    "DROP TABLE decisions, explanations, labels, live_quality, audit_checkpoints, "
+                    "fraud_audit_alembic_version"
+                )
             )
             connection.execute(text("DROP FUNCTION fraud_audit_append_only()"))
     upgrade_database(engine, "0002_labels_live_quality")

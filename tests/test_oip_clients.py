@@ -62,6 +62,8 @@ class AuthenticatedStack(Stack):
         return self.data_root / "audit" / "audit.db"
 
 
+#: The stack's start (Feast store, bundle, three processes) takes minutes on a loaded machine: every
+#: test using it is `slow` (`make test-slow`, run by CI); the command-line test below is not.
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, data_root, bundle):
     running = AuthenticatedStack(data_root, bundle, tmp_path_factory.mktemp("oip"))
@@ -117,6 +119,7 @@ def epoch_rows(rows: list[dict]) -> list[dict]:
 
 
 # --- conformance ---------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_metadata_and_health_through_the_transformer_equal_the_predictors(stack):
     for path in ("/v2", f"/v2/models/{MODEL_NAME}", f"/v2/models/{MODEL_NAME}/ready", "/v2/health/live"):
         public = httpx.get(f"{stack.url}{path}", timeout=30)
@@ -128,6 +131,7 @@ def test_metadata_and_health_through_the_transformer_equal_the_predictors(stack)
     assert names == ["transaction_id", "customer_id", "terminal_id", "tx_amount", "tx_datetime"]
 
 
+@pytest.mark.slow
 def test_json_without_content_type_and_the_request_id_on_both_servers(stack):
     rows = traffic(2, seed=21, prefix="NOCT")
     body = {
@@ -163,6 +167,7 @@ def test_json_without_content_type_and_the_request_id_on_both_servers(stack):
 
 
 # --- stock clients, default settings --------------------------------------------------------------
+@pytest.mark.slow
 def test_tritonclient_http_with_default_settings(stack):
     import tritonclient.http as triton_http
 
@@ -222,6 +227,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_tritonclient_grpc_with_default_settings(stack):
     rows = epoch_rows(traffic(2, seed=23, prefix="TRG"))
     completed = subprocess.run(
@@ -265,6 +271,7 @@ def kserve_request(metadata: dict, rows: list[dict], request_id: str):
     return InferRequest(model_name=MODEL_NAME, infer_inputs=inputs, request_id=request_id)
 
 
+@pytest.mark.slow
 def test_kserve_rest_client(stack):
     from kserve import InferenceRESTClient, RESTConfig
 
@@ -289,6 +296,7 @@ def test_kserve_rest_client(stack):
     assert ((outputs["fraud_probability"] >= 0) & (outputs["fraud_probability"] <= 1)).all()
 
 
+@pytest.mark.slow
 def test_kserve_grpc_client(stack):
     from kserve import InferenceGRPCClient
 
@@ -331,6 +339,7 @@ def pred_contribs(stack, features: np.ndarray) -> np.ndarray:
     return booster.predict(xgb.DMatrix(features), pred_contribs=True, validate_features=False)
 
 
+@pytest.mark.slow
 def test_v1_explain_gives_every_contribution_with_names_and_bias(stack):
     rows = traffic(4, seed=26, prefix="EXP")
     response = httpx.post(
@@ -353,6 +362,7 @@ def test_v1_explain_gives_every_contribution_with_names_and_bias(stack):
         assert math.isclose(1 / (1 + math.exp(-margin)), explanation["fraud_probability"], rel_tol=1e-4)
 
 
+@pytest.mark.slow
 def test_v2_explain_equals_v1_and_echoes_the_id(stack):
     rows = traffic(3, seed=27, prefix="EXQ")
     v1 = httpx.post(
@@ -384,6 +394,7 @@ def test_v2_explain_equals_v1_and_echoes_the_id(stack):
         assert math.isclose(outputs["bias"]["data"][i], explanation["bias"])
 
 
+@pytest.mark.slow
 def test_explanations_need_the_explain_scope_on_both_servers(stack):
     rows = traffic(1, seed=28, prefix="EXN")
     for url in (stack.url, stack.predictor_url):
@@ -401,6 +412,7 @@ def test_explanations_need_the_explain_scope_on_both_servers(stack):
     assert bad.status_code == 400 and "tx_amount" in bad.json()["error"]
 
 
+@pytest.mark.slow
 def test_explanations_are_audited_as_explanations_not_decisions(stack):
     rows = traffic(2, seed=29, prefix="EXA")
     response = httpx.post(
@@ -521,3 +533,21 @@ def descendants(pid: int) -> list[int]:
         found += children
         todo += children
     return found
+
+
+def test_fraud_serve_commands_for_a_grpc_upstream(tmp_path, monkeypatch):
+    from fraud.errors import UserError
+    from fraud.serving_stack import ServingStack, StackConfig
+
+    monkeypatch.setenv("FRAUD_DATA_DIR", str(tmp_path / "data"))
+    rest = ServingStack(StackConfig(bundle=tmp_path / "bundle", predictor_port=9002))
+    assert rest.predictor_command()[-2:] != ["--grpc_port", "9003"]
+    assert " --enable_grpc false" in " " + " ".join(rest.predictor_command())
+    transformer = " ".join(rest.transformer_command())
+    assert "--predictor_host 127.0.0.1:9002 --protocol v2" in transformer and "--predictor_rest_host" not in transformer
+    grpc = ServingStack(StackConfig(bundle=tmp_path / "bundle", predictor_port=9002, predictor_grpc_port=9003))
+    assert "--enable_grpc true --grpc_port 9003" in " ".join(grpc.predictor_command())
+    transformer = " ".join(grpc.transformer_command())
+    assert "--predictor_host 127.0.0.1:9003 --protocol grpc-v2 --predictor_rest_host 127.0.0.1:9002" in transformer
+    with pytest.raises(UserError, match="must differ"):
+        StackConfig(bundle=tmp_path / "bundle", predictor_port=9002, predictor_grpc_port=9002)

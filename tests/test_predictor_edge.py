@@ -267,6 +267,43 @@ def test_gate_caps_the_body_on_every_route():
     assert status == 200 and downstream.bodies == [b"y" * 1024]
 
 
+class HeaderRecorder(Downstream):
+    """Downstream that also keeps the request headers it was given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.headers: list[dict[bytes, bytes]] = []
+
+    async def __call__(self, scope, receive, send) -> None:
+        self.headers.append(dict(scope["headers"]))
+        await super().__call__(scope, receive, send)
+
+
+def test_gate_reads_a_body_without_any_content_type_as_json():
+    """Triton's rule: no Content-Type and no binary-extension header means JSON."""
+    downstream = HeaderRecorder()
+    gate = RequestGate(downstream, Authorizer())
+    path = f"/v2/models/{MODEL_NAME}/infer"
+    asyncio.run(call_asgi(gate, path, b"{}"))
+    asyncio.run(call_asgi(gate, path, b"{}", {"content-type": "text/plain"}))
+    asyncio.run(call_asgi(gate, path, b"....", {"inference-header-content-length": "2"}))
+    assert downstream.headers[0][b"content-type"] == b"application/json"
+    assert downstream.headers[1][b"content-type"] == b"text/plain"  # what the client said stays
+    assert b"content-type" not in downstream.headers[2]  # the binary extension is not JSON
+
+
+def test_explanation_routes_need_the_explain_scope(tmp_path):
+    downstream = Downstream()
+    tokens = write_tokens(tmp_path, f"{TOKEN_A} score\n{TOKEN_B} explain\n")
+    gate = RequestGate(downstream, Authorizer.from_options(tokens, False))
+    scorer, explainer = {"authorization": f"Bearer {TOKEN_A}"}, {"authorization": f"Bearer {TOKEN_B}"}
+    for path in (f"/v1/models/{MODEL_NAME}:explain", f"/v2/models/{MODEL_NAME}/explain"):
+        status, _, body, read = asyncio.run(call_asgi(gate, path, b"{}", scorer))
+        assert (status, read) == (403, 0) and "`explain` scope" in json.loads(body)["error"], path
+        assert asyncio.run(call_asgi(gate, path, b"{}", explainer))[0] == 200, path
+    assert asyncio.run(call_asgi(gate, f"/v2/models/{MODEL_NAME}/infer", b"{}", explainer))[0] == 403
+
+
 class ExplodingModel:
     """Enough of FraudModel for FastScoringRoutes: scoring fails with an internal error."""
 
@@ -385,7 +422,8 @@ def test_one_body_cap_on_every_path(open_server):
     rows = [tx(i, customer=f"C{i:07d}") for i in range(700)]  # ~100 kB of JSON, above the 64 kB cap
     body = json.dumps({"instances": rows})
     assert len(body) > CAP
-    for headers in ({"content-type": "application/json"}, {}):  # the fast path, then KServe's handler
+    # the fast path, then KServe's handler (a body without Content-Type is JSON: the fast path too)
+    for headers in ({"content-type": "application/json"}, {"content-type": "text/plain"}, {}):
         response = httpx.post(f"{open_server.url}/v1/models/{MODEL_NAME}:predict", content=body, headers=headers)
         assert response.status_code == 413, response.text
         assert f"larger than {CAP} bytes" in response.json()["error"]

@@ -803,7 +803,7 @@ def test_requests_the_fast_path_does_not_take_are_answered_by_kserve(server):
     response = infer_v2(server, body)
     assert response.status_code == 200, response.text
     assert [o["name"] for o in response.json()["outputs"]] == ["fraud_probability", "decision"]
-    # no JSON content type: KServe's handler (and its own answer), not the fast path
+    # no Content-Type at all: read as JSON (Triton's rule, predictor.edge.json_by_default)
     response = httpx.post(
         f"{server.url}/v1/models/{MODEL_NAME}:predict",
         content=json.dumps({"instances": [tx(1)]}),

@@ -57,6 +57,8 @@ PROTOCOL_V1 = "v1"
 PROTOCOL_V2 = "v2"
 PROTOCOL_GRPC_V2 = "grpc-v2"
 FEATURE_VECTOR_OUTPUT = "feature_vector"
+#: while the predictor's server metadata is unknown, readiness checks ask for it at most this often
+METADATA_RETRY_S = 5.0
 #: Scopes the transformer asks of the predictor: it needs the feature vectors for the drift monitor,
 #: and removes them from the answer of a client without the `debug` scope.
 #: Explanations are forwarded too (the client's own `explain` scope was checked here first).
@@ -429,6 +431,7 @@ class DriftTransformer(Model):
         self._metadata_client: httpx.AsyncClient | None = None
         #: the predictor's server metadata as last read (None: not read yet)
         self.predictor_server_metadata: dict[str, Any] | None = None
+        self._metadata_attempted_at = -METADATA_RETRY_S
 
     # --- lifecycle ------------------------------------------------------------------------------
     def load(self) -> bool:
@@ -447,10 +450,13 @@ class DriftTransformer(Model):
         """Ready: loaded, and the drift monitor fully configured (online thresholds computed)."""
         ready = self.ready and self.monitor.configured
         if ready and self.predictor_server_metadata is None:
-            try:  # best effort: the server metadata is this server's own until the predictor answers
-                await self.predictor_model_metadata()
-            except PredictorError as exc:
-                logger.debug("predictor metadata not read yet: %s", exc)
+            now = time.monotonic()
+            if now - self._metadata_attempted_at >= METADATA_RETRY_S:
+                self._metadata_attempted_at = now
+                try:  # best effort: the server metadata is this server's own until the predictor answers
+                    await self.predictor_model_metadata()
+                except PredictorError as exc:
+                    logger.debug("predictor metadata not read yet: %s", exc)
         return ready
 
     # --- metadata -------------------------------------------------------------------------------

@@ -53,6 +53,16 @@ def feature_vector(transaction_id: str, amount: float) -> list[float]:
     return vector.tolist()
 
 
+STAND_IN_SERVER_METADATA = {"name": "kserve", "version": "0.21.0", "extensions": ["model_repository_extension"]}
+STAND_IN_MODEL_METADATA = {
+    "name": MODEL,
+    "versions": None,
+    "platform": "",
+    "inputs": [{"name": "transaction_id", "datatype": "BYTES", "shape": [-1]}],
+    "outputs": [{"name": "decision", "datatype": "BYTES", "shape": [-1]}],
+}
+
+
 @dataclass
 class StandInPredictor:
     port: int
@@ -84,7 +94,19 @@ class StandInPredictor:
                 self.wfile.write(data)
 
             def do_GET(self) -> None:
-                self._send(200, {"status": "alive"})
+                # the real predictor's GET routes (KServe's ModelServer); anything else is a 404
+                answers = {
+                    "/": {"status": "alive"},
+                    "/v2": STAND_IN_SERVER_METADATA,
+                    "/v2/health/live": {"live": True},
+                    "/v2/health/ready": {"ready": True},
+                    f"/v2/models/{MODEL}": STAND_IN_MODEL_METADATA,
+                    f"/v2/models/{MODEL}/ready": {"name": MODEL, "ready": True},
+                }
+                if self.path in answers:
+                    self._send(200, answers[self.path])
+                else:
+                    self._send(404, {"error": f"no route {self.path}"})
 
             def do_POST(self) -> None:
                 owner.paths.append(self.path)
@@ -643,9 +665,12 @@ def test_scoring_needs_a_token_and_the_client_token_is_not_forwarded(transformer
     assert len(predictor.paths) == calls  # refused before anything reached the predictor
     assert post(url, json=body, headers={"authorization": f"Bearer {SCORE_TOKEN}"}, timeout=10).status_code == 200
     sent = predictor.headers[-1]
-    assert "authorization" not in sent and sent["x-fraud-scopes"] == "score debug"
+    assert "authorization" not in sent and sent["x-fraud-scopes"] == "score debug explain"
     for path in ("/v2/health/ready", "/metrics", f"/v2/models/{MODEL}"):
         assert httpx.get(f"{transformer.url}{path}", timeout=10).status_code == 200, path
+    # the model and server metadata are the predictor's (the transformer has no tensors of its own)
+    assert httpx.get(f"{transformer.url}/v2/models/{MODEL}", timeout=10).json() == STAND_IN_MODEL_METADATA
+    assert httpx.get(f"{transformer.url}/v2", timeout=10).json() == STAND_IN_SERVER_METADATA
 
 
 def test_feature_vectors_only_for_the_debug_scope_while_drift_still_sees_them(transformer):
