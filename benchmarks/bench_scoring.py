@@ -259,6 +259,11 @@ def bench_model(args: argparse.Namespace) -> int:
         booster = xgb.Booster(model_file=str(bundle / "model.ubj"))
         booster.set_param({"nthread": 1})
         scorer = BundleScorer(bundle, nthread=1)
+        fast_scorer = BundleScorer(bundle, nthread=1, compiled="auto")
+        if fast_scorer.compiled is None:
+            raise BenchError("the compiled model could not be built (see the log line above)")
+        native = fast_scorer.compiled
+        compiled_difference: dict[str, float] = {}
         rows: list[dict[str, Any]] = []
         flagged_share: dict[str, float] = {}
         for batch in batches:
@@ -273,13 +278,18 @@ def bench_model(args: argparse.Namespace) -> int:
                 "pred_contribs approx (DMatrix)": lambda m=matrix: booster.predict(
                     xgb.DMatrix(m, nthread=1), pred_contribs=True, approx_contribs=True, validate_features=False
                 ),
-                "BundleScorer.score, reason codes of flagged rows (predictor default)": lambda m=matrix: scorer.score(
-                    m
+                "compiled model predict (predictor.compiled)": lambda m=matrix: native.predict(m),
+                "BundleScorer.score, XGBoost, reason codes of flagged rows": lambda m=matrix: scorer.score(m),
+                "BundleScorer.score, compiled model, reason codes of flagged rows (predictor default)": (
+                    lambda m=matrix: fast_scorer.score(m)
                 ),
                 "BundleScorer.score, reason codes of every row (--reason-codes all)": lambda m=matrix: scorer.score(
                     m, reason_codes="all"
                 ),
             }
+            compiled_difference[str(batch)] = float(
+                np.max(np.abs(native.predict(matrix) - booster.inplace_predict(matrix, validate_features=False)))
+            )
             flagged = sum(decision != "approve" for decision in scorer.score(matrix).decisions)
             print(f"batch {batch}: {flagged} of {batch} reference rows flagged (review/decline)", file=sys.stderr)
             flagged_share[str(batch)] = flagged / batch
@@ -306,6 +316,7 @@ def bench_model(args: argparse.Namespace) -> int:
             "smoke": args.smoke,
             "results": rows,
             "flagged_share_of_reference_rows": flagged_share,
+            "compiled_max_abs_difference_to_xgboost": compiled_difference,
         }
     )
     lines = [
@@ -315,6 +326,8 @@ def bench_model(args: argparse.Namespace) -> int:
         f"Command: `{report['command']}`. "
         f"Share of the bundle's reference rows the model flags (review/decline): "
         + ", ".join(f"{share:.1%} of {int(b):,}" for b, share in flagged_share.items())
+        + ". Largest difference between the compiled model's probabilities and XGBoost's on these rows: "
+        + ", ".join(f"{d:.1e}" for d in compiled_difference.values())
         + ".",
         "",
         "| case | batch | µs / call | µs / transaction | transactions/s on one core |",
@@ -325,7 +338,7 @@ def bench_model(args: argparse.Namespace) -> int:
         f"| {r['transactions_per_s_one_core']:,.0f} |"
         for r in rows
     ]
-    finish(report, "scoring_model", args.label, "\n".join(lines), args.no_save)
+    finish(report, "scoring_model", args.label, "\n".join(lines), args.no_save, args.output)
     return 0
 
 
@@ -1284,7 +1297,7 @@ def bench_lookup(args: argparse.Namespace) -> int:
                 f"| {store} | {batch:,} | {fast['median_ms']:.2f} | {slow['median_ms']:.2f} | "
                 f"{slow['median_ms'] / fast['median_ms']:.1f}x | {fast['us_per_pair']:.1f} |"
             )
-    finish(report, "scoring_lookup", args.label, "\n".join(lines), args.no_save)
+    finish(report, "scoring_lookup", args.label, "\n".join(lines), args.no_save, args.output)
     return 0
 
 
