@@ -66,6 +66,8 @@ MLSERVER_ENV = Path(__file__).resolve().parent / "mlserver" / ".venv"
 CORE_PYTHON = sys.executable
 MODEL_NAME = "fraud-detector"
 MLSERVER_MODEL = "fraud-xgboost"
+#: the predictor's own --max-batch-size default
+DEFAULT_PREDICTOR_MAX_BATCH = 512
 #: request timestamp of the serving benchmark: on serve_predictor_memory.SNAPSHOT_DAY (fresh features)
 SERVING_TX_EPOCH = int(datetime(2018, 9, 30, 12, 0, tzinfo=UTC).timestamp())
 
@@ -93,6 +95,77 @@ def resolve_bundle(path: Path | None, work: Path) -> Path:
     target = work / "synthetic-bundle"
     make_synthetic_bundle(target)
     return target
+
+
+@dataclass(frozen=True)
+class CodeTree:
+    """The code a system runs: this checkout (`ref` None) or a commit exported to a directory."""
+
+    name: str  # system name in the results: "predictor" or "predictor@<sha>"
+    root: Path
+    ref: str | None = None
+
+
+def short_sha(ref: str) -> str:
+    try:
+        return subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short=7", "--verify", f"{ref}^{{commit}}"],  # noqa: S607 - git from PATH
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except subprocess.CalledProcessError as exc:
+        raise BenchError(f"--baseline {ref}: not a commit of this repository ({exc.stderr.strip()})") from None
+
+
+def export_commit(ref: str, work: Path) -> Path:
+    """The files of commit `ref` under `work` (`git archive`: no worktree, no repository state
+    touched), sharing this checkout's transformer environment. The core environment is this one's
+    (the commit's code comes first on the path)."""
+    sha = short_sha(ref)
+    target = work / f"tree-{sha}"
+    target.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "-C", str(ROOT), "archive", "--format=tar", sha],  # noqa: S607 - git from PATH
+        capture_output=True,
+        check=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)  # noqa: S607 - fixed tar arguments
+    drift_env = ROOT / "drift_transformer" / ".venv"
+    if drift_env.exists():
+        (target / "drift_transformer" / ".venv").symlink_to(drift_env)
+    return target
+
+
+@contextmanager
+def code_trees(refs: Sequence[str], work: Path, base: str) -> Iterator[list[CodeTree]]:
+    """This checkout as `base`, then one exported tree per baseline commit (`base@<sha>`)."""
+    trees = [CodeTree(base, ROOT)]
+    for ref in refs:
+        sha = short_sha(ref)
+        trees.append(CodeTree(f"{base}@{sha}", export_commit(sha, work), sha))
+    yield trees
+
+
+def tree_bundle(tree: CodeTree, work: Path) -> Path:
+    """A synthetic bundle made by the tree's own test factories (its own feature set)."""
+    target = work / f"synthetic-bundle-{tree.ref or 'head'}"
+    code = (
+        "import sys; from pathlib import Path; from tests.factories import make_synthetic_bundle; "
+        "make_synthetic_bundle(Path(sys.argv[1]))"
+    )
+    subprocess.run(
+        [CORE_PYTHON, "-c", code, str(target)],
+        cwd=tree.root,
+        env={**os.environ, "PYTHONPATH": str(tree.root)},
+        check=True,
+    )
+    return target
+
+
+def machine_snapshot() -> dict[str, float]:
+    """1-minute load average now (recorded beside every measurement of a shared machine)."""
+    return {"load_average_1m": os.getloadavg()[0]}
 
 
 def bundle_facts(bundle: Path) -> dict[str, Any]:
@@ -127,8 +200,14 @@ def header(name: str, command: str) -> dict[str, Any]:
     }
 
 
-def finish(report: dict[str, Any], stem: str, label: str | None, markdown: str, no_save: bool) -> None:
+def finish(
+    report: dict[str, Any], stem: str, label: str | None, markdown: str, no_save: bool, output: Path | None = None
+) -> None:
     suffix = f"_{label}" if label else ""
+    if output is not None:  # this file only: no results/ file, no docs section
+        save_json(report, output)
+        print(markdown)
+        return
     if no_save:
         print(json.dumps(report, indent=2))
         return
@@ -177,6 +256,11 @@ def bench_model(args: argparse.Namespace) -> int:
         booster = xgb.Booster(model_file=str(bundle / "model.ubj"))
         booster.set_param({"nthread": 1})
         scorer = BundleScorer(bundle, nthread=1)
+        fast_scorer = BundleScorer(bundle, nthread=1, compiled="auto")
+        if fast_scorer.compiled is None:
+            raise BenchError("the compiled model could not be built (see the log line above)")
+        native = fast_scorer.compiled
+        compiled_difference: dict[str, float] = {}
         rows: list[dict[str, Any]] = []
         flagged_share: dict[str, float] = {}
         for batch in batches:
@@ -191,13 +275,18 @@ def bench_model(args: argparse.Namespace) -> int:
                 "pred_contribs approx (DMatrix)": lambda m=matrix: booster.predict(
                     xgb.DMatrix(m, nthread=1), pred_contribs=True, approx_contribs=True, validate_features=False
                 ),
-                "BundleScorer.score, reason codes of flagged rows (predictor default)": lambda m=matrix: scorer.score(
-                    m
+                "compiled model predict (predictor.compiled)": lambda m=matrix: native.predict(m),
+                "BundleScorer.score, XGBoost, reason codes of flagged rows": lambda m=matrix: scorer.score(m),
+                "BundleScorer.score, compiled model, reason codes of flagged rows (predictor default)": (
+                    lambda m=matrix: fast_scorer.score(m)
                 ),
                 "BundleScorer.score, reason codes of every row (--reason-codes all)": lambda m=matrix: scorer.score(
                     m, reason_codes="all"
                 ),
             }
+            compiled_difference[str(batch)] = float(
+                np.max(np.abs(native.predict(matrix) - booster.inplace_predict(matrix, validate_features=False)))
+            )
             flagged = sum(decision != "approve" for decision in scorer.score(matrix).decisions)
             print(f"batch {batch}: {flagged} of {batch} reference rows flagged (review/decline)", file=sys.stderr)
             flagged_share[str(batch)] = flagged / batch
@@ -224,6 +313,7 @@ def bench_model(args: argparse.Namespace) -> int:
             "smoke": args.smoke,
             "results": rows,
             "flagged_share_of_reference_rows": flagged_share,
+            "compiled_max_abs_difference_to_xgboost": compiled_difference,
         }
     )
     lines = [
@@ -233,6 +323,8 @@ def bench_model(args: argparse.Namespace) -> int:
         f"Command: `{report['command']}`. "
         f"Share of the bundle's reference rows the model flags (review/decline): "
         + ", ".join(f"{share:.1%} of {int(b):,}" for b, share in flagged_share.items())
+        + ". Largest difference between the compiled model's probabilities and XGBoost's on these rows: "
+        + ", ".join(f"{d:.1e}" for d in compiled_difference.values())
         + ".",
         "",
         "| case | batch | µs / call | µs / transaction | transactions/s on one core |",
@@ -243,7 +335,7 @@ def bench_model(args: argparse.Namespace) -> int:
         f"| {r['transactions_per_s_one_core']:,.0f} |"
         for r in rows
     ]
-    finish(report, "scoring_model", args.label, "\n".join(lines), args.no_save)
+    finish(report, "scoring_model", args.label, "\n".join(lines), args.no_save, args.output)
     return 0
 
 
@@ -338,11 +430,13 @@ def serving_bodies(bundle: Path, count: int, entities: int) -> tuple[list[bytes]
     return ours, theirs
 
 
-def start_predictor_memory(bundle: Path, work: Path, extra: Sequence[str]) -> Server:
+def start_predictor_memory(bundle: Path, work: Path, extra: Sequence[str], tree: CodeTree | None = None) -> Server:
+    """serve_predictor_memory.py of `tree` (default: this checkout) on a free port."""
+    tree = tree or CodeTree("predictor", ROOT)
     port = free_port()
     command = [
         CORE_PYTHON,
-        str(Path(__file__).resolve().parent / "serve_predictor_memory.py"),
+        str(tree.root / "benchmarks" / "serve_predictor_memory.py"),
         "--bundle",
         str(bundle),
         "--model_name",
@@ -355,15 +449,15 @@ def start_predictor_memory(bundle: Path, work: Path, extra: Sequence[str]) -> Se
         "false",
         *extra,
     ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tree.root)}
     return start_server(
-        "predictor",
+        tree.name,
         command,
         f"http://127.0.0.1:{port}/v2/models/{MODEL_NAME}/ready",
         f"http://127.0.0.1:{port}/v2/models/{MODEL_NAME}/infer",
-        work / "predictor.log",
+        work / f"{tree.name.replace('@', '-')}.log",
         env,
-        ROOT,
+        tree.root,
     )
 
 
@@ -463,67 +557,152 @@ def alternate(systems: list[str], round_index: int) -> list[str]:
 
 
 # --- 2. predictor vs MLServer ---------------------------------------------------------------------
+def serving_batch_bodies(bundle: Path, batch: int, entities: int) -> tuple[bytes, bytes]:
+    """One request of `batch` transactions for our predictor and the equivalent [batch, k] feature
+    tensor for MLServer (the serving_bodies rows, concatenated)."""
+    ours, theirs = serving_bodies(bundle, batch, entities)
+    inputs = [json.loads(body)["inputs"] for body in ours]
+    merged = {
+        "inputs": [
+            {**first, "shape": [batch], "data": [value for request in inputs for value in request[i]["data"]]}
+            for i, first in enumerate(inputs[0])
+        ]
+    }
+    rows = [json.loads(body)["inputs"][0]["data"] for body in theirs]
+    tensor = {
+        "inputs": [
+            {
+                "name": "features",
+                "datatype": "FP32",
+                "shape": [batch, len(rows[0])],
+                "data": [x for row in rows for x in row],
+            }
+        ]
+    }
+    return json.dumps(merged).encode(), json.dumps(tensor).encode()
+
+
 def bench_serving(args: argparse.Namespace) -> int:
     started = header("scoring_serving", "python benchmarks/bench_scoring.py serving " + " ".join(args.argv))
     rounds, duration, rates = (1, 1.0, [50.0]) if args.smoke else (args.rounds, args.duration, args.rates)
+    batches = [10] if args.smoke else list(args.batches)
+    with_mlserver = not args.no_mlserver
     with tempfile.TemporaryDirectory(prefix="fraud-bench-serving-") as tmp:
         work = Path(tmp)
         bundle = resolve_bundle(args.bundle, work)
         facts = bundle_facts(bundle)
         ours, theirs = serving_bodies(bundle, 1000, args.entities)
+        batch_bodies = {b: serving_batch_bodies(bundle, b, args.entities) for b in batches}
         servers: dict[str, Server] = {}
-        try:
-            servers["predictor"] = start_predictor_memory(
-                bundle, work, ["--entities", str(args.entities), *args.predictor_args]
-            )
-            servers["mlserver"] = start_mlserver(bundle, work)
-            check_answer(servers["predictor"], ours[0], "fraud_probability")
-            check_answer(servers["mlserver"], theirs[0], '"outputs"')
-            bodies = {"predictor": ours, "mlserver": theirs}
-            # warm-up (JIT-free, but connection pools, caches, lazy imports)
-            for name in servers:
-                run_open_loop(servers[name].url, bodies[name], rate=50.0, duration_s=1.0)
-            saturation: dict[str, list[dict]] = {name: [] for name in servers}
-            fixed: dict[str, dict[str, list[dict]]] = {name: {str(r): [] for r in rates} for name in servers}
-            for round_index in range(rounds):
-                for name in alternate(list(servers), round_index):
-                    result = run_wrk(
-                        servers[name].url, bodies[name][0], connections=args.connections, duration_s=duration
-                    )
-                    saturation[name].append(
-                        {**result.to_dict(), "drain_s": wait_idle(servers[name].url, bodies[name][0])}
-                    )
-                    print(
-                        f"round {round_index} {name} saturation: {result.requests_per_s:,.0f} req/s "
-                        f"p99 {result.p99_ms:.1f} ms (wrk {result.client_cpu_cores:.2f} cores)",
-                        file=sys.stderr,
-                    )
-                for rate in rates:
+        bundles: dict[str, str] = {}
+        max_batch = ["--max-batch-size", str(max([*batches, DEFAULT_PREDICTOR_MAX_BATCH]))]
+        with code_trees(args.baseline, work, "predictor") as trees:
+            try:
+                for tree in trees:
+                    own = tree.ref is not None and (args.bundle is None or args.baseline_bundle == "own")
+                    tree_bundle_dir = tree_bundle(tree, work) if own else bundle
+                    bundles[tree.name] = str(tree_bundle_dir)
+                    extra = ["--entities", str(args.entities), *max_batch, *args.predictor_args]
+                    servers[tree.name] = start_predictor_memory(tree_bundle_dir, work, extra, tree)
+                    check_answer(servers[tree.name], ours[0], "fraud_probability")
+                if with_mlserver:
+                    servers["mlserver"] = start_mlserver(bundle, work)
+                    check_answer(servers["mlserver"], theirs[0], '"outputs"')
+                bodies = {name: theirs if name == "mlserver" else ours for name in servers}
+                batched_body = {
+                    name: {b: pair[1] if name == "mlserver" else pair[0] for b, pair in batch_bodies.items()}
+                    for name in servers
+                }
+                # warm-up (JIT-free, but connection pools, caches, lazy imports)
+                for name in servers:
+                    run_open_loop(servers[name].url, bodies[name], rate=50.0, duration_s=1.0)
+                saturation: dict[str, list[dict]] = {name: [] for name in servers}
+                fixed: dict[str, dict[str, list[dict]]] = {name: {str(r): [] for r in rates} for name in servers}
+                batched: dict[str, dict[str, list[dict]]] = {name: {str(b): [] for b in batches} for name in servers}
+                for round_index in range(rounds):
                     for name in alternate(list(servers), round_index):
-                        result = run_open_loop(servers[name].url, bodies[name], rate=rate, duration_s=duration)
-                        fixed[name][str(rate)].append(
-                            {**result.to_dict(), "drain_s": wait_idle(servers[name].url, bodies[name][0])}
+                        load = machine_snapshot()
+                        result = run_wrk(
+                            servers[name].url, bodies[name][0], connections=args.connections, duration_s=duration
+                        )
+                        saturation[name].append(
+                            {**result.to_dict(), **load, "drain_s": wait_idle(servers[name].url, bodies[name][0])}
                         )
                         print(
-                            f"round {round_index} {name} @ {rate:g}/s: "
-                            f"p50 {result.p50_ms:.2f} p99 {result.p99_ms:.2f} ms "
-                            f"errors {result.errors} (client {result.client_cpu_cores:.2f} cores)",
+                            f"round {round_index} {name} saturation: {result.requests_per_s:,.0f} req/s "
+                            f"p99 {result.p99_ms:.1f} ms (wrk {result.client_cpu_cores:.2f} cores, "
+                            f"load {load['load_average_1m']:.1f})",
                             file=sys.stderr,
                         )
-        finally:
-            for server in servers.values():
-                server.stop()
+                    for batch in batches:
+                        for name in alternate(list(servers), round_index):
+                            load = machine_snapshot()
+                            result = run_wrk(
+                                servers[name].url,
+                                batched_body[name][batch],
+                                connections=args.batch_connections,
+                                duration_s=duration,
+                            )
+                            row = {**result.to_dict(), **load, "transactions_per_s": result.requests_per_s * batch}
+                            row["drain_s"] = wait_idle(servers[name].url, bodies[name][0])
+                            batched[name][str(batch)].append(row)
+                            print(
+                                f"round {round_index} {name} batch {batch}: {row['transactions_per_s']:,.0f} tx/s "
+                                f"p99 {result.p99_ms:.1f} ms errors {result.errors}",
+                                file=sys.stderr,
+                            )
+                    for rate in rates:
+                        for name in alternate(list(servers), round_index):
+                            load = machine_snapshot()
+                            result = run_open_loop(servers[name].url, bodies[name], rate=rate, duration_s=duration)
+                            fixed[name][str(rate)].append(
+                                {**result.to_dict(), **load, "drain_s": wait_idle(servers[name].url, bodies[name][0])}
+                            )
+                            print(
+                                f"round {round_index} {name} @ {rate:g}/s: "
+                                f"p50 {result.p50_ms:.2f} p99 {result.p99_ms:.2f} ms "
+                                f"errors {result.errors} (client {result.client_cpu_cores:.2f} cores)",
+                                file=sys.stderr,
+                            )
+            finally:
+                for server in servers.values():
+                    server.stop()
     summary = {
         name: {
+            "bundle": bundles.get(name, str(bundle)),
             "saturation": summarise_wrk(saturation[name]),
             "fixed_rate": {rate: summarise_open(runs) for rate, runs in fixed[name].items()},
+            "batched": {
+                b: {**summarise_wrk(runs), "median_transactions_per_s": median([r["transactions_per_s"] for r in runs])}
+                for b, runs in batched[name].items()
+            },
         }
         for name in saturation
     }
-    ratio = (
-        summary["predictor"]["saturation"]["median_requests_per_s"]
+    ratios = {
+        f"{name}_over_mlserver": summary[name]["saturation"]["median_requests_per_s"]
         / summary["mlserver"]["saturation"]["median_requests_per_s"]
-    )
+        for name in summary
+        if with_mlserver and name != "mlserver"
+    }
+    baselines = {
+        name: {
+            "saturation_ratio": summary["predictor"]["saturation"]["median_requests_per_s"]
+            / summary[name]["saturation"]["median_requests_per_s"],
+            **{
+                f"batch_{b}_ratio": summary["predictor"]["batched"][str(b)]["median_transactions_per_s"]
+                / summary[name]["batched"][str(b)]["median_transactions_per_s"]
+                for b in batches
+            },
+            **{
+                f"p99_at_{r:g}_ratio": summary["predictor"]["fixed_rate"][str(r)]["median_p99_ms"]
+                / summary[name]["fixed_rate"][str(r)]["median_p99_ms"]
+                for r in rates
+            },
+        }
+        for name in summary
+        if name.startswith("predictor@")
+    }
     report = started
     report.update(
         {
@@ -532,27 +711,36 @@ def bench_serving(args: argparse.Namespace) -> int:
             "rounds": rounds,
             "duration_s": duration,
             "connections": args.connections,
+            "batch_connections": args.batch_connections,
+            "batches": batches,
             "predictor_args": list(args.predictor_args),
+            "baselines": {tree: summary[tree]["bundle"] for tree in baselines},
             "offered_rates": rates,
             "load_generators": {
                 "saturation": "wrk (closed loop, 1 thread)",
+                "batched": f"wrk (closed loop, 1 thread, {args.batch_connections} connections)",
                 "fixed_rate": "benchmarks/loadgen.py open loop (asyncio, latency from scheduled send time)",
             },
+            "load_average_1m_end": os.getloadavg()[0],
             "systems": summary,
-            "throughput_ratio_predictor_over_mlserver": ratio,
+            "throughput_ratios": ratios,
+            "throughput_ratio_predictor_over_mlserver": ratios.get("predictor_over_mlserver"),
+            "this_checkout_over_baseline": baselines,
         }
     )
+    loads = [r["load_average_1m"] for data in saturation.values() for r in data]
     lines = [
         f"Measured {report['date']}; {rounds} rounds x {duration:g} s per measurement, systems alternated every round, "
-        f"medians shown; 1-min load average at start {report['machine']['load_average_1m']:.1f} on "
+        f"medians shown; 1-min load average {min(loads, default=0):.1f} to {max(loads, default=0):.1f} on "
         f"{report['machine']['cpus']} cores. Bundle `{facts['model_version']}` ({facts['trees']} trees). "
         f"Predictor options: `{' '.join(args.predictor_args) or '(defaults)'}`. Command: `{report['command']}`.",
         "",
-        f"| system | saturation req/s (wrk, {args.connections} conns) | p50 / p99 at saturation (ms) "
-        "| wrk CPU (cores) | "
+        f"| system | saturation req/s (wrk, {args.connections} conns) | p50 / p99 at saturation (ms) | "
         + " | ".join(f"p50 / p99 @ {r:g}/s (ms)" for r in rates)
-        + " | open-loop client CPU (cores) | errors |",
-        "|---|---:|---:|---:|" + "---:|" * len(rates) + "---:|---:|",
+        + " | "
+        + " | ".join(f"batch {b:,}: tx/s" for b in batches)
+        + " | client CPU (cores) | errors |",
+        "|---|---:|---:|" + "---:|" * len(rates) + "---:|" * len(batches) + "---:|---:|",
     ]
     for name, data in summary.items():
         sat = data["saturation"]
@@ -560,14 +748,38 @@ def bench_serving(args: argparse.Namespace) -> int:
             f"{data['fixed_rate'][str(r)]['median_p50_ms']:.2f} / {data['fixed_rate'][str(r)]['median_p99_ms']:.2f}"
             for r in rates
         ]
-        errors = sat["errors"] + sum(data["fixed_rate"][str(r)]["errors"] for r in rates)
-        client = max(data["fixed_rate"][str(r)]["median_client_cpu_cores"] for r in rates)
-        lines.append(
-            f"| {name} | {sat['median_requests_per_s']:,.0f} | {sat['median_p50_ms']:.2f} / {sat['median_p99_ms']:.2f} "
-            f"| {sat['median_client_cpu_cores']:.2f} | " + " | ".join(cells) + f" | ≤ {client:.2f} | {errors} |"
+        batch_cells = [f"{data['batched'][str(b)]['median_transactions_per_s']:,.0f}" for b in batches]
+        errors = (
+            sat["errors"]
+            + sum(data["fixed_rate"][str(r)]["errors"] for r in rates)
+            + sum(data["batched"][str(b)]["errors"] for b in batches)
         )
-    lines += ["", f"Predictor / MLServer saturation throughput: **{ratio:.2f}x** (target ≥ 2x)."]
-    finish(report, "scoring_serving", args.label, "\n".join(lines), args.no_save)
+        client = max(
+            [sat["median_client_cpu_cores"]] + [data["fixed_rate"][str(r)]["median_client_cpu_cores"] for r in rates]
+        )
+        lines.append(
+            f"| {name} | {sat['median_requests_per_s']:,.0f} "
+            f"| {sat['median_p50_ms']:.2f} / {sat['median_p99_ms']:.2f} | "
+            + " | ".join(cells)
+            + " | "
+            + " | ".join(batch_cells)
+            + f" | ≤ {client:.2f} | {errors} |"
+        )
+    if ratios:
+        lines += [
+            "",
+            "Saturation throughput over MLServer's: "
+            + ", ".join(f"{k.removesuffix('_over_mlserver')} **{v:.2f}x**" for k, v in ratios.items())
+            + ".",
+        ]
+    for name, ratio in baselines.items():
+        lines += [
+            "",
+            f"This checkout over `{name}` (>1 = faster; p99 ratio <1 = lower latency): "
+            + ", ".join(f"{k.removesuffix('_ratio').replace('_', ' ')} {v:.2f}" for k, v in ratio.items())
+            + ".",
+        ]
+    finish(report, "scoring_serving", args.label, "\n".join(lines), args.no_save, args.output)
     return 0
 
 
@@ -612,46 +824,134 @@ def v2_body(transactions: Sequence[dict[str, Any]]) -> bytes:
     ).encode()
 
 
-@contextmanager
-def serving_stack(
-    bundle: Path, data_dir: Path, online_store: str, work: Path, max_batch: int, predictor_args: Sequence[str]
-) -> Iterator[str]:
-    """The real local stack (fraud.serving_stack) on free ports; yields the transformer's V2 infer URL."""
-    os.environ["FRAUD_DATA_DIR"] = str(data_dir)
-    from fraud.serving_stack import ServingStack, StackConfig
+#: Runs one tree's `fraud.serving_stack` (imported from that tree: the code under test) in its own
+#: process, prints READY when it serves, stops it on SIGTERM. Only StackConfig/ServingStack API
+#: common to every measured commit is used.
+_STACK_DRIVER = """
+import json, signal, sys, threading
+from pathlib import Path
+from fraud.serving_stack import ServingStack, StackConfig
+spec = json.loads(sys.argv[1])
+class BenchStack(ServingStack):
+    def predictor_command(self):
+        return [*super().predictor_command(), *spec["predictor_args"]]
+config = StackConfig(
+    bundle=Path(spec["bundle"]), port=spec["port"], grpc_port=spec["grpc_port"],
+    predictor_port=spec["predictor_port"], online_store=spec["store"], log_dir=Path(spec["log_dir"]),
+    audit_spool=Path(spec["audit_spool"]), audit_db_url=spec["audit_db_url"],
+)
+stack = BenchStack(config)
+done = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: done.set())
+stack.start()
+print("READY", flush=True)
+try:
+    done.wait()
+finally:
+    stack.stop()
+"""
 
-    class BenchStack(ServingStack):
-        def predictor_command(self) -> list[str]:
-            return [*super().predictor_command(), "--max-batch-size", str(max_batch), *predictor_args]
 
+@dataclass
+class StackHandle:
+    name: str
+    url: str
+    process: subprocess.Popen
+    log: Path
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(5)
+
+
+def start_stack(
+    tree: CodeTree,
+    bundle: Path,
+    data_dir: Path,
+    online_store: str,
+    work: Path,
+    max_batch: int,
+    predictor_args: Sequence[str],
+    timeout_s: float = 900.0,
+) -> StackHandle:
+    """The tree's local stack on free ports, with its own audit spool and database, velocity stream
+    and idempotency prefix (stacks of several trees run side by side on one data dir)."""
+    slug = f"{tree.ref or 'head'}-{online_store}"
     ports = [free_port() for _ in range(3)]
-    config = StackConfig(
-        bundle=bundle,
-        port=ports[0],
-        grpc_port=ports[1],
-        predictor_port=ports[2],
-        online_store=online_store,
-        log_dir=work / f"serve-{online_store}",
+    spec = {
+        "bundle": str(bundle),
+        "port": ports[0],
+        "grpc_port": ports[1],
+        "predictor_port": ports[2],
+        "store": online_store,
+        "log_dir": str(work / f"serve-{slug}"),
+        "audit_spool": str(work / f"audit-{slug}" / "spool.db"),
+        "audit_db_url": f"sqlite:///{work / f'audit-{slug}' / 'audit.db'}",
+        "predictor_args": [
+            "--max-batch-size",
+            str(max_batch),
+            "--idempotency-prefix",
+            f"bench:{slug}:",
+            *predictor_args,
+        ]
+        if tree.ref is None or _has_option(tree, "--idempotency-prefix")
+        else ["--max-batch-size", str(max_batch), *predictor_args],
+    }
+    (work / f"audit-{slug}").mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ,
+        "FRAUD_DATA_DIR": str(data_dir),
+        "PYTHONPATH": str(tree.root),
+        "FRAUD_STREAM_PREFIX": f"bench:{slug}:transactions",
+        "OMP_NUM_THREADS": "1",
+    }
+    log = work / f"stack-{slug}.log"
+    sink = log.open("wb")
+    process = subprocess.Popen(
+        [CORE_PYTHON, "-c", _STACK_DRIVER, json.dumps(spec)],
+        cwd=tree.root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=sink,
+        start_new_session=True,
     )
-    stack = BenchStack(config)
-    stack.start()
-    try:
-        yield f"http://127.0.0.1:{ports[0]}/v2/models/{config.model_name}/infer"
-    finally:
-        stack.stop()
+    handle = StackHandle(tree.name, f"http://127.0.0.1:{ports[0]}/v2/models/{MODEL_NAME}/infer", process, log)
+    deadline = time.monotonic() + timeout_s
+    assert process.stdout is not None  # noqa: S101 - narrows the type: stdout=PIPE
+    line = process.stdout.readline().decode(errors="replace").strip()
+    if line != "READY" or time.monotonic() > deadline:
+        handle.stop()
+        raise BenchError(
+            f"stack of {tree.name} ({online_store}) did not start:\n{log.read_text(errors='replace')[-2500:]}"
+        )
+    return handle
+
+
+def _has_option(tree: CodeTree, option: str) -> bool:
+    return option in (tree.root / "predictor" / "__main__.py").read_text()
 
 
 #: the stack's processes by what they run (command-line fragments), for the CPU accounting
-_STACK_ROLES = (("predictor", "-m predictor"), ("transformer", "drift_transformer"), ("audit writer", "audit writer"))
+_STACK_ROLES = (
+    ("predictor", "-m predictor"),
+    ("transformer", "drift_transformer"),
+    ("audit writer", "audit writer"),
+    ("aggregator", "features aggregate"),
+)
 
 
-def stack_processes(store: str) -> dict[str, Any]:
-    """The serving stack's processes (children of this one) and, for the Redis store, the Redis
-    server, by role: where the CPU of a batched run goes."""
+def stack_processes(store: str, root_pid: int | None = None) -> dict[str, Any]:
+    """The serving stack's processes (children of `root_pid`, default this one) and, for the Redis
+    store, the Redis server, by role: where the CPU of a batched run goes."""
     import psutil
 
     found: dict[str, Any] = {}
-    for child in psutil.Process().children(recursive=True):
+    for child in psutil.Process(root_pid).children(recursive=True):
         try:
             command = " ".join(child.cmdline())
         except psutil.Error:
@@ -680,6 +980,61 @@ def cpu_seconds(processes: dict[str, Any]) -> dict[str, float]:
     return seconds
 
 
+def measure_stack(
+    handle: StackHandle,
+    store: str,
+    round_index: int,
+    args: argparse.Namespace,
+    singles: list[bytes],
+    transactions: list[dict[str, Any]],
+    batches: Sequence[int],
+    rates: Sequence[float],
+    duration: float,
+    out: dict[str, Any],
+) -> None:
+    """One round on one stack: saturation, batched (with CPU per process), then fixed rates from low to
+    high (so the backlog of an overloaded rate cannot spill into the cheaper measurements)."""
+    url = handle.url
+    load = machine_snapshot()
+    result = run_wrk(url, singles[round_index], connections=args.connections, duration_s=duration)
+    out["saturation"].append({**result.to_dict(), **load, "drain_s": wait_idle(url, singles[0])})
+    print(
+        f"{handle.name} {store} round {round_index} saturation {result.requests_per_s:,.0f} req/s "
+        f"p99 {result.p99_ms:.1f} ms errors {result.errors} load {load['load_average_1m']:.1f}",
+        file=sys.stderr,
+    )
+    for batch in batches:
+        body = v2_body(transactions[:batch])
+        processes = stack_processes(store, handle.process.pid)
+        cpu_before = cpu_seconds(processes)
+        load = machine_snapshot()
+        result = run_wrk(url, body, connections=args.batch_connections, duration_s=duration)
+        cpu_after = cpu_seconds(processes)
+        row = {**result.to_dict(), **load}
+        row["transactions_per_s"] = result.requests_per_s * batch
+        scored = max(1, result.requests * batch)
+        row["cpu_us_per_transaction"] = {
+            name: (cpu_after[name] - cpu_before[name]) * 1e6 / scored for name in cpu_after if name in cpu_before
+        }
+        row["drain_s"] = wait_idle(url, singles[0])
+        out["batched"][str(batch)].append(row)
+        print(
+            f"{handle.name} {store} round {round_index} batch {batch}: {row['transactions_per_s']:,.0f} tx/s "
+            f"p99 {result.p99_ms:.1f} ms errors {result.errors} cpu "
+            f"{sum(row['cpu_us_per_transaction'].values()):.0f} us/tx",
+            file=sys.stderr,
+        )
+    for rate in sorted(rates):
+        load = machine_snapshot()
+        open_result = run_open_loop(url, singles, rate=rate, duration_s=duration)
+        out["fixed"][str(rate)].append({**open_result.to_dict(), **load, "drain_s": wait_idle(url, singles[0])})
+        print(
+            f"{handle.name} {store} round {round_index} @ {rate:g}/s p50 {open_result.p50_ms:.2f} p99 "
+            f"{open_result.p99_ms:.2f} ms errors {open_result.errors}",
+            file=sys.stderr,
+        )
+
+
 def bench_fullpath(args: argparse.Namespace) -> int:
     started = header("scoring_fullpath", "python benchmarks/bench_scoring.py fullpath " + " ".join(args.argv))
     if args.data_dir is None:
@@ -693,74 +1048,88 @@ def bench_fullpath(args: argparse.Namespace) -> int:
         work = Path(tmp)
         bundle = resolve_bundle(args.bundle, work)
         facts = bundle_facts(bundle)
-        for store in args.stores:
-            with serving_stack(bundle, args.data_dir, store, work, max(max(batches), 512), args.predictor_args) as url:
-                response = httpx.post(url, content=singles[0], headers={"content-type": "application/json"}, timeout=30)
-                if response.status_code != 200 or "fraud_probability" not in response.text:
-                    raise BenchError(f"stack ({store}) answered {response.status_code}: {response.text[:500]}")
-                if '"features_missing"' in response.text and "[true]" in response.text.replace(" ", ""):
-                    print(f"warning: {store}: features_missing true for the probe transaction", file=sys.stderr)
-                detector_ready_s = wait_online_detector(url, args.detector_wait)
-                run_open_loop(url, singles, rate=20.0, duration_s=1.0)  # warm-up
-                saturation, fixed = [], {str(r): [] for r in rates}
-                batched: dict[str, list[dict]] = {str(b): [] for b in batches}
-                for round_index in range(rounds):
-                    # order: saturation, batched, then fixed rates from low to high, so that the
-                    # backlog of an overloaded rate cannot spill into the cheaper measurements
-                    result = run_wrk(url, singles[round_index], connections=args.connections, duration_s=duration)
-                    saturation.append({**result.to_dict(), "drain_s": wait_idle(url, singles[0])})
-                    print(
-                        f"{store} round {round_index} saturation {result.requests_per_s:,.0f} req/s "
-                        f"p99 {result.p99_ms:.1f} ms "
-                        f"errors {result.errors}",
-                        file=sys.stderr,
-                    )
-                    for batch in batches:
-                        body = v2_body(transactions[:batch])
-                        processes = stack_processes(store)
-                        cpu_before = cpu_seconds(processes)
-                        result = run_wrk(url, body, connections=args.batch_connections, duration_s=duration)
-                        cpu_after = cpu_seconds(processes)
-                        row = result.to_dict()
-                        row["transactions_per_s"] = result.requests_per_s * batch
-                        scored = max(1, result.requests * batch)
-                        row["cpu_us_per_transaction"] = {
-                            name: (cpu_after[name] - cpu_before[name]) * 1e6 / scored
-                            for name in cpu_after
-                            if name in cpu_before
-                        }
-                        row["drain_s"] = wait_idle(url, singles[0])
-                        batched[str(batch)].append(row)
-                        print(
-                            f"{store} round {round_index} batch {batch}: {row['transactions_per_s']:,.0f} tx/s "
-                            f"p99 {result.p99_ms:.1f} ms errors {result.errors}",
-                            file=sys.stderr,
+        with code_trees(args.baseline, work, "stack") as trees:
+            for store in args.stores:
+                handles: list[StackHandle] = []
+                try:
+                    for tree in trees:
+                        handle = start_stack(
+                            tree, bundle, args.data_dir, store, work, max(max(batches), 512), args.predictor_args
                         )
-                    for rate in sorted(rates):
-                        open_result = run_open_loop(url, singles, rate=rate, duration_s=duration)
-                        fixed[str(rate)].append({**open_result.to_dict(), "drain_s": wait_idle(url, singles[0])})
-                        print(
-                            f"{store} round {round_index} @ {rate:g}/s p50 {open_result.p50_ms:.2f} p99 "
-                            f"{open_result.p99_ms:.2f} ms errors {open_result.errors}",
-                            file=sys.stderr,
+                        handles.append(handle)
+                        response = httpx.post(
+                            handle.url, content=singles[0], headers={"content-type": "application/json"}, timeout=30
                         )
-                results[store] = {
-                    "online_drift_detector_ready_after_s": detector_ready_s,
-                    "saturation": summarise_wrk(saturation),
-                    "fixed_rate": {rate: summarise_open(runs) for rate, runs in fixed.items()},
-                    "batched": {
-                        b: {
-                            **summarise_wrk(runs),
-                            "median_transactions_per_s": median([r["transactions_per_s"] for r in runs]),
-                            "median_cpu_us_per_transaction": {
-                                name: median([r["cpu_us_per_transaction"].get(name, 0.0) for r in runs])
-                                for name in runs[0]["cpu_us_per_transaction"]
-                            },
+                        if response.status_code != 200 or "fraud_probability" not in response.text:
+                            raise BenchError(
+                                f"{tree.name} ({store}) answered {response.status_code}: {response.text[:500]}"
+                            )
+                        wait_online_detector(handle.url, args.detector_wait)
+                        run_open_loop(handle.url, singles, rate=20.0, duration_s=1.0)  # warm-up
+                    collected = {
+                        h.name: {
+                            "saturation": [],
+                            "fixed": {str(r): [] for r in rates},
+                            "batched": {str(b): [] for b in batches},
                         }
-                        for b, runs in batched.items()
-                    },
-                }
+                        for h in handles
+                    }
+                    for round_index in range(rounds):
+                        order = handles if round_index % 2 == 0 else list(reversed(handles))
+                        for handle in order:
+                            measure_stack(
+                                handle,
+                                store,
+                                round_index,
+                                args,
+                                singles,
+                                transactions,
+                                batches,
+                                rates,
+                                duration,
+                                collected[handle.name],
+                            )
+                finally:
+                    for handle in handles:
+                        handle.stop()
+                for name, data in collected.items():
+                    results.setdefault(name, {})[store] = {
+                        "saturation": summarise_wrk(data["saturation"]),
+                        "fixed_rate": {rate: summarise_open(runs) for rate, runs in data["fixed"].items()},
+                        "batched": {
+                            b: {
+                                **summarise_wrk(runs),
+                                "median_transactions_per_s": median([r["transactions_per_s"] for r in runs]),
+                                "median_cpu_us_per_transaction": {
+                                    role: median([r["cpu_us_per_transaction"].get(role, 0.0) for r in runs])
+                                    for role in runs[0]["cpu_us_per_transaction"]
+                                },
+                            }
+                            for b, runs in data["batched"].items()
+                        },
+                    }
     report = started
+    comparisons = {}
+    for name in results:
+        if name == "stack":
+            continue
+        comparisons[name] = {
+            store: {
+                "saturation_ratio": results["stack"][store]["saturation"]["median_requests_per_s"]
+                / results[name][store]["saturation"]["median_requests_per_s"],
+                **{
+                    f"batch_{b}_ratio": results["stack"][store]["batched"][str(b)]["median_transactions_per_s"]
+                    / results[name][store]["batched"][str(b)]["median_transactions_per_s"]
+                    for b in batches
+                },
+                **{
+                    f"p99_at_{r:g}_ratio": results["stack"][store]["fixed_rate"][str(r)]["median_p99_ms"]
+                    / results[name][store]["fixed_rate"][str(r)]["median_p99_ms"]
+                    for r in rates
+                },
+            }
+            for store in results[name]
+        }
     report.update(
         {
             "bundle": facts,
@@ -772,47 +1141,58 @@ def bench_fullpath(args: argparse.Namespace) -> int:
             "batch_connections": args.batch_connections,
             "predictor_args": list(args.predictor_args),
             "offered_rates": rates,
-            "stores": results,
+            "load_average_1m_end": os.getloadavg()[0],
+            "systems": results,
+            "stores": results["stack"],
+            "this_checkout_over_baseline": comparisons,
         }
     )
+    loads = [
+        r["load_average_1m"]
+        for system in results.values()
+        for data in system.values()
+        for r in data["saturation"]["runs"]
+    ]
     lines = [
         f"Measured {report['date']}; transformer -> predictor -> Feast online store, {rounds} rounds x {duration:g} s, "
-        f"medians; 1-min load average at start {report['machine']['load_average_1m']:.1f} "
+        f"stacks alternated every round, medians; 1-min load average {min(loads):.1f} to {max(loads):.1f} "
         f"on {report['machine']['cpus']} cores. "
         f"Predictor options: `{' '.join(args.predictor_args) or '(defaults)'}`. Command: `{report['command']}`.",
         "",
-        f"| online store | saturation req/s ({args.connections} conns) | p50 / p99 at saturation (ms) | "
+        f"| stack | online store | saturation req/s ({args.connections} conns) | p50 / p99 at saturation (ms) | "
         + " | ".join(f"p50 / p99 @ {r:g}/s (ms)" for r in rates)
         + " | "
         + " | ".join(f"batch {b:,}: tx/s (p99 ms)" for b in batches)
         + " | errors | client CPU (cores) |",
-        "|---|---:|---:|" + "---:|" * len(rates) + "---:|" * len(batches) + "---:|---:|",
+        "|---|---|---:|---:|" + "---:|" * len(rates) + "---:|" * len(batches) + "---:|---:|",
     ]
-    for store, data in results.items():
-        sat = data["saturation"]
-        errors = (
-            sat["errors"]
-            + sum(d["errors"] for d in data["fixed_rate"].values())
-            + sum(d["errors"] for d in data["batched"].values())
-        )
-        client = max(
-            [sat["median_client_cpu_cores"]] + [d["median_client_cpu_cores"] for d in data["fixed_rate"].values()]
-        )
-        lines.append(
-            f"| {store} | {sat['median_requests_per_s']:,.0f} "
-            f"| {sat['median_p50_ms']:.1f} / {sat['median_p99_ms']:.1f} | "
-            + " | ".join(
-                f"{data['fixed_rate'][str(r)]['median_p50_ms']:.1f} / {data['fixed_rate'][str(r)]['median_p99_ms']:.1f}"
-                for r in rates
+    for name, stores in results.items():
+        for store, data in stores.items():
+            sat = data["saturation"]
+            errors = (
+                sat["errors"]
+                + sum(d["errors"] for d in data["fixed_rate"].values())
+                + sum(d["errors"] for d in data["batched"].values())
             )
-            + " | "
-            + " | ".join(
-                f"{data['batched'][str(b)]['median_transactions_per_s']:,.0f} "
-                f"({data['batched'][str(b)]['median_p99_ms']:.0f})"
-                for b in batches
+            client = max(
+                [sat["median_client_cpu_cores"]] + [d["median_client_cpu_cores"] for d in data["fixed_rate"].values()]
             )
-            + f" | {errors} | ≤ {client:.2f} |"
-        )
+            lines.append(
+                f"| {name} | {store} | {sat['median_requests_per_s']:,.0f} "
+                f"| {sat['median_p50_ms']:.1f} / {sat['median_p99_ms']:.1f} | "
+                + " | ".join(
+                    f"{data['fixed_rate'][str(r)]['median_p50_ms']:.1f} / "
+                    f"{data['fixed_rate'][str(r)]['median_p99_ms']:.1f}"
+                    for r in rates
+                )
+                + " | "
+                + " | ".join(
+                    f"{data['batched'][str(b)]['median_transactions_per_s']:,.0f} "
+                    f"({data['batched'][str(b)]['median_p99_ms']:.0f})"
+                    for b in batches
+                )
+                + f" | {errors} | ≤ {client:.2f} |"
+            )
     roles = [role for role, _ in _STACK_ROLES] + ["redis server"]
     lines += [
         "",
@@ -821,18 +1201,27 @@ def bench_fullpath(args: argparse.Namespace) -> int:
             "time from /proc; the load generator's is in the client CPU column):"
         ),
         "",
-        "| online store | batch | " + " | ".join(roles) + " | total |",
-        "|---|---:|" + "---:|" * (len(roles) + 1),
+        "| stack | online store | batch | " + " | ".join(roles) + " | total |",
+        "|---|---|---:|" + "---:|" * (len(roles) + 1),
     ]
-    for store, data in results.items():
-        for b in batches:
-            cpu = data["batched"][str(b)]["median_cpu_us_per_transaction"]
-            lines.append(
-                f"| {store} | {b:,} | "
-                + " | ".join(f"{cpu[r]:.1f}" if r in cpu else "-" for r in roles)
-                + f" | {sum(cpu.values()):.1f} |"
-            )
-    finish(report, "scoring_fullpath", args.label, "\n".join(lines), args.no_save)
+    for name, stores in results.items():
+        for store, data in stores.items():
+            for b in batches:
+                cpu = data["batched"][str(b)]["median_cpu_us_per_transaction"]
+                lines.append(
+                    f"| {name} | {store} | {b:,} | "
+                    + " | ".join(f"{cpu[r]:.1f}" if r in cpu else "-" for r in roles)
+                    + f" | {sum(cpu.values()):.1f} |"
+                )
+    for name, per_store in comparisons.items():
+        for store, ratio in per_store.items():
+            lines += [
+                "",
+                f"This checkout over `{name}` ({store}; >1 = faster; p99 ratio <1 = lower latency): "
+                + ", ".join(f"{k.removesuffix('_ratio').replace('_', ' ')} {v:.2f}" for k, v in ratio.items())
+                + ".",
+            ]
+    finish(report, "scoring_fullpath", args.label, "\n".join(lines), args.no_save, args.output)
     return 0
 
 
@@ -905,7 +1294,7 @@ def bench_lookup(args: argparse.Namespace) -> int:
                 f"| {store} | {batch:,} | {fast['median_ms']:.2f} | {slow['median_ms']:.2f} | "
                 f"{slow['median_ms'] / fast['median_ms']:.1f}x | {fast['us_per_pair']:.1f} |"
             )
-    finish(report, "scoring_lookup", args.label, "\n".join(lines), args.no_save)
+    finish(report, "scoring_lookup", args.label, "\n".join(lines), args.no_save, args.output)
     return 0
 
 
@@ -919,6 +1308,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--smoke", action="store_true", help="seconds-long run that only checks the benchmark works")
         p.add_argument("--no-save", action="store_true", help="print the JSON instead of writing results/docs")
         p.add_argument("--label", help="suffix of the result file and docs section (e.g. before, after)")
+        p.add_argument("--output", type=Path, help="write the JSON to this file only (no results/ file, no docs)")
         if name == "model":
             p.add_argument("--min-seconds", type=float, default=1.0)
             p.add_argument("--repeats", type=int, default=5)
@@ -940,8 +1330,24 @@ def build_parser() -> argparse.ArgumentParser:
             default=[],
             help="extra option for the predictor process (repeatable, e.g. --predictor-arg=--workers=2)",
         )
+        p.add_argument(
+            "--baseline",
+            action="append",
+            default=[],
+            metavar="COMMIT",
+            help="also measure this commit's code, alternating with this checkout (repeatable)",
+        )
         if name == "serving":
             p.add_argument("--entities", type=int, default=1000)
+            p.add_argument("--batches", type=int, nargs="+", default=[100, 1000])
+            p.add_argument("--batch-connections", type=int, default=4)
+            p.add_argument("--no-mlserver", action="store_true", help="our predictor only (no MLServer environment)")
+            p.add_argument(
+                "--baseline-bundle",
+                choices=["same", "own"],
+                default="same",
+                help="with --bundle: baselines load it too (same) or a synthetic bundle of their own factories (own)",
+            )
         else:
             p.add_argument("--data-dir", type=Path, help="data dir with raw/ and a materialised feature store")
             p.add_argument("--stores", nargs="+", default=["sqlite", "redis"], choices=["sqlite", "redis"])

@@ -6,13 +6,19 @@ set -euo pipefail
 # Debian's prometheus package ships the server and promtool: the alert-rule unit tests run promtool,
 # the dashboard-query test runs a server on a free loopback port. The package's own service is not
 # started (policy-rc.d answers 101 during the install), so nothing binds the default :9090.
-install_prometheus() {
+# wrk is the serving benchmark's closed-loop load generator (its CI smoke run), gcc builds the
+# predictor's compiled tree model (predictor/compiled.py; the predictor falls back to XGBoost without it).
+missing=()
+if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then missing+=(prometheus); fi
+if ! command -v wrk >/dev/null 2>&1; then missing+=(wrk); fi
+if ! command -v gcc >/dev/null 2>&1; then missing+=(gcc libc6-dev); fi
+install_packages() {
   export DEBIAN_FRONTEND=noninteractive
   local apt_opts=(-q -y -o DPkg::Lock::Timeout=600 -o Dpkg::Use-Pty=0)
-  apt-get "${apt_opts[@]}" update && apt-get "${apt_opts[@]}" install --no-install-recommends prometheus
+  apt-get "${apt_opts[@]}" update && apt-get "${apt_opts[@]}" install --no-install-recommends "${missing[@]}"
 }
-if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2>&1; then
-  echo "installing prometheus (server + promtool) from Debian"
+if [ "${#missing[@]}" -gt 0 ]; then
+  echo "installing ${missing[*]} from Debian"
   own_policy=""
   if [ ! -e /usr/sbin/policy-rc.d ]; then
     own_policy=/usr/sbin/policy-rc.d
@@ -21,11 +27,11 @@ if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2
   fi
   log=$(mktemp)
   status=0
-  install_prometheus >"$log" 2>&1 || status=$?
+  install_packages >"$log" 2>&1 || status=$?
   if [ -n "$own_policy" ]; then rm -f "$own_policy"; fi
   if [ "$status" -ne 0 ]; then
     cat "$log" >&2
-    echo "installing prometheus failed (apt-get exit $status)" >&2
+    echo "installing ${missing[*]} failed (apt-get exit $status)" >&2
     exit "$status"
   fi
   rm -f "$log"

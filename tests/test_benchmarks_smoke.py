@@ -102,6 +102,63 @@ def test_serving_benchmark_smoke(tmp_path: Path) -> None:
     assert report["throughput_ratio_predictor_over_mlserver"] > 0
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_serving_benchmark_smoke_predictor_only(tmp_path: Path) -> None:
+    """The serving benchmark as CI runs it: our predictor (this checkout, and HEAD's code exported as
+    a same-run baseline) without MLServer; wrk comes from scripts/ensure-services.sh."""
+    from tests.conftest import require
+    from tests.factories import make_synthetic_bundle
+
+    require(shutil.which("wrk"), "wrk (Debian package wrk; scripts/ensure-services.sh installs it)")
+    require((ROOT / ".git").exists(), "a git checkout (the baseline is exported with git archive)")
+    bundle = make_synthetic_bundle(tmp_path / "bundle")
+    output = tmp_path / "scoring_serving_smoke.json"
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "benchmarks/bench_scoring.py",
+            "serving",
+            "--smoke",
+            "--no-mlserver",
+            "--baseline",
+            "HEAD",
+            "--bundle",
+            str(bundle),
+            "--output",
+            str(output),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=1500)
+    except subprocess.TimeoutExpired:
+        process.terminate()  # SIGTERM: the benchmark stops the servers it started
+        stdout, stderr = process.communicate(timeout=120)
+        pytest.fail(f"the serving smoke run did not finish within 1500 s:\n{stderr[-3000:]}")
+    assert process.returncode == 0, stderr[-3000:]
+    report = json.loads(output.read_text())
+    head = next(name for name in report["systems"] if name.startswith("predictor@"))
+    assert set(report["systems"]) == {"predictor", head}
+    assert report["machine"]["load_average_1m"] >= 0 and report["load_average_1m_end"] >= 0
+    for system in report["systems"].values():
+        saturation = system["saturation"]
+        assert saturation["median_requests_per_s"] > 0 and saturation["median_p99_ms"] > 0
+        assert saturation["errors"] == 0 and saturation["runs"][0]["requests"] > 0
+        assert "load_average_1m" in saturation["runs"][0]
+        (fixed,) = system["fixed_rate"].values()
+        assert fixed["median_p50_ms"] > 0 and fixed["runs"][0]["sent"] > 0 and fixed["errors"] == 0
+        (batched,) = system["batched"].values()
+        assert batched["median_transactions_per_s"] > 0 and batched["errors"] == 0
+    ratios = report["this_checkout_over_baseline"][head]
+    assert ratios["saturation_ratio"] > 0 and ratios["batch_10_ratio"] > 0
+    assert report["throughput_ratio_predictor_over_mlserver"] is None
+    assert "predictor" in stdout and "| system |" in stdout
+
+
 def test_audit_benchmark_smoke(tmp_path: Path) -> None:
     out = tmp_path / "audit.json"
     report = run_json(
