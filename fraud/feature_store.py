@@ -454,10 +454,12 @@ def _redis_problem(store: FeatureStore, repair: str) -> str | None:
     cursor = 0
     for _ in range(_REDIS_SCAN_CALLS):
         cursor, keys = client.scan(cursor=cursor, match=pattern, count=1000)
-        for key in keys:
-            for field, name in wanted.items():
-                if name not in found and client.hexists(key, field):
-                    found.add(name)
+        if keys:  # one round trip per SCAN batch
+            pipe = client.pipeline(transaction=False)
+            asked = [(key, field) for key in keys for field in wanted]
+            for key, field in asked:
+                pipe.hexists(key, field)
+            found.update(wanted[field] for (_, field), held in zip(asked, pipe.execute(), strict=True) if held)
         if len(found) == len(wanted):
             return None
         if cursor == 0:
