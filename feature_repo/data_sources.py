@@ -1,9 +1,13 @@
 """Feast data sources: the two daily-snapshot Parquet tables written by `fraud features build`
 (fraud.features.offline) and the request source carrying the fields known at authorisation time.
 
-The Parquet paths derive from FRAUD_DATA_DIR through fraud.config.DataLayout, the same way the
-feature_store.yaml paths do, so one environment variable moves the whole store.
+The Parquet paths are below the data directory: FRAUD_DATA_DIR (the `fraud` commands set it),
+else the `data/` folder next to this repository - where feature_store.yaml's relative paths point
+for the plain Feast CLI, so `feast -c feature_repo apply` works as typed.
 """
+
+import os
+from pathlib import Path
 
 from feast import Field, FileSource, PushSource, RequestSource
 from feast.types import Float64, UnixTimestamp
@@ -23,7 +27,11 @@ from fraud.features.offline import customer_features_path, terminal_features_pat
 from fraud.features.velocity_offline import recent_state_path
 from fraud.schema import TX_AMOUNT, TX_DATETIME
 
-_layout = DataLayout.current()
+_layout = (
+    DataLayout.current()
+    if os.environ.get("FRAUD_DATA_DIR")
+    else DataLayout(Path(__file__).resolve().parent.parent / "data")
+)
 
 customer_spending_source = FileSource(
     name=f"{CUSTOMER_SPENDING_VIEW}_source",

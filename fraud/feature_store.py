@@ -11,10 +11,16 @@ redis                  file                    feature_store.redis.yaml
 redis                  sql                     feature_store.redis-sql.yaml (PostgreSQL registry)
 =====================  ======================  ================================================
 
-The yaml files use ${VAR} placeholders, which Feast expands from the environment. Here they are
-expanded with defaults (FRAUD_DATA_DIR from fraud.config, FRAUD_REDIS_URL 127.0.0.1:6379, ...),
-so callers never have to export anything. FRAUD_FEAST_PROJECT (or the `project` argument)
-overrides the Feast project name, which also namespaces the Redis keys.
+The yaml files name the stores the plain Feast CLI uses as typed (paths relative to
+feature_repo/: `../data`, the default data directory; the local Redis and PostgreSQL). Here they
+are replaced with this process's settings: the data directory (fraud.config), FRAUD_REDIS_URL (or
+the split FRAUD_REDIS_* settings), FRAUD_FEAST_REGISTRY_URL; ${VAR} placeholders, if a yaml has
+any, are expanded with those defaults. FRAUD_FEAST_PROJECT (or the `project` argument) overrides
+the Feast project name, which also namespaces the Redis keys.
+
+A command only ever touches the stores of its own data directory: a registry copied from another
+one (its SQLite online tables recorded with the other directory's absolute path) is adopted by
+`apply_repo` and refused by materialisation (`foreign_online_tables`).
 """
 
 from __future__ import annotations
@@ -188,6 +194,37 @@ def _placeholder_values() -> dict[str, str]:
     return values
 
 
+#: Where the yaml files' relative paths point (relative to feature_repo/): the repository's
+#: default data directory, so that the plain Feast CLI works as typed.
+_YAML_DATA_DIR = Path("../data")
+
+
+def _in_data_dir(path: str) -> str:
+    """A yaml path below `../data` moved below this process's data directory (absolute)."""
+    written = Path(path)
+    if written.is_absolute():
+        return path
+    try:
+        inside = written.relative_to(_YAML_DATA_DIR)
+    except ValueError:
+        return str((FEATURE_REPO_DIR / written).resolve())  # Feast's own rule: relative to the repo
+    return str(data_dir() / inside)
+
+
+def _locate_stores(raw: dict[str, Any]) -> None:
+    """The stores of this process's settings in place of the yaml's plain-CLI values: the file
+    registry and SQLite file in the data directory, the registry URL and the Redis connection."""
+    registry, online = raw["registry"], raw["online_store"]
+    if registry.get("registry_type", "file") == "file":
+        registry["path"] = _in_data_dir(registry["path"])
+    else:
+        registry["path"] = os.environ.get(REGISTRY_URL_ENV) or registry["path"]
+    if online.get("type") == "sqlite":
+        online["path"] = _in_data_dir(online["path"])
+    elif online.get("type") == "redis":
+        online["connection_string"] = redis_connection_string()
+
+
 def repo_config(online: str | None = None, registry: str | None = None, project: str | None = None) -> RepoConfig:
     """The Feast RepoConfig of the selected profile, placeholders expanded with defaults."""
     from feast.repo_config import RepoConfig
@@ -200,6 +237,7 @@ def repo_config(online: str | None = None, registry: str | None = None, project:
     if unresolved:
         raise UserError(f"{profile.yaml_file} has placeholders without a value: {unresolved} (set them)")
     raw = yaml.safe_load(expanded)
+    _locate_stores(raw)
     chosen_project = project or os.environ.get(PROJECT_ENV)
     if chosen_project:
         raw["project"] = chosen_project
@@ -417,10 +455,12 @@ def _redis_problem(store: FeatureStore, repair: str) -> str | None:
     cursor = 0
     for _ in range(_REDIS_SCAN_CALLS):
         cursor, keys = client.scan(cursor=cursor, match=pattern, count=1000)
-        for key in keys:
-            for field, name in wanted.items():
-                if name not in found and client.hexists(key, field):
-                    found.add(name)
+        if keys:  # one round trip per SCAN batch
+            pipe = client.pipeline(transaction=False)
+            asked = [(key, field) for key in keys for field in wanted]
+            for key, field in asked:
+                pipe.hexists(key, field)
+            found.update(wanted[field] for (_, field), held in zip(asked, pipe.execute(), strict=True) if held)
         if len(found) == len(wanted):
             return None
         if cursor == 0:

@@ -96,6 +96,8 @@ def test_every_alert_has_a_firing_unit_test():
         ("FraudAuditBacklogGrowing", "expr", "max by (namespace, pod)", "sum by (namespace, pod)", None),
         ("FraudLiveQualityStale", "for", "6h", "2d", None),
         ("FraudDeclineRateAnomaly", "expr", "[1h])) > 0.1", "[1h])) > 0.01", None),
+        ("FraudFeaturesMissing", "expr", "> 0.05", "> 0.1", None),
+        ("FraudFeatureSnapshotStale", "expr", "min by (namespace, view)", "max by (namespace, view)", None),
     ],
 )  # fmt: skip
 def test_unit_tests_catch_a_changed_rule(tmp_path, rule_name, field, old, new, alert):

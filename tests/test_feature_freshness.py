@@ -4,8 +4,7 @@
   online tables' absolute paths; `fraud features apply` in the copy adopts its own);
 * a lost or emptied online store is detected (materialisation, predictor start, readiness) and
   rebuilt by `fraud features rebuild-online`;
-* the views' TTL applied online, the freshness gauge and the expired counter;
-* the plain Feast CLI without any exported variable.
+* the views' TTL applied online, the freshness gauge and the expired counter.
 """
 
 from __future__ import annotations
@@ -14,7 +13,6 @@ import asyncio
 import os
 import shutil
 import sqlite3
-import subprocess
 import sys
 import time
 import uuid
@@ -27,7 +25,7 @@ import pytest
 from prometheus_client import REGISTRY
 from test_features_offline import random_transactions, write_raw_transactions
 
-from fraud.config import FEATURE_REPO_DIR, DataLayout
+from fraud.config import DataLayout
 from fraud.errors import UserError
 from fraud.feature_store import (
     DEFAULT_REDIS_URL,
@@ -375,26 +373,3 @@ def test_readiness_routes_answer_false_with_the_reason_logged(store_a, bundle, t
     model.reason = None
     assert client.get(SERVER_READINESS_PATH).json() == {"ready": True}
     assert READINESS_PATH != SERVER_READINESS_PATH
-
-
-# --- the plain Feast CLI ------------------------------------------------------------------------------
-
-
-@pytest.mark.slow
-def test_plain_feast_apply_needs_no_exported_variable(store_a, tmp_path) -> None:
-    """`feast -c feature_repo apply` as a Feast user types it, in a clean environment, on a copy of
-    the repository (feature_repo/ next to its own data/): nothing is written to the real data dir."""
-    project = tmp_path / "project"
-    shutil.copytree(FEATURE_REPO_DIR, project / "feature_repo", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(store_a / "features", project / "data" / "features")
-    real_feast = FEATURE_REPO_DIR.parent / "data" / "feast"
-    before = sorted(p.stat().st_mtime_ns for p in real_feast.glob("*")) if real_feast.exists() else None
-    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "LANG": "C.UTF-8"}
-    run = {"cwd": project, "env": env, "capture_output": True, "text": True, "timeout": 300}
-    applied = subprocess.run([str(FEAST_CLI), "-c", "feature_repo", "apply"], check=False, **run)
-    assert applied.returncode == 0, applied.stdout[-2000:] + applied.stderr[-2000:]
-    assert "${FRAUD_DATA_DIR}" not in applied.stdout + applied.stderr
-    assert (project / "data" / "feast" / "registry.db").is_file()
-    assert set(BATCH_TABLES) <= _tables(project / "data" / "feast" / "online_store.db")
-    after = sorted(p.stat().st_mtime_ns for p in real_feast.glob("*")) if real_feast.exists() else None
-    assert after == before, "the plain Feast CLI wrote into the repository's own data directory"

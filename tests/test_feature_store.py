@@ -262,27 +262,35 @@ def test_apply_without_offline_tables_is_a_user_error(data_dir: Path) -> None:
 
 @pytest.mark.slow
 def test_plain_feast_cli_applies_and_materialises(tmp_path: Path) -> None:
-    """`feast -c feature_repo apply` / `materialize` work without the fraud wrapper (two Feast CLI
-    processes: ~20 s of CPU, so marked slow)."""
-    env = {**os.environ, "FRAUD_DATA_DIR": str(tmp_path / "data")}
-    env.pop("FEAST_FS_YAML_FILE_PATH", None)
-    layout = DataLayout(tmp_path / "data")
+    """`feast -c feature_repo apply` / `materialize` as a Feast user types them: a clean
+    environment (nothing exported), on a copy of the repository (feature_repo/ next to its own
+    data/), so the repository's own data directory is never written. Two Feast CLI processes:
+    ~20 s of CPU, so marked slow."""
+    project = tmp_path / "project"
+    shutil.copytree(FEATURE_REPO_DIR, project / "feature_repo", ignore=shutil.ignore_patterns("__pycache__"))
+    layout = DataLayout(project / "data")
     rows = [
         ("2024-03-01 10:00:00", "C1", "T1", 10.0, 0),
         ("2024-03-02 11:00:00", "C1", "T1", 30.0, 1),
     ]
     write_raw_transactions(layout, raw_frame(rows))
     build_offline_features(layout)
-    run = {"cwd": FEATURE_REPO_DIR.parent, "env": env, "capture_output": True, "text": True, "timeout": 300}
+    real_feast = FEATURE_REPO_DIR.parent / "data" / "feast"
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in real_feast.glob("*")) if real_feast.is_dir() else []
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "LANG": "C.UTF-8"}
+    run = {"cwd": project, "env": env, "capture_output": True, "text": True, "timeout": 300}
     applied = subprocess.run([str(FEAST_CLI), "-c", "feature_repo", "apply"], check=False, **run)
-    assert applied.returncode == 0, applied.stderr[-2000:]
+    assert applied.returncode == 0, applied.stdout[-2000:] + applied.stderr[-2000:]
     assert "fraud_model_features" in applied.stdout
+    assert (layout.feast / "registry.db").is_file() and (layout.feast / "online_store.db").is_file()
     done = subprocess.run(
         [str(FEAST_CLI), "-c", "feature_repo", "materialize", "2024-03-01T00:00:00", "2024-03-04T00:00:00"],
         check=False,
         **run,
     )
     assert done.returncode == 0, done.stderr[-2000:]
+    after = sorted((p.name, p.stat().st_mtime_ns) for p in real_feast.glob("*")) if real_feast.is_dir() else []
+    assert after == before, "the plain Feast CLI wrote into the repository's own data directory"
     with pytest.MonkeyPatch.context() as patch:  # what the CLI wrote, read back in-process
         patch.setenv("FRAUD_DATA_DIR", str(layout.root))
         online = online_batch_features(["C1"], ["T1"])

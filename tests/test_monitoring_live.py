@@ -17,6 +17,7 @@ import re
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
@@ -25,11 +26,13 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from fraud.config import PROJECT_ROOT
+from fraud.features.definitions import SNAPSHOT_TTL_DAYS
 from fraud.monitoring.local_prometheus import rule_groups, write_rule_file
 from fraud.net import free_port
 from fraud.serving_stack import ServingStack, StackConfig, score_transactions
 from tests.support.prometheus import LocalPrometheus, PrometheusError, names_read
 from tests.test_serving_stack import (  # noqa: F401 - fixtures are used by name
+    SCORING_DAY,
     STORE_TIMEOUT_S,
     bundle,
     data_root,
@@ -160,6 +163,11 @@ def endpoints(tmp_path_factory, data_root, bundle) -> dict[str, str]:  # noqa: F
             if windows_evaluated(text) >= 2 or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
+        # a new card (cold start) and a snapshot beyond the TTL: the missing/expired feature series
+        late = traffic(2, seed=23, prefix="MONF")
+        late[0]["customer_id"] = "C-new-card"
+        late[1]["tx_datetime"] = (SCORING_DAY + timedelta(days=SNAPSHOT_TTL_DAYS, hours=6)).isoformat()
+        score_transactions(config.url, late, "v1")
         yield {
             "transformer": transformer_url,
             "predictor": f"{config.predictor_url}/metrics",

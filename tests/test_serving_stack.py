@@ -59,12 +59,13 @@ def write_raw(layout: DataLayout, frame: pd.DataFrame) -> None:
 
 
 def traffic(n: int, seed: int, amount_factor: float = 1.0, prefix: str = "RQ") -> list[dict]:
-    """Transactions of the known customers over the four days after the history (like live traffic)."""
+    """Transactions of the known customers over the two days after the history (like live traffic:
+    within the snapshots' TTL, so the online store serves every one)."""
     rng = np.random.default_rng(seed)
     rows = []
     for i in range(n):
         c = int(rng.integers(0, len(CUSTOMERS)))
-        when = SCORING_DAY + timedelta(seconds=int(rng.integers(0, 4 * 86_400)))
+        when = SCORING_DAY + timedelta(seconds=int(rng.integers(0, 2 * 86_400)))
         amount = (float(rng.gamma(2.0, 20.0 + 5 * c)) + 0.01) * amount_factor
         rows.append(
             {
