@@ -12,10 +12,17 @@ Load: a publisher thread XADDs transactions of `--cards` random cards at `--rate
 10 ms the due batch, one pipeline). Probes: `--probe-rate` transactions/s of dedicated cards,
 each published alone and then read back (the predictor's read: `WindowStateStore.read`) every
 millisecond until its id is there; freshness = first successful read - publish time. Scoring
-cost: `read_velocity` (two online reads + the features) of one transaction, timed between probes.
+cost: `read_velocity` (the window states of card and terminal + the features) of one
+transaction, timed between probes.
+
+Baseline in the same run: `--baseline-ref` (a git commit; default the aggregator before the
+one-pipeline reads and writes) is extracted with `git archive` into a temporary directory and its
+`fraud features aggregate` runs on the same store and load (own stream prefix), alternating with
+the working tree's aggregator for each rate. The lookup cost is timed for the predictor's read
+(`read_velocity`: one pipelined read on Redis) and for Feast's `online_read` of the two states.
 
     .venv/bin/python benchmarks/bench_freshness.py                      # 500 and 2,000 tx/s, 20 s each
-    .venv/bin/python benchmarks/bench_freshness.py --rates 500 --seconds 10 --no-save
+    .venv/bin/python benchmarks/bench_freshness.py --rates 500 --seconds 10 --no-save --baseline-ref ''
 
 Writes benchmarks/results/freshness-<UTC date>.json.
 """
@@ -72,10 +79,13 @@ def prepare(data_dir: Path, project: str) -> None:
     apply_repo("redis", project=project)
 
 
+BASELINE_REF = "c1e8d8c"
+
+
 def run_rate(rate: int, seconds: float, cards: int, probe_rate: float, stream, states) -> dict:
     from fraud.features.definitions import NS_PER_SECOND
-    from fraud.streaming.events import CARD, TransactionPublisher
-    from fraud.streaming.state import read_velocity
+    from fraud.streaming.events import CARD, TERMINAL, TransactionPublisher
+    from fraud.streaming.state import read_velocity, velocity_matrix
 
     load = TransactionPublisher(stream)
     probe = TransactionPublisher(stream)
@@ -109,7 +119,7 @@ def run_rate(rate: int, seconds: float, cards: int, probe_rate: float, stream, s
     thread = threading.Thread(target=publisher, daemon=True)
     thread.start()
     time.sleep(1.0)  # reach the steady state
-    freshness, lookup, timeouts = [], [], 0
+    freshness, lookup, feast_lookup, timeouts = [], [], [], 0
     deadline = time.monotonic() + seconds
     i = 0
     while time.monotonic() < deadline:
@@ -128,6 +138,15 @@ def run_rate(rate: int, seconds: float, cards: int, probe_rate: float, stream, s
         t0 = time.perf_counter()
         read_velocity(states, [now_ns + NS_PER_SECOND], [card], ["PT0"])
         lookup.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        velocity_matrix(
+            [now_ns + NS_PER_SECOND],
+            [card],
+            ["PT0"],
+            states.read_via_feast(CARD, [card]),
+            states.read_via_feast(TERMINAL, ["PT0"]),
+        )
+        feast_lookup.append(time.perf_counter() - t0)
         i += 1
         time.sleep(max(0.0, 1.0 / probe_rate - (time.perf_counter() - accepted)))
     stop.set()
@@ -140,7 +159,50 @@ def run_rate(rate: int, seconds: float, cards: int, probe_rate: float, stream, s
         "freshness": percentiles(freshness),
         "probe_timeouts": timeouts,
         "velocity_lookup": percentiles(lookup),
+        "velocity_lookup_feast_online_read": percentiles(feast_lookup),
     }
+
+
+def baseline_tree(ref: str, work: Path) -> Path:
+    """The repository at `ref` (git archive), to run its aggregator with this environment."""
+    target = work / f"baseline-{ref}"
+    target.mkdir()
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref], check=True, capture_output=True).stdout  # noqa: S607 - git from PATH with a fixed argument list
+    subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)  # noqa: S607 - tar from PATH with a fixed argument list
+    return target
+
+
+def start_aggregator(tree: Path, prefix: str, log_path: Path) -> tuple[subprocess.Popen, object]:
+    """`fraud features aggregate` of the code in `tree` on stream `prefix`; waits for its leases."""
+    from fraud.streaming.events import StreamSettings
+
+    env = {**os.environ, "FRAUD_STREAM_PREFIX": prefix, "PYTHONPATH": str(tree)}
+    stream = StreamSettings.from_env(env)
+    log = log_path.open("wb")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fraud.cli", "features", "aggregate", "--online", "redis", "--metrics-port", "0"],
+        cwd=tree,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    client = redis.Redis.from_url(stream.redis_url)
+    deadline = time.monotonic() + 180
+    while not all(client.exists(f"{prefix}:lease:{p}") for p in range(stream.partitions)):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise SystemExit(f"the aggregator did not take the partitions; log: {log_path}")
+        time.sleep(0.2)
+    return process, stream
+
+
+def stop_aggregator(process: subprocess.Popen, stream) -> None:
+    process.terminate()
+    process.wait(30)
+    client = redis.Redis.from_url(stream.redis_url)
+    keys = list(client.scan_iter(match=f"{stream.prefix}:*", count=1000))
+    if keys:
+        client.delete(*keys)
 
 
 def main() -> int:
@@ -149,47 +211,37 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--cards", type=int, default=5000)
     parser.add_argument("--probe-rate", type=float, default=20.0)
+    parser.add_argument("--baseline-ref", default=BASELINE_REF, help="git commit of the baseline ('' for none)")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="bench-freshness-"))
     project = f"bench_fresh_{uuid.uuid4().hex[:8]}"
-    prefix = f"bench:freshness:{uuid.uuid4().hex[:8]}"
     prepare(work / "data", project)
     from fraud.feature_store import get_feature_store, teardown
-    from fraud.streaming.events import StreamSettings
     from fraud.streaming.state import WindowStateStore
 
-    os.environ["FRAUD_STREAM_PREFIX"] = prefix
-    stream = StreamSettings.from_env()
+    trees = {"current": ROOT}
+    if args.baseline_ref:
+        trees[f"baseline {args.baseline_ref}"] = baseline_tree(args.baseline_ref, work)
     states = WindowStateStore(get_feature_store("redis", project=project))
-    log = (work / "aggregator.log").open("wb")
-    aggregator = subprocess.Popen(
-        [sys.executable, "-m", "fraud.cli", "features", "aggregate", "--online", "redis", "--metrics-port", "0"],
-        cwd=ROOT,
-        env=dict(os.environ),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
     results = []
     try:
-        client = redis.Redis.from_url(stream.redis_url)
-        deadline = time.monotonic() + 180
-        while not all(client.exists(f"{prefix}:lease:{p}") for p in range(stream.partitions)):
-            if aggregator.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the aggregator did not take the partitions; log: {work / 'aggregator.log'}")
-            time.sleep(0.2)
         for rate in args.rates:
-            result = run_rate(rate, args.seconds, args.cards, args.probe_rate, stream, states)
-            results.append(result)
-            print(json.dumps(result), flush=True)
+            for variant, tree in trees.items():
+                prefix = f"bench:freshness:{uuid.uuid4().hex[:8]}"
+                log_path = work / f"aggregator-{variant.split()[0]}-{rate}.log"
+                process, stream = start_aggregator(tree, prefix, log_path)
+                try:
+                    result = {
+                        "aggregator": variant,
+                        **run_rate(rate, args.seconds, args.cards, args.probe_rate, stream, states),
+                    }
+                finally:
+                    stop_aggregator(process, stream)
+                results.append(result)
+                print(json.dumps(result), flush=True)
     finally:
-        aggregator.terminate()
-        aggregator.wait(30)
-        client = redis.Redis.from_url(stream.redis_url)
-        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
-        if keys:
-            client.delete(*keys)
         teardown("redis", project=project)
     report = {
         "benchmark": "freshness",
@@ -200,6 +252,7 @@ def main() -> int:
             "stream": "redis streams (loopback), 4 partitions, one aggregator process",
             "cards": args.cards,
             "probe_rate_per_s": args.probe_rate,
+            "baseline_ref": args.baseline_ref or None,
         },
         "results": results,
     }

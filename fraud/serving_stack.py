@@ -707,6 +707,40 @@ def sample_raw_transactions(layout: DataLayout, n: int, seed: int = 0) -> list[d
     return rows
 
 
+def card_testing_burst(layout: DataLayout, seed: int = 0, n_small: int = 7) -> list[dict]:
+    """A card-testing burst (the simulator's scenario 4: `n_small` small purchases at several
+    terminals, CARD_TESTING_GAP_SECONDS apart, then a large one) of one card drawn from the recent
+    simulated data, starting ten minutes after that card's drawn transaction; labelled fraud."""
+    from datetime import datetime, timedelta
+
+    import numpy as np
+
+    from fraud.simulator import CARD_TESTING_GAP_SECONDS, CARD_TESTING_LARGE_AMOUNT, CARD_TESTING_SMALL_AMOUNT
+
+    if n_small < 1:
+        raise UserError(f"--card-testing must be >= 1, got {n_small}")
+    anchor, *others = sample_raw_transactions(layout, 4, seed)
+    terminals = [anchor["terminal_id"], *dict.fromkeys(o["terminal_id"] for o in others)]
+    rng = np.random.default_rng(seed)
+    when = datetime.fromisoformat(anchor["tx_datetime"].replace("Z", "+00:00")) + timedelta(minutes=10)
+    amounts = [*rng.uniform(*CARD_TESTING_SMALL_AMOUNT, size=n_small), rng.uniform(*CARD_TESTING_LARGE_AMOUNT)]
+    burst = []
+    for i, amount in enumerate(amounts):
+        row = request_fields(
+            {
+                "transaction_id": f"CT{seed:04d}{i:03d}-{anchor['transaction_id']}",
+                "customer_id": anchor["customer_id"],
+                "terminal_id": terminals[i % len(terminals)],
+                "tx_amount": round(float(amount), 2),
+                "tx_datetime": when.replace(tzinfo=None),
+            }
+        )
+        row["tx_fraud"] = 1
+        burst.append(row)
+        when += timedelta(seconds=int(rng.integers(CARD_TESTING_GAP_SECONDS[0], CARD_TESTING_GAP_SECONDS[1] + 1)))
+    return burst
+
+
 def v1_request(transactions: list[dict]) -> dict:
     from fraud.schema import REQUEST_FIELDS
 

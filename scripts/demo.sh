@@ -3,7 +3,10 @@
 # -> local serving stack (predictor + drift transformer) -> a few scored transactions.
 # Run through `make demo`, which first creates both locked environments.
 #
-# Size: the Handbook's published dataset by default; a quicker run with e.g.
+# Size: the Handbook's published dataset by default, plus DEMO_CARD_TESTING_PER_DAY (default 5)
+# card-testing bursts a day (scenario 4, docs/simulator.md) so that the model learns the velocity
+# features and the sample decisions show them; DEMO_CARD_TESTING_PER_DAY=0 is the Handbook's data
+# exactly. A quicker run with e.g.
 #   DEMO_CUSTOMERS=1000 DEMO_TERMINALS=2000 DEMO_DAYS=90 make demo
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +23,8 @@ if [ -f "$PID_FILE" ]; then "$FRAUD" serve --stop --pid-file "$PID_FILE" || true
 step "1/6 simulate transactions (Handbook ch. 3.2) into $FRAUD_DATA_DIR/raw"
 "$FRAUD" simulate --overwrite \
   --customers "${DEMO_CUSTOMERS:-5000}" --terminals "${DEMO_TERMINALS:-10000}" --days "${DEMO_DAYS:-183}" \
-  --seed "${DEMO_SEED:-0}" --start-date "${DEMO_START_DATE:-2018-04-01}"
+  --seed "${DEMO_SEED:-0}" --start-date "${DEMO_START_DATE:-2018-04-01}" \
+  --card-testing-per-day "${DEMO_CARD_TESTING_PER_DAY:-5}"
 
 step "2/6 feature store: offline tables, feast apply, materialize, a few online vectors"
 "$FRAUD" features all
@@ -36,8 +40,11 @@ step "4/6 local serving stack: predictor + drift transformer, champion model (tr
 echo "Prometheus web UI (scoring, drift, audit and feature-freshness metrics, alert rules): http://127.0.0.1:$PROMETHEUS_PORT"
 trap '"$FRAUD" serve --stop --pid-file "$PID_FILE" >/dev/null 2>&1 || true' EXIT
 
-step "5/6 score sample transactions through the transformer"
-"$FRAUD" score --url "http://127.0.0.1:$PORT" --sample 8 --protocol v1
+step "5/6 score sample transactions through the transformer, then a card-testing burst of one card"
+# The burst's transactions go one request each: the predictor publishes each scored transaction,
+# the aggregator updates the card's windows, and the next request's velocity features (and its
+# reason codes) count the earlier ones.
+"$FRAUD" score --url "http://127.0.0.1:$PORT" --sample 8 --protocol v1 --card-testing 7
 "$FRAUD" score --url "http://127.0.0.1:$PORT" --sample 3 --protocol v2
 "$FRAUD" score --url "http://127.0.0.1:$PORT" --sample 2000 --seed 1 --summary
 

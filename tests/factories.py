@@ -19,8 +19,10 @@ from fraud.features.definitions import (
 )
 
 
-def synthetic_feature_matrix(n: int, seed: int = 0) -> tuple[pd.DataFrame, np.ndarray]:
-    """A feature matrix shaped like MODEL_FEATURES with a label that depends on amount and terminal risk."""
+def synthetic_feature_matrix(n: int, seed: int = 0, velocity: bool = False) -> tuple[pd.DataFrame, np.ndarray]:
+    """A feature matrix shaped like MODEL_FEATURES with a label that depends on amount and terminal
+    risk; with `velocity` also on the card's number of transactions in the last 10 minutes (a
+    card-testing burst), else the velocity features hold their no-history values."""
     rng = np.random.default_rng(seed)
     frame = pd.DataFrame({name: rng.gamma(2.0, 1.0, n) for name in MODEL_FEATURES if name not in VELOCITY_FEATURES})
     for name in VELOCITY_FEATURES:  # no history anywhere: the model ignores them (and draws nothing)
@@ -31,15 +33,22 @@ def synthetic_feature_matrix(n: int, seed: int = 0) -> tuple[pd.DataFrame, np.nd
     for w in (1, 7, 30):
         frame[f"terminal_risk_{w}d"] = rng.beta(0.5, 20.0, n)
     logit = -4.0 + 0.02 * frame["tx_amount_feature"] + 20.0 * frame["terminal_risk_7d"]
+    if velocity:
+        recent = np.where(rng.random(n) < 0.3, rng.integers(0, 10, n), 0).astype(float)
+        frame["customer_nb_tx_10m"] = recent
+        frame["customer_nb_tx_1h"] = recent + rng.integers(0, 2, n)
+        frame["customer_nb_tx_24h"] = frame["customer_nb_tx_1h"] + rng.integers(0, 3, n)
+        logit = logit + 1.5 * recent
     label = (rng.random(n) < 1.0 / (1.0 + np.exp(-logit))).astype(int)
     return frame[list(MODEL_FEATURES)], label
 
 
-def make_synthetic_bundle(bundle_dir: Path, version: str = "1", seed: int = 0) -> Path:
-    """Train a small XGBoost model on synthetic data and write it as a complete serving bundle."""
+def make_synthetic_bundle(bundle_dir: Path, version: str = "1", seed: int = 0, velocity: bool = False) -> Path:
+    """Train a small XGBoost model on synthetic data (`synthetic_feature_matrix`) and write it as a
+    complete serving bundle."""
     import xgboost as xgb
 
-    features, label = synthetic_feature_matrix(2000, seed)
+    features, label = synthetic_feature_matrix(2000, seed, velocity)
     dtrain = xgb.DMatrix(features, label=label, feature_names=list(MODEL_FEATURES))
     booster = xgb.train({"objective": "binary:logistic", "max_depth": 3, "nthread": 1}, dtrain, num_boost_round=20)
     manifest = BundleManifest(

@@ -17,6 +17,7 @@ from fraud.feature_store import get_feature_store
 from fraud.serving_stack import ServingStack, StackConfig
 from fraud.streaming.events import CARD, TERMINAL
 from fraud.streaming.state import WindowStateStore
+from tests.factories import make_synthetic_bundle
 from tests.test_serving_stack import (  # noqa: F401 - module fixtures of the serving-stack suite
     CUSTOMERS,
     SCORING_DAY,
@@ -102,3 +103,41 @@ def test_burst_of_one_card_counts_every_earlier_transaction(data_root, bundle, t
         if keys:
             client.delete(*keys)
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+
+
+def test_fraud_score_card_testing_burst_shows_velocity_reason_codes(data_root, tmp_path):  # noqa: F811
+    """The demo's scoring step (`fraud score --card-testing`, scripts/demo.sh) through `fraud serve`
+    with velocity: the burst's transactions after the first ones are explained by the card's recent
+    transactions, the sampled ones (no burst before them) are not."""
+    velocity_bundle = make_synthetic_bundle(tmp_path / "bundle" / "fraud-detector", version="9", velocity=True)
+    stack = Stack(data_root, velocity_bundle, tmp_path, velocity=True)
+    tokens = tmp_path / "tokens"
+    tokens.write_text("demo-token score\n")
+    tokens.chmod(0o600)
+    started = stack.fraud(
+        "serve", "--detach", "--pid-file", str(stack.pid_file), *stack.serve_args(), "--token-file", str(tokens),
+        timeout=STARTUP_TIMEOUT_S + 60,
+    )  # fmt: skip
+    assert started.returncode == 0, started.stdout + started.stderr
+    try:
+        scored = stack.fraud(
+            "score", "--url", stack.url, "--token", "demo-token", "--sample", "3", "--seed", "2",
+            "--card-testing", "6", "--burst-gap", "1.0",
+            timeout=300,
+        )  # fmt: skip
+    finally:
+        stopped = stack.fraud("serve", "--stop", "--pid-file", str(stack.pid_file))
+        client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
+        prefix = ServingStack(StackConfig(bundle=velocity_bundle)).stream_env()["FRAUD_STREAM_PREFIX"]
+        keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
+        if keys:
+            client.delete(*keys)
+    assert scored.returncode == 0, scored.stdout + scored.stderr
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    lines = [line for line in scored.stdout.splitlines() if "│" in line and ("CT" in line or "TX" in line)]
+    burst = [line for line in lines if "CT" in line.split("│")[1]]
+    sampled = [line for line in lines if line not in burst]
+    assert len(burst) == 7 and len(sampled) == 3, scored.stdout
+    assert not any("customer_nb_tx_10m" in line for line in sampled), scored.stdout
+    # from the third burst transaction on, two or more earlier ones fall in the card's 10 minutes
+    assert all("customer_nb_tx_10m" in line for line in burst[2:]), scored.stdout

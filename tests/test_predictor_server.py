@@ -611,8 +611,87 @@ def test_metrics_after_requests(server):
 
 
 # --- tests: training/serving skew ---------------------------------------------------------------------
+#: The card and terminals of the burst the skew test replays through the aggregator (late on the
+#: scoring day: the other tests score these entities earlier, or other entities the next day).
+BURST_CARD = CUSTOMERS[5]
+BURST_TERMINALS = (TERMINALS[1], TERMINALS[2])
+BURST_START = SCORING_DAY + timedelta(hours=22)
+
+
+def replay_through_aggregator(events: pd.DataFrame) -> None:
+    """Publish `events` to a stream of their own and run the velocity aggregator on the module's
+    SQLite store until it has applied them all: the window states the predictor reads."""
+    import uuid
+
+    import redis
+    from prometheus_client import CollectorRegistry
+
+    from fraud.feature_store import get_feature_store
+    from fraud.features.definitions import utc_epoch_ns
+    from fraud.streaming.aggregator import Aggregator, AggregatorSettings
+    from fraud.streaming.events import StreamSettings, TransactionPublisher
+    from fraud.streaming.state import WindowStateStore
+
+    stream = StreamSettings(prefix=f"test:predictor-skew:{uuid.uuid4().hex[:10]}", partitions=2)
+    client = redis.Redis.from_url(stream.redis_url)
+    try:
+        TransactionPublisher(stream, client).publish(
+            list(
+                zip(
+                    events["transaction_id"],
+                    events["customer_id"],
+                    events["terminal_id"],
+                    events["tx_amount"].astype(float),
+                    utc_epoch_ns(events["tx_datetime"]).tolist(),
+                    strict=True,
+                )
+            )
+        )
+        aggregator = Aggregator(
+            stream,
+            WindowStateStore(get_feature_store("sqlite")),
+            AggregatorSettings(consumer="skew-test", metrics_port=None, tick_s=0.05, block_ms=5),
+            registry=CollectorRegistry(),
+        )
+        applied = 0
+        for _ in range(400):
+            aggregator.step()
+            applied = sum(
+                aggregator.metrics.events.labels(kind, outcome)._value.get()
+                for kind in ("card", "terminal")
+                for outcome in ("applied", "out_of_order")
+            )
+            if applied == 2 * len(events):
+                break
+        assert applied == 2 * len(events), f"the aggregator applied {applied} of {2 * len(events)} events"
+        aggregator.release_all()
+    finally:
+        keys = list(client.scan_iter(match=f"{stream.prefix}:*", count=1000))
+        if keys:
+            client.delete(*keys)
+
+
 def test_online_features_equal_the_training_sets(server, data_root):
+    """Every model feature the predictor serves - the materialised batch views, the request-time
+    features and the velocity features from the window states (the raw history and then a
+    card-testing burst replayed through the stream aggregator, as the product fills them) - equals what
+    the training sets compute for the same transactions: Feast's point-in-time join for the batch
+    and request features, the offline velocity computation for the velocity features."""
     from fraud.feature_store import historical_features
+    from fraud.features.velocity_offline import velocity_frame
+
+    burst = pd.DataFrame(
+        {
+            "transaction_id": [f"BURST{k:03d}" for k in range(8)],
+            "customer_id": BURST_CARD,
+            "terminal_id": [BURST_TERMINALS[k % 2] for k in range(8)],
+            "tx_amount": [1.0 + 0.5 * k for k in range(8)],
+            "tx_datetime": [BURST_START + timedelta(minutes=3 * k) for k in range(8)],
+        }
+    )
+    # the product's window states are the stream's: replay the raw history, then the burst
+    history = pd.concat([raw_transactions()[list(burst.columns)], burst], ignore_index=True)
+    replay_through_aggregator(history.sort_values(["tx_datetime", "transaction_id"], kind="stable"))
 
     rng = np.random.default_rng(11)
     rows = []
@@ -625,6 +704,16 @@ def test_online_features_equal_the_training_sets(server, data_root):
                 terminal=TERMINALS[i % len(TERMINALS)],
                 amount=round(float(rng.gamma(2.0, 40.0)) + 0.5, 2),
                 when=when,
+            )
+        )
+    for k, minutes in enumerate((10, 23, 29)):  # inside the burst and just after it
+        rows.append(
+            tx(
+                120 + k,
+                customer=BURST_CARD,
+                terminal=(*BURST_TERMINALS, TERMINALS[3])[k],
+                amount=450.0,
+                when=BURST_START + timedelta(minutes=minutes, seconds=30),
             )
         )
     served = predict_v1(server, {"instances": rows}).json()["predictions"]
@@ -642,10 +731,20 @@ def test_online_features_equal_the_training_sets(server, data_root):
     )
     training = historical_features(entity_df, "sqlite")[list(MODEL_FEATURES)].reset_index(drop=True)
     assert (online["customer_nb_tx_incl_30d"] > 1).all()  # real history, not defaults
-    # the batch-materialised features; velocity windows are fed by the transaction stream, and their
-    # online == offline parity is the replayed-stream skew test (tests/test_feature_streaming.py)
     batch = [name for name in MODEL_FEATURES if name not in VELOCITY_FEATURES]
     np.testing.assert_allclose(online[batch].to_numpy(), training[batch].to_numpy(), rtol=0, atol=1e-9)
+
+    # velocity: the offline computation over the raw history and the replayed burst; the scored
+    # rows are not history (a batch's requests do not see each other, online or offline)
+    offline = velocity_frame(history, entity_df)[list(VELOCITY_FEATURES)]
+    np.testing.assert_allclose(online[list(VELOCITY_FEATURES)].to_numpy(), offline.to_numpy(), rtol=0, atol=1e-9)
+    # not the no-history defaults: the raw history's last day and the burst are counted
+    assert (online["customer_nb_tx_24h"] > 0).sum() >= 6
+    in_burst = online.iloc[-3:]
+    assert in_burst["customer_nb_tx_10m"].tolist() == [3.0, 3.0, 1.0]
+    assert in_burst["customer_nb_tx_1h"].tolist() == [4.0, 8.0, 8.0]
+    assert (in_burst["customer_nb_terminals_1h"] == 2).all()
+    assert (in_burst["terminal_nb_tx_1h"].iloc[:2] >= 2).all()
 
 
 # --- tests: faults ---------------------------------------------------------------------------------------

@@ -337,13 +337,35 @@ def score_command(
             "--token", envvar="FRAUD_API_TOKEN", help="Bearer token for a stack started with --token-file (score)."
         ),
     ] = None,
+    card_testing: Annotated[
+        int,
+        typer.Option(
+            "--card-testing",
+            min=0,
+            help="Then score a card-testing burst of one sampled card: this many small purchases minutes apart, "
+            "then a large one, one request each (the stack's velocity features count the earlier ones).",
+        ),
+    ] = 0,
+    burst_gap: Annotated[
+        float,
+        typer.Option(
+            "--burst-gap", min=0.0, help="Seconds between the burst's requests (the stream applies each one)."
+        ),
+    ] = 0.5,
 ) -> None:
     """Send transactions through the serving stack and print the decisions."""
+    import time
+
     from rich.console import Console
     from rich.table import Table
 
     from fraud.config import DataLayout
-    from fraud.serving_stack import load_transactions_file, sample_raw_transactions, score_transactions
+    from fraud.serving_stack import (
+        card_testing_burst,
+        load_transactions_file,
+        sample_raw_transactions,
+        score_transactions,
+    )
 
     if protocol not in ("v1", "v2"):
         raise UserError(f"--protocol must be v1 or v2, got {protocol!r}")
@@ -360,6 +382,13 @@ def score_command(
         for batch in batches
         for row in score_transactions(url, batch, protocol=protocol, timeout_s=timeout, token=token)
     ]
+    if card_testing:
+        burst = card_testing_burst(DataLayout.current(), seed, card_testing)
+        for i, transaction in enumerate(burst):
+            if i:
+                time.sleep(burst_gap)  # published by the predictor, applied by the aggregator meanwhile
+            scored += score_transactions(url, [transaction], protocol=protocol, timeout_s=timeout, token=token)
+        transactions = [*transactions, *burst]
     labels = {tx["transaction_id"]: tx.get("tx_fraud") for tx in transactions}
     if summary:
         _print_decision_summary(scored, labels, url, protocol)
