@@ -492,7 +492,13 @@ class DriftTransformer(Model):
                     body=response.content,
                     content_type=response.headers.get("content-type"),
                 )
-            answers.append(response.json())
+            try:
+                answer = response.json()
+            except ValueError:
+                answer = None
+            if not isinstance(answer, dict):
+                raise PredictorError(502, f"the predictor's answer to {path} is not a JSON object")
+            answers.append(answer)
         return answers[0], answers[1]
 
     async def _grpc_metadata(self) -> tuple[dict[str, Any], dict[str, Any]]:

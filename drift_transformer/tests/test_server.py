@@ -819,3 +819,49 @@ def test_fuzzed_v1_and_v2_bodies_never_get_a_5xx(transformer):
 @pytest.mark.slow
 def test_fuzzed_v1_and_v2_bodies_never_get_a_5xx_long_run(transformer):
     fuzz_transformer(transformer, examples=1500, derandomize=False)
+
+
+def test_answers_are_encoded_as_the_client_asked_binary_or_json():
+    """REST `binary_data_output` / per-output `binary_data`, gRPC raw inputs: the answer the
+    predictor gave in JSON is encoded for the client as the predictor itself would encode it."""
+    from drift_transformer.transformer import binary_as_requested
+    from kserve import InferInput, InferOutput, InferRequest, InferResponse
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+    from kserve.protocol.infer_type import RequestedOutput
+
+    def answer() -> InferResponse:
+        output = InferOutput("fraud_probability", [2], "FP64", data=[0.25, 0.5])
+        return InferResponse(response_id="r1", model_name=MODEL, infer_outputs=[output], model_version="5")
+
+    tensor = InferInput("tx_amount", [2], "FP64", data=[1.0, 2.0])
+    plain = InferRequest(model_name=MODEL, infer_inputs=[tensor], request_id="r1")
+    body, json_length = binary_as_requested(plain, answer()).to_rest()
+    assert json_length is None and body["outputs"][0]["data"] == [0.25, 0.5] and body["id"] == "r1"
+
+    binary = InferRequest(
+        model_name=MODEL, infer_inputs=[tensor], request_id="r1", parameters={"binary_data_output": True}
+    )
+    raw, json_length = binary_as_requested(binary, answer()).to_rest()
+    header = json.loads(raw[:json_length])
+    assert header["id"] == "r1" and header["outputs"][0]["parameters"]["binary_data_size"] == 16
+    assert np.frombuffer(raw[json_length:], dtype=np.float64).tolist() == [0.25, 0.5]
+
+    per_output = InferRequest(
+        model_name=MODEL,
+        infer_inputs=[tensor],
+        request_id="r1",
+        request_outputs=[RequestedOutput("fraud_probability", parameters={"binary_data": True})],
+    )
+    raw, json_length = binary_as_requested(per_output, answer()).to_rest()
+    assert json_length is not None and len(raw) == json_length + 16
+
+    raw_grpc = InferRequest.from_grpc(  # what tritonclient.grpc sends: raw_input_contents
+        pb.ModelInferRequest(
+            model_name=MODEL,
+            id="r1",
+            inputs=[pb.ModelInferRequest.InferInputTensor(name="tx_amount", datatype="FP64", shape=[2])],
+            raw_input_contents=[np.array([1.0, 2.0]).tobytes()],
+        )
+    )
+    grpc_answer = binary_as_requested(raw_grpc, answer()).to_grpc()
+    assert len(grpc_answer.raw_output_contents) == 1 and grpc_answer.id == "r1"

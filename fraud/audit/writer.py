@@ -321,11 +321,12 @@ class AuditWriter:
                 insert_explanations(connection, rows)
             return []
         except Exception as exc:
-            if is_retryable(exc) or len(rows) == 1:
-                if is_retryable(exc):
-                    raise
+            if is_retryable(exc):
+                raise
+            if len(rows) == 1:
                 detail = str(getattr(exc, "orig", None) or exc)
                 return [(seqs[0], f"{type(exc).__name__}: {detail[:500]}")]
+        # some row is refused: one by one, so that only the refused ones are dead-lettered
         rejected: list[tuple[int, str]] = []
         for seq, row in zip(seqs, rows, strict=True):
             rejected.extend(self._insert_explanations([row], [seq]))
