@@ -839,6 +839,7 @@ config = StackConfig(
     bundle=Path(spec["bundle"]), port=spec["port"], grpc_port=spec["grpc_port"],
     predictor_port=spec["predictor_port"], online_store=spec["store"], log_dir=Path(spec["log_dir"]),
     audit_spool=Path(spec["audit_spool"]), audit_db_url=spec["audit_db_url"],
+    startup_timeout_s=spec["startup_timeout_s"],
 )
 stack = BenchStack(config)
 done = threading.Event()
@@ -892,6 +893,7 @@ def start_stack(
         "log_dir": str(work / f"serve-{slug}"),
         "audit_spool": str(work / f"audit-{slug}" / "spool.db"),
         "audit_db_url": f"sqlite:///{work / f'audit-{slug}' / 'audit.db'}",
+        "startup_timeout_s": timeout_s,
         "predictor_args": [
             "--max-batch-size",
             str(max_batch),

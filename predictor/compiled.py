@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("kserve.fraud_predictor.compiled")  # KServe configures the kserve.* loggers
 
 #: compiled-model policies: "auto" = compile (or load from the cache), fall back to XGBoost on any
 #: failure; "off" = always XGBoost

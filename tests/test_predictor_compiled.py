@@ -123,7 +123,7 @@ def test_without_cache_the_library_is_built_in_a_private_temporary_directory(bun
 
 def test_no_compiler_falls_back_to_xgboost(bundle: Path, tmp_path, monkeypatch, caplog) -> None:
     monkeypatch.setattr(compiled.shutil, "which", lambda name: None)
-    with caplog.at_level(logging.WARNING, logger="predictor.compiled"):
+    with caplog.at_level(logging.WARNING, logger="kserve.fraud_predictor.compiled"):
         scorer = BundleScorer(bundle, compiled="auto", compiled_cache=tmp_path / "cache")
     assert scorer.compiled is None
     assert "gcc is not installed" in caplog.text and "scoring with XGBoost" in caplog.text
@@ -134,7 +134,7 @@ def test_no_compiler_falls_back_to_xgboost(bundle: Path, tmp_path, monkeypatch, 
 
 def test_a_library_that_disagrees_with_xgboost_is_not_used(bundle: Path, tmp_path, monkeypatch, caplog) -> None:
     monkeypatch.setattr(compiled, "TOLERANCE", -1.0)  # no difference, not even zero, is accepted
-    with caplog.at_level(logging.WARNING, logger="predictor.compiled"):
+    with caplog.at_level(logging.WARNING, logger="kserve.fraud_predictor.compiled"):
         scorer = BundleScorer(bundle, compiled="auto", compiled_cache=tmp_path / "cache")
     assert scorer.compiled is None
     assert "differ from XGBoost" in caplog.text
@@ -144,7 +144,7 @@ def test_a_cache_others_can_write_is_not_used(bundle: Path, tmp_path, caplog) ->
     shared = tmp_path / "shared"
     shared.mkdir()
     shared.chmod(0o777)
-    with caplog.at_level(logging.WARNING, logger="predictor.compiled"):
+    with caplog.at_level(logging.WARNING, logger="kserve.fraud_predictor.compiled"):
         scorer = BundleScorer(bundle, compiled="auto", compiled_cache=shared)
     assert scorer.compiled is not None  # built in a private temporary directory instead
     assert not list(shared.iterdir())
@@ -157,7 +157,7 @@ def test_a_cache_others_can_write_is_not_used(bundle: Path, tmp_path, caplog) ->
 
 def test_a_broken_build_falls_back(bundle: Path, tmp_path, monkeypatch, caplog) -> None:
     monkeypatch.setattr(compiled, "_BATCH_SOURCE", "this is not C")
-    with caplog.at_level(logging.WARNING, logger="predictor.compiled"):
+    with caplog.at_level(logging.WARNING, logger="kserve.fraud_predictor.compiled"):
         scorer = BundleScorer(bundle, compiled="auto", compiled_cache=tmp_path / "cache")
     assert scorer.compiled is None
     assert "gcc failed" in caplog.text

@@ -8,6 +8,8 @@ other applications (MLflow keeps its own `alembic_version`).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
@@ -20,7 +22,7 @@ from sqlalchemy import table as table_clause
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL, Connection, make_url
-from sqlalchemy.exc import ArgumentError
+from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.pool import NullPool
 
 from fraud.audit.tables import Decision, Explanation
@@ -223,10 +225,13 @@ def insert_decisions(connection: Connection, rows: Sequence[dict[str, Any]], *, 
     if not rows:
         return 0
     columns = rows[0].keys()
-    if connection.dialect.name == "sqlite" and all(row.keys() == columns for row in rows):
+    same_columns = all(row.keys() == columns for row in rows)
+    if connection.dialect.name == "sqlite" and same_columns:
         return _insert_decisions_sqlite(connection, rows, skip_existing)
     table = DECISION_TABLE
     if not skip_existing:
+        if connection.dialect.driver == "psycopg2" and same_columns:
+            return _copy_decisions_postgresql(connection, rows)
         connection.execute(table.insert(), list(rows))
         return len(rows)
     statement = (
@@ -268,6 +273,64 @@ def insert_explanations(connection: Connection, rows: Sequence[dict[str, Any]]) 
         .returning(table.c.explanation_id)
     )
     return len(connection.execute(statement, list(rows)).all())
+
+
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def _copy_text(value: Any) -> str:
+    """One value in PostgreSQL's COPY text format, as psycopg2 would have bound it: NULL is `\\N`,
+    booleans t/f, floats by repr (what psycopg2 sends), datetimes ISO (the audit's are naive
+    UTC), JSON columns already serialised by their bind processor; backslash, tab, newline and
+    carriage return escaped."""
+    if value is None:
+        return "\\N"
+    if isinstance(value, bool):
+        return "t" if value else "f"
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, datetime):
+        return value.isoformat(sep=" ")
+    return str(value).translate(_COPY_ESCAPES)
+
+
+def _copy_decisions_postgresql(connection: Connection, rows: Sequence[dict[str, Any]]) -> int:
+    """`insert_decisions(skip_existing=False)` on PostgreSQL: one `COPY decisions (...) FROM STDIN`
+    in the connection's transaction instead of multi-row INSERT pages (half the database and
+    driver time for a batch of 1,000). The values are the ones the INSERT would bind (each column
+    type's bind processor, then the COPY text format); a row the database refuses fails the
+    whole COPY with the driver's error wrapped as SQLAlchemy wraps it (DataError, IntegrityError,
+    OperationalError, ...), so the writer tells row errors from an unusable database as before."""
+    import psycopg2
+
+    table = Decision.__table__
+    names = list(rows[0])
+    dialect = connection.dialect
+    processors = [table.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in names]
+    lines = []
+    for row in rows:
+        values = (
+            row[name] if processor is None else processor(row[name])
+            for name, processor in zip(names, processors, strict=True)
+        )
+        lines.append("\t".join(_copy_text(value) for value in values))
+    payload = io.StringIO("\n".join(lines) + "\n")
+    statement = f"COPY {table.name} ({', '.join(names)}) FROM STDIN"
+    dbapi_connection = connection.connection.dbapi_connection
+    cursor = dbapi_connection.cursor()  # type: ignore[union-attr]
+    try:
+        cursor.copy_expert(statement, payload)
+    except psycopg2.Error as exc:
+        lost = dialect.is_disconnect(exc, dbapi_connection, cursor)
+        if lost:  # as SQLAlchemy does for its own statements: the pool drops this connection
+            connection.invalidate(exc)
+        raise DBAPIError.instance(
+            statement, None, exc, psycopg2.Error, connection_invalidated=lost, dialect=dialect
+        ) from exc
+    finally:
+        with contextlib.suppress(psycopg2.Error):
+            cursor.close()
+    return len(rows)
 
 
 def existing_decisions(connection: Connection, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], dict]:
