@@ -394,47 +394,60 @@ _REDIS_SCAN_CALLS = 50
 
 
 def online_store_problem(store: FeatureStore) -> str | None:
-    """Why the online store cannot serve the batch features, or None: a view not registered or
-    never materialised, or one the registry says is materialised but whose online data are gone
-    (SQLite file or table missing or empty; no Redis key of the project holding the view). One
-    line, naming the command that repairs it."""
+    """Why the online store cannot serve the batch features, or None. One line, naming the command
+    that repairs it: a view not registered; a SQLite file or table missing (lost, or torn down while
+    the registry kept its record, which `apply` then does not recreate); a view never materialised;
+    a view the registry says is materialised whose online rows are gone (SQLite table empty, no
+    Redis key of the project holding it)."""
     from feast.errors import FeastObjectNotFoundException
 
     repair = "run `fraud features rebuild-online`"
+    views = []
     for name in BATCH_VIEWS:
         try:
-            view = store.get_feature_view(name)
+            views.append(store.get_feature_view(name))
         except FeastObjectNotFoundException:
             return f"feature view {name} is not registered (run `fraud features apply`, then materialise)"
-        if not view.materialization_intervals:
-            return f"feature view {name} was never materialised (run `fraud features materialize`)"
     config = store.config
+    sqlite_rows: dict[str, bool] = {}
     if config.online_store.type == "sqlite":
-        return _sqlite_problem(config, repair)
+        found = _sqlite_rows(config, repair)
+        if isinstance(found, str):
+            return found
+        sqlite_rows = found
+    for view in views:
+        if not view.materialization_intervals:
+            return f"feature view {view.name} was never materialised (run `fraud features materialize`)"
+    if config.online_store.type == "sqlite":
+        empty = [name for name, held in sqlite_rows.items() if not held]
+        if empty:
+            where = config.online_store.path
+            return f"the online store {where} holds no {empty[0]} rows (materialised per the registry): {repair}"
     if config.online_store.type == "redis":
         return _redis_problem(store, repair)
     return None
 
 
-def _sqlite_problem(config: RepoConfig, repair: str) -> str | None:
+def _sqlite_rows(config: RepoConfig, repair: str) -> dict[str, bool] | str:
+    """Whether each batch view's SQLite table holds a row, or the problem of a missing file/table."""
     import sqlite3
 
     from feast.infra.online_stores.helpers import compute_table_id
 
     path = Path(config.online_store.path)
     if not path.is_file():
-        return f"the online store {path} is missing though the registry says it is materialised: {repair}"
+        return f"the online store {path} is missing: {repair}"
     versioning = config.registry.enable_online_feature_view_versioning
+    held: dict[str, bool] = {}
     with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as con:
         for name in BATCH_VIEWS:
             table = compute_table_id(config.project, _ViewName(name), versioning).replace('"', '""')
             try:
                 row = con.execute(f'SELECT 1 FROM "{table}" LIMIT 1').fetchone()  # noqa: S608 - Feast's table id, quotes escaped
             except sqlite3.OperationalError:
-                return f"the online store {path} has no table for {name} (materialised per the registry): {repair}"
-            if row is None:
-                return f"the online store {path} holds no {name} rows (materialised per the registry): {repair}"
-    return None
+                return f"the online store {path} has no table for {name}: {repair}"
+            held[name] = row is not None
+    return held
 
 
 @dataclass(frozen=True)

@@ -247,3 +247,23 @@ def test_lookup_benchmark_smoke(tmp_path: Path) -> None:
         (n, path) for n in (1, 10) for path in ("batched reader", "online_read per view")
     }
     assert all(r["median_ms"] > 0 and r["store"] == "sqlite" for r in report["results"])
+
+
+@pytest.mark.slow
+def test_online_health_benchmark_smoke() -> None:
+    """bench_online_health.py on a tiny SQLite store (apply + materialise + rebuild: ~60 s of CPU)."""
+    args = ["--customers", "8", "--days", "4", "--repeat", "3", "--stores", "sqlite", "--no-save"]
+    completed = subprocess.run(
+        [sys.executable, "benchmarks/bench_online_health.py", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={k: v for k, v in os.environ.items() if not k.startswith("FRAUD_")},
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    (line,) = [line for line in completed.stdout.splitlines() if line.startswith("{")]
+    result = json.loads(line)
+    assert result["online"] == "sqlite" and result["repeat"] == 3
+    assert all(result[key] > 0 for key in ("check_ms", "lookup_ms", "rebuild_s", "materialise_s"))
