@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import contextvars
 import logging
-import os
 import sqlite3
 import threading
 import time
@@ -188,7 +187,7 @@ class PredictorSettings:
         return bool(self.audit_spool)
 
     def resolved_audit_spool_sync(self) -> str:
-        sync = self.audit_spool_sync or os.environ.get(AUDIT_SPOOL_SYNC_ENV, "").strip() or DEFAULT_AUDIT_SPOOL_SYNC
+        sync = self.audit_spool_sync or DEFAULT_AUDIT_SPOOL_SYNC
         return sync.strip().upper()
 
     def __post_init__(self) -> None:

@@ -25,7 +25,8 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from fraud.config import PROJECT_ROOT
-from fraud.serving_stack import ServingStack, StackConfig, score_transactions
+from fraud.scoring_client import score_transactions
+from fraud.serving_stack import ServingStack, StackConfig
 from tests.support.prometheus import LocalPrometheus, PrometheusError, names_read
 from tests.test_serving_stack import (  # noqa: F401 - fixtures are used by name
     STORE_TIMEOUT_S,
@@ -143,7 +144,7 @@ def endpoints(tmp_path_factory, data_root, bundle) -> dict[str, str]:  # noqa: F
         store_timeout_s=STORE_TIMEOUT_S,
         log_dir=work / "logs",
         drift_window_size=DRIFT_WINDOW,
-        transformer_args=("--online_ert", "0"),
+        transformer_args=("--online-ert", "0"),
         startup_timeout_s=240,
     )
     stack = ServingStack(config)

@@ -1,4 +1,4 @@
-"""The transformer's REST scoring routes as a byte pass-through (`--rest_fast_path`, on by default).
+"""The transformer's REST scoring routes as a byte pass-through (`--rest-fast-path`, on by default).
 
 Through KServe's handlers a request crosses the transformer as: FastAPI body validation, an
 `InferRequest`, a JSON body re-encoded for the predictor (httpx, KServe's REST client), the answer
