@@ -264,6 +264,10 @@ class Settings(BaseModel):
         le=65535,
         json_schema_extra=_env("FRAUD_LOCAL_ROUTER_PORT", "port of the local canary router", "a free port"),
     )
+    monitor_metrics_url: Text = Field(
+        default="http://127.0.0.1:8080/metrics",
+        json_schema_extra=_env("FRAUD_MONITOR_METRICS_URL", "the drift transformer's /metrics `fraud monitor` reads"),
+    )
     prometheus_namespace_label: Text = Field(
         default="namespace",
         json_schema_extra=_env("FRAUD_PROMETHEUS_NAMESPACE_LABEL", "Prometheus label that holds the namespace"),

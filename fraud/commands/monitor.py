@@ -14,14 +14,11 @@ monitor_app = typer.Typer(
     help="Closed loop: retrain when drift or live-quality loss is sustained (rate-limited).", no_args_is_help=True
 )
 
-DEFAULT_METRICS_URL = "http://127.0.0.1:8080/metrics"
-
 MetricsUrl = Annotated[
     str,
     typer.Option(
         "--metrics-url",
-        envvar="FRAUD_MONITOR_METRICS_URL",
-        help="The drift transformer's /metrics (env FRAUD_MONITOR_METRICS_URL)",
+        help="The drift transformer's /metrics (default: the setting FRAUD_MONITOR_METRICS_URL)",
     ),
 ]
 UseDrift = Annotated[bool, typer.Option("--drift/--no-drift", help="Read the drift signal")]
@@ -51,7 +48,6 @@ RetrainCommand = Annotated[
     str,
     typer.Option(
         "--retrain-command",
-        envvar="FRAUD_RETRAIN_COMMAND",
         help="Command run without --kfp-host (env FRAUD_RETRAIN_COMMAND; default: fraud pipeline run --local)",
     ),
 ]
@@ -60,7 +56,7 @@ RetrainTimeout = Annotated[
 ]
 MlflowUri = Annotated[
     str,
-    typer.Option("--mlflow-tracking-uri", envvar="MLFLOW_TRACKING_URI", help="Record triggers as MLflow runs (if set)"),
+    typer.Option("--mlflow-tracking-uri", help="Record triggers as MLflow runs (default: MLFLOW_TRACKING_URI, if set)"),
 ]
 StateDir = Annotated[
     Path | None, typer.Option("--state-dir", help="State, trigger log and lock (default <data dir>/monitoring)")
@@ -112,7 +108,6 @@ def build_checker(
     import shlex
     from datetime import UTC, datetime
 
-    from fraud.config import DataLayout
     from fraud.monitoring.retrain import (
         CommandTrigger,
         KfpTrigger,
@@ -123,9 +118,11 @@ def build_checker(
         default_train_start,
         monitoring_dir,
     )
+    from fraud.settings import current
 
     if not (use_drift or use_quality):
         raise UserError("--no-drift and --no-quality together leave nothing to check")
+    settings = current()
     policy = RetrainPolicy(
         drift_windows=drift_windows,
         precision_floor=precision_floor,
@@ -134,7 +131,7 @@ def build_checker(
         min_label_coverage=min_coverage,
         cooldown=timedelta(hours=cooldown_hours),
     )
-    folder = (state_dir or monitoring_dir(DataLayout.current())).resolve()
+    folder = (state_dir or monitoring_dir(settings.layout)).resolve()
     if kfp_host:
         arguments = parse_pipeline_args(pipeline_args)
         if "data_uri" not in arguments:
@@ -158,7 +155,7 @@ def build_checker(
     else:
         if pipeline_args:
             raise UserError("--pipeline-arg only applies with --kfp-host; put options in --retrain-command")
-        command = shlex.split(retrain_command) if retrain_command.strip() else default_retrain_command()
+        command = shlex.split(retrain_command) if retrain_command.strip() else default_retrain_command(settings)
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         trigger = CommandTrigger(tuple(command), retrain_timeout or None, folder / f"retrain-{stamp}.log")
     engine = None
@@ -170,15 +167,15 @@ def build_checker(
         policy=policy,
         trigger=trigger,
         folder=folder,
-        drift_url=metrics_url if use_drift else None,
+        drift_url=(metrics_url or settings.monitor_metrics_url) if use_drift else None,
         quality_engine=engine,
-        mlflow_tracking_uri=mlflow_tracking_uri.strip() or None,
+        mlflow_tracking_uri=mlflow_tracking_uri.strip() or settings.mlflow_tracking_uri,
     )
 
 
 @monitor_app.command("check")
 def check(
-    metrics_url: MetricsUrl = DEFAULT_METRICS_URL,
+    metrics_url: MetricsUrl = "",
     use_drift: UseDrift = True,
     use_quality: UseQuality = True,
     db_url: DbUrl = None,
@@ -211,7 +208,7 @@ def check(
 def watch(
     interval: Annotated[float, typer.Option("--interval", min=1.0, help="Seconds between checks")] = 300.0,
     iterations: Annotated[int, typer.Option("--iterations", min=0, help="Stop after this many checks (0: never)")] = 0,
-    metrics_url: MetricsUrl = DEFAULT_METRICS_URL,
+    metrics_url: MetricsUrl = "",
     use_drift: UseDrift = True,
     use_quality: UseQuality = True,
     db_url: DbUrl = None,

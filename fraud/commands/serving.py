@@ -320,7 +320,7 @@ def score_command(
     token: Annotated[
         str | None,
         typer.Option(
-            "--token", envvar="FRAUD_API_TOKEN", help="Bearer token for a stack started with --token-file (score)."
+            "--token", help="Bearer token for a stack started with --token-file (score). Default: FRAUD_API_TOKEN."
         ),
     ] = None,
 ) -> None:
@@ -330,7 +330,9 @@ def score_command(
 
     from fraud.config import DataLayout
     from fraud.scoring_client import load_transactions_file, sample_raw_transactions, score_transactions
+    from fraud.settings import current
 
+    token = token or current().api_token
     if protocol not in ("v1", "v2"):
         raise UserError(f"--protocol must be v1 or v2, got {protocol!r}")
     if timeout <= 0:
