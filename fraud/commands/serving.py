@@ -245,7 +245,9 @@ def _start_detached(config, pid_file: Path, console) -> None:
     if not config.velocity:
         command.append("--no-velocity")
     # the supervisor runs where this command runs, with its environment (it spawns the children)
-    supervisor = spawn(command, cwd=Path.cwd(), log_path=log_path, env=os.environ, detached=True)
+    supervisor = spawn(
+        command, cwd=Path.cwd(), log_path=log_path, env={**os.environ, **config.settings.env()}, detached=True
+    )
     console.print(
         f"[dim]starting the serving stack in the background (supervisor pid {supervisor.pid}, log {log_path})[/dim]"
     )
