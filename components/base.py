@@ -3,7 +3,8 @@
 import os
 import re
 
-from fraud.deploy.kserve_rollout import CORE_IMAGE_ENV, DEFAULT_CORE_IMAGE
+from fraud.deploy.kserve_rollout import CORE_IMAGE_ENV
+from fraud.settings import Settings
 
 #: `registry/name:tag`, `registry/name@sha256:<digest>` or `registry/name:tag@sha256:<digest>`.
 _IMAGE_REFERENCE = re.compile(
@@ -25,7 +26,8 @@ def image_reference(value: str) -> str:
 
 #: The one image every component runs in. Set FRAUD_CORE_IMAGE before compiling to point the
 #: compiled pipeline at your registry; pin it by digest (`...@sha256:...`) for reproducible runs.
-CORE_IMAGE = image_reference(os.environ.get(CORE_IMAGE_ENV, DEFAULT_CORE_IMAGE))
+#: Read once, when the components are defined (the compile's entry point).
+CORE_IMAGE = image_reference(Settings.from_env().core_image)
 
 
 def deployer_kubeconfig(token_dir: str) -> str | None:
@@ -40,6 +42,7 @@ def deployer_kubeconfig(token_dir: str) -> str | None:
     folder = Path(token_dir) if token_dir else None
     if folder is None or not (folder / "token").is_file():
         return None
+    # Kubernetes's own service-discovery variables of the pod (not settings of this platform)
     host = os.environ.get("KUBERNETES_SERVICE_HOST", "kubernetes.default.svc")
     port = os.environ.get("KUBERNETES_SERVICE_PORT", "443")
     server = f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"

@@ -40,6 +40,9 @@ def deploy_model(
 ) -> str:
     """Deploy `model_version` as a canary taking the first step's share of traffic; return the rollout state.
     `deployer_token_dir`: where the `fraud-deployer` ServiceAccount token is mounted (cluster runs)."""
+    from fraud.settings import read_at_entry
+
+    read_at_entry()  # the one read of the environment in this task
     from pathlib import Path
 
     from components.base import deployer_kubeconfig
@@ -91,6 +94,9 @@ def analyse_canary(
     deployer_token_dir: str = "",
 ) -> str:
     """Analyse the canary over `window_seconds`, then promote or roll back; return "promoted" or "rolled_back"."""
+    from fraud.settings import read_at_entry
+
+    read_at_entry()  # the one read of the environment in this task
     from pathlib import Path
 
     from components.base import deployer_kubeconfig

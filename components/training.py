@@ -22,6 +22,9 @@ def ingest(
     report: Output[Metrics],
 ) -> int:
     """Validate the raw transaction files at `data_uri`; return the number of valid rows."""
+    from fraud.settings import read_at_entry
+
+    read_at_entry()  # the one read of the environment in this task
     from pathlib import Path
 
     from fraud.training.steps import ingest as run_ingest
@@ -53,6 +56,9 @@ def engineer_features(
 ) -> str:
     """Offline feature tables (stored at `feature_tables_uri`), `feast apply`, materialisation;
     return the last feature day."""
+    from fraud.settings import read_at_entry
+
+    read_at_entry()  # the one read of the environment in this task
     from pathlib import Path
 
     from fraud.training.steps import engineer_features as run_features
@@ -84,6 +90,9 @@ def build_training_set(
 ):
     """Point-in-time train / prequential validation folds / test sets through Feast
     (`train_start` "": the latest that fits the ingested data)."""
+    from fraud.settings import read_at_entry
+
+    read_at_entry()  # the one read of the environment in this task
     from pathlib import Path
 
     from fraud.training.steps import build_training_set as run_build
@@ -127,6 +136,9 @@ def train(
     metrics: Output[Metrics],
 ) -> NamedTuple("TrainOutputs", [("run_id", str), ("prediction_cost_us", float)]):
     """Prequential selection + fit of XGBoost, thresholds, cost; everything logged to MLflow."""
+    from fraud.settings import read_at_entry
+
+    read_at_entry()  # the one read of the environment in this task
     from collections import namedtuple
     from pathlib import Path
 
@@ -175,6 +187,9 @@ def evaluate(
     [("test_average_precision", float), ("champion_average_precision", float), ("champion_version", str)],
 ):
     """Test-window metrics of the challenger and of the current champion (if any); -1 = no champion."""
+    from fraud.settings import read_at_entry
+
+    read_at_entry()  # the one read of the environment in this task
     import math
     from collections import namedtuple
     from pathlib import Path
@@ -224,6 +239,9 @@ def gate(
 
     (A single unnamed return value on purpose: kfp.local resolves `dsl.If` conditions on a task's
     `Output` but not on named outputs of a NamedTuple.)"""
+    from fraud.settings import read_at_entry
+
+    read_at_entry()  # the one read of the environment in this task
     from fraud.training.steps import gate as run_gate
 
     result = run_gate(
@@ -253,6 +271,9 @@ def register(
     bundle: Output[Model],
 ) -> str:
     """Write the serving bundle and register it in MLflow with alias `challenger`; return the version."""
+    from fraud.settings import read_at_entry
+
+    read_at_entry()  # the one read of the environment in this task
     from pathlib import Path
 
     from fraud.training.steps import register as run_register

@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from fraud import atomic
+from fraud.settings import Settings, current
 
 MANIFEST_FILE = "bundle.json"
 MODEL_FILE = "model.ubj"
@@ -216,9 +217,9 @@ SIGNING_KEY_ENV = "FRAUD_BUNDLE_SIGNING_KEY"
 PUBLIC_KEY_ENV = "FRAUD_BUNDLE_PUBLIC_KEY"
 
 
-def signing_key_from_env() -> Ed25519PrivateKey | None:
-    """The private key named by FRAUD_BUNDLE_SIGNING_KEY, or None when it is not set."""
-    path = os.environ.get(SIGNING_KEY_ENV, "").strip()
+def signing_key_from_env(settings: Settings | None = None) -> Ed25519PrivateKey | None:
+    """The private key named by the setting `bundle_signing_key` (FRAUD_BUNDLE_SIGNING_KEY), or None."""
+    path = (settings or current()).bundle_signing_key
     return load_private_key(Path(path)) if path else None
 
 

@@ -24,6 +24,7 @@ from fraud.commands import (
     spark,
 )
 from fraud.errors import UserError
+from fraud.settings import Settings, activated
 
 app = typer.Typer(
     name="fraud",
@@ -97,7 +98,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         # Without standalone mode click *returns* the code of a typer.Exit / click.exceptions.Exit
         # instead of exiting; commands themselves return None.
-        exit_code = app(args=argv, standalone_mode=False)
+        # the one read of the environment; commands take their settings from here (fraud.settings)
+        with activated(Settings.from_env()):
+            exit_code = app(args=argv, standalone_mode=False)
         if isinstance(exit_code, int) and exit_code != 0:
             sys.exit(exit_code)
     except UserError as exc:

@@ -1,12 +1,12 @@
-"""Where things live. Every path is derived from one data directory so that a demo, a test and
-a pipeline run can each use their own without editing files.
+"""Where things live: the layout part of the settings. Every path is derived from one data
+directory so that a demo, a test and a pipeline run can each use their own without editing files.
 
-FRAUD_DATA_DIR overrides the default `<project>/data`.
+The data directory is the setting `data_dir` (FRAUD_DATA_DIR, default `<project>/data`) of
+fraud.settings.Settings; `DataLayout.of(settings)` is its layout.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +19,8 @@ MODEL_NAME = "fraud-detector"
 
 
 def data_dir() -> Path:
-    return Path(os.environ.get("FRAUD_DATA_DIR", PROJECT_ROOT / "data")).resolve()
+    """The data directory of the process's settings (fraud.settings.Settings.data_dir)."""
+    return DataLayout.current().root
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,12 @@ class DataLayout:
 
     @classmethod
     def current(cls) -> DataLayout:
-        return cls(data_dir())
+        """The layout of the settings in the process environment. Entry points read the settings
+        once and pass `settings.layout` down; this is for library callers that were passed none."""
+        # imported here: fraud.settings builds on this module (PROJECT_ROOT, DataLayout)
+        from fraud.settings import current
+
+        return current().layout
 
     @property
     def raw(self) -> Path:

@@ -72,6 +72,7 @@ from fraud.features.offline import (
 )
 from fraud.features.velocity_offline import velocity_features_path, velocity_frame
 from fraud.schema import CUSTOMER_ID, TERMINAL_ID, TRANSACTION_ID, TX_AMOUNT, TX_DATETIME
+from fraud.settings import current
 
 _logger = logging.getLogger(__name__)
 
@@ -127,8 +128,9 @@ class StoreProfile:
 
 def store_profile(online: str | None = None, registry: str | None = None) -> StoreProfile:
     """The profile from the arguments, else FRAUD_FEAST_ONLINE / FRAUD_FEAST_REGISTRY, else sqlite/file."""
-    chosen_online = (online or os.environ.get(ONLINE_ENV) or "sqlite").strip().lower()
-    chosen_registry = (registry or os.environ.get(REGISTRY_ENV) or "file").strip().lower()
+    settings = current()
+    chosen_online = (online or settings.feast_online).strip().lower()
+    chosen_registry = (registry or settings.feast_registry).strip().lower()
     if chosen_online not in ONLINE_STORES:
         raise UserError(
             f"online store {chosen_online!r} (from {ONLINE_ENV} or --online) must be one of {ONLINE_STORES}"
@@ -149,7 +151,7 @@ def redis_connection_string(env: Mapping[str, str] | None = None) -> str:
     settings the Kubernetes manifests provide (FRAUD_REDIS_HOST / FRAUD_REDIS_PORT, FRAUD_REDIS_TLS
     and FRAUD_REDIS_CA_CERT from the ConfigMap, FRAUD_REDIS_PASSWORD from a Secret), else the
     local default."""
-    env = os.environ if env is None else env
+    env = current().env() if env is None else env
     if env.get(REDIS_URL_ENV):
         configured = env[REDIS_URL_ENV]
         return _feast_form(configured) if "://" in configured else configured
@@ -189,7 +191,7 @@ def _placeholder_values() -> dict[str, str]:
         "FRAUD_DATA_DIR": str(data_dir()),
         REGISTRY_URL_ENV: DEFAULT_REGISTRY_URL,
     }
-    values.update(os.environ)
+    values.update(current().env())
     values[REDIS_URL_ENV] = redis_connection_string()
     return values
 
@@ -238,7 +240,7 @@ def repo_config(online: str | None = None, registry: str | None = None, project:
         raise UserError(f"{profile.yaml_file} has placeholders without a value: {unresolved} (set them)")
     raw = yaml.safe_load(expanded)
     _locate_stores(raw)
-    chosen_project = project or os.environ.get(PROJECT_ENV)
+    chosen_project = project or current().feast_project
     if chosen_project:
         raw["project"] = chosen_project
     config = RepoConfig(**raw)
@@ -864,13 +866,14 @@ _CLIENTS: dict[tuple[str, ...], OnlineFeatureClient] = {}
 
 def _client_key(profile: StoreProfile, project: str | None) -> tuple[str, ...]:
     """Everything the configuration of a client depends on, without parsing the yaml."""
+    settings = current()
     return (
         profile.online,
         profile.registry,
-        project or os.environ.get(PROJECT_ENV, ""),
-        str(data_dir()),
-        os.environ.get(REDIS_URL_ENV, ""),
-        os.environ.get(REGISTRY_URL_ENV, ""),
+        project or settings.feast_project or "",
+        str(settings.layout.root),
+        settings.redis_url or "",
+        settings.feast_registry_url or "",
     )
 
 

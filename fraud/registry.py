@@ -20,7 +20,6 @@ MLflow accepts works too (PostgreSQL is tested).
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import shutil
 import tempfile
@@ -28,8 +27,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fraud.bundle import MANIFEST_FILE, MODEL_FILE, REFERENCE_FILE, BundleError, validate_bundle
-from fraud.config import MODEL_NAME, DataLayout
+from fraud.config import MODEL_NAME
 from fraud.errors import UserError
+from fraud.settings import Settings, current
 
 if TYPE_CHECKING:  # pragma: no cover
     from mlflow import MlflowClient
@@ -54,17 +54,18 @@ _ALIAS_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,62}$")
 ARTIFACT_ROOT_ENV = "FRAUD_MLFLOW_ARTIFACT_ROOT"
 
 
-def tracking_uri() -> str:
-    """The tracking (and registry) URI: `MLFLOW_TRACKING_URI` or the local SQLite default."""
-    configured = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
-    if configured:
-        return configured
-    folder = DataLayout.current().mlflow
+def tracking_uri(settings: Settings | None = None) -> str:
+    """The tracking (and registry) URI: the setting `mlflow_tracking_uri` (MLFLOW_TRACKING_URI) or
+    the local SQLite default below the data directory."""
+    settings = settings or current()
+    if settings.mlflow_tracking_uri:
+        return settings.mlflow_tracking_uri
+    folder = settings.layout.mlflow
     folder.mkdir(parents=True, exist_ok=True)
     return f"sqlite:///{folder / 'mlflow.db'}"
 
 
-def default_artifact_location(uri: str | None = None) -> str | None:
+def default_artifact_location(uri: str | None = None, settings: Settings | None = None) -> str | None:
     """Artifact root for new experiments of a tracking store without a server.
 
     MLflow's own default for a database-backed store is `./mlruns` of whatever the current working
@@ -72,16 +73,16 @@ def default_artifact_location(uri: str | None = None) -> str | None:
     SQLite store the `artifacts` folder next to the database file; for another database (PostgreSQL)
     `DataLayout.mlflow/artifacts`; for a tracking server (http/https/databricks) None: the server decides.
     """
-    resolved = uri or tracking_uri()
+    settings = settings or current()
+    resolved = uri or tracking_uri(settings)
     if resolved.startswith(("http://", "https://", "databricks")):
         return None
-    configured = os.environ.get(ARTIFACT_ROOT_ENV, "").strip()
-    if configured:
-        return configured
+    if settings.mlflow_artifact_root:
+        return settings.mlflow_artifact_root
     if resolved.startswith("sqlite:///"):
         folder = Path(resolved[len("sqlite:///") :]).parent / "artifacts"
     else:
-        folder = DataLayout.current().mlflow / "artifacts"
+        folder = settings.layout.mlflow / "artifacts"
     folder.mkdir(parents=True, exist_ok=True)
     # a plain path: MLflow 3 ignores a file:// URI here and falls back to ./mlruns
     return str(folder)
@@ -103,18 +104,10 @@ def configure(uri: str | None = None) -> str:
     import mlflow
 
     resolved = database_uri(uri or tracking_uri())
-    # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI; keep the environment as the user set
-    # it, so that `tracking_uri()` keeps meaning "configured by the user" and later data-dir changes
-    # (tests, pipeline components) are not overridden by a stale value.
-    previous = os.environ.get("MLFLOW_TRACKING_URI")
-    try:
-        mlflow.set_tracking_uri(resolved)
-        mlflow.set_registry_uri(resolved)
-    finally:
-        if previous is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = previous
+    # MLflow itself exports the URI as MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI for its
+    # subprocesses; the settings of this process were read before, at its entry point.
+    mlflow.set_tracking_uri(resolved)
+    mlflow.set_registry_uri(resolved)
     return resolved
 
 

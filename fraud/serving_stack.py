@@ -17,18 +17,18 @@ the writer goes last and flushes what the predictor spooled (docs/audit.md).
 Predictor and transformer read the same local bundle directory. `ServingStack.start()` checks that
 every port is free, starts the children and waits until both servers are ready; any failure stops
 what was started and raises `UserError` with the end of the failing process's log. `stop()`
-terminates every child (SIGTERM, then SIGKILL after a grace period). Each child also asks the kernel to SIGTERM it
-if this process dies (PR_SET_PDEATHSIG), so a killed supervisor leaves no orphan.
+terminates every child (SIGTERM, then SIGKILL after a grace period). Each child also asks the kernel
+to SIGTERM it if this process dies (PR_SET_PDEATHSIG), so a killed supervisor leaves no orphan
+(fraud.processes). `fraud serve stop` ends a detached supervisor through its pid file (`stop_detached`).
+
+The bundle comes from fraud.serving_bundle; `fraud score` is the client in fraud.scoring_client.
 """
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import os
 import secrets
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -40,19 +40,20 @@ from typing import Self
 
 import httpx
 
-from fraud import atomic
+from fraud.audit import audit_db_url, default_spool_path
+from fraud.audit.store import migrate_audit_database, redacted_url
 from fraud.config import DRIFT_TRANSFORMER_DIR, MODEL_NAME, PROJECT_ROOT, DataLayout
 from fraud.errors import UserError
 from fraud.monitoring.local_prometheus import LocalPrometheus, stack_prometheus
 from fraud.net import free_port
+from fraud.processes import child_env, port_in_use, process_alive, read_pid_file, spawn, stop_process
+from fraud.settings import Settings, current
 
-CHAMPION_URI = f"models:/{MODEL_NAME}@champion"
 DEFAULT_PORT = 8080
 DEFAULT_GRPC_PORT = 8081
 DEFAULT_PREDICTOR_PORT = 8082
 DRIFT_PYTHON = DRIFT_TRANSFORMER_DIR / ".venv" / "bin" / "python"
 LOOPBACK = "127.0.0.1"
-_PR_SET_PDEATHSIG = 1
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,8 @@ class StackConfig:
     token_file: Path | None = None
     #: port of a local Prometheus that scrapes the stack with the alert rules loaded (None: none)
     prometheus_port: int | None = None
+    #: the platform settings the children get (in their environment) and the stack's defaults come from
+    settings: Settings = field(default_factory=current)
 
     def __post_init__(self) -> None:
         ports = {"--port": self.port, "--grpc-port": self.grpc_port, "--predictor-port": self.predictor_port}
@@ -136,14 +139,10 @@ class StackConfig:
         return f"http://{LOOPBACK}:{self.predictor_port}"
 
     def resolved_audit_spool(self) -> Path:
-        from fraud.audit import default_spool_path
-
-        return Path(self.audit_spool or default_spool_path()).resolve()
+        return Path(self.audit_spool or default_spool_path(settings=self.settings)).resolve()
 
     def resolved_audit_db_url(self) -> str:
-        from fraud.audit import audit_db_url
-
-        return audit_db_url(self.audit_db_url)
+        return audit_db_url(self.audit_db_url, self.settings)
 
 
 AUDIT_ENV = ("FRAUD_AUDIT_SPOOL", "FRAUD_AUDIT_DB_URL")
@@ -177,45 +176,10 @@ def _without_audit_settings(environ: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in environ.items() if k not in AUDIT_ENV}
 
 
-def redacted_url(url: str) -> str:
-    """A database URL fit for messages (password hidden)."""
-    from sqlalchemy.engine import make_url
-    from sqlalchemy.exc import ArgumentError
-
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except ArgumentError:
-        return "<invalid URL>"
-
-
-def migrate_audit_database(url: str) -> str | None:
-    """Create / upgrade the audit tables (Alembic) at `url`; returns the revision. UserError if impossible."""
-    from sqlalchemy.exc import SQLAlchemyError
-
-    from fraud.audit import create_audit_engine, upgrade_database
-
-    engine = create_audit_engine(url, pooled=False)  # UserError for a malformed / unsupported URL
-    try:
-        return upgrade_database(engine)
-    except SQLAlchemyError as exc:
-        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserError(
-            f"cannot migrate the audit database {redacted_url(url)}: {detail}; fix it or start with --no-audit"
-        ) from None
-    finally:
-        engine.dispose()
-
-
-def port_in_use(port: int) -> bool:
-    """True if something listens on `port` (KServe servers bind every interface, so test that)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        # as uvicorn and grpc do: connections in TIME_WAIT do not make a port "in use", a listener does
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("", port))
-        except OSError:
-            return True
-    return False
+def _settings_env(settings: Settings) -> dict[str, str]:
+    """A child's environment: this process's, with the stack's settings (they may differ from the
+    environment's, e.g. another data directory) and without the audit settings."""
+    return _without_audit_settings({**os.environ, **settings.env()})
 
 
 def check_ports_free(config: StackConfig) -> None:
@@ -230,43 +194,6 @@ def check_ports_free(config: StackConfig) -> None:
                 f"port {port} ({option}) is already in use: stop what listens there "
                 f"(e.g. `ss -ltnp 'sport = :{port}'`) or choose another with {option}"
             )
-
-
-def resolve_bundle(bundle: Path | None, download_dir: Path | None = None) -> Path:
-    """A local, validated bundle: `bundle` itself, or the registry's champion downloaded."""
-    from fraud.bundle import BundleError, validate_bundle
-
-    if bundle is not None:
-        try:
-            validate_bundle(bundle)
-        except BundleError as exc:
-            raise UserError(f"--bundle {bundle}: {exc}") from None
-        return Path(bundle).resolve()
-    from fraud import registry
-
-    try:
-        version = registry.get_version_by_alias("champion")
-    except Exception as exc:  # noqa: BLE001 - any failure to read the registry (DB, file store, network) is reported
-        raise UserError(
-            f"cannot read the model registry at {registry.tracking_uri()}: {type(exc).__name__}: {exc}; "
-            "pass --bundle PATH to serve a local bundle"
-        ) from None
-    if version is None:
-        raise UserError(
-            f"no model is registered as {MODEL_NAME}@champion in the registry at {registry.tracking_uri()}: "
-            "run the training pipeline (it promotes a champion) or pass --bundle PATH"
-        )
-    target = (download_dir or DataLayout.current().bundles / "serving") / f"champion-v{version}"
-    return registry.download_bundle(CHAMPION_URI, target).resolve()
-
-
-def _die_with_parent() -> None:
-    """preexec_fn of the children: the kernel sends SIGTERM to the child when its parent dies."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-    except OSError:
-        pass
 
 
 @dataclass
@@ -286,14 +213,7 @@ class ChildProcess:
         return self.process.poll() is None
 
     def terminate(self, timeout_s: float) -> None:
-        if self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(5)
+        stop_process(self.process, timeout_s)
 
 
 class ServingStack:
@@ -337,14 +257,15 @@ class ServingStack:
     def predictor_env(self) -> dict[str, str]:
         """Environment of the predictor: no audit settings (its spool is on the command line; the
         sidecar writer, not the predictor, talks to the audit database); the velocity stream's."""
-        env = _without_audit_settings(os.environ)
+        env = _settings_env(self.config.settings)
         return {**env, **self.stream_env(), "FRAUD_STREAM_PUBLISH": "true"} if self.config.velocity else env
 
     def stream_env(self) -> dict[str, str]:
         """The stream both the predictor and the aggregator use: FRAUD_STREAM_PREFIX, else one per
         data directory (stacks on other data dirs sharing a Redis do not consume each other's)."""
-        digest = hashlib.sha256(str(DataLayout.current().root.resolve()).encode()).hexdigest()[:12]
-        return {"FRAUD_STREAM_PREFIX": os.environ.get("FRAUD_STREAM_PREFIX") or f"fraud:{digest}:transactions"}
+        settings = self.config.settings
+        digest = hashlib.sha256(str(settings.layout.root).encode()).hexdigest()[:12]
+        return {"FRAUD_STREAM_PREFIX": settings.stream_prefix or f"fraud:{digest}:transactions"}
 
     def aggregator_command(self) -> list[str]:
         port = self.sidecar_metrics_ports["aggregator"]
@@ -352,7 +273,7 @@ class ServingStack:
         return command + (["--online", self.config.online_store] if self.config.online_store else [])
 
     def _spawn_aggregator(self, append: bool = False) -> ChildProcess:
-        env = {**_without_audit_settings(os.environ), **self.stream_env()}
+        env = {**_settings_env(self.config.settings), **self.stream_env()}
         return self._spawn("aggregator", self.aggregator_command(), PROJECT_ROOT, append=append, env=env)
 
     def audit_writer_command(self) -> list[str]:
@@ -364,10 +285,10 @@ class ServingStack:
 
     def audit_writer_env(self) -> dict[str, str]:
         """The database URL travels in the environment, not on a visible command line."""
-        return {**_without_audit_settings(os.environ), "FRAUD_AUDIT_DB_URL": self.config.resolved_audit_db_url()}
+        return {**_settings_env(self.config.settings), "FRAUD_AUDIT_DB_URL": self.config.resolved_audit_db_url()}
 
     def transformer_command(self) -> list[str]:
-        auth = ["--token_file", str(Path(self.config.token_file).resolve())] if self.config.token_file else []
+        auth = ["--token-file", str(Path(self.config.token_file).resolve())] if self.config.token_file else []
         rest_host = f"{LOOPBACK}:{self.config.predictor_port}"
         if self.config.predictor_grpc_port is None:
             upstream = ["--predictor_host", rest_host, "--protocol", "v2"]
@@ -375,19 +296,19 @@ class ServingStack:
             upstream = [
                 "--predictor_host", f"{LOOPBACK}:{self.config.predictor_grpc_port}",
                 "--protocol", "grpc-v2",
-                "--predictor_rest_host", rest_host,
+                "--predictor-rest-host", rest_host,
             ]  # fmt: skip
         return [
             str(DRIFT_PYTHON), "-m", "drift_transformer",
             "--host", self.config.host,
-            "--predictor_token_file", str(self.config.credentials_dir / TRANSFORMER_TOKEN),
+            "--predictor-token-file", str(self.config.credentials_dir / TRANSFORMER_TOKEN),
             *auth,
             "--model_name", self.config.model_name,
             *upstream,
             "--http_port", str(self.config.port),
             "--grpc_port", str(self.config.grpc_port),
             "--bundle", str(self.config.bundle),
-            "--drift_window_size", str(self.config.drift_window_size),
+            "--drift-window-size", str(self.config.drift_window_size),
             *self.config.transformer_args,
         ]  # fmt: skip
 
@@ -494,18 +415,8 @@ class ServingStack:
         self, name: str, command: list[str], cwd: Path, append: bool = False, env: dict[str, str] | None = None
     ) -> ChildProcess:
         log_path = self.config.log_dir / f"{name}.log"
-        env = dict(os.environ if env is None else env)
-        env.pop("PYTHONPATH", None)  # each side runs in its own environment
-        with log_path.open("ab" if append else "wb") as log:
-            process = subprocess.Popen(
-                command,
-                cwd=cwd,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,  # noqa: PLW1509 - only sets a prctl flag; spawned from the main thread
-            )
+        base = _settings_env(self.config.settings) if env is None else env
+        process = spawn(command, cwd=cwd, log_path=log_path, env=child_env(base))
         return ChildProcess(name, process, log_path)
 
     def _wait_ready(self, child: ChildProcess, base_url: str) -> None:
@@ -530,31 +441,6 @@ class ServingStack:
         )
 
 
-# --- pid file of a detached stack ---------------------------------------------------------------
-def write_pid_file(path: Path, pid: int) -> None:
-    atomic.write_text(path, f"{pid}\n")
-
-
-def read_pid_file(path: Path) -> int:
-    try:
-        text = path.read_text().strip()
-    except FileNotFoundError:
-        raise UserError(f"no running stack: pid file {path} does not exist") from None
-    if not text.isdigit():
-        raise UserError(f"pid file {path} does not hold a process id (got {text[:40]!r})")
-    return int(text)
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def stop_detached(pid_file: Path, timeout_s: float = 60.0) -> int:
     """SIGTERM the supervisor named in `pid_file` and wait for it (it stops its children). Returns the pid."""
     pid = read_pid_file(pid_file)
@@ -564,284 +450,8 @@ def stop_detached(pid_file: Path, timeout_s: float = 60.0) -> int:
     cmdline = Path(f"/proc/{pid}/cmdline")
     if cmdline.exists() and b"serve" not in cmdline.read_bytes():
         raise UserError(f"process {pid} from {pid_file} is not a `fraud serve` supervisor; not stopping it")
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if not process_alive(pid) or _is_zombie(pid):
-            pid_file.unlink(missing_ok=True)
-            return pid
-        time.sleep(0.2)
-    raise UserError(f"the stack supervisor {pid} did not stop within {timeout_s:.0f}s")
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return False
-    return "\nState:\tZ" in status
-
-
-# --- scoring client (`fraud score`) -------------------------------------------------------------
-@dataclass(frozen=True)
-class ScoredTransaction:
-    """One decision as the stack returned it."""
-
-    transaction_id: str
-    fraud_probability: float
-    decision: str
-    reasons: list[str]
-    model_version: str
-    features_missing: bool
-    features_stale: bool
-
-
-def load_transactions_file(path: Path) -> list[dict]:
-    """Transactions from a .jsonl file (one object a line) or a .json file (a list, or {"instances": [...]}).
-
-    Each is validated with `TransactionRequest`; a bad one raises UserError naming the line/index and field.
-    """
-    import json
-
-    from pydantic import ValidationError
-
-    from fraud.schema import TransactionRequest
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--file {path}: no such file")
-    try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UserError(f"--file {path}: cannot read: {exc}") from None
-    records: list[tuple[str, object]] = []
-    if path.suffix == ".jsonl":
-        for number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                records.append((f"line {number}", json.loads(line)))
-            except json.JSONDecodeError as exc:
-                raise UserError(f"--file {path}: line {number} is not JSON: {exc.msg}") from None
-    elif path.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise UserError(f"--file {path}: not valid JSON: {exc.msg} (line {exc.lineno})") from None
-        if isinstance(data, dict) and "instances" in data:
-            data = data["instances"]
-        if isinstance(data, dict):
-            data = [data]
-        if not isinstance(data, list):
-            raise UserError(f'--file {path}: expected a list of transactions or {{"instances": [...]}}')
-        records = [(f"item {index}", item) for index, item in enumerate(data)]
-    else:
-        raise UserError(f"--file {path}: the file must end in .jsonl or .json")
-    if not records:
-        raise UserError(f"--file {path}: holds no transactions")
-    transactions = []
-    for where, record in records:
-        if not isinstance(record, dict):
-            raise UserError(f"--file {path}: {where} must be a JSON object with the transaction fields")
-        try:
-            tx = TransactionRequest.model_validate(record)
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in error['loc']) or 'transaction'}: {error['msg']}" for error in exc.errors()
-            )
-            raise UserError(f"--file {path}: {where}: {problems}") from None
-        transactions.append(request_fields(tx.model_dump()))
-    return transactions
-
-
-def request_fields(record: dict) -> dict:
-    """The wire fields of a transaction (ISO-8601 timestamp, UTC)."""
-    from datetime import datetime
-
-    from fraud.schema import REQUEST_FIELDS, TX_AMOUNT, TX_DATETIME
-
-    out = {name: record[name] for name in REQUEST_FIELDS}
-    when = out[TX_DATETIME]
-    out[TX_DATETIME] = when.isoformat() if isinstance(when, datetime) else str(when)
-    out[TX_AMOUNT] = float(out[TX_AMOUNT])
-    return out
-
-
-#: `fraud score --sample` draws from this many most recent days of the raw data.
-SAMPLE_RECENT_DAYS = 7
-
-
-def sample_raw_transactions(layout: DataLayout, n: int, seed: int = 0) -> list[dict]:
-    """`n` transactions drawn at random from the last `SAMPLE_RECENT_DAYS` days of the simulated raw
-    data (the period the online store's snapshots describe); each also carries its `tx_fraud` label."""
-    import duckdb
-
-    if n < 1:
-        raise UserError(f"--sample must be >= 1, got {n}")
-    if seed < 0:
-        raise UserError(f"--seed must be >= 0, got {seed}")
-    # one folder per day (day=YYYY-MM-DD), so the lexical order is the date order
-    files = (
-        sorted(layout.transactions.glob("**/*.parquet"))[-SAMPLE_RECENT_DAYS:] if layout.transactions.is_dir() else []
-    )
-    if not files:
-        raise UserError(
-            f"no simulated transactions under {layout.transactions}: run `fraud simulate` first or pass --file"
-        )
-    connection = duckdb.connect()
-    try:
-        frame = connection.execute(
-            "SELECT transaction_id, customer_id, terminal_id, tx_amount, tx_datetime, tx_fraud "  # noqa: S608 - only int() sample size and seed formatted in; the file list is bound
-            f"FROM read_parquet(?, hive_partitioning = false) USING SAMPLE reservoir({int(n)} ROWS) "
-            f"REPEATABLE ({int(seed)})",
-            [[str(f) for f in files]],
-        ).fetch_df()
-    finally:
-        connection.close()
-    frame = frame.sort_values("tx_datetime", kind="stable")
-    rows = []
-    for record in frame.to_dict("records"):
-        row = request_fields({**record, "tx_datetime": record["tx_datetime"].to_pydatetime()})
-        row["tx_fraud"] = int(record["tx_fraud"])
-        rows.append(row)
-    return rows
-
-
-def card_testing_burst(layout: DataLayout, seed: int = 0, n_small: int = 7) -> list[dict]:
-    """A card-testing burst (the simulator's scenario 4: `n_small` small purchases at several
-    terminals, CARD_TESTING_GAP_SECONDS apart, then a large one) of one card drawn from the recent
-    simulated data, starting ten minutes after that card's drawn transaction; labelled fraud."""
-    from datetime import datetime, timedelta
-
-    import numpy as np
-
-    from fraud.simulator import CARD_TESTING_GAP_SECONDS, CARD_TESTING_LARGE_AMOUNT, CARD_TESTING_SMALL_AMOUNT
-
-    if n_small < 1:
-        raise UserError(f"--card-testing must be >= 1, got {n_small}")
-    anchor, *others = sample_raw_transactions(layout, 4, seed)
-    terminals = [anchor["terminal_id"], *dict.fromkeys(o["terminal_id"] for o in others)]
-    rng = np.random.default_rng(seed)
-    when = datetime.fromisoformat(anchor["tx_datetime"].replace("Z", "+00:00")) + timedelta(minutes=10)
-    amounts = [*rng.uniform(*CARD_TESTING_SMALL_AMOUNT, size=n_small), rng.uniform(*CARD_TESTING_LARGE_AMOUNT)]
-    burst = []
-    for i, amount in enumerate(amounts):
-        row = request_fields(
-            {
-                "transaction_id": f"CT{seed:04d}{i:03d}-{anchor['transaction_id']}",
-                "customer_id": anchor["customer_id"],
-                "terminal_id": terminals[i % len(terminals)],
-                "tx_amount": round(float(amount), 2),
-                "tx_datetime": when.replace(tzinfo=None),
-            }
-        )
-        row["tx_fraud"] = 1
-        burst.append(row)
-        when += timedelta(seconds=int(rng.integers(CARD_TESTING_GAP_SECONDS[0], CARD_TESTING_GAP_SECONDS[1] + 1)))
-    return burst
-
-
-def v1_request(transactions: list[dict]) -> dict:
-    from fraud.schema import REQUEST_FIELDS
-
-    return {"instances": [{name: tx[name] for name in REQUEST_FIELDS} for tx in transactions]}
-
-
-def v2_request(transactions: list[dict]) -> dict:
-    from fraud.schema import REQUEST_FIELDS, TX_AMOUNT
-
-    n = len(transactions)
-    return {
-        "inputs": [
-            {
-                "name": name,
-                "datatype": "FP64" if name == TX_AMOUNT else "BYTES",
-                "shape": [n],
-                "data": [tx[name] for tx in transactions],
-            }
-            for name in REQUEST_FIELDS
-        ]
-    }
-
-
-def _reason_names(codes: list) -> list[str]:
-    return [str(code.get("feature", code)) if isinstance(code, dict) else str(code) for code in codes]
-
-
-def parse_v1_response(body: dict) -> list[ScoredTransaction]:
-    return [
-        ScoredTransaction(
-            transaction_id=str(p["transaction_id"]),
-            fraud_probability=float(p["fraud_probability"]),
-            decision=str(p["decision"]),
-            reasons=_reason_names(p.get("reason_codes", [])),
-            model_version=str(p.get("model_version", "")),
-            features_missing=bool(p.get("features_missing", False)),
-            features_stale=bool(p.get("features_stale", False)),
-        )
-        for p in body["predictions"]
-    ]
-
-
-def parse_v2_response(body: dict) -> list[ScoredTransaction]:
-    import json
-
-    outputs = {o["name"]: o["data"] for o in body["outputs"]}
-    n = len(outputs["transaction_id"])
-
-    def column(name, default):
-        return outputs.get(name, [default] * n)
-
-    return [
-        ScoredTransaction(
-            transaction_id=str(outputs["transaction_id"][i]),
-            fraud_probability=float(outputs["fraud_probability"][i]),
-            decision=str(outputs["decision"][i]),
-            reasons=_reason_names(json.loads(column("reason_codes", "[]")[i])),
-            model_version=str(column("model_version", "")[i]),
-            features_missing=bool(column("features_missing", False)[i]),
-            features_stale=bool(column("features_stale", False)[i]),
-        )
-        for i in range(n)
-    ]
-
-
-def score_transactions(
-    url: str,
-    transactions: list[dict],
-    protocol: str = "v1",
-    model_name: str = MODEL_NAME,
-    timeout_s: float = 30.0,
-    token: str | None = None,
-) -> list[ScoredTransaction]:
-    """Send transactions through the stack (the transformer) and return the decisions; UserError on failure."""
-    if protocol not in ("v1", "v2"):
-        raise UserError(f"--protocol must be v1 or v2, got {protocol!r}")
-    base = url.rstrip("/")
-    if protocol == "v1":
-        endpoint, body = f"{base}/v1/models/{model_name}:predict", v1_request(transactions)
-    else:
-        endpoint, body = f"{base}/v2/models/{model_name}/infer", v2_request(transactions)
-    try:
-        headers = {"authorization": f"Bearer {token}"} if token else None
-        response = httpx.post(endpoint, json=body, timeout=timeout_s, headers=headers)
-    except httpx.InvalidURL as exc:
-        raise UserError(f"--url {url!r} is not a valid URL: {exc}") from None
-    except httpx.TimeoutException:
-        raise UserError(f"the scoring service at {url} did not answer within {timeout_s:g}s") from None
-    except httpx.TransportError as exc:
-        raise UserError(
-            f"cannot reach the scoring service at {url} ({type(exc).__name__}): "
-            "is it running? start it with `fraud serve`"
-        ) from None
-    if response.status_code != 200:
-        try:
-            detail = response.json().get("error", response.text)
-        except ValueError:
-            detail = response.text
-        raise UserError(f"the scoring service answered {response.status_code}: {str(detail)[:500]}")
-    try:
-        payload = response.json()
-        return parse_v1_response(payload) if protocol == "v1" else parse_v2_response(payload)
-    except (ValueError, KeyError, TypeError, IndexError) as exc:
-        raise UserError(f"the service at {url} returned an unexpected answer ({type(exc).__name__}: {exc})") from None
+    # no SIGKILL: the supervisor must stop its children itself (the audit writer flushes the spool)
+    if not stop_process(pid, timeout_s, kill=False):
+        raise UserError(f"the stack supervisor {pid} did not stop within {timeout_s:.0f}s")
+    pid_file.unlink(missing_ok=True)
+    return pid

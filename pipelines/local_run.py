@@ -168,24 +168,55 @@ def isolated_subprocess(isolation: Isolation):
     return run
 
 
+def embedded_subprocess(task_env: Mapping[str, str]):
+    """kfp.local's subprocess launcher with `task_env` as the environment of every task (embedded
+    mode: the caller's environment plus its settings, e.g. the data directory of `--data-dir`)."""
+
+    def run(full_command: list[str], env_vars: dict[str, str] | None = None) -> int:
+        with subprocess.Popen(  # noqa: S603 - the pipeline's own component command, an argument list, no shell
+            full_command,
+            env={**task_env, **(env_vars or {})},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            bufsize=1,
+        ) as process:
+            assert process.stdout is not None  # noqa: S101 - narrows the type: stdout=PIPE always sets it
+            for line in iter(process.stdout.readline, ""):
+                print(line, end="")
+            print("\n")
+        return process.wait()
+
+    return run
+
+
 @contextlib.contextmanager
-def isolated_tasks(isolation: Isolation | None) -> Iterator[None]:
+def isolated_tasks(isolation: Isolation | None, task_env: Mapping[str, str] | None = None) -> Iterator[None]:
     """kfp.local launches every task through `subprocess_task_handler.run_local_subprocess`;
-    isolation swaps in `isolated_subprocess` for the duration of the run."""
-    if isolation is None:
+    isolation swaps in `isolated_subprocess` for the duration of the run, a `task_env` (embedded
+    mode) `embedded_subprocess`."""
+    if isolation is None and task_env is None:
         yield
         return
     original = subprocess_task_handler.run_local_subprocess
-    subprocess_task_handler.run_local_subprocess = isolated_subprocess(isolation)
+    subprocess_task_handler.run_local_subprocess = (
+        isolated_subprocess(isolation) if isolation is not None else embedded_subprocess(task_env or {})
+    )
     try:
         yield
     finally:
         subprocess_task_handler.run_local_subprocess = original
 
 
-def run_local(arguments: dict, pipeline_root: Path, isolation: Isolation | None = None) -> LocalRunResult:
-    """Run the whole pipeline locally (isolated per task when `isolation` is given); raises
-    RuntimeError if a task fails."""
+def run_local(
+    arguments: dict,
+    pipeline_root: Path,
+    isolation: Isolation | None = None,
+    task_env: Mapping[str, str] | None = None,
+) -> LocalRunResult:
+    """Run the whole pipeline locally (isolated per task when `isolation` is given, else with
+    `task_env` as every task's environment, default this process's); raises RuntimeError if a
+    task fails."""
     from kfp import local
 
     from pipelines.training_pipeline import training_pipeline
@@ -195,7 +226,7 @@ def run_local(arguments: dict, pipeline_root: Path, isolation: Isolation | None 
     before = {p.name for p in pipeline_root.iterdir()}
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(pipeline_root), raise_on_error=True)
     started = time.perf_counter()
-    with isolated_tasks(isolation):
+    with isolated_tasks(isolation, task_env):
         training_pipeline(**arguments)
     seconds = time.perf_counter() - started
     new_runs = sorted(

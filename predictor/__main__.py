@@ -12,13 +12,9 @@ import argparse
 import asyncio
 import gc
 import logging
-import os
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
-
-# One XGBoost/OpenMP thread per server process unless told otherwise (set before xgboost loads).
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
@@ -26,6 +22,7 @@ from fastapi.responses import JSONResponse
 from kserve import model_server
 from kserve.logging import KSERVE_TRACE_LOGGER_NAME, logger
 
+from fraud.settings import Settings, SettingsError
 from predictor.auth import Authorizer, TokenFileError
 from predictor.compiled import COMPILED_AUTO, COMPILED_POLICIES, DEFAULT_CACHE_DIR
 from predictor.edge import DEFAULT_MAX_BODY_BYTES, RequestGate
@@ -34,7 +31,6 @@ from predictor.fast_rest import FastScoringRoutes
 from predictor.features import OnlineFeatureSource
 from predictor.idempotency import DEFAULT_KEY_PREFIX, DEFAULT_TTL_S
 from predictor.model import (
-    AUDIT_SPOOL_SYNC_ENV,
     DEFAULT_AUDIT_SPOOL_MAX_RECORDS,
     DEFAULT_AUDIT_SPOOL_SYNC,
     DEFAULT_MAX_BATCH_SIZE,
@@ -44,7 +40,7 @@ from predictor.model import (
     ModelLoadError,
     PredictorSettings,
 )
-from predictor.scoring import KSERVE_MODEL_DIR, REASON_CODE_POLICIES, REASON_CODES_FLAGGED
+from predictor.scoring import REASON_CODE_POLICIES
 from predictor.server import LOOPBACK, EdgeModelServer
 
 EXIT_LOAD_FAILED = 1
@@ -54,7 +50,10 @@ EXIT_LOAD_FAILED = 1
 GIL_SWITCH_INTERVAL_S = 0.001
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(settings: Settings | None = None) -> argparse.ArgumentParser:
+    """The options; their defaults come from the platform settings (`settings`, else the process
+    environment's), so each setting keeps its one environment variable name."""
+    settings = settings or Settings.from_env()
     parser = argparse.ArgumentParser(
         prog="python -m predictor",
         description="Serve the fraud detector with KServe (V1 REST, V2 REST and V2 gRPC).",
@@ -89,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--bundle",
-        default=os.environ.get("FRAUD_BUNDLE", str(KSERVE_MODEL_DIR)),
+        default=str(settings.bundle),
         help=(
             "serving bundle: a local directory, KServe's /mnt/models, "
             "or an MLflow URI (models:/fraud-detector@champion)"
@@ -99,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--online-store",
         dest="online_store",
         choices=["sqlite", "redis"],
-        default=os.environ.get("FRAUD_ONLINE_STORE") or None,
+        default=settings.feast_online,
         help="Feast online store kind (default: the feature repository's configuration)",
     )
     parser.add_argument(
@@ -148,21 +147,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--audit-spool",
         dest="audit_spool",
-        default=os.environ.get("FRAUD_AUDIT_SPOOL") or None,
+        default=_text(settings.audit_spool),
         help="audit spool file: every decision is appended to it before the response (503 if it cannot be); "
         "default FRAUD_AUDIT_SPOOL, else auditing is off",
     )
     parser.add_argument(
         "--audit-db-url",
         dest="audit_db_url",
-        default=os.environ.get("FRAUD_AUDIT_DB_URL") or None,
+        default=settings.audit_db_url,
         help="audit database drained by a writer thread in this process (default FRAUD_AUDIT_DB_URL; "
         "without it a sidecar `fraud audit writer` must drain the spool)",
     )
     parser.add_argument(
         "--thresholds-dir",
         dest="thresholds_dir",
-        default=os.environ.get("FRAUD_THRESHOLDS_DIR") or None,
+        default=_text(settings.thresholds_dir),
         help="folder with `review` and `decline` files (a mounted ConfigMap) overriding the bundle's decision "
         "thresholds; ignored when it does not exist (default: FRAUD_THRESHOLDS_DIR)",
     )
@@ -176,28 +175,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--stable-version-file",
         dest="stable_version_file",
-        default=os.environ.get("FRAUD_STABLE_VERSION_FILE") or None,
+        default=_text(settings.stable_version_file),
         help="file naming the stable model version (a mounted ConfigMap): decisions of other versions are "
         "recorded as canary (default FRAUD_STABLE_VERSION_FILE)",
     )
     parser.add_argument(
         "--bundle-public-key",
         dest="bundle_public_key",
-        default=os.environ.get("FRAUD_BUNDLE_PUBLIC_KEY") or None,
+        default=_text(settings.bundle_public_key),
         help="Ed25519 public key (PEM) the bundle's bundle.sig must verify with (default FRAUD_BUNDLE_PUBLIC_KEY)",
     )
     parser.add_argument(
         "--model-variant",
         dest="model_variant",
         choices=list(MODEL_VARIANTS),
-        default=os.environ.get("FRAUD_MODEL_VARIANT") or "stable",
+        default=settings.model_variant,
         help="deployment variant recorded on every audited decision (default FRAUD_MODEL_VARIANT, else stable)",
     )
     parser.add_argument(
         "--reason-codes",
         dest="reason_codes",
         choices=list(REASON_CODE_POLICIES),
-        default=os.environ.get("FRAUD_REASON_CODES") or REASON_CODES_FLAGGED,
+        default=settings.reason_codes,
         help="which transactions get SHAP reason codes: flagged (review/decline; exact TreeSHAP costs ~40x a "
         "prediction) or all (default FRAUD_REASON_CODES, else flagged)",
     )
@@ -241,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--publish-transactions",
         dest="publish_transactions",
         type=_boolean,
-        default=_boolean(os.environ.get("FRAUD_STREAM_PUBLISH") or "false"),
+        default=settings.stream_publish,
         help="XADD every scored transaction to the velocity stream (FRAUD_STREAM_* settings) that the aggregator "
         "consumes (default FRAUD_STREAM_PUBLISH, else false)",
     )
@@ -250,7 +249,13 @@ def build_parser() -> argparse.ArgumentParser:
     # docs/performance.md). The same latencies are in the Prometheus histograms; opt back in with
     # --enable_latency_logging true.
     parser.set_defaults(enable_latency_logging=False)
+    # settings without an option of their own, carried to settings_from_args
+    parser.set_defaults(audit_spool_sync=settings.audit_spool_sync or DEFAULT_AUDIT_SPOOL_SYNC)
     return parser
+
+
+def _text(value: object) -> str | None:
+    return None if value is None else str(value)
 
 
 def _boolean(text: str) -> bool:
@@ -324,7 +329,7 @@ def settings_from_args(args: argparse.Namespace) -> PredictorSettings:
         audit_spool=args.audit_spool,
         audit_db_url=args.audit_db_url,
         model_variant=args.model_variant,
-        audit_spool_sync=os.environ.get(AUDIT_SPOOL_SYNC_ENV, "").strip() or DEFAULT_AUDIT_SPOOL_SYNC,
+        audit_spool_sync=args.audit_spool_sync,
         audit_spool_max_records=args.audit_spool_max_records,
         thresholds_dir=args.thresholds_dir,
         reason_codes=args.reason_codes,
@@ -347,7 +352,12 @@ def main(
     """Run the predictor server. `parser` may extend `build_parser()`; `feature_source_factory` builds
     a feature source from the parsed options in place of the Feast online store (the benchmarks
     serve the model alone with an in-memory source)."""
-    args = (parser or build_parser()).parse_args(argv)
+    try:
+        platform = Settings.from_env()  # the one read of the environment
+    except SettingsError as exc:
+        print(f"python -m predictor: {exc}", file=sys.stderr)
+        return 2
+    args = (parser or build_parser(platform)).parse_args(argv)
     feature_source = feature_source_factory(args) if feature_source_factory else None
     if args.audit_db_url and not args.audit_spool:
         if any(arg.startswith("--audit-db-url") for arg in (sys.argv[1:] if argv is None else argv)):

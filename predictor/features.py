@@ -315,7 +315,7 @@ class VelocitySource:
         from fraud.streaming.state import WindowStateStore
 
         states = WindowStateStore(online_client(online_store).store)
-        publisher = TransactionPublisher(StreamSettings.from_env()) if publish else None
+        publisher = TransactionPublisher(StreamSettings.from_settings()) if publish else None
         return cls(states, publisher, retry_after_s)
 
     def _available(self, what: str) -> bool:

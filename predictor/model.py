@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import contextvars
 import logging
-import os
 import sqlite3
 import threading
 import time
@@ -195,7 +194,7 @@ class PredictorSettings:
         return bool(self.audit_spool)
 
     def resolved_audit_spool_sync(self) -> str:
-        sync = self.audit_spool_sync or os.environ.get(AUDIT_SPOOL_SYNC_ENV, "").strip() or DEFAULT_AUDIT_SPOOL_SYNC
+        sync = self.audit_spool_sync or DEFAULT_AUDIT_SPOOL_SYNC
         return sync.strip().upper()
 
     def __post_init__(self) -> None:
@@ -712,7 +711,7 @@ class FraudModel(Model):
         amount, tx_epoch_ns = request_arrays(transactions)
         customer_ids, terminal_ids = [tx.customer_id for tx in transactions], [tx.terminal_id for tx in transactions]
         lookup, expired = self.lookup_features(customer_ids, terminal_ids).expire(tx_epoch_ns)
-        metrics.record_snapshots(scorer.model_version, lookup.newest_snapshots(), int(expired.sum()))
+        prometheus.record_snapshots(scorer.model_version, lookup.newest_snapshots(), int(expired.sum()))
         velocity = self.velocity.features(tx_epoch_ns, customer_ids, terminal_ids) if self.velocity else None
         features = model_feature_matrix(amount, tx_epoch_ns, lookup.values, velocity)
         missing = lookup.missing

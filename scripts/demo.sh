@@ -18,7 +18,7 @@ PID_FILE="$FRAUD_DATA_DIR/serve.pid"
 
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 
-if [ -f "$PID_FILE" ]; then "$FRAUD" serve --stop --pid-file "$PID_FILE" || true; fi
+if [ -f "$PID_FILE" ]; then "$FRAUD" serve stop --pid-file "$PID_FILE" || true; fi
 
 step "1/6 simulate transactions (Handbook ch. 3.2) into $FRAUD_DATA_DIR/raw"
 "$FRAUD" simulate --overwrite \
@@ -38,7 +38,7 @@ step "3/6 training pipeline through kfp.local: ingest -> features -> training se
 step "4/6 local serving stack: predictor + drift transformer, champion model (transformer on port $PORT), local Prometheus"
 "$FRAUD" serve --detach --port "$PORT" --pid-file "$PID_FILE" --prometheus --prometheus-port "$PROMETHEUS_PORT"
 echo "Prometheus web UI (scoring, drift, audit and feature-freshness metrics, alert rules): http://127.0.0.1:$PROMETHEUS_PORT"
-trap '"$FRAUD" serve --stop --pid-file "$PID_FILE" >/dev/null 2>&1 || true' EXIT
+trap '"$FRAUD" serve stop --pid-file "$PID_FILE" >/dev/null 2>&1 || true' EXIT
 
 step "5/6 score sample transactions through the transformer, then a card-testing burst of one card"
 # The burst's transactions go one request each: the predictor publishes each scored transaction,
@@ -49,7 +49,7 @@ step "5/6 score sample transactions through the transformer, then a card-testing
 "$FRAUD" score --url "http://127.0.0.1:$PORT" --sample 2000 --seed 1 --summary
 
 step "6/6 audit trail and delayed labels: decisions recorded today, labels of the scored week, live quality"
-"$FRAUD" serve --stop --pid-file "$PID_FILE"   # the audit writer sidecar flushes the spool before it exits
+"$FRAUD" serve stop --pid-file "$PID_FILE"   # the audit writer sidecar flushes the spool before it exits
 trap - EXIT
 TODAY=$(date -u +%F); TOMORROW=$(date -u -d tomorrow +%F)
 "$FRAUD" audit export --from "$TODAY" --to "$TOMORROW" --format csv --out "$FRAUD_DATA_DIR/audit/decisions-$TODAY.csv"

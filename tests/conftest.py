@@ -101,3 +101,14 @@ def data_dir(tmp_path, monkeypatch):
     path.mkdir()
     monkeypatch.setenv("FRAUD_DATA_DIR", str(path))
     return path
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_exported_uris(monkeypatch):
+    """`mlflow.set_tracking_uri` / `set_registry_uri` export MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI
+    into the process environment (for MLflow's subprocesses); undo that after each test, so a later
+    test reading its settings from the environment does not inherit an earlier test's store."""
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+        if not os.environ[name]:
+            monkeypatch.delenv(name)

@@ -17,10 +17,11 @@ from typer.testing import CliRunner
 
 from fraud.config import MODEL_NAME, PROJECT_ROOT
 from fraud.deploy import rollout as rollout_mod
-from fraud.deploy.local import LocalStack, local_dir, process_alive
+from fraud.deploy.local import LocalStack, local_dir
 from fraud.deploy.policy import CanaryCriteria
 from fraud.deploy.rollout import AnalyseRequest, Connection, DeployRequest
 from fraud.deploy.state import RolloutState
+from fraud.processes import process_alive
 from tests.test_deploy_support import Registry, build_registry
 
 PREDICTOR_MAIN = PROJECT_ROOT / "predictor" / "__main__.py"

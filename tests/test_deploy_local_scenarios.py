@@ -30,10 +30,11 @@ import pytest
 
 from fraud.config import MODEL_NAME
 from fraud.deploy import rollout as rollout_mod
-from fraud.deploy.local import LocalStack, local_dir, process_alive
+from fraud.deploy.local import LocalStack, local_dir
 from fraud.deploy.policy import AbortRules, CanaryCriteria, RolloutPolicy, Step
 from fraud.deploy.rollout import AnalyseRequest, Connection, DeployRequest
 from fraud.deploy.state import RolloutState
+from fraud.processes import process_alive
 from tests.test_deploy_local import Traffic
 from tests.test_deploy_support import Registry, build_registry, register_variant
 

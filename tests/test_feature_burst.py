@@ -96,7 +96,7 @@ def test_burst_of_one_card_counts_every_earlier_transaction(data_root, bundle, t
             time.sleep(0.05)
         assert applied == 10
     finally:
-        stopped = stack.fraud("serve", "--stop", "--pid-file", str(stack.pid_file))
+        stopped = stack.fraud("serve", "stop", "--pid-file", str(stack.pid_file))
         client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
         prefix = ServingStack(StackConfig(bundle=bundle)).stream_env()["FRAUD_STREAM_PREFIX"]
         keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))

@@ -10,6 +10,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from typer.testing import CliRunner
 
+from fraud.settings import Settings
 from fraud.streaming.aggregator import AggregatorMetrics, AggregatorSettings
 from fraud.streaming.events import StreamSettings
 from tests.test_manifests import KUBERNETES_VERSION, OVERLAYS, configmap, needs_kubectl, of_kind
@@ -67,7 +68,7 @@ def test_predictor_and_aggregator_share_the_stream(overlay):
     assert "fraud-serving-config" in {s["configMapRef"]["name"] for s in predictor.get("envFrom", [])}
     data = configmap(overlay, "fraud-serving-config")
     assert data["FRAUD_STREAM_PUBLISH"] == "true"
-    settings = StreamSettings.from_env(data)  # the settings both processes read
+    settings = StreamSettings.from_settings(Settings.from_env(data))  # the settings both processes read
     assert settings.partitions >= 1 and settings.prefix
 
 
@@ -79,7 +80,7 @@ def test_hpa_scales_on_the_exported_lag_up_to_the_partitions(overlay):
     (metric,) = hpa["metrics"]
     exported = {m.name for m in AggregatorMetrics(CollectorRegistry()).registry.collect()}
     assert metric["type"] == "External" and metric["external"]["metric"]["name"] in exported
-    partitions = StreamSettings.from_env(configmap(overlay, "fraud-serving-config")).partitions
+    partitions = StreamSettings.from_settings(Settings.from_env(configmap(overlay, "fraud-serving-config"))).partitions
     assert 1 <= hpa["minReplicas"] <= hpa["maxReplicas"] <= partitions
 
 

@@ -29,7 +29,8 @@ from fraud.config import PROJECT_ROOT
 from fraud.features.definitions import SNAPSHOT_TTL_DAYS
 from fraud.monitoring.local_prometheus import rule_groups, write_rule_file
 from fraud.net import free_port
-from fraud.serving_stack import ServingStack, StackConfig, score_transactions
+from fraud.scoring_client import score_transactions
+from fraud.serving_stack import ServingStack, StackConfig
 from tests.support.prometheus import LocalPrometheus, PrometheusError, names_read
 from tests.test_serving_stack import (  # noqa: F401 - fixtures are used by name
     SCORING_DAY,
@@ -142,7 +143,7 @@ def endpoints(tmp_path_factory, data_root, bundle) -> dict[str, str]:  # noqa: F
         store_timeout_s=STORE_TIMEOUT_S,
         log_dir=work / "logs",
         drift_window_size=DRIFT_WINDOW,
-        transformer_args=("--online_ert", "0"),
+        transformer_args=("--online-ert", "0"),
         startup_timeout_s=240,
     )
     stack = ServingStack(config)

@@ -544,10 +544,10 @@ def test_fraud_serve_commands_for_a_grpc_upstream(tmp_path, monkeypatch):
     assert rest.predictor_command()[-2:] != ["--grpc_port", "9003"]
     assert " --enable_grpc false" in " " + " ".join(rest.predictor_command())
     transformer = " ".join(rest.transformer_command())
-    assert "--predictor_host 127.0.0.1:9002 --protocol v2" in transformer and "--predictor_rest_host" not in transformer
+    assert "--predictor_host 127.0.0.1:9002 --protocol v2" in transformer and "--predictor-rest-host" not in transformer
     grpc = ServingStack(StackConfig(bundle=tmp_path / "bundle", predictor_port=9002, predictor_grpc_port=9003))
     assert "--enable_grpc true --grpc_port 9003" in " ".join(grpc.predictor_command())
     transformer = " ".join(grpc.transformer_command())
-    assert "--predictor_host 127.0.0.1:9003 --protocol grpc-v2 --predictor_rest_host 127.0.0.1:9002" in transformer
+    assert "--predictor_host 127.0.0.1:9003 --protocol grpc-v2 --predictor-rest-host 127.0.0.1:9002" in transformer
     with pytest.raises(UserError, match="must differ"):
         StackConfig(bundle=tmp_path / "bundle", predictor_port=9002, predictor_grpc_port=9002)

@@ -264,8 +264,9 @@ def test_audit_options_are_validated():
 
 # --- the local stack (`fraud serve`) ------------------------------------------------------------------
 def test_fraud_serve_audits_by_default_and_no_audit_strips_every_audit_setting(tmp_path, monkeypatch):
+    from fraud.audit.store import migrate_audit_database
     from fraud.errors import UserError
-    from fraud.serving_stack import ServingStack, StackConfig, migrate_audit_database
+    from fraud.serving_stack import ServingStack, StackConfig
 
     monkeypatch.setenv("FRAUD_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.delenv("FRAUD_AUDIT_SPOOL", raising=False)

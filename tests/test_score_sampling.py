@@ -9,7 +9,7 @@ import pytest
 
 from fraud.config import DataLayout
 from fraud.errors import UserError
-from fraud.serving_stack import SAMPLE_RECENT_DAYS, sample_raw_transactions
+from fraud.scoring_client import SAMPLE_RECENT_DAYS, sample_raw_transactions
 from tests.factories import hand_made_raw_transactions, write_raw_partitions
 
 FIRST_DAY = datetime(2018, 4, 1)

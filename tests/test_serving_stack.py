@@ -228,7 +228,7 @@ def alive(pid: int) -> bool:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, data_root, bundle):
-    """Started as the demo does: `fraud serve --detach --pid-file ...`; stopped with `--stop` by a test."""
+    """Started as the demo does: `fraud serve --detach --pid-file ...`; stopped with `fraud serve stop` by a test."""
     running = Stack(data_root, bundle, tmp_path_factory.mktemp("serve"))
     result = running.fraud(
         "serve", "--detach", "--pid-file", str(running.pid_file), *running.serve_args(), timeout=STARTUP_TIMEOUT_S + 60
@@ -404,7 +404,7 @@ def test_fraud_serve_stop_ends_the_detached_stack_and_its_children(stack):
     children = child_pids(supervisor)
     assert children  # the transformer, the audit writer (and the predictor being restarted)
     assert any("fraud.cli audit writer" in cmdline(pid) for pid in children), [cmdline(p) for p in children]
-    result = stack.fraud("serve", "--stop", "--pid-file", str(stack.pid_file))
+    result = stack.fraud("serve", "stop", "--pid-file", str(stack.pid_file))
     assert result.returncode == 0, result.stdout + result.stderr
     assert not stack.pid_file.exists()
     assert not alive(supervisor)
@@ -412,7 +412,7 @@ def test_fraud_serve_stop_ends_the_detached_stack_and_its_children(stack):
     while any(alive(pid) for pid in children) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert [pid for pid in children if alive(pid)] == []
-    result = stack.fraud("serve", "--stop", "--pid-file", str(stack.pid_file))
+    result = stack.fraud("serve", "stop", "--pid-file", str(stack.pid_file))
     assert result.returncode == 2 and "no running stack" in result.stderr
     # the sidecar writer went last and flushed: every decision the tests above got is in the table
     with sqlite3.connect(stack.data_root / "audit" / "audit.db") as db:

@@ -8,7 +8,7 @@ any port.
 
 Request-path logging is off by default: KServe's per-request `kserve.trace` lines (stage latencies
 and the timing middleware's wall/CPU times) come back with `--enable_latency_logging true`, uvicorn's
-access-log line with `--enable_access_log true`. The same latencies are in the Prometheus metrics.
+access-log line with `--access-log true`. The same latencies are in the Prometheus metrics.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -36,6 +35,7 @@ from drift_transformer.drift import (
 from drift_transformer.edge import DEFAULT_MAX_BODY_BYTES, RequestGate
 from drift_transformer.passthrough import PassThroughRoutes
 from drift_transformer.server import LOOPBACK, EdgeModelServer
+from drift_transformer.settings import SettingsError, TransformerSettings
 from drift_transformer.transformer import (
     PROTOCOL_GRPC_V2,
     DriftTransformer,
@@ -44,8 +44,6 @@ from drift_transformer.transformer import (
     install_exception_handlers,
 )
 
-#: Where KServe's storage initializer puts the model (the bundle) in the InferenceService pod.
-KSERVE_MODEL_DIR = "/mnt/models"
 EXIT_CONFIG_INVALID = 1
 
 
@@ -64,7 +62,9 @@ def _sizes(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(settings: TransformerSettings | None = None) -> argparse.ArgumentParser:
+    """The options; defaults of the platform settings come from `settings` (else the environment's)."""
+    settings = settings or TransformerSettings.from_env()
     parser = argparse.ArgumentParser(
         prog="python -m drift_transformer",
         description="KServe transformer forwarding to the fraud predictor and detecting feature drift (Alibi Detect).",
@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     # latencies are in the Prometheus histograms; opt back in with --enable_latency_logging true.
     parser.set_defaults(enable_latency_logging=False)
     parser.add_argument(
-        "--enable_access_log",
+        "--access-log",
         type=strtobool,
         default=False,
         help="log one uvicorn access line per HTTP request (INFO)",
@@ -89,25 +89,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="address the HTTP and gRPC servers bind (loopback by default; in a pod: 0.0.0.0)",
     )
     parser.add_argument(
-        "--token_file",
+        "--token-file",
         default=None,
         help="bearer tokens with their scopes, one `<token> <scope>[,<scope>...]` per line (scopes: score, "
         "explain, debug); scoring then needs `Authorization: Bearer <token>` (401/403 otherwise)",
     )
     parser.add_argument(
-        "--trust_scope_header",
+        "--trust-scope-header",
         action="store_true",
         help="take the caller's scopes from the x-fraud-scopes header set by the mesh from the validated JWT; "
         "only where nothing but the mesh can reach the server",
     )
     parser.add_argument(
-        "--max_body_bytes",
+        "--max-body-bytes",
         type=int,
         default=DEFAULT_MAX_BODY_BYTES,
         help="largest request body (HTTP 413 above) and gRPC message accepted",
     )
     parser.add_argument(
-        "--predictor_token_file",
+        "--predictor-token-file",
         default=None,
         help="file holding the bearer token the transformer sends to the predictor (a token the predictor's "
         "--token-file grants `score,debug`); the client's own Authorization is never forwarded",
@@ -115,60 +115,60 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = MonitorConfig()
     parser.add_argument(
         "--bundle",
-        default=os.environ.get("FRAUD_BUNDLE", KSERVE_MODEL_DIR),
+        default=str(settings.bundle),
         help="serving bundle directory (bundle.json + reference_features.npy)",
     )
     parser.add_argument(
-        "--predictor_rest_host",
+        "--predictor-rest-host",
         default=None,
         help="HOST:PORT of the predictor's REST server, for V1 requests and explanations when V2 requests go "
         "to it over gRPC (--protocol grpc-v2: --predictor_host is then its gRPC port); default: --predictor_host",
     )
     parser.add_argument(
-        "--predictor_connect_timeout_seconds",
+        "--predictor-connect-timeout-seconds",
         type=float,
         default=2.0,
         help="time-out for opening a connection to the predictor",
     )
     parser.add_argument(
-        "--drift_window_size", type=int, default=defaults.window_size, help="vectors per batch-test window"
+        "--drift-window-size", type=int, default=defaults.window_size, help="vectors per batch-test window"
     )
-    parser.add_argument("--drift_p_val", type=float, default=defaults.p_val, help="per-feature test significance level")
+    parser.add_argument("--drift-p-val", type=float, default=defaults.p_val, help="per-feature test significance level")
     parser.add_argument(
-        "--drift_correction",
+        "--drift-correction",
         choices=["bonferroni", "fdr"],
         default=defaults.correction,
         help="multiple-testing correction",
     )
     parser.add_argument(
-        "--online_features",
+        "--online-features",
         type=_names,
         default=DEFAULT_ONLINE_FEATURES,
         help="comma-separated numeric features watched by the online CVM detector",
     )
     parser.add_argument(
-        "--online_ert",
+        "--online-ert",
         type=float,
         default=defaults.online_ert,
         help="expected run time (vectors) between false alarms of the online detector; 0 disables it",
     )
     parser.add_argument(
-        "--online_window_sizes", type=_sizes, default=defaults.online_window_sizes, help="comma-separated window sizes"
+        "--online-window-sizes", type=_sizes, default=defaults.online_window_sizes, help="comma-separated window sizes"
     )
     parser.add_argument(
-        "--online_bootstraps",
+        "--online-bootstraps",
         type=int,
         default=None,
         help="simulations to configure the online thresholds (default: 10%% above the minimum for ert/windows)",
     )
     parser.add_argument(
-        "--drift_queue_capacity",
+        "--drift-queue-capacity",
         type=int,
         default=defaults.queue_capacity,
         help="batches held between the request path and the drift worker before new ones are dropped",
     )
     parser.add_argument(
-        "--online_max_vectors_per_second",
+        "--online-max-vectors-per-second",
         type=float,
         default=defaults.online_max_vectors_per_second,
         help="most vectors per second fed to the online detector (each costs 0.3-1.2 ms of CPU, docs/performance.md); "
@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
         "0: no limit",
     )
     parser.add_argument(
-        "--drift_window_max_vectors_per_second",
+        "--drift-window-max-vectors-per-second",
         type=float,
         default=defaults.window_max_vectors_per_second,
         help="most vectors per second put into the batch detector's windows (a window test costs ~7-15 ms); above "
@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
         "fraud_drift_window_vectors_skipped_total. 0: no limit",
     )
     parser.add_argument(
-        "--rest_fast_path",
+        "--rest-fast-path",
         type=strtobool,
         default=True,
         help="forward V1 predict / V2 infer JSON requests to the predictor as bytes and return its answer unchanged "
@@ -194,15 +194,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def read_predictor_token(path: str | None) -> str | None:
-    """The token in `--predictor_token_file` (its first non-empty line); TokenFileError if unusable."""
+    """The token in `--predictor-token-file` (its first non-empty line); TokenFileError if unusable."""
     if not path:
         return None
     try:
         lines = [line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError) as exc:
-        raise TokenFileError(f"--predictor_token_file {path}: cannot read it ({exc})") from None
+        raise TokenFileError(f"--predictor-token-file {path}: cannot read it ({exc})") from None
     if not lines or " " in lines[0]:
-        raise TokenFileError(f"--predictor_token_file {path}: expected one token on its first line")
+        raise TokenFileError(f"--predictor-token-file {path}: expected one token on its first line")
     return lines[0]
 
 
@@ -240,7 +240,12 @@ def quiet_request_path_logging(latency_logging: bool, access_log: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    try:
+        settings = TransformerSettings.from_env()  # the one read of the environment
+    except SettingsError as exc:
+        print(f"python -m drift_transformer: {exc}", file=sys.stderr)
+        return 2
+    args = build_parser(settings).parse_args(argv)
     setup_logging(args)
     if args.workers != 1:
         print(
@@ -258,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.max_body_bytes < 1024:
         print(
-            f"python -m drift_transformer: --max_body_bytes must be >= 1024, got {args.max_body_bytes}", file=sys.stderr
+            f"python -m drift_transformer: --max-body-bytes must be >= 1024, got {args.max_body_bytes}", file=sys.stderr
         )
         return 2
     try:
@@ -342,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     # server readiness (/v2/health/ready) follows the model's: ready once the drift monitor is configured
     server.dataplane = ModelReadyDataPlane(model_registry=server.registered_models)
-    quiet_request_path_logging(args.enable_latency_logging, args.enable_access_log)
+    quiet_request_path_logging(args.enable_latency_logging, args.access_log)
     # Long-lived start-up objects (KServe, alibi-detect, scipy, the reference data) out of the cyclic
     # garbage collector: its full collections over them stall the event loop (docs/performance.md).
     gc.freeze()

@@ -1,4 +1,4 @@
-"""The transformer's REST scoring routes as a byte pass-through (`--rest_fast_path`, on by default).
+"""The transformer's REST scoring routes as a byte pass-through (`--rest-fast-path`, on by default).
 
 Through KServe's handlers a request crosses the transformer as: FastAPI body validation, an
 `InferRequest`, a JSON body re-encoded for the predictor (httpx, KServe's REST client), the answer
@@ -156,7 +156,7 @@ class PassThroughRoutes:
         if not await self.transformer.healthy():
             await _send(send, *_error(503, f"model {self.transformer.name} is not ready"))
             return
-        body, complete = await _read_body(receive)
+        body, complete = await read_body(receive, MAX_FAST_BODY_BYTES)
         if not complete:
             return  # the client went away (the body cap is enforced before, by drift_transformer.edge)
         headers = {

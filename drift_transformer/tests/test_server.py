@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 MODEL = "fraud-detector"
-#: Bearer tokens of the test transformers (`--token_file`): scoring with the feature vectors, scoring only
+#: Bearer tokens of the test transformers (`--token-file`): scoring with the feature vectors, scoring only
 DEBUG_TOKEN = "debug-token-0123456789abcdef"
 SCORE_TOKEN = "score-token-0123456789abcdef"
 TOKEN_LINES = f"{DEBUG_TOKEN} score,debug\n{SCORE_TOKEN} score\n"
@@ -253,7 +253,7 @@ def spawn_transformer(bundle: Path, predictor_port: int, log: Path, *extra: str)
         "--grpc_port", str(grpc_port),
         "--bundle", str(bundle),
         "--predictor_request_timeout_seconds", "10",
-        "--token_file", str(token_file),
+        "--token-file", str(token_file),
         *extra,
     ]  # fmt: skip
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # the log file shows every line as it is written
@@ -310,11 +310,11 @@ def transformer(module_dir, predictor) -> Iterator[Transformer]:
         module_dir / "bundle",
         predictor.port,
         module_dir / "transformer.log",
-        "--drift_window_size", "100",
-        "--online_ert", "200",
-        "--online_window_sizes", "20",
-        "--online_bootstraps", "700",
-        "--online_max_vectors_per_second", "2000",  # this module's traffic stays within the one-second burst
+        "--drift-window-size", "100",
+        "--online-ert", "200",
+        "--online-window-sizes", "20",
+        "--online-bootstraps", "700",
+        "--online-max-vectors-per-second", "2000",  # this module's traffic stays within the one-second burst
     )  # fmt: skip
     yield running
     stop_process(running.process)
@@ -484,8 +484,8 @@ def test_request_path_writes_no_log_lines(transformer):
 def test_predictor_down_answers_503_fast(module_dir):
     dead_port = free_port()  # nothing listens there
     down = start_transformer(
-        module_dir / "bundle", dead_port, module_dir / "down.log", "--online_ert", "0",
-        "--enable_latency_logging", "true", "--enable_access_log", "true",
+        module_dir / "bundle", dead_port, module_dir / "down.log", "--online-ert", "0",
+        "--enable_latency_logging", "true", "--access-log", "true",
     )  # fmt: skip
     try:
         response = post(
@@ -530,10 +530,10 @@ def test_ready_only_once_the_online_detector_is_configured(module_dir, predictor
         module_dir / "bundle",
         predictor.port,
         module_dir / "readiness.log",
-        "--drift_window_size", "100",
-        "--online_ert", "500",
-        "--online_window_sizes", "50",
-        "--online_max_vectors_per_second", "50",
+        "--drift-window-size", "100",
+        "--online-ert", "500",
+        "--online-window-sizes", "50",
+        "--online-max-vectors-per-second", "50",
     )  # fmt: skip
     model_ready_url = f"{running.url}/v2/models/{MODEL}/ready"
     observed_not_ready = []
@@ -592,7 +592,7 @@ def kserve_path_transformer(module_dir, predictor) -> Iterator[Transformer]:
     """The same transformer with every request through KServe's handlers (httpx client, re-encoding)."""
     running = start_transformer(
         module_dir / "bundle", predictor.port, module_dir / "kserve-path.log",
-        "--online_ert", "0", "--rest_fast_path", "false",
+        "--online-ert", "0", "--rest-fast-path", "false",
     )  # fmt: skip
     yield running
     stop_process(running.process)
@@ -636,7 +636,7 @@ def test_pass_through_and_kserve_path_give_the_same_answer(transformer, kserve_p
 def test_pass_through_times_out_with_504_and_counts_it(module_dir, predictor):
     impatient = start_transformer(
         module_dir / "bundle", predictor.port, module_dir / "impatient.log",
-        "--online_ert", "0", "--predictor_request_timeout_seconds", "1",
+        "--online-ert", "0", "--predictor_request_timeout_seconds", "1",
     )  # fmt: skip
     try:
         slow = [{**transactions(1, start=1)[0], "transaction_id": "SLOW-1"}]
@@ -744,7 +744,7 @@ def test_malformed_token_file_stops_the_transformer_at_start(tmp_path, bundle_di
     (tmp_path / "tokens").write_text("0123456789abcdef0123 score,root\n")
     completed = subprocess.run(
         [sys.executable, "-m", "drift_transformer", "--predictor_host", "127.0.0.1:1", "--bundle", str(bundle_dir),
-         "--token_file", str(tmp_path / "tokens")],
+         "--token-file", str(tmp_path / "tokens")],
         cwd=PROJECT_DIR, capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
     assert completed.returncode == 2

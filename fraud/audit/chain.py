@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import socket
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
@@ -41,6 +40,7 @@ import orjson
 from sqlalchemy import Connection, Engine, Table, select
 
 from fraud.audit.tables import AuditCheckpoint, Decision
+from fraud.settings import Settings, current
 
 #: Environment variable with the chain's HMAC key (read by the CLI entry points only).
 CHAIN_KEY_ENV = "FRAUD_AUDIT_CHAIN_KEY"
@@ -52,8 +52,9 @@ CHAIN_COLUMNS = ("chain_id", "chain_seq", "row_hash")
 HASHED_COLUMNS: tuple[str, ...] = tuple(c.name for c in Decision.__table__.columns if c.name != "row_hash")
 
 
-def chain_key_from_env() -> bytes | None:
-    value = os.environ.get(CHAIN_KEY_ENV, "")
+def chain_key_from_env(settings: Settings | None = None) -> bytes | None:
+    """The HMAC key of the chain: the setting `audit_chain_key` (FRAUD_AUDIT_CHAIN_KEY), or None."""
+    value = (settings or current()).audit_chain_key
     return value.encode() if value else None
 
 

@@ -12,7 +12,6 @@ import hashlib
 import hmac
 import logging
 import math
-import os
 import secrets
 from collections.abc import Sequence, Sized
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ import orjson
 
 from fraud.bundle import DECISIONS, DecisionThresholds
 from fraud.schema import MAX_ID_LENGTH
+from fraud.settings import current
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ _process_key: bytes | None = None
 
 def _pseudonym_key() -> bytes:
     global _process_key
-    configured = os.environ.get(PSEUDONYM_KEY_ENV, "")
+    configured = current().pseudonym_key
     if configured:
         return configured.encode()
     if _process_key is None:
@@ -269,9 +269,13 @@ class ScoredColumns:
             "features_missing": self.features_missing,
             "features_stale": self.features_stale,
         }
-        wrong = {name: len(column) for name, column in columns.items() if len(column) != n}
-        if wrong:
-            raise ValueError(f"every column must have one entry per transaction ({n}); got {wrong}")
+        _check_lengths(n, **columns)
+
+
+def _check_lengths(n: int, **columns: Sized) -> None:
+    wrong = {name: len(column) for name, column in columns.items() if len(column) != n}
+    if wrong:
+        raise ValueError(f"every column must have one entry per transaction ({n}); got {wrong}")
 
 
 def decision_records(columns: ScoredColumns) -> list[DecisionRecord]:

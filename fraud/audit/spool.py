@@ -12,7 +12,6 @@ it in sequence order and deletes a batch only after the database committed it.
 
 from __future__ import annotations
 
-import os
 import sqlite3
 import threading
 import time
@@ -25,6 +24,7 @@ from fraud.audit import prometheus
 from fraud.audit.records import DecisionRecord
 from fraud.audit.store import audit_dir
 from fraud.config import DataLayout
+from fraud.settings import Settings, current
 
 #: Environment variable overriding the spool file location.
 SPOOL_PATH_ENV = "FRAUD_AUDIT_SPOOL"
@@ -47,12 +47,12 @@ _SCHEMA = (
 )
 
 
-def default_spool_path(layout: DataLayout | None = None) -> Path:
+def default_spool_path(layout: DataLayout | None = None, settings: Settings | None = None) -> Path:
     """FRAUD_AUDIT_SPOOL, else `<data dir>/audit/spool.db` (put it on a persistent local volume)."""
-    configured = os.environ.get(SPOOL_PATH_ENV, "").strip()
-    if configured:
-        return Path(configured)
-    return audit_dir(layout) / "spool.db"
+    settings = settings or current()
+    if settings.audit_spool:
+        return Path(settings.audit_spool)
+    return audit_dir(layout or settings.layout) / "spool.db"
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ class AuditSpool:
         fsync per append, survives process crashes); default from FRAUD_AUDIT_SPOOL_SYNC."""
         if max_records < 1:
             raise ValueError(f"max_records must be >= 1, got {max_records}")
-        synchronous = (synchronous or os.environ.get(SPOOL_SYNC_ENV, "") or "FULL").strip().upper()
+        synchronous = (synchronous or current().audit_spool_sync or "FULL").strip().upper()
         if synchronous not in SYNCHRONOUS_MODES:
             raise ValueError(f"synchronous must be one of {SYNCHRONOUS_MODES}, got {synchronous!r}")
         self.path = Path(path)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -22,12 +21,13 @@ from sqlalchemy import table as table_clause
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import URL, Connection, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError
+from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 from sqlalchemy.pool import NullPool
 
 from fraud.audit.tables import Decision, Explanation
 from fraud.config import DataLayout
 from fraud.errors import UserError
+from fraud.settings import Settings, current
 
 AUDIT_DB_URL_ENV = "FRAUD_AUDIT_DB_URL"
 #: The audit database as separate settings (what the Kubernetes manifests provide: host, port,
@@ -55,21 +55,21 @@ DECISION_COLUMNS: tuple[str, ...] = tuple(column.name for column in DECISION_TAB
 
 def audit_dir(layout: DataLayout | None = None) -> Path:
     """`<data dir>/audit`: the embedded database and the default spool live here."""
-    return (layout or DataLayout.current()).root / "audit"
+    return (layout or current().layout).root / "audit"
 
 
-def audit_db_url(url: str | None = None) -> str:
+def audit_db_url(url: str | None = None, settings: Settings | None = None) -> str:
     """The audit database URL: explicit, else FRAUD_AUDIT_DB_URL, else composed from
     FRAUD_AUDIT_DB_HOST & co. (`compose_db_url`), else the embedded SQLite file."""
     if url:
         return url
-    configured = os.environ.get(AUDIT_DB_URL_ENV, "").strip()
-    if configured:
-        return configured
-    composed = compose_db_url(os.environ)
+    settings = settings or current()
+    if settings.audit_db_url:
+        return settings.audit_db_url
+    composed = compose_db_url(settings.env())
     if composed:
         return composed
-    return f"sqlite:///{audit_dir() / 'audit.db'}"
+    return f"sqlite:///{audit_dir(settings.layout) / 'audit.db'}"
 
 
 def compose_db_url(env: Mapping[str, str]) -> str | None:
@@ -378,3 +378,25 @@ def count_rows(engine: Engine, table: str) -> int:
     query = select(func.count()).select_from(table_clause(table))
     with engine.connect() as connection:
         return int(connection.execute(query).scalar_one())
+
+
+def redacted_url(url: str) -> str:
+    """A database URL fit for messages (password hidden)."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "<invalid URL>"
+
+
+def migrate_audit_database(url: str) -> str | None:
+    """Create / upgrade the audit tables (Alembic) at `url`; returns the revision. UserError if impossible."""
+    engine = create_audit_engine(url, pooled=False)  # UserError for a malformed / unsupported URL
+    try:
+        return upgrade_database(engine)
+    except SQLAlchemyError as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserError(
+            f"cannot migrate the audit database {redacted_url(url)}: {detail}; fix it or start with --no-audit"
+        ) from None
+    finally:
+        engine.dispose()

@@ -6,7 +6,7 @@ Heavy libraries (feast, duckdb) are imported inside the command bodies so `fraud
 
 from __future__ import annotations
 
-import os
+import contextlib
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -28,9 +28,12 @@ _ONLINE_HELP = "Online store: sqlite (embedded) or redis. Default: $FRAUD_FEAST_
 _DATA_DIR_HELP = "Data directory (raw/, features/, feast/). Default: $FRAUD_DATA_DIR, else <project>/data."
 
 
-def _use_data_dir(data_dir: Path | None) -> None:
-    if data_dir is not None:
-        os.environ["FRAUD_DATA_DIR"] = str(data_dir.expanduser().resolve())
+def data_dir_scope(data_dir: Path | None) -> contextlib.AbstractContextManager:
+    """The command's settings: the process's, with `--data-dir` when given (passed down through
+    fraud.settings.activated; the environment is never written)."""
+    from fraud.settings import activated, current
+
+    return activated(current().with_data_dir(data_dir)) if data_dir is not None else contextlib.nullcontext()
 
 
 def _parse_time(value: str | None, option: str) -> datetime | None:
@@ -69,7 +72,7 @@ def _run_build(memory_limit: str | None, threads: int | None) -> None:
 
     from fraud.features.offline import DuckDBSettings, build_offline_features
 
-    settings = DuckDBSettings.from_env()
+    settings = DuckDBSettings.from_settings()
     if memory_limit is not None:
         settings = replace(settings, memory_limit=memory_limit)
     if threads is not None:
@@ -185,8 +188,8 @@ def build_command(
     ] = None,
 ) -> None:
     """Compute the daily-snapshot feature tables from raw/transactions with DuckDB."""
-    _use_data_dir(data_dir)
-    _run_build(memory_limit, threads)
+    with data_dir_scope(data_dir):
+        _run_build(memory_limit, threads)
 
 
 @features_app.command("apply")
@@ -195,8 +198,8 @@ def apply_command(
     online: Annotated[str | None, typer.Option("--online", help=_ONLINE_HELP)] = None,
 ) -> None:
     """Register the feature repository (feature_repo/) in the Feast registry (feast apply)."""
-    _use_data_dir(data_dir)
-    _run_apply(online)
+    with data_dir_scope(data_dir):
+        _run_apply(online)
 
 
 @features_app.command("materialize")
@@ -219,8 +222,8 @@ def materialize_command(
     online: Annotated[str | None, typer.Option("--online", help=_ONLINE_HELP)] = None,
 ) -> None:
     """Load the latest snapshots into the online store (feast materialize)."""
-    _use_data_dir(data_dir)
-    _run_materialize(start, end, incremental, online)
+    with data_dir_scope(data_dir):
+        _run_materialize(start, end, incremental, online)
 
 
 @features_app.command("rebuild-online")
@@ -236,8 +239,8 @@ def rebuild_online_command(
     entity's latest snapshot (the registry's earlier materialisations are ignored)."""
     from fraud.feature_store import rebuild_online
 
-    _use_data_dir(data_dir)
-    result = rebuild_online(_parse_time(end, "--end"), online)
+    with data_dir_scope(data_dir):
+        result = rebuild_online(_parse_time(end, "--end"), online)
     done = result.materialized
     typer.echo(
         f"online tables of {len(result.tables)} feature views in place; re-materialised "
@@ -256,8 +259,8 @@ def show_command(
     online: Annotated[str | None, typer.Option("--online", help=_ONLINE_HELP)] = None,
 ) -> None:
     """Print the online feature vectors of customer/terminal pairs."""
-    _use_data_dir(data_dir)
-    _run_show(customer or [], terminal or [], online)
+    with data_dir_scope(data_dir):
+        _run_show(customer or [], terminal or [], online)
 
 
 @features_app.command("all")
@@ -269,13 +272,13 @@ def all_command(
     ] = 3,
 ) -> None:
     """build + apply + materialize (incremental) + print a few online vectors."""
-    _use_data_dir(data_dir)
-    _run_build(None, None)
-    _run_apply(online)
-    _run_materialize(None, None, True, online)
-    if samples:
-        customers, terminals = _sample_pairs(samples)
-        _run_show(customers, terminals, online)
+    with data_dir_scope(data_dir):
+        _run_build(None, None)
+        _run_apply(online)
+        _run_materialize(None, None, True, online)
+        if samples:
+            customers, terminals = _sample_pairs(samples)
+            _run_show(customers, terminals, online)
 
 
 def _run_aggregate(online: str | None, consumer: str | None, metrics_port: int, batch_size: int) -> None:
@@ -293,7 +296,7 @@ def _run_aggregate(online: str | None, consumer: str | None, metrics_port: int, 
     if not 0 <= metrics_port <= 65535:
         raise UserError(f"--metrics-port must be in 0..65535, got {metrics_port}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    stream = StreamSettings.from_env()
+    stream = StreamSettings.from_settings()
     try:
         states = WindowStateStore(get_feature_store(online))
     except Exception as exc:  # an unapplied or unreadable registry
@@ -334,5 +337,5 @@ def aggregate_command(
 ) -> None:
     """Run the velocity aggregator: consume the transaction stream (FRAUD_STREAM_*), keep each
     card's and terminal's recent events in the online store (Feast push). Stops on SIGTERM."""
-    _use_data_dir(data_dir)
-    _run_aggregate(online, consumer, metrics_port, batch_size)
+    with data_dir_scope(data_dir):
+        _run_aggregate(online, consumer, metrics_port, batch_size)

@@ -18,14 +18,11 @@ monitor_app = typer.Typer(
     help="Closed loop: retrain when drift or live-quality loss is sustained (rate-limited).", no_args_is_help=True
 )
 
-DEFAULT_METRICS_URL = "http://127.0.0.1:8080/metrics"
-
 MetricsUrl = Annotated[
     str,
     typer.Option(
         "--metrics-url",
-        envvar="FRAUD_MONITOR_METRICS_URL",
-        help="The drift transformer's /metrics (env FRAUD_MONITOR_METRICS_URL)",
+        help="The drift transformer's /metrics (default: the setting FRAUD_MONITOR_METRICS_URL)",
     ),
 ]
 UseDrift = Annotated[bool, typer.Option("--drift/--no-drift", help="Read the drift signal")]
@@ -55,7 +52,6 @@ RetrainCommand = Annotated[
     str,
     typer.Option(
         "--retrain-command",
-        envvar="FRAUD_RETRAIN_COMMAND",
         help="Command run without --kfp-host (env FRAUD_RETRAIN_COMMAND; default: fraud pipeline run --local)",
     ),
 ]
@@ -64,7 +60,7 @@ RetrainTimeout = Annotated[
 ]
 MlflowUri = Annotated[
     str,
-    typer.Option("--mlflow-tracking-uri", envvar="MLFLOW_TRACKING_URI", help="Record triggers as MLflow runs (if set)"),
+    typer.Option("--mlflow-tracking-uri", help="Record triggers as MLflow runs (default: MLFLOW_TRACKING_URI, if set)"),
 ]
 StateDir = Annotated[
     Path | None, typer.Option("--state-dir", help="State, trigger log and lock (default <data dir>/monitoring)")
@@ -97,7 +93,7 @@ class CheckerOptions:
     """The options `fraud monitor check` and `fraud monitor watch` share (one definition: the
     commands get them through `with_checker_options`)."""
 
-    metrics_url: MetricsUrl = DEFAULT_METRICS_URL
+    metrics_url: MetricsUrl = ""
     use_drift: UseDrift = True
     use_quality: UseQuality = True
     db_url: DbUrl = None
@@ -146,7 +142,6 @@ def build_checker(o: CheckerOptions):
     import shlex
     from datetime import UTC, datetime
 
-    from fraud.config import DataLayout
     from fraud.monitoring.retrain import (
         CommandTrigger,
         KfpTrigger,
@@ -157,10 +152,12 @@ def build_checker(o: CheckerOptions):
         default_train_start,
         monitoring_dir,
     )
+    from fraud.settings import current
 
     pipeline_args = o.pipeline_arg or []
     if not (o.use_drift or o.use_quality):
         raise UserError("--no-drift and --no-quality together leave nothing to check")
+    settings = current()
     policy = RetrainPolicy(
         drift_windows=o.drift_windows,
         precision_floor=o.precision_floor,
@@ -169,7 +166,7 @@ def build_checker(o: CheckerOptions):
         min_label_coverage=o.min_coverage,
         cooldown=timedelta(hours=o.cooldown_hours),
     )
-    folder = (o.state_dir or monitoring_dir(DataLayout.current())).resolve()
+    folder = (o.state_dir or monitoring_dir(settings.layout)).resolve()
     if o.kfp_host:
         arguments = parse_pipeline_args(pipeline_args)
         if "data_uri" not in arguments:
@@ -193,7 +190,7 @@ def build_checker(o: CheckerOptions):
     else:
         if pipeline_args:
             raise UserError("--pipeline-arg only applies with --kfp-host; put options in --retrain-command")
-        command = shlex.split(o.retrain_command) if o.retrain_command.strip() else default_retrain_command()
+        command = shlex.split(o.retrain_command) if o.retrain_command.strip() else default_retrain_command(settings)
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
         trigger = CommandTrigger(tuple(command), o.retrain_timeout or None, folder / f"retrain-{stamp}.log")
     engine = None
@@ -205,9 +202,9 @@ def build_checker(o: CheckerOptions):
         policy=policy,
         trigger=trigger,
         folder=folder,
-        drift_url=o.metrics_url if o.use_drift else None,
+        drift_url=(o.metrics_url or settings.monitor_metrics_url) if o.use_drift else None,
         quality_engine=engine,
-        mlflow_tracking_uri=o.mlflow_tracking_uri.strip() or None,
+        mlflow_tracking_uri=o.mlflow_tracking_uri.strip() or settings.mlflow_tracking_uri,
     )
 
 

@@ -214,18 +214,19 @@ def run_command(
     deploy_target = _deploy_target(deploy_target, local)
     rollout_policy = _rollout_policy_text(rollout_policy_file)
     from fraud import registry
-    from fraud.config import DataLayout
+    from fraud.settings import current
 
+    settings = current()
     if data_dir is not None:
-        os.environ["FRAUD_DATA_DIR"] = str(data_dir.resolve())
-    layout = DataLayout.current()
+        settings = settings.with_data_dir(data_dir)
+    layout = settings.layout
     data_uri = data_uri or str(layout.raw)
     if not train_start and local and not isolated:
         from fraud.training.steps import latest_train_start
 
         train_start = latest_train_start(_raw_days(data_uri), train_days, delay_days, test_days)
     if isolated:
-        mlflow_tracking_uri = mlflow_tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+        mlflow_tracking_uri = mlflow_tracking_uri or settings.mlflow_tracking_uri or ""
         if not mlflow_tracking_uri.startswith(("http://", "https://")):
             raise UserError(
                 "--isolated needs an MLflow tracking server (--mlflow-tracking-uri or MLFLOW_TRACKING_URI http(s)://): "
@@ -235,7 +236,7 @@ def run_command(
         "data_uri": data_uri,
         "train_start": train_start,
         "feature_tables_uri": feature_tables_uri,
-        "mlflow_tracking_uri": mlflow_tracking_uri or (registry.tracking_uri() if local else ""),
+        "mlflow_tracking_uri": mlflow_tracking_uri or (registry.tracking_uri(settings) if local else ""),
         "train_days": train_days,
         "delay_days": delay_days,
         "test_days": test_days,
@@ -267,7 +268,7 @@ def run_command(
         typer.echo(f"submitted run {run_id} to {host} (experiment {experiment}); {plan}")
         return
     typer.echo(plan, err=True)
-    _run_local(arguments, layout, isolated)
+    _run_local(arguments, settings, isolated)
 
 
 def _deploy_target(target: str, local: bool) -> str:
@@ -301,21 +302,24 @@ def _deploy_plan(target: str, policy_file: Path | None, canary_percent: int, can
     return f"deploy step: target {target}, canary ({how})"
 
 
-def _isolation(layout):
+def _isolation(settings):
     from pipelines.local_run import Isolation
     from pipelines.platform import service_env_names
 
-    service_env = {name: os.environ[name] for name in service_env_names() if os.environ.get(name)}
-    return Isolation(sandbox_root=layout.pipeline_root / "sandboxes", service_env=service_env)
+    # what the cluster's secrets would provide: the service settings (and the object store's and
+    # MLflow's own credentials, which are not settings of this platform)
+    env = {**os.environ, **settings.env()}
+    service_env = {name: env[name] for name in service_env_names() if env.get(name)}
+    return Isolation(sandbox_root=settings.layout.pipeline_root / "sandboxes", service_env=service_env)
 
 
-def _run_local(arguments: dict, layout, isolated: bool = False) -> None:
+def _run_local(arguments: dict, settings, isolated: bool = False) -> None:
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from pipelines.local_run import TASKS, run_local
 
-    root = layout.pipeline_root
+    root = settings.layout.pipeline_root
     root.mkdir(parents=True, exist_ok=True)
     log_path = root / f"run-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.log"
     before = {p.name for p in root.iterdir()}
@@ -333,7 +337,13 @@ def _run_local(arguments: dict, layout, isolated: bool = False) -> None:
             watcher = threading.Thread(target=_watch, args=(root, before, progress, task_ids, stop), daemon=True)
             watcher.start()
             try:
-                result = run_local(arguments, root, _isolation(layout) if isolated else None)
+                result = run_local(
+                    arguments,
+                    root,
+                    _isolation(settings) if isolated else None,
+                    # embedded: every task gets this command's settings (its data directory)
+                    task_env=None if isolated else {**os.environ, **settings.env()},
+                )
             except Exception as exc:  # noqa: BLE001 - kfp raises RuntimeError (and others) on a failed task
                 failure = exc
             finally:

@@ -5,13 +5,13 @@ Typical use (also what scripts/demo.sh does):
 
     fraud serve --detach --pid-file data/serve.pid   # returns once both servers are ready
     fraud score --sample 5
-    fraud serve --stop --pid-file data/serve.pid
+    fraud serve stop --pid-file data/serve.pid
 """
 
 from __future__ import annotations
 
+import os
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,6 +22,12 @@ import typer
 from fraud.errors import UserError
 
 DEFAULT_URL = "http://127.0.0.1:8080"
+
+serve_app = typer.Typer(
+    help="Serve the fraud model locally: predictor + drift transformer on loopback ports (Ctrl-C stops both).",
+    invoke_without_command=True,
+    no_args_is_help=False,
+)
 
 
 def _default_pid_file() -> Path:
@@ -34,7 +40,9 @@ def _raise_keyboard_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+@serve_app.callback()
 def serve_command(
+    ctx: typer.Context,
     bundle: Annotated[
         Path | None,
         typer.Option("--bundle", help="Serve this local bundle directory instead of the registry's champion."),
@@ -81,10 +89,9 @@ def serve_command(
         Path | None,
         typer.Option(
             "--pid-file",
-            help="Supervisor pid file (written when ready). Default with --detach/--stop: <data dir>/serve.pid.",
+            help="Supervisor pid file (written when ready). Default with --detach: <data dir>/serve.pid.",
         ),
     ] = None,
-    stop: Annotated[bool, typer.Option("--stop", help="Stop the detached stack named by --pid-file and exit.")] = False,
     log_dir: Annotated[
         Path | None, typer.Option("--log-dir", help="Folder of the server logs. Default: <data dir>/serve.")
     ] = None,
@@ -132,17 +139,16 @@ def serve_command(
     ] = 9090,
 ) -> None:
     """Serve the fraud model locally: predictor + drift transformer on loopback ports (Ctrl-C stops both)."""
+    if ctx.invoked_subcommand is not None:
+        return
     from rich.console import Console
 
     from fraud.config import DataLayout
-    from fraud.serving_stack import StackConfig, process_alive, read_pid_file, resolve_bundle, stop_detached
+    from fraud.processes import process_alive, read_pid_file
+    from fraud.serving_bundle import resolve_bundle
+    from fraud.serving_stack import StackConfig
 
     console = Console()
-    if stop:
-        target = pid_file or _default_pid_file()
-        pid = stop_detached(target)
-        console.print(f"stopped the serving stack (supervisor pid {pid})")
-        return
     if online_store is not None and online_store not in ("sqlite", "redis"):
         raise UserError(f"--online-store must be sqlite or redis, got {online_store!r}")
     if prometheus:
@@ -164,7 +170,7 @@ def serve_command(
         if running is not None and process_alive(running):
             raise UserError(
                 f"a serving stack is already running (pid {running}, {pid_file}); stop it with "
-                f"`fraud serve --stop --pid-file {pid_file}`"
+                f"`fraud serve stop --pid-file {pid_file}`"
             )
         pid_file.unlink()
     logs = (log_dir or DataLayout.current().root / "serve").resolve()
@@ -180,7 +186,7 @@ def serve_command(
         store_timeout_s=store_timeout,
         log_dir=logs,
         drift_window_size=drift_window,
-        transformer_args=() if drift_online_ert is None else ("--online_ert", f"{drift_online_ert:g}"),
+        transformer_args=() if drift_online_ert is None else ("--online-ert", f"{drift_online_ert:g}"),
         audit=audit,
         velocity=velocity,
         prometheus_port=prometheus_port if prometheus else None,
@@ -191,10 +197,25 @@ def serve_command(
         _run_foreground(config, pid_file.resolve() if pid_file else None, console)
 
 
-def _run_foreground(config, pid_file: Path | None, console) -> None:
-    import os
+@serve_app.command("stop")
+def stop_command(
+    pid_file: Annotated[
+        Path | None,
+        typer.Option("--pid-file", help="Pid file of the detached stack. Default: <data dir>/serve.pid."),
+    ] = None,
+) -> None:
+    """Stop the detached serving stack named by --pid-file (its audit writer flushes the spool first)."""
+    from rich.console import Console
 
-    from fraud.serving_stack import ServingStack, check_ports_free, write_pid_file
+    from fraud.serving_stack import stop_detached
+
+    pid = stop_detached(pid_file or _default_pid_file())
+    Console().print(f"stopped the serving stack (supervisor pid {pid})")
+
+
+def _run_foreground(config, pid_file: Path | None, console) -> None:
+    from fraud.processes import write_pid_file
+    from fraud.serving_stack import ServingStack, check_ports_free
 
     check_ports_free(config)
     stack = ServingStack(config, on_status=lambda message: console.print(f"[dim]{message}[/dim]"))
@@ -222,7 +243,8 @@ def _run_foreground(config, pid_file: Path | None, console) -> None:
 
 def _start_detached(config, pid_file: Path, console) -> None:
     """Start a supervisor (`fraud serve` in the foreground, in its own session) and wait until it is ready."""
-    from fraud.serving_stack import check_ports_free, process_alive, read_pid_file
+    from fraud.processes import read_pid_file, spawn, stop_process
+    from fraud.serving_stack import check_ports_free
 
     check_ports_free(config)
     config.log_dir.mkdir(parents=True, exist_ok=True)
@@ -253,10 +275,10 @@ def _start_detached(config, pid_file: Path, console) -> None:
         command.append("--no-velocity")
     if config.prometheus_port is not None:
         command += ["--prometheus", "--prometheus-port", str(config.prometheus_port)]
-    with log_path.open("wb") as log:
-        supervisor = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+    # the supervisor runs where this command runs, with its environment (it spawns the children)
+    supervisor = spawn(
+        command, cwd=Path.cwd(), log_path=log_path, env={**os.environ, **config.settings.env()}, detached=True
+    )
     console.print(
         f"[dim]starting the serving stack in the background (supervisor pid {supervisor.pid}, log {log_path})[/dim]"
     )
@@ -271,19 +293,18 @@ def _start_detached(config, pid_file: Path, console) -> None:
             try:
                 if read_pid_file(pid_file) == supervisor.pid:
                     _print_endpoints(config, console)
-                    console.print(f"stop it with: fraud serve --stop --pid-file {pid_file}")
+                    console.print(f"stop it with: fraud serve stop --pid-file {pid_file}")
                     return
             except UserError:
                 pass
         time.sleep(0.3)
-    if process_alive(supervisor.pid):
-        supervisor.terminate()
+    stop_process(supervisor, 30.0)
     raise UserError(f"the serving stack was not ready in time (log {log_path})")
 
 
 def _online_ert_option(transformer_args: tuple[str, ...]) -> list[str]:
-    if "--online_ert" in transformer_args:
-        return ["--drift-online-ert", transformer_args[transformer_args.index("--online_ert") + 1]]
+    if "--online-ert" in transformer_args:
+        return ["--drift-online-ert", transformer_args[transformer_args.index("--online-ert") + 1]]
     return []
 
 
@@ -304,7 +325,7 @@ def _print_endpoints(config, console) -> None:
     table.add_row("bundle", str(config.bundle))
     table.add_row("logs", str(config.log_dir))
     if config.audit:
-        from fraud.serving_stack import redacted_url
+        from fraud.audit.store import redacted_url
 
         table.add_row("audit spool", str(config.resolved_audit_spool()))
         table.add_row("audit database", redacted_url(config.resolved_audit_db_url()))
@@ -334,7 +355,7 @@ def score_command(
     token: Annotated[
         str | None,
         typer.Option(
-            "--token", envvar="FRAUD_API_TOKEN", help="Bearer token for a stack started with --token-file (score)."
+            "--token", help="Bearer token for a stack started with --token-file (score). Default: FRAUD_API_TOKEN."
         ),
     ] = None,
     card_testing: Annotated[
@@ -360,13 +381,15 @@ def score_command(
     from rich.table import Table
 
     from fraud.config import DataLayout
-    from fraud.serving_stack import (
+    from fraud.scoring_client import (
         card_testing_burst,
         load_transactions_file,
         sample_raw_transactions,
         score_transactions,
     )
+    from fraud.settings import current
 
+    token = token or current().api_token
     if protocol not in ("v1", "v2"):
         raise UserError(f"--protocol must be v1 or v2, got {protocol!r}")
     if timeout <= 0:
@@ -455,5 +478,5 @@ def _print_decision_summary(scored: list, labels: dict, url: str, protocol: str)
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the top-level app."""
-    app.command("serve")(serve_command)
+    app.add_typer(serve_app, name="serve")
     app.command("score")(score_command)

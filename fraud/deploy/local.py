@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -26,57 +24,22 @@ from typing import Any
 
 import httpx
 
-from fraud import atomic
+from fraud import atomic, processes
 from fraud.config import PROJECT_ROOT, DataLayout
 from fraud.deploy.canary import PrometheusSource, ScrapeSource
 from fraud.deploy.kserve_rollout import ReadinessTimeout
 from fraud.deploy.state import RolloutError, RolloutRecord, RolloutState, StateStore, one_line
 from fraud.net import LOOPBACK, free_port
+from fraud.processes import process_alive
 
 
 def local_dir() -> Path:
     return DataLayout.current().root / "serving" / "local-canary"
 
 
-def process_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        finished, _ = os.waitpid(pid, os.WNOHANG)  # reap it if it is our exited child
-        if finished == pid:
-            return False
-    except ChildProcessError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as handle:
-            return handle.read().split(") ")[-1][:1] != "Z"
-    except OSError:
-        return True
-
-
 def stop_process(pid: int, timeout_seconds: float = 20.0) -> None:
     """SIGTERM the process group `pid` leads (it was started in its own session), SIGKILL after a grace."""
-    if not process_alive(pid):
-        return
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except (ProcessLookupError, PermissionError):
-        return
-    deadline = time.monotonic() + timeout_seconds
-    while time.monotonic() < deadline:
-        if not process_alive(pid):
-            return
-        time.sleep(0.1)
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return
+    processes.stop_process(pid, timeout_seconds, group=True)
 
 
 @dataclass(frozen=True)
@@ -178,18 +141,9 @@ class LocalStack:
     def _spawn(self, name: str, command: list[str]) -> tuple[int, Path]:
         self.root.mkdir(parents=True, exist_ok=True)
         log = self.root / f"{name}.log"
-        env = dict(os.environ)
-        env.pop("PYTHONPATH", None)
-        with log.open("wb") as handle:
-            process = subprocess.Popen(
-                command,
-                cwd=PROJECT_ROOT,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=handle,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        process = processes.spawn(
+            command, cwd=PROJECT_ROOT, log_path=log, env=processes.child_env(os.environ), detached=True
+        )
         return process.pid, log
 
     def ensure_router(self, state: StackState) -> StackState:

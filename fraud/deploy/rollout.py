@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from fraud.config import MODEL_NAME, DataLayout
+from fraud.config import MODEL_NAME
 from fraud.deploy.canary import (
     PROMOTE,
     ROLL_BACK,
@@ -40,19 +39,18 @@ from fraud.deploy.canary import (
 from fraud.deploy.kserve_rollout import ReadinessTimeout, ready_message, serving_model
 from fraud.deploy.policy import RolloutPolicy, Step
 from fraud.deploy.state import TARGETS, RolloutError, RolloutRecord, RolloutState, StateStore, one_line
+from fraud.settings import Settings, current
 
 log = logging.getLogger(__name__)
 
 CHAMPION_ALIAS = "champion"
 DEFAULT_READY_TIMEOUT_SECONDS = 600.0
-#: Label the Prometheus scrape config puts the pod's namespace in ("" = do not filter by namespace).
-PROMETHEUS_NAMESPACE_LABEL = os.environ.get("FRAUD_PROMETHEUS_NAMESPACE_LABEL", "namespace")
 
 
-def state_dir() -> Path:
+def state_dir(settings: Settings | None = None) -> Path:
     """Where rollout records are mirrored as files (FRAUD_ROLLOUT_STATE_DIR or <data>/rollouts)."""
-    configured = os.environ.get("FRAUD_ROLLOUT_STATE_DIR", "").strip()
-    return Path(configured) if configured else DataLayout.current().root / "rollouts"
+    settings = settings or current()
+    return Path(settings.rollout_state_dir) if settings.rollout_state_dir else settings.layout.root / "rollouts"
 
 
 @dataclass(frozen=True)
@@ -257,7 +255,9 @@ class KubernetesBackend:
         self.rollout.roll_back(record, after_promotion=record.state is RolloutState.PROMOTED)
 
     def metrics_source(self, prometheus_url: str, record: RolloutRecord) -> PrometheusSource:
-        labels = {PROMETHEUS_NAMESPACE_LABEL: self.rollout.namespace} if PROMETHEUS_NAMESPACE_LABEL else {}
+        # the label the Prometheus scrape config puts the pod's namespace in
+        label = current().prometheus_namespace_label
+        labels = {label: self.rollout.namespace} if label else {}
         return PrometheusSource(prometheus_url, extra_labels=labels)
 
     def describe(self) -> dict[str, Any]:
@@ -285,10 +285,8 @@ def make_backend(
         return KubernetesBackend(model_name, namespace, store, connection)
     from fraud.deploy.local import LocalBackend
 
-    router_port = os.environ.get("FRAUD_LOCAL_ROUTER_PORT", "").strip()
-    if router_port and not router_port.isdigit():
-        raise RolloutError(f"FRAUD_LOCAL_ROUTER_PORT must be a port number, got {router_port!r}")
-    return LocalBackend(model_name, namespace, store, tracking_uri, connection, router_port=int(router_port or 0))
+    router_port = current().local_router_port or 0
+    return LocalBackend(model_name, namespace, store, tracking_uri, connection, router_port=router_port)
 
 
 def _registry_call(what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:

@@ -18,7 +18,6 @@ is written with `COPY ... TO` into a temporary file next to the target, then ren
 
 from __future__ import annotations
 
-import os
 import re
 import tempfile
 import time
@@ -54,6 +53,7 @@ from fraud.schema import (
     TX_FRAUD,
     TX_FRAUD_SCENARIO,
 )
+from fraud.settings import Settings, current
 
 #: Column of the entity dataframe that Feast uses as the point-in-time of each row.
 EVENT_TIMESTAMP = "event_timestamp"
@@ -91,16 +91,10 @@ class DuckDBSettings:
     threads: int = 2
 
     @classmethod
-    def from_env(cls) -> DuckDBSettings:
-        """FRAUD_DUCKDB_MEMORY_LIMIT (e.g. "2GB") and FRAUD_DUCKDB_THREADS override the defaults."""
-        threads_text = os.environ.get("FRAUD_DUCKDB_THREADS", str(cls.threads))
-        try:
-            threads = int(threads_text)
-        except ValueError:
-            raise UserError(f"FRAUD_DUCKDB_THREADS must be an integer, got {threads_text!r}") from None
-        if threads < 1:
-            raise UserError(f"FRAUD_DUCKDB_THREADS must be >= 1, got {threads}")
-        return cls(memory_limit=os.environ.get("FRAUD_DUCKDB_MEMORY_LIMIT", cls.memory_limit), threads=threads)
+    def from_settings(cls, settings: Settings | None = None) -> DuckDBSettings:
+        """FRAUD_DUCKDB_MEMORY_LIMIT (e.g. "2GB") and FRAUD_DUCKDB_THREADS of the settings."""
+        settings = settings or current()
+        return cls(memory_limit=settings.duckdb_memory_limit, threads=settings.duckdb_threads)
 
 
 @dataclass(frozen=True)
@@ -312,7 +306,7 @@ def build_offline_features(
     """Compute both batch feature tables from `layout.transactions` and write them under
     `layout.features` (each file replaced atomically). `progress` receives a short step name."""
     layout = layout or DataLayout.current()
-    settings = settings or DuckDBSettings.from_env()
+    settings = settings or DuckDBSettings.from_settings()
     report = progress or (lambda step: None)
     started = time.perf_counter()
     files = [path for paths in transaction_partitions(layout).values() for path in paths]
@@ -391,7 +385,7 @@ def labelled_transactions(
     overlap the window are read.
     """
     layout = layout or DataLayout.current()
-    settings = settings or DuckDBSettings.from_env()
+    settings = settings or DuckDBSettings.from_settings()
     lower, upper = _as_naive_utc(start), _as_naive_utc(end)
     if upper <= lower:
         raise UserError(f"end ({upper.isoformat()}) must be after start ({lower.isoformat()})")

@@ -49,6 +49,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from fraud import atomic
 from fraud.config import MODEL_NAME, DataLayout
 from fraud.errors import UserError
+from fraud.settings import Settings, current
 
 log = logging.getLogger("fraud.monitoring")
 
@@ -70,9 +71,9 @@ def monitoring_dir(layout: DataLayout | None = None) -> Path:
     return (layout or DataLayout.current()).root / "monitoring"
 
 
-def default_retrain_command() -> list[str]:
+def default_retrain_command(settings: Settings | None = None) -> list[str]:
     """`FRAUD_RETRAIN_COMMAND` (shell-split) or `fraud pipeline run --local` of this environment."""
-    configured = os.environ.get(RETRAIN_COMMAND_ENV, "").strip()
+    configured = (settings or current()).retrain_command
     if configured:
         return shlex.split(configured)
     fraud = Path(sys.executable).with_name("fraud")
@@ -408,6 +409,7 @@ class CommandTrigger:
         return shlex.join(self.command)
 
     def fire(self, reasons: Sequence[str]) -> TriggerResult:
+        # the child's environment: this process's, plus why it runs
         env = {**os.environ, "FRAUD_RETRAIN_REASON": " | ".join(reasons)}
         output: int | IO[bytes] = subprocess.DEVNULL
         handle = None

@@ -12,7 +12,6 @@ kind.
 from __future__ import annotations
 
 import math
-import os
 import time
 import zlib
 from collections.abc import Iterable, Mapping
@@ -24,6 +23,7 @@ from redis.typing import EncodableT, FieldT
 
 from fraud.errors import UserError
 from fraud.schema import CUSTOMER_ID, MAX_ID_LENGTH, MAX_TX_AMOUNT, TERMINAL_ID, TRANSACTION_ID, TX_AMOUNT
+from fraud.settings import Settings, current
 
 TS_FIELD = "ts_ns"
 PUBLISHED_FIELD = "published_ns"
@@ -61,22 +61,15 @@ class StreamSettings:
             raise UserError(f"FRAUD_STREAM_MAXLEN must be >= 1, got {self.maxlen}")
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None) -> StreamSettings:
-        env = os.environ if env is None else env
-
-        def integer(name: str, default: int) -> int:
-            text = env.get(name, str(default))
-            try:
-                return int(text)
-            except ValueError:
-                raise UserError(f"{name} must be an integer, got {text!r}") from None
-
+    def from_settings(cls, settings: Settings | None = None) -> StreamSettings:
+        """The stream the settings describe (FRAUD_STREAM_*; the feature store's Redis by default)."""
+        settings = settings or current()
         return cls(
-            redis_url=env.get("FRAUD_STREAM_REDIS_URL") or _redis_url_from_env(env),
-            prefix=env.get("FRAUD_STREAM_PREFIX", cls.prefix),
-            partitions=integer("FRAUD_STREAM_PARTITIONS", cls.partitions),
-            maxlen=integer("FRAUD_STREAM_MAXLEN", cls.maxlen),
-            group=env.get("FRAUD_STREAM_GROUP", cls.group),
+            redis_url=settings.stream_redis_url or _redis_url(settings),
+            prefix=settings.stream_prefix or cls.prefix,
+            partitions=settings.stream_partitions,
+            maxlen=settings.stream_maxlen,
+            group=settings.stream_group,
         )
 
     def stream(self, partition: int) -> str:
@@ -97,11 +90,11 @@ class StreamSettings:
         return redis.Redis.from_url(self.redis_url, socket_timeout=5.0, socket_connect_timeout=2.0)
 
 
-def _redis_url_from_env(env: Mapping[str, str]) -> str:
+def _redis_url(settings: Settings) -> str:
     """The Redis the feature store uses (FRAUD_REDIS_HOST/PORT/PASSWORD), as a redis:// URL."""
-    host = env.get("FRAUD_REDIS_HOST", "").strip() or "127.0.0.1"
-    port = env.get("FRAUD_REDIS_PORT", "").strip() or "6379"
-    password = env.get("FRAUD_REDIS_PASSWORD", "")
+    host = settings.redis_host or "127.0.0.1"
+    port = settings.redis_port or 6379
+    password = settings.redis_password
     return f"redis://:{password}@{host}:{port}/0" if password else f"redis://{host}:{port}/0"
 
 

@@ -34,6 +34,7 @@ from fraud.bundle import DecisionThresholds
 from fraud.features.definitions import MODEL_FEATURES
 from fraud.quality_metrics import average_precision, card_precision_top_k, roc_auc
 from fraud.schema import TX_DATETIME, TX_FRAUD
+from fraud.settings import Settings, current
 from fraud.training.dataset import TrainingSets
 
 if TYPE_CHECKING:
@@ -43,12 +44,10 @@ FAMILIES: tuple[str, ...] = ("logistic_regression", "random_forest", "xgboost")
 SERVED_FAMILY = "xgboost"
 
 
-def training_threads() -> int:
-    """Threads a model may use: env FRAUD_TRAIN_THREADS, default min(2, CPUs)."""
-    configured = os.environ.get("FRAUD_TRAIN_THREADS", "").strip()
-    if configured.isdigit() and int(configured) > 0:
-        return int(configured)
-    return max(1, min(2, os.cpu_count() or 1))
+def training_threads(settings: Settings | None = None) -> int:
+    """Threads a model may use: the setting `train_threads` (FRAUD_TRAIN_THREADS), default min(2, CPUs)."""
+    configured = (settings or current()).train_threads
+    return configured or max(1, min(2, os.cpu_count() or 1))
 
 
 @dataclass(frozen=True)

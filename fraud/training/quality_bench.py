@@ -84,6 +84,16 @@ def raw_matches(raw_dir: Path, seed: int) -> bool:
 
 
 def run_quality_bench(config: BenchConfig, report: Callable[[str], None] = lambda step: None) -> dict:
+    """Simulate (or reuse), build features and training sets below `<out_dir>/work` (this run's
+    data directory, passed down as its settings) and fit, select and score each model family."""
+    from fraud.settings import activated, current
+
+    work = Path(config.out_dir).resolve() / "work"
+    with activated(current().with_data_dir(work)):
+        return _run_quality_bench(config, report)
+
+
+def _run_quality_bench(config: BenchConfig, report: Callable[[str], None]) -> dict:
     import os
 
     from fraud import feature_store
@@ -95,8 +105,6 @@ def run_quality_bench(config: BenchConfig, report: Callable[[str], None] = lambd
 
     out_dir = Path(config.out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    work = out_dir / "work"
-    os.environ["FRAUD_DATA_DIR"] = str(work)
     base = DataLayout.current()
     timings: dict[str, float] = {}
     started = time.perf_counter()
