@@ -462,7 +462,7 @@ class _ViewName:
 
 def _redis_problem(store: FeatureStore, repair: str) -> str | None:
     """Scan the project's keys (bounded: a few SCAN calls) for one holding each view's timestamp."""
-    online = store._get_provider().online_store
+    online: Any = store._get_provider().online_store  # a RedisOnlineStore here (the caller checked the type)
     client = online._get_client(store.config.online_store)
     pattern = b"*" + re.sub(rb"([*?\[\]\\])", rb"\\\1", store.config.project.encode())
     wanted = {f"_ts:{name}".encode(): name for name in BATCH_VIEWS}

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from kserve.errors import InvalidInput, ServerNotReady
 
+from predictor.asgi import ASGIApp, Receive, Scope, Send, read_body
 from predictor.codec import (
     PROTOCOL_V1,
     PROTOCOL_V2,
@@ -32,7 +33,7 @@ from predictor.codec import (
     parse_v2_tensors,
 )
 from predictor.edge import INTERNAL_ERROR
-from predictor.fast_rest import ASGIApp, Receive, Scope, Send, _read_body, _send_json
+from predictor.fast_rest import MAX_FAST_BODY_BYTES, _send_json
 
 if TYPE_CHECKING:
     from predictor.model import FraudModel
@@ -71,7 +72,7 @@ class ExplainRoutes:
                 send, 415, {"error": "explain takes JSON; the binary tensor extension is not accepted on this route"}
             )
             return
-        body, complete = await _read_body(receive)
+        body, complete = await read_body(receive, MAX_FAST_BODY_BYTES)
         if not complete:
             return  # the client went away (the body cap is enforced before, by predictor.edge)
         status, answer = await self._answer(protocol, body)

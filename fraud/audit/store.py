@@ -303,7 +303,7 @@ def _copy_decisions_postgresql(connection: Connection, rows: Sequence[dict[str, 
     OperationalError, ...), so the writer tells row errors from an unusable database as before."""
     import psycopg2
 
-    table = Decision.__table__
+    table = DECISION_TABLE
     names = list(rows[0])
     dialect = connection.dialect
     processors = [table.c[name].type.dialect_impl(dialect).bind_processor(dialect) for name in names]
