@@ -220,7 +220,7 @@ def _locate_stores(raw: dict[str, Any]) -> None:
     if registry.get("registry_type", "file") == "file":
         registry["path"] = _in_data_dir(registry["path"])
     else:
-        registry["path"] = os.environ.get(REGISTRY_URL_ENV) or registry["path"]
+        registry["path"] = current().feast_registry_url or registry["path"]
     if online.get("type") == "sqlite":
         online["path"] = _in_data_dir(online["path"])
     elif online.get("type") == "redis":

@@ -32,6 +32,8 @@ ENVIRONMENT_READS = {
     "pipelines/local_run.py": "PATH and locale of an isolated task",
     # Kubernetes's service-discovery variables of the pod
     "components/base.py": "KUBERNETES_SERVICE_HOST / _PORT",
+    # whether spark-submit launched this process (its gateway variable), not a setting
+    "fraud/features/spark_job.py": "PYSPARK_GATEWAY_PORT",
     # the settings themselves
     "fraud/settings.py": "the one reader",
     "drift_transformer/drift_transformer/settings.py": "the transformer's one reader",

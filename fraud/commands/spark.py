@@ -46,16 +46,15 @@ def submit_command(
     poll: Annotated[float, typer.Option("--poll", help="Seconds between status reads.")] = 10.0,
 ) -> None:
     """Create the feature-build SparkApplication, wait until it COMPLETES; exit 1 with its error otherwise."""
-    import os
 
-    from fraud.deploy.kserve_rollout import CORE_IMAGE_ENV, DEFAULT_CORE_IMAGE
     from fraud.deploy.spark import SparkApplicationError, SparkApplicationRunner, SparkFeatureJob
+    from fraud.settings import current
 
     try:
         job = SparkFeatureJob(
             name=name or f"fraud-features-{uuid.uuid4().hex[:10]}",
             namespace=namespace,
-            image=image or os.environ.get(CORE_IMAGE_ENV, DEFAULT_CORE_IMAGE),
+            image=image or current().core_image,
             feature_tables_uri=feature_tables_uri,
             executor_instances=executors,
             executor_cores=executor_cores,
