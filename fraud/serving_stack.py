@@ -248,8 +248,15 @@ def resolve_bundle(bundle: Path | None, download_dir: Path | None = None) -> Pat
     return registry.download_bundle(CHAMPION_URI, target).resolve()
 
 
+#: Held back while a child is forked: a Ctrl-C arriving inside the fork's at-fork hooks (logging
+#: releases its locks there) would be printed as "Exception ignored" and lost, the stack left starting.
+_STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
+
+
 def _die_with_parent() -> None:
-    """preexec_fn of the children: the kernel sends SIGTERM to the child when its parent dies."""
+    """preexec_fn of the children: the kernel sends SIGTERM to the child when its parent dies; the
+    stop signals the parent held back during the fork are the child's again."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -473,15 +480,19 @@ class ServingStack:
         env = dict(os.environ if env is None else env)
         env.pop("PYTHONPATH", None)  # each side runs in its own environment
         with log_path.open("ab" if append else "wb") as log:
-            process = subprocess.Popen(
-                command,
-                cwd=cwd,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent,  # noqa: PLW1509 - only sets a prctl flag; spawned from the main thread
-            )
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+            try:
+                process = subprocess.Popen(
+                    command,
+                    cwd=cwd,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    preexec_fn=_die_with_parent,  # noqa: PLW1509 - a signal mask and a prctl flag; spawned from the main thread
+                )
+            finally:  # a stop signal that came meanwhile is raised here, in plain code (the child dies with us)
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
         return ChildProcess(name, process, log_path)
 
     def _wait_ready(self, child: ChildProcess, base_url: str) -> None:
