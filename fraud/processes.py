@@ -30,8 +30,15 @@ from fraud.errors import UserError
 _PR_SET_PDEATHSIG = 1
 
 
+#: Held back while a child is forked: a Ctrl-C arriving inside the fork's at-fork hooks (logging
+#: releases its locks there) would be printed as "Exception ignored" and lost, the stack left starting.
+_STOP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
+
+
 def _die_with_parent() -> None:
-    """preexec_fn of attached children: the kernel sends SIGTERM to the child when its parent dies."""
+    """preexec_fn of attached children: the kernel sends SIGTERM to the child when its parent dies;
+    the stop signals the parent held back during the fork are the child's again."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -72,15 +79,19 @@ def spawn(
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        return subprocess.Popen(
-            list(command),
-            cwd=cwd,
-            env=dict(env),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - only sets a prctl flag; spawned from the main thread
-        )
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            return subprocess.Popen(
+                list(command),
+                cwd=cwd,
+                env=dict(env),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent,  # noqa: PLW1509 - a signal mask and a prctl flag; spawned from the main thread
+            )
+        finally:  # a stop signal that came meanwhile is raised here, in plain code (the child dies with us)
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def _is_zombie(pid: int) -> bool:
