@@ -112,7 +112,7 @@ def test_fraud_score_card_testing_burst_shows_velocity_reason_codes(data_root, t
     velocity_bundle = make_synthetic_bundle(tmp_path / "bundle" / "fraud-detector", version="9", velocity=True)
     stack = Stack(data_root, velocity_bundle, tmp_path, velocity=True)
     tokens = tmp_path / "tokens"
-    tokens.write_text("demo-token score\n")
+    tokens.write_text("demo-scoring-token-0123 score\n")
     tokens.chmod(0o600)
     started = stack.fraud(
         "serve", "--detach", "--pid-file", str(stack.pid_file), *stack.serve_args(), "--token-file", str(tokens),
@@ -121,7 +121,7 @@ def test_fraud_score_card_testing_burst_shows_velocity_reason_codes(data_root, t
     assert started.returncode == 0, started.stdout + started.stderr
     try:
         scored = stack.fraud(
-            "score", "--url", stack.url, "--token", "demo-token", "--sample", "3", "--seed", "2",
+            "score", "--url", stack.url, "--token", "demo-scoring-token-0123", "--sample", "3", "--seed", "2",
             "--card-testing", "6", "--burst-gap", "1.0",
             timeout=300,
         )  # fmt: skip
