@@ -256,8 +256,9 @@ class ServingStack:
 
     def predictor_env(self) -> dict[str, str]:
         """Environment of the predictor: no audit settings (its spool is on the command line; the
-        sidecar writer, not the predictor, talks to the audit database); the velocity stream's."""
-        env = _settings_env(self.config.settings)
+        sidecar writer, not the predictor, talks to the audit database); the velocity stream's; one
+        OpenMP thread unless OMP_NUM_THREADS says otherwise (as the manifests set it)."""
+        env = {"OMP_NUM_THREADS": "1", **_settings_env(self.config.settings)}
         return {**env, **self.stream_env(), "FRAUD_STREAM_PUBLISH": "true"} if self.config.velocity else env
 
     def stream_env(self) -> dict[str, str]:

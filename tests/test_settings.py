@@ -249,3 +249,16 @@ def test_the_core_image_default_is_the_deploy_default():
     from fraud.deploy.kserve_rollout import DEFAULT_CORE_IMAGE
 
     assert Settings().core_image == DEFAULT_CORE_IMAGE
+
+
+def test_embedded_pipeline_tasks_get_the_commands_settings(tmp_path, capfd):
+    """`fraud pipeline run --local --data-dir D`: every task's environment carries D (built from the
+    settings; this process's environment is not written)."""
+    from pipelines.local_run import embedded_subprocess
+
+    settings = current().with_data_dir(tmp_path / "chosen")
+    run = embedded_subprocess({**os.environ, **settings.env()})
+    code = "import os, sys; print('data', os.environ['FRAUD_DATA_DIR'], os.environ['EXTRA']); sys.exit(3)"
+    assert run([sys.executable, "-c", code], {"EXTRA": "x"}) == 3
+    assert f"data {tmp_path / 'chosen'} x" in capfd.readouterr().out
+    assert os.environ.get("FRAUD_DATA_DIR") != str(tmp_path / "chosen")

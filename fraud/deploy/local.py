@@ -141,9 +141,9 @@ class LocalStack:
     def _spawn(self, name: str, command: list[str]) -> tuple[int, Path]:
         self.root.mkdir(parents=True, exist_ok=True)
         log = self.root / f"{name}.log"
-        process = processes.spawn(
-            command, cwd=PROJECT_ROOT, log_path=log, env=processes.child_env(os.environ), detached=True
-        )
+        # one OpenMP thread per predictor unless OMP_NUM_THREADS says otherwise (as the manifests set it)
+        env = processes.child_env({"OMP_NUM_THREADS": "1", **os.environ})
+        process = processes.spawn(command, cwd=PROJECT_ROOT, log_path=log, env=env, detached=True)
         return process.pid, log
 
     def ensure_router(self, state: StackState) -> StackState:
