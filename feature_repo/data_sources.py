@@ -2,13 +2,17 @@
 (fraud.features.offline) and the request source carrying the fields known at authorisation time.
 
 The Parquet paths derive from FRAUD_DATA_DIR through fraud.config.DataLayout, the same way the
-feature_store.yaml paths do, so one environment variable moves the whole store.
+feature_store.yaml paths do, so one environment variable moves the whole store. The source type
+follows the profile's offline store (`fraud.feature_store.repo_offline_store`): FileSource for
+DuckDB, SparkSource (the same Parquet files) for Feast's Spark offline store and compute engine.
 """
 
 from feast import Field, FileSource, PushSource, RequestSource
+from feast.data_source import DataSource
 from feast.types import Float64, UnixTimestamp
 
 from fraud.config import DataLayout
+from fraud.feature_store import repo_offline_store
 from fraud.features.definitions import (
     CARD_RECENT_VIEW,
     CUSTOMER_SPENDING_VIEW,
@@ -24,19 +28,32 @@ from fraud.features.velocity_offline import recent_state_path
 from fraud.schema import TX_AMOUNT, TX_DATETIME
 
 _layout = DataLayout.current()
+_on_spark = repo_offline_store() == "spark"
 
-customer_spending_source = FileSource(
-    name=f"{CUSTOMER_SPENDING_VIEW}_source",
-    path=str(customer_features_path(_layout)),
-    timestamp_field=SNAPSHOT_TIMESTAMP,
-    description="Daily snapshots of each card's spending over complete previous days.",
+
+def _parquet_source(name: str, path: str, timestamp_field: str, description: str = "") -> DataSource:
+    """A batch source over one Parquet file, of the type the profile's offline store reads."""
+    if _on_spark:
+        from feast.infra.offline_stores.contrib.spark_offline_store.spark_source import SparkSource
+
+        return SparkSource(
+            name=name, path=path, file_format="parquet", timestamp_field=timestamp_field, description=description
+        )
+    return FileSource(name=name, path=path, timestamp_field=timestamp_field, description=description)
+
+
+customer_spending_source = _parquet_source(
+    f"{CUSTOMER_SPENDING_VIEW}_source",
+    str(customer_features_path(_layout)),
+    SNAPSHOT_TIMESTAMP,
+    "Daily snapshots of each card's spending over complete previous days.",
 )
 
-terminal_risk_source = FileSource(
-    name=f"{TERMINAL_RISK_VIEW}_source",
-    path=str(terminal_features_path(_layout)),
-    timestamp_field=SNAPSHOT_TIMESTAMP,
-    description="Daily snapshots of each terminal's fraud counts over days whose labels are known.",
+terminal_risk_source = _parquet_source(
+    f"{TERMINAL_RISK_VIEW}_source",
+    str(terminal_features_path(_layout)),
+    SNAPSHOT_TIMESTAMP,
+    "Daily snapshots of each terminal's fraud counts over days whose labels are known.",
 )
 
 transaction_request = RequestSource(
@@ -54,11 +71,7 @@ def _recent_push_source(view: str, description: str) -> PushSource:
     build` writes (each entity's events within the horizon before its last transaction)."""
     return PushSource(
         name=push_source_name(view),
-        batch_source=FileSource(
-            name=f"{view}_source",
-            path=str(recent_state_path(_layout, view)),
-            timestamp_field=STATE_TIMESTAMP,
-        ),
+        batch_source=_parquet_source(f"{view}_source", str(recent_state_path(_layout, view)), STATE_TIMESTAMP),
         description=description,
     )
 

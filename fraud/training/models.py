@@ -34,6 +34,7 @@ from fraud.features.definitions import MODEL_FEATURES
 from fraud.metrics import average_precision, card_precision_top_k, roc_auc
 from fraud.schema import TX_DATETIME, TX_FRAUD
 from fraud.training.dataset import TrainingSets
+from fraud.training.sampling import SAMPLE_WEIGHT
 
 FAMILIES: tuple[str, ...] = ("logistic_regression", "random_forest", "xgboost")
 SERVED_FAMILY = "xgboost"
@@ -98,10 +99,12 @@ class FittedModel:
         return booster
 
 
-def _scale_pos_weight(value: str, labels: np.ndarray) -> float:
+def _scale_pos_weight(value: str, labels: np.ndarray, weights: np.ndarray | None = None) -> float:
+    """The grid value, or "sqrt": sqrt(genuine / fraud) of the (weighted) training set."""
     if value == "sqrt":
-        positives = max(1, int(labels.sum()))
-        return float(math.sqrt(max(1, len(labels) - positives) / positives))
+        w = np.ones(len(labels)) if weights is None else weights
+        positives = max(1.0, float(w[labels == 1].sum()))
+        return float(math.sqrt(max(1.0, float(w[labels == 0].sum())) / positives))
     return float(value)
 
 
@@ -116,7 +119,8 @@ def fit(spec: ModelSpec, train: pd.DataFrame, seed: int = 0) -> FittedModel:
         from xgboost import XGBClassifier
 
         params = dict(spec.params)
-        params["scale_pos_weight"] = _scale_pos_weight(str(params.get("scale_pos_weight", "1")), labels)
+        weights = train[SAMPLE_WEIGHT].to_numpy(dtype="float64") if SAMPLE_WEIGHT in train.columns else None
+        params["scale_pos_weight"] = _scale_pos_weight(str(params.get("scale_pos_weight", "1")), labels, weights)
         estimator = XGBClassifier(
             objective="binary:logistic",
             tree_method="hist",
@@ -138,7 +142,14 @@ def fit(spec: ModelSpec, train: pd.DataFrame, seed: int = 0) -> FittedModel:
     else:
         raise ValueError(f"unknown model family {spec.family!r}")
     started = time.perf_counter()
-    estimator.fit(features, labels)
+    if SAMPLE_WEIGHT in train.columns:  # a downsampled training set, weighted back (fraud.training.sampling)
+        weights = train[SAMPLE_WEIGHT].to_numpy(dtype="float64")
+        if spec.family == "logistic_regression":
+            estimator.fit(features, labels, logisticregression__sample_weight=weights)
+        else:
+            estimator.fit(features, labels, sample_weight=weights)
+    else:
+        estimator.fit(features, labels)
     return FittedModel(spec=spec, estimator=estimator, fit_seconds=time.perf_counter() - started)
 
 
