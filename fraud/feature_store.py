@@ -238,11 +238,29 @@ def get_feature_store(
 
     config = repo_config(online, registry, project, offline=offline)
     if config.offline_store.type == "spark":
-        from fraud.features.spark_engine import check_master_reachable, java_executable
-
-        java_executable()
-        check_master_reachable(config.offline_store.spark_conf.get("spark.master", DEFAULT_MASTER))
+        _start_spark(dict(config.offline_store.spark_conf or {}))
     return FeatureStore(repo_path=str(FEATURE_REPO_DIR), config=config)
+
+
+def _start_spark(spark_conf: dict[str, str]) -> None:
+    """Start the Spark session Feast's Spark offline store and compute engine then reuse (they take
+    the active one): one line for a missing Java or an unreachable master first, and the Python of
+    the UDF workers (`spark.pyspark.python`, which PySpark otherwise takes from PYSPARK_PYTHON only)."""
+    from fraud.features.spark_engine import check_master_reachable, java_executable
+
+    java_executable()
+    check_master_reachable(spark_conf.get("spark.master", DEFAULT_MASTER))
+    from pyspark.sql import SparkSession
+
+    builder = SparkSession.builder
+    for key, value in spark_conf.items():
+        builder = builder.config(key, value)
+    try:
+        session = builder.getOrCreate()
+    except Exception as exc:  # noqa: BLE001 - py4j and JVM start-up errors have no common base
+        raise UserError(f"cannot start Spark (master {spark_conf.get('spark.master')}): {exc}") from None
+    if spark_conf.get("spark.pyspark.python"):
+        session.sparkContext.pythonExec = spark_conf["spark.pyspark.python"]
 
 
 # --- apply ----------------------------------------------------------------------------------------
