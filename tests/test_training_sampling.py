@@ -74,3 +74,42 @@ def test_xgboost_uses_the_weights() -> None:
         fit(spec, weighted).predict(probe), fit(spec, duplicated).predict(probe), rtol=1e-5, atol=1e-6
     )
     assert not np.allclose(fit(spec, train).predict(probe), fit(spec, weighted).predict(probe))
+
+
+def test_training_sets_downsample_training_days_only_before_the_join() -> None:
+    """With legit_per_day the join sees fewer rows; assessment and test windows stay whole and only
+    the training frames carry weights above 1."""
+    from datetime import datetime
+
+    from fraud.schema import CUSTOMER_ID, TERMINAL_ID, TX_AMOUNT
+    from fraud.training.dataset import SplitPlan, build_training_sets
+
+    plan = SplitPlan.create(datetime(2018, 7, 25), n_validation_folds=1)
+    rng = np.random.default_rng(2)
+    n = plan.span.days * 40
+    labelled = pd.DataFrame(
+        {
+            TRANSACTION_ID: [f"TX{i:06d}" for i in range(n)],
+            CUSTOMER_ID: [f"C{i % 30}" for i in range(n)],
+            TERMINAL_ID: [f"T{i % 17}" for i in range(n)],
+            TX_DATETIME: plan.span.start + pd.to_timedelta(np.sort(rng.integers(0, plan.span.days * 86_400, n)), "s"),
+            TX_AMOUNT: rng.gamma(2.0, 30.0, n),
+            TX_FRAUD: (rng.random(n) < 0.05).astype("int8"),
+        }
+    )
+    labelled["event_timestamp"] = labelled[TX_DATETIME]
+    joined: list[int] = []
+
+    def amount_features(entity: pd.DataFrame) -> pd.DataFrame:
+        joined.append(len(entity))
+        return entity.assign(**{name: entity[TX_AMOUNT].to_numpy() for name in MODEL_FEATURES})
+
+    full = build_training_sets(plan, labelled=labelled, feature_lookup=amount_features)
+    sampled = build_training_sets(plan, labelled=labelled, feature_lookup=amount_features, legit_per_day=5)
+    assert joined[1] < joined[0]
+    pd.testing.assert_frame_equal(sampled.test.drop(columns=[SAMPLE_WEIGHT]), full.test)
+    assert (sampled.test[SAMPLE_WEIGHT] == 1.0).all()
+    train = sampled.train
+    assert train[TX_FRAUD].sum() == full.train[TX_FRAUD].sum()
+    assert (train[train[TX_FRAUD] == 0].groupby(train[TX_DATETIME].dt.date).size() <= 5).all()
+    assert train.loc[train[TX_FRAUD] == 0, SAMPLE_WEIGHT].sum() == pytest.approx((full.train[TX_FRAUD] == 0).sum())

@@ -288,9 +288,10 @@ def build_training_sets(
     """Labelled transactions of `plan.span` (read from the current data layout unless given) joined
     point-in-time with their features, cut into train / validation folds / test.
 
-    With `legit_per_day`, the days that only training windows use keep at most that many legitimate
-    transactions, weighted back (`fraud.training.sampling`), before the feature join; assessment
-    and test days are whole. The frames then carry a `sample_weight` column that `fit` uses."""
+    With `legit_per_day`, every training frame (the training week and each fold's) keeps at most
+    that many legitimate transactions per day, weighted back (`fraud.training.sampling`); the days
+    that no assessment window uses are sampled before the feature join, so the join shrinks too.
+    Assessment and test frames are whole. The frames carry a `sample_weight` column that `fit` uses."""
     if labelled is None:
         from fraud.features.offline import labelled_transactions
 
@@ -315,7 +316,19 @@ def build_training_sets(
     gap_rows = labelled.loc[~_needed_rows(labelled, plan), list(ID_COLUMNS)]
     gap_rows = gap_rows.assign(**{name: float("nan") for name in MODEL_FEATURES})
     everything = pd.concat([featured, gap_rows], ignore_index=True)
-    return split_featured(everything, plan)
+    sets = split_featured(everything, plan)
+    if legit_per_day:
+        # days that assessment windows needed whole are sampled in the training frames only
+        def sample(frame: pd.DataFrame) -> pd.DataFrame:
+            return downsample_legit(frame, legit_per_day, seed).reset_index(drop=True)
+
+        sets = TrainingSets(
+            plan=sets.plan,
+            train=sample(sets.train),
+            test=sets.test,
+            folds=[(sample(fold_train), fold_valid) for fold_train, fold_valid in sets.folds],
+        )
+    return sets
 
 
 def _align_features(entity: pd.DataFrame, features: pd.DataFrame) -> pd.DataFrame:

@@ -38,9 +38,8 @@ def downsample_legit(
     assessment window; their whole day is then kept (weights 1)."""
     if legit_per_day is not None and legit_per_day < 0:
         raise UserError(f"legit_per_day must be >= 0 (0 = keep everything), got {legit_per_day}")
-    weights = np.ones(len(frame), dtype=np.float64)
     if not legit_per_day or frame.empty:
-        return frame.assign(**{SAMPLE_WEIGHT: weights})
+        return frame if SAMPLE_WEIGHT in frame.columns else frame.assign(**{SAMPLE_WEIGHT: 1.0})
     day = pd.to_datetime(frame[TX_DATETIME]).dt.floor("D")
     legit = frame[TX_FRAUD].to_numpy() == 0
     legit_count = pd.Series(legit, index=frame.index).groupby(day).transform("sum").to_numpy(dtype=np.float64)
@@ -52,5 +51,7 @@ def downsample_legit(
     draw = np.where(legit, _uniform(frame[TRANSACTION_ID], seed), 2.0)
     rank = pd.Series(draw, index=frame.index).groupby(day).rank(method="first").to_numpy() - 1.0
     keep = ~legit | (rank < kept_count)
-    weights = np.where(legit, legit_count / np.maximum(kept_count, 1.0), 1.0)
+    # a frame sampled before keeps its weights: they compose (a day's legitimate rows share one)
+    before = frame[SAMPLE_WEIGHT].to_numpy(dtype=np.float64) if SAMPLE_WEIGHT in frame.columns else 1.0
+    weights = np.where(legit, before * legit_count / np.maximum(kept_count, 1.0), before)
     return frame.assign(**{SAMPLE_WEIGHT: weights}).loc[keep]
