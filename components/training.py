@@ -87,9 +87,12 @@ def build_training_set(
     validation_folds: Output[Dataset],
     test_set: Output[Dataset],
     summary: Output[Metrics],
+    legit_per_day: int = 0,
 ):
     """Point-in-time train / prequential validation folds / test sets through Feast
-    (`train_start` "": the latest that fits the ingested data)."""
+    (`train_start` "": the latest that fits the ingested data; `legit_per_day` > 0: at most that
+    many legitimate transactions per training day, weighted back). The join runs on the Feast
+    profile of the task's environment (FRAUD_FEAST_OFFLINE=spark: a Spark job)."""
     from fraud.settings import read_at_entry
 
     read_at_entry()  # the one read of the environment in this task
@@ -110,6 +113,7 @@ def build_training_set(
         Path(train_set.path),
         Path(validation_folds.path),
         Path(test_set.path),
+        legit_per_day,
     )
     summary.log_metric("train_rows", result["train"]["rows"])
     summary.log_metric("train_frauds", result["train"]["frauds"])

@@ -21,6 +21,14 @@ the Feast project name, which also namespaces the Redis keys.
 A command only ever touches the stores of its own data directory: a registry copied from another
 one (its SQLite online tables recorded with the other directory's absolute path) is adopted by
 `apply_repo` and refused by materialisation (`foreign_online_tables`).
+
+FRAUD_FEAST_OFFLINE=spark (default duckdb) selects the same profile on Apache Spark: Feast's Spark
+offline store (point-in-time joins) and Spark compute engine (materialisation), with SparkSource
+data sources over the same Parquet tables: feature_store.spark.yaml (sqlite/file),
+feature_store.redis-spark.yaml (redis/file) and feature_store.redis-sql-spark.yaml (redis/sql, the
+cluster profile). FRAUD_SPARK_MASTER, FRAUD_SPARK_DRIVER_MEMORY and FRAUD_SPARK_PYTHON (defaults
+local[2], 2g, this interpreter) fill their Spark settings.
+
 """
 
 from __future__ import annotations
@@ -70,6 +78,7 @@ from fraud.features.offline import (
     labelled_transactions,
     terminal_features_path,
 )
+from fraud.features.spark_engine import DEFAULT_MASTER
 from fraud.features.velocity_offline import velocity_features_path, velocity_frame
 from fraud.schema import CUSTOMER_ID, TERMINAL_ID, TRANSACTION_ID, TX_AMOUNT, TX_DATETIME
 from fraud.settings import current
@@ -82,6 +91,7 @@ if TYPE_CHECKING:
 
 ONLINE_ENV = "FRAUD_FEAST_ONLINE"
 REGISTRY_ENV = "FRAUD_FEAST_REGISTRY"
+OFFLINE_ENV = "FRAUD_FEAST_OFFLINE"
 PROJECT_ENV = "FRAUD_FEAST_PROJECT"
 REDIS_URL_ENV = "FRAUD_REDIS_URL"
 REDIS_HOST_ENV = "FRAUD_REDIS_HOST"
@@ -100,13 +110,17 @@ TERMINAL_SNAPSHOT_COLUMN = f"terminal_{SNAPSHOT_TIMESTAMP}"
 #: Columns an entity dataframe must have for `historical_features`.
 ENTITY_DF_COLUMNS: tuple[str, ...] = (CUSTOMER_ID, TERMINAL_ID, EVENT_TIMESTAMP, TX_AMOUNT, TX_DATETIME)
 
-_YAML_FILES: dict[tuple[str, str], str] = {
-    ("sqlite", "file"): "feature_store.yaml",
-    ("redis", "file"): "feature_store.redis.yaml",
-    ("redis", "sql"): "feature_store.redis-sql.yaml",
+_YAML_FILES: dict[tuple[str, str, str], str] = {
+    ("sqlite", "file", "duckdb"): "feature_store.yaml",
+    ("redis", "file", "duckdb"): "feature_store.redis.yaml",
+    ("redis", "sql", "duckdb"): "feature_store.redis-sql.yaml",
+    ("sqlite", "file", "spark"): "feature_store.spark.yaml",
+    ("redis", "file", "spark"): "feature_store.redis-spark.yaml",
+    ("redis", "sql", "spark"): "feature_store.redis-sql-spark.yaml",
 }
 ONLINE_STORES: tuple[str, ...] = ("sqlite", "redis")
 REGISTRIES: tuple[str, ...] = ("file", "sql")
+OFFLINE_STORES: tuple[str, ...] = ("duckdb", "spark")
 _ROW_ORDER = "__fraud_row_order"
 _PLACEHOLDER = re.compile(r"\$\{(\w+)\}")
 
@@ -116,33 +130,38 @@ _PLACEHOLDER = re.compile(r"\$\{(\w+)\}")
 
 @dataclass(frozen=True)
 class StoreProfile:
-    """Which online store and registry to use, and the yaml file describing them."""
+    """Which online store, registry and offline store to use, and the yaml file describing them."""
 
     online: str
     registry: str
+    offline: str = "duckdb"
 
     @property
     def yaml_file(self) -> Path:
-        return FEATURE_REPO_DIR / _YAML_FILES[(self.online, self.registry)]
+        return FEATURE_REPO_DIR / _YAML_FILES[(self.online, self.registry, self.offline)]
 
 
-def store_profile(online: str | None = None, registry: str | None = None) -> StoreProfile:
-    """The profile from the arguments, else FRAUD_FEAST_ONLINE / FRAUD_FEAST_REGISTRY, else sqlite/file."""
+def store_profile(online: str | None = None, registry: str | None = None, offline: str | None = None) -> StoreProfile:
+    """The profile from the arguments, else FRAUD_FEAST_ONLINE / FRAUD_FEAST_REGISTRY /
+    FRAUD_FEAST_OFFLINE, else sqlite/file/duckdb."""
     settings = current()
     chosen_online = (online or settings.feast_online).strip().lower()
     chosen_registry = (registry or settings.feast_registry).strip().lower()
+    chosen_offline = (offline or settings.feast_offline).strip().lower()
+    if chosen_offline not in OFFLINE_STORES:
+        raise UserError(f"offline store {chosen_offline!r} (from {OFFLINE_ENV}) must be one of {OFFLINE_STORES}")
     if chosen_online not in ONLINE_STORES:
         raise UserError(
             f"online store {chosen_online!r} (from {ONLINE_ENV} or --online) must be one of {ONLINE_STORES}"
         )
     if chosen_registry not in REGISTRIES:
         raise UserError(f"registry {chosen_registry!r} (from {REGISTRY_ENV}) must be one of {REGISTRIES}")
-    if (chosen_online, chosen_registry) not in _YAML_FILES:
+    if (chosen_online, chosen_registry, chosen_offline) not in _YAML_FILES:
         raise UserError(
             f"the {chosen_registry} registry is only configured with the redis online store "
             f"(set {ONLINE_ENV}=redis or {REGISTRY_ENV}=file)"
         )
-    return StoreProfile(online=chosen_online, registry=chosen_registry)
+    return StoreProfile(online=chosen_online, registry=chosen_registry, offline=chosen_offline)
 
 
 def redis_connection_string(env: Mapping[str, str] | None = None) -> str:
@@ -190,6 +209,8 @@ def _placeholder_values() -> dict[str, str]:
     values = {
         "FRAUD_DATA_DIR": str(data_dir()),
         REGISTRY_URL_ENV: DEFAULT_REGISTRY_URL,
+        # the Python of the Spark compute engine's workers: the one running this (with feast)
+        "FRAUD_SPARK_PYTHON": sys.executable,
     }
     values.update(current().env())
     values[REDIS_URL_ENV] = redis_connection_string()
@@ -227,11 +248,13 @@ def _locate_stores(raw: dict[str, Any]) -> None:
         online["connection_string"] = redis_connection_string()
 
 
-def repo_config(online: str | None = None, registry: str | None = None, project: str | None = None) -> RepoConfig:
+def repo_config(
+    online: str | None = None, registry: str | None = None, project: str | None = None, *, offline: str | None = None
+) -> RepoConfig:
     """The Feast RepoConfig of the selected profile, placeholders expanded with defaults."""
     from feast.repo_config import RepoConfig
 
-    profile = store_profile(online, registry)
+    profile = store_profile(online, registry, offline)
     text = profile.yaml_file.read_text()
     expanded = string.Template(text).safe_substitute(_placeholder_values())
     settings = "\n".join(line for line in expanded.splitlines() if not line.lstrip().startswith("#"))
@@ -249,13 +272,36 @@ def repo_config(online: str | None = None, registry: str | None = None, project:
 
 
 def get_feature_store(
-    online: str | None = None, *, registry: str | None = None, project: str | None = None
+    online: str | None = None, *, registry: str | None = None, project: str | None = None, offline: str | None = None
 ) -> FeatureStore:
     """A Feast FeatureStore on the feature repository with the selected profile (see module doc)."""
     from feast import FeatureStore
 
-    config = repo_config(online, registry, project)
+    config = repo_config(online, registry, project, offline=offline)
+    if config.offline_store.type == "spark":
+        _start_spark(dict(config.offline_store.spark_conf or {}))
     return FeatureStore(repo_path=str(FEATURE_REPO_DIR), config=config)
+
+
+def _start_spark(spark_conf: dict[str, str]) -> None:
+    """Start the Spark session Feast's Spark offline store and compute engine then reuse (they take
+    the active one): one line for a missing Java or an unreachable master first, and the Python of
+    the UDF workers (`spark.pyspark.python`, which PySpark otherwise takes from PYSPARK_PYTHON only)."""
+    from fraud.features.spark_engine import check_master_reachable, java_executable
+
+    java_executable()
+    check_master_reachable(spark_conf.get("spark.master", DEFAULT_MASTER))
+    from pyspark.sql import SparkSession
+
+    builder = SparkSession.builder
+    for key, value in spark_conf.items():
+        builder = builder.config(key, value)
+    try:
+        session = builder.getOrCreate()
+    except Exception as exc:  # noqa: BLE001 - py4j and JVM start-up errors have no common base
+        raise UserError(f"cannot start Spark (master {spark_conf.get('spark.master')}): {exc}") from None
+    if spark_conf.get("spark.pyspark.python"):
+        session.sparkContext.pythonExec = spark_conf["spark.pyspark.python"]
 
 
 # --- apply ----------------------------------------------------------------------------------------
@@ -267,10 +313,24 @@ def _require_offline_tables(layout: DataLayout) -> None:
         raise UserError(f"missing feature tables {[str(p) for p in missing]} (run `fraud features build` first)")
 
 
+_REPO_OFFLINE_STORE: list[str] = []
+
+
+def repo_offline_store() -> str:
+    """The offline store the feature repository's data sources are declared for ("duckdb":
+    FileSource, "spark": SparkSource): the profile of the `apply_repo` under way, else
+    FRAUD_FEAST_OFFLINE (the plain Feast CLI), else duckdb."""
+    if _REPO_OFFLINE_STORE:
+        return _REPO_OFFLINE_STORE[-1]
+    return store_profile().offline
+
+
 @contextmanager
-def _inside_feature_repo() -> Iterator[None]:
+def _inside_feature_repo(offline: str = "duckdb") -> Iterator[None]:
     """Feast imports the repo's modules by name from the working directory: run there, with the
-    modules re-imported (their data source paths depend on FRAUD_DATA_DIR), then restore."""
+    modules re-imported (their data source paths depend on FRAUD_DATA_DIR, their types on the
+    offline store), then restore."""
+    _REPO_OFFLINE_STORE.append(offline)
     previous_cwd = Path.cwd()
     repo = str(FEATURE_REPO_DIR)
     added_to_path = repo not in sys.path
@@ -283,28 +343,34 @@ def _inside_feature_repo() -> Iterator[None]:
     try:
         yield
     finally:
+        _REPO_OFFLINE_STORE.pop()
         os.chdir(previous_cwd)
         if added_to_path and repo in sys.path:
             sys.path.remove(repo)
 
 
-def apply_repo(online: str | None = None, *, registry: str | None = None, project: str | None = None) -> None:
+def apply_repo(
+    online: str | None = None, *, registry: str | None = None, project: str | None = None, offline: str | None = None
+) -> None:
     """`feast apply` of feature_repo/ with the selected profile (registers the objects, creates the
     online tables). The offline tables must exist (their schemas are validated)."""
     from feast.repo_operations import apply_total
 
     _require_offline_tables(DataLayout.current())
-    config = repo_config(online, registry, project)
+    profile = store_profile(online, registry, offline)
+    config = repo_config(online, registry, project, offline=profile.offline)
     adopt_copied_registry(config)
-    with _inside_feature_repo():
+    with _inside_feature_repo(profile.offline):
         apply_total(config, FEATURE_REPO_DIR, skip_source_validation=False)
 
 
-def teardown(online: str | None = None, *, registry: str | None = None, project: str | None = None) -> None:
+def teardown(
+    online: str | None = None, *, registry: str | None = None, project: str | None = None, offline: str | None = None
+) -> None:
     """Delete the project's online data (tables / Redis keys) and its registry, and forget the
     cached online client of that configuration."""
-    get_feature_store(online, registry=registry, project=project).teardown()
-    _CLIENTS.pop(_client_key(store_profile(online, registry), project), None)
+    get_feature_store(online, registry=registry, project=project, offline=offline).teardown()
+    _CLIENTS.pop(_client_key(store_profile(online, registry, offline), project), None)
 
 
 # --- ownership: a command touches only the stores of its own data directory ----------------------
@@ -570,13 +636,15 @@ def materialize(
     *,
     registry: str | None = None,
     project: str | None = None,
+    offline: str | None = None,
 ) -> MaterializationResult:
-    """Load the latest snapshot of each entity with start <= snapshot_ts <= end into the online store."""
+    """Load the latest snapshot of each entity with start <= snapshot_ts <= end into the online store
+    (on the Spark profile: a Spark job of Feast's Spark compute engine)."""
     lower, upper = _as_utc(start), _as_utc(end)
     if upper <= lower:
         raise UserError(f"--end ({upper.isoformat()}) must be after --start ({lower.isoformat()})")
-    require_own_registry(repo_config(online, registry, project))
-    store = get_feature_store(online, registry=registry, project=project)
+    require_own_registry(repo_config(online, registry, project, offline=offline))
+    store = get_feature_store(online, registry=registry, project=project, offline=offline)
     views = BATCH_VIEWS
     started = time.perf_counter()
     store.materialize(start_date=lower, end_date=upper, feature_views=list(views))
@@ -604,6 +672,7 @@ def materialize_incremental(
     *,
     registry: str | None = None,
     project: str | None = None,
+    offline: str | None = None,
 ) -> MaterializationResult:
     """Materialise each view from where its last materialisation ended up to `end` (default: see
     `default_materialization_end`). A view never materialised loads the latest snapshot of every
@@ -611,8 +680,8 @@ def materialize_incremental(
     reads from one TTL before min(end, last snapshot), as every entity has a snapshot each day
     through the last one."""
     upper = _as_utc(end) if end is not None else default_materialization_end()
-    require_own_registry(repo_config(online, registry, project))
-    store = get_feature_store(online, registry=registry, project=project)
+    require_own_registry(repo_config(online, registry, project, offline=offline))
+    store = get_feature_store(online, registry=registry, project=project, offline=offline)
     problem = _lost_store_problem(store)
     if problem:
         raise UserError(problem)
@@ -644,8 +713,10 @@ def historical_features(
     registry: str | None = None,
     project: str | None = None,
     store: FeatureStore | None = None,
+    offline: str | None = None,
 ) -> pd.DataFrame:
-    """Point-in-time correct model features for each row of `entity_df` through the feature service.
+    """Point-in-time correct model features for each row of `entity_df` through the feature service
+    (the join runs on the profile's offline store: DuckDB, or a Spark job on the Spark profile).
 
     `entity_df` needs `ENTITY_DF_COLUMNS` (event_timestamp is the point in time; tx_amount and
     tx_datetime feed the on-demand features); other columns (labels, ids) are passed through.
@@ -661,7 +732,7 @@ def historical_features(
         raise UserError(f"entity dataframe already has feature column(s) {clash}")
     if entity_df.empty:
         return entity_df.assign(**{name: pd.Series(dtype="float64") for name in MODEL_FEATURES})
-    store = store or get_feature_store(online, registry=registry, project=project)
+    store = store or get_feature_store(online, registry=registry, project=project, offline=offline)
     request = entity_df[list(ENTITY_DF_COLUMNS)].copy()
     request[_ROW_ORDER] = np.arange(len(request), dtype="int64")
     # tz-aware UTC: naive timestamps would be read as local time by parts of Feast
@@ -870,6 +941,7 @@ def _client_key(profile: StoreProfile, project: str | None) -> tuple[str, ...]:
     return (
         profile.online,
         profile.registry,
+        profile.offline,
         project or settings.feast_project or "",
         str(settings.layout.root),
         settings.redis_url or "",
@@ -888,7 +960,7 @@ def online_client(
     if client is None:
         from feast import FeatureStore
 
-        config = repo_config(profile.online, profile.registry, project)
+        config = repo_config(profile.online, profile.registry, project, offline=profile.offline)
         client = OnlineFeatureClient(FeatureStore(repo_path=str(FEATURE_REPO_DIR), config=config))
         _CLIENTS[key] = client
     return client

@@ -108,6 +108,39 @@ class Settings(BaseModel):
         default="2GB",
         json_schema_extra=_env("FRAUD_DUCKDB_MEMORY_LIMIT", "DuckDB memory cap of the offline feature build"),
     )
+    feast_offline: Literal["duckdb", "spark"] = Field(
+        default="duckdb",
+        json_schema_extra=_env(
+            "FRAUD_FEAST_OFFLINE",
+            "Feast offline store and compute engine: `duckdb` or `spark` (point-in-time sets and "
+            "materialisation as Spark jobs)",
+        ),
+    )
+    spark_master: Text = Field(
+        default="local[2]",
+        json_schema_extra=_env(
+            "FRAUD_SPARK_MASTER",
+            "Spark master of `fraud features build --engine spark` and the Feast Spark profiles "
+            "(`local[N]`, `spark://…`, `k8s://…`)",
+        ),
+    )
+    spark_driver_memory: Text = Field(
+        default="2g", json_schema_extra=_env("FRAUD_SPARK_DRIVER_MEMORY", "Spark driver heap")
+    )
+    spark_executor_memory: Text = Field(
+        default="2g", json_schema_extra=_env("FRAUD_SPARK_EXECUTOR_MEMORY", "Spark executor heap")
+    )
+    spark_shuffle_partitions: int = Field(
+        default=8,
+        ge=1,
+        json_schema_extra=_env("FRAUD_SPARK_SHUFFLE_PARTITIONS", "Spark SQL shuffle partitions of the feature build"),
+    )
+    spark_python: str | None = Field(
+        default=None,
+        json_schema_extra=_env(
+            "FRAUD_SPARK_PYTHON", "Python of the Spark workers of the Feast Spark profiles", "this interpreter"
+        ),
+    )
     # --- transaction stream (velocity features) -----------------------------------------------------
     stream_redis_url: str | None = Field(
         default=None,

@@ -55,6 +55,9 @@ if ! command -v chromium >/dev/null 2>&1; then
   rm -f "$log"
 fi
 
+# Java for the Spark engine's tests (Debian's default-jre-headless)
+bash "$(dirname "$0")/ensure-java.sh"
+
 if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
   echo "starting redis on 127.0.0.1:6379"
   mkdir -p /var/lib/redis /var/log/redis

@@ -29,6 +29,14 @@ def quality_command(
             "--ablation/--no-ablation", help="Also each family on the daily-snapshot features only (no velocity)."
         ),
     ] = True,
+    legit_per_day: Annotated[
+        list[int] | None,
+        typer.Option(
+            "--legit-per-day",
+            help="Also refit XGBoost on training weeks keeping at most N legitimate transactions per day "
+            "(weighted back, and unweighted); repeat for several N.",
+        ),
+    ] = None,
 ) -> None:
     """Model quality with the Handbook's protocol on the full default dataset (LR, RF, XGBoost), with
     and without the real-time velocity features."""
@@ -54,11 +62,26 @@ def quality_command(
     unknown = [f for f in families if f not in known]
     if unknown:
         raise UserError(f"--family must be one of {known}, got {unknown}")
+    caps = tuple(legit_per_day or ())
+    if any(cap < 1 for cap in caps):
+        raise UserError(f"--legit-per-day must be >= 1, got {list(caps)}")
+    if caps and "xgboost" not in families:
+        raise UserError("--legit-per-day refits XGBoost: include --family xgboost")
     config = BenchConfig(
-        seed=seed, out_dir=out, raw_dir=raw, n_validation_folds=folds, families=families, ablation=ablation
+        seed=seed,
+        out_dir=out,
+        raw_dir=raw,
+        n_validation_folds=folds,
+        families=families,
+        ablation=ablation,
+        legit_per_day=caps,
     )
     result = run_quality_bench(config, report)
     console.print(summary_table(result).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    if result["downsampling"]:
+        import pandas as pd
+
+        console.print(pd.DataFrame(result["downsampling"]).to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     console.print(
         f"wrote {out / 'metrics.json'} and {out / 'predictions.parquet'} in {result['timings']['total_s']:.0f} s"
     )

@@ -37,6 +37,7 @@ import pandas as pd
 from fraud.errors import UserError
 from fraud.features.definitions import LABEL_DELAY_DAYS, MODEL_FEATURES
 from fraud.schema import CUSTOMER_ID, TERMINAL_ID, TRANSACTION_ID, TX_AMOUNT, TX_DATETIME, TX_FRAUD
+from fraud.training.sampling import SAMPLE_WEIGHT, downsample_legit
 
 #: Columns every set carries besides the model features.
 ID_COLUMNS: tuple[str, ...] = (TRANSACTION_ID, CUSTOMER_ID, TERMINAL_ID, TX_DATETIME, TX_AMOUNT, TX_FRAUD)
@@ -239,8 +240,10 @@ def split_featured(featured: pd.DataFrame, plan: SplitPlan) -> TrainingSets:
         raise UserError(f"featured transactions lack column(s) {', '.join(missing)}")
     frame = featured.sort_values([TX_DATETIME, TRANSACTION_ID], kind="mergesort").reset_index(drop=True)
 
+    columns = [*SET_COLUMNS, *([SAMPLE_WEIGHT] if SAMPLE_WEIGHT in frame.columns else [])]
+
     def select(mask: pd.Series) -> pd.DataFrame:
-        return frame.loc[mask, list(SET_COLUMNS)].reset_index(drop=True)
+        return frame.loc[mask, columns].reset_index(drop=True)
 
     def block_sets(block: Block) -> tuple[pd.DataFrame, pd.DataFrame]:
         return select(block.train.contains(frame[TX_DATETIME])), select(assessment_rows(frame, block))
@@ -279,9 +282,16 @@ def build_training_sets(
     plan: SplitPlan,
     labelled: pd.DataFrame | None = None,
     feature_lookup: FeatureLookup | None = None,
+    legit_per_day: int | None = None,
+    seed: int = 0,
 ) -> TrainingSets:
     """Labelled transactions of `plan.span` (read from the current data layout unless given) joined
-    point-in-time with their features, cut into train / validation folds / test."""
+    point-in-time with their features, cut into train / validation folds / test.
+
+    With `legit_per_day`, every training frame (the training week and each fold's) keeps at most
+    that many legitimate transactions per day, weighted back (`fraud.training.sampling`); the days
+    that no assessment window uses are sampled before the feature join, so the join shrinks too.
+    Assessment and test frames are whole. The frames carry a `sample_weight` column that `fit` uses."""
     if labelled is None:
         from fraud.features.offline import labelled_transactions
 
@@ -293,14 +303,32 @@ def build_training_sets(
 
         feature_lookup = historical_features
     needed = labelled.loc[_needed_rows(labelled, plan)].reset_index(drop=True)
+    if legit_per_day:
+        assessed = pd.Series(False, index=needed.index)
+        for block in (plan.final, *plan.folds):
+            assessed |= block.assess.contains(needed[TX_DATETIME])
+        needed = downsample_legit(needed, legit_per_day, seed, protect=assessed).reset_index(drop=True)
     features = feature_lookup(needed)
     features = _align_features(needed, features)
-    featured = pd.concat([needed[list(ID_COLUMNS)].reset_index(drop=True), features], axis=1)
+    carried = [*ID_COLUMNS, *([SAMPLE_WEIGHT] if SAMPLE_WEIGHT in needed.columns else [])]
+    featured = pd.concat([needed[carried].reset_index(drop=True), features], axis=1)
     # the gap rows carry labels only: the known-compromised rule reads them
     gap_rows = labelled.loc[~_needed_rows(labelled, plan), list(ID_COLUMNS)]
     gap_rows = gap_rows.assign(**{name: float("nan") for name in MODEL_FEATURES})
     everything = pd.concat([featured, gap_rows], ignore_index=True)
-    return split_featured(everything, plan)
+    sets = split_featured(everything, plan)
+    if legit_per_day:
+        # days that assessment windows needed whole are sampled in the training frames only
+        def sample(frame: pd.DataFrame) -> pd.DataFrame:
+            return downsample_legit(frame, legit_per_day, seed).reset_index(drop=True)
+
+        sets = TrainingSets(
+            plan=sets.plan,
+            train=sample(sets.train),
+            test=sets.test,
+            folds=[(sample(fold_train), fold_valid) for fold_train, fold_valid in sets.folds],
+        )
+    return sets
 
 
 def _align_features(entity: pd.DataFrame, features: pd.DataFrame) -> pd.DataFrame:

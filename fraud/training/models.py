@@ -36,6 +36,7 @@ from fraud.quality_metrics import average_precision, card_precision_top_k, roc_a
 from fraud.schema import TX_DATETIME, TX_FRAUD
 from fraud.settings import Settings, current
 from fraud.training.dataset import TrainingSets
+from fraud.training.sampling import SAMPLE_WEIGHT
 
 if TYPE_CHECKING:
     from xgboost import XGBClassifier
@@ -107,10 +108,12 @@ class FittedModel:
         return booster
 
 
-def _scale_pos_weight(value: str, labels: np.ndarray) -> float:
+def _scale_pos_weight(value: str, labels: np.ndarray, weights: np.ndarray | None = None) -> float:
+    """The grid value, or "sqrt": sqrt(genuine / fraud) of the (weighted) training set."""
     if value == "sqrt":
-        positives = max(1, int(labels.sum()))
-        return float(math.sqrt(max(1, len(labels) - positives) / positives))
+        w = np.ones(len(labels)) if weights is None else weights
+        positives = max(1.0, float(w[labels == 1].sum()))
+        return float(math.sqrt(max(1.0, float(w[labels == 0].sum())) / positives))
     return float(value)
 
 
@@ -125,7 +128,8 @@ def fit(spec: ModelSpec, train: pd.DataFrame, seed: int = 0) -> FittedModel:
         from xgboost import XGBClassifier
 
         params = dict(spec.params)
-        params["scale_pos_weight"] = _scale_pos_weight(str(params.get("scale_pos_weight", "1")), labels)
+        weights = train[SAMPLE_WEIGHT].to_numpy(dtype="float64") if SAMPLE_WEIGHT in train.columns else None
+        params["scale_pos_weight"] = _scale_pos_weight(str(params.get("scale_pos_weight", "1")), labels, weights)
         estimator = XGBClassifier(
             objective="binary:logistic",
             tree_method="hist",
@@ -147,7 +151,14 @@ def fit(spec: ModelSpec, train: pd.DataFrame, seed: int = 0) -> FittedModel:
     else:
         raise ValueError(f"unknown model family {spec.family!r}")
     started = time.perf_counter()
-    estimator.fit(features, labels)
+    if SAMPLE_WEIGHT in train.columns:  # a downsampled training set, weighted back (fraud.training.sampling)
+        weights = train[SAMPLE_WEIGHT].to_numpy(dtype="float64")
+        if spec.family == "logistic_regression":
+            estimator.fit(features, labels, logisticregression__sample_weight=weights)
+        else:
+            estimator.fit(features, labels, sample_weight=weights)
+    else:
+        estimator.fit(features, labels)
     return FittedModel(spec=spec, estimator=estimator, fit_seconds=time.perf_counter() - started)
 
 

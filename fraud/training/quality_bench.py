@@ -46,6 +46,9 @@ class BenchConfig:
     #: also select, fit and score each family on the daily-snapshot features only (velocity at its
     #: no-history constant, which no tree splits on and a standardised linear model ignores)
     ablation: bool = True
+    #: also refit XGBoost (its selected parameters) on training weeks that keep at most this many
+    #: legitimate transactions per day, weighted back and unweighted (fraud.training.sampling)
+    legit_per_day: tuple[int, ...] = ()
 
 
 def without_velocity(frame: pd.DataFrame) -> pd.DataFrame:
@@ -71,6 +74,49 @@ def _select_fit_score(sets, family: str, test: pd.DataFrame) -> tuple[dict, np.n
         "selection": [c.as_dict() for c in selection.candidates],
     }
     return summary, scores, selection
+
+
+def downsampling_study(sets, book_sets, spec, caps: tuple[int, ...], seed: int) -> list[dict]:
+    """XGBoost with the parameters `spec` refitted on each training week downsampled to at most
+    `cap` legitimate transactions per day (0 = everything), with the weights 1/p and without them;
+    test-week and Handbook-protocol metrics on the full (never downsampled) assessment weeks."""
+    from fraud.training.models import fit
+    from fraud.training.sampling import SAMPLE_WEIGHT, downsample_legit
+
+    rows = []
+    for cap in (0, *caps):
+        for weighted in (True, False) if cap else (True,):
+
+            def sample(frame: pd.DataFrame, cap: int = cap, weighted: bool = weighted) -> pd.DataFrame:
+                kept = downsample_legit(frame, cap or None, seed)
+                return kept if weighted else kept.drop(columns=[SAMPLE_WEIGHT])
+
+            train = sample(sets.train)
+            started = time.perf_counter()
+            model = fit(spec, train)
+            fit_seconds = time.perf_counter() - started
+            quality = quality_report(sets.test.assign(score=model.predict(sets.test)))
+            book_ap = []
+            if book_sets is not None:
+                for block_train, block_test in book_sets.folds:
+                    block_model = fit(spec, sample(block_train))
+                    book_ap.append(
+                        quality_report(block_test.assign(score=block_model.predict(block_test))).average_precision
+                    )
+            rows.append(
+                {
+                    "legit_per_day": cap,
+                    "weighted": weighted,
+                    "train_rows": len(train),
+                    "train_frauds": int(train[TX_FRAUD].sum()),
+                    "auc": quality.roc_auc,
+                    "average_precision": quality.average_precision,
+                    "card_precision_at_100": quality.card_precision_at_k,
+                    "book_protocol_average_precision_mean": float(np.mean(book_ap)) if book_ap else float("nan"),
+                    "fit_seconds": fit_seconds,
+                }
+            )
+    return rows
 
 
 def raw_matches(raw_dir: Path, seed: int) -> bool:
@@ -151,6 +197,7 @@ def _run_quality_bench(config: BenchConfig, report: Callable[[str], None]) -> di
 
     predictions = sets.test[[TRANSACTION_ID, CUSTOMER_ID, TX_DATETIME, TX_FRAUD]].copy()
     models: dict[str, dict] = {}
+    selections: dict[str, Selection] = {}
     for family in config.families:
         step = time.perf_counter()
         report(
@@ -158,6 +205,7 @@ def _run_quality_bench(config: BenchConfig, report: Callable[[str], None]) -> di
             "fit on the training week, score the test week"
         )
         summary, scores, selection = _select_fit_score(sets, family, sets.test)
+        selections[family] = selection
         predictions[f"score_{family}"] = scores
         models[family] = {**summary, "seconds": time.perf_counter() - step}
         if book_sets is not None:
@@ -188,6 +236,14 @@ def _run_quality_bench(config: BenchConfig, report: Callable[[str], None]) -> di
             predictions[f"score_{family}_snapshots_only"] = scores
             ablation[family] = {**summary, "seconds": time.perf_counter() - step}
             timings[f"{family}_snapshots_only_s"] = ablation[family]["seconds"]
+    downsampling: list[dict] = []
+    if config.legit_per_day and "xgboost" in selections:
+        step = time.perf_counter()
+        report(f"xgboost on downsampled training weeks: at most {list(config.legit_per_day)} legitimate per day")
+        downsampling = downsampling_study(
+            sets, book_sets, selections["xgboost"].best, config.legit_per_day, config.seed
+        )
+        timings["downsampling_s"] = time.perf_counter() - step
     timings["total_s"] = time.perf_counter() - started
     result = {
         "seed": config.seed,
@@ -198,6 +254,7 @@ def _run_quality_bench(config: BenchConfig, report: Callable[[str], None]) -> di
         "sets": sets.summary(),
         "models": models,
         "snapshots_only": ablation,
+        "downsampling": downsampling,
         "timings": timings,
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count()},
     }

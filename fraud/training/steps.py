@@ -209,8 +209,13 @@ def build_training_set(
     train_path: Path,
     folds_dir: Path,
     test_path: Path,
+    legit_per_day: int = 0,
 ) -> dict:
     """Point-in-time sets through Feast; returns their summary (rows, frauds, windows).
+
+    `legit_per_day` > 0 keeps at most that many legitimate transactions per day of the training
+    weeks (assessment and test weeks whole), weighted back (`fraud.training.sampling`), before the
+    join; 0 keeps everything.
 
     With `feature_tables_uri`, the offline tables are fetched from there into this task's data
     directory and joined through a Feast store of its own (file registry, embedded online store):
@@ -231,7 +236,11 @@ def build_training_set(
         storage.get_folder(feature_tables_uri, layout.features, feature_table_names())
         feature_store.apply_repo("sqlite", registry="file")
         lookup = partial(feature_store.historical_features, online="sqlite", registry="file")
-    sets = build_training_sets(plan, labelled=labelled, feature_lookup=lookup)
+    if legit_per_day < 0:
+        from fraud.errors import UserError
+
+        raise UserError(f"legit_per_day must be >= 0 (0 = keep everything), got {legit_per_day}")
+    sets = build_training_sets(plan, labelled=labelled, feature_lookup=lookup, legit_per_day=legit_per_day or None)
     sets.save(train_path, folds_dir, test_path)
     return sets.summary()
 
