@@ -47,6 +47,10 @@ COMPILED_POLICIES = (COMPILED_AUTO, COMPILED_OFF)
 TOLERANCE = 1e-6
 #: the cache directory `python -m predictor` uses unless told otherwise (per user, like any build cache)
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "fraud-compiled-models"
+#: most rows per call scored by the compiled model; larger batches go to XGBoost, whose blocked tree
+#: traversal is faster for many rows (benchmarks/bench_compiled_model.py: the compiled model is
+#: ~40x faster for one row, 1.5x for 100, 0.7x for 1,000 on a 300-tree model)
+MAX_COMPILED_ROWS = 256
 #: trees per C translation unit (gcc builds them in parallel and a huge single function is slow to optimise)
 TREES_PER_UNIT = 50
 COMPILE_TIMEOUT_S = 600.0
@@ -86,6 +90,14 @@ class CompiledModel:
         out = np.empty(len(matrix), dtype=np.float32)
         self._predict_batch(matrix.ctypes.data, len(matrix), self.num_features, out.ctypes.data)
         return out.astype(np.float64)
+
+    def predict_or(self, fallback: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+        """A predict function: this model for up to MAX_COMPILED_ROWS rows, `fallback` (XGBoost) above."""
+
+        def predict(values: np.ndarray) -> np.ndarray:
+            return self.predict(values) if len(values) <= MAX_COMPILED_ROWS else fallback(values)
+
+        return predict
 
 
 def _toolchain_key() -> str:

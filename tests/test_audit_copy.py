@@ -95,4 +95,3 @@ def test_copy_is_part_of_the_transaction_and_a_refused_row_is_a_row_error(engine
     with engine.begin() as connection:
         insert_decisions(connection, rows(8)[5:], skip_existing=False)
     assert len(stored(engine)) == 8
-
