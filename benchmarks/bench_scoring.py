@@ -595,6 +595,7 @@ def bench_serving(args: argparse.Namespace) -> int:
         batch_bodies = {b: serving_batch_bodies(bundle, b, args.entities) for b in batches}
         servers: dict[str, Server] = {}
         bundles: dict[str, str] = {}
+        skipped: dict[str, list[str]] = {}
         max_batch = ["--max-batch-size", str(max([*batches, DEFAULT_PREDICTOR_MAX_BATCH]))]
         with code_trees(args.baseline, work, "predictor") as trees:
             try:
@@ -602,7 +603,10 @@ def bench_serving(args: argparse.Namespace) -> int:
                     own = tree.ref is not None and (args.bundle is None or args.baseline_bundle == "own")
                     tree_bundle_dir = tree_bundle(tree, work) if own else bundle
                     bundles[tree.name] = str(tree_bundle_dir)
-                    extra = ["--entities", str(args.entities), *max_batch, *args.predictor_args]
+                    # options a baseline's predictor does not have are left out for it (recorded below)
+                    known = [a for a in args.predictor_args if tree.ref is None or _has_option(tree, a.split("=")[0])]
+                    skipped[tree.name] = [a for a in args.predictor_args if a not in known]
+                    extra = ["--entities", str(args.entities), *max_batch, *known]
                     servers[tree.name] = start_predictor_memory(tree_bundle_dir, work, extra, tree)
                     check_answer(servers[tree.name], ours[0], "fraud_probability")
                 if with_mlserver:
@@ -715,6 +719,7 @@ def bench_serving(args: argparse.Namespace) -> int:
             "batches": batches,
             "predictor_args": list(args.predictor_args),
             "baselines": {tree: summary[tree]["bundle"] for tree in baselines},
+            "predictor_args_not_known_to": {name: args for name, args in skipped.items() if args},
             "offered_rates": rates,
             "load_generators": {
                 "saturation": "wrk (closed loop, 1 thread)",

@@ -121,7 +121,7 @@ class BundleScorer:
                 self.bundle_dir / MODEL_FILE, self._predict, len(MODEL_FEATURES), reference, compiled_cache
             )
             if self.compiled is not None:
-                self._predict = self.compiled.predict
+                self._predict = self.compiled.predict_or(self._predict)
         self.descriptions = {
             name: self.manifest.reason_codes.get(name, FEATURE_DESCRIPTIONS[name]) for name in MODEL_FEATURES
         }

@@ -162,3 +162,24 @@ def test_a_broken_build_falls_back(bundle: Path, tmp_path, monkeypatch, caplog) 
     assert scorer.compiled is None
     assert "gcc failed" in caplog.text
     assert not list((tmp_path / "cache").glob("*.so"))
+
+
+def test_large_batches_go_to_xgboost(bundle: Path, tmp_path, monkeypatch) -> None:
+    scorer = BundleScorer(bundle, compiled="auto", compiled_cache=tmp_path / "cache")
+    assert scorer.compiled is not None
+    calls: list[int] = []
+    original = compiled.CompiledModel.predict
+
+    def counting(self, values):
+        calls.append(len(values))
+        return original(self, values)
+
+    monkeypatch.setattr(compiled.CompiledModel, "predict", counting)
+    reference = np.load(bundle / REFERENCE_FILE)
+    small = reference[: compiled.MAX_COMPILED_ROWS]
+    large = np.vstack([reference, reference])[: compiled.MAX_COMPILED_ROWS + 1]
+    scorer.score(small)
+    assert calls == [len(small)]
+    expected = scorer.booster.inplace_predict(large, validate_features=False).astype(np.float64)
+    np.testing.assert_array_equal(scorer.score(large).probabilities, expected)
+    assert calls == [len(small)]  # the large batch did not reach the compiled model
