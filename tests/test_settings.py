@@ -34,6 +34,8 @@ ENVIRONMENT_READS = {
     "components/base.py": "KUBERNETES_SERVICE_HOST / _PORT",
     # whether spark-submit launched this process (its gateway variable), not a setting
     "fraud/features/spark_job.py": "PYSPARK_GATEWAY_PORT",
+    # where Java is installed, read the way Spark itself reads it; not a setting of the platform
+    "fraud/features/spark_engine.py": "JAVA_HOME",
     # the settings themselves
     "fraud/settings.py": "the one reader",
     "drift_transformer/drift_transformer/settings.py": "the transformer's one reader",
