@@ -190,3 +190,11 @@ def test_lookup_benchmark_smoke(tmp_path: Path) -> None:
         (n, path) for n in (1, 10) for path in ("batched reader", "online_read per view")
     }
     assert all(r["median_ms"] > 0 and r["store"] == "sqlite" for r in report["results"])
+
+
+def test_feature_engines_benchmark_smoke() -> None:
+    report = run_json(["benchmarks/bench_feature_engines.py", "--smoke", "--no-save", "--engines", "duckdb"])
+    assert report["benchmark"] == "feature_engines" and report["smoke"] is True
+    (run,) = report["runs"]
+    assert run["engine"] == "duckdb" and run["exit_code"] == 0, run["error"]
+    assert run["transactions"] > 0 and run["wall_s"] > 0 and run["peak_rss_mib"] > 0

@@ -342,6 +342,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow  # three CLI processes: ~40 s on the shared 2-core machine
 @needs_schemas
 def test_cli_reports_completion_and_a_failed_application_in_one_line(operator_api, tmp_path):
     kubeconfig = str(operator_api.kubeconfig(tmp_path / "kubeconfig", "fraud-dev"))
