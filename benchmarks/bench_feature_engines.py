@@ -126,7 +126,7 @@ def run_build(engine: str, data_dir: Path, memory_limit: str, log: Path) -> dict
 
 def render(result: dict[str, Any]) -> str:
     lines = [
-        "| dataset | transactions | engine | wall | CPU | peak memory (process tree) | rows/s | rows/s per core-second |",
+        "| dataset | transactions | engine | wall | CPU | peak memory (process tree) | rows/s | rows per CPU-second |",
         "|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     for run in result["runs"]:
