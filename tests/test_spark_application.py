@@ -72,6 +72,8 @@ def test_the_built_application_is_valid_and_hardened(app_validator):
         assert pod["podSecurityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
         assert pod["securityContext"]["allowPrivilegeEscalation"] is False
         assert pod["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+        assert pod["securityContext"]["readOnlyRootFilesystem"] is True
+        assert {m["mountPath"] for m in pod["volumeMounts"]} == {"/data", "/var/spark-local", "/tmp"}
         assert pod["labels"]["app.kubernetes.io/name"] == "fraud-spark"
     assert spec["driver"]["serviceAccount"] == "fraud-spark-driver"
     assert spec["executor"]["serviceAccount"] == "fraud-spark-executor"
