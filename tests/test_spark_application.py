@@ -362,3 +362,34 @@ def test_cli_reports_completion_and_a_failed_application_in_one_line(operator_ap
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "error: executor_memory must be like 4g or 512m, got 'lots'"
     ]
+
+
+# --- the step after the SparkApplication -----------------------------------------------------------
+
+
+@pytest.mark.slow  # feast apply + materialisation: ~30 s on the shared machine
+def test_the_materialise_step_fetches_the_tables_built_elsewhere(tmp_path, monkeypatch):
+    from test_features_offline import random_transactions, write_raw_transactions
+
+    from fraud.config import DataLayout
+    from fraud.errors import UserError
+    from fraud.feature_store import online_batch_features
+    from fraud.features.offline import build_offline_features
+    from fraud.training.steps import materialize_feature_tables
+
+    for name in ("FRAUD_FEAST_ONLINE", "FRAUD_FEAST_REGISTRY", "FRAUD_FEAST_PROJECT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("FRAUD_DATA_DIR", str(tmp_path / "driver"))
+    driver = DataLayout.current()
+    raw = write_raw_transactions(driver, random_transactions(seed=11, n_customers=20, n_terminals=15, n_days=30))
+    built = build_offline_features(driver)
+
+    monkeypatch.setenv("FRAUD_DATA_DIR", str(tmp_path / "task"))  # the materialise task's own scratch
+    with pytest.raises(UserError, match="does not exist"):
+        materialize_feature_tables(str(tmp_path / "nothing"), DataLayout.current())
+    result = materialize_feature_tables(str(driver.features), DataLayout.current())
+    assert result.customer_rows == built.customer.rows and result.terminal_rows == built.terminal.rows
+    assert result.last_day == raw["tx_datetime"].max().date().isoformat() == built.last_day.isoformat()
+    last = raw[raw["tx_datetime"].dt.date == raw["tx_datetime"].max().date()].iloc[0]
+    online = online_batch_features([last["customer_id"]], [last["terminal_id"]])
+    assert online.notna().any(axis=None)  # the last snapshots reached the online store
