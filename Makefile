@@ -11,8 +11,9 @@ DRIFT := drift_transformer/.venv/bin
 
 .PHONY: setup demo test test-slow test-all services lint lock
 
-setup:  ## create both locked environments (core + drift transformer) from the lock files
+setup:  ## create both locked environments (core + drift transformer) from the lock files; Java for Spark
 	@$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet "uv==$(UV_VERSION)"
+	@bash scripts/ensure-java.sh
 	$(UV) sync --frozen --all-groups
 	cd drift_transformer && $(UV) sync --frozen --all-groups
 

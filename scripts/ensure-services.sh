@@ -32,6 +32,9 @@ if ! command -v promtool >/dev/null 2>&1 || ! command -v prometheus >/dev/null 2
 fi
 promtool --version >/dev/null
 
+# Java for the Spark engine's tests (Debian's default-jre-headless)
+bash "$(dirname "$0")/ensure-java.sh"
+
 if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
   echo "starting redis on 127.0.0.1:6379"
   mkdir -p /var/lib/redis /var/log/redis

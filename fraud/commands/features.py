@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 features_app = typer.Typer(
     name="features",
-    help="Offline feature tables (DuckDB) and the Feast feature store (apply, materialize, show).",
+    help="Offline feature tables (DuckDB or Spark) and the Feast feature store (apply, materialize, show).",
     no_args_is_help=True,
 )
 
@@ -51,7 +51,9 @@ def _print_build(result) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"offline feature tables ({result.transactions:,} transactions, {result.seconds:.1f} s)")
+    table = Table(
+        title=f"offline feature tables ({result.transactions:,} transactions, {result.engine}, {result.seconds:.1f} s)"
+    )
     for column in ("table", "rows", "entities", "file"):
         table.add_column(column, overflow="fold")  # a long path wraps at 80 columns instead of being cut
     for item in result.tables:
@@ -62,13 +64,30 @@ def _print_build(result) -> None:
     )
 
 
-def _run_build(memory_limit: str | None, threads: int | None) -> None:
+def _run_build(
+    memory_limit: str | None,
+    threads: int | None,
+    engine: str = "duckdb",
+    spark_master: str | None = None,
+    spark_driver_memory: str | None = None,
+) -> None:
     from dataclasses import replace
 
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from fraud.features.offline import DuckDBSettings, build_offline_features
+    from fraud.features.spark_engine import SparkSettings
+    from fraud.features.tables import ENGINES
 
+    if engine not in ENGINES:
+        raise UserError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine != "spark" and (spark_master or spark_driver_memory):
+        raise UserError("--spark-master and --spark-driver-memory need --engine spark")
+    spark = None
+    if engine == "spark":
+        spark = SparkSettings.from_env(spark_master)
+        if spark_driver_memory is not None:
+            spark = replace(spark, driver_memory=spark_driver_memory)
     settings = DuckDBSettings.from_env()
     if memory_limit is not None:
         settings = replace(settings, memory_limit=memory_limit)
@@ -79,7 +98,10 @@ def _run_build(memory_limit: str | None, threads: int | None) -> None:
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=True) as progress:
         task = progress.add_task("starting", total=None)
         result = build_offline_features(
-            settings=settings, progress=lambda step: progress.update(task, description=step)
+            settings=settings,
+            progress=lambda step: progress.update(task, description=step),
+            engine=engine,
+            spark=spark,
         )
     _print_build(result)
 
@@ -183,10 +205,29 @@ def build_command(
     threads: Annotated[
         int | None, typer.Option("--threads", help="DuckDB threads. Default: $FRAUD_DUCKDB_THREADS, else 2.")
     ] = None,
+    engine: Annotated[
+        str, typer.Option("--engine", help="duckdb (embedded, default) or spark (Apache Spark; needs Java 17+).")
+    ] = "duckdb",
+    spark_master: Annotated[
+        str | None,
+        typer.Option(
+            "--spark-master",
+            help="With --engine spark: local[N], spark://host:port or k8s://https://host:port. "
+            "Default: $FRAUD_SPARK_MASTER, else local[2].",
+        ),
+    ] = None,
+    spark_driver_memory: Annotated[
+        str | None,
+        typer.Option(
+            "--spark-driver-memory",
+            help="With --engine spark: driver heap, e.g. 2g. Default: $FRAUD_SPARK_DRIVER_MEMORY, else 2g.",
+        ),
+    ] = None,
 ) -> None:
-    """Compute the daily-snapshot feature tables from raw/transactions with DuckDB."""
+    """Compute the offline feature tables (daily snapshots, velocity, window states) from
+    raw/transactions, on DuckDB or Spark, from one definition (fraud.features.tables)."""
     _use_data_dir(data_dir)
-    _run_build(memory_limit, threads)
+    _run_build(memory_limit, threads, engine, spark_master, spark_driver_memory)
 
 
 @features_app.command("apply")

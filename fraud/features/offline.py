@@ -1,4 +1,4 @@
-"""Offline computation of the batch feature tables from the raw transactions, with DuckDB.
+"""Offline computation of the feature tables from the raw transactions, on DuckDB or Apache Spark.
 
 The semantics are those of `fraud.features.definitions` (read its docstring): one *daily snapshot*
 row per entity and calendar day D, event timestamp D 00:00:00, aggregating complete days before D.
@@ -9,11 +9,14 @@ row per entity and calendar day D, event timestamp D 00:00:00, aggregating compl
 
 Each entity gets one row per day from its first activity day through the day after the last
 transaction day of the dataset, so that after the daily materialisation the online store holds
-"today's" snapshot. Days without activity are rows too (the windows slide over them).
+"today's" snapshot. Days without activity are rows too (the windows slide over them). The build
+also writes the per-transaction velocity table and the window-state tables
+(`fraud.features.velocity_offline`).
 
-How: DuckDB reads the hive-partitioned Parquet directly, aggregates per entity and day, expands a
-dense (entity, day) grid and slides RANGE window frames over the integer day number. The result
-is written with `COPY ... TO` into a temporary file next to the target, then renamed.
+How: every table is one ibis expression (`fraud.features.tables`), compiled to the SQL of the
+engine that runs it. DuckDB (the default) reads the Parquet day partitions directly and writes each
+table with `COPY ... TO` into a temporary file next to the target, then renames it; Spark
+(`fraud.features.spark_engine`) writes the same file, schema and row order the same way.
 """
 
 from __future__ import annotations
@@ -28,21 +31,21 @@ from datetime import date, datetime, timedelta
 from pathlib import Path
 
 import duckdb
+import ibis
 import pandas as pd
 
 from fraud.config import DataLayout
 from fraud.errors import UserError
+from fraud.features import tables
 from fraud.features.definitions import (
     CUSTOMER_SPENDING_FEATURES,
     CUSTOMER_SPENDING_VIEW,
-    CUSTOMER_WINDOWS_DAYS,
-    LABEL_DELAY_DAYS,
     SNAPSHOT_TIMESTAMP,
     TERMINAL_RISK_FEATURES,
     TERMINAL_RISK_VIEW,
-    TERMINAL_WINDOWS_DAYS,
 )
-from fraud.features.velocity_offline import VELOCITY_TABLE, build_velocity_features
+from fraud.features.spark_engine import SparkSettings
+from fraud.features.velocity_offline import VELOCITY_TABLE, recent_state_path, velocity_features_path
 from fraud.schema import (
     CUSTOMER_ID,
     TERMINAL_ID,
@@ -123,6 +126,8 @@ class FeatureBuildResult:
     seconds: float
     #: the per-transaction velocity table (fraud.features.velocity_offline)
     velocity_path: Path | None = None
+    #: the engine that computed the tables ("duckdb" or "spark")
+    engine: str = "duckdb"
 
     @property
     def tables(self) -> tuple[FeatureTable, FeatureTable]:
@@ -167,104 +172,16 @@ def _connect(settings: DuckDBSettings, spill_dir: Path | None = None) -> duckdb.
     return con
 
 
-# --- SQL ------------------------------------------------------------------------------------------
+# --- running the expressions -----------------------------------------------------------------------
 
 
-def _window_sum(column: str, lower: int, upper: int, entity: str) -> str:
-    """Sum of `column` over the rows whose day number lies in [day_nr - lower, day_nr - upper]."""
-    return (
-        f"coalesce(sum({column}) OVER (PARTITION BY {entity} ORDER BY day_nr "
-        f"RANGE BETWEEN {lower} PRECEDING AND {upper} PRECEDING), 0)"
+def _register_raw(con: duckdb.DuckDBPyConnection, files: Sequence[Path]) -> None:
+    """The raw transaction files as the relation the expressions of `fraud.features.tables` read."""
+    columns = ", ".join(tables.RAW_COLUMNS)
+    con.execute(
+        f"CREATE TEMP VIEW {tables.RAW_TRANSACTIONS} AS SELECT {columns} "  # noqa: S608 - column-name constants and paths quoted by _sql_file_list, no user values
+        f"FROM read_parquet({_sql_file_list(files)}, hive_partitioning = false)"
     )
-
-
-def _dense_daily_grid_sql(entity: str, measures: Sequence[str]) -> str:
-    """CTE `grid_<entity>`: every entity-day from the entity's first activity day to the last
-    snapshot day, with the measures of the CTE `daily_<entity>` (zero on days without activity)."""
-    zero_filled = ", ".join(f"coalesce(a.{m}, 0) AS {m}" for m in measures)
-    return f"""
-    grid_{entity} AS (
-        SELECT g.{entity}, g.day_nr, {zero_filled}
-        FROM (
-            SELECT {entity}, unnest(range(min(day_nr), (SELECT last_snapshot_nr FROM bounds) + 1)) AS day_nr
-            FROM daily_{entity}
-            GROUP BY {entity}
-        ) AS g
-        LEFT JOIN daily_{entity} AS a USING ({entity}, day_nr)
-    )"""  # noqa: S608 - column-name constants and paths quoted by _sql_file_list, no user values
-
-
-def _customer_select_sql() -> str:
-    columns = []
-    for w in CUSTOMER_WINDOWS_DAYS:
-        columns.append(f"{_window_sum('nb_tx', w, 1, CUSTOMER_ID)}::BIGINT AS customer_nb_tx_{w}d")
-        columns.append(f"{_window_sum('sum_amount', w, 1, CUSTOMER_ID)}::DOUBLE AS customer_sum_amount_{w}d")
-    return ",\n            ".join(columns)
-
-
-def _terminal_select_sql() -> str:
-    inner, outer = [], []
-    for w in TERMINAL_WINDOWS_DAYS:
-        lower, upper = LABEL_DELAY_DAYS + w, LABEL_DELAY_DAYS + 1
-        inner.append(f"{_window_sum('nb_tx', lower, upper, TERMINAL_ID)}::BIGINT AS terminal_nb_tx_{w}d")
-        inner.append(f"{_window_sum('nb_fraud', lower, upper, TERMINAL_ID)}::BIGINT AS terminal_nb_fraud_{w}d")
-        outer.extend(
-            (
-                f"terminal_nb_tx_{w}d",
-                f"terminal_nb_fraud_{w}d",
-                (
-                    f"CASE WHEN terminal_nb_tx_{w}d > 0 THEN terminal_nb_fraud_{w}d::DOUBLE / terminal_nb_tx_{w}d "
-                    f"ELSE 0.0 END AS terminal_risk_{w}d"
-                ),
-            )
-        )
-    return ",\n            ".join(inner), ",\n        ".join(outer)
-
-
-def _feature_tables_sql(files: Sequence[Path]) -> tuple[str, str, str]:
-    """(prelude creating the `tx`/`bounds` temp tables, customer query, terminal query)."""
-    prelude = f"""
-    CREATE TEMP TABLE tx AS
-    SELECT {CUSTOMER_ID}, {TERMINAL_ID}, {TX_AMOUNT}, {TX_FRAUD},
-           (CAST({TX_DATETIME} AS DATE) - DATE '1970-01-01')::INTEGER AS day_nr
-    FROM read_parquet({_sql_file_list(files)}, hive_partitioning = false);
-    CREATE TEMP TABLE bounds AS
-    SELECT min(day_nr) AS first_nr, max(day_nr) + 1 AS last_snapshot_nr, count(*) AS nb_tx FROM tx;
-    """  # noqa: S608 - column-name constants and paths quoted by _sql_file_list, no user values
-    customer_query = f"""
-    WITH daily_{CUSTOMER_ID} AS (
-        SELECT {CUSTOMER_ID}, day_nr, count(*) AS nb_tx, sum({TX_AMOUNT}) AS sum_amount
-        FROM tx GROUP BY {CUSTOMER_ID}, day_nr
-    ),
-    {_dense_daily_grid_sql(CUSTOMER_ID, ("nb_tx", "sum_amount"))}
-    SELECT {CUSTOMER_ID},
-           (DATE '1970-01-01' + day_nr::INTEGER)::TIMESTAMP AS {SNAPSHOT_TIMESTAMP},
-            {_customer_select_sql()}
-    FROM grid_{CUSTOMER_ID}
-    ORDER BY {SNAPSHOT_TIMESTAMP}, {CUSTOMER_ID}
-    """  # noqa: S608 - column-name constants and paths quoted by _sql_file_list, no user values
-    terminal_inner, terminal_outer = _terminal_select_sql()
-    terminal_query = f"""
-    WITH daily_{TERMINAL_ID} AS (
-        SELECT {TERMINAL_ID}, day_nr, count(*) AS nb_tx, sum({TX_FRAUD})::BIGINT AS nb_fraud
-        FROM tx GROUP BY {TERMINAL_ID}, day_nr
-    ),
-    {_dense_daily_grid_sql(TERMINAL_ID, ("nb_tx", "nb_fraud"))},
-    windows AS (
-        SELECT {TERMINAL_ID}, day_nr,
-            {terminal_inner}
-        FROM grid_{TERMINAL_ID}
-    )
-    SELECT {TERMINAL_ID},
-        (DATE '1970-01-01' + day_nr::INTEGER)::TIMESTAMP AS {SNAPSHOT_TIMESTAMP},
-        {terminal_outer}
-    FROM windows
-    ORDER BY {SNAPSHOT_TIMESTAMP}, {TERMINAL_ID}
-    """  # noqa: S608 - column-name constants and paths quoted by _sql_file_list, no user values
-    return prelude, customer_query, terminal_query
-
-
-# --- writing --------------------------------------------------------------------------------------
 
 
 def _copy_atomically(con: duckdb.DuckDBPyConnection, query: str, target: Path) -> None:
@@ -289,7 +206,7 @@ def _table_summary(
     describe = f"DESCRIBE SELECT * FROM read_parquet({_sql_file_list([path])})"  # noqa: S608 - path quoted by _sql_file_list
     written = [row[0] for row in con.execute(describe).fetchall()]
     expected = [entity, SNAPSHOT_TIMESTAMP, *features]
-    if written != expected:  # the SQL and definitions.py disagree: a programming error, never user input
+    if written != expected:  # the expressions and definitions.py disagree: a programming error, never user input
         raise RuntimeError(f"{path} has columns {written}, definitions.py says {expected}")
     rows, entities = con.execute(
         f"SELECT count(*), count(DISTINCT {entity}) FROM read_parquet({_sql_file_list([path])})"  # noqa: S608 - column-name constants and paths quoted by _sql_file_list, no user values
@@ -300,56 +217,107 @@ def _table_summary(
 ProgressCallback = Callable[[str], None]
 
 
+def feature_table_targets(
+    layout: DataLayout, raw: ibis.Table, last_snapshot_nr: int
+) -> list[tuple[str, ibis.Table, Path]]:
+    """Every table `fraud features build` writes: (step name, expression, file), in build order."""
+    return [
+        (CUSTOMER_SPENDING_VIEW, tables.customer_spending(raw, last_snapshot_nr), customer_features_path(layout)),
+        (TERMINAL_RISK_VIEW, tables.terminal_risk(raw, last_snapshot_nr), terminal_features_path(layout)),
+        (VELOCITY_TABLE, tables.velocity(raw), velocity_features_path(layout)),
+        *((view, expr, recent_state_path(layout, view)) for view, expr in tables.recent_states(raw).items()),
+    ]
+
+
+def _build_with_duckdb(
+    files: Sequence[Path], layout: DataLayout, settings: DuckDBSettings, report: ProgressCallback
+) -> tuple[int, int, int]:
+    raw = tables.raw_transactions()
+    with tempfile.TemporaryDirectory(prefix=".duckdb-spill-", dir=layout.features) as spill:
+        con = _connect(settings, Path(spill))
+        try:
+            report("reading raw transactions")
+            try:
+                _register_raw(con, files)
+                first_nr, last_snapshot_nr, nb_tx = con.execute(
+                    tables.compile_sql(tables.bounds(raw), "duckdb")
+                ).fetchone()
+            except duckdb.Error as exc:
+                raise UserError(f"cannot read the raw transactions under {layout.transactions}: {exc}") from exc
+            if not nb_tx:
+                raise UserError(f"no raw transactions: the partitions under {layout.transactions} are empty")
+            for step, expr, path in feature_table_targets(layout, raw, int(last_snapshot_nr)):
+                report(f"computing {step}")
+                _copy_atomically(con, tables.compile_sql(expr, "duckdb"), path)
+        finally:
+            con.close()
+    return int(first_nr), int(last_snapshot_nr), int(nb_tx)
+
+
+def _build_with_spark(
+    files: Sequence[Path], layout: DataLayout, settings: SparkSettings, report: ProgressCallback
+) -> tuple[int, int, int]:
+    from fraud.features import spark_engine
+
+    raw = tables.raw_transactions()
+    with tempfile.TemporaryDirectory(prefix=".spark-local-", dir=layout.features) as local_dir:
+        report(f"starting Spark ({settings.master})")
+        with spark_engine.spark_session(settings, Path(local_dir)) as session:
+            report("reading raw transactions")
+            with spark_engine.job_errors(settings, "reading raw transactions"):
+                spark_engine.register_raw(session, list(files))
+                first_nr, last_snapshot_nr, nb_tx = spark_engine.collect_rows(session, tables.bounds(raw))[0]
+            if not nb_tx:
+                raise UserError(f"no raw transactions: the partitions under {layout.transactions} are empty")
+            for step, expr, path in feature_table_targets(layout, raw, int(last_snapshot_nr)):
+                report(f"computing {step}")
+                with spark_engine.job_errors(settings, f"computing {step}"):
+                    spark_engine.write_table(session, expr, path)
+    return int(first_nr), int(last_snapshot_nr), int(nb_tx)
+
+
 def build_offline_features(
     layout: DataLayout | None = None,
     settings: DuckDBSettings | None = None,
     progress: ProgressCallback | None = None,
+    engine: str = "duckdb",
+    spark: SparkSettings | None = None,
 ) -> FeatureBuildResult:
-    """Compute both batch feature tables from `layout.transactions` and write them under
+    """Compute every offline feature table (`feature_table_targets`) from `layout.transactions` on
+    `engine` ("duckdb", the default, or "spark" with `spark` settings) and write them under
     `layout.features` (each file replaced atomically). `progress` receives a short step name."""
+    if engine not in tables.ENGINES:
+        raise UserError(f"unknown feature engine {engine!r}: choose one of {', '.join(tables.ENGINES)}")
     layout = layout or DataLayout.current()
     settings = settings or DuckDBSettings.from_env()
     report = progress or (lambda step: None)
     started = time.perf_counter()
     files = [path for paths in transaction_partitions(layout).values() for path in paths]
     layout.features.mkdir(parents=True, exist_ok=True)
-    prelude, customer_query, terminal_query = _feature_tables_sql(files)
-    with tempfile.TemporaryDirectory(prefix=".duckdb-spill-", dir=layout.features) as spill:
-        con = _connect(settings, Path(spill))
-        try:
-            report("reading raw transactions")
-            try:
-                con.execute(prelude)
-            except duckdb.Error as exc:
-                raise UserError(f"cannot read the raw transactions under {layout.transactions}: {exc}") from exc
-            first_nr, last_snapshot_nr, nb_tx = con.execute(
-                "SELECT first_nr, last_snapshot_nr, nb_tx FROM bounds"
-            ).fetchone()
-            if not nb_tx:
-                raise UserError(f"no raw transactions: the partitions under {layout.transactions} are empty")
-            report(f"computing {CUSTOMER_SPENDING_VIEW}")
-            customer_path = customer_features_path(layout)
-            _copy_atomically(con, customer_query, customer_path)
-            report(f"computing {TERMINAL_RISK_VIEW}")
-            terminal_path = terminal_features_path(layout)
-            _copy_atomically(con, terminal_query, terminal_path)
-            customer = _table_summary(
-                con, CUSTOMER_SPENDING_VIEW, customer_path, CUSTOMER_ID, CUSTOMER_SPENDING_FEATURES
-            )
-            terminal = _table_summary(con, TERMINAL_RISK_VIEW, terminal_path, TERMINAL_ID, TERMINAL_RISK_FEATURES)
-        finally:
-            con.close()
-        report(f"computing {VELOCITY_TABLE}")
-        velocity_path = build_velocity_features(files, layout, settings.memory_limit, settings.threads)
+    if engine == "spark":
+        first_nr, last_snapshot_nr, nb_tx = _build_with_spark(files, layout, spark or SparkSettings.from_env(), report)
+    else:
+        first_nr, last_snapshot_nr, nb_tx = _build_with_duckdb(files, layout, settings, report)
+    con = _connect(settings)
+    try:
+        customer = _table_summary(
+            con, CUSTOMER_SPENDING_VIEW, customer_features_path(layout), CUSTOMER_ID, CUSTOMER_SPENDING_FEATURES
+        )
+        terminal = _table_summary(
+            con, TERMINAL_RISK_VIEW, terminal_features_path(layout), TERMINAL_ID, TERMINAL_RISK_FEATURES
+        )
+    finally:
+        con.close()
     epoch = date(1970, 1, 1)
     return FeatureBuildResult(
         customer=customer,
         terminal=terminal,
-        transactions=int(nb_tx),
-        first_day=epoch + timedelta(days=int(first_nr)),
-        last_day=epoch + timedelta(days=int(last_snapshot_nr) - 1),
+        transactions=nb_tx,
+        first_day=epoch + timedelta(days=first_nr),
+        last_day=epoch + timedelta(days=last_snapshot_nr - 1),
         seconds=time.perf_counter() - started,
-        velocity_path=velocity_path,
+        velocity_path=velocity_features_path(layout),
+        engine=engine,
     )
 
 
