@@ -5,7 +5,7 @@ the CLI, and for Spark its JVM), rows/s, and the error when a size does not fit.
 Each (dataset, engine) is one run of the project's CLI as a child process, after one another,
 never in parallel, on the data directory given (its `raw/` is the simulated history; the build
 writes `features/` there). DuckDB runs with `--memory-limit` (default 6GB) and 2 threads; Spark
-with `--spark-master local[2]` and the driver memory capped by SPARK_DRIVER_MEMORY (default 4g).
+with `--spark-master local[2] --spark-driver-memory 4g` (local mode: one JVM).
 
     .venv/bin/python benchmarks/bench_feature_engines.py \\
         --dataset 1.76M=/work/data-scale/x1 --dataset 17.6M=/work/data-scale/x10 \\
@@ -39,6 +39,8 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DOCS = ROOT / "docs" / "scaling.md"
 MARKS = ("<!-- bench:feature-engines:start -->", "<!-- bench:feature-engines:end -->")
 FRAUD = [sys.executable, "-m", "fraud.cli"]
+#: the Spark driver's heap (local mode: driver and executors are one JVM); the machine is shared
+SPARK_DRIVER_MEMORY = "4g"
 
 
 def count_rows(raw_dir: Path) -> int:
@@ -92,7 +94,7 @@ def engine_command(engine: str, data_dir: Path, memory_limit: str) -> list[str]:
         # DuckDB is the default engine (and the only one of a build without --engine)
         chosen = ["--engine", "duckdb"] if _has_engine_option() else []
         return [*command, *chosen, "--memory-limit", memory_limit, "--threads", "2"]
-    return [*command, "--engine", "spark", "--spark-master", "local[2]"]
+    return [*command, "--engine", "spark", "--spark-master", "local[2]", "--spark-driver-memory", SPARK_DRIVER_MEMORY]
 
 
 def run_build(engine: str, data_dir: Path, memory_limit: str, log: Path) -> dict[str, Any]:
@@ -220,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
         "smoke": bool(args.smoke),
         "command": "benchmarks/bench_feature_engines.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "duckdb_memory_limit": args.memory_limit,
-        "spark_driver_memory": os.environ.get("SPARK_DRIVER_MEMORY", "4g"),
+        "spark_driver_memory": SPARK_DRIVER_MEMORY,
         "machine": {"cpus": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1)},
         "runs": runs,
     }

@@ -76,6 +76,9 @@ def test_the_built_application_is_valid_and_hardened(app_validator):
         assert {m["mountPath"] for m in pod["volumeMounts"]} == {"/data", "/var/spark-local", "/tmp"}
         assert pod["labels"]["app.kubernetes.io/name"] == "fraud-spark"
     assert spec["driver"]["serviceAccount"] == "fraud-spark-driver"
+    from importlib.metadata import version
+
+    assert spec["sparkVersion"] == version("pyspark")  # the Spark of the image's environment
     assert spec["executor"]["serviceAccount"] == "fraud-spark-executor"
 
 
@@ -393,3 +396,35 @@ def test_the_materialise_step_fetches_the_tables_built_elsewhere(tmp_path, monke
     last = raw[raw["tx_datetime"].dt.date == raw["tx_datetime"].max().date()].iloc[0]
     online = online_batch_features([last["customer_id"]], [last["terminal_id"]])
     assert online.notna().any(axis=None)  # the last snapshots reached the online store
+
+
+@pytest.mark.slow  # starts Spark (local mode) twice: ~1 min on the shared machine
+def test_the_main_file_builds_on_spark_and_copies_the_tables(tmp_path):
+    import socket
+
+    from fraud.simulator import SimulationConfig, simulate_to
+    from fraud.training.steps import feature_table_names
+
+    simulate_to(SimulationConfig(n_customers=40, n_terminals=80, n_days=12, seed=4), tmp_path / "data" / "raw")
+    main_file = PROJECT_ROOT / "fraud" / "features" / "spark_job.py"
+    env = {**__import__("os").environ, "FRAUD_SPARK_DRIVER_MEMORY": "1g"}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, str(main_file), "--data-dir", str(tmp_path / "data"), *args],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env=env,
+        )
+
+    built = run("--feature-tables-uri", str(tmp_path / "store"), "--spark-master", "local[1]")
+    assert built.returncode == 0, built.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == sorted(feature_table_names())
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    unreachable = run("--spark-master", f"spark://127.0.0.1:{port}")
+    assert unreachable.returncode != 0
+    assert unreachable.stderr.strip().splitlines()[-1].startswith("error: cannot reach the Spark master")

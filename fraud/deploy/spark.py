@@ -33,8 +33,8 @@ PLURAL = "sparkapplications"
 SCHEDULED_KIND = "ScheduledSparkApplication"
 #: the driver's main file inside the core image (the image copies the project to /app)
 MAIN_APPLICATION_FILE = "local:///app/fraud/features/spark_job.py"
-#: the Spark release line of the image's pyspark (pyproject.toml pins pyspark 4.0.*); the operator records it
-SPARK_VERSION = "4.0.0"
+#: the Spark release line of the image's pyspark (uv.lock: pyspark 4.0.5); the operator records it
+SPARK_VERSION = "4.0.5"
 DRIVER_SERVICE_ACCOUNT = "fraud-spark-driver"
 EXECUTOR_SERVICE_ACCOUNT = "fraud-spark-executor"
 APP_NAME_LABEL = "fraud-spark"
