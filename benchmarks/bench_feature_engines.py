@@ -116,7 +116,7 @@ def run_build(engine: str, data_dir: Path, memory_limit: str, log: Path) -> dict
         error = next((line for line in reversed(lines) if line.startswith("error")), lines[-1] if lines else "")
     return {
         "engine": engine,
-        "command": " ".join(command[2:]),
+        "build_command": " ".join(command[2:]),
         "exit_code": exit_code,
         "wall_s": round(wall, 2),
         # children's CPU: the CLI and everything it waited for (the JVM of a Spark run)
@@ -208,31 +208,38 @@ def main(argv: list[str] | None = None) -> None:
     if args.merge and args.merge.is_file():
         runs = json.loads(args.merge.read_text())["runs"]
     log = Path(tempfile.gettempdir()) / f"bench-feature-engines-{os.getpid()}.log"
+    command = "benchmarks/bench_feature_engines.py " + " ".join(argv if argv is not None else sys.argv[1:])
+
+    def result_of(done: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "benchmark": "feature_engines",
+            "date": date,
+            "file": out.name,
+            "smoke": bool(args.smoke),
+            "command": command,
+            "duckdb_memory_limit": args.memory_limit,
+            "spark_driver_memory": SPARK_DRIVER_MEMORY,
+            "machine": {"cpus": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1)},
+            "runs": done,
+        }
+
     for label, folder in datasets:
         rows = count_rows(folder / "raw")
         for engine in args.engines:
             print(f"{label} ({rows:,} transactions) on {engine} ...", file=sys.stderr, flush=True)
             run = {"dataset": label, "transactions": rows, **run_build(engine, folder, args.memory_limit, log)}
+            run["command"] = command
             print(json.dumps(run), file=sys.stderr, flush=True)
             runs = [r for r in runs if (r["dataset"], r["engine"]) != (label, engine)] + [run]
-    result = {
-        "benchmark": "feature_engines",
-        "date": date,
-        "file": out.name,
-        "smoke": bool(args.smoke),
-        "command": "benchmarks/bench_feature_engines.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "duckdb_memory_limit": args.memory_limit,
-        "spark_driver_memory": SPARK_DRIVER_MEMORY,
-        "machine": {"cpus": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1)},
-        "runs": runs,
-    }
+            if not args.no_save:  # after every run: a long series stopped half-way keeps what it measured
+                out.write_text(json.dumps(result_of(runs), indent=2) + "\n")
+                write_docs(render(result_of(runs)))
+    result = result_of(runs)
     print(render(result), file=sys.stderr)
     print(json.dumps(result, indent=2))
     if scratch is not None:
         scratch.cleanup()
     if not args.no_save:
-        out.write_text(json.dumps(result, indent=2) + "\n")
-        write_docs(render(result))
         print(f"wrote {out} and {DOCS}", file=sys.stderr)
 
 
