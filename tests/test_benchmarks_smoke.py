@@ -267,3 +267,11 @@ def test_online_health_benchmark_smoke() -> None:
     result = json.loads(line)
     assert result["online"] == "sqlite" and result["repeat"] == 3
     assert all(result[key] > 0 for key in ("check_ms", "lookup_ms", "rebuild_s", "materialise_s"))
+
+
+def test_feature_engines_benchmark_smoke() -> None:
+    report = run_json(["benchmarks/bench_feature_engines.py", "--smoke", "--no-save", "--engines", "duckdb"])
+    assert report["benchmark"] == "feature_engines" and report["smoke"] is True
+    (run,) = report["runs"]
+    assert run["engine"] == "duckdb" and run["exit_code"] == 0, run["error"]
+    assert run["transactions"] > 0 and run["wall_s"] > 0 and run["peak_rss_mib"] > 0

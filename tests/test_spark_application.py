@@ -72,8 +72,13 @@ def test_the_built_application_is_valid_and_hardened(app_validator):
         assert pod["podSecurityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
         assert pod["securityContext"]["allowPrivilegeEscalation"] is False
         assert pod["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+        assert pod["securityContext"]["readOnlyRootFilesystem"] is True
+        assert {m["mountPath"] for m in pod["volumeMounts"]} == {"/data", "/var/spark-local", "/tmp"}
         assert pod["labels"]["app.kubernetes.io/name"] == "fraud-spark"
     assert spec["driver"]["serviceAccount"] == "fraud-spark-driver"
+    from importlib.metadata import version
+
+    assert spec["sparkVersion"] == version("pyspark")  # the Spark of the image's environment
     assert spec["executor"]["serviceAccount"] == "fraud-spark-executor"
 
 
@@ -342,6 +347,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow  # three CLI processes: ~40 s on the shared 2-core machine
 @needs_schemas
 def test_cli_reports_completion_and_a_failed_application_in_one_line(operator_api, tmp_path):
     kubeconfig = str(operator_api.kubeconfig(tmp_path / "kubeconfig", "fraud-dev"))
@@ -359,3 +365,66 @@ def test_cli_reports_completion_and_a_failed_application_in_one_line(operator_ap
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "error: executor_memory must be like 4g or 512m, got 'lots'"
     ]
+
+
+# --- the step after the SparkApplication -----------------------------------------------------------
+
+
+@pytest.mark.slow  # feast apply + materialisation: ~30 s on the shared machine
+def test_the_materialise_step_fetches_the_tables_built_elsewhere(tmp_path, monkeypatch):
+    from test_features_offline import random_transactions, write_raw_transactions
+
+    from fraud.config import DataLayout
+    from fraud.errors import UserError
+    from fraud.feature_store import online_batch_features
+    from fraud.features.offline import build_offline_features
+    from fraud.training.steps import materialize_feature_tables
+
+    for name in ("FRAUD_FEAST_ONLINE", "FRAUD_FEAST_REGISTRY", "FRAUD_FEAST_PROJECT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("FRAUD_DATA_DIR", str(tmp_path / "driver"))
+    driver = DataLayout.current()
+    raw = write_raw_transactions(driver, random_transactions(seed=11, n_customers=20, n_terminals=15, n_days=30))
+    built = build_offline_features(driver)
+
+    monkeypatch.setenv("FRAUD_DATA_DIR", str(tmp_path / "task"))  # the materialise task's own scratch
+    with pytest.raises(UserError, match="does not exist"):
+        materialize_feature_tables(str(tmp_path / "nothing"), DataLayout.current())
+    result = materialize_feature_tables(str(driver.features), DataLayout.current())
+    assert result.customer_rows == built.customer.rows and result.terminal_rows == built.terminal.rows
+    assert result.last_day == raw["tx_datetime"].max().date().isoformat() == built.last_day.isoformat()
+    last = raw[raw["tx_datetime"].dt.date == raw["tx_datetime"].max().date()].iloc[0]
+    online = online_batch_features([last["customer_id"]], [last["terminal_id"]])
+    assert online.notna().any(axis=None)  # the last snapshots reached the online store
+
+
+@pytest.mark.slow  # starts Spark (local mode) twice: ~1 min on the shared machine
+def test_the_main_file_builds_on_spark_and_copies_the_tables(tmp_path):
+    import socket
+
+    from fraud.simulator import SimulationConfig, simulate_to
+    from fraud.training.steps import feature_table_names
+
+    simulate_to(SimulationConfig(n_customers=40, n_terminals=80, n_days=12, seed=4), tmp_path / "data" / "raw")
+    main_file = PROJECT_ROOT / "fraud" / "features" / "spark_job.py"
+    env = {**__import__("os").environ, "FRAUD_SPARK_DRIVER_MEMORY": "1g"}
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, str(main_file), "--data-dir", str(tmp_path / "data"), *args],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env=env,
+        )
+
+    built = run("--feature-tables-uri", str(tmp_path / "store"), "--spark-master", "local[1]")
+    assert built.returncode == 0, built.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "store").iterdir()) == sorted(feature_table_names())
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    unreachable = run("--spark-master", f"spark://127.0.0.1:{port}")
+    assert unreachable.returncode != 0
+    assert unreachable.stderr.strip().splitlines()[-1].startswith("error: cannot reach the Spark master")

@@ -33,13 +33,16 @@ PLURAL = "sparkapplications"
 SCHEDULED_KIND = "ScheduledSparkApplication"
 #: the driver's main file inside the core image (the image copies the project to /app)
 MAIN_APPLICATION_FILE = "local:///app/fraud/features/spark_job.py"
-#: the Spark version of the image's pyspark; the operator records it, spark-submit checks nothing
-SPARK_VERSION = "3.5.5"
+#: the Spark release line of the image's pyspark (uv.lock: pyspark 4.0.5); the operator records it
+SPARK_VERSION = "4.0.5"
 DRIVER_SERVICE_ACCOUNT = "fraud-spark-driver"
 EXECUTOR_SERVICE_ACCOUNT = "fraud-spark-executor"
 APP_NAME_LABEL = "fraud-spark"
 DATA_MOUNT = "/data"
 DATA_VOLUME = "data"
+LOCAL_DIR_VOLUME = "spark-local-dir-1"
+LOCAL_DIR_MOUNT = "/var/spark-local"
+TMP_VOLUME = "tmp"
 #: Secret with the object store credentials (the same one the pipeline's tasks read)
 OBJECT_STORE_SECRET = "fraud-object-store"  # noqa: S105 - name of a Kubernetes Secret, not its value
 #: non-secret settings of the pipeline's tasks (AWS_ENDPOINT_URL, FRAUD_* ...)
@@ -98,7 +101,7 @@ def _security_context() -> dict[str, Any]:
         "runAsUser": RUN_AS_USER,
         "runAsGroup": RUN_AS_USER,
         "allowPrivilegeEscalation": False,
-        "readOnlyRootFilesystem": False,  # Spark writes its scratch space under the working directory
+        "readOnlyRootFilesystem": True,  # scratch: the emptyDirs at /tmp and LOCAL_DIR_MOUNT
         "capabilities": {"drop": ["ALL"]},
         "seccompProfile": {"type": "RuntimeDefault"},
     }
@@ -128,7 +131,11 @@ def _pod(role: str, cores: int, memory: str, service_account: str) -> dict[str, 
             "AWS_SECRET_ACCESS_KEY": {"name": OBJECT_STORE_SECRET, "key": "secret-access-key"},
         },
         "env": [{"name": "FRAUD_DATA_DIR", "value": DATA_MOUNT}],
-        "volumeMounts": [{"name": DATA_VOLUME, "mountPath": DATA_MOUNT}],
+        "volumeMounts": [
+            {"name": DATA_VOLUME, "mountPath": DATA_MOUNT},
+            {"name": LOCAL_DIR_VOLUME, "mountPath": LOCAL_DIR_MOUNT},
+            {"name": TMP_VOLUME, "mountPath": "/tmp"},  # noqa: S108 - an emptyDir mounted at /tmp, not a path used
+        ],
     }
 
 
@@ -162,7 +169,6 @@ def spark_application(job: SparkFeatureJob) -> dict[str, Any]:
             "sparkConf": {
                 "spark.sql.session.timeZone": "UTC",
                 "spark.kubernetes.executor.deleteOnTermination": "true",
-                "spark.local.dir": f"{DATA_MOUNT}/spark-scratch",
                 # fixed ports, so the NetworkPolicy `fraud-spark` can name them
                 "spark.driver.port": str(DRIVER_PORT),
                 "spark.driver.blockManager.port": str(BLOCK_MANAGER_PORT),
@@ -171,7 +177,12 @@ def spark_application(job: SparkFeatureJob) -> dict[str, Any]:
             },
             "restartPolicy": {"type": "Never"},
             "timeToLiveSeconds": 86_400,
-            "volumes": [{"name": DATA_VOLUME, "persistentVolumeClaim": {"claimName": job.data_claim}}],
+            "volumes": [
+                {"name": DATA_VOLUME, "persistentVolumeClaim": {"claimName": job.data_claim}},
+                # Spark on Kubernetes uses volumes named spark-local-dir-* as its shuffle/spill space
+                {"name": LOCAL_DIR_VOLUME, "emptyDir": {}},
+                {"name": TMP_VOLUME, "emptyDir": {}},
+            ],
             "driver": driver,
             "executor": executor,
         },
