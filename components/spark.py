@@ -33,6 +33,9 @@ def build_features_spark(
     core_image: str = "",
 ) -> str:
     """Run the offline feature build as a SparkApplication; return its name once COMPLETED."""
+    from fraud.settings import read_at_entry
+
+    read_at_entry()  # the one read of the environment in this task
     import time
     import uuid
 
@@ -67,6 +70,9 @@ def build_features_spark(
 def materialize_features(feature_tables_uri: str, spark_application: str, report: Output[Metrics]) -> str:
     """Fetch the tables the SparkApplication `spark_application` built, `feast apply`, materialise
     incrementally; return the last feature day."""
+    from fraud.settings import read_at_entry
+
+    read_at_entry()  # the one read of the environment in this task
     from fraud.training.steps import materialize_feature_tables, task_layout
 
     result = materialize_feature_tables(feature_tables_uri, task_layout(), incremental=True)
