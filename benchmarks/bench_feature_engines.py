@@ -134,8 +134,9 @@ def render(result: dict[str, Any]) -> str:
     for run in result["runs"]:
         rows = run["transactions"]
         if run["exit_code"]:
+            ended = "stopped after" if run["exit_code"] < 0 else "failed after"  # < 0: killed by a signal
             lines.append(
-                f"| {run['dataset']} | {rows:,} | {run['engine']} | failed after {run['wall_s']:,.0f} s | "
+                f"| {run['dataset']} | {rows:,} | {run['engine']} | {ended} {run['wall_s']:,.0f} s | "
                 f"{run['cpu_s']:,.0f} s | {run['peak_rss_mib'] / 1024:.1f} GiB | — | — |"
             )
             continue
@@ -147,7 +148,7 @@ def render(result: dict[str, Any]) -> str:
     failed = [r for r in result["runs"] if r["exit_code"]]
     for run in failed:
         lines.append("")
-        lines.append(f"{run['dataset']} on {run['engine']} failed: `{run['error']}`")
+        lines.append(f"{run['dataset']} on {run['engine']} did not complete: `{run['error']}`")
     lines.append("")
     lines.append(
         f"Measured {result['date']} on the shared 2-core / 24 GiB machine (load from other jobs: the CPU "
