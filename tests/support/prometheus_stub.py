@@ -9,11 +9,9 @@ refused with Prometheus' 400 `bad_data`.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
@@ -91,31 +89,18 @@ class FakePrometheus(_LoopbackServer):
             result = [{"metric": {}, "value": [0, repr(sum(s.increase for s in chosen))]}] if chosen else []
         return 200, {"status": "success", "data": {"resultType": "vector", "result": result}}
 
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        prometheus = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: Any) -> None:
-                return None
-
-            def do_GET(self) -> None:
-                parsed = urlparse(self.path)
-                if prometheus.down:
-                    code, payload = 503, {"status": "error", "errorType": "unavailable", "error": "scripted outage"}
-                elif parsed.path != "/api/v1/query":
-                    code, payload = 404, {"status": "error", "errorType": "not_found", "error": parsed.path}
-                else:
-                    query = parse_qs(parsed.query).get("query", [""])[0]
-                    prometheus.queries.append(query)
-                    code, payload = prometheus.evaluate(query)
-                data = json.dumps(payload).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        return Handler
+    def handle(self, method: str, path: str, content_type: str, body: Any) -> tuple[int, Any]:
+        """GET /api/v1/query only (an instant query); a scripted outage answers 503 to everything."""
+        parsed = urlparse(path)
+        if self.down:
+            return 503, {"status": "error", "errorType": "unavailable", "error": "scripted outage"}
+        if parsed.path != "/api/v1/query":
+            return 404, {"status": "error", "errorType": "not_found", "error": parsed.path}
+        if method != "GET":
+            return 405, {"status": "error", "errorType": "bad_data", "error": f"{method} is not served here"}
+        query = parse_qs(parsed.query).get("query", [""])[0]
+        self.queries.append(query)
+        return self.evaluate(query)
 
 
 def predictor_series(
