@@ -335,10 +335,10 @@ def test_deploy_steps_build_their_kubernetes_client_from_the_mounted_deployer_to
 
 def test_default_core_image_is_defined_once_and_is_the_manifests():
     """Components, the rollout and manifests/ agree on the core image the project ships."""
-    import components.base
     from fraud.deploy import kserve_rollout
+    from fraud.settings import Settings
 
-    assert components.base.DEFAULT_CORE_IMAGE is kserve_rollout.DEFAULT_CORE_IMAGE
+    assert Settings.model_fields["core_image"].default == kserve_rollout.DEFAULT_CORE_IMAGE
     manifest = yaml.safe_load((PROJECT_ROOT / "manifests" / "inferenceservice.yaml").read_text())
     images = {c["name"]: c["image"] for c in manifest["spec"]["predictor"]["containers"]}
     assert images[kserve_rollout.PREDICTOR_CONTAINER] == kserve_rollout.DEFAULT_CORE_IMAGE

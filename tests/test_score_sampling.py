@@ -40,7 +40,7 @@ def test_sampling_without_data_or_with_a_bad_count_is_a_user_error(data_dir):
 
 
 def test_card_testing_burst_is_one_card_small_purchases_minutes_apart_then_a_large_one(data_dir):
-    from fraud.serving_stack import card_testing_burst
+    from fraud.scoring_client import card_testing_burst
     from fraud.simulator import CARD_TESTING_GAP_SECONDS, CARD_TESTING_LARGE_AMOUNT, CARD_TESTING_SMALL_AMOUNT
 
     layout = DataLayout.current()
