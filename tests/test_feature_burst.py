@@ -126,7 +126,7 @@ def test_fraud_score_card_testing_burst_shows_velocity_reason_codes(data_root, t
             timeout=300,
         )  # fmt: skip
     finally:
-        stopped = stack.fraud("serve", "--stop", "--pid-file", str(stack.pid_file))
+        stopped = stack.fraud("serve", "stop", "--pid-file", str(stack.pid_file))
         client = redis.Redis.from_url("redis://127.0.0.1:6379/0")
         prefix = ServingStack(StackConfig(bundle=velocity_bundle)).stream_env()["FRAUD_STREAM_PREFIX"]
         keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))

@@ -522,7 +522,7 @@ def test_grpc_v2_between_transformer_and_predictor_end_to_end(tmp_path_factory, 
         assert len(explained.json()["explanations"]) == 2
         assert running.metric("fraud_transformer_predictor_seconds_count", protocol="grpc-v2") >= 1
     finally:
-        stopped = running.fraud("serve", "--stop", "--pid-file", str(running.pid_file))
+        stopped = running.fraud("serve", "stop", "--pid-file", str(running.pid_file))
         assert stopped.returncode == 0, stopped.stdout + stopped.stderr
 
 
