@@ -287,10 +287,11 @@ def _start_spark(spark_conf: dict[str, str]) -> None:
     """Start the Spark session Feast's Spark offline store and compute engine then reuse (they take
     the active one): one line for a missing Java or an unreachable master first, and the Python of
     the UDF workers (`spark.pyspark.python`, which PySpark otherwise takes from PYSPARK_PYTHON only)."""
-    from fraud.features.spark_engine import check_master_reachable, java_executable
+    from fraud.features.spark_engine import check_master_reachable, forget_stopped_session, java_executable
 
     java_executable()
     check_master_reachable(spark_conf.get("spark.master", DEFAULT_MASTER))
+    forget_stopped_session()  # a feature build in this process stops its session and JVM
     from pyspark.sql import SparkSession
 
     builder = SparkSession.builder

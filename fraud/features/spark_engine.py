@@ -207,6 +207,22 @@ def _shutdown_gateway() -> None:
             process.wait(timeout=30)
     SparkContext._gateway = None
     SparkContext._jvm = None
+    forget_stopped_session()
+
+
+def forget_stopped_session() -> None:
+    """Drop PySpark's process-wide references to a context whose JVM is gone, so the next
+    `getOrCreate` (a build, or Feast's Spark offline store) starts a new one instead of failing
+    on the stopped one."""
+    from pyspark import SparkContext
+    from pyspark.sql import SparkSession
+
+    active = SparkContext._active_spark_context
+    if active is not None and (SparkContext._gateway is None or getattr(active, "_jvm", None) is None):
+        SparkContext._active_spark_context = None
+    if SparkContext._active_spark_context is None:
+        SparkSession._instantiatedSession = None
+        SparkSession._activeSession = None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
+from fraud.config import DataLayout
 from fraud.errors import UserError
 
 
@@ -39,6 +41,16 @@ def build_arguments(argv: list[str], master: str | None) -> tuple[list[str], str
     return command + rest, known.feature_tables_uri
 
 
+def _layout_of(command: list[str]) -> DataLayout:
+    """The data directory the build wrote to: its `--data-dir`, else the settings' default."""
+    from fraud.settings import Settings
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--data-dir", default=None)
+    known, _ = parser.parse_known_args(command)
+    return DataLayout(Path(known.data_dir).resolve()) if known.data_dir else Settings.from_env().layout
+
+
 def main(argv: list[str] | None = None) -> None:
     from fraud import cli
 
@@ -50,9 +62,8 @@ def main(argv: list[str] | None = None) -> None:
             raise
     if feature_tables_uri:
         from fraud import storage
-        from fraud.config import DataLayout
 
-        layout = DataLayout.current()
+        layout = _layout_of(command)
         try:
             storage.put_folder(layout.features, feature_tables_uri)
         except UserError as exc:
