@@ -93,12 +93,15 @@ def test_fraud_serve_prometheus_graphs_the_stacks_metrics(tmp_path, data_root, b
                 break
             assert time.monotonic() < deadline, f"{query} stayed below 20: {answer}"
             time.sleep(1)
-        up = httpx.get(f"{url}/api/v1/query", params={"query": "up"}, timeout=10).json()["data"]["result"]
-        assert {s["metric"]["job"]: s["value"][1] for s in up} == {
-            "transformer": "1",
-            "predictor": "1",
-            "audit-writer": "1",
-        }
+        expected_up = {"transformer": "1", "predictor": "1", "audit-writer": "1"}
+        deadline = time.monotonic() + 60  # each target's first scrape comes at its own offset in the interval
+        while True:
+            up = httpx.get(f"{url}/api/v1/query", params={"query": "up"}, timeout=10).json()["data"]["result"]
+            jobs = {s["metric"]["job"]: s["value"][1] for s in up}
+            if jobs == expected_up or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert jobs == expected_up
         rules = httpx.get(f"{url}/api/v1/rules", timeout=10).json()["data"]["groups"]
         assert {g["name"] for g in rules} == {g["name"] for g in rule_groups()}
         shot = tmp_path / "stack.png"
