@@ -704,16 +704,24 @@ class FraudModel(Model):
         prometheus.FEATURE_LOOKUP_LATENCY.labels(source.name, "ok").observe(time.perf_counter() - started)
         return lookup
 
+    def request_features(
+        self, transactions: list[TransactionRequest]
+    ) -> tuple[np.ndarray, np.ndarray, FeatureLookup, np.ndarray, np.ndarray]:
+        """(amounts, transaction times in epoch ns, the online lookup with the views' TTL applied,
+        [n] bool: rows whose snapshot expired, the model's feature matrix) of `transactions`: what
+        scoring and explanations both compute."""
+        amount, tx_epoch_ns = request_arrays(transactions)
+        customer_ids, terminal_ids = [tx.customer_id for tx in transactions], [tx.terminal_id for tx in transactions]
+        lookup, expired = self.lookup_features(customer_ids, terminal_ids).expire(tx_epoch_ns)
+        velocity = self.velocity.features(tx_epoch_ns, customer_ids, terminal_ids) if self.velocity else None
+        return amount, tx_epoch_ns, lookup, expired, model_feature_matrix(amount, tx_epoch_ns, lookup.values, velocity)
+
     def score_request(self, request: ParsedRequest) -> ScoredBatch:
         scorer = self.scorer
         assert scorer is not None, "load() first"  # noqa: S101 - narrows the type: set by load()
         transactions = request.transactions
-        amount, tx_epoch_ns = request_arrays(transactions)
-        customer_ids, terminal_ids = [tx.customer_id for tx in transactions], [tx.terminal_id for tx in transactions]
-        lookup, expired = self.lookup_features(customer_ids, terminal_ids).expire(tx_epoch_ns)
+        amount, tx_epoch_ns, lookup, expired, features = self.request_features(transactions)
         prometheus.record_snapshots(scorer.model_version, lookup.newest_snapshots(), int(expired.sum()))
-        velocity = self.velocity.features(tx_epoch_ns, customer_ids, terminal_ids) if self.velocity else None
-        features = model_feature_matrix(amount, tx_epoch_ns, lookup.values, velocity)
         missing = lookup.missing
         stale = lookup.stale(tx_epoch_ns)
         result = scorer.score(features, reason_codes=self.settings.reason_codes)
@@ -760,12 +768,7 @@ class FraudModel(Model):
         """Full TreeSHAP contributions (and bias) of every transaction of `request` (blocking)."""
         scorer = self.scorer
         assert scorer is not None, "load() first"  # noqa: S101 - narrows the type: set by load()
-        transactions = request.transactions
-        amount, tx_epoch_ns = request_arrays(transactions)
-        customer_ids, terminal_ids = [tx.customer_id for tx in transactions], [tx.terminal_id for tx in transactions]
-        lookup = self.lookup_features(customer_ids, terminal_ids)
-        velocity = self.velocity.features(tx_epoch_ns, customer_ids, terminal_ids) if self.velocity else None
-        features = model_feature_matrix(amount, tx_epoch_ns, lookup.values, velocity)
+        _, tx_epoch_ns, lookup, _, features = self.request_features(request.transactions)
         result = scorer.score(features, reason_codes=REASON_CODES_FLAGGED)
         explanation = Explanation(
             batch=ScoredBatch(
