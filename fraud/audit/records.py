@@ -96,6 +96,27 @@ def _check_id(name: str, value: str, limit: int = MAX_ID_LENGTH) -> None:
         raise ValueError(f"{name} must be a non-empty string of at most {limit} characters, got {value!r}")
 
 
+def _check_scored(record: DecisionRecord | ExplanationRecord) -> None:
+    """The checks and normalisation a decision and an explanation share: ids, variant, decision,
+    a probability score and a datetime `received_at` (stored as naive UTC)."""
+    _check_id("transaction_id", record.transaction_id)
+    _check_id("customer_id", record.customer_id)
+    _check_id("terminal_id", record.terminal_id)
+    _check_id("model_name", record.model_name, 128)
+    _check_id("model_version", record.model_version, 128)
+    if record.variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {record.variant!r}")
+    if record.decision not in DECISIONS:
+        raise ValueError(f"decision must be one of {DECISIONS}, got {record.decision!r}")
+    score = float(record.score)
+    if not (0.0 <= score <= 1.0):
+        raise ValueError(f"score must be a probability in [0, 1], got {record.score!r}")
+    if not isinstance(record.received_at, datetime):
+        raise TypeError(f"received_at must be a datetime, got {type(record.received_at).__name__}")
+    object.__setattr__(record, "score", score)
+    object.__setattr__(record, "received_at", _utc_naive(record.received_at))
+
+
 @dataclass(frozen=True, slots=True)
 class DecisionRecord:
     """One scoring decision as the auditors see it.
@@ -125,22 +146,7 @@ class DecisionRecord:
     decline_threshold: float | None = None
 
     def __post_init__(self) -> None:
-        _check_id("transaction_id", self.transaction_id)
-        _check_id("customer_id", self.customer_id)
-        _check_id("terminal_id", self.terminal_id)
-        _check_id("model_name", self.model_name, 128)
-        _check_id("model_version", self.model_version, 128)
-        if self.variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
-        if self.decision not in DECISIONS:
-            raise ValueError(f"decision must be one of {DECISIONS}, got {self.decision!r}")
-        score = float(self.score)
-        if not (0.0 <= score <= 1.0):
-            raise ValueError(f"score must be a probability in [0, 1], got {self.score!r}")
-        if not isinstance(self.received_at, datetime):
-            raise TypeError(f"received_at must be a datetime, got {type(self.received_at).__name__}")
-        object.__setattr__(self, "score", score)
-        object.__setattr__(self, "received_at", _utc_naive(self.received_at))
+        _check_scored(self)
         object.__setattr__(self, "latency_ms", float(self.latency_ms))
         object.__setattr__(self, "features", {str(k): _finite_or_none(v) for k, v in self.features.items()})
         for name in ("review_threshold", "decline_threshold"):
@@ -418,23 +424,8 @@ class ExplanationRecord:
 
     def __post_init__(self) -> None:
         _check_id("explanation_id", self.explanation_id)
-        _check_id("transaction_id", self.transaction_id)
-        _check_id("customer_id", self.customer_id)
-        _check_id("terminal_id", self.terminal_id)
-        _check_id("model_name", self.model_name, 128)
-        _check_id("model_version", self.model_version, 128)
-        if self.variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
-        if self.decision not in DECISIONS:
-            raise ValueError(f"decision must be one of {DECISIONS}, got {self.decision!r}")
-        score = float(self.score)
-        if not (0.0 <= score <= 1.0):
-            raise ValueError(f"score must be a probability in [0, 1], got {self.score!r}")
-        if not isinstance(self.received_at, datetime):
-            raise TypeError(f"received_at must be a datetime, got {type(self.received_at).__name__}")
-        object.__setattr__(self, "score", score)
+        _check_scored(self)
         object.__setattr__(self, "bias", float(self.bias))
-        object.__setattr__(self, "received_at", _utc_naive(self.received_at))
         object.__setattr__(self, "contributions", {str(k): _finite_or_none(v) for k, v in self.contributions.items()})
 
     def to_payload(self) -> str:
