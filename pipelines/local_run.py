@@ -147,20 +147,7 @@ def isolated_subprocess(isolation: Isolation):
             (sandbox / name).mkdir(parents=True)
         env = {**isolation.task_env(sandbox), **(env_vars or {})}
         try:
-            with subprocess.Popen(  # noqa: S603 - the pipeline's own component command, an argument list, no shell
-                full_command,
-                cwd=sandbox / "work",
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-                bufsize=1,
-            ) as process:
-                assert process.stdout is not None  # noqa: S101 - narrows the type: stdout=PIPE always sets it
-                for line in iter(process.stdout.readline, ""):
-                    print(line, end="")
-                print("\n")
-            return process.wait()
+            return _run_task(full_command, env, cwd=sandbox / "work")
         finally:
             if not isolation.keep_sandboxes:
                 shutil.rmtree(sandbox, ignore_errors=True)
@@ -168,24 +155,31 @@ def isolated_subprocess(isolation: Isolation):
     return run
 
 
+def _run_task(full_command: list[str], env: Mapping[str, str], cwd: Path | None = None) -> int:
+    """Run one task's command as kfp.local's subprocess runner does (its output streamed to ours);
+    its exit status."""
+    with subprocess.Popen(  # noqa: S603 - the pipeline's own component command, an argument list, no shell
+        full_command,
+        cwd=cwd,
+        env=dict(env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        bufsize=1,
+    ) as process:
+        assert process.stdout is not None  # noqa: S101 - narrows the type: stdout=PIPE always sets it
+        for line in iter(process.stdout.readline, ""):
+            print(line, end="")
+        print("\n")
+    return process.wait()
+
+
 def embedded_subprocess(task_env: Mapping[str, str]):
     """kfp.local's subprocess launcher with `task_env` as the environment of every task (embedded
     mode: the caller's environment plus its settings, e.g. the data directory of `--data-dir`)."""
 
     def run(full_command: list[str], env_vars: dict[str, str] | None = None) -> int:
-        with subprocess.Popen(  # noqa: S603 - the pipeline's own component command, an argument list, no shell
-            full_command,
-            env={**task_env, **(env_vars or {})},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            bufsize=1,
-        ) as process:
-            assert process.stdout is not None  # noqa: S101 - narrows the type: stdout=PIPE always sets it
-            for line in iter(process.stdout.readline, ""):
-                print(line, end="")
-            print("\n")
-        return process.wait()
+        return _run_task(full_command, {**task_env, **(env_vars or {})})
 
     return run
 
