@@ -5,7 +5,9 @@ the CLI, and for Spark its JVM), rows/s, and the error when a size does not fit.
 Each (dataset, engine) is one run of the project's CLI as a child process, after one another,
 never in parallel, on the data directory given (its `raw/` is the simulated history; the build
 writes `features/` there). DuckDB runs with `--memory-limit` (default 6GB) and 2 threads; Spark
-with `--spark-master local[2] --spark-driver-memory 4g` (local mode: one JVM).
+with `--spark-master local[2] --spark-driver-memory 4g` (local mode: one JVM; `--spark-driver-memory`
+sets another heap). Each run records the machine's load average when it started: on a busy
+machine the wall time grows, the CPU seconds hardly.
 
     .venv/bin/python benchmarks/bench_feature_engines.py \\
         --dataset 1.76M=/work/data-scale/x1 --dataset 17.6M=/work/data-scale/x10 \\
@@ -39,7 +41,7 @@ RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DOCS = ROOT / "docs" / "scaling.md"
 MARKS = ("<!-- bench:feature-engines:start -->", "<!-- bench:feature-engines:end -->")
 FRAUD = [sys.executable, "-m", "fraud.cli"]
-#: the Spark driver's heap (local mode: driver and executors are one JVM); the machine is shared
+#: the Spark driver's heap by default (local mode: driver and executors are one JVM)
 SPARK_DRIVER_MEMORY = "4g"
 
 
@@ -88,17 +90,20 @@ def _has_engine_option() -> bool:
     return "--engine" in shown.stdout
 
 
-def engine_command(engine: str, data_dir: Path, memory_limit: str) -> list[str]:
+def engine_command(
+    engine: str, data_dir: Path, memory_limit: str, driver_memory: str = SPARK_DRIVER_MEMORY
+) -> list[str]:
     command = [*FRAUD, "features", "build", "--data-dir", str(data_dir)]
     if engine == "duckdb":
         # DuckDB is the default engine (and the only one of a build without --engine)
         chosen = ["--engine", "duckdb"] if _has_engine_option() else []
         return [*command, *chosen, "--memory-limit", memory_limit, "--threads", "2"]
-    return [*command, "--engine", "spark", "--spark-master", "local[2]", "--spark-driver-memory", SPARK_DRIVER_MEMORY]
+    return [*command, "--engine", "spark", "--spark-master", "local[2]", "--spark-driver-memory", driver_memory]
 
 
-def run_build(engine: str, data_dir: Path, memory_limit: str, log: Path) -> dict[str, Any]:
-    command = engine_command(engine, data_dir, memory_limit)
+def run_build(engine: str, data_dir: Path, memory_limit: str, driver_memory: str, log: Path) -> dict[str, Any]:
+    command = engine_command(engine, data_dir, memory_limit, driver_memory)
+    load_average = os.getloadavg()[0]
     env = {**os.environ, "FRAUD_DATA_DIR": str(data_dir)}
     started = time.perf_counter()
     with log.open("ab") as sink:
@@ -123,25 +128,31 @@ def run_build(engine: str, data_dir: Path, memory_limit: str, log: Path) -> dict
         "cpu_s": round(usage.ru_utime + usage.ru_stime, 2),
         "peak_rss_mib": round(sampler.peak_bytes / 2**20, 1),
         "error": error[-500:],
+        "memory_setting": memory_limit if engine == "duckdb" else driver_memory,
+        "load_average_at_start": round(load_average, 2),
     }
 
 
 def render(result: dict[str, Any]) -> str:
     lines = [
-        "| dataset | transactions | engine | wall | CPU | peak memory (process tree) | rows/s | rows per CPU-second |",
-        "|---|---:|---|---:|---:|---:|---:|---:|",
+        "| dataset | transactions | engine (memory setting) | load average at start | wall | CPU "
+        "| peak memory (process tree) | rows/s | rows per CPU-second |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for run in result["runs"]:
         rows = run["transactions"]
+        setting = run.get("memory_setting")
+        engine = f"{run['engine']} ({setting})" if setting else run["engine"]
+        load = f"{run['load_average_at_start']:.1f}" if "load_average_at_start" in run else "—"
         if run["exit_code"]:
             ended = "stopped after" if run["exit_code"] < 0 else "failed after"  # < 0: killed by a signal
             lines.append(
-                f"| {run['dataset']} | {rows:,} | {run['engine']} | {ended} {run['wall_s']:,.0f} s | "
+                f"| {run['dataset']} | {rows:,} | {engine} | {load} | {ended} {run['wall_s']:,.0f} s | "
                 f"{run['cpu_s']:,.0f} s | {run['peak_rss_mib'] / 1024:.1f} GiB | — | — |"
             )
             continue
         lines.append(
-            f"| {run['dataset']} | {rows:,} | {run['engine']} | {run['wall_s']:,.0f} s | {run['cpu_s']:,.0f} s | "
+            f"| {run['dataset']} | {rows:,} | {engine} | {load} | {run['wall_s']:,.0f} s | {run['cpu_s']:,.0f} s | "
             f"{run['peak_rss_mib'] / 1024:.1f} GiB | {rows / run['wall_s']:,.0f} | "
             f"{rows / max(run['cpu_s'], 1e-9):,.0f} |"
         )
@@ -151,9 +162,8 @@ def render(result: dict[str, Any]) -> str:
         lines.append(f"{run['dataset']} on {run['engine']} did not complete: `{run['error']}`")
     lines.append("")
     lines.append(
-        f"Measured {result['date']} on the shared 2-core / 24 GiB machine (load from other jobs: the CPU "
-        f"column is the build's own time), DuckDB memory_limit {result['duckdb_memory_limit']}, Spark "
-        f"local[2] with driver memory {result['spark_driver_memory']}; `{result['command']}`; "
+        f"Measured {result['date']} on the 2-core / 24 GiB machine (the CPU column is the build's own "
+        f"time, whatever else ran), DuckDB with 2 threads, Spark local[2]; `{result['command']}`; "
         "`benchmarks/results/" + result["file"] + "`."
     )
     return "\n".join(lines)
@@ -185,6 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dataset", action="append", default=[], help="LABEL=DATA_DIR (its raw/ is the history)")
     parser.add_argument("--engines", nargs="+", default=["duckdb", "spark"], choices=["duckdb", "spark"])
     parser.add_argument("--memory-limit", default="6GB", help="DuckDB memory_limit")
+    parser.add_argument("--spark-driver-memory", default=SPARK_DRIVER_MEMORY, help="Spark driver heap (local mode)")
     parser.add_argument("--smoke", action="store_true", help="a tiny simulated dataset only")
     parser.add_argument("--no-save", action="store_true")
     parser.add_argument("--merge", type=Path, help="an earlier result file whose other runs are kept")
@@ -219,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
             "smoke": bool(args.smoke),
             "command": command,
             "duckdb_memory_limit": args.memory_limit,
-            "spark_driver_memory": SPARK_DRIVER_MEMORY,
+            "spark_driver_memory": args.spark_driver_memory,
             "machine": {"cpus": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / 2**30, 1)},
             "runs": done,
         }
@@ -228,7 +239,11 @@ def main(argv: list[str] | None = None) -> None:
         rows = count_rows(folder / "raw")
         for engine in args.engines:
             print(f"{label} ({rows:,} transactions) on {engine} ...", file=sys.stderr, flush=True)
-            run = {"dataset": label, "transactions": rows, **run_build(engine, folder, args.memory_limit, log)}
+            run = {
+                "dataset": label,
+                "transactions": rows,
+                **run_build(engine, folder, args.memory_limit, args.spark_driver_memory, log),
+            }
             run["command"] = command
             print(json.dumps(run), file=sys.stderr, flush=True)
             runs = [r for r in runs if (r["dataset"], r["engine"]) != (label, engine)] + [run]

@@ -174,10 +174,11 @@ def baseline_tree(ref: str, work: Path) -> Path:
 
 def start_aggregator(tree: Path, prefix: str, log_path: Path) -> tuple[subprocess.Popen, object]:
     """`fraud features aggregate` of the code in `tree` on stream `prefix`; waits for its leases."""
+    from fraud.settings import Settings
     from fraud.streaming.events import StreamSettings
 
     env = {**os.environ, "FRAUD_STREAM_PREFIX": prefix, "PYTHONPATH": str(tree)}
-    stream = StreamSettings.from_env(env)
+    stream = StreamSettings.from_settings(Settings.from_env(env))
     log = log_path.open("wb")
     process = subprocess.Popen(
         [sys.executable, "-m", "fraud.cli", "features", "aggregate", "--online", "redis", "--metrics-port", "0"],

@@ -275,3 +275,26 @@ def test_feature_engines_benchmark_smoke() -> None:
     (run,) = report["runs"]
     assert run["engine"] == "duckdb" and run["exit_code"] == 0, run["error"]
     assert run["transactions"] > 0 and run["wall_s"] > 0 and run["peak_rss_mib"] > 0
+    assert run["memory_setting"] == "6GB" and run["load_average_at_start"] >= 0
+
+
+@pytest.mark.slow
+def test_freshness_benchmark_smoke() -> None:
+    """bench_freshness.py for 2 s at 100 tx/s against Redis: every probe's effect is read back."""
+    args = ["--rates", "100", "--seconds", "2", "--baseline-ref", "", "--no-save"]
+    completed = subprocess.run(
+        [sys.executable, "benchmarks/bench_freshness.py", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={k: v for k, v in os.environ.items() if not k.startswith("FRAUD_")},
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    (line,) = [line for line in completed.stdout.splitlines() if line.startswith("{")]
+    result = json.loads(line)
+    assert result["aggregator"] == "current" and result["rate_tx_s"] == 100
+    assert result["probe_timeouts"] == 0 and result["freshness"]["n"] > 0
+    assert 0 < result["freshness"]["p50_ms"] <= result["freshness"]["p99_ms"]
+    assert result["velocity_lookup"]["n"] == result["freshness"]["n"]
