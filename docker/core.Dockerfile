@@ -4,6 +4,11 @@
 #   docker build -f docker/core.Dockerfile -t ghcr.io/fraud-platform/fraud-core:<version> .
 # Runs as a non-root user on a read-only root filesystem: HOME, TMPDIR and FRAUD_DATA_DIR point
 # at /tmp, which the pod mounts as an emptyDir.
+# Carries a Java runtime (Debian's default-jre-headless: OpenJDK 17 on bookworm) for Spark: the
+# Spark feature engine, the Feast Spark profile and the SparkApplication's driver and executors
+# run this image. JAVA_HOME is Debian's architecture-independent link to the default runtime; the
+# JVM writes only below /tmp (hsperfdata, user.home = HOME) and the Spark local dir
+# (spark.local.dir under FRAUD_DATA_DIR, or the spark-local-dir-* volume on Kubernetes).
 
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 ARG UV_VERSION=0.13.9
@@ -29,6 +34,13 @@ COPY feature_repo ./feature_repo
 RUN uv sync --frozen --no-dev
 
 FROM ${PYTHON_IMAGE} AS runtime
+ENV JAVA_HOME=/usr/lib/jvm/default-java
+# update-alternatives links java's man page into /usr/share/man/man1, which the slim base lacks
+RUN mkdir -p /usr/share/man/man1 \
+ && apt-get update \
+ && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends default-jre-headless \
+ && rm -rf /var/lib/apt/lists/* \
+ && "$JAVA_HOME/bin/java" -version
 RUN groupadd --gid 10001 fraud \
  && useradd --uid 10001 --gid fraud --no-create-home --home-dir /tmp --shell /usr/sbin/nologin fraud
 COPY --from=build --chown=root:root /app /app

@@ -199,3 +199,123 @@ def test_entry_module_exists_and_starts(image, python, cwd):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "--bundle" in result.stdout and "--model_name" in result.stdout
+
+
+# --- Java for Spark in the core image --------------------------------------------------------------
+
+
+def _env(stage: Stage) -> dict[str, str]:
+    """The stage's ENV key=value pairs (the last one of a key wins)."""
+    env: dict[str, str] = {}
+    for keyword, rest in stage.instructions:
+        if keyword == "ENV":
+            for word in shlex.split(rest):
+                key, sep, value = word.partition("=")
+                assert sep, f"ENV {rest!r}: use key=value"
+                env[key] = value
+    return env
+
+
+def _java_install(stage: Stage) -> tuple[int, str]:
+    """(index, command) of the stage's RUN that installs Debian's default Java runtime."""
+    found = [
+        (i, rest)
+        for i, (keyword, rest) in enumerate(stage.instructions)
+        if keyword == "RUN" and re.search(r"apt-get\s.*install\s.*\bdefault-jre-headless\b", rest)
+    ]
+    assert len(found) == 1, f"expected one RUN installing default-jre-headless, found {found}"
+    return found[0]
+
+
+def test_the_core_image_runtime_carries_a_java_runtime_for_spark():
+    """Spark (the feature engine, the Feast Spark profile, the SparkApplication's pods) needs a JVM
+    in the core image's runtime stage: Debian's default-jre-headless (OpenJDK 17 on bookworm),
+    installed as root without recommends in one layer that drops the apt lists, with JAVA_HOME on
+    Debian's architecture-independent link, checked at build time."""
+    _, found = stages(DOCKERFILES["core"])
+    build_stage, runtime = found[0], found[-1]
+    index, command = _java_install(runtime)
+    steps = [step.strip() for step in command.split("&&")]
+    install = next(step for step in steps if "default-jre-headless" in step)
+    assert "--no-install-recommends" in install and re.search(r"(^|\s)-y(\s|$)", install), install
+    update = next(i for i, step in enumerate(steps) if re.search(r"apt-get\s+update", step))
+    assert update < steps.index(install), "apt-get update must run in the same layer, before the install"
+    assert any(re.fullmatch(r"rm -rf /var/lib/apt/lists/\*?", step) for step in steps[steps.index(install) :]), (
+        "the same layer must remove /var/lib/apt/lists"
+    )
+    users = [i for i, (keyword, _) in enumerate(runtime.instructions) if keyword == "USER"]
+    assert users and index < users[0], "the JRE is installed before the image drops root"
+    # JAVA_HOME: set for the runtime (ENV, not a shell variable), architecture-independent, and
+    # proven at build time by running its bin/java
+    java_home = _env(runtime).get("JAVA_HOME", "")
+    assert java_home == "/usr/lib/jvm/default-java", java_home
+    env_index = next(i for i, (k, rest) in enumerate(runtime.instructions) if k == "ENV" and "JAVA_HOME=" in rest)
+    assert env_index < index and any(
+        step.startswith(('"$JAVA_HOME/bin/java"', "$JAVA_HOME/bin/java", f"{java_home}/bin/java"))
+        and "-version" in step
+        for step in steps
+    ), steps
+    assert not re.search(r"amd64|arm64|aarch64|x86_64", java_home)
+    # the build stage stays without Java (nothing there runs Spark)
+    assert not any(keyword == "RUN" and "jre" in rest for keyword, rest in build_stage.instructions)
+    # the runtime's writable places stay below /tmp (HOME is the JVM's user.home; hsperfdata in TMPDIR)
+    env = _env(runtime)
+    assert env["HOME"] == "/tmp" and env["TMPDIR"] == "/tmp" and env["FRAUD_DATA_DIR"].startswith("/tmp/")
+
+
+def test_java_install_check_fails_without_the_jre_or_java_home(tmp_path):
+    """The check above fails on a runtime stage without the install or with a JAVA_HOME that
+    names one architecture's directory (the check can fail)."""
+    text = DOCKERFILES["core"].read_text()
+    without = tmp_path / "without.Dockerfile"
+    without.write_text(text.replace("default-jre-headless", "curl"))
+    with pytest.raises(AssertionError, match="default-jre-headless"):
+        _java_install(stages(without)[1][-1])
+    arch = tmp_path / "arch.Dockerfile"
+    arch.write_text(text.replace("/usr/lib/jvm/default-java", "/usr/lib/jvm/java-17-openjdk-amd64"))
+    assert _env(stages(arch)[1][-1])["JAVA_HOME"].endswith("amd64")
+
+
+def _spark_pod_specs() -> list[tuple[str, dict]]:
+    """(where, spec) of every SparkApplication in manifests/, the schedule's template included."""
+    import yaml
+
+    found = []
+    for path in sorted((PROJECT_ROOT / "manifests").rglob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if not doc or not str(doc.get("apiVersion", "")).startswith("sparkoperator.k8s.io/"):
+                continue
+            where = f"{path.relative_to(PROJECT_ROOT)}: {doc['kind']} {doc['metadata']['name']}"
+            spec = doc["spec"]["template"] if doc["kind"] == "ScheduledSparkApplication" else doc["spec"]
+            found.append((where, spec))
+    return found
+
+
+def test_the_spark_pods_run_the_core_image_as_its_user_with_tmp_writable():
+    """The SparkApplication template, the daily ScheduledSparkApplication and the builder's object
+    run the image docker/core.Dockerfile builds (the one with the JRE), as its non-root user, with
+    an emptyDir on /tmp (HOME, TMPDIR) and a spark-local-dir volume for Spark's scratch space."""
+    from fraud.deploy import spark
+    from fraud.deploy.kserve_rollout import DEFAULT_CORE_IMAGE
+
+    core_repository = DEFAULT_CORE_IMAGE.rsplit(":", 1)[0]
+    header = DOCKERFILES["core"].read_text().split("\nARG", 1)[0]
+    assert f"-t {core_repository}:" in header, "docker/core.Dockerfile's build line must name the core image"
+    _, found = stages(DOCKERFILES["core"])
+    image_user = [rest for keyword, rest in found[-1].instructions if keyword == "USER"][-1]
+    uid = int(image_user.split(":")[0])
+    built = spark.spark_application(spark.SparkFeatureJob(name="x", namespace="y", image=DEFAULT_CORE_IMAGE))
+    specs = [*_spark_pod_specs(), ("fraud.deploy.spark.spark_application", built["spec"])]
+    assert len(specs) >= 3, specs
+    for where, spec in specs:
+        assert spec["image"].rsplit(":", 1)[0] == core_repository, where
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        for role in ("driver", "executor"):
+            pod = spec[role]
+            assert pod["securityContext"]["runAsUser"] == uid, (where, role)
+            assert pod["securityContext"]["readOnlyRootFilesystem"] is True, (where, role)
+            mounts = {m["mountPath"]: m["name"] for m in pod["volumeMounts"]}
+            assert "emptyDir" in volumes[mounts["/tmp"]], (where, role)
+            assert any(name.startswith("spark-local-dir-") and "emptyDir" in volumes[name] for name in mounts.values())
+            env = {e["name"] for e in pod.get("env", [])}
+            assert not env & {"JAVA_HOME", "HOME"}, f"{where} {role} overrides the image's JAVA_HOME/HOME"
