@@ -9,6 +9,9 @@
 # run this image. JAVA_HOME is Debian's architecture-independent link to the default runtime; the
 # JVM writes only below /tmp (hsperfdata, user.home = HOME) and the Spark local dir
 # (spark.local.dir under FRAUD_DATA_DIR, or the spark-local-dir-* volume on Kubernetes).
+# The entrypoint (docker/core-entrypoint.sh) turns the `driver` / `executor` arguments Spark on
+# Kubernetes starts its pods with into spark-submit / the executor JVM (SPARK_HOME: the Spark of
+# the environment's pyspark) and runs any other command as given.
 
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 ARG UV_VERSION=0.13.9
@@ -51,10 +54,14 @@ ENV PATH=/app/.venv/bin:$PATH \
     HOME=/tmp \
     TMPDIR=/tmp \
     FRAUD_DATA_DIR=/tmp/fraud-data \
-    MPLCONFIGDIR=/tmp/matplotlib
+    MPLCONFIGDIR=/tmp/matplotlib \
+    SPARK_HOME=/app/.venv/lib/python3.11/site-packages/pyspark
+COPY --chmod=0755 docker/core-entrypoint.sh /usr/local/bin/fraud-entrypoint
+RUN test -x "$SPARK_HOME/bin/spark-submit" && test -d "$SPARK_HOME/jars"
 WORKDIR /app
 USER 10001:10001
 EXPOSE 8080
 HEALTHCHECK --interval=30s --timeout=3s --start-period=60s --retries=3 \
   CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:8080/v2/health/live', timeout=2).status == 200 else 1)"]
+ENTRYPOINT ["/usr/local/bin/fraud-entrypoint"]
 CMD ["python", "-m", "predictor", "--model_name", "fraud-detector", "--http_port", "8080", "--bundle", "/mnt/models"]

@@ -161,7 +161,7 @@ def _module_file(image: str) -> tuple[str, Path]:
     """The module the image's CMD runs and the repository file `python -m` would execute."""
     _, found = stages(DOCKERFILES[image])
     final = found[-1]
-    (command,) = [json.loads(rest) for k, rest in final.instructions if k in ("CMD", "ENTRYPOINT")]
+    (command,) = [json.loads(rest) for k, rest in final.instructions if k == "CMD"]
     assert command[:2] == ["python", "-m"], command
     module = command[2]
     image_path = PurePosixPath("/app") / module.replace(".", "/") / "__main__.py"
@@ -319,3 +319,156 @@ def test_the_spark_pods_run_the_core_image_as_its_user_with_tmp_writable():
             assert any(name.startswith("spark-local-dir-") and "emptyDir" in volumes[name] for name in mounts.values())
             env = {e["name"] for e in pod.get("env", [])}
             assert not env & {"JAVA_HOME", "HOME"}, f"{where} {role} overrides the image's JAVA_HOME/HOME"
+
+
+# --- the core image's entrypoint: Spark on Kubernetes' `driver` / `executor`, else pass-through -----
+
+ENTRYPOINT_SCRIPT = PROJECT_ROOT / "docker" / "core-entrypoint.sh"
+LOCAL_SPARK_HOME = Path(sys.executable).parent.parent / "lib" / "python3.11" / "site-packages" / "pyspark"
+
+
+def _entrypoint_env(**extra: str) -> dict[str, str]:
+    from fraud.features.spark_engine import java_executable
+
+    java = Path(java_executable()).resolve()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SPARK_", "PYSPARK_"))}
+    return {
+        **env,
+        "SPARK_HOME": str(LOCAL_SPARK_HOME),
+        "JAVA_HOME": str(java.parent.parent),
+        "PATH": f"{Path(sys.executable).parent}:{env.get('PATH', '/usr/bin:/bin')}",
+        **extra,
+    }
+
+
+def test_the_core_image_starts_through_the_entrypoint_and_spark_home_is_the_locked_pyspark():
+    """ENTRYPOINT is docker/core-entrypoint.sh (copied executable), the predictor stays the CMD,
+    SPARK_HOME is the pyspark of the image's environment for the base image's Python (where the
+    local environment, installed from the same lock, has spark-submit and the jars); the drift
+    image has no entrypoint of its own."""
+    _, found = stages(DOCKERFILES["core"])
+    runtime = found[-1]
+    (entrypoint,) = [json.loads(rest) for k, rest in runtime.instructions if k == "ENTRYPOINT"]
+    copied = {dest: sources for sources, dest, _ in copies(runtime)}
+    assert entrypoint == ["/usr/local/bin/fraud-entrypoint"], entrypoint
+    assert copied[entrypoint[0]] == ["docker/core-entrypoint.sh"]
+    (copy_line,) = [rest for k, rest in runtime.instructions if k == "COPY" and entrypoint[0] in rest]
+    assert "--chmod=0755" in copy_line.split()
+    assert os.access(ENTRYPOINT_SCRIPT, os.X_OK), "docker/core-entrypoint.sh must be executable in git too"
+    python = re.match(r"python:(\d+\.\d+)\.", runtime.base)
+    assert python, runtime.base
+    spark_home = _env(runtime)["SPARK_HOME"]
+    assert spark_home == f"/app/.venv/lib/python{python[1]}/site-packages/pyspark", spark_home
+    assert python[1] == "3.11" and (LOCAL_SPARK_HOME / "bin" / "spark-submit").is_file()
+    assert any((LOCAL_SPARK_HOME / "jars").glob("spark-kubernetes_*.jar")), "pyspark without its Kubernetes jars"
+    assert not [rest for k, rest in stages(DOCKERFILES["drift"])[1][-1].instructions if k == "ENTRYPOINT"]
+
+
+def test_the_entrypoint_runs_any_other_command_unchanged(tmp_path):
+    env = _entrypoint_env()
+    code = "import sys; print(sys.argv[1:]); sys.exit(3)"
+    done = subprocess.run(  # noqa: PLW1510 - the return code is asserted below
+        [str(ENTRYPOINT_SCRIPT), "python", "-c", code, "two words", "--flag"],
+        capture_output=True, text=True, timeout=60, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 3, done.stderr
+    assert done.stdout == "['two words', '--flag']\n"
+
+
+def test_the_entrypoint_runs_a_spark_on_kubernetes_driver_with_spark_submit_in_client_mode(tmp_path):
+    """`driver --properties-file F --class PythonRunner local:///job.py args`, as the driver pod is
+    started: spark-submit of SPARK_HOME runs the job in client mode bound to SPARK_DRIVER_BIND_ADDRESS
+    (a real JVM; the master comes from the properties file, local here)."""
+    job = tmp_path / "job.py"
+    job.write_text(
+        "import sys\n"
+        "from pyspark.sql import SparkSession\n"
+        "spark = SparkSession.builder.getOrCreate()\n"
+        "conf = spark.sparkContext.getConf()\n"
+        "values = [spark.range(10).count(), conf.get('spark.submit.deployMode'),\n"
+        "          conf.get('spark.driver.bindAddress')]\n"
+        "open(sys.argv[1], 'w').write(' '.join(map(str, values)))\n"
+        "spark.stop()\n"
+    )
+    properties = tmp_path / "spark.properties"
+    properties.write_text(
+        # as in the driver pod's properties file: written for the cluster-mode submission
+        "spark.master=local[1]\nspark.submit.deployMode=cluster\nspark.app.name=entrypoint-test\n"
+        "spark.ui.enabled=false\n"
+        f"spark.local.dir={tmp_path / 'local'}\nspark.driver.host=127.0.0.1\n"
+    )
+    out = tmp_path / "out.txt"
+    env = _entrypoint_env(SPARK_DRIVER_BIND_ADDRESS="127.0.0.1", TMPDIR=str(tmp_path))
+    args = ["driver", "--properties-file", str(properties), "--class", "org.apache.spark.deploy.PythonRunner"]
+    done = subprocess.run(  # noqa: PLW1510 - the return code is asserted below
+        [str(ENTRYPOINT_SCRIPT), *args, f"local://{job}", str(out)],
+        capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert out.read_text() == "10 client 127.0.0.1"
+
+
+def _executor_env(**extra: str) -> dict[str, str]:
+    return _entrypoint_env(
+        SPARK_EXECUTOR_MEMORY="256m",
+        SPARK_EXECUTOR_ID="7",
+        SPARK_EXECUTOR_CORES="2",
+        SPARK_APPLICATION_ID="spark-app-1",
+        SPARK_EXECUTOR_POD_IP="127.0.0.1",
+        SPARK_RESOURCE_PROFILE_ID="0",
+        SPARK_EXECUTOR_POD_NAME="fraud-features-exec-7",
+        **extra,
+    )
+
+
+def test_the_entrypoint_starts_the_kubernetes_executor_backend_with_spark_s_environment(tmp_path):
+    """`executor`: the JVM options SPARK_JAVA_OPT_<n> in numeric order, the heap, the classpath of
+    SPARK_HOME's jars and the KubernetesExecutorBackend arguments from the pod's environment (a
+    stand-in `java` records them)."""
+    fake_home = tmp_path / "jre"
+    (fake_home / "bin").mkdir(parents=True)
+    record = tmp_path / "argv.json"
+    java = fake_home / "bin" / "java"
+    java.write_text(f"#!{sys.executable}\nimport json, sys\njson.dump(sys.argv[1:], open({str(record)!r}, 'w'))\n")
+    java.chmod(0o755)
+    env = _executor_env(
+        JAVA_HOME=str(fake_home),
+        SPARK_DRIVER_URL="spark://CoarseGrainedScheduler@fraud-driver-svc:7078",
+        SPARK_JAVA_OPT_10="-Dthird=3",
+        SPARK_JAVA_OPT_2="-Dsecond=two words",
+        SPARK_JAVA_OPT_0="-Dfirst=1",
+        SPARK_CONF_DIR="/opt/spark/conf",
+    )
+    done = subprocess.run([str(ENTRYPOINT_SCRIPT), "executor"], capture_output=True, text=True, timeout=60, env=env)  # noqa: PLW1510
+    assert done.returncode == 0, done.stderr
+    argv = json.loads(record.read_text())
+    assert argv[:5] == ["-Dfirst=1", "-Dsecond=two words", "-Dthird=3", "-Xms256m", "-Xmx256m"]
+    classpath = argv[argv.index("-cp") + 1].split(":")
+    assert classpath[0] == "/opt/spark/conf" and f"{LOCAL_SPARK_HOME}/jars/*" in classpath
+    main = argv.index("org.apache.spark.scheduler.cluster.k8s.KubernetesExecutorBackend")
+    options = dict(zip(argv[main + 1 :: 2], argv[main + 2 :: 2], strict=True))
+    assert options == {
+        "--driver-url": "spark://CoarseGrainedScheduler@fraud-driver-svc:7078",
+        "--executor-id": "7",
+        "--cores": "2",
+        "--app-id": "spark-app-1",
+        "--hostname": "127.0.0.1",
+        "--resourceProfileId": "0",
+        "--podName": "fraud-features-exec-7",
+    }
+
+
+def test_the_executor_backend_loads_from_spark_home_and_dials_the_driver(tmp_path):
+    """With the real JVM the backend class loads from SPARK_HOME's jars and connects to the driver
+    URL it was given (nothing listens there: it fails on that address)."""
+    from fraud.net import free_port
+
+    port = free_port()
+    env = _executor_env(SPARK_DRIVER_URL=f"spark://CoarseGrainedScheduler@127.0.0.1:{port}", TMPDIR=str(tmp_path))
+    done = subprocess.run(  # noqa: PLW1510 - the return code is asserted below
+        [str(ENTRYPOINT_SCRIPT), "executor"], capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode != 0
+    assert "KubernetesExecutorBackend" in output and f"127.0.0.1:{port}" in output, output[-3000:]
+    assert "ClassNotFoundException" not in output
