@@ -1,4 +1,5 @@
-"""`fraud pipeline`: compile the training pipeline, or run it locally (kfp.local) or on a cluster."""
+"""`fraud pipeline`: compile the training pipeline, run it locally (kfp.local) or on a cluster, upload
+it and the feature pipelines and schedule them."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import typer
 from fraud import atomic
 from fraud.errors import UserError
 
-pipeline_app = typer.Typer(help="The training pipeline (Kubeflow Pipelines v2).", no_args_is_help=True)
+pipeline_app = typer.Typer(help="The training and feature pipelines (Kubeflow Pipelines v2).", no_args_is_help=True)
 
 DEFAULT_IR_FILE = "fraud-training-pipeline.yaml"
 
