@@ -7,8 +7,9 @@
 # Carries a Java runtime (Debian's default-jre-headless: OpenJDK 17 on bookworm) for Spark: the
 # Spark feature engine, the Feast Spark profile and the SparkApplication's driver and executors
 # run this image. JAVA_HOME is Debian's architecture-independent link to the default runtime; the
-# JVM writes only below /tmp (hsperfdata, user.home = HOME) and the Spark local dir
-# (spark.local.dir under FRAUD_DATA_DIR, or the spark-local-dir-* volume on Kubernetes).
+# JVM writes only below /tmp (java.io.tmpdir; user.home, which Java takes from the passwd entry:
+# the fraud user's home is /tmp, as HOME) and the Spark local dir (spark.local.dir under
+# FRAUD_DATA_DIR, or the spark-local-dir-* volume on Kubernetes).
 # The entrypoint (docker/core-entrypoint.sh) turns the `driver` / `executor` arguments Spark on
 # Kubernetes starts its pods with into spark-submit / the executor JVM (SPARK_HOME: the Spark of
 # the environment's pyspark) and runs any other command as given.

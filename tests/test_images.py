@@ -258,9 +258,14 @@ def test_the_core_image_runtime_carries_a_java_runtime_for_spark():
     assert not re.search(r"amd64|arm64|aarch64|x86_64", java_home)
     # the build stage stays without Java (nothing there runs Spark)
     assert not any(keyword == "RUN" and "jre" in rest for keyword, rest in build_stage.instructions)
-    # the runtime's writable places stay below /tmp (HOME is the JVM's user.home; hsperfdata in TMPDIR)
+    # the runtime's writable places stay below /tmp: HOME, TMPDIR, the data dir, and the JVM's
+    # user.home (Spark's ivy cache), which Java reads from the passwd entry of the image's user
     env = _env(runtime)
     assert env["HOME"] == "/tmp" and env["TMPDIR"] == "/tmp" and env["FRAUD_DATA_DIR"].startswith("/tmp/")
+    uid = [rest for keyword, rest in runtime.instructions if keyword == "USER"][-1].split(":")[0]
+    (useradd,) = [rest for keyword, rest in runtime.instructions if keyword == "RUN" and "useradd" in rest]
+    words = shlex.split(useradd.split("useradd", 1)[1])
+    assert words[words.index("--uid") + 1] == uid and words[words.index("--home-dir") + 1] == "/tmp", useradd
 
 
 def test_java_install_check_fails_without_the_jre_or_java_home(tmp_path):
