@@ -5,7 +5,8 @@
 
 `spark_feature_pipeline` is the same daily build for histories beyond one pod: the tables are
 built by a Kubeflow Spark Operator SparkApplication (`components.spark`) reading the data volume,
-then fetched, applied and materialised."""
+then fetched, applied and materialised. `fraud pipeline upload` uploads both; `fraud pipeline
+schedule --feature-engine duckdb|spark` chooses which one the daily recurring run uses."""
 
 from kfp import compiler, dsl
 

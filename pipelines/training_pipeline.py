@@ -1,6 +1,10 @@
 """The training pipeline: ingest -> features -> training sets -> train -> evaluate -> gate ->
 (if passed) register -> deploy canary -> analyse canary.
 
+`legit_per_day` > 0 keeps at most that many legitimate transactions per training day in the
+training frames (every fraud kept, the kept rows weighted back; `build_training_set`); 0, the
+default, keeps everything.
+
 A failed gate ends the run after `gate`: nothing is registered or deployed, and the reason is
 the gate's `reason` output, its Metrics artifact and the `gate.reason` tag of the MLflow run.
 """
@@ -32,6 +36,7 @@ def training_pipeline(
     delay_days: int = 7,
     test_days: int = 7,
     n_validation_folds: int = 3,
+    legit_per_day: int = 0,
     small_grid: bool = False,
     compare_baselines: bool = False,
     decline_precision: float = 0.9,
@@ -67,6 +72,7 @@ def training_pipeline(
         delay_days=delay_days,
         test_days=test_days,
         n_validation_folds=n_validation_folds,
+        legit_per_day=legit_per_day,
     )
     sets_task.set_display_name("build_training_set: point-in-time sets")
     configure_task(sets_task, "build-training-set")

@@ -33,6 +33,7 @@ PARAMETERS = {
     "delay_days",
     "test_days",
     "n_validation_folds",
+    "legit_per_day",
     "small_grid",
     "compare_baselines",
     "decline_precision",
@@ -131,6 +132,49 @@ def test_rollout_policy_and_overlay_reach_both_deploy_steps(tmp_path):
     defaults = spec.root.input_definitions.parameters
     assert defaults["rollout_policy"].default_value.string_value == ""
     assert defaults["overlay"].default_value.string_value == "prod"
+
+
+def test_legit_per_day_is_a_pipeline_parameter_wired_into_the_training_set_step(tmp_path):
+    """Downsampling is turned on per run: the root parameter `legit_per_day` (default 0, off) is the
+    `build-training-set` task's input of that name, and the component declares it as an integer."""
+    spec = _compile(tmp_path)
+    parameter = spec.root.input_definitions.parameters["legit_per_day"]
+    assert parameter.is_optional and parameter.default_value.number_value == 0
+    assert parameter.parameter_type == pipeline_spec_pb2.ParameterType.NUMBER_INTEGER
+    task = spec.root.dag.tasks["build-training-set"]
+    assert task.inputs.parameters["legit_per_day"].component_input_parameter == "legit_per_day"
+    component = spec.components[task.component_ref.name]
+    declared = component.input_definitions.parameters["legit_per_day"]
+    assert declared.parameter_type == pipeline_spec_pb2.ParameterType.NUMBER_INTEGER
+    # no other task takes it: only the training frames are sampled
+    others = [name for name, t in spec.root.dag.tasks.items() if name != "build-training-set"]
+    assert not [name for name in others if "legit_per_day" in spec.root.dag.tasks[name].inputs.parameters]
+
+
+def test_run_passes_legit_per_day_and_refuses_a_negative_one_in_one_line(data_dir, monkeypatch, capsys):
+    import pytest
+
+    from fraud import cli
+    from fraud.commands import pipeline as pipeline_command
+
+    captured: dict = {}
+    monkeypatch.setattr(pipeline_command, "_raw_days", lambda uri: ["2018-04-01"])
+    monkeypatch.setattr("fraud.training.steps.latest_train_start", lambda days, *a: "2018-04-01", raising=True)
+    monkeypatch.setattr(pipeline_command, "_run_local", lambda arguments, *a: captured.update(arguments))
+    cli.main(["pipeline", "run", "--local", "--deploy-target", "record", "--legit-per-day", "1000"])
+    assert captured["legit_per_day"] == 1000
+    captured.clear()
+    cli.main(["pipeline", "run", "--local", "--deploy-target", "record"])
+    assert captured["legit_per_day"] == 0  # off unless asked for
+    captured.clear()
+    capsys.readouterr()
+    for target in (["--local"], ["--host", "http://127.0.0.1:9", "--feature-tables-uri", "s3://b/f"]):
+        with pytest.raises(SystemExit) as exited:
+            cli.main(["pipeline", "run", *target, "--legit-per-day", "-5"])
+        assert exited.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err == ["error: --legit-per-day must be >= 0 (0 keeps every legitimate transaction), got -5"], err
+    assert not captured
 
 
 def test_run_policy_file_and_default_target(data_dir, tmp_path, monkeypatch):

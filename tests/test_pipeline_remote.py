@@ -43,7 +43,7 @@ def test_run_submits_to_the_namespace_experiment_and_service_account(api):
     result = _invoke(
         "pipeline", "run", "--host", url, "--token-file", str(token_file), "--namespace", "team-fraud",
         "--experiment", "nightly", "--service-account", "pipeline-runner", "--data-uri", "s3://fraud/raw",
-        "--feature-tables-uri", "s3://fraud/features", "--train-start", "2018-07-25",
+        "--feature-tables-uri", "s3://fraud/features", "--train-start", "2018-07-25", "--legit-per-day", "2000",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     (experiment,) = state.experiments.values()
@@ -57,20 +57,41 @@ def test_run_submits_to_the_namespace_experiment_and_service_account(api):
     parameters = run["runtime_config"]["parameters"]
     assert parameters["data_uri"] == "s3://fraud/raw" and parameters["feature_tables_uri"] == "s3://fraud/features"
     assert parameters["train_start"] == "2018-07-25"
+    assert parameters["legit_per_day"] == 2000  # a declared input of the pipeline (the stand-in checks)
     assert run["run_id"] in result.output
+
+
+PIPELINES = {"fraud-training", "fraud-features", "fraud-features-spark"}
+
+
+def _version_inputs(state, pipeline_name: str) -> set[str]:
+    """The root input parameters of the latest uploaded version of `pipeline_name`."""
+    (pipeline_id,) = [p["pipeline_id"] for p in state.pipelines.values() if p["display_name"] == pipeline_name]
+    version = max(
+        (v for v in state.versions.values() if v["pipeline_id"] == pipeline_id), key=lambda v: v["created_at"]
+    )
+    spec = version["pipeline_spec"]
+    return set(spec["root"]["inputDefinitions"]["parameters"])
 
 
 def test_upload_creates_pipelines_then_versions(api):
     url, state, token_file = api
     first = _invoke("pipeline", "upload", "--host", url, "--token-file", str(token_file))
     assert first.exit_code == 0, first.output
-    assert {p["display_name"] for p in state.pipelines.values()} == {"fraud-training", "fraud-features"}
-    assert len(state.versions) == 2
+    assert {p["display_name"] for p in state.pipelines.values()} == PIPELINES
+    assert len(state.versions) == 3
+    # each name carries its own pipeline: the Spark variant submits a SparkApplication
+    assert {"namespace", "executor_instances", "executor_memory"} <= _version_inputs(state, "fraud-features-spark")
+    assert "data_uri" in _version_inputs(state, "fraud-features")
+    assert "legit_per_day" in _version_inputs(state, "fraud-training")
+    for name in PIPELINES:
+        assert f"{name}: new pipeline" in first.output
     second = _invoke("pipeline", "upload", "--host", url, "--token-file", str(token_file), "--version", "v2")
     assert second.exit_code == 0, second.output
-    assert len(state.pipelines) == 2 and len(state.versions) == 4
-    assert {v["display_name"] for v in state.versions.values()} >= {"v2-fraud-training", "v2-fraud-features"}
+    assert len(state.pipelines) == 3 and len(state.versions) == 6
+    assert {v["display_name"] for v in state.versions.values()} >= {f"v2-{name}" for name in PIPELINES}
     assert "new version v2-fraud-training" in second.output
+    assert "new version v2-fraud-features-spark" in second.output
     # the same version name again is refused by the API: one line, non-zero exit
     third = _invoke("pipeline", "upload", "--host", url, "--token-file", str(token_file), "--version", "v2")
     assert third.exit_code != 0 and "HTTP 409" in third.output
@@ -104,6 +125,94 @@ def test_schedule_creates_daily_features_and_weekly_retraining(api):
         "--feature-tables-uri", "s3://fraud/features", "--retrain-cron", "0 3 * * 1",
     )  # fmt: skip
     assert bad.exit_code != 0 and "six fields" in bad.output
+
+
+def _schedule(url: str, token_file, *extra: str) -> _Outcome:
+    return _invoke(
+        "pipeline", "schedule", "--host", url, "--token-file", str(token_file), "--data-uri", "s3://fraud/raw",
+        "--feature-tables-uri", "s3://fraud/features", *extra,
+    )  # fmt: skip
+
+
+def test_schedule_uploads_all_three_pipelines_and_the_default_engine_is_duckdb(api):
+    url, state, token_file = api
+    result = _schedule(url, token_file)
+    assert result.exit_code == 0, result.output
+    assert {p["display_name"] for p in state.pipelines.values()} == PIPELINES
+    pipelines = {p["pipeline_id"]: p["display_name"] for p in state.pipelines.values()}
+    daily = next(r for r in state.recurring_runs.values() if r["display_name"] == "fraud-features-daily")
+    assert pipelines[daily["pipeline_version_reference"]["pipeline_id"]] == "fraud-features"
+    assert "fraud-features-daily: cron '0 30 1 * * *' -> fraud-features " in result.output
+
+
+def test_schedule_with_the_spark_engine_runs_the_spark_feature_pipeline_daily(api):
+    url, state, token_file = api
+    result = _schedule(
+        url, token_file, "--feature-engine", "spark", "--serving-namespace", "fraud-prod",
+        "--spark-executors", "8", "--spark-executor-memory", "16g", "--service-account", "pipeline-runner",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    by_name = {r["display_name"]: r for r in state.recurring_runs.values()}
+    assert set(by_name) == {"fraud-features-daily", "fraud-retrain-weekly"}
+    pipelines = {p["pipeline_id"]: p["display_name"] for p in state.pipelines.values()}
+    daily, weekly = by_name["fraud-features-daily"], by_name["fraud-retrain-weekly"]
+    reference = daily["pipeline_version_reference"]
+    assert pipelines[reference["pipeline_id"]] == "fraud-features-spark"
+    assert pipelines[weekly["pipeline_version_reference"]["pipeline_id"]] == "fraud-training"
+    # the Spark pipeline's parameters: the SparkApplication's namespace (default: the serving
+    # namespace, where the overlays put the fraud-spark-* accounts), no data_uri (it reads the data volume)
+    assert daily["runtime_config"]["parameters"] == {
+        "namespace": "fraud-prod",
+        "feature_tables_uri": "s3://fraud/features",
+        "executor_instances": 8,
+        "executor_memory": "16g",
+    }
+    version = state.versions[reference["pipeline_version_id"]]
+    assert version["pipeline_spec"]["pipelineInfo"]["name"] == "fraud-features-spark"
+    assert daily["trigger"]["cron_schedule"]["cron"] == "0 30 1 * * *" and daily["service_account"] == "pipeline-runner"
+    assert "-> fraud-features-spark " in result.output
+    # an explicit namespace wins; without executor settings the pipeline's defaults apply
+    state.recurring_runs.clear()
+    result = _schedule(url, token_file, "--feature-engine", "spark", "--spark-namespace", "spark-jobs")
+    assert result.exit_code == 0, result.output
+    daily = next(r for r in state.recurring_runs.values() if r["display_name"] == "fraud-features-daily")
+    assert daily["runtime_config"]["parameters"] == {
+        "namespace": "spark-jobs",
+        "feature_tables_uri": "s3://fraud/features",
+    }
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--feature-engine", "pandas"], "error: --feature-engine must be one of duckdb, spark, got 'pandas'"),
+        (["--feature-engine", "Spark"], "error: --feature-engine must be one of duckdb, spark, got 'Spark'"),
+        (
+            ["--feature-engine", "spark", "--spark-executors", "0"],
+            "error: --spark-executors must be a positive integer",
+        ),
+        (
+            ["--feature-engine", "spark", "--spark-executor-memory", "lots"],
+            "error: --spark-executor-memory must be like",
+        ),
+        (["--feature-engine", "spark", "--spark-namespace", "Fraud_Prod"], "error: --spark-namespace 'Fraud_Prod'"),
+        (["--spark-executors", "4"], "error: --spark-namespace, --spark-executors and --spark-executor-memory go with"),
+    ],
+)
+def test_schedule_refuses_a_bad_feature_engine_in_one_line_with_exit_2(api, capsys, extra, message):
+    """From the console entry point: one line on stderr, exit code 2, nothing uploaded or scheduled."""
+    from fraud import cli
+
+    url, state, token_file = api
+    args = ["pipeline", "schedule", "--host", url, "--token-file", str(token_file), "--data-uri", "s3://fraud/raw"]
+    args += ["--feature-tables-uri", "s3://fraud/features", *extra]
+    with pytest.raises(SystemExit) as exited:
+        cli.main(args)
+    assert exited.value.code == 2
+    captured = capsys.readouterr()
+    lines = (captured.out + captured.err).strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), lines
+    assert not state.pipelines and not state.recurring_runs
 
 
 def test_unreachable_api_is_one_line_and_non_zero_exit_from_the_real_command(tmp_path):

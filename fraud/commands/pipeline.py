@@ -1,4 +1,5 @@
-"""`fraud pipeline`: compile the training pipeline, or run it locally (kfp.local) or on a cluster."""
+"""`fraud pipeline`: compile the training pipeline, run it locally (kfp.local) or on a cluster, upload
+it and the feature pipelines and schedule them."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import typer
 from fraud import atomic
 from fraud.errors import UserError
 
-pipeline_app = typer.Typer(help="The training pipeline (Kubeflow Pipelines v2).", no_args_is_help=True)
+pipeline_app = typer.Typer(help="The training and feature pipelines (Kubeflow Pipelines v2).", no_args_is_help=True)
 
 DEFAULT_IR_FILE = "fraud-training-pipeline.yaml"
 
@@ -145,6 +146,14 @@ def run_command(
     validation_folds: Annotated[
         int, typer.Option("--validation-folds", help="Prequential validation folds (earlier weeks).")
     ] = 3,
+    legit_per_day: Annotated[
+        int,
+        typer.Option(
+            "--legit-per-day",
+            help="Keep at most N legitimate transactions per training day (every fraud kept, weighted back); "
+            "0 keeps everything.",
+        ),
+    ] = 0,
     small_grid: Annotated[bool, typer.Option("--small-grid", help="One grid point per family (smoke runs).")] = False,
     compare_baselines: Annotated[
         bool, typer.Option("--compare-baselines", help="Also select and score LR / RF.")
@@ -207,6 +216,8 @@ def run_command(
         raise UserError("choose exactly one of --local or --host URL")
     if isolated and not local:
         raise UserError("--isolated goes with --local")
+    if legit_per_day < 0:
+        raise UserError(f"--legit-per-day must be >= 0 (0 keeps every legitimate transaction), got {legit_per_day}")
     if (host or isolated) and not feature_tables_uri:
         raise UserError(
             "--feature-tables-uri (s3://bucket/prefix) is required with --host and --isolated: tasks share no disk"
@@ -241,6 +252,7 @@ def run_command(
         "delay_days": delay_days,
         "test_days": test_days,
         "n_validation_folds": validation_folds,
+        "legit_per_day": legit_per_day,
         "small_grid": small_grid,
         "compare_baselines": compare_baselines,
         "min_average_precision": min_ap,
@@ -379,13 +391,19 @@ def _endpoint(host: str, namespace: str, token_file: Path | None):
     return Endpoint(host, namespace, read_token(token_file))
 
 
+#: --feature-engine of `schedule` -> the feature pipeline its daily recurring run uses
+FEATURE_ENGINES = ("duckdb", "spark")
+
+
 def _pipelines() -> dict:
+    """Name -> pipeline function of every pipeline `upload` and `schedule` upload."""
     from pipelines.feature_pipeline import PIPELINE_NAME as FEATURES
-    from pipelines.feature_pipeline import feature_pipeline
+    from pipelines.feature_pipeline import SPARK_PIPELINE_NAME as SPARK_FEATURES
+    from pipelines.feature_pipeline import feature_pipeline, spark_feature_pipeline
     from pipelines.training_pipeline import PIPELINE_NAME as TRAINING
     from pipelines.training_pipeline import training_pipeline
 
-    return {TRAINING: training_pipeline, FEATURES: feature_pipeline}
+    return {TRAINING: training_pipeline, FEATURES: feature_pipeline, SPARK_FEATURES: spark_feature_pipeline}
 
 
 @pipeline_app.command("upload")
@@ -395,7 +413,8 @@ def upload_command(
     token_file: TokenOption = None,
     version: Annotated[str, typer.Option("--version", help="Version name. Default: <pipeline>-<UTC timestamp>.")] = "",
 ) -> None:
-    """Upload the training and the daily feature pipeline (a new version when they exist)."""
+    """Upload the training pipeline and both daily feature pipelines, in-pod (DuckDB) and Spark
+    Operator (a new version of each when they exist)."""
     from pipelines.remote import upload
 
     endpoint = _endpoint(host, namespace, token_file)
@@ -429,9 +448,38 @@ def schedule_command(
         str, typer.Option("--serving-namespace", help="Namespace of the InferenceService.")
     ] = "fraud",
     prometheus_url: Annotated[str, typer.Option("--prometheus-url", help="Prometheus for the canary analysis.")] = "",
+    feature_engine: Annotated[
+        str,
+        typer.Option(
+            "--feature-engine",
+            help="duckdb: the daily run builds the tables in its pod (fraud-features); spark: as a Spark Operator "
+            "SparkApplication (fraud-features-spark).",
+        ),
+    ] = "duckdb",
+    spark_namespace: Annotated[
+        str,
+        typer.Option(
+            "--spark-namespace",
+            help="With --feature-engine spark: namespace of the SparkApplication (the fraud-spark-* accounts). "
+            "Default: --serving-namespace.",
+        ),
+    ] = "",
+    spark_executors: Annotated[
+        int | None,
+        typer.Option("--spark-executors", help="With --feature-engine spark: executor pods. Default: the pipeline's."),
+    ] = None,
+    spark_executor_memory: Annotated[
+        str,
+        typer.Option(
+            "--spark-executor-memory",
+            help="With --feature-engine spark: heap per executor, e.g. 8g. Default: the pipeline's.",
+        ),
+    ] = "",
 ) -> None:
-    """Upload both pipelines and create the recurring runs: daily features, weekly retraining."""
+    """Upload the pipelines and create the recurring runs: daily features (in-pod or on Spark),
+    weekly retraining."""
     from pipelines.feature_pipeline import PIPELINE_NAME as FEATURES
+    from pipelines.feature_pipeline import SPARK_PIPELINE_NAME as SPARK_FEATURES
     from pipelines.remote import (
         DAILY_FEATURES_CRON,
         WEEKLY_RETRAIN_CRON,
@@ -444,6 +492,20 @@ def schedule_command(
 
     if not data_uri or not feature_tables_uri:
         raise UserError("--data-uri and --feature-tables-uri (object-store URLs) are required")
+    if feature_engine not in FEATURE_ENGINES:
+        raise UserError(f"--feature-engine must be one of {', '.join(FEATURE_ENGINES)}, got {feature_engine!r}")
+    if feature_engine == "spark":
+        features_pipeline = SPARK_FEATURES
+        features_arguments = _spark_feature_arguments(
+            spark_namespace or serving_namespace, feature_tables_uri, spark_executors, spark_executor_memory
+        )
+    else:
+        if spark_namespace or spark_executors is not None or spark_executor_memory:
+            raise UserError(
+                "--spark-namespace, --spark-executors and --spark-executor-memory go with --feature-engine spark"
+            )
+        features_pipeline = FEATURES
+        features_arguments = {"data_uri": data_uri, "feature_tables_uri": feature_tables_uri}
     features_cron = validate_cron(features_cron or DAILY_FEATURES_CRON)
     retrain_cron = validate_cron(retrain_cron or WEEKLY_RETRAIN_CRON)
     endpoint = _endpoint(host, namespace, token_file)
@@ -457,12 +519,7 @@ def schedule_command(
     if prometheus_url:
         training_arguments["prometheus_url"] = prometheus_url
     schedules = [
-        Schedule(
-            "fraud-features-daily",
-            features_cron,
-            uploaded[FEATURES],
-            {"data_uri": data_uri, "feature_tables_uri": feature_tables_uri},
-        ),
+        Schedule("fraud-features-daily", features_cron, uploaded[features_pipeline], features_arguments),
         Schedule("fraud-retrain-weekly", retrain_cron, uploaded[TRAINING], training_arguments),
     ]
     ids = create_recurring_runs(endpoint, schedules, experiment=experiment, service_account=service_account)
@@ -470,6 +527,39 @@ def schedule_command(
         typer.echo(
             f"{schedule.name}: cron '{schedule.cron}' -> {schedule.pipeline.name} (recurring run {recurring_id})"
         )
+
+
+def _spark_feature_arguments(
+    namespace: str, feature_tables_uri: str, executors: int | None, executor_memory: str
+) -> dict[str, object]:
+    """Arguments of `spark_feature_pipeline` for the daily run (the pipeline's defaults for what is
+    not given), checked as the SparkApplication builder checks them, so that a bad value fails
+    here and not in the first scheduled run."""
+    from fraud.deploy.spark import SparkApplicationError, SparkFeatureJob
+
+    arguments: dict[str, object] = {"namespace": namespace, "feature_tables_uri": feature_tables_uri}
+    if executors is not None:
+        arguments["executor_instances"] = executors
+    if executor_memory:
+        arguments["executor_memory"] = executor_memory
+    options = {
+        "namespace": "--spark-namespace",
+        "executor_instances": "--spark-executors",
+        "executor_memory": "--spark-executor-memory",
+    }
+    try:
+        defaults = SparkFeatureJob(name="fraud-features-daily", namespace="default", image="core")
+        SparkFeatureJob(
+            name=defaults.name,
+            namespace=namespace,
+            image=defaults.image,
+            executor_instances=defaults.executor_instances if executors is None else executors,
+            executor_memory=executor_memory or defaults.executor_memory,
+        )
+    except SparkApplicationError as exc:
+        field, _, rest = str(exc).partition(" ")
+        raise UserError(f"{options.get(field, field)} {rest}") from None
+    return arguments
 
 
 def register(app: typer.Typer) -> None:
