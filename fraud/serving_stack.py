@@ -310,6 +310,7 @@ class ServingStack:
             "--grpc_port", str(self.config.grpc_port),
             "--bundle", str(self.config.bundle),
             "--drift-window-size", str(self.config.drift_window_size),
+            "--enable_predictor_health_check",  # its readiness includes the predictor's
             *self.config.transformer_args,
         ]  # fmt: skip
 
