@@ -74,9 +74,7 @@ async def not_ready_handler(request: fastapi.Request, exc: Exception) -> JSONRes
     """503 for KServe's "not ready" answers. A readiness route answering 503 is no error: the reason
     is logged once by `ReadinessDataPlane`, not with a traceback per probe. Subclasses (the
     fail-closed refusals of a scoring request) keep KServe's handling."""
-    if type(exc) is ModelNotReady:
-        return JSONResponse(status_code=503, content={"error": str(exc)})
-    if type(exc) is ServerNotReady:
+    if type(exc) in (ModelNotReady, ServerNotReady):
         return JSONResponse(status_code=503, content={"error": str(exc)})
     if isinstance(exc, ModelNotReady):
         return await model_not_ready_handler(request, exc)

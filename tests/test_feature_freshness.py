@@ -463,12 +463,13 @@ def test_every_readiness_surface_follows_a_lost_store_through_the_transformer(
         online_store="sqlite",
         store_timeout_s=30.0,
         log_dir=tmp_path / "logs",
-        transformer_args=("--online-ert", "0"),
+        transformer_args=("--online-ert", "0", "--enable_predictor_health_check"),  # as the manifests
         audit=False,
         velocity=False,
         settings=Settings.from_env(),
     )
-    stack = ServingStack(config)
+    statuses: list[str] = []
+    stack = ServingStack(config, on_status=statuses.append)
     stack.start()  # waits until both answer their model's readiness
     try:
         predictor_url = config.predictor_url
@@ -501,6 +502,9 @@ def test_every_readiness_surface_follows_a_lost_store_through_the_transformer(
         predictor_log = (config.log_dir / "predictor.log").read_text()
         assert "not ready: " in predictor_log and "rebuild-online" in predictor_log
         assert "Traceback" not in predictor_log
+        assert not any("not ready" in status for status in statuses)  # started ready: no warning
+        stack._report_predictor_readiness()  # what `fraud serve` says when it starts on a lost store
+        assert "warning: the predictor is up but not ready" in statuses[-1] and "rebuild-online" in statuses[-1]
         rebuild_online(online="sqlite")
         _wait_for("every surface ready again", lambda: all_ready(True))
         assert "ready again: " + MODEL_NAME in (config.log_dir / "predictor.log").read_text()

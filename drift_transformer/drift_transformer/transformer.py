@@ -16,8 +16,8 @@ before it goes back to the client. Here
   server (`/v2/health/ready`, gRPC ServerReady; `ModelReadyDataPlane`) report ready only once the
   drift monitor is fully configured — its online detector's thresholds take seconds of bootstrap
   after start; until then scoring requests are answered 503 (KServe's "model not ready") and
-  liveness stays up — and, with `--enable_predictor_health_check` (the manifests and `fraud serve`
-  pass it), only while the predictor reports ready too.
+  liveness stays up — and, with `--enable_predictor_health_check` (the manifests pass it), only
+  while the predictor reports ready too.
 * `postprocess` takes the feature vectors (V1 `predictions[i]["features"]`, V2 output
   `feature_vector`), submits them to the drift monitor's bounded queue without waiting, and
   returns the response unchanged.
