@@ -26,6 +26,7 @@ import pandas as pd
 import pytest
 from kserve import Model
 from kserve.errors import ModelNotFound
+from kserve.model_repository import ModelRepository
 from prometheus_client import REGISTRY
 from test_features_offline import random_transactions, write_raw_transactions
 
@@ -221,8 +222,11 @@ def test_rebuild_without_an_applied_repository_is_a_user_error(store_a, tmp_path
 
 
 @pytest.mark.redis
-def test_lost_redis_store_is_detected_and_rebuilt(store_a, tmp_path, monkeypatch) -> None:
+def test_lost_redis_store_is_detected_and_rebuilt(store_a, bundle, tmp_path, monkeypatch) -> None:
+    """... and the predictor's readiness (its data plane: every readiness surface) follows it."""
     import redis
+
+    from predictor.server import ReadinessDataPlane
 
     client = redis.Redis.from_url(f"redis://{DEFAULT_REDIS_URL}")
     try:
@@ -240,15 +244,37 @@ def test_lost_redis_store_is_detected_and_rebuilt(store_a, tmp_path, monkeypatch
         materialize_incremental(online="redis", project=project)
         expected = online_batch_features(customers, terminals, "redis", project=project)
         assert online_store_problem(get_feature_store("redis", project=project)) is None
+        monkeypatch.setenv("FRAUD_FEAST_PROJECT", project)  # the predictor's project
+        monkeypatch.setattr(FeastFeatureSource, "PROBLEM_CHECK_S", 0.0)
+        model = FraudModel(
+            "fraud-detector",
+            PredictorSettings(bundle=str(bundle), online_store="redis", idempotency="off"),
+            FeastFeatureSource.connect("redis", timeout_s=30.0),
+        )
+        model.load()
+        registry = ModelRepository()
+        registry.update(model)
+        dataplane = ReadinessDataPlane(model_registry=registry)
+
+        async def readiness() -> tuple[bool, bool, bool]:
+            return (
+                await dataplane.ready(),
+                await dataplane.model_ready(model.name),
+                await dataplane.model_ready(model.name, True),
+            )
+
+        assert asyncio.run(readiness()) == (True, True, True)
         lost = [key for key in client.scan_iter(count=1000) if key.endswith(project.encode())]
         assert lost
         client.delete(*lost)
         problem = online_store_problem(get_feature_store("redis", project=project))
         assert problem is not None and "Redis" in problem and "rebuild-online" in problem
+        assert asyncio.run(readiness()) == (False, False, True)  # out of rotation, still scoring
         with pytest.raises(UserError, match="rebuild-online"):
             materialize_incremental(online="redis", project=project)
         rebuild_online(online="redis", project=project)
         assert online_store_problem(get_feature_store("redis", project=project)) is None
+        assert asyncio.run(readiness()) == (True, True, True)
         pd.testing.assert_frame_equal(online_batch_features(customers, terminals, "redis", project=project), expected)
     finally:
         teardown("redis", project=project)
@@ -365,7 +391,6 @@ class _StoreModel(Model):
 def test_one_readiness_decision_answers_every_route_and_is_logged_once(caplog) -> None:
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
-    from kserve.model_repository import ModelRepository
 
     from predictor.__main__ import READINESS_PATH, readiness_endpoint
     from predictor.server import ReadinessDataPlane
