@@ -15,7 +15,9 @@ batches held the GIL long enough to show in the request latency tail, docs/perfo
 the writer goes last and flushes what the predictor spooled (docs/audit.md).
 
 Predictor and transformer read the same local bundle directory. `ServingStack.start()` checks that
-every port is free, starts the children and waits until both servers are ready; any failure stops
+every port is free, starts the children and waits until the predictor is up (its model loaded; a
+predictor that is up but not ready - online store lost, audit backlog - is reported in a status
+line: locally nothing routes by readiness) and the transformer is ready; any failure stops
 what was started and raises `UserError` with the end of the failing process's log. `stop()`
 terminates every child (SIGTERM, then SIGKILL after a grace period). Each child also asks the kernel
 to SIGTERM it if this process dies (PR_SET_PDEATHSIG), so a killed supervisor leaves no orphan
@@ -336,10 +338,13 @@ class ServingStack:
                 self.aggregator = self._spawn_aggregator()
             self.predictor = self._spawn("predictor", self.predictor_command(), PROJECT_ROOT, env=self.predictor_env())
             self.transformer = self._spawn("transformer", self.transformer_command(), DRIFT_TRANSFORMER_DIR)
-            self._wait_ready(self.predictor, self.config.predictor_url)
+            # the predictor opens its port once its model is loaded: up, though perhaps not ready
+            # (out of rotation: online store lost, audit backlog that the writer below drains)
+            self._wait_ready(self.predictor, self.config.predictor_url, "/v2/health/live")
             if self.config.audit:  # the predictor has created the spool by now
                 self.audit_writer = self._spawn_audit_writer()
-            self._wait_ready(self.transformer, self.config.url)
+            self._wait_ready(self.transformer, self.config.url, f"/v2/models/{self.config.model_name}/ready")
+            self._report_predictor_readiness()
             if self.config.prometheus_port is not None:
                 self.on_status(f"starting Prometheus on {self.config.prometheus_url}")
                 self.prometheus = stack_prometheus(self).start()
@@ -420,8 +425,23 @@ class ServingStack:
         process = spawn(command, cwd=cwd, log_path=log_path, env=child_env(base))
         return ChildProcess(name, process, log_path)
 
-    def _wait_ready(self, child: ChildProcess, base_url: str) -> None:
-        url = f"{base_url}/v2/models/{self.config.model_name}/ready"
+    def _report_predictor_readiness(self) -> None:
+        """A status line when the started predictor is not ready (its `/ready` answers 503): it
+        scores what reaches it, on defaults if its online store is lost, and turns ready by itself."""
+        try:
+            ready = httpx.get(f"{self.config.predictor_url}/ready", timeout=10.0).status_code == 200
+        except httpx.HTTPError:
+            return
+        if ready or self.predictor is None:
+            return
+        reasons = [line for line in self.predictor.log_tail().splitlines() if "not ready" in line]
+        self.on_status(
+            "warning: the predictor is up but not ready"
+            + (f" ({reasons[-1].strip()[-300:]})" if reasons else f" (log: {self.predictor.log_path})")
+        )
+
+    def _wait_ready(self, child: ChildProcess, base_url: str, path: str) -> None:
+        url = base_url + path
         deadline = time.monotonic() + self.config.startup_timeout_s
         with httpx.Client(timeout=2.0) as client:
             while time.monotonic() < deadline:

@@ -9,12 +9,10 @@ InferenceService never becomes ready (no traceback loop).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import gc
 import logging
 import sys
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
@@ -41,7 +39,7 @@ from predictor.model import (
     PredictorSettings,
 )
 from predictor.scoring import REASON_CODE_POLICIES
-from predictor.server import LOOPBACK, EdgeModelServer
+from predictor.server import LOOPBACK, EdgeModelServer, ReadinessDataPlane
 
 EXIT_LOAD_FAILED = 1
 
@@ -286,33 +284,23 @@ async def malformed_request_handler(_: Request, exc: RequestValidationError) -> 
     return JSONResponse(status_code=400, content={"error": "malformed request: " + "; ".join(problems)[:500]})
 
 
-#: The readiness probe of the manifests: loaded, and the audit spool draining (FraudModel.not_ready_reason)
+#: The readiness probe of the manifests: answered by the one readiness decision behind every
+#: readiness surface (`predictor.server.ReadinessDataPlane`: loaded, the online store usable, the
+#: audit spool draining), as are `/v2/health/ready`, `/v2/models/<name>/ready`, `/v1/models/<name>`
+#: and gRPC ServerReady / ModelReady
 READINESS_PATH = "/ready"
 
 
-def readiness_endpoint(model: FraudModel) -> Callable[[], Awaitable[JSONResponse]]:
-    """GET /ready: 200 while the model may take traffic, 503 (reason logged, not returned) when the
-    pod should leave rotation."""
+def readiness_endpoint(dataplane: ReadinessDataPlane) -> Callable[[], Awaitable[JSONResponse]]:
+    """GET /ready: 200 `{"ready": true}` while the pod may take traffic, 503 `{"ready": false}`
+    (the reason logged by the data plane, not returned) when it should leave rotation."""
 
     async def ready() -> JSONResponse:
-        reason = await asyncio.to_thread(model.not_ready_reason)
-        if reason is None:
+        if await dataplane.ready():
             return JSONResponse({"ready": True})
-        logger.warning("not ready: %s", reason)
         return JSONResponse({"ready": False}, status_code=503)
 
     return ready
-
-
-#: KServe's server readiness route (the Open Inference Protocol's), answered by `readiness_endpoint` too
-SERVER_READINESS_PATH = "/v2/health/ready"
-
-
-def replace_server_readiness(app: Any, model: FraudModel) -> None:
-    """Answer `/v2/health/ready` like `/ready`: KServe's own answer is always true, even when the
-    online store has lost its data."""
-    app.router.routes[:] = [r for r in app.router.routes if getattr(r, "path", None) != SERVER_READINESS_PATH]
-    app.add_api_route(SERVER_READINESS_PATH, readiness_endpoint(model), methods=["GET"])
 
 
 def settings_from_args(args: argparse.Namespace) -> PredictorSettings:
@@ -398,8 +386,7 @@ def main(
         logger.error("predictor not ready: %s", exc)
         return EXIT_LOAD_FAILED
     model_server.app.add_exception_handler(RequestValidationError, malformed_request_handler)
-    model_server.app.add_api_route(READINESS_PATH, readiness_endpoint(model), methods=["GET"])
-    replace_server_readiness(model_server.app, model)
+    model_server.app.add_api_route(READINESS_PATH, readiness_endpoint(server.dataplane), methods=["GET"])
     if args.rest_fast_path:
         model_server.app.add_middleware(FastScoringRoutes, model=model)
     # V1 :explain and V2 /explain (predictor.explain), behind the gate that checks the explain scope

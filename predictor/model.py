@@ -476,9 +476,11 @@ class FraudModel(Model):
             self.audit_writer.start()
 
     def not_ready_reason(self) -> str | None:
-        """Why the pod should be out of rotation (the `/ready` probe of `python -m predictor`), or
-        None. Not KServe's `healthy()`: KServe checks that on every request and reloads the model
-        when it is false, while a growing audit backlog must only stop new traffic from arriving."""
+        """Why the pod should be out of rotation, or None: the answer of every readiness surface
+        (`/ready`, `/v2/health/ready`, `/v2/models/<name>/ready`, `/v1/models/<name>`, gRPC
+        ServerReady / ModelReady; `predictor.server.ReadinessDataPlane`). Not KServe's `healthy()`:
+        KServe checks that on every request and reloads the model when it is false, while a lost
+        store or a growing audit backlog must only stop new traffic from arriving."""
         if not self.ready:
             return "model not loaded"
         return self.online_store_problem() or self.audit_backlog_problem()

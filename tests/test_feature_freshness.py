@@ -19,13 +19,18 @@ import uuid
 from datetime import timedelta
 from pathlib import Path
 
+import grpc
+import httpx
 import numpy as np
 import pandas as pd
 import pytest
+from kserve import Model
+from kserve.errors import ModelNotFound
+from kserve.model_repository import ModelRepository
 from prometheus_client import REGISTRY
 from test_features_offline import random_transactions, write_raw_transactions
 
-from fraud.config import DataLayout
+from fraud.config import MODEL_NAME, DataLayout
 from fraud.errors import UserError
 from fraud.feature_store import (
     DEFAULT_REDIS_URL,
@@ -217,8 +222,11 @@ def test_rebuild_without_an_applied_repository_is_a_user_error(store_a, tmp_path
 
 
 @pytest.mark.redis
-def test_lost_redis_store_is_detected_and_rebuilt(store_a, tmp_path, monkeypatch) -> None:
+def test_lost_redis_store_is_detected_and_rebuilt(store_a, bundle, tmp_path, monkeypatch) -> None:
+    """... and the predictor's readiness (its data plane: every readiness surface) follows it."""
     import redis
+
+    from predictor.server import ReadinessDataPlane
 
     client = redis.Redis.from_url(f"redis://{DEFAULT_REDIS_URL}")
     try:
@@ -236,15 +244,37 @@ def test_lost_redis_store_is_detected_and_rebuilt(store_a, tmp_path, monkeypatch
         materialize_incremental(online="redis", project=project)
         expected = online_batch_features(customers, terminals, "redis", project=project)
         assert online_store_problem(get_feature_store("redis", project=project)) is None
+        monkeypatch.setenv("FRAUD_FEAST_PROJECT", project)  # the predictor's project
+        monkeypatch.setattr(FeastFeatureSource, "PROBLEM_CHECK_S", 0.0)
+        model = FraudModel(
+            "fraud-detector",
+            PredictorSettings(bundle=str(bundle), online_store="redis", idempotency="off"),
+            FeastFeatureSource.connect("redis", timeout_s=30.0),
+        )
+        model.load()
+        registry = ModelRepository()
+        registry.update(model)
+        dataplane = ReadinessDataPlane(model_registry=registry)
+
+        async def readiness() -> tuple[bool, bool, bool]:
+            return (
+                await dataplane.ready(),
+                await dataplane.model_ready(model.name),
+                await dataplane.model_ready(model.name, True),
+            )
+
+        assert asyncio.run(readiness()) == (True, True, True)
         lost = [key for key in client.scan_iter(count=1000) if key.endswith(project.encode())]
         assert lost
         client.delete(*lost)
         problem = online_store_problem(get_feature_store("redis", project=project))
         assert problem is not None and "Redis" in problem and "rebuild-online" in problem
+        assert asyncio.run(readiness()) == (False, False, True)  # out of rotation, still scoring
         with pytest.raises(UserError, match="rebuild-online"):
             materialize_incremental(online="redis", project=project)
         rebuild_online(online="redis", project=project)
         assert online_store_problem(get_feature_store("redis", project=project)) is None
+        assert asyncio.run(readiness()) == (True, True, True)
         pd.testing.assert_frame_equal(online_batch_features(customers, terminals, "redis", project=project), expected)
     finally:
         teardown("redis", project=project)
@@ -346,31 +376,174 @@ def test_predictor_readiness_reports_a_lost_store_until_it_is_rebuilt(
     assert model.not_ready_reason() is None
 
 
-def test_readiness_routes_answer_false_with_the_reason_logged(store_a, bundle, tmp_path, monkeypatch, caplog) -> None:
+class _StoreModel(Model):
+    """A loaded model whose `not_ready_reason` is what the test says (FraudModel's interface)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.ready = True
+        self.reason: str | None = "the online store /x holds no customer_spending_features rows: run rebuild"
+
+    def not_ready_reason(self) -> str | None:
+        return self.reason
+
+
+def test_one_readiness_decision_answers_every_route_and_is_logged_once(caplog) -> None:
     from fastapi import FastAPI
     from fastapi.testclient import TestClient
 
-    from predictor.__main__ import READINESS_PATH, SERVER_READINESS_PATH, replace_server_readiness
+    from predictor.__main__ import READINESS_PATH, readiness_endpoint
+    from predictor.server import ReadinessDataPlane
 
+    model = _StoreModel("fraud-detector")
+    registry = ModelRepository()
+    registry.update(model)
+    dataplane = ReadinessDataPlane(model_registry=registry)
     app = FastAPI()
-
-    @app.get(SERVER_READINESS_PATH)
-    def kserve_ready() -> dict:  # what KServe answers: always ready
-        return {"ready": True}
-
-    class _Model:
-        reason: str | None = "the online store /x holds no customer_spending_features rows: run rebuild"
-
-        def not_ready_reason(self) -> str | None:
-            return self.reason
-
-    model = _Model()
-    replace_server_readiness(app, model)  # type: ignore[arg-type]
+    app.add_api_route(READINESS_PATH, readiness_endpoint(dataplane), methods=["GET"])
     client = TestClient(app)
-    with caplog.at_level("WARNING", logger="kserve"):
-        answer = client.get(SERVER_READINESS_PATH)
-    assert answer.status_code == 503 and answer.json() == {"ready": False}
-    assert any("not ready: the online store /x holds no" in r.getMessage() for r in caplog.records)
-    model.reason = None
-    assert client.get(SERVER_READINESS_PATH).json() == {"ready": True}
-    assert READINESS_PATH != SERVER_READINESS_PATH
+
+    async def answers() -> tuple[bool, bool, bool]:
+        return (
+            await dataplane.ready(),
+            await dataplane.model_ready("fraud-detector"),
+            await dataplane.model_ready("fraud-detector", True),  # what the scoring paths ask
+        )
+
+    with caplog.at_level("INFO", logger="kserve"):
+        assert asyncio.run(answers()) == (False, False, True)  # out of rotation, still answering
+        assert asyncio.run(answers()) == (False, False, True)
+        answer = client.get(READINESS_PATH)
+        assert answer.status_code == 503 and answer.json() == {"ready": False}
+        logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("not ready: ")]
+        assert logged == ["not ready: the online store /x holds no customer_spending_features rows: run rebuild"]
+        model.reason = None
+        assert asyncio.run(answers()) == (True, True, True)
+        assert client.get(READINESS_PATH).json() == {"ready": True}
+        assert [r.getMessage() for r in caplog.records].count("ready again: fraud-detector") == 1
+        model.ready = False  # not loaded: not ready for the scoring paths either
+        assert asyncio.run(answers()) == (False, False, False)
+    with pytest.raises(ModelNotFound):
+        asyncio.run(dataplane.model_ready("another-model"))
+
+
+# --- every readiness surface, predictor and transformer, on a real store -------------------------
+
+
+def _grpc_ready(target: str, model_name: str) -> dict[str, bool]:
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+    from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
+
+    with grpc.insecure_channel(target) as channel:
+        stub = GRPCInferenceServiceStub(channel)
+        return {
+            "grpc ServerLive": stub.ServerLive(pb.ServerLiveRequest(), timeout=10).live,
+            "grpc ServerReady": stub.ServerReady(pb.ServerReadyRequest(), timeout=10).ready,
+            "grpc ModelReady": stub.ModelReady(pb.ModelReadyRequest(name=model_name), timeout=10).ready,
+        }
+
+
+def _surfaces(url: str, grpc_target: str, model_name: str, own_probe: bool) -> dict[str, bool]:
+    """Every readiness (and liveness) answer of one server: REST 200 / gRPC true is True. A 503 is
+    False; anything else fails the test (a readiness answer is 200 or 503, never an error)."""
+    answers = {}
+    paths = ["/v2/health/live", "/v2/health/ready", f"/v2/models/{model_name}/ready", f"/v1/models/{model_name}"]
+    for path in (["/ready"] if own_probe else []) + paths:
+        status = httpx.get(url + path, timeout=10).status_code
+        assert status in (200, 503), (path, status)
+        answers[path] = status == 200
+    return answers | _grpc_ready(grpc_target, model_name)
+
+
+def _wait_for(what: str, check, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        last = check()
+        if last is True:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{what} not reached in {timeout_s:.0f}s; last answers: {last}")
+
+
+def test_every_readiness_surface_follows_a_lost_store_through_the_transformer(
+    store_a, bundle, tmp_path, monkeypatch
+) -> None:
+    """A running predictor and drift transformer (`fraud serve`'s stack; the transformer reads the
+    predictor over gRPC): the online tables dropped -> every readiness surface of both, REST and
+    gRPC, answers not ready while liveness stays up and scoring still answers; `fraud features
+    rebuild-online` -> every one answers ready again, with no restart."""
+    from fraud.net import free_port
+    from fraud.serving_stack import ServingStack, StackConfig
+    from fraud.settings import Settings
+
+    own = _use(monkeypatch, _copy(store_a, tmp_path / "S"))
+    apply_repo("sqlite")
+    config = StackConfig(
+        bundle=bundle,
+        port=free_port(),
+        grpc_port=free_port(),
+        predictor_port=free_port(),
+        predictor_grpc_port=free_port(),
+        online_store="sqlite",
+        store_timeout_s=30.0,
+        log_dir=tmp_path / "logs",
+        transformer_args=("--online-ert", "0", "--enable_predictor_health_check"),  # as the manifests
+        audit=False,
+        velocity=False,
+        settings=Settings.from_env(),
+    )
+    statuses: list[str] = []
+    stack = ServingStack(config, on_status=statuses.append)
+    stack.start()  # waits until both answer their model's readiness
+    try:
+        predictor_url = config.predictor_url
+        predictor_grpc = f"127.0.0.1:{config.predictor_grpc_port}"
+        transformer_grpc = f"127.0.0.1:{config.grpc_port}"
+
+        def answers() -> dict[str, dict[str, bool]]:
+            return {
+                "predictor": _surfaces(predictor_url, predictor_grpc, MODEL_NAME, own_probe=True),
+                "transformer": _surfaces(config.url, transformer_grpc, MODEL_NAME, own_probe=False),
+            }
+
+        def all_ready(expected: bool):
+            current = answers()
+            for server in current.values():
+                live = {k: v for k, v in server.items() if "live" in k.lower()}
+                assert all(live.values()), current  # liveness never follows the store
+            readiness = [v for server in current.values() for k, v in server.items() if "live" not in k.lower()]
+            return True if all(v is expected for v in readiness) else current
+
+        assert all_ready(True) is True
+        _drop_batch_tables(own)
+        _wait_for("every surface not ready", lambda: all_ready(False))  # checked at most every 10 s
+        scored = httpx.post(
+            f"{config.url}/v1/models/{MODEL_NAME}:predict",
+            json={"instances": [_transaction("LOST1")]},
+            timeout=30,
+        )
+        assert scored.status_code == 200, scored.text  # out of rotation, not refusing what reaches it
+        predictor_log = (config.log_dir / "predictor.log").read_text()
+        assert "not ready: " in predictor_log and "rebuild-online" in predictor_log
+        assert "Traceback" not in predictor_log
+        assert not any("not ready" in status for status in statuses)  # started ready: no warning
+        stack._report_predictor_readiness()  # what `fraud serve` says when it starts on a lost store
+        assert "warning: the predictor is up but not ready" in statuses[-1] and "rebuild-online" in statuses[-1]
+        rebuild_online(online="sqlite")
+        _wait_for("every surface ready again", lambda: all_ready(True))
+        assert "ready again: " + MODEL_NAME in (config.log_dir / "predictor.log").read_text()
+        assert stack.predictor is not None and stack.predictor.alive()  # no restart
+    finally:
+        stack.stop()
+
+
+def _transaction(transaction_id: str) -> dict:
+    customers, terminals = _entities(Path(os.environ["FRAUD_DATA_DIR"]))
+    return {
+        "transaction_id": transaction_id,
+        "customer_id": customers[0],
+        "terminal_id": terminals[0],
+        "tx_amount": 42.0,
+        "tx_datetime": "2024-03-10T12:00:00Z",
+    }

@@ -902,6 +902,8 @@ needs_istio_schemas = pytest.mark.skipif(
     not ISTIO_SCHEMAS.is_dir(), reason=f"{ISTIO_SCHEMAS} is absent: no Istio schema to validate against"
 )
 SCORING_PATHS = {"/v1/models/fraud-detector:predict", "/v2/models/fraud-detector/infer"}
+#: what the transformer GETs from the predictor: its readiness (--enable_predictor_health_check), its metadata
+TRANSFORMER_READS = {"/v2", "/v2/models/fraud-detector", "/v2/health/ready", "/v2/models/fraud-detector/ready"}
 
 
 @cache
@@ -991,7 +993,13 @@ def test_the_mesh_authenticates_and_authorises_every_request(overlay):
         assert all(op.get("methods") for op in operations), "every rule names its methods"
         assert not any("*" in p for p in paths), paths
         if paths & SCORING_PATHS:
-            assert paths == SCORING_PATHS and all(op["methods"] == ["POST"] for op in operations)
+            posts = [op for op in operations if op["methods"] == ["POST"]]
+            assert {p for op in posts for p in op["paths"]} == SCORING_PATHS
+            reads = [op for op in operations if op not in posts]
+            assert bool(reads) == ("principals" in source), "the transformer, and only it, reads readiness"
+            if reads:  # the transformer reads the predictor's readiness and metadata, nothing else
+                assert "principals" in source and all(op["methods"] == ["GET"] for op in reads)
+                assert {p for op in reads for p in op["paths"]} <= TRANSFORMER_READS
             named = source.get("requestPrincipals") or source.get("principals")
             assert named and not any("*" in n for n in named), named  # named callers only
             assert set(source) <= {"requestPrincipals", "principals"}

@@ -182,9 +182,18 @@ def test_python_m_predictor_refuses_a_tampered_bundle_with_one_log_line(bundle, 
 
 
 def _probe(model: FraudModel) -> int:
-    from predictor.__main__ import readiness_endpoint
+    """The `/ready` answer; the model's readiness over V1, V2 and gRPC gives the same (one data plane)."""
+    from kserve.model_repository import ModelRepository
 
-    return asyncio.run(readiness_endpoint(model)()).status_code
+    from predictor.__main__ import readiness_endpoint
+    from predictor.server import ReadinessDataPlane
+
+    registry = ModelRepository()
+    registry.update(model)
+    dataplane = ReadinessDataPlane(model_registry=registry)
+    status = asyncio.run(readiness_endpoint(dataplane)()).status_code
+    assert asyncio.run(dataplane.model_ready(model.name)) is (status == 200)
+    return status
 
 
 def test_readiness_turns_false_before_the_spool_refuses(pristine, tmp_path):

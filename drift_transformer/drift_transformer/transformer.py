@@ -12,10 +12,12 @@ before it goes back to the client. Here
 * predictor unreachable -> 503 (gRPC UNAVAILABLE) at once, time-out -> 504 (DEADLINE_EXCEEDED),
   and an HTTP error answer of the predictor (e.g. 400 for an invalid transaction) is passed to the
   client with its status and body unchanged.
-* readiness: the model (`/v2/models/{name}/ready`, `/v1/models/{name}`) and the server
-  (`/v2/health/ready`, via `ModelReadyDataPlane`) report ready only once the drift monitor is fully
-  configured — its online detector's thresholds take seconds of bootstrap after start; until then
-  scoring requests are answered 503 (KServe's "model not ready") and liveness stays up.
+* readiness: the model (`/v2/models/{name}/ready`, `/v1/models/{name}`, gRPC ModelReady) and the
+  server (`/v2/health/ready`, gRPC ServerReady; `ModelReadyDataPlane`) report ready only once the
+  drift monitor is fully configured — its online detector's thresholds take seconds of bootstrap
+  after start; until then scoring requests are answered 503 (KServe's "model not ready") and
+  liveness stays up — and, with `--enable_predictor_health_check` (the manifests pass it), only
+  while the predictor reports ready too.
 * `postprocess` takes the feature vectors (V1 `predictions[i]["features"]`, V2 output
   `feature_vector`), submits them to the drift monitor's bounded queue without waiting, and
   returns the response unchanged.
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 import grpc
@@ -39,7 +42,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from grpc_interceptor.exceptions import GrpcException
 from kserve import Model
-from kserve.errors import InvalidInput, ModelNotReady, ServerNotReady
+from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady, ServerNotReady
 from kserve.inference_client import InferenceRESTClient, RESTConfig
 from kserve.model import InferenceVerb, append_forwardable_headers
 from kserve.protocol.dataplane import DataPlane
@@ -220,11 +223,20 @@ class TransformerMetrics:
 
 
 class ModelReadyDataPlane(DataPlane):
-    """KServe's data plane whose server readiness (`/v2/health/ready`, gRPC ServerReady) also requires
-    every registered model to be ready, as the Open Inference Protocol defines server readiness.
+    """KServe's data plane whose readiness answers are the transformer's own AND the predictor's.
 
-    KServe 0.20's `DataPlane.ready()` only checks the predictor (and only with its health check on),
-    so a transformer still configuring its drift monitor would otherwise report a ready server.
+    * server readiness (`/v2/health/ready`, gRPC `ServerReady`): every registered model ready (the
+      Open Inference Protocol's definition; KServe's `DataPlane.ready()` does not check them) and,
+      with `--enable_predictor_health_check`, the predictor's server readiness;
+    * model readiness (`/v2/models/{name}/ready`, `/v1/models/{name}`, gRPC `ModelReady`): the
+      model's own (`DriftTransformer.healthy()`: the drift monitor configured) and, with the health
+      check, the predictor's model readiness. KServe's `model_ready()` answers with the predictor's
+      alone when the check is on, so a transformer still configuring its monitor would say ready.
+
+    The predictor is asked over the protocol the transformer calls it with (REST, or gRPC with
+    `--protocol grpc-v2`). A predictor that answers not ready (HTTP 503), is unreachable or errs
+    makes the answer false (HTTP 503 / gRPC ready=false), never a 500. The scoring paths
+    (`disable_predictor_health_check=True`) ask only whether the transformer's model is ready.
 
     Metadata is the predictor's, REST and gRPC alike: the model's (`GET /v2/models/{name}`, gRPC
     ModelMetadata) is asked of the predictor on every call (the transformer has no tensors of its
@@ -252,7 +264,25 @@ class ModelReadyDataPlane(DataPlane):
         for model in models.values():
             if not await model.healthy():
                 return False
-        return await super().ready()
+        return await self._predictor_says(super().ready(), "server")
+
+    async def model_ready(self, model_name: str, disable_predictor_health_check: bool = False) -> bool:
+        if self.model_registry.get_model(model_name) is None:
+            raise ModelNotFound(model_name)
+        if not await self.model_registry.is_model_ready(model_name):
+            return False
+        if disable_predictor_health_check:
+            return True
+        return await self._predictor_says(super().model_ready(model_name), f"model {model_name}")
+
+    @staticmethod
+    async def _predictor_says(answer: Awaitable[bool], what: str) -> bool:
+        """KServe's answer (the predictor's, with the health check on); False when asking failed."""
+        try:
+            return bool(await answer)
+        except (httpx.HTTPError, grpc.RpcError, OSError) as exc:
+            logger.debug("predictor %s readiness: not ready (%s)", what, exc)
+            return False
 
 
 def client_protocol(payload: Any) -> str:

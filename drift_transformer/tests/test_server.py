@@ -73,6 +73,10 @@ class StandInPredictor:
     answers: list[bytes] = field(default_factory=list)
     #: transactions whose id starts with "SLOW" are answered after this many seconds
     slow_seconds: float = 3.0
+    #: False: the readiness routes answer 503, as the real predictor's do on a lost online store
+    ready: bool = True
+    #: set by stop(): connections kept alive from before are closed without an answer
+    stopped: bool = False
     server: ThreadingHTTPServer | None = None
 
     def start(self) -> StandInPredictor:
@@ -94,6 +98,9 @@ class StandInPredictor:
                 self.wfile.write(data)
 
             def do_GET(self) -> None:
+                if owner.stopped:
+                    self.close_connection = True
+                    return
                 # the real predictor's GET routes (KServe's ModelServer); anything else is a 404
                 answers = {
                     "/": {"status": "alive"},
@@ -103,7 +110,10 @@ class StandInPredictor:
                     f"/v2/models/{MODEL}": STAND_IN_MODEL_METADATA,
                     f"/v2/models/{MODEL}/ready": {"name": MODEL, "ready": True},
                 }
-                if self.path in answers:
+                readiness = ("/v2/health/ready", f"/v2/models/{MODEL}/ready")
+                if self.path in readiness and not owner.ready:
+                    self._send(503, {"error": "Server is not ready."})
+                elif self.path in answers:
                     self._send(200, answers[self.path])
                 else:
                     self._send(404, {"error": f"no route {self.path}"})
@@ -184,9 +194,11 @@ class StandInPredictor:
         return self
 
     def stop(self) -> None:
+        self.stopped = True
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()
+            self.server = None
 
 
 # --- the transformer process ----------------------------------------------------------------------
@@ -587,6 +599,53 @@ def test_ready_only_once_the_online_detector_is_configured(module_dir, predictor
 
 
 # --- the REST pass-through (drift_transformer/passthrough.py) against KServe's handlers -------------
+def readiness_answers(transformer: Transformer) -> dict[str, bool]:
+    """The transformer's readiness and liveness answers, REST (200 True, 503 False, nothing else)
+    and gRPC."""
+    import grpc
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+    from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import GRPCInferenceServiceStub
+
+    answers = {}
+    for path in ("/v2/health/live", "/v2/health/ready", f"/v2/models/{MODEL}/ready", f"/v1/models/{MODEL}"):
+        status = httpx.get(transformer.url + path, timeout=15).status_code
+        assert status in (200, 503), (path, status)
+        answers[path] = status == 200
+    with grpc.insecure_channel(f"127.0.0.1:{transformer.grpc_port}") as channel:
+        stub = GRPCInferenceServiceStub(channel)
+        answers["ServerLive"] = stub.ServerLive(pb.ServerLiveRequest(), timeout=15).live
+        answers["ServerReady"] = stub.ServerReady(pb.ServerReadyRequest(), timeout=15).ready
+        answers["ModelReady"] = stub.ModelReady(pb.ModelReadyRequest(name=MODEL), timeout=15).ready
+    return answers
+
+
+def test_readiness_follows_the_predictors_with_the_health_check(module_dir):
+    """With --enable_predictor_health_check (REST to the predictor) every readiness answer of the
+    transformer, REST and gRPC, is the predictor's: not ready while it answers 503 or cannot be
+    reached (never a 500), ready again when it is; liveness stays up throughout."""
+    stand_in = StandInPredictor(free_port()).start()
+    running = start_transformer(
+        module_dir / "bundle", stand_in.port, module_dir / "health-check.log",
+        "--online-ert", "0", "--enable_predictor_health_check",
+    )  # fmt: skip
+    live = ("/v2/health/live", "ServerLive")
+    try:
+        ready = readiness_answers(running)
+        assert all(ready.values()), ready
+        stand_in.ready = False  # the predictor out of rotation (e.g. its online store lost)
+        answers = readiness_answers(running)
+        assert all(answers[k] for k in live) and not any(v for k, v in answers.items() if k not in live), answers
+        stand_in.ready = True
+        assert readiness_answers(running) == ready
+        stand_in.stop()  # unreachable
+        answers = readiness_answers(running)
+        assert all(answers[k] for k in live) and not any(v for k, v in answers.items() if k not in live), answers
+        assert "Traceback" not in running.log.read_text()
+    finally:
+        stop_process(running.process)
+        stand_in.stop()
+
+
 @pytest.fixture(scope="module")
 def kserve_path_transformer(module_dir, predictor) -> Iterator[Transformer]:
     """The same transformer with every request through KServe's handlers (httpx client, re-encoding)."""
