@@ -67,7 +67,7 @@ class ModelSpec:
 #: are quantiles, so 256 bins put a cut every 0.4 % of the rows: a rule in the last few per mille
 #: of a feature (the Handbook's "amount > 220" is its top 0.2 %) falls inside the top bin and no
 #: split can isolate it. 4,096 bins (a cut every 0.025 %) raise every grid point's mean validation
-#: AP by 0.015-0.026 on the Handbook protocol and leave the trees, hence prediction and TreeSHAP
+#: AP by 0.018-0.029 on the Handbook protocol and leave the trees, hence prediction and TreeSHAP
 #: cost, as they are (docs/model-quality.md, "XGBoost modes judged on the validation weeks").
 XGBOOST_MAX_BIN = 4096
 
