@@ -130,6 +130,18 @@ CONFIGS: dict[str, dict] = {
         for w in ("1", "sqrt")
     },
     "boost d6 n300 lr0.05 mcw5 bin4096": _boost(6, 300, 0.05, min_child_weight=5, max_bin=4096),
+    # around the served point, 4,096 bins
+    "boost d3 n600 lr0.025 bin4096": _boost(3, 600, 0.025, max_bin=4096),
+    "boost d3 n500 lr0.05 bin4096": _boost(3, 500, 0.05, max_bin=4096),
+    "boost d4 n300 lr0.05 bin4096": _boost(4, 300, 0.05, max_bin=4096),
+    "boost d3 n300 lr0.05 mcw5 bin4096": _boost(3, 300, 0.05, min_child_weight=5, max_bin=4096),
+    "boost d4 n300 lr0.05 mcw5 bin4096": _boost(4, 300, 0.05, min_child_weight=5, max_bin=4096),
+    "boost d3 n300 lr0.05 sub0.8 col0.8 bin4096": _boost(
+        3, 300, 0.05, subsample=0.8, colsample_bynode=0.8, max_bin=4096
+    ),
+    "bforest d3 n300x4 lr0.05 bin4096": _boost(
+        3, 300, 0.05, num_parallel_tree=4, subsample=0.63, colsample_bynode=0.5, max_bin=4096
+    ),
     "rf d20 mcw0 bin1024": _rf(20, max_bin=1024),
     "rf d20 mcw0 bin4096": _rf(20, max_bin=4096),
     "boost lossguide l32 n300 lr0.05": _boost(0, 300, 0.05, grow_policy="lossguide", max_leaves=32),
