@@ -4,7 +4,8 @@ Reuses a data directory in which `fraud bench quality` (or `fraud features build
 apply`) has built the offline tables of the default simulation, builds the point-in-time sets of
 the Handbook's test week and of its four prequential test blocks, and runs
 `fraud.training.quality_bench.downsampling_study` with one XGBoost grid point (default: depth 3,
-300 trees, lr 0.05, scale_pos_weight 1, the point the full bench selects for seed 0).
+300 trees, lr 0.05, scale_pos_weight 1, 4,096 histogram bins, the point the full bench selects for
+seed 0).
 
     .venv/bin/python benchmarks/bench_downsampling.py /tmp/quality-seed0/work --legit-per-day 1000 100
 
@@ -33,6 +34,7 @@ def main() -> None:
     parser.add_argument("--n-estimators", type=int, default=300)
     parser.add_argument("--learning-rate", type=float, default=0.05)
     parser.add_argument("--scale-pos-weight", default="1")
+    parser.add_argument("--max-bin", type=int, default=4096, help="histogram bins (the grid's XGBOOST_MAX_BIN)")
     args = parser.parse_args()
     os.environ["FRAUD_DATA_DIR"] = str(args.data_dir.resolve())
 
@@ -58,6 +60,7 @@ def main() -> None:
             "n_estimators": args.n_estimators,
             "learning_rate": args.learning_rate,
             "scale_pos_weight": args.scale_pos_weight,
+            "max_bin": args.max_bin,
         },
     )
     step = time.perf_counter()

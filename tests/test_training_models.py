@@ -105,6 +105,27 @@ def test_every_family_learns_the_synthetic_signal(family):
     assert roc_auc(sets.test["tx_fraud"], model.predict(sets.test)) > 0.7
 
 
+def test_the_xgboost_grid_isolates_a_rule_in_the_last_per_mille_of_a_feature():
+    # fraud iff the amount is in its top 0.2 % (the Handbook's "amount > 220"): with XGBoost's default
+    # 256 quantile bins that tail shares the top bin with as many genuine rows and no split isolates
+    # it; the grid's bins (XGBOOST_MAX_BIN) put a cut next to it
+    from fraud.quality_metrics import average_precision
+    from fraud.training.models import XGBOOST_MAX_BIN
+
+    features, _ = synthetic_feature_matrix(50_000, seed=3)
+    threshold = features["tx_amount_feature"].quantile(0.998)
+    train = features.assign(tx_fraud=(features["tx_amount_feature"] > threshold).astype(int))
+    held_out, _ = synthetic_feature_matrix(50_000, seed=4)
+    label = (held_out["tx_amount_feature"] > threshold).astype(int).to_numpy()
+    spec = candidate_grid("xgboost", small=True)[0]
+    assert spec.params["max_bin"] == XGBOOST_MAX_BIN
+    model = fit(spec, train)
+    assert f'"max_bin":"{XGBOOST_MAX_BIN}"' in model.booster.save_config()
+    assert average_precision(label, model.predict(held_out)) > 0.95
+    default_bins = fit(ModelSpec("xgboost", {**spec.params, "max_bin": 256}), train)
+    assert average_precision(label, default_bins.predict(held_out)) < 0.9
+
+
 def test_prediction_cost_is_measured_on_a_single_row():
     sets = _synthetic_sets(1)
     booster = fit(candidate_grid("xgboost", small=True)[0], sets.train).booster
