@@ -1,8 +1,9 @@
 """Feast data sources: the two daily-snapshot Parquet tables written by `fraud features build`
 (fraud.features.offline) and the request source carrying the fields known at authorisation time.
 
-The Parquet paths are below the data directory: FRAUD_DATA_DIR when it is set,
-else the `data/` folder next to this repository - where feature_store.yaml's relative paths point
+The Parquet paths are below the data directory: that of the settings a `fraud` entry point
+activated (`--data-dir`, the pipeline's task settings), else FRAUD_DATA_DIR when it is set, else
+the `data/` folder next to this repository - where feature_store.yaml's relative paths point
 for the plain Feast CLI, so `feast -c feature_repo apply` works as typed. The source type
 follows the profile's offline store (`fraud.feature_store.repo_offline_store`): FileSource for
 DuckDB, SparkSource (the same Parquet files) for Feast's Spark offline store and compute engine.
@@ -30,12 +31,15 @@ from fraud.features.definitions import (
 from fraud.features.offline import customer_features_path, terminal_features_path
 from fraud.features.velocity_offline import recent_state_path
 from fraud.schema import TX_AMOUNT, TX_DATETIME
+from fraud.settings import activated_settings
 
-_layout = (
-    DataLayout.current()
-    if os.environ.get("FRAUD_DATA_DIR")
-    else DataLayout(Path(__file__).resolve().parent.parent / "data")
-)
+_activated = activated_settings()
+if _activated is not None:
+    _layout = _activated.layout
+elif os.environ.get("FRAUD_DATA_DIR"):
+    _layout = DataLayout.current()
+else:
+    _layout = DataLayout(Path(__file__).resolve().parent.parent / "data")
 _on_spark = repo_offline_store() == "spark"
 
 

@@ -374,6 +374,13 @@ def activated(settings: Settings) -> Iterator[Settings]:
         _ACTIVE.pop()
 
 
+def activated_settings() -> Settings | None:
+    """The settings an entry point activated in this process, or None (`current()` then reads the
+    environment). For code that Feast imports by file (the feature repository), which has no caller
+    to pass settings down."""
+    return _ACTIVE[-1] if _ACTIVE else None
+
+
 def read_at_entry() -> Settings:
     """For a one-shot process's entry point (a pipeline component): read the settings from the
     environment once and make them the process's settings for the rest of its life."""

@@ -53,6 +53,7 @@ from fraud.features.definitions import (
 from fraud.features.offline import (
     EVENT_TIMESTAMP,
     build_offline_features,
+    customer_features_path,
     labelled_transactions,
     read_feature_table,
 )
@@ -588,3 +589,28 @@ def test_point_in_time_velocity_from_the_table_equals_the_raw_computation(store_
     shifted = entity_df.assign(event_timestamp=entity_df["event_timestamp"] + pd.Timedelta(hours=1))
     expected = point_in_time_velocity(shifted.drop(columns=["transaction_id"]))
     pd.testing.assert_frame_equal(point_in_time_velocity(shifted), expected, check_exact=False, rtol=0, atol=1e-9)
+
+
+def test_the_repo_sources_follow_the_activated_settings_without_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An entry point that activates a data directory (`--data-dir`, `fraud bench quality`) without
+    FRAUD_DATA_DIR in the environment gets its own offline tables in the repository's sources; with
+    nothing activated, FRAUD_DATA_DIR and then the repository's data/ decide (the plain Feast CLI)."""
+    from fraud.feature_store import _inside_feature_repo
+    from fraud.settings import Settings, activated
+
+    monkeypatch.delenv("FRAUD_DATA_DIR", raising=False)
+
+    def customer_source_path() -> Path:
+        with _inside_feature_repo():
+            import data_sources  # the repository module, imported afresh as Feast does
+
+            return Path(data_sources.customer_spending_source.path)
+
+    own = tmp_path / "own"
+    with activated(Settings.from_env({}).with_data_dir(own)):
+        assert customer_source_path() == customer_features_path(DataLayout(own.resolve()))
+    assert customer_source_path() == customer_features_path(DataLayout(FEATURE_REPO_DIR.parent / "data"))
+    monkeypatch.setenv("FRAUD_DATA_DIR", str(tmp_path / "env"))
+    assert customer_source_path() == customer_features_path(DataLayout((tmp_path / "env").resolve()))
