@@ -10,11 +10,18 @@ The processes are detached (own session) so they outlive the `fraud deploy` step
 them - the pipeline's deploy and analyse steps are separate processes. What runs where is kept
 in `<data>/serving/local-canary/stack.json`; the router's table in `routes.json` next to it.
 Send traffic to the router's URL (`fraud deploy status --target local` prints it).
+
+A predictor counts as serving once it is up (its model loaded: the server opens its port only
+then), as `fraud serve` counts it: on this machine nothing routes by readiness, and a predictor
+whose online store is lost still answers in degraded mode. When it is up but not ready (store
+lost or empty, audit backlog), the deploy says so in one warning line; the analysis then judges
+it by its metrics, as any canary.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -31,6 +38,8 @@ from fraud.deploy.kserve_rollout import ReadinessTimeout
 from fraud.deploy.state import RolloutError, RolloutRecord, RolloutState, StateStore, one_line
 from fraud.net import LOOPBACK, free_port
 from fraud.processes import process_alive
+
+logger = logging.getLogger(__name__)
 
 
 def local_dir() -> Path:
@@ -174,7 +183,8 @@ class LocalStack:
             return False
 
     def start_predictor(self, version: str, bundle: Path) -> Served:
-        """Start `python -m predictor` for `bundle` and wait until it is ready; ReadinessTimeout otherwise."""
+        """Start `python -m predictor` for `bundle` and wait until it is up (module docstring);
+        ReadinessTimeout otherwise."""
         port = free_port()
         command = [
             sys.executable,
@@ -191,16 +201,18 @@ class LocalStack:
         ]
         pid, log = self._spawn(f"predictor-v{version}", command)
         served = Served(version, port, pid, str(bundle), str(log))
-        ready_url = f"{served.url}/v2/models/{self.model_name}/ready"
         deadline = time.monotonic() + self.startup_timeout_seconds
         while time.monotonic() < deadline:
             if not process_alive(pid):
                 raise ReadinessTimeout(f"predictor for version {version} exited while starting: {_last_line(log)}")
-            try:
-                if httpx.get(ready_url, timeout=2.0).status_code == 200:
-                    return served
-            except httpx.HTTPError:
-                pass
+            if _answers_200(f"{served.url}/v2/health/live"):
+                if not _answers_200(f"{served.url}/v2/models/{self.model_name}/ready"):
+                    logger.warning(
+                        "predictor for version %s is up but not ready, serving in degraded mode (its reason is in %s)",
+                        version,
+                        log,
+                    )
+                return served
             time.sleep(0.25)
         stop_process(pid)
         raise ReadinessTimeout(
@@ -208,12 +220,8 @@ class LocalStack:
         )
 
     def healthy(self, served: Served | None) -> bool:
-        if served is None or not process_alive(served.pid):
-            return False
-        try:
-            return httpx.get(f"{served.url}/v2/models/{self.model_name}/ready", timeout=2.0).status_code == 200
-        except httpx.HTTPError:
-            return False
+        """The predictor process runs and its server answers (module docstring: up, not ready)."""
+        return served is not None and process_alive(served.pid) and _answers_200(f"{served.url}/v2/health/live")
 
     def stop_all(self) -> None:
         state = self.load()
@@ -223,6 +231,13 @@ class LocalStack:
         if state.router_pid:
             stop_process(state.router_pid)
         self.save(StackState())
+
+
+def _answers_200(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=2.0).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def _last_line(log: Path) -> str:
