@@ -1214,3 +1214,15 @@ def test_the_predictor_leaves_rotation_on_its_audit_aware_readiness(overlay):
     assert _predictor(isvc(overlay))["readinessProbe"]["httpGet"]["path"] == READINESS_PATH
     built = build_inference_service(load_inference_service(overlay), "ns", "7", "s3://b/7")
     assert _predictor(built)["readinessProbe"]["httpGet"]["path"] == READINESS_PATH
+
+
+@needs_kubectl
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_predictor_never_scales_to_zero_behind_a_readiness_checking_transformer(overlay):
+    """The transformer is ready only while the predictor is (`--enable_predictor_health_check`): a
+    predictor allowed to scale to zero would never be woken, since no request reaches it through a
+    transformer that is out of rotation."""
+    spec = isvc(overlay)["spec"]
+    assert "--enable_predictor_health_check" in named_container(spec["transformer"], "kserve-container")["args"]
+    assert spec["predictor"]["minReplicas"] >= 1
+    assert spec["transformer"]["minReplicas"] >= 1
