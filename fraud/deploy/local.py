@@ -177,10 +177,7 @@ class LocalStack:
 
     @staticmethod
     def _router_up(port: int) -> bool:
-        try:
-            return httpx.get(f"http://{LOOPBACK}:{port}/-/routes", timeout=1.0).status_code == 200
-        except httpx.HTTPError:
-            return False
+        return _answers_200(f"http://{LOOPBACK}:{port}/-/routes", timeout=1.0)
 
     def start_predictor(self, version: str, bundle: Path) -> Served:
         """Start `python -m predictor` for `bundle` and wait until it is up (module docstring);
@@ -233,9 +230,10 @@ class LocalStack:
         self.save(StackState())
 
 
-def _answers_200(url: str) -> bool:
+def _answers_200(url: str, timeout: float = 2.0) -> bool:
+    """Whether a GET of `url` answers 200 (False when it cannot be reached)."""
     try:
-        return httpx.get(url, timeout=2.0).status_code == 200
+        return httpx.get(url, timeout=timeout).status_code == 200
     except httpx.HTTPError:
         return False
 
