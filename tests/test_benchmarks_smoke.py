@@ -43,6 +43,23 @@ def run_json(args: list[str], env: dict[str, str] | None = None, timeout: int = 
     return json.loads(completed.stdout[start:])
 
 
+def run_json_line(script: str, args: list[str]) -> dict:
+    """A benchmark that prints one JSON line per measurement, run without the FRAUD_* settings of
+    this process (it makes its own data directory and stores): that one line, parsed."""
+    completed = subprocess.run(
+        [sys.executable, script, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={k: v for k, v in os.environ.items() if not k.startswith("FRAUD_")},
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    (line,) = [line for line in completed.stdout.splitlines() if line.startswith("{")]
+    return json.loads(line)
+
+
 def test_model_benchmark_smoke(tmp_path: Path) -> None:
     from tests.factories import make_synthetic_bundle
 
@@ -253,18 +270,7 @@ def test_lookup_benchmark_smoke(tmp_path: Path) -> None:
 def test_online_health_benchmark_smoke() -> None:
     """bench_online_health.py on a tiny SQLite store (apply + materialise + rebuild: ~60 s of CPU)."""
     args = ["--customers", "8", "--days", "4", "--repeat", "3", "--stores", "sqlite", "--no-save"]
-    completed = subprocess.run(
-        [sys.executable, "benchmarks/bench_online_health.py", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={k: v for k, v in os.environ.items() if not k.startswith("FRAUD_")},
-        check=False,
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    (line,) = [line for line in completed.stdout.splitlines() if line.startswith("{")]
-    result = json.loads(line)
+    result = run_json_line("benchmarks/bench_online_health.py", args)
     assert result["online"] == "sqlite" and result["repeat"] == 3
     assert all(result[key] > 0 for key in ("check_ms", "lookup_ms", "rebuild_s", "materialise_s"))
 
@@ -282,18 +288,7 @@ def test_feature_engines_benchmark_smoke() -> None:
 def test_freshness_benchmark_smoke() -> None:
     """bench_freshness.py for 2 s at 100 tx/s against Redis: every probe's effect is read back."""
     args = ["--rates", "100", "--seconds", "2", "--baseline-ref", "", "--no-save"]
-    completed = subprocess.run(
-        [sys.executable, "benchmarks/bench_freshness.py", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={k: v for k, v in os.environ.items() if not k.startswith("FRAUD_")},
-        check=False,
-    )
-    assert completed.returncode == 0, completed.stderr[-3000:]
-    (line,) = [line for line in completed.stdout.splitlines() if line.startswith("{")]
-    result = json.loads(line)
+    result = run_json_line("benchmarks/bench_freshness.py", args)
     assert result["aggregator"] == "current" and result["rate_tx_s"] == 100
     assert result["probe_timeouts"] == 0 and result["freshness"]["n"] > 0
     assert 0 < result["freshness"]["p50_ms"] <= result["freshness"]["p99_ms"]

@@ -97,12 +97,16 @@ def test_upload_creates_pipelines_then_versions(api):
     assert third.exit_code != 0 and "HTTP 409" in third.output
 
 
+def _schedule(url: str, token_file, *extra: str) -> _Outcome:
+    return _invoke(
+        "pipeline", "schedule", "--host", url, "--token-file", str(token_file), "--data-uri", "s3://fraud/raw",
+        "--feature-tables-uri", "s3://fraud/features", *extra,
+    )  # fmt: skip
+
+
 def test_schedule_creates_daily_features_and_weekly_retraining(api):
     url, state, token_file = api
-    result = _invoke(
-        "pipeline", "schedule", "--host", url, "--token-file", str(token_file), "--data-uri", "s3://fraud/raw",
-        "--feature-tables-uri", "s3://fraud/features", "--service-account", "pipeline-runner",
-    )  # fmt: skip
+    result = _schedule(url, token_file, "--service-account", "pipeline-runner")
     assert result.exit_code == 0, result.output
     by_name = {r["display_name"]: r for r in state.recurring_runs.values()}
     assert set(by_name) == {"fraud-features-daily", "fraud-retrain-weekly"}
@@ -120,18 +124,8 @@ def test_schedule_creates_daily_features_and_weekly_retraining(api):
         "feature_tables_uri": "s3://fraud/features",
     }
     assert weekly["runtime_config"]["parameters"]["deploy_target"] == "kubernetes"
-    bad = _invoke(
-        "pipeline", "schedule", "--host", url, "--token-file", str(token_file), "--data-uri", "s3://fraud/raw",
-        "--feature-tables-uri", "s3://fraud/features", "--retrain-cron", "0 3 * * 1",
-    )  # fmt: skip
+    bad = _schedule(url, token_file, "--retrain-cron", "0 3 * * 1")
     assert bad.exit_code != 0 and "six fields" in bad.output
-
-
-def _schedule(url: str, token_file, *extra: str) -> _Outcome:
-    return _invoke(
-        "pipeline", "schedule", "--host", url, "--token-file", str(token_file), "--data-uri", "s3://fraud/raw",
-        "--feature-tables-uri", "s3://fraud/features", *extra,
-    )  # fmt: skip
 
 
 def test_schedule_uploads_all_three_pipelines_and_the_default_engine_is_duckdb(api):
