@@ -83,6 +83,40 @@ def test_the_built_application_is_valid_and_hardened(app_validator):
 
 
 @needs_schemas
+def test_a_materialising_application_gives_the_store_credentials_to_its_driver_only(app_validator):
+    app = spark_application(SparkFeatureJob(**{**JOB.__dict__, "materialize": True}))
+    assert app_validator.issues(app) == []
+    spec = app["spec"]
+    assert spec["arguments"][-1] == "--materialize"
+    driver, executor = spec["driver"], spec["executor"]
+    assert [e["configMapRef"]["name"] for e in driver["envFrom"]] == ["fraud-pipeline-config", "fraud-serving-config"]
+    assert {name: ref["name"] for name, ref in driver["envSecretKeyRefs"].items()} == {
+        "AWS_ACCESS_KEY_ID": "fraud-object-store",
+        "AWS_SECRET_ACCESS_KEY": "fraud-object-store",
+        "FRAUD_FEAST_REGISTRY_URL": "fraud-feast-registry",
+        "FRAUD_REDIS_PASSWORD": "fraud-redis",
+    }
+    # the Redis CA where the serving ConfigMap's FRAUD_REDIS_CA_CERT points
+    serving = next(
+        d
+        for d in _manifest_docs(PROJECT_ROOT / "manifests" / "configmaps.yaml")
+        if d["metadata"]["name"] == "fraud-serving-config"
+    )
+    ca = Path(serving["data"]["FRAUD_REDIS_CA_CERT"])
+    (mount,) = [m for m in driver["volumeMounts"] if m["name"] == "redis-ca"]
+    assert ca.parent == Path(mount["mountPath"]) and mount["readOnly"] is True
+    (volume,) = [v for v in spec["volumes"] if v["name"] == "redis-ca"]
+    assert volume["secret"]["secretName"] == "fraud-redis-ca" and volume["secret"]["items"][0]["path"] == ca.name
+    assert executor["envFrom"] == [{"configMapRef": {"name": "fraud-pipeline-config"}}]
+    assert set(executor["envSecretKeyRefs"]) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+    assert "redis-ca" not in {m["name"] for m in executor["volumeMounts"]}
+    # without it, nothing of the store reaches the driver either
+    plain = spark_application(JOB)["spec"]
+    assert "--materialize" not in plain["arguments"] and "redis-ca" not in {v["name"] for v in plain["volumes"]}
+    assert set(plain["driver"]["envSecretKeyRefs"]) == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
+
+
+@needs_schemas
 @pytest.mark.parametrize(
     ("mutate", "where"),
     [
@@ -106,6 +140,7 @@ def test_schema_validation_rejects_mistakes(app_validator, mutate, where):
         ({"executor_instances": 0}, "executor_instances"),
         ({"executor_memory": "4 GB"}, "executor_memory"),
         ({"image": " "}, "image"),
+        ({"materialize": True, "feature_tables_uri": ""}, "materialize needs feature_tables_uri"),
     ],
 )
 def test_bad_job_settings_are_refused(change, message):
@@ -127,6 +162,7 @@ def test_the_template_and_the_daily_schedule_are_the_builders_object(app_validat
             namespace="x",
             image=DEFAULT_CORE_IMAGE,
             feature_tables_uri=template["spec"]["arguments"][3],
+            materialize=True,  # build, copy, apply, materialise: the daily build's whole job
         )
     )
     del expected["metadata"]["namespace"]
@@ -178,6 +214,21 @@ def test_overlays_render_a_valid_daily_build_with_least_privilege(overlay, sched
     assert ports == {spark.DRIVER_PORT, spark.BLOCK_MANAGER_PORT}
     cidrs = [peer["ipBlock"]["cidr"] for rule in policy["spec"]["egress"] for peer in rule["to"] if "ipBlock" in peer]
     assert cidrs and "192.0.2.0/24" not in cidrs
+    # the driver reaches the Feast registry and the same Redis as the predictors; executors do not
+    policies = {d["metadata"]["name"]: d for d in docs if d["kind"] == "NetworkPolicy"}
+    driver_policy = policies["fraud-spark-driver"]["spec"]
+    assert driver_policy["podSelector"]["matchLabels"] == {
+        "app.kubernetes.io/name": "fraud-spark",
+        "app.kubernetes.io/component": "driver",
+    }
+    assert driver_policy["policyTypes"] == ["Egress"]
+
+    def redis_peers(policy: dict) -> list[dict]:
+        return [peer for rule in policy["egress"] if rule["ports"][0]["port"] == 6379 for peer in rule["to"]]
+
+    assert redis_peers(driver_policy) == redis_peers(policies["fraud-predictor"]["spec"])
+    assert {p["port"] for rule in driver_policy["egress"] for p in rule["ports"]} == {5432, 6379}
+    assert template["arguments"][-1] == "--materialize"
     conf = template["sparkConf"]
     assert conf["spark.driver.port"] == str(spark.DRIVER_PORT)
     assert conf["spark.blockManager.port"] == conf["spark.driver.blockManager.port"] == str(spark.BLOCK_MANAGER_PORT)
@@ -293,10 +344,8 @@ def test_a_build_that_never_finishes_times_out(app_validator, tmp_path):
 def test_the_main_file_runs_the_spark_build_on_the_submitted_master():
     from fraud.features.spark_job import build_arguments
 
-    command, uri = build_arguments(
-        ["--data-dir", "/data", "--feature-tables-uri", "s3://b/f"], "k8s://https://10.0.0.1:443"
-    )
-    assert command == [
+    job = build_arguments(["--data-dir", "/data", "--feature-tables-uri", "s3://b/f"], "k8s://https://10.0.0.1:443")
+    assert job.build == [
         "features",
         "build",
         "--engine",
@@ -306,9 +355,18 @@ def test_the_main_file_runs_the_spark_build_on_the_submitted_master():
         "--data-dir",
         "/data",
     ]
-    assert uri == "s3://b/f"
-    command, uri = build_arguments(["--data-dir", "/d"], None)
-    assert command == ["features", "build", "--engine", "spark", "--data-dir", "/d"] and uri == ""
+    assert job.feature_tables_uri == "s3://b/f" and job.then == []
+    job = build_arguments(["--data-dir", "/d"], None)
+    assert job.build == ["features", "build", "--engine", "spark", "--data-dir", "/d"]
+    assert job.feature_tables_uri == "" and job.then == []
+    job = build_arguments(
+        ["--materialize", "--feature-tables-uri", "s3://b/f", "--data-dir", "/d", "--spark-driver-memory", "8g"], None
+    )
+    assert job.build == ["features", "build", "--engine", "spark", "--data-dir", "/d", "--spark-driver-memory", "8g"]
+    assert job.then == [
+        ["features", "apply", "--data-dir", "/d"],
+        ["features", "materialize", "--incremental", "--data-dir", "/d"],
+    ]
 
 
 def test_the_spark_feature_pipeline_submits_then_materialises(tmp_path):
@@ -398,16 +456,25 @@ def test_the_materialise_step_fetches_the_tables_built_elsewhere(tmp_path, monke
     assert online.notna().any(axis=None)  # the last snapshots reached the online store
 
 
-@pytest.mark.slow  # starts Spark (local mode) twice: ~1 min on the shared machine
-def test_the_main_file_builds_on_spark_and_copies_the_tables(tmp_path):
+@pytest.mark.slow  # starts Spark (local mode) twice, feast apply + materialisation: ~1.5 min on the shared machine
+def test_the_main_file_builds_on_spark_copies_the_tables_and_materialises(tmp_path, monkeypatch):
+    import os
     import socket
 
+    import pandas as pd
+
+    from fraud.config import DataLayout
+    from fraud.feature_store import online_batch_features
     from fraud.simulator import SimulationConfig, simulate_to
     from fraud.training.steps import feature_table_names
 
     simulate_to(SimulationConfig(n_customers=40, n_terminals=80, n_days=12, seed=4), tmp_path / "data" / "raw")
     main_file = PROJECT_ROOT / "fraud" / "features" / "spark_job.py"
-    env = {**__import__("os").environ, "FRAUD_SPARK_DRIVER_MEMORY": "1g"}
+    # the embedded profile (SQLite online store, file registry) inside the data directory
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("FRAUD_FEAST_")},
+        "FRAUD_SPARK_DRIVER_MEMORY": "1g",
+    }
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
@@ -419,9 +486,19 @@ def test_the_main_file_builds_on_spark_and_copies_the_tables(tmp_path):
             env=env,
         )
 
-    built = run("--feature-tables-uri", str(tmp_path / "store"), "--spark-master", "local[1]")
+    layout = DataLayout(tmp_path / "data")
+    assert not layout.feast.exists()
+    built = run("--feature-tables-uri", str(tmp_path / "store"), "--materialize", "--spark-master", "local[1]")
     assert built.returncode == 0, built.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "store").iterdir()) == sorted(feature_table_names())
+    # applied and materialised: the last day's snapshots are in the data directory's online store
+    for name in ("FRAUD_FEAST_ONLINE", "FRAUD_FEAST_REGISTRY", "FRAUD_FEAST_PROJECT"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("FRAUD_DATA_DIR", str(layout.root))
+    raw = pd.read_parquet(layout.transactions)
+    last = raw[raw["tx_datetime"].dt.date == raw["tx_datetime"].max().date()].iloc[0]
+    online = online_batch_features([last["customer_id"]], [last["terminal_id"]])
+    assert online.notna().any(axis=None)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

@@ -37,6 +37,14 @@ def submit_command(
     data_claim: Annotated[
         str, typer.Option("--data-claim", help="ReadWriteMany claim with the data directory.")
     ] = "fraud-feature-data",
+    materialize: Annotated[
+        bool,
+        typer.Option(
+            "--materialize",
+            help="After the copy, the driver runs feast apply and materialises incrementally into the online "
+            "store (needs --feature-tables-uri).",
+        ),
+    ] = False,
     name: Annotated[str, typer.Option("--name", help="Application name. Default: fraud-features-<random>.")] = "",
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for completion.")] = 14_400.0,
     kubeconfig: Annotated[
@@ -61,6 +69,7 @@ def submit_command(
             executor_memory=executor_memory,
             driver_memory=driver_memory,
             data_claim=data_claim,
+            materialize=materialize,
         )
     except SparkApplicationError as exc:
         raise UserError(str(exc)) from None

@@ -1,6 +1,6 @@
 """The offline feature build as a Kubeflow Spark Operator `SparkApplication`.
 
-`spark_application(job)` is the one place the object is built (the KFP component, `fraud features
+`spark_application(job)` is the one place the object is built (the KFP component, `fraud spark
 submit` and the tests use it; `manifests/spark-features.yaml` holds the same object as a
 template and a `ScheduledSparkApplication` for the daily build). Its driver runs
 `fraud/features/spark_job.py` from the core image, which runs `fraud features build --engine spark`
@@ -15,7 +15,10 @@ Pods run as `fraud-spark` (driver: ServiceAccount `fraud-spark-driver`, which ma
 delete executor pods and their ConfigMaps in its own namespace only; executors: `fraud-spark-executor`,
 no API access), non-root, all capabilities dropped, seccomp RuntimeDefault. Driver and executors
 share the data volume (claim `data_claim`, ReadWriteMany): the raw transactions are read from it
-and the feature tables written to it, then copied to `feature_tables_uri`.
+and the feature tables written to it, then copied to `feature_tables_uri`. With `materialize`
+(the daily ScheduledSparkApplication) the driver then runs `feast apply` and an incremental
+materialisation into the online store the predictors read: only the driver gets the serving
+namespace's store settings, the Redis CA and password and the registry's URL.
 """
 
 from __future__ import annotations
@@ -47,6 +50,18 @@ TMP_VOLUME = "tmp"
 OBJECT_STORE_SECRET = "fraud-object-store"  # noqa: S105 - name of a Kubernetes Secret, not its value
 #: non-secret settings of the pipeline's tasks (AWS_ENDPOINT_URL, FRAUD_* ...)
 CONFIG_MAP = "fraud-pipeline-config"
+#: A driver that materialises also reads the serving namespace's online-store settings (Redis
+#: host, port, TLS: the ConfigMap the predictors read, so it loads the store they serve from),
+#: the Redis CA, the Redis password and the Feast registry's URL, as the predictors and the
+#: pipeline's materialise step do. Executors never get them.
+SERVING_CONFIG_MAP = "fraud-serving-config"
+MATERIALIZE_SECRETS: dict[str, tuple[str, str]] = {
+    "FRAUD_FEAST_REGISTRY_URL": ("fraud-feast-registry", "url"),
+    "FRAUD_REDIS_PASSWORD": ("fraud-redis", "password"),
+}
+REDIS_CA_SECRET = "fraud-redis-ca"  # noqa: S105 - name of a Kubernetes Secret, not its value
+REDIS_CA_VOLUME = "redis-ca"
+REDIS_CA_MOUNT = "/etc/fraud/redis-ca"  # FRAUD_REDIS_CA_CERT of fraud-serving-config points here
 RUN_AS_USER = 10001
 DRIVER_PORT = 7078
 BLOCK_MANAGER_PORT = 7079
@@ -77,6 +92,10 @@ class SparkFeatureJob:
     driver_memory: str = "2g"
     #: PersistentVolumeClaim (ReadWriteMany) with the data directory: raw/ in, features/ out
     data_claim: str = "fraud-feature-data"
+    #: after the build and the copy, `feast apply` and an incremental materialisation into the
+    #: online store, from the driver (the daily ScheduledSparkApplication does; the Spark feature
+    #: pipeline leaves it to its own materialise step)
+    materialize: bool = False
     extra_args: tuple[str, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -93,6 +112,10 @@ class SparkFeatureJob:
         for what in ("executor_memory", "driver_memory"):
             if not _QUANTITY.match(str(getattr(self, what))):
                 raise SparkApplicationError(f"{what} must be like 4g or 512m, got {getattr(self, what)!r}")
+        if self.materialize and not self.feature_tables_uri:
+            raise SparkApplicationError(
+                "materialize needs feature_tables_uri: the tables are stored before the online store is loaded"
+            )
 
 
 def _security_context() -> dict[str, Any]:
@@ -144,11 +167,31 @@ def spark_application(job: SparkFeatureJob) -> dict[str, Any]:
     arguments = ["--data-dir", DATA_MOUNT]
     if job.feature_tables_uri:
         arguments += ["--feature-tables-uri", job.feature_tables_uri]
+    if job.materialize:
+        arguments.append("--materialize")
     arguments += list(job.extra_args)
     driver = _pod("driver", job.driver_cores, job.driver_memory, DRIVER_SERVICE_ACCOUNT)
     executor = _pod("executor", job.executor_cores, job.executor_memory, EXECUTOR_SERVICE_ACCOUNT)
     executor["instances"] = job.executor_instances
     executor["deleteOnTermination"] = True
+    volumes: list[dict[str, Any]] = [
+        {"name": DATA_VOLUME, "persistentVolumeClaim": {"claimName": job.data_claim}},
+        # Spark on Kubernetes uses volumes named spark-local-dir-* as its shuffle/spill space
+        {"name": LOCAL_DIR_VOLUME, "emptyDir": {}},
+        {"name": TMP_VOLUME, "emptyDir": {}},
+    ]
+    if job.materialize:
+        driver["envFrom"].append({"configMapRef": {"name": SERVING_CONFIG_MAP}})
+        driver["envSecretKeyRefs"].update(
+            {env: {"name": secret, "key": key} for env, (secret, key) in MATERIALIZE_SECRETS.items()}
+        )
+        driver["volumeMounts"].append({"name": REDIS_CA_VOLUME, "mountPath": REDIS_CA_MOUNT, "readOnly": True})
+        volumes.append(
+            {
+                "name": REDIS_CA_VOLUME,
+                "secret": {"secretName": REDIS_CA_SECRET, "items": [{"key": "ca.crt", "path": "ca.crt"}]},
+            }
+        )
     return {
         "apiVersion": f"{GROUP}/{API_VERSION}",
         "kind": KIND,
@@ -177,12 +220,7 @@ def spark_application(job: SparkFeatureJob) -> dict[str, Any]:
             },
             "restartPolicy": {"type": "Never"},
             "timeToLiveSeconds": 86_400,
-            "volumes": [
-                {"name": DATA_VOLUME, "persistentVolumeClaim": {"claimName": job.data_claim}},
-                # Spark on Kubernetes uses volumes named spark-local-dir-* as its shuffle/spill space
-                {"name": LOCAL_DIR_VOLUME, "emptyDir": {}},
-                {"name": TMP_VOLUME, "emptyDir": {}},
-            ],
+            "volumes": volumes,
             "driver": driver,
             "executor": executor,
         },

@@ -1,8 +1,10 @@
 """Main file of the feature-build SparkApplication (`fraud.deploy.spark`): the driver runs
 `fraud features build --engine spark` on the master spark-submit gave it, then copies the tables
-to the object store.
+to the object store and, with `--materialize`, registers the feature repository (`fraud features
+apply`) and loads the new snapshots into the online store (`fraud features materialize
+--incremental`), as the daily feature pipeline's materialise step does.
 
-    spark_job.py --data-dir /data [--feature-tables-uri s3://bucket/features] [other build options]
+    spark_job.py --data-dir /data [--feature-tables-uri s3://bucket/features] [--materialize] [other build options]
 
 The Spark Operator starts this file with spark-submit in cluster mode; the master
 (`k8s://https://...`), the executors and their resources come from the SparkApplication and reach
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from fraud.config import DataLayout
@@ -30,15 +33,33 @@ def submitted_master() -> str | None:
     return SparkConf().get("spark.master", None)
 
 
-def build_arguments(argv: list[str], master: str | None) -> tuple[list[str], str]:
-    """(arguments of `fraud`, feature tables URI) for the job's command line."""
+@dataclass(frozen=True)
+class JobArguments:
+    """What the job's command line asks for."""
+
+    #: arguments of `fraud` for the build
+    build: list[str]
+    #: where the tables are copied ('' = not copied)
+    feature_tables_uri: str
+    #: arguments of `fraud` run after the copy: apply, then incremental materialisation ([] = none)
+    then: list[list[str]]
+
+
+def build_arguments(argv: list[str], master: str | None) -> JobArguments:
+    """The `fraud` commands the job's command line stands for."""
     parser = argparse.ArgumentParser(prog="spark_job.py", add_help=True)
     parser.add_argument("--feature-tables-uri", default="")
+    parser.add_argument("--materialize", action="store_true")
+    parser.add_argument("--data-dir", default=None)
     known, rest = parser.parse_known_args(argv)
+    data_dir = ["--data-dir", known.data_dir] if known.data_dir else []
     command = ["features", "build", "--engine", "spark"]
     if master and "--spark-master" not in rest:
         command += ["--spark-master", master]
-    return command + rest, known.feature_tables_uri
+    then: list[list[str]] = []
+    if known.materialize:
+        then = [["features", "apply", *data_dir], ["features", "materialize", "--incremental", *data_dir]]
+    return JobArguments(command + data_dir + rest, known.feature_tables_uri, then)
 
 
 def _layout_of(command: list[str]) -> DataLayout:
@@ -51,24 +72,31 @@ def _layout_of(command: list[str]) -> DataLayout:
     return DataLayout(Path(known.data_dir).resolve()) if known.data_dir else Settings.from_env().layout
 
 
-def main(argv: list[str] | None = None) -> None:
+def _run(command: list[str]) -> None:
+    """One `fraud` command in this process; a failure ends the job with its exit code."""
     from fraud import cli
 
-    command, feature_tables_uri = build_arguments(sys.argv[1:] if argv is None else argv, submitted_master())
     try:
         cli.main(command)
     except SystemExit as exc:
         if exc.code not in (0, None):
             raise
-    if feature_tables_uri:
+
+
+def main(argv: list[str] | None = None) -> None:
+    job = build_arguments(sys.argv[1:] if argv is None else argv, submitted_master())
+    _run(job.build)
+    if job.feature_tables_uri:
         from fraud import storage
 
-        layout = _layout_of(command)
+        layout = _layout_of(job.build)
         try:
-            storage.put_folder(layout.features, feature_tables_uri)
+            storage.put_folder(layout.features, job.feature_tables_uri)
         except UserError as exc:
             print(f"error: {exc}", file=sys.stderr)
             sys.exit(exc.exit_code)
+    for command in job.then:  # the tables are stored before the online store is touched
+        _run(command)
 
 
 if __name__ == "__main__":
