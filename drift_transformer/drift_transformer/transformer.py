@@ -234,8 +234,10 @@ class ModelReadyDataPlane(DataPlane):
       alone when the check is on, so a transformer still configuring its monitor would say ready.
 
     The predictor is asked over the protocol the transformer calls it with (REST, or gRPC with
-    `--protocol grpc-v2`). A predictor that answers not ready (HTTP 503), is unreachable or errs
-    makes the answer false (HTTP 503 / gRPC ready=false), never a 500. The scoring paths
+    `--protocol grpc-v2`: ServerReady / ModelReady on the transformer's own stub, since KServe's
+    gRPC client logs a traceback for every failed check). A predictor that answers not ready
+    (HTTP 503), is unreachable or errs makes the answer false (HTTP 503 / gRPC ready=false), never
+    a 500, with one debug line. The scoring paths
     (`disable_predictor_health_check=True`) ask only whether the transformer's model is ready.
 
     Metadata is the predictor's, REST and gRPC alike: the model's (`GET /v2/models/{name}`, gRPC
@@ -264,7 +266,7 @@ class ModelReadyDataPlane(DataPlane):
         for model in models.values():
             if not await model.healthy():
                 return False
-        return await self._predictor_says(super().ready(), "server")
+        return await self._predictor_says(self._grpc_ready(None) if self._over_grpc() else super().ready(), "server")
 
     async def model_ready(self, model_name: str, disable_predictor_health_check: bool = False) -> bool:
         if self.model_registry.get_model(model_name) is None:
@@ -273,7 +275,22 @@ class ModelReadyDataPlane(DataPlane):
             return False
         if disable_predictor_health_check:
             return True
-        return await self._predictor_says(super().model_ready(model_name), f"model {model_name}")
+        answer = self._grpc_ready(model_name) if self._over_grpc() else super().model_ready(model_name)
+        return await self._predictor_says(answer, f"model {model_name}")
+
+    def _over_grpc(self) -> bool:
+        config = self.predictor_config
+        return bool(config and config.predictor_health_check and config.predictor_protocol == PROTOCOL_GRPC_V2)
+
+    async def _grpc_ready(self, model_name: str | None) -> bool:
+        """The predictor's ServerReady (`model_name` None) or ModelReady answer over gRPC."""
+        from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+
+        client = self.grpc_client
+        stub, timeout = client._client_stub, client._timeout
+        if model_name is None:
+            return bool((await stub.ServerReady(pb.ServerReadyRequest(), timeout=timeout)).ready)
+        return bool((await stub.ModelReady(pb.ModelReadyRequest(name=model_name), timeout=timeout)).ready)
 
     @staticmethod
     async def _predictor_says(answer: Awaitable[bool], what: str) -> bool:

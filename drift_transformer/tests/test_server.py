@@ -646,6 +646,76 @@ def test_readiness_follows_the_predictors_with_the_health_check(module_dir):
         stand_in.stop()
 
 
+class StandInGrpcPredictor:
+    """A predictor's gRPC readiness (ServerReady / ModelReady of the Open Inference Protocol) on
+    loopback; every other RPC answers UNIMPLEMENTED, as a server without it would."""
+
+    def __init__(self) -> None:
+        self.ready = True
+        self._server = None
+        self.port = 0
+
+    def start(self) -> StandInGrpcPredictor:
+        from concurrent.futures import ThreadPoolExecutor
+
+        import grpc
+        from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+        from kserve.protocol.grpc.grpc_predict_v2_pb2_grpc import (
+            GRPCInferenceServiceServicer,
+            add_GRPCInferenceServiceServicer_to_server,
+        )
+
+        owner = self
+
+        class Servicer(GRPCInferenceServiceServicer):
+            def ServerReady(self, request, context):
+                return pb.ServerReadyResponse(ready=owner.ready)
+
+            def ModelReady(self, request, context):
+                if request.name != MODEL:
+                    context.abort(grpc.StatusCode.NOT_FOUND, f"model {request.name} not found")
+                return pb.ModelReadyResponse(ready=owner.ready)
+
+        self._server = grpc.server(ThreadPoolExecutor(max_workers=2))
+        add_GRPCInferenceServiceServicer_to_server(Servicer(), self._server)
+        self.port = self._server.add_insecure_port("127.0.0.1:0")
+        self._server.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop(0).wait()
+
+
+def test_readiness_follows_the_predictors_over_grpc_without_a_traceback(module_dir):
+    """With `--protocol grpc-v2` the predictor's readiness is asked over gRPC: the same answers as
+    over REST, and a predictor that cannot be reached costs one debug line, not a logged traceback
+    per check."""
+    stand_in = StandInGrpcPredictor().start()
+    running = start_transformer(
+        module_dir / "bundle", stand_in.port, module_dir / "grpc-health-check.log",
+        "--online-ert", "0", "--enable_predictor_health_check", "--protocol", "grpc-v2",
+    )  # fmt: skip
+    live = ("/v2/health/live", "ServerLive")
+    try:
+        ready = readiness_answers(running)
+        assert all(ready.values()), ready
+        stand_in.ready = False
+        answers = readiness_answers(running)
+        assert all(answers[k] for k in live) and not any(v for k, v in answers.items() if k not in live), answers
+        stand_in.ready = True
+        assert readiness_answers(running) == ready
+        stand_in.stop()  # unreachable
+        for _ in range(3):
+            answers = readiness_answers(running)
+            assert all(answers[k] for k in live) and not any(v for k, v in answers.items() if k not in live), answers
+        log = running.log.read_text()
+        assert "Traceback" not in log and "Failed to get" not in log, log[-3000:]
+    finally:
+        stop_process(running.process)
+        stand_in.stop()
+
+
 @pytest.fixture(scope="module")
 def kserve_path_transformer(module_dir, predictor) -> Iterator[Transformer]:
     """The same transformer with every request through KServe's handlers (httpx client, re-encoding)."""
