@@ -295,3 +295,51 @@ def test_freshness_benchmark_smoke() -> None:
     assert result["probe_timeouts"] == 0 and result["freshness"]["n"] > 0
     assert 0 < result["freshness"]["p50_ms"] <= result["freshness"]["p99_ms"]
     assert result["velocity_lookup"]["n"] == result["freshness"]["n"]
+
+
+def test_candidate_features_use_only_labels_known_at_the_transaction_day() -> None:
+    """The candidate-feature benchmark's history features, on a hand-made history (delay 7 days)."""
+    import pandas as pd
+    from bench_candidate_features import CAP_DAYS, DailyHistory, candidate_columns
+
+    day0 = pd.Timestamp("2018-04-01")
+
+    def tx(customer: str, terminal: str, day: int, fraud: int) -> dict:
+        return {
+            "customer_id": customer,
+            "terminal_id": terminal,
+            "tx_datetime": day0 + pd.Timedelta(days=day, hours=10),
+            "tx_fraud": fraud,
+        }
+
+    history = pd.DataFrame(
+        [
+            tx("C1", "T1", 0, 0),
+            tx("C1", "T1", 10, 1),  # T1's episode starts on day 10
+            tx("C2", "T1", 15, 1),  # same episode (5 days later)
+            tx("C2", "T1", 30, 1),  # 15 days later: a new episode
+            tx("C1", "T2", 8, 0),
+            tx("C1", "T2", 20, 0),
+            tx("C3", "T2", 40, 0),
+        ]
+    )
+    frame = pd.DataFrame([tx("C1", "T1", 18, 0), tx("C1", "T1", 23, 0), tx("C2", "T1", 40, 0), tx("C3", "T2", 40, 0)])
+    columns = candidate_columns(frame, DailyHistory(history, "customer_id"), DailyHistory(history, "terminal_id"), 7)
+    # day 18: labels known up to day 10 -> T1's fraud of day 10 (8 days ago), episode started then
+    # day 23: known up to day 15 -> last fraud day 15 (8 days ago), episode start day 10 (13 days)
+    # day 40: known up to day 32 -> last fraud day 30 (10 days ago), a new episode started then
+    assert list(columns["terminal_days_since_known_fraud"]) == [8, 8, 10, CAP_DAYS]
+    assert list(columns["terminal_days_since_fraud_episode_start"]) == [8, 13, 10, CAP_DAYS]
+    # the 7-day windows: days 4..10 (C1: day 8 genuine, day 10 fraud), 9..15 (C1: day 10), 26..32
+    # (C2: day 30); C1's fraud of day 10 is not known before day 18
+    assert list(columns["customer_nb_known_fraud_7d"]) == [1, 1, 1, 0]
+    assert list(columns["customer_known_fraud_share_7d"]) == [0.5, 1.0, 1.0, 0.0]
+    assert list(columns["customer_nb_known_fraud_30d"]) == [1, 1, 2, 0]
+    early = candidate_columns(
+        frame.assign(tx_datetime=frame["tx_datetime"] - pd.Timedelta(days=1)).iloc[:1],
+        DailyHistory(history, "customer_id"),
+        DailyHistory(history, "terminal_id"),
+        7,
+    )
+    assert early["customer_nb_known_fraud_30d"][0] == 0 and early["terminal_days_since_known_fraud"][0] == CAP_DAYS
+    assert list(columns["customer_days_since_known_fraud"]) == [8, 13, 10, CAP_DAYS]

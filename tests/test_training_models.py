@@ -209,3 +209,36 @@ def test_snapshots_only_models_ignore_the_velocity_features(family):
     np.testing.assert_allclose(model.predict(test), model.predict(without_velocity(test)), rtol=0, atol=1e-12)
     with_velocity = fit(candidate_grid(family, small=True)[0], train)
     assert not np.allclose(with_velocity.predict(test), with_velocity.predict(without_velocity(test)))
+
+
+def test_the_information_ceiling_hides_compromised_terminal_frauds_without_known_labels():
+    """A compromised-terminal fraud counts as visible only when an earlier fraud at its terminal
+    has a known label (older than the delay) inside the terminal-risk windows."""
+    import pandas as pd
+
+    from fraud.training.quality_bench import information_ceiling
+
+    day = pd.Timestamp("2018-08-10")
+    rows = [
+        # (id, customer, terminal, when, fraud, scenario)
+        ("H1", "C1", "T1", day - pd.Timedelta(days=10), 1, 2),  # history: T1's fraud 10 days before, known
+        ("H2", "C2", "T2", day - pd.Timedelta(days=3), 1, 2),  # history: T2's fraud 3 days before, not yet known
+        ("H3", "C3", "T3", day - pd.Timedelta(days=60), 1, 2),  # history: T3's fraud outside every window
+        ("X1", "C4", "T1", day, 1, 2),  # visible through T1's known label
+        ("X2", "C5", "T2", day, 1, 2),  # hidden
+        ("X3", "C6", "T3", day, 1, 2),  # hidden: the known label is older than the 30-day window
+        ("X4", "C7", "T4", day, 1, 1),  # another scenario: has its own signature, visible
+        *[(f"G{i}", f"G{i}", "T9", day + pd.Timedelta(minutes=i), 0, 0) for i in range(200)],
+    ]
+    history = pd.DataFrame(
+        rows, columns=["transaction_id", "customer_id", "terminal_id", "tx_datetime", "tx_fraud", "tx_fraud_scenario"]
+    )
+    test = history[~history["transaction_id"].str.startswith("H")].drop(columns="tx_fraud_scenario")
+    ceiling = information_ceiling(test, history)
+    assert ceiling is not None
+    assert ceiling["frauds"] == 4 and ceiling["frauds_without_known_evidence"] == 2
+    # two of four frauds first, the other two at random among 200 genuine transactions
+    assert 0.5 < ceiling["average_precision"] < 0.6
+    assert ceiling["oracle_card_precision_at_100"] == 4 / 100
+    assert ceiling["card_precision_at_100"] < 4 / 100
+    assert information_ceiling(test, history.drop(columns="tx_fraud_scenario")) is None

@@ -23,7 +23,7 @@ import pandas as pd
 from fraud import atomic
 from fraud.errors import UserError
 from fraud.quality_metrics import quality_report
-from fraud.schema import CUSTOMER_ID, TRANSACTION_ID, TX_DATETIME, TX_FRAUD
+from fraud.schema import CUSTOMER_ID, TERMINAL_ID, TRANSACTION_ID, TX_DATETIME, TX_FRAUD, TX_FRAUD_SCENARIO
 from fraud.training.models import Selection
 
 BOOK_TRAIN_START = "2018-07-25"
@@ -74,6 +74,54 @@ def _select_fit_score(sets, family: str, test: pd.DataFrame) -> tuple[dict, np.n
         "selection": [c.as_dict() for c in selection.candidates],
     }
     return summary, scores, selection
+
+
+#: The Handbook's compromised-terminal scenario (fraud.simulator): its frauds change nothing but
+#: the label, so a model sees them only through the terminal's known labels (the risk features).
+COMPROMISED_TERMINAL_SCENARIO = 2
+
+
+def information_ceiling(test: pd.DataFrame, transactions: pd.DataFrame, seed: int = 0) -> dict | None:
+    """The best AP and CP@100 a model of the served features could reach on the test week.
+
+    A compromised-terminal fraud (scenario 2) on day D carries no signature of its own: the model
+    sees it only when an earlier fraud at its terminal has a known label inside the terminal-risk
+    windows (fraud days D-delay-30 .. D-delay-1). The ceiling ranks every other fraud first and
+    those frauds without known evidence among the genuine transactions (random order, `seed`);
+    the oracle ranks every fraud first (AP 1, CP@100 bounded by the compromised cards per day).
+    `transactions` holds the raw history with the simulator's `tx_fraud_scenario`; None without it.
+    """
+    from fraud.features.definitions import LABEL_DELAY_DAYS, TERMINAL_WINDOWS_DAYS
+
+    if TX_FRAUD_SCENARIO not in transactions.columns:
+        return None
+    frame = test.merge(transactions[[TRANSACTION_ID, TX_FRAUD_SCENARIO]], on=TRANSACTION_ID, how="left")
+    frame["_day"] = pd.to_datetime(frame[TX_DATETIME]).dt.floor("D")
+    suspects = frame.loc[(frame[TX_FRAUD] == 1) & (frame[TX_FRAUD_SCENARIO] == COMPROMISED_TERMINAL_SCENARIO)]
+    frauds = transactions.loc[transactions[TX_FRAUD] == 1, [TERMINAL_ID, TX_DATETIME]]
+    fraud_days = frauds.assign(_fraud_day=pd.to_datetime(frauds[TX_DATETIME]).dt.floor("D"))[
+        [TERMINAL_ID, "_fraud_day"]
+    ].drop_duplicates()
+    pairs = suspects[[TRANSACTION_ID, TERMINAL_ID, "_day"]].merge(fraud_days, on=TERMINAL_ID)
+    age = (pairs["_day"] - pairs["_fraud_day"]).dt.days
+    known = pairs.loc[(age > LABEL_DELAY_DAYS) & (age <= LABEL_DELAY_DAYS + max(TERMINAL_WINDOWS_DAYS)), TRANSACTION_ID]
+    hidden = frame[TRANSACTION_ID].isin(set(suspects[TRANSACTION_ID]) - set(known))
+    visible_fraud = (frame[TX_FRAUD] == 1) & ~hidden
+    noise = np.random.default_rng(seed).uniform(0.0, 0.5, len(frame))
+    ceiling = quality_report(frame.assign(score=np.where(visible_fraud, 1.0, noise)))
+    oracle = quality_report(frame.assign(score=frame[TX_FRAUD].astype("float64")))
+    return {
+        "definition": (
+            "every fraud ranked first except compromised-terminal frauds with no known fraud label at their "
+            f"terminal in days D-{LABEL_DELAY_DAYS + max(TERMINAL_WINDOWS_DAYS)}..D-{LABEL_DELAY_DAYS + 1}, "
+            "which rank among the genuine transactions"
+        ),
+        "frauds": int(frame[TX_FRAUD].sum()),
+        "frauds_without_known_evidence": int(hidden.sum()),
+        "average_precision": ceiling.average_precision,
+        "card_precision_at_100": ceiling.card_precision_at_k,
+        "oracle_card_precision_at_100": oracle.card_precision_at_k,
+    }
 
 
 def downsampling_study(sets, book_sets, spec, caps: tuple[int, ...], seed: int) -> list[dict]:
@@ -244,6 +292,13 @@ def _run_quality_bench(config: BenchConfig, report: Callable[[str], None]) -> di
             sets, book_sets, selections["xgboost"].best, config.legit_per_day, config.seed
         )
         timings["downsampling_s"] = time.perf_counter() - step
+    step = time.perf_counter()
+    report("the information ceiling of the test week")
+    history = pd.read_parquet(
+        raw / "transactions", columns=[TRANSACTION_ID, TERMINAL_ID, TX_DATETIME, TX_FRAUD, TX_FRAUD_SCENARIO]
+    )
+    ceiling = information_ceiling(sets.test, history, config.seed)
+    timings["ceiling_s"] = time.perf_counter() - step
     timings["total_s"] = time.perf_counter() - started
     result = {
         "seed": config.seed,
@@ -254,6 +309,7 @@ def _run_quality_bench(config: BenchConfig, report: Callable[[str], None]) -> di
         "sets": sets.summary(),
         "models": models,
         "snapshots_only": ablation,
+        "information_ceiling": ceiling,
         "downsampling": downsampling,
         "timings": timings,
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count()},
@@ -286,4 +342,16 @@ def summary_table(result: dict) -> pd.DataFrame:
         }
         for family, m in result["models"].items()
     ]
+    ceiling = result.get("information_ceiling")
+    if ceiling:
+        rows.append(
+            {
+                "model": "information ceiling",
+                "AUC": float("nan"),
+                "AP": ceiling["average_precision"],
+                "CP@100": ceiling["card_precision_at_100"],
+                "validation AP": float("nan"),
+                "book-protocol AP (4 weeks)": float("nan"),
+            }
+        )
     return pd.DataFrame(rows)
