@@ -355,7 +355,8 @@ def test_the_main_file_runs_the_spark_build_on_the_submitted_master():
         "--data-dir",
         "/data",
     ]
-    assert job.feature_tables_uri == "s3://b/f" and job.then == []
+    assert job.feature_tables_uri == "s3://b/f" and job.then == [] and job.data_dir == "/data"
+    assert build_arguments(["--feature-tables-uri", "s3://b/f"], None).data_dir is None
     job = build_arguments(["--data-dir", "/d"], None)
     assert job.build == ["features", "build", "--engine", "spark", "--data-dir", "/d"]
     assert job.feature_tables_uri == "" and job.then == []

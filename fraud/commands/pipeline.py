@@ -11,7 +11,7 @@ import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -537,29 +537,23 @@ def _spark_feature_arguments(
     here and not in the first scheduled run."""
     from fraud.deploy.spark import SparkApplicationError, SparkFeatureJob
 
-    arguments: dict[str, object] = {"namespace": namespace, "feature_tables_uri": feature_tables_uri}
+    # the pipeline's parameters carry the names of the builder's fields
+    overrides: dict[str, Any] = {}
     if executors is not None:
-        arguments["executor_instances"] = executors
+        overrides["executor_instances"] = executors
     if executor_memory:
-        arguments["executor_memory"] = executor_memory
+        overrides["executor_memory"] = executor_memory
     options = {
         "namespace": "--spark-namespace",
         "executor_instances": "--spark-executors",
         "executor_memory": "--spark-executor-memory",
     }
     try:
-        defaults = SparkFeatureJob(name="fraud-features-daily", namespace="default", image="core")
-        SparkFeatureJob(
-            name=defaults.name,
-            namespace=namespace,
-            image=defaults.image,
-            executor_instances=defaults.executor_instances if executors is None else executors,
-            executor_memory=executor_memory or defaults.executor_memory,
-        )
+        SparkFeatureJob(name="fraud-features-daily", namespace=namespace, image="core", **overrides)
     except SparkApplicationError as exc:
         field, _, rest = str(exc).partition(" ")
         raise UserError(f"{options.get(field, field)} {rest}") from None
-    return arguments
+    return {"namespace": namespace, "feature_tables_uri": feature_tables_uri, **overrides}
 
 
 def register(app: typer.Typer) -> None:

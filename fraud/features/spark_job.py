@@ -39,6 +39,8 @@ class JobArguments:
 
     #: arguments of `fraud` for the build
     build: list[str]
+    #: the build's `--data-dir` (None: the settings' default)
+    data_dir: str | None
     #: where the tables are copied ('' = not copied)
     feature_tables_uri: str
     #: arguments of `fraud` run after the copy: apply, then incremental materialisation ([] = none)
@@ -59,17 +61,14 @@ def build_arguments(argv: list[str], master: str | None) -> JobArguments:
     then: list[list[str]] = []
     if known.materialize:
         then = [["features", "apply", *data_dir], ["features", "materialize", "--incremental", *data_dir]]
-    return JobArguments(command + data_dir + rest, known.feature_tables_uri, then)
+    return JobArguments(command + data_dir + rest, known.data_dir, known.feature_tables_uri, then)
 
 
-def _layout_of(command: list[str]) -> DataLayout:
+def _layout_of(job: JobArguments) -> DataLayout:
     """The data directory the build wrote to: its `--data-dir`, else the settings' default."""
     from fraud.settings import Settings
 
-    parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--data-dir", default=None)
-    known, _ = parser.parse_known_args(command)
-    return DataLayout(Path(known.data_dir).resolve()) if known.data_dir else Settings.from_env().layout
+    return DataLayout(Path(job.data_dir).resolve()) if job.data_dir else Settings.from_env().layout
 
 
 def _run(command: list[str]) -> None:
@@ -89,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     if job.feature_tables_uri:
         from fraud import storage
 
-        layout = _layout_of(job.build)
+        layout = _layout_of(job)
         try:
             storage.put_folder(layout.features, job.feature_tables_uri)
         except UserError as exc:
