@@ -162,7 +162,6 @@ def spec_of(name: str):
 
 
 def build_sets(data_dir: Path, sets_dir: Path) -> None:
-    os.environ["FRAUD_DATA_DIR"] = str(data_dir.resolve())  # before fraud reads its settings (the Feast repo)
     from fraud import feature_store
     from fraud.config import DataLayout
     from fraud.features.offline import build_offline_features, labelled_transactions
