@@ -619,33 +619,6 @@ def readiness_answers(transformer: Transformer) -> dict[str, bool]:
     return answers
 
 
-def test_readiness_follows_the_predictors_with_the_health_check(module_dir):
-    """With --enable_predictor_health_check (REST to the predictor) every readiness answer of the
-    transformer, REST and gRPC, is the predictor's: not ready while it answers 503 or cannot be
-    reached (never a 500), ready again when it is; liveness stays up throughout."""
-    stand_in = StandInPredictor(free_port()).start()
-    running = start_transformer(
-        module_dir / "bundle", stand_in.port, module_dir / "health-check.log",
-        "--online-ert", "0", "--enable_predictor_health_check",
-    )  # fmt: skip
-    live = ("/v2/health/live", "ServerLive")
-    try:
-        ready = readiness_answers(running)
-        assert all(ready.values()), ready
-        stand_in.ready = False  # the predictor out of rotation (e.g. its online store lost)
-        answers = readiness_answers(running)
-        assert all(answers[k] for k in live) and not any(v for k, v in answers.items() if k not in live), answers
-        stand_in.ready = True
-        assert readiness_answers(running) == ready
-        stand_in.stop()  # unreachable
-        answers = readiness_answers(running)
-        assert all(answers[k] for k in live) and not any(v for k, v in answers.items() if k not in live), answers
-        assert "Traceback" not in running.log.read_text()
-    finally:
-        stop_process(running.process)
-        stand_in.stop()
-
-
 class StandInGrpcPredictor:
     """A predictor's gRPC readiness (ServerReady / ModelReady of the Open Inference Protocol) on
     loopback; every other RPC answers UNIMPLEMENTED, as a server without it would."""
@@ -687,20 +660,28 @@ class StandInGrpcPredictor:
             self._server.stop(0).wait()
 
 
-def test_readiness_follows_the_predictors_over_grpc_without_a_traceback(module_dir):
-    """With `--protocol grpc-v2` the predictor's readiness is asked over gRPC: the same answers as
-    over REST, and a predictor that cannot be reached costs one debug line, not a logged traceback
-    per check."""
-    stand_in = StandInGrpcPredictor().start()
+@pytest.mark.parametrize("protocol", ["rest", "grpc-v2"])
+def test_readiness_follows_the_predictors_with_the_health_check(module_dir, protocol):
+    """With --enable_predictor_health_check every readiness answer of the transformer, REST and
+    gRPC, is the predictor's, asked over the protocol the transformer calls it with (REST, or gRPC
+    with `--protocol grpc-v2`): not ready while it answers not ready or cannot be reached (never a
+    500), ready again when it is; liveness stays up throughout. A predictor that cannot be reached
+    costs a debug line, not a logged traceback per check."""
+    if protocol == "rest":
+        stand_in: StandInPredictor | StandInGrpcPredictor = StandInPredictor(free_port()).start()
+        extra: tuple[str, ...] = ()
+    else:
+        stand_in = StandInGrpcPredictor().start()
+        extra = ("--protocol", "grpc-v2")
     running = start_transformer(
-        module_dir / "bundle", stand_in.port, module_dir / "grpc-health-check.log",
-        "--online-ert", "0", "--enable_predictor_health_check", "--protocol", "grpc-v2",
+        module_dir / "bundle", stand_in.port, module_dir / f"health-check-{protocol}.log",
+        "--online-ert", "0", "--enable_predictor_health_check", *extra,
     )  # fmt: skip
     live = ("/v2/health/live", "ServerLive")
     try:
         ready = readiness_answers(running)
         assert all(ready.values()), ready
-        stand_in.ready = False
+        stand_in.ready = False  # the predictor out of rotation (e.g. its online store lost)
         answers = readiness_answers(running)
         assert all(answers[k] for k in live) and not any(v for k, v in answers.items() if k not in live), answers
         stand_in.ready = True
